@@ -1,0 +1,61 @@
+"""From level-word logits to a quality score: the Q-Align and Q-Instruct rules.
+
+Q-Align (and One-Align) read the logits of five level words at the quality
+position, softmax over those five only, and take the expectation of the
+level values: ``[1, .75, .5, .25, 0]`` (0-1 scale, ``scorer.py``) or
+``[5, 4, 3, 2, 1]`` (1-5 scale, the Hugging Face ``model.score``). Q-Instruct
+uses three words (good, average, poor) with ``[1, .5, 0]``; its "boost" mode
+averages the logits of three synonyms per level first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+LEVEL_WORDS = ("excellent", "good", "fair", "poor", "bad")  # best first, the order of Q-Align's weights
+QINSTRUCT_WORDS = ("good", "average", "poor")
+QINSTRUCT_BOOST_WORDS = (("good", "high", "fine"), ("average", "medium", "acceptable"), ("poor", "low", "bad"))
+
+_QALIGN_WEIGHTS = {"0-1": (1.0, 0.75, 0.5, 0.25, 0.0), "1-5": (5.0, 4.0, 3.0, 2.0, 1.0)}
+
+
+def level_probs(logits: Float[Tensor, "*batch vocab"], level_ids: Tensor | list[int]) -> Float[Tensor, "*batch level"]:
+    """Softmax over the level-word logits only (in float32)."""
+    ids = torch.as_tensor(level_ids, device=logits.device)
+    return logits[..., ids].float().softmax(dim=-1)
+
+
+def qalign_score(
+    logits: Float[Tensor, "*batch vocab"], level_ids: Tensor | list[int], scale: Literal["0-1", "1-5"] = "0-1"
+) -> Float[Tensor, "*batch"]:
+    """Q-Align's score from the logits at the quality position.
+
+    Args:
+        logits: next-token logits at the quality position.
+        level_ids: token ids of excellent, good, fair, poor, bad, in that order.
+        scale: ``"0-1"`` (weights 1..0) or ``"1-5"`` (weights 5..1); ``s_1to5 = 4 s_0to1 + 1``.
+    """
+    if len(level_ids) != 5:
+        raise ValueError(f"Q-Align needs the ids of the five level words {LEVEL_WORDS}, got {len(level_ids)}")
+    weights = torch.tensor(_QALIGN_WEIGHTS[scale], device=logits.device)
+    return level_probs(logits, level_ids) @ weights
+
+
+def qinstruct_score(
+    logits: Float[Tensor, "*batch vocab"], word_ids: Tensor | list[int] | list[list[int]]
+) -> Float[Tensor, "*batch"]:
+    """Q-Instruct's 0-1 score: softmax over good/average/poor (or the mean logit of each synonym group).
+
+    Args:
+        logits: next-token logits at the quality position.
+        word_ids: three ids (good, average, poor), or three groups of synonym ids ("boost" mode).
+    """
+    groups = [ids if isinstance(ids, list | tuple) else [int(ids)] for ids in list(word_ids)]
+    if len(groups) != 3:
+        raise ValueError("Q-Instruct needs three levels: good, average, poor (or three synonym groups)")
+    level_logits = torch.stack([logits[..., list(g)].float().mean(-1) for g in groups], dim=-1)
+    return level_logits.softmax(-1) @ torch.tensor([1.0, 0.5, 0.0], device=logits.device)
