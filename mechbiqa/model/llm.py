@@ -47,16 +47,47 @@ class RMSNorm(nn.Module):
         return self.hook_normalized(self.weight * (x32 * scale).to(x.dtype))
 
 
+class _NormWeight(nn.Module):
+    """One branch's RMSNorm gain (a module only so the key reads ``ln1.multiway.0.weight``)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+
+
+class MultiwayRMSNorm(nn.Module):
+    """RMSNorm whose gain is chosen per position by modality (0 text, 1 image).
+
+    The statistics are per position, so this equals routing each position through
+    its branch's RMSNorm; the hooks see the whole ``[batch, pos, ...]`` tensor.
+    """
+
+    def __init__(self, d_model: int, eps: float) -> None:
+        super().__init__()
+        self.multiway = nn.ModuleList([_NormWeight(d_model), _NormWeight(d_model)])
+        self.eps = eps
+        self.hook_scale = HookPoint()  # [batch, pos, 1]  1 / rms, float32
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], modality: Int[Tensor, "batch pos"] | None) -> Tensor:
+        """Normalise ``x`` with the gain of each position's modality."""
+        x32 = x.float()
+        scale = self.hook_scale(torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps))
+        text, image = (w.weight for w in self.multiway)
+        gain = text if modality is None else torch.where(modality[..., None].bool(), image, text)
+        return self.hook_normalized(gain * (x32 * scale).to(x.dtype))
+
+
 class Multiway(nn.Module):
-    """Two copies of a module; each position goes through the copy its modality selects.
+    """Two bias-free linear maps; each position goes through the one its modality selects.
 
     Only the positions of a modality are passed to its copy (gather, apply,
     scatter), as in the original; text-only inputs touch copy 0 alone.
     """
 
-    def __init__(self, make: type[nn.Module] | object, *args: object) -> None:
+    def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
-        self.multiway = nn.ModuleList([make(*args), make(*args)])  # type: ignore[operator]
+        self.multiway = nn.ModuleList([nn.Linear(d_in, d_out, bias=False), nn.Linear(d_in, d_out, bias=False)])
 
     def forward(self, x: Tensor, modality: Int[Tensor, "batch pos"] | None) -> Tensor:
         """Apply copy ``modality[b, p]`` to ``x[b, p]``."""
@@ -96,8 +127,8 @@ class Attention(nn.Module):
         self.cfg = cfg
         d, dh = cfg.d_model, cfg.d_head
         self.q_proj = nn.Linear(d, cfg.n_heads * dh, bias=False)
-        self.k_proj = Multiway(nn.Linear, d, cfg.n_kv_heads * dh, False)
-        self.v_proj = Multiway(nn.Linear, d, cfg.n_kv_heads * dh, False)
+        self.k_proj = Multiway(d, cfg.n_kv_heads * dh)
+        self.v_proj = Multiway(d, cfg.n_kv_heads * dh)
         self.o_proj = nn.Linear(cfg.n_heads * dh, d, bias=False)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]  after RoPE
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]  after RoPE, new positions only
@@ -162,9 +193,9 @@ class Block(nn.Module):
     def __init__(self, cfg: LLMConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.ln1 = Multiway(RMSNorm, cfg.d_model, cfg.rms_norm_eps)
+        self.ln1 = MultiwayRMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
-        self.ln2 = Multiway(RMSNorm, cfg.d_model, cfg.rms_norm_eps)
+        self.ln2 = MultiwayRMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
