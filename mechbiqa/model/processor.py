@@ -54,11 +54,13 @@ class ImageLoadError(ValueError):
     """
 
     def __init__(self, path: str | Path, reason: str) -> None:
+        """Record the file and the reason; the message names both."""
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot load image {self.path}: {reason}")
 
     def __reduce__(self):
+        """Pickle with both arguments (the default would pass only the message)."""
         return (type(self), (self.path, self.reason))
 
 
@@ -88,7 +90,9 @@ def load_image(path: str | Path) -> Image.Image:
             image.load()
             return to_rgb(image)
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(path, "not a recognised image format (empty or not an image); remove or replace it") from None
+        raise ImageLoadError(
+            path, "not a recognised image format (empty or not an image); remove or replace it"
+        ) from None
     except Image.DecompressionBombError as error:
         raise ImageLoadError(path, f"too many pixels ({error}); downscale it first") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -151,6 +155,7 @@ class ImageProcessor:
     pad_to_square: bool = True
 
     def __post_init__(self) -> None:
+        """Store mean and std as float tuples and validate the fields."""
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.image_size <= 0:
@@ -291,7 +296,9 @@ class ImageProcessor:
             checks[flag] = (config.get(flag, True) is True, "must be true")
         for name, (ok, rule) in checks.items():
             if not ok:
-                raise ValueError(f"preprocessor_config field {name}={config[name]!r} {rule} for mPLUG-Owl2 preprocessing")
+                raise ValueError(
+                    f"preprocessor_config field {name}={config[name]!r} {rule} for mPLUG-Owl2 preprocessing"
+                )
 
         def triple(value, default: tuple[float, float, float]) -> tuple[float, float, float]:
             if value is None:

@@ -72,7 +72,7 @@ QALIGN_EVAL_WORDS: tuple[str, ...] = (
 # --------------------------------------------------------------------------- templates
 @dataclass(frozen=True, slots=True)
 class ConversationTemplate:
-    """An mPLUG-Owl2 conversation template (``SeparatorStyle.TWO`` / ``TWO_NO_SYS``).
+    r"""An mPLUG-Owl2 conversation template (``SeparatorStyle.TWO`` / ``TWO_NO_SYS``).
 
     Rendering follows ``Conversation.get_prompt``: the system text (if emitted)
     and ``sep``, then for each message ``role + ": " + message`` followed by
@@ -214,8 +214,11 @@ def qalign_scorer_prompt(
         E.g. :data:`QALIGN_SCORER_PROMPT` for the defaults.
     """
     if task not in ("quality", "aesthetics") or medium not in ("image", "video"):
-        raise ValueError(f"task must be 'quality' or 'aesthetics' and medium 'image' or 'video'; got {task!r}, {medium!r}")
-    return f"USER: How would you rate the {task} of this {medium}?\n{IMAGE_TAG}\nASSISTANT: The {task} of the {medium} is"
+        raise ValueError(
+            f"task must be 'quality' or 'aesthetics' and medium 'image' or 'video'; got {task!r}, {medium!r}"
+        )
+    question = f"How would you rate the {task} of this {medium}?"
+    return f"USER: {question}\n{IMAGE_TAG}\nASSISTANT: The {task} of the {medium} is"
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -271,7 +274,10 @@ def encode_answer(tokenizer: Tokenizer, text: str) -> list[int]:
         ValueError: If the text contains the image tag, or is empty.
     """
     if not text:
-        raise ValueError("encode_answer() got an empty answer; pass the assistant's text, e.g. 'The quality of the image is good.'")
+        raise ValueError(
+            "encode_answer() got an empty answer; pass the assistant's text, "
+            "e.g. 'The quality of the image is good.'"
+        )
     if IMAGE_TAG in text:
         raise ValueError(f"an answer cannot contain {IMAGE_TAG!r}; images go in the user turn")
     return [*tokenizer.encode(text), tokenizer.eos_id]
@@ -297,6 +303,7 @@ class EncodedPrompt:
     quality_index: int | None
 
     def __post_init__(self) -> None:
+        """Check that the indices fit the ids."""
         n = len(self.ids)
         if not 0 <= self.response_start <= n:
             raise ValueError(f"response_start={self.response_start} is outside 0..{n}")
@@ -318,6 +325,7 @@ class EncodedPrompt:
         return sum(1 for i in self.ids if i == IMAGE_TOKEN_ID)
 
     def __len__(self) -> int:
+        """Number of text-space ids."""
         return len(self.ids)
 
 
@@ -370,10 +378,15 @@ def encode_prompt(
         ValueError: If the question, prefix or description holds an image tag,
             ``n_images`` is negative, or the quality position would be an image.
     """
-    for name, value in (("question", question), ("answer_prefix", answer_prefix), ("description", description)):
+    for name, value in (
+        ("question", question),
+        ("answer_prefix", answer_prefix),
+        ("description", description),
+    ):
         if IMAGE_TAG in value:
             raise ValueError(
-                f"{name} contains {IMAGE_TAG!r}; encode_prompt places the tags itself (n_images, image_first): "
+                f"{name} contains {IMAGE_TAG!r}; encode_prompt places the tags itself "
+                "(n_images, image_first): "
                 "pass the text without them, or tokenize a hand-written prompt with tokenize_prompt()"
             )
     if n_images < 0:
@@ -402,7 +415,9 @@ def encode_prompt(
         )
     response_start = len(head_ids)
     quality_index = len(ids) - 1 if scores_quality else None
-    return EncodedPrompt(text=text, ids=tuple(ids), response_start=response_start, quality_index=quality_index)
+    return EncodedPrompt(
+        text=text, ids=tuple(ids), response_start=response_start, quality_index=quality_index
+    )
 
 
 def find_quality_index(ids: Sequence[int], level_ids: Sequence[int], *, response_start: int) -> int | None:

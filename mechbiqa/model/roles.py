@@ -74,12 +74,14 @@ class TokenRoles:
     source_index: np.ndarray
 
     def __post_init__(self) -> None:
+        """Check that all arrays have one entry per position."""
         n = len(self.role)
         for name in ("image_index", "image_number", "source_index"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"TokenRoles.{name} has {len(getattr(self, name))} entries, role has {n}")
 
     def __len__(self) -> int:
+        """Number of spliced positions."""
         return len(self.role)
 
     def mask(self, role: Role) -> np.ndarray:
@@ -202,7 +204,8 @@ def assign_roles(
             raise ValueError(f"quality_index={quality_index} is outside 0..{n_text - 1}")
         if ids[quality_index] == image_token_id:
             raise ValueError(
-                f"quality_index={quality_index} is an image placeholder; the quality position must be a text token"
+                f"quality_index={quality_index} is an image placeholder; "
+                "the quality position must be a text token"
             )
 
     n_positions = n_text - len(placeholders) + sum(per_image)
@@ -245,7 +248,9 @@ def assign_roles(
     )
 
 
-def pad_batch(rows: Sequence[TokenRoles], *, side: Literal["left", "right"] = "right") -> tuple[TokenRoles, ...]:
+def pad_batch(
+    rows: Sequence[TokenRoles], *, side: Literal["left", "right"] = "right"
+) -> tuple[TokenRoles, ...]:
     """Pad the roles of a batch's sequences to one length with PAD positions.
 
     Args:

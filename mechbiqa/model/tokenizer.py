@@ -81,6 +81,7 @@ class Tokenizer(abc.ABC):
     kind: ClassVar[str]
 
     def __init__(self, *, unk_id: int, bos_id: int, eos_id: int, special_pieces: dict[str, int]) -> None:
+        """Record the special ids and pieces (called by the implementations)."""
         self._unk_id = unk_id
         self._bos_id = bos_id
         self._eos_id = eos_id
@@ -107,8 +108,10 @@ class Tokenizer(abc.ABC):
 
     @property
     def pad_id(self) -> int:
-        """Id used to pad batches: LLaMA defines no pad piece and the original
-        training pads with ``<unk>``, so this is ``unk_id``."""
+        """Id used to pad batches: ``unk_id``.
+
+        LLaMA defines no pad piece and the original training pads with ``<unk>``.
+        """
         return self._unk_id
 
     @property
@@ -222,6 +225,7 @@ class Tokenizer(abc.ABC):
         """Decode ids that contain no special or negative ids."""
 
     def __repr__(self) -> str:
+        """Class name and vocabulary size."""
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"
 
 
@@ -259,6 +263,7 @@ class SentencePieceTokenizer(Tokenizer):
     model_filename: ClassVar[str] = "tokenizer.model"
 
     def __init__(self, model_file: str | Path) -> None:
+        """Load the model file."""
         path = Path(model_file)
         if not path.is_file():
             raise FileNotFoundError(
@@ -279,19 +284,22 @@ class SentencePieceTokenizer(Tokenizer):
             processor.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError) as error:
             raise ValueError(
-                f"{origin} is not a SentencePiece model ({error}); pass the tokenizer.model of a LLaMA checkpoint"
+                f"{origin} is not a SentencePiece model ({error}); "
+                "pass the tokenizer.model of a LLaMA checkpoint"
             ) from None
         self._proto = proto
         self._sp = processor
         unk, bos, eos = processor.unk_id(), processor.bos_id(), processor.eos_id()
         if min(unk, bos, eos) < 0:
             raise ValueError(
-                f"SentencePiece model {origin} lacks <unk>/<s>/</s> (ids {unk}/{bos}/{eos}); a LLaMA tokenizer has 0/1/2"
+                f"SentencePiece model {origin} lacks <unk>/<s>/</s> (ids {unk}/{bos}/{eos}); "
+                "a LLaMA tokenizer has 0/1/2"
             )
         specials = {processor.id_to_piece(i): i for i in (unk, bos, eos)}
         super().__init__(unk_id=unk, bos_id=bos, eos_id=eos, special_pieces=specials)
 
     def __reduce__(self):
+        """Pickle as the model bytes."""
         return (SentencePieceTokenizer.from_proto, (self._proto,))
 
     @property
@@ -318,7 +326,9 @@ class SentencePieceTokenizer(Tokenizer):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / self.model_filename).write_bytes(self._proto)
-        _write_config(directory, self.kind, {"tokenizer_class": "LlamaTokenizer", "pad_token": None, "legacy": True})
+        _write_config(
+            directory, self.kind, {"tokenizer_class": "LlamaTokenizer", "pad_token": None, "legacy": True}
+        )
         return directory
 
 
@@ -333,7 +343,9 @@ def _metaspace_pipeline(tokenizer: HFTokenizer) -> None:
     tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Prepend(SPIECE_UNDERLINE), normalizers.Replace(" ", SPIECE_UNDERLINE)]
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme="never", split=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=SPIECE_UNDERLINE, prepend_scheme="never", split=True
+    )
     tokenizer.decoder = decoders.Sequence(
         [
             decoders.Replace(SPIECE_UNDERLINE, " "),
@@ -364,12 +376,14 @@ class CompactTokenizer(Tokenizer):
     model_filename: ClassVar[str] = "tokenizer.json"
 
     def __init__(self, tokenizer: HFTokenizer) -> None:
+        """Wrap a built ``tokenizers.Tokenizer``."""
         self._tok = tokenizer
         expected = {"<unk>": 0, "<s>": 1, "</s>": 2}
         found = {piece: tokenizer.token_to_id(piece) for piece in expected}
         if found != expected:
             raise ValueError(
-                f"compact tokenizer has special ids {found}, expected {expected}; build it with train_compact_tokenizer()"
+                f"compact tokenizer has special ids {found}, expected {expected}; "
+                "build it with train_compact_tokenizer()"
             )
         super().__init__(unk_id=0, bos_id=1, eos_id=2, special_pieces=expected)
 
@@ -383,11 +397,15 @@ class CompactTokenizer(Tokenizer):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist; pass a tokenizer.json written by save()")
+            raise FileNotFoundError(
+                f"tokenizer file {path} does not exist; pass a tokenizer.json written by save()"
+            )
         try:
             tokenizer = HFTokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"{path} is not a tokenizers JSON file ({error}); re-create it with save()") from None
+            raise ValueError(
+                f"{path} is not a tokenizers JSON file ({error}); re-create it with save()"
+            ) from None
         return cls(tokenizer)
 
     @classmethod
@@ -396,6 +414,7 @@ class CompactTokenizer(Tokenizer):
         return cls(HFTokenizer.from_str(text))
 
     def __reduce__(self):
+        """Pickle as the JSON text."""
         return (CompactTokenizer.from_str, (self._tok.to_str(),))
 
     @property
@@ -514,7 +533,9 @@ def train_compact_tokenizer(
         vocab[f"<0x{byte:02X}>"] = len(vocab)
     for piece, _ in sorted(learnt["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(piece, len(vocab))
-    merges = [tuple(pair) if not isinstance(pair, str) else tuple(pair.split(" ", 1)) for pair in learnt["merges"]]
+    merges = [
+        tuple(pair) if not isinstance(pair, str) else tuple(pair.split(" ", 1)) for pair in learnt["merges"]
+    ]
 
     # Make each required word one piece: chain merges after the learnt ones, so they
     # apply only once the learnt merges are exhausted, and rebuild after each word so
@@ -555,7 +576,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {directory} does not exist; pass a checkpoint directory")
+        raise FileNotFoundError(
+            f"tokenizer directory {directory} does not exist; pass a checkpoint directory"
+        )
     kind = None
     config_path = directory / TOKENIZER_CONFIG
     if config_path.is_file():
