@@ -8,6 +8,7 @@ ablation hooks (`patch`) and recorders that stream activations into an HDF5
 store (`record`). Installed under the import name ``mechbiqa_hooks``.
 """
 
-from mechbiqa_hooks import names
+from mechbiqa_hooks import names, patch
+from mechbiqa_hooks.nnsight_view import nnsight_view
 
-__all__ = ["names"]
+__all__ = ["names", "nnsight_view", "patch"]
