@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mechbiqa.model.prompts import (
+    IMAGE_TOKEN_ID,
     LEVEL_WORDS,
     MPLUG_OWL2,
     QALIGN_ANSWER_PREFIX,
@@ -60,8 +61,13 @@ def llama() -> SentencePieceTokenizer:
 
 
 # ----------------------------------------------------------------------------- templates as text
-def test_level_words_agree_between_modules() -> None:
+def test_constants_agree_between_modules() -> None:
     assert LEVEL_WORDS == _LEVEL_WORDS == ("excellent", "good", "fair", "poor", "bad")
+    from mechbiqa.model.config import IMAGE_TOKEN_INDEX
+
+    assert IMAGE_TOKEN_ID == IMAGE_TOKEN_INDEX == -200
+    scoring = pytest.importorskip("mechbiqa.scoring")
+    assert tuple(getattr(scoring, "LEVEL_WORDS", LEVEL_WORDS)) == LEVEL_WORDS
 
 
 def test_mplug_owl2_template_drops_system_and_follows_get_prompt() -> None:
