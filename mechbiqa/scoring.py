@@ -10,13 +10,20 @@ averages the logits of three synonyms per level first.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-LEVEL_WORDS = ("excellent", "good", "fair", "poor", "bad")  # best first, the order of Q-Align's weights
+from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT, tokenize_prompt
+
+if TYPE_CHECKING:
+    from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+    from mechbiqa.model.tokenizer import Tokenizer
+
 QINSTRUCT_WORDS = ("good", "average", "poor")
 QINSTRUCT_BOOST_WORDS = (("good", "high", "fine"), ("average", "medium", "acceptable"), ("poor", "low", "bad"))
 
@@ -59,3 +66,50 @@ def qinstruct_score(
         raise ValueError("Q-Instruct needs three levels: good, average, poor (or three synonym groups)")
     level_logits = torch.stack([logits[..., list(g)].float().mean(-1) for g in groups], dim=-1)
     return level_logits.softmax(-1) @ torch.tensor([1.0, 0.5, 0.0], device=logits.device)
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """Q-Align ratings of a set of images.
+
+    Attributes:
+        scores: ``[image]`` Q-Align score on the 0-1 scale.
+        level_probs: ``[image, 5]`` softmax over the level words, best first.
+        levels: the most probable level word per image.
+        prompt: the prompt the model was asked.
+    """
+
+    scores: np.ndarray
+    level_probs: np.ndarray
+    levels: list[str]
+    prompt: str
+
+
+def level_ids(tokenizer: Tokenizer, words: tuple[str, ...] = LEVEL_WORDS) -> list[int]:
+    """Token ids of the level words, read as Q-Align does (first piece of the word with its leading space)."""
+    return [tokenizer.word_id(w) for w in words]
+
+
+@torch.no_grad()
+def rate_images(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    pixels: Float[Tensor, "image 3 S S"],
+    prompt: str = QALIGN_SCORER_PROMPT,
+    batch_size: int = 8,
+) -> Ratings:
+    """Score each image with the Q-Align rule at the last position of ``prompt``.
+
+    The prompt must end right before the level word (Q-Align's ends with
+    "The quality of the image is") and hold one ``<|image|>`` placeholder.
+    """
+    ids = torch.tensor([tokenize_prompt(tokenizer, prompt, n_images=1)], device=model.device)
+    words = level_ids(tokenizer)
+    probs = []
+    for start in range(0, pixels.shape[0], batch_size):
+        chunk = pixels[start:start + batch_size].to(model.device, model.dtype)
+        logits = model(ids.expand(chunk.shape[0], -1), images=chunk).logits[:, -1]
+        probs.append(level_probs(logits, words).cpu())
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, 5), dtype=np.float32)
+    scores = p @ np.asarray(_QALIGN_WEIGHTS["0-1"], dtype=np.float32)
+    return Ratings(scores=scores, level_probs=p, levels=[LEVEL_WORDS[i] for i in p.argmax(-1)], prompt=prompt)

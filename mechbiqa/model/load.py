@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,8 @@ from safetensors.torch import save_file
 from mechbiqa.model.abstractor import patch_positions, query_positions
 from mechbiqa.model.config import ModelConfig
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+from mechbiqa.model.processor import ImageProcessor
+from mechbiqa.model.tokenizer import Tokenizer, load_tokenizer
 
 # Original key prefix or component -> ours. Applied component-wise in order, once each.
 _PREFIXES = [
@@ -260,6 +263,38 @@ def save_pretrained(model: MPLUGOwl2, path: str | Path, max_shard_bytes: int | N
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
     )
     return directory
+
+
+@dataclass(frozen=True)
+class Components:
+    """A checkpoint directory's model with the tokenizer and image processor saved beside it."""
+
+    model: MPLUGOwl2
+    tokenizer: Tokenizer
+    processor: ImageProcessor
+    path: Path
+
+
+def load_components(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Components:
+    """`load_pretrained` plus ``load_tokenizer`` and ``ImageProcessor.from_pretrained`` on the same directory.
+
+    Real checkpoints pad images to a square when their config says
+    ``image_aspect_ratio: "pad"`` (One-Align, Q-Instruct training); compact
+    checkpoints written here always do. The processor's size follows the vision tower.
+    """
+    directory = Path(path)
+    model = load_pretrained(directory, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(directory)
+    hf = json.loads((directory / "config.json").read_text())
+    processor = ImageProcessor.from_pretrained(directory, pad_to_square=hf.get("image_aspect_ratio", "pad") == "pad")
+    if processor.image_size != model.cfg.vision.image_size:
+        raise CheckpointError(
+            f"{directory}: preprocessor_config.json resizes to {processor.image_size} px but the vision tower "
+            f"takes {model.cfg.vision.image_size} px; fix preprocessor_config.json"
+        )
+    return Components(model=model, tokenizer=tokenizer, processor=processor, path=directory)
 
 
 def _preview(items: list[str], n: int = 8) -> str:
