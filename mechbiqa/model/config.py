@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 IMAGE_TOKEN_INDEX = -200  # the placeholder id spliced out for image tokens (original constants.py)
+LEVEL_WORDS: tuple[str, ...] = ("excellent", "good", "fair", "poor", "bad")  # Q-Align's level words, best first
 
 
 @dataclass(frozen=True, slots=True)

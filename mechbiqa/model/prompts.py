@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mechbiqa.model.config import LEVEL_WORDS
 from mechbiqa.model.tokenizer import IMAGE_TAG, IMAGE_TOKEN_ID, Tokenizer
 
 __all__ = [
@@ -56,8 +57,7 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- levels
-LEVEL_WORDS: tuple[str, ...] = ("excellent", "good", "fair", "poor", "bad")
-"""Q-Align's five level words, best first."""
+# LEVEL_WORDS (Q-Align's five level words, best first) is defined in config.py and re-exported here.
 
 LEVEL_WEIGHTS: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
 """Q-Align ``scorer.py`` weights of :data:`LEVEL_WORDS` (score in [0, 1])."""

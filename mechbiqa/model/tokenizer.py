@@ -39,10 +39,12 @@ import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+from mechbiqa.model.config import IMAGE_TOKEN_INDEX, LEVEL_WORDS
+
 IMAGE_TAG = "<|image|>"
 """The prompt text that marks where an image goes. It is not a vocabulary token."""
 
-IMAGE_TOKEN_ID = -200
+IMAGE_TOKEN_ID = IMAGE_TOKEN_INDEX
 """The placeholder id that stands for an image in text-space ids (mPLUG-Owl2's
 ``IMAGE_TOKEN_INDEX``); the model splices the image's tokens in its place."""
 
@@ -52,9 +54,6 @@ SPIECE_UNDERLINE = "▁"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 """File written beside the tokenizer; its ``mechbiqa_tokenizer`` field names the kind."""
 
-# Q-Align's five level words; mechbiqa.model.prompts.LEVEL_WORDS is the same tuple
-# (repeated here because prompts imports this module, not the reverse).
-_LEVEL_WORDS = ("excellent", "good", "fair", "poor", "bad")
 
 _N_BYTE_PIECES = 256
 
@@ -478,7 +477,7 @@ def train_compact_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
     *,
-    single_token_words: Sequence[str] = _LEVEL_WORDS,
+    single_token_words: Sequence[str] = LEVEL_WORDS,
     min_frequency: int = 2,
 ) -> CompactTokenizer:
     """Train a small BPE tokenizer with LLaMA's special ids and dummy-prefix semantics.

@@ -29,7 +29,7 @@ from mechbiqa.model.prompts import (
     qalign_scorer_prompt,
     tokenize_prompt,
 )
-from mechbiqa.model.tokenizer import _LEVEL_WORDS, SentencePieceTokenizer, train_compact_tokenizer
+from mechbiqa.model.tokenizer import SentencePieceTokenizer, train_compact_tokenizer
 
 LLAMA_MODEL = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "llama2_tokenizer.model"
 
@@ -61,15 +61,6 @@ def llama() -> SentencePieceTokenizer:
 
 
 # ----------------------------------------------------------------------------- templates as text
-def test_constants_agree_between_modules() -> None:
-    assert LEVEL_WORDS == _LEVEL_WORDS == ("excellent", "good", "fair", "poor", "bad")
-    from mechbiqa.model.config import IMAGE_TOKEN_INDEX
-
-    assert IMAGE_TOKEN_ID == IMAGE_TOKEN_INDEX == -200
-    scoring = pytest.importorskip("mechbiqa.scoring")
-    assert tuple(getattr(scoring, "LEVEL_WORDS", LEVEL_WORDS)) == LEVEL_WORDS
-
-
 def test_mplug_owl2_template_drops_system_and_follows_get_prompt() -> None:
     assert MPLUG_OWL2.system == OWL2_SYSTEM and not MPLUG_OWL2.emit_system
     two_turns = MPLUG_OWL2.render([("USER", "q1"), ("ASSISTANT", "a1"), ("USER", "q2"), ("ASSISTANT", None)])
