@@ -305,8 +305,6 @@ def iqa_metrics(
         fitted = LogisticFit("linear", (float(slope), float(intercept)))
     else:
         raise ValueError(f"fit must be 'logistic4' or 'linear', got {fit!r}")
-    if np.unique(x).size < x.size:
-        flags.append("tied_predictions")
 
     values = _core(x, y, fitted)
     ci: dict[str, tuple[float, float]] = {}

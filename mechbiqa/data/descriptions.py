@@ -120,7 +120,7 @@ _TEXT: dict[str, tuple[str, tuple[str, ...]]] = {
     "jpeg2000": ("JPEG2000 compression", (
         "fine texture is slightly smoothed",
         "textures are smoothed and faint ringing appears",
-        "ringing appears around edges and texture is smeared",
+        "faint ringing appears around edges and texture softens",
         "surfaces are blotchy with blurry, ringing edges",
         "the image is smeared into blotches with heavy ringing",
     )),
@@ -169,19 +169,19 @@ _TEXT: dict[str, tuple[str, tuple[str, ...]]] = {
     "brighten": ("overexposure", (
         "the image is slightly brighter",
         "the image looks a bit washed out",
-        "bright areas lose detail and contrast is flat",
+        "bright areas lose some detail and contrast flattens",
         "highlights are blown out and colors fade",
         "most of the image is blown out to white",
     )),
     "darken": ("underexposure", (
         "the image is slightly darker",
         "shadows are a little deeper",
-        "shadows lose their detail",
+        "shadows lose some of their detail",
         "dark areas are crushed and detail is hidden",
         "most of the image sinks into black",
     )),
     "mean_shift": ("brightness shift", (
-        "overall brightness is unchanged",
+        "brightness stays close to the original",
         "the image looks lighter and a little hazy",
         "the image looks darker and a little murky",
         "the image looks much lighter and hazy",
@@ -223,8 +223,8 @@ _TEXT: dict[str, tuple[str, tuple[str, ...]]] = {
         "flat colored squares cover much of the scene",
     )),
     "high_sharpen": ("oversharpening", (
-        "edges have faint halos",
-        "edges have bright halos",
+        "edges have thin bright halos",
+        "edges have wide bright halos",
         "halos and harsh edges appear",
         "thick halos and exaggerated texture appear",
         "harsh halos and gritty texture dominate",
@@ -248,10 +248,9 @@ def severity(distortion: str, level: int) -> int:
 
 
 def _fill(template: str, adj: str, noun: str, effect: str) -> str:
-    text = template.format(adj=adj, Adj=adj[0].upper() + adj[1:], noun=noun, effect=effect,
+    # Capitalise only the first letter, so proper nouns inside ("JPEG") keep their case.
+    return template.format(adj=adj, Adj=adj[0].upper() + adj[1:], noun=noun, effect=effect,
                            Effect=effect[0].upper() + effect[1:])
-    # Sentences that begin with the effect keep its proper nouns ("JPEG") but capitalise the first letter.
-    return text
 
 
 def all_descriptions(distortion: str | None, level: int) -> list[str]:
