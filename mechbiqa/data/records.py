@@ -10,8 +10,9 @@ currency from them: ``mos01``, a 0-1 rating where higher is better.
 Fields that only some datasets have (the reference photo, the distortion, a
 level word, a description) are optional; a loader fills what its files hold.
 
-The five level words and their equal-width binning (Q-Align's rule) also live
-here, because both the benchmark and the Q-Align JSON loader need them.
+The equal-width binning of scores into the five level words (Q-Align's rule)
+also lives here, because both the benchmark and the Q-Align JSON loader need it;
+the words themselves (`LEVEL_WORDS`, best first) come from `mechbiqa.model.config`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from mechbiqa.model.config import LEVEL_WORDS
+
 __all__ = [
     "IQARecord",
     "LEVEL_WORDS",
-    "LEVEL_WORDS_Q_ALIGN",
     "SPLITS",
     "level_word",
     "level_word_edges",
@@ -34,10 +36,7 @@ __all__ = [
     "records_from_jsonl",
 ]
 
-#: The five level words, worst to best; index i is the level of bin i.
-LEVEL_WORDS: tuple[str, ...] = ("bad", "poor", "fair", "good", "excellent")
-#: The same words in Q-Align's order (best first), as its scorer lists them.
-LEVEL_WORDS_Q_ALIGN: tuple[str, ...] = tuple(reversed(LEVEL_WORDS))
+# LEVEL_WORDS (Q-Align's five level words, best first) is defined once in mechbiqa.model.config.
 #: The split names a record may carry (None means "not assigned").
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -185,8 +184,8 @@ def level_word(score: float, edges: Sequence[float]) -> str:
     """
     if len(edges) != 4:
         raise ValueError(f"level_word needs 4 inner edges, got {len(edges)}")
-    index = sum(score >= e for e in edges)
-    return LEVEL_WORDS[index]
+    bins_above = sum(score >= e for e in edges)  # 0 (lowest bin) .. 4 (highest)
+    return LEVEL_WORDS[len(LEVEL_WORDS) - 1 - bins_above]
 
 
 def records_to_jsonl(records: Iterable[IQARecord], path: Path | str, relative_to: Path | str | None = None) -> None:
