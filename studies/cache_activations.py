@@ -1,0 +1,357 @@
+"""Cache a model's activations for a data set into an HDF5 store, once, to analyse offline many times.
+
+Question: what does the model compute at the quality position, the image tokens
+and the quality token's attention row, for every image of a data set?
+Method: run the model batch by batch (Q-Align's scorer prompt, or generate the
+answer and re-run it) with recording hooks (`mechbiqa_hooks.record`) that
+stream the cache spec's activations into ``cache/<name>.h5``
+(`mechbiqa.store`), memory flat in the number of images. Rerun the same
+command after an interruption (even ``kill -9``) and it resumes where it
+stopped; the result equals an uninterrupted run bit for bit.
+Output: the store (read it with ``mechbiqa.store.ActivationStore.open``), and
+``<store>.config.json`` beside it.
+
+Examples::
+
+    python studies/cache_activations.py --tiny-random --dataset path/to/images --out cache/tiny.h5
+    python studies/cache_activations.py --model ckpt/ --dataset builtin --split test --spec quality
+    python studies/cache_activations.py --model ckpt/ --mode generate --max-new-tokens 64 --sample --seed 1
+    torchrun --nproc_per_node=2 studies/cache_activations.py --model ckpt/ --out cache/acts.h5
+
+Under torchrun each rank records a contiguous part of the data set into
+``<out>.shards/rank<r>-of-<n>.h5`` and rank 0 joins them into ``<out>``, a file
+of HDF5 virtual datasets (move the folder as a whole).
+
+Spec: a preset (``default``: residuals at the quality and image positions,
+the quality attention row, the quality logits; ``quality``: the same without
+image residuals, for 7B runs; ``full-attention``) and/or sites
+``HOOK@SELECT[:LAYERS]`` separated by ``;``, e.g.
+``"default; llm.blocks.{l}.hook_attn_out@quality:0-3"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.model.processor import ImageProcessor
+from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
+from mechbiqa.model.tokenizer import Tokenizer, train_compact_tokenizer
+from mechbiqa.store import ActivationStore, CacheSpec, join_stores
+from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, SampleSource, record_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
+DEFAULT_BENCHMARK = REPO / "cache" / "benchmark"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# Text the toy tokenizer of --tiny-random is trained on: the prompts and some answers.
+_TOY_TEXT = (
+    QALIGN_SCORER_PROMPT.replace("<|image|>", ""),
+    "USER: Rate the quality of the image. ASSISTANT: The image is sharp and clear, the colours are vivid.",
+    "The image is blurry and noisy, with heavy compression artifacts and washed out colours.",
+    "The quality of the image is good. The quality of the image is poor. The quality of the image is fair.",
+    *LEVEL_WORDS,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A caching run.
+
+    Attributes:
+        model: Checkpoint directory (config.json, weights, tokenizer); None: the compact
+            default checkpoint in ``cache/compact/one-stage`` (or --tiny-random).
+        tiny_random: Use a random tiny model with a toy tokenizer (pipeline checks, tests).
+        dataset: ``builtin`` (the built-in benchmark in ``cache/benchmark``, built if missing),
+            a folder of images, a ``.jsonl`` of IQARecords, or ``NAME=ROOT`` for a real
+            data set that `mechbiqa.data.load_dataset` knows (``koniq10k=/data/koniq``).
+        split: Keep only records of this split (``train``/``val``/``test``).
+        limit: Keep only the first N samples.
+        spec: Cache spec (preset names and/or sites).
+        out: The store file.
+        batch_size: Samples per batch.
+        dtype: Stored activation dtype (``float16`` or ``float32``).
+        model_dtype: Model dtype (``float32``, ``bfloat16``, ``float16``).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ... (under torchrun, cuda means the rank's GPU).
+        mode: ``score`` (prompted forward) or ``generate`` (answer, then recorded re-run).
+        max_new_tokens: Longest generated answer.
+        do_sample: Sample the answer instead of greedy decoding.
+        temperature: Sampling temperature.
+        seed: Seed of the sampler and of --tiny-random.
+        overwrite: Start again, deleting an existing store.
+        fsync: Flush every batch to disk before committing it.
+        progress: Show a progress bar.
+    """
+
+    model: str | None = None
+    tiny_random: bool = False
+    dataset: str = "builtin"
+    split: str | None = None
+    limit: int | None = None
+    spec: str = "default"
+    out: str = str(REPO / "cache" / "activations.h5")
+    batch_size: int = 8
+    dtype: str = "float16"
+    model_dtype: str = "float32"
+    device: str = "cpu"
+    mode: str = "score"
+    max_new_tokens: int = 48
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    overwrite: bool = False
+    fsync: bool = False
+    progress: bool = True
+
+    @classmethod
+    def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
+        """A seconds-long run: the tiny random model over a folder of images under ``tmp``."""
+        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), out=str(Path(tmp) / "tiny.h5"),
+                    batch_size=4, progress=False)
+        return cls(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the run wrote.
+
+    Attributes:
+        store: The store path (the joined file under torchrun, on rank 0).
+        record: This process's `RecordResult`.
+        n_valid: Samples recorded without error (whole store).
+        errors: ``(id, reason)`` of the failed samples.
+        rank: This process's rank (0 without torchrun).
+        world_size: Number of ranks.
+    """
+
+    store: Path
+    record: RecordResult
+    n_valid: int
+    errors: list[tuple[str, str]]
+    rank: int = 0
+    world_size: int = 1
+
+
+# ----------------------------------------------------------------------------- pieces
+def tiny_random_model(seed: int = 0) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
+    """A random `ModelConfig.tiny` model with a toy tokenizer: same seed, same weights."""
+    tokenizer = train_compact_tokenizer(_TOY_TEXT, vocab_size=320)
+    cfg = ModelConfig.tiny()
+    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=tokenizer.vocab_size))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        model = MPLUGOwl2(cfg)
+    with torch.no_grad():  # the default init leaves norms at 1 and some rows at 0: spread every weight
+        for _, p in sorted(model.named_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval(), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
+
+
+def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
+    """The model, tokenizer and processor the config names, and a name for the store."""
+    dtype = getattr(torch, cfg.model_dtype)
+    if cfg.tiny_random:
+        model, tokenizer, processor = tiny_random_model(cfg.seed)
+        return model.to(cfg.device, dtype), tokenizer, processor, f"tiny-random(seed={cfg.seed})"
+    checkpoint = cfg.model or (str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None)
+    if checkpoint is None:
+        raise SystemExit(f"no model: pass --model DIR (a checkpoint directory), train the compact default into "
+                         f"{DEFAULT_CHECKPOINT}, or pass --tiny-random for a pipeline check")
+    from mechbiqa.model.load import load_components
+
+    parts = load_components(checkpoint, dtype=dtype, device=cfg.device)
+    return parts.model, parts.tokenizer, parts.processor, str(Path(checkpoint).resolve())
+
+
+def load_samples(cfg: Config) -> list[Any]:
+    """The records the config names (IQARecords, or SampleSources for a folder of images)."""
+    source = cfg.dataset
+    if source == "builtin":
+        from mechbiqa.data import BenchmarkConfig, build_benchmark, load_benchmark
+
+        if (DEFAULT_BENCHMARK / "manifest.jsonl").is_file():
+            records = list(load_benchmark(DEFAULT_BENCHMARK))
+        else:
+            records = list(build_benchmark(BenchmarkConfig(), DEFAULT_BENCHMARK))
+    elif "=" in source and not Path(source).exists():
+        from mechbiqa.data import load_dataset
+
+        name, root = source.split("=", 1)
+        records = load_dataset(name, root)
+    elif source.endswith(".jsonl"):
+        from mechbiqa.data.records import records_from_jsonl
+
+        path = Path(source)
+        records = records_from_jsonl(path, root=path.parent)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise SystemExit(f"--dataset {source!r} is not 'builtin', a folder of images, a .jsonl file or NAME=ROOT")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        records = [SampleSource(id=str(p.relative_to(folder)), image_path=p) for p in files]
+    if cfg.split is not None:
+        records = [r for r in records if getattr(r, "split", None) == cfg.split]
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise SystemExit(f"no samples in {source!r}" + (f" with split {cfg.split!r}" if cfg.split else ""))
+    return records
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")  # only barriers travel between ranks: gloo serves CPU and GPU runs
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    """Where one rank's store goes."""
+    return out.with_name(out.name + ".shards") / f"rank{rank:05d}-of-{world:05d}.h5"
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg: Config, progress: Any = None) -> Result:
+    """Record the data set; resume an interrupted store; join shards under torchrun.
+
+    Args:
+        cfg: The run.
+        progress: ``callable(done, total)`` called after each batch (the command line
+            passes a rich progress bar).
+    """
+    rank, world = _distributed()
+    device = cfg.device
+    if world > 1 and device.startswith("cuda") and ":" not in device:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    cfg_run = replace(cfg, device=device)
+    model, tokenizer, processor, name = load_model(cfg_run)
+    samples = load_samples(cfg)
+    spec = CacheSpec.parse(cfg.spec, dtype=cfg.dtype)
+    run = RunConfig(mode=cfg.mode, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                    do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path, shard = out, None
+    if world > 1:
+        lo, hi = rank * len(samples) // world, (rank + 1) * len(samples) // world
+        shard = {"rank": rank, "world_size": world, "start": lo, "stop": hi}
+        samples, path = samples[lo:hi], shard_path(out, rank, world)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        Path(str(out) + ".config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    result = record_dataset(model, tokenizer, processor, samples, spec, path, prompt=PromptConfig(), run=run,
+                            model_name=name, shard=shard, overwrite=cfg.overwrite, fsync=cfg.fsync,
+                            progress=progress)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            join_stores([shard_path(out, r, world) for r in range(world)], out)
+        dist.barrier()
+    with ActivationStore.open(out if rank == 0 else path) as store:
+        errors = [(e.id, e.reason) for e in store.errors()]
+        n_valid = len(store.valid)
+    return Result(store=out if rank == 0 else path, record=result, n_valid=n_valid, errors=errors, rank=rank,
+                  world_size=world)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    src = p.add_argument_group("model and data")
+    src.add_argument("--model", help="checkpoint directory (default: the compact checkpoint in cache/compact/one-stage)")
+    src.add_argument("--tiny-random", action="store_true", help="a random tiny model and toy tokenizer (pipeline check)")
+    src.add_argument("--dataset", default=d.dataset,
+                     help="'builtin', a folder of images, a .jsonl of records, or NAME=ROOT (default: builtin)")
+    src.add_argument("--split", choices=["train", "val", "test"], help="keep one split of the data set")
+    src.add_argument("--limit", type=int, help="keep the first N samples")
+    what = p.add_argument_group("what to record")
+    what.add_argument("--spec", default=d.spec, help="cache spec: presets and/or HOOK@SELECT[:LAYERS] sites (see above)")
+    what.add_argument("--mode", choices=["score", "generate"], default=d.mode,
+                      help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run")
+    what.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    what.add_argument("--sample", action="store_true", help="sample answers (seeded) instead of greedy decoding")
+    what.add_argument("--temperature", type=float, default=d.temperature)
+    what.add_argument("--seed", type=int, default=d.seed)
+    how = p.add_argument_group("output and execution")
+    how.add_argument("--out", default=d.out, help="the store file (default: cache/activations.h5)")
+    how.add_argument("--batch-size", type=int, default=d.batch_size)
+    how.add_argument("--dtype", choices=["float16", "float32"], default=d.dtype, help="stored activation dtype")
+    how.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default=d.model_dtype)
+    how.add_argument("--device", default=d.device)
+    how.add_argument("--overwrite", action="store_true", help="start again instead of resuming an existing store")
+    how.add_argument("--fsync", action="store_true", help="flush each batch to disk before committing it")
+    how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return Config(model=a.model, tiny_random=a.tiny_random, dataset=a.dataset, split=a.split, limit=a.limit,
+                  spec=a.spec, out=a.out, batch_size=a.batch_size, dtype=a.dtype, model_dtype=a.model_dtype,
+                  device=a.device, mode=a.mode, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
+                  temperature=a.temperature, seed=a.seed, overwrite=a.overwrite, fsync=a.fsync,
+                  progress=not a.no_progress)
+
+
+def _run_cli(argv: list[str] | None = None) -> Result:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    cfg = parse_args(argv)
+    console = Console(stderr=True)
+    rank = int(os.environ.get("RANK", "0"))
+    show = cfg.progress and rank == 0
+    columns = (TextColumn("[bold]caching[/]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not show) as bar:
+        task = bar.add_task("cache", total=None, rate="")
+        state: dict[str, float] = {}
+
+        def update(done: int, total: int) -> None:
+            import time
+
+            now = time.perf_counter()
+            if "t0" not in state:
+                state.update(t0=now, d0=done)
+            rate = (done - state["d0"]) / max(now - state["t0"], 1e-9)
+            bar.update(task, total=total, completed=done, rate=f"{rate:.1f} img/s" if done > state["d0"] else "")
+
+        result = main(cfg, progress=update)
+    if rank == 0:
+        r = result.record
+        how = "already complete" if r.n_recorded == 0 else (
+            f"recorded {r.n_recorded} samples in {r.seconds:.1f} s ({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
+            + (f", resumed at sample {r.resumed_from}" if r.resumed_from else ""))
+        console.print(f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
+                      + (f" over {result.world_size} ranks" if result.world_size > 1 else ""))
+        for sample_id, reason in result.errors[:20]:
+            console.print(f"  [yellow]failed[/] {sample_id}: {reason}")
+        if len(result.errors) > 20:
+            console.print(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
+    return result
+
+
+if __name__ == "__main__":
+    _run_cli()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(0)
