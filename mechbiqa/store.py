@@ -801,7 +801,7 @@ class StoreInfo:
         tokenizer: Tokenizer kind and fingerprint.
         prompt: The prompt template and text.
         run: Mode, batch size, seed, generation settings.
-        spec: The `CacheSpec`.
+        spec: The `CacheSpec` (None if the writer gave none).
         layout: The `StoreLayout`.
         shards: For a joined store, the shard files and their sample ranges.
     """
@@ -815,7 +815,7 @@ class StoreInfo:
     tokenizer: dict[str, Any]
     prompt: dict[str, Any]
     run: dict[str, Any]
-    spec: CacheSpec
+    spec: CacheSpec | None
     layout: StoreLayout
     shards: list[dict[str, Any]]
 
@@ -839,7 +839,7 @@ class StoreInfo:
             tokenizer=obj("tokenizer", {}),
             prompt=obj("prompt", {}),
             run=obj("run", {}),
-            spec=CacheSpec.from_dict(obj("cache_spec", None)),
+            spec=CacheSpec.from_dict(spec) if (spec := obj("cache_spec", None)) else None,
             layout=StoreLayout.from_dict(obj("layout", None)),
             shards=obj("shards", []),
         )

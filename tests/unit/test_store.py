@@ -1,0 +1,299 @@
+"""The activation store on real HDF5 files, without a model: layout, round trip, commit, resume, refusals, join."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from mechbiqa.store import (
+    STATUS_FAILED,
+    STATUS_OK,
+    ActivationStore,
+    ArraySpec,
+    BatchRows,
+    CacheSpec,
+    SampleInfo,
+    SchemaVersionError,
+    Site,
+    StoreError,
+    StoreLayout,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreWriter,
+    join_stores,
+    partial_path,
+)
+
+N, MAX_POS, N_LAYERS, D, HEADS, N_IMAGE = 10, 12, 3, 8, 2, 4
+
+
+def make_layout(n: int = N) -> StoreLayout:
+    arrays = (
+        ArraySpec("llm.blocks.{l}.hook_resid_post@quality", "llm.blocks.{l}.hook_resid_post", "quality",
+                  tuple(range(N_LAYERS)), (1, D), ("pos", "d_model")),
+        ArraySpec("llm.blocks.{l}.hook_resid_post@image", "llm.blocks.{l}.hook_resid_post", "image",
+                  (0, 2), (N_IMAGE, D), ("pos", "d_model")),
+        ArraySpec("llm.blocks.{l}.attn.hook_pattern@quality", "llm.blocks.{l}.attn.hook_pattern", "quality",
+                  tuple(range(N_LAYERS)), (HEADS, 1, MAX_POS), ("head", "pos", "key_pos")),
+        ArraySpec("llm.unembed.hook_out@quality", "llm.unembed.hook_out", "quality", (), (1, 5), ("pos", "vocab")),
+    )
+    return StoreLayout(n, MAX_POS, (("image", N_IMAGE), ("quality", 1)), arrays, answer_bytes=16, dtype="float32")
+
+
+ATTRS = {"model_config": json.dumps({"d": D}), "model_identity": json.dumps({"fingerprint": "abc"}),
+         "tokenizer": "{}", "prompt": "{}", "run": json.dumps({"batch_size": 4}),
+         "cache_spec": json.dumps(CacheSpec.default("float32").to_dict())}
+
+
+def samples(n: int = N, prefix: str = "s") -> list[SampleInfo]:
+    return [SampleInfo(f"{prefix}{i}", f"/img/{prefix}{i}.png", "prompt", label=i / n, record={"i": i})
+            for i in range(n)]
+
+
+def batch(layout: StoreLayout, start: int, stop: int, seed: int = 0, failed: tuple[int, ...] = ()) -> BatchRows:
+    """Rows whose values encode (sample, layer) so reads can be checked exactly."""
+    n = stop - start
+    acts = {}
+    for spec in layout.arrays:
+        shape = (spec.n_layer_slots, n, *spec.shape)
+        base = np.arange(start, stop, dtype=np.float32)[None, :] * 100 + np.arange(spec.n_layer_slots)[:, None]
+        acts[spec.key] = (base.reshape(spec.n_layer_slots, n, *[1] * len(spec.shape))
+                          + np.random.default_rng(seed + start).random(shape, dtype=np.float32) * 0.01)
+    rows = {}
+    for name, (dtype, row) in layout.row_datasets().items():
+        if name != "samples/status":
+            rows[name] = np.zeros((n, *row), dtype=dtype)
+    rows["samples/n_positions"][:] = MAX_POS - 1
+    rows["tokens/role"][:, :] = 1
+    rows["select/quality/positions"][:, 0] = MAX_POS - 2
+    rows["select/quality/count"][:] = 1
+    rows["samples/answer"][:] = b"an answer"
+    status = np.full(n, STATUS_OK, dtype=np.int8)
+    for i in failed:
+        status[i - start] = STATUS_FAILED
+        rows["samples/error"][i - start] = b"corrupt image"
+        for key in acts:
+            acts[key][:, i - start] = 0
+    return BatchRows(start, status, rows, acts)
+
+
+def write_store(path, layout=None, upto: int = N, finish: bool = True, failed=(), ids_prefix="s", attrs=ATTRS):
+    layout = layout or make_layout()
+    writer = StoreWriter.open(path, layout, attrs, samples(layout.n_samples, ids_prefix))
+    for start in range(0, upto, 4):
+        stop = min(upto, start + 4)
+        writer.write(batch(layout, start, stop, failed=tuple(i for i in failed if start <= i < stop)))
+    if finish:
+        writer.finish()
+    else:
+        writer.close()
+    return layout
+
+
+# ----------------------------------------------------------------------------- spec
+def test_site_normalises_concrete_layers_and_rejects_bad_selections():
+    site = Site("llm.blocks.3.hook_resid_post", "image")
+    assert (site.hook, site.layers, site.key) == ("llm.blocks.{l}.hook_resid_post", (3,), "llm.blocks.{l}.hook_resid_post@image")
+    with pytest.raises(ValueError, match="select"):
+        Site("llm.blocks.{l}.hook_resid_post", "nowhere")
+    with pytest.raises(ValueError, match="no layer"):
+        Site("llm.unembed.hook_out", "quality", layers=(1,))
+    with pytest.raises(ValueError, match="image-side"):
+        Site("abstractor.hook_out", "quality")
+
+
+def test_cache_spec_parse_round_trip_and_duplicates():
+    spec = CacheSpec.parse("default; llm.blocks.{l}.hook_attn_out@quality:0,2-3", dtype="float32")
+    assert [s.key for s in spec.sites][:4] == [s.key for s in CacheSpec.default().sites]
+    assert spec.sites[-1].layers == (0, 2, 3) and spec.dtype == "float32"
+    assert CacheSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    assert CacheSpec.parse(str(spec), dtype="float32") == spec
+    with pytest.raises(ValueError, match="more than once"):
+        CacheSpec((Site("llm.unembed.hook_out"), Site("llm.unembed.hook_out")))
+    with pytest.raises(ValueError, match="cannot parse"):
+        CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality:x")
+    with pytest.raises(KeyError, match="known"):
+        CacheSpec.preset("nope")
+
+
+# ----------------------------------------------------------------------------- round trip
+def test_round_trip_shapes_values_and_metadata(tmp_path):
+    path = tmp_path / "s.h5"
+    layout = write_store(path, failed=(5,))
+    assert path.exists() and not partial_path(path).exists()
+    with ActivationStore.open(path) as store:
+        assert store.complete and store.n_samples == N
+        assert list(store.valid) == [i for i in range(N) if i != 5]
+        resid = store.get("llm.blocks.{l}.hook_resid_post")  # [sample, layer, pos, d]
+        assert resid.shape == (N - 1, N_LAYERS, 1, D)
+        assert store.dims("llm.blocks.{l}.hook_resid_post") == ("sample", "layer", "pos", "d_model")
+        np.testing.assert_allclose(resid[:, :, 0, 0].round(), store.valid[:, None] * 100 + np.arange(N_LAYERS))
+        one = store.get("llm.blocks.2.hook_resid_post", samples="all")  # concrete name = that layer
+        assert one.shape == (N, 1, D) and np.allclose(one[:, 0, 0].round(), (np.arange(N) * 100 + 2) * (np.arange(N) != 5))
+        assert store.get(lambda layer: f"llm.blocks.{layer}.hook_resid_post", layers=[0, 2]).shape == (N - 1, 2, 1, D)
+        image = store.get("llm.blocks.{l}.hook_resid_post", "image", layers=2, samples=[1, 7])
+        assert image.shape == (2, N_IMAGE, D) and np.allclose(image[:, 0, 0].round(), [101, 701])
+        assert store.get("llm.blocks.{l}.attn.hook_pattern", samples=3).shape == (N_LAYERS, HEADS, 1, MAX_POS)
+        assert store.get("llm.unembed.hook_out").shape == (N - 1, 1, 5)
+        with pytest.raises(KeyError, match="stored layers"):
+            store.get("llm.blocks.1.hook_resid_post", "image")
+        with pytest.raises(KeyError, match="stored"):
+            store.get("llm.blocks.{l}.hook_mlp_out")
+        assert store.ids()[:2] == ["s0", "s1"] and store.image_paths("all")[5] == "/img/s5.png"
+        assert store.records(samples=[0])[0] == {"i": 0} and store.answers()[0] == "an answer"
+        assert np.isclose(store.labels(samples=2), 0.2)
+        [error] = store.errors()
+        assert (error.index, error.id, error.reason) == (5, "s5", "corrupt image")
+        assert store.positions("quality").shape == (N - 1, 1) and set(store.counts("quality")) == {1}
+        assert store.roles().shape == (N - 1, MAX_POS) and len(store.token_roles(0)) == MAX_POS - 1
+        assert store.info.layout == layout and store.info.spec is not None and store.info.git_sha is not None
+        assert store.index_of("s4") == 4
+        layers = dict(store.iter_layers("llm.blocks.{l}.hook_resid_post", "image"))
+        assert sorted(layers) == [0, 2]
+
+
+def test_write_rejects_wrong_shapes(tmp_path):
+    layout = make_layout()
+    with StoreWriter.open(tmp_path / "s.h5", layout, ATTRS, samples()) as writer:
+        rows = batch(layout, 0, 4)
+        rows.acts["llm.unembed.hook_out@quality"] = np.zeros((1, 4, 1, 6), np.float32)
+        with pytest.raises(ValueError, match="expected shape"):
+            writer.write(rows)
+        rows = batch(layout, 0, 4)
+        rows.status[0] = 0
+        with pytest.raises(ValueError, match="recorded"):
+            writer.write(rows)
+
+
+# ----------------------------------------------------------------------------- commit and resume
+def test_partial_store_shows_committed_samples_and_resumes(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, upto=8, finish=False)
+    assert not path.exists() and partial_path(path).exists()
+    with ActivationStore.open(path) as store:
+        assert not store.complete and list(store.valid) == list(range(8))
+        assert store.get("llm.blocks.{l}.hook_resid_post").shape[0] == 8
+    layout = make_layout()
+    writer = StoreWriter.open(path, layout, ATTRS, samples())
+    assert writer.first_pending == 8 and not writer.complete
+    writer.write(batch(layout, 8, 10))
+    writer.finish()
+    assert path.exists() and not partial_path(path).exists()
+    clean = tmp_path / "clean.h5"
+    write_store(clean)
+    with ActivationStore.open(path) as a, ActivationStore.open(clean) as b:
+        assert a.digest() == b.digest()
+
+
+def test_half_written_batch_is_ignored_and_rewritten(tmp_path):
+    """What a kill in the middle of a batch leaves: data rows written, status not; the rewrite equals a clean run."""
+    path, layout = tmp_path / "s.h5", make_layout()
+    write_store(path, upto=4, finish=False)
+    with StoreWriter.open(path, layout, ATTRS, samples()) as writer:
+        garbage = batch(layout, 4, 8, seed=99)
+        for key in garbage.acts:
+            garbage.acts[key] += 1e6
+        writer._fsync = False
+        status_offset = writer._offsets["samples/status"]
+        writer._offsets["samples/status"] = writer._offsets["samples/n_positions"]  # the commit goes nowhere...
+        writer.write(garbage)
+        writer._offsets["samples/status"] = status_offset
+    with h5py.File(partial_path(path), "r+") as f:  # ...and the row it hit is restored as a kill would leave it
+        f["samples/n_positions"][4:8] = 0
+    with ActivationStore.open(path) as store:
+        assert list(store.valid) == [0, 1, 2, 3]
+    write_store(path)  # resumes at 4 and finishes
+    clean = tmp_path / "clean.h5"
+    write_store(clean)
+    with ActivationStore.open(path) as a, ActivationStore.open(clean) as b:
+        assert a.digest() == b.digest()
+
+
+def test_creation_killed_before_rename_starts_over(tmp_path):
+    path = tmp_path / "s.h5"
+    tmp = partial_path(path).with_name(partial_path(path).name + ".tmp")
+    tmp.write_bytes(b"half an HDF5 file")
+    write_store(path)
+    assert not tmp.exists() and path.exists()
+
+
+def test_finished_store_is_not_rewritten_and_finish_needs_all_samples(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path)
+    with StoreWriter.open(path, make_layout(), ATTRS, samples()) as writer:
+        assert writer.complete and writer.first_pending == N
+    write_store(tmp_path / "p.h5", upto=4, finish=False)
+    with StoreWriter.open(tmp_path / "p.h5", make_layout(), ATTRS, samples()) as writer:
+        with pytest.raises(StoreError, match="not recorded yet"):
+            writer.finish()
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_second_writer_is_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    with StoreWriter.open(path, make_layout(), ATTRS, samples()):
+        with pytest.raises(StoreLockedError, match="another process"):
+            StoreWriter.open(path, make_layout(), ATTRS, samples())
+    StoreWriter.open(path, make_layout(), ATTRS, samples()).close()  # free again once closed
+
+
+def test_store_from_another_model_or_sample_list_is_refused_on_append(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, upto=4, finish=False)
+    other = {**ATTRS, "model_identity": json.dumps({"fingerprint": "xyz"})}
+    with pytest.raises(StoreMismatchError, match="model_identity.*abc.*xyz"):
+        StoreWriter.open(path, make_layout(), other, samples())
+    with pytest.raises(StoreMismatchError, match="sample list differs"):
+        StoreWriter.open(path, make_layout(), ATTRS, samples(prefix="t"))
+    longer = StoreLayout(N, MAX_POS + 1, make_layout().capacities, make_layout().arrays, 16, "float32")
+    with pytest.raises(StoreMismatchError, match="layout"):
+        StoreWriter.open(path, longer, ATTRS, samples())
+    StoreWriter.open(path, make_layout(), ATTRS, samples(), overwrite=False).close()  # the right setup still resumes
+
+
+def test_other_schema_version_is_named_on_read(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(SchemaVersionError, match="schema version 99.*reads version 1"):
+        ActivationStore.open(path)
+    with pytest.raises(SchemaVersionError):
+        StoreWriter.open(path, make_layout(), ATTRS, samples())
+
+
+def test_check_identity_names_the_model(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path)
+    with ActivationStore.open(path) as store:
+        store.check_identity({"fingerprint": "abc"})
+        with pytest.raises(StoreMismatchError, match="fingerprint"):
+            store.check_identity({"fingerprint": "zzz"})
+
+
+def test_missing_store_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cache_activations.py"):
+        ActivationStore.open(tmp_path / "none.h5")
+
+
+# ----------------------------------------------------------------------------- join
+def test_join_concatenates_shards_as_virtual_datasets(tmp_path):
+    shards = []
+    for k, n in enumerate((6, 4)):
+        path = tmp_path / "shards" / f"{k}.h5"
+        write_store(path, layout=make_layout(n), upto=n, ids_prefix=f"r{k}-")
+        shards.append(path)
+    joined = join_stores(shards, tmp_path / "joined.h5")
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    shutil.copytree(tmp_path, moved)  # relative source paths: the folder moves as a whole
+    with ActivationStore.open(moved / "joined.h5") as store, ActivationStore.open(shards[1]) as second:
+        assert store.n_samples == 10 and store.ids()[6] == "r1-0"
+        resid = store.get("llm.blocks.{l}.hook_resid_post", "image")
+        np.testing.assert_array_equal(resid[6:], second.get("llm.blocks.{l}.hook_resid_post", "image"))
+        assert [s["stop"] for s in store.info.shards] == [6, 10]
+    with pytest.raises(StoreError, match="does not exist"):
+        join_stores([tmp_path / "nope.h5"], tmp_path / "j2.h5")
