@@ -355,12 +355,26 @@ def ssim(ref: np.ndarray, dist: np.ndarray) -> float:
 
     Higher is better, 1 for identical images. Computed per channel so that
     colour changes (saturation, colour bleeding) lower it, unlike luma SSIM.
+    Matches ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)``, the mean taken
+    inside a 5-pixel border, but filters all channels at once (several times faster).
     """
-    from skimage.metrics import structural_similarity
-
     a, b = _as_float(ref), _as_float(dist)
-    return float(structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                       use_sample_covariance=False, channel_axis=-1 if a.ndim == 3 else None))
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: images differ in shape, {a.shape} vs {b.shape}")
+    sigma = (1.5, 1.5) + (0.0,) * (a.ndim - 2)
+
+    def blur(x: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(x, sigma, truncate=3.5, mode="reflect")
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    s_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    pad = 5  # (window 11 - 1) / 2, as skimage crops before averaging
+    return float(s_map[pad:-pad, pad:-pad].mean())
 
 
 _PREWITT = np.array([[1.0, 0.0, -1.0], [1.0, 0.0, -1.0], [1.0, 0.0, -1.0]]) / 3.0

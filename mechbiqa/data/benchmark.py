@@ -41,6 +41,7 @@ build leaves no half-written benchmark.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 from mechbiqa.data.descriptions import describe
@@ -213,13 +215,17 @@ class Benchmark:
             raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
         return [r for r in self.records if r.split == name]
 
+    @functools.cached_property
+    def by_id(self) -> dict[str, IQARecord]:
+        """Records by id."""
+        return {r.id: r for r in self.records}
+
     def reference_of(self, record: IQARecord) -> IQARecord:
         """The pristine record of the crop ``record`` was made from."""
         key = f"{record.ref_id}-pristine-0"
-        for r in self.records:
-            if r.id == key:
-                return r
-        raise KeyError(f"no pristine record {key!r}; was the benchmark built with include_pristine=False?")
+        if key not in self.by_id:
+            raise KeyError(f"no pristine record {key!r}; was the benchmark built with include_pristine=False?")
+        return self.by_id[key]
 
     @staticmethod
     def load_image(record: IQARecord) -> np.ndarray:
@@ -288,7 +294,7 @@ def _crop(photo: np.ndarray, size: int, fraction: tuple[float, float], rng: np.r
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray(image).save(path, format="PNG", optimize=False)
+    Image.fromarray(image).save(path, format="PNG", compress_level=1)  # fast; the images are small
 
 
 def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path) -> dict[str, Any]:
@@ -413,6 +419,13 @@ def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool =
     root = Path(root)
     photos = _photos(cfg)
     fp = fingerprint(cfg, photos)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per directory across processes; a second one waits, then finds the build and reuses it.
+    with FileLock(root.parent / f".{root.name}.lock"):
+        return _build_or_reuse(cfg, root, photos, fp, overwrite)
+
+
+def _build_or_reuse(cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], fp: str, overwrite: bool) -> Benchmark:
     config_path = root / _CONFIG_FILE
     if config_path.is_file():
         old = json.loads(config_path.read_text(encoding="utf-8"))
@@ -427,7 +440,6 @@ def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool =
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists, is not empty and holds no {_CONFIG_FILE}; choose an empty or new directory")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

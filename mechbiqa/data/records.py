@@ -102,6 +102,10 @@ class IQARecord:
         object.__setattr__(self, "params", _freeze(self.params))
         object.__setattr__(self, "meta", _freeze(self.meta))
 
+    def __hash__(self) -> int:
+        # The generated hash would fail on the (unhashable) read-only mappings; equal records share these fields.
+        return hash((self.dataset, self.id, self.image_path, self.score))
+
     @property
     def mos01(self) -> float | None:
         """The rating mapped to 0-1, higher is better (clipped), or None if unrated."""

@@ -50,3 +50,9 @@ def test_level_words_equal_width_bins():
     assert edges == pytest.approx((2.0, 3.0, 4.0, 5.0))
     assert [level_word(s, edges) for s in (0.5, 1.0, 2.5, 3.0, 4.99, 5.0, 9.0)] == [
         "bad", "bad", "poor", "fair", "good", "excellent", "excellent"]
+
+
+def test_records_are_hashable():
+    a = IQARecord(id="a", image_path="a.png", score=1.0, scale=(1, 5), meta={"k": 1})
+    b = IQARecord(id="a", image_path="a.png", score=1.0, scale=(1, 5), meta={"k": 1})
+    assert a == b and len({a, b}) == 1
