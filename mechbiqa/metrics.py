@@ -1,4 +1,4 @@
-"""IQA evaluation metrics (SRCC, KRCC, PLCC, RMSE with the 4-parameter logistic fit) and full-reference measures.
+"""IQA metrics (SRCC, KRCC, PLCC, RMSE with the 4-parameter logistic fit) and full-reference measures.
 
 Studies call `iqa_metrics(pred, mos)` to compare a model's scores (the Q-Align
 score of DESIGN.md, a probe's output, a baseline) with human or benchmark
@@ -197,12 +197,25 @@ class IQAMetrics:
     def to_dict(self) -> dict:
         """JSON-ready dict."""
         return {
-            "n": self.n, "srcc": self.srcc, "krcc": self.krcc, "plcc_raw": self.plcc_raw,
-            "rmse_raw": self.rmse_raw, "plcc_fitted": self.plcc_fitted, "rmse_fitted": self.rmse_fitted,
-            "fit": None if self.fit is None else {"kind": self.fit.kind, "params": list(self.fit.params),
-                                                  "converged": self.fit.converged, "at_bound": self.fit.at_bound},
-            "ci": {k: list(v) for k, v in self.ci.items()}, "ci_level": self.ci_level, "flags": list(self.flags),
-        }  # fmt: skip
+            "n": self.n,
+            "srcc": self.srcc,
+            "krcc": self.krcc,
+            "plcc_raw": self.plcc_raw,
+            "rmse_raw": self.rmse_raw,
+            "plcc_fitted": self.plcc_fitted,
+            "rmse_fitted": self.rmse_fitted,
+            "fit": None
+            if self.fit is None
+            else {
+                "kind": self.fit.kind,
+                "params": list(self.fit.params),
+                "converged": self.fit.converged,
+                "at_bound": self.fit.at_bound,
+            },
+            "ci": {k: list(v) for k, v in self.ci.items()},
+            "ci_level": self.ci_level,
+            "flags": list(self.flags),
+        }
 
 
 _FATAL_FLAGS = ("nan_input", "too_few", "constant_prediction", "constant_mos")
@@ -228,9 +241,11 @@ def _describe_problems(problems: list[str], x: np.ndarray, y: np.ndarray) -> str
     parts = []
     for p in problems:
         if p == "nan_input":
-            parts.append(f"{int((~np.isfinite(x)).sum())} non-finite prediction(s) and "
-                         f"{int((~np.isfinite(y)).sum())} non-finite MOS value(s) "
-                         f"(first at index {int(np.flatnonzero(~np.isfinite(x) | ~np.isfinite(y))[0])})")
+            parts.append(
+                f"{int((~np.isfinite(x)).sum())} non-finite prediction(s) and "
+                f"{int((~np.isfinite(y)).sum())} non-finite MOS value(s) "
+                f"(first at index {int(np.flatnonzero(~np.isfinite(x) | ~np.isfinite(y))[0])})"
+            )
         elif p == "too_few":
             parts.append(f"only {x.size} pair(s); correlations need at least 3")
         elif p == "constant_prediction":
@@ -325,8 +340,9 @@ def iqa_metrics(
             col = arr[:, i][np.isfinite(arr[:, i])]
             if col.size:
                 ci[name] = (float(np.quantile(col, alpha)), float(np.quantile(col, 1 - alpha)))
-    return IQAMetrics(x.size, *values, fit=fitted, ci=ci, ci_level=ci_level if bootstrap else None,
-                      flags=tuple(flags))
+    return IQAMetrics(
+        x.size, *values, fit=fitted, ci=ci, ci_level=ci_level if bootstrap else None, flags=tuple(flags)
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,7 +361,7 @@ def _luma(image: np.ndarray) -> np.ndarray:
 
 
 def psnr(ref: np.ndarray, dist: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB over all channels (higher is better; capped at 100 for identical images)."""
+    """PSNR in dB over all channels (higher is better; 100 for identical images)."""
     mse = float(np.mean((_as_float(ref) - _as_float(dist)) ** 2))
     return 100.0 if mse == 0 else min(100.0, 10.0 * math.log10(1.0 / mse))
 
@@ -387,6 +403,7 @@ def gmsd(ref: np.ndarray, dist: np.ndarray) -> float:
     similarity map (2 m_r m_d + c) / (m_r^2 + m_d^2 + c) with c = 170, and its
     standard deviation.
     """
+
     def prep(img: np.ndarray) -> np.ndarray:
         y = _luma(img) * 255.0
         y = ndimage.uniform_filter(y, 2, mode="nearest")

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from mechbiqa.data import DEFAULT_DISTORTIONS, Benchmark, BenchmarkConfig, build_benchmark, full_reference_agreement
+from mechbiqa.data import (
+    DEFAULT_DISTORTIONS,
+    Benchmark,
+    BenchmarkConfig,
+    build_benchmark,
+    full_reference_agreement,
+)
 from mechbiqa.data.records import LEVEL_WORDS
 
 
@@ -63,14 +69,29 @@ class Config:
     def tiny(cls, out_dir: Path) -> Config:
         """A seconds-long run for tests."""
         tiny = BenchmarkConfig.tiny()
-        return cls(out_dir=Path(out_dir), image_size=tiny.image_size, crops_per_photo=tiny.crops_per_photo,
-                   distortions=tiny.distortions, photos=tiny.photos, bootstrap=20, examples=3)
+        return cls(
+            out_dir=Path(out_dir),
+            image_size=tiny.image_size,
+            crops_per_photo=tiny.crops_per_photo,
+            distortions=tiny.distortions,
+            photos=tiny.photos,
+            bootstrap=20,
+            examples=3,
+        )
 
     def benchmark_config(self) -> BenchmarkConfig:
         """The `BenchmarkConfig` this run builds."""
-        extra = {"split_fractions": (0.5, 0.25, 0.25)} if self.photos is not None and len(self.photos) < 6 else {}
-        return BenchmarkConfig(image_size=self.image_size, crops_per_photo=self.crops_per_photo,
-                               distortions=self.distortions, photos=self.photos, seed=self.seed, **extra)
+        extra = (
+            {"split_fractions": (0.5, 0.25, 0.25)} if self.photos is not None and len(self.photos) < 6 else {}
+        )
+        return BenchmarkConfig(
+            image_size=self.image_size,
+            crops_per_photo=self.crops_per_photo,
+            distortions=self.distortions,
+            photos=self.photos,
+            seed=self.seed,
+            **extra,
+        )
 
 
 @dataclass(frozen=True)
@@ -139,8 +160,12 @@ def summarise(bench: Benchmark, cfg: Config) -> dict[str, Any]:
         per_cell[r.distortion][r.level].append(r.score)
     order = ["pristine", *bench.config.distortions]
     cell_counts = {d: [len(v) for v in per_cell[d]] for d in order if d in per_cell}
-    cell_mean = {d: [round(float(np.mean(v)), 3) if v else None for v in per_cell[d]] for d in order if d in per_cell}
-    word_counts = {s: {w: c for w, c in Counter(r.level_word for r in bench.split(s)).items()} for s in splits}
+    cell_mean = {
+        d: [round(float(np.mean(v)), 3) if v else None for v in per_cell[d]] for d in order if d in per_cell
+    }
+    word_counts = {
+        s: {w: c for w, c in Counter(r.level_word for r in bench.split(s)).items()} for s in splits
+    }
     edges = np.linspace(1.0, 5.0, 17)
     histogram: dict[str, list[float]] = {"edges": edges.tolist()}
     for s in splits:
@@ -148,13 +173,22 @@ def summarise(bench: Benchmark, cfg: Config) -> dict[str, Any]:
     rng = np.random.default_rng(cfg.seed)
     test = bench.split("test")
     picks = rng.choice(len(test), size=min(cfg.examples, len(test)), replace=False)
-    examples = [(test[i].id, test[i].level_word, round(test[i].score, 3), test[i].description) for i in sorted(picks)]
-    return dict(photos_per_split=photos_per_split, images_per_split=images_per_split, cell_counts=cell_counts,
-                cell_mean_mos=cell_mean, word_counts=word_counts, mos_histogram=histogram, examples=examples)
+    examples = [
+        (test[i].id, test[i].level_word, round(test[i].score, 3), test[i].description) for i in sorted(picks)
+    ]
+    return dict(
+        photos_per_split=photos_per_split,
+        images_per_split=images_per_split,
+        cell_counts=cell_counts,
+        cell_mean_mos=cell_mean,
+        word_counts=word_counts,
+        mos_histogram=histogram,
+        examples=examples,
+    )
 
 
 def contact_sheet(bench: Benchmark, path: Path, split: str = "test") -> Path:
-    """PNG grid: one crop of ``split`` under every type (rows) and level 0-5 (columns), labelled with MOS and word."""
+    """PNG grid: one crop of ``split`` under every type (rows) and level 0-5 (columns), with labels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -179,8 +213,12 @@ def contact_sheet(bench: Benchmark, path: Path, split: str = "test") -> Path:
             if level == 0:
                 ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
     height = len(rows) * 1.35 + 0.4
-    fig.suptitle(f"{ref_id} ({split}): level 0 (pristine) to 5; label = MOS (1-5) and level word", fontsize=9,
-                 y=1 - 0.08 / height, va="top")
+    fig.suptitle(
+        f"{ref_id} ({split}): level 0 (pristine) to 5; label = MOS (1-5) and level word",
+        fontsize=9,
+        y=1 - 0.08 / height,
+        va="top",
+    )
     fig.subplots_adjust(left=0.2, right=0.99, top=1 - 0.55 / height, bottom=0.01, hspace=0.35, wspace=0.05)
     fig.savefig(path)
     return path
@@ -196,11 +234,19 @@ def main(cfg: Config) -> BuildResult:
     check = dict(metrics.to_dict(), measure=cfg.check_measure, split=cfg.check_split)
     sheet = contact_sheet(bench, bench.root / "contact_sheet.png")
     result = BuildResult(
-        root=bench.root, fingerprint=bench.fingerprint, reused=bench.reused, seconds=round(seconds, 3),
-        build_seconds=bench.info.get("build_seconds"), n_images=len(bench), word_edges=list(bench.word_edges),
-        check=check, contact_sheet=sheet, summary_json=bench.root / "summary.json",
-        label_measure=bench.config.label_measure, **stats,
-    )  # fmt: skip
+        root=bench.root,
+        fingerprint=bench.fingerprint,
+        reused=bench.reused,
+        seconds=round(seconds, 3),
+        build_seconds=bench.info.get("build_seconds"),
+        n_images=len(bench),
+        word_edges=list(bench.word_edges),
+        check=check,
+        contact_sheet=sheet,
+        summary_json=bench.root / "summary.json",
+        label_measure=bench.config.label_measure,
+        **stats,
+    )
     result.summary_json.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -217,15 +263,22 @@ def render(result: BuildResult, console=None) -> None:
 
     console = console or Console()
     how = "reused" if result.reused else "built"
-    console.print(f"[bold]Benchmark[/] {result.root} ({how} in {result.seconds:.1f} s; original build "
-                  f"{result.build_seconds} s), {result.n_images} images, fingerprint {result.fingerprint[:12]}")
+    console.print(
+        f"[bold]Benchmark[/] {result.root} ({how} in {result.seconds:.1f} s; original build "
+        f"{result.build_seconds} s), {result.n_images} images, fingerprint {result.fingerprint[:12]}"
+    )
 
     splits = Table(title="Splits (by reference photo)")
     for col in ("split", "photos", "images", *LEVEL_WORDS):
         splits.add_column(col)
     for s, photos in result.photos_per_split.items():
         words = result.word_counts.get(s, {})
-        splits.add_row(s, ", ".join(photos), str(result.images_per_split[s]), *(str(words.get(w, 0)) for w in LEVEL_WORDS))
+        splits.add_row(
+            s,
+            ", ".join(photos),
+            str(result.images_per_split[s]),
+            *(str(words.get(w, 0)) for w in LEVEL_WORDS),
+        )
     console.print(splits)
 
     cells = Table(title="Images and mean label (MOS 1-5) per type and level")
@@ -234,7 +287,7 @@ def render(result: BuildResult, console=None) -> None:
         cells.add_column(f"L{level}", justify="right")
     for name, counts in result.cell_counts.items():
         means = result.cell_mean_mos[name]
-        cells.add_row(name, *(f"{n} / {m:.2f}" if n else "" for n, m in zip(counts, means)))
+        cells.add_row(name, *(f"{n} / {m:.2f}" if n else "" for n, m in zip(counts, means, strict=True)))
     console.print(cells)
 
     hist = Table(title="Label distribution (MOS bins)")
@@ -243,7 +296,10 @@ def render(result: BuildResult, console=None) -> None:
         hist.add_column(s, justify="right")
     edges = result.mos_histogram["edges"]
     for i in range(len(edges) - 1):
-        hist.add_row(f"{edges[i]:.2f}-{edges[i + 1]:.2f}", *(str(result.mos_histogram[s][i]) for s in ("train", "val", "test")))
+        hist.add_row(
+            f"{edges[i]:.2f}-{edges[i + 1]:.2f}",
+            *(str(result.mos_histogram[s][i]) for s in ("train", "val", "test")),
+        )
     console.print(hist)
     console.print("Level-word edges: " + ", ".join(f"{e:.2f}" for e in result.word_edges))
 
@@ -258,7 +314,8 @@ def render(result: BuildResult, console=None) -> None:
     ci = c.get("ci", {}).get("srcc")
     ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     console.print(
-        f"[bold]Independent check[/]: {c['measure'].upper()} (labels use {result.label_measure.upper()}) vs labels on "
+        f"[bold]Independent check[/]: {c['measure'].upper()} (labels use {result.label_measure.upper()}) "
+        "vs labels on "
         f"{c['split']} (n={c['n']}): SRCC {c['srcc']:.3f}{ci_text}, KRCC {c['krcc']:.3f}, "
         f"PLCC {c['plcc_fitted']:.3f} after {c['fit']['kind'] if c['fit'] else 'no'} fit"
         + (f"; flags {c['flags']}" if c["flags"] else "")
@@ -270,8 +327,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     """Command-line flags -> `Config`."""
     d = Config()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", type=Path, default=d.out_dir, help="benchmark directory (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="image side in px (default %(default)s)")
+    p.add_argument(
+        "--out-dir", type=Path, default=d.out_dir, help="benchmark directory (default %(default)s)"
+    )
+    p.add_argument(
+        "--image-size", type=int, default=d.image_size, help="image side in px (default %(default)s)"
+    )
     p.add_argument("--crops-per-photo", type=int, default=d.crops_per_photo, help="default %(default)s")
     p.add_argument("--distortions", nargs="+", default=list(d.distortions), help="distortion types")
     p.add_argument("--photos", nargs="+", default=None, help="photo ids (default: all packaged photos found)")
@@ -282,10 +343,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--bootstrap", type=int, default=d.bootstrap)
     p.add_argument("--examples", type=int, default=d.examples)
     a = p.parse_args(argv)
-    return Config(out_dir=a.out_dir, image_size=a.image_size, crops_per_photo=a.crops_per_photo,
-                  distortions=tuple(a.distortions), photos=tuple(a.photos) if a.photos else None, seed=a.seed,
-                  overwrite=a.overwrite, check_measure=a.check_measure, check_split=a.check_split,
-                  bootstrap=a.bootstrap, examples=a.examples)
+    return Config(
+        out_dir=a.out_dir,
+        image_size=a.image_size,
+        crops_per_photo=a.crops_per_photo,
+        distortions=tuple(a.distortions),
+        photos=tuple(a.photos) if a.photos else None,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        check_measure=a.check_measure,
+        check_split=a.check_split,
+        bootstrap=a.bootstrap,
+        examples=a.examples,
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,14 @@ from PIL import Image
 from mechbiqa.data.descriptions import describe
 from mechbiqa.data.distortions import DEFAULT_DISTORTIONS, DISTORTIONS, apply_distortion, get_distortion
 from mechbiqa.data.photos import DEFAULT_SOURCES, PhotoInfo, find_photos, load_photo, photo_sha256
-from mechbiqa.data.records import SPLITS, IQARecord, level_word, level_word_edges, records_from_jsonl, records_to_jsonl
+from mechbiqa.data.records import (
+    SPLITS,
+    IQARecord,
+    level_word,
+    level_word_edges,
+    records_from_jsonl,
+    records_to_jsonl,
+)
 
 __all__ = [
     "BENCHMARK_VERSION",
@@ -128,6 +135,7 @@ class BenchmarkConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check the values (names of distortions, fractions, ranges)."""
         from mechbiqa.metrics import FR_MEASURES
 
         if self.image_size < 16:
@@ -140,8 +148,14 @@ class BenchmarkConfig:
             get_distortion(name)
         if len(set(self.distortions)) != len(self.distortions):
             raise ValueError(f"distortions has duplicates: {self.distortions}")
-        if len(self.split_fractions) != 3 or min(self.split_fractions) < 0 or abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
+        if (
+            len(self.split_fractions) != 3
+            or min(self.split_fractions) < 0
+            or abs(sum(self.split_fractions) - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"split_fractions must be three non-negative numbers summing to 1, got {self.split_fractions}"
+            )
         lo, hi = self.crop_fraction
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_fraction must satisfy 0 < low <= high <= 1, got {self.crop_fraction}")
@@ -165,8 +179,10 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists)."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchmarkConfig:
@@ -204,9 +220,11 @@ class Benchmark:
     reused: bool = False
 
     def __len__(self) -> int:
+        """Number of images."""
         return len(self.records)
 
     def __iter__(self) -> Iterator[IQARecord]:
+        """Iterate over the records."""
         return iter(self.records)
 
     def split(self, name: str) -> list[IQARecord]:
@@ -224,7 +242,9 @@ class Benchmark:
         """The pristine record of the crop ``record`` was made from."""
         key = f"{record.ref_id}-pristine-0"
         if key not in self.by_id:
-            raise KeyError(f"no pristine record {key!r}; was the benchmark built with include_pristine=False?")
+            raise KeyError(
+                f"no pristine record {key!r}; was the benchmark built with include_pristine=False?"
+            )
         return self.by_id[key]
 
     @staticmethod
@@ -260,7 +280,7 @@ def fingerprint(cfg: BenchmarkConfig, photos: Sequence[PhotoInfo] | None = None)
 
 
 def _assign_splits(photo_ids: list[str], fractions: tuple[float, float, float], seed: int) -> dict[str, str]:
-    """Photo id -> split: a seeded shuffle cut by the fractions, with val and test non-empty when asked for."""
+    """Photo id -> split: a seeded shuffle cut by the fractions; val and test non-empty when asked for."""
     n = len(photo_ids)
     order = np.random.default_rng([seed, 0]).permutation(n)
     n_test = max(1, round(fractions[2] * n)) if fractions[2] > 0 else 0
@@ -268,7 +288,7 @@ def _assign_splits(photo_ids: list[str], fractions: tuple[float, float, float], 
     if n - n_test - n_val < 1:
         raise ValueError(f"{n} photos cannot fill train/val/test with fractions {fractions}; add photos")
     splits = ["test"] * n_test + ["val"] * n_val + ["train"] * (n - n_test - n_val)
-    return {photo_ids[i]: s for i, s in zip(order, splits)}
+    return {photo_ids[i]: s for i, s in zip(order, splits, strict=True)}
 
 
 def _detail(image: np.ndarray) -> float:
@@ -276,8 +296,14 @@ def _detail(image: np.ndarray) -> float:
     return float(np.abs(np.diff(g, axis=0)).mean() + np.abs(np.diff(g, axis=1)).mean())
 
 
-def _crop(photo: np.ndarray, size: int, fraction: tuple[float, float], rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
-    """The most detailed of three random square windows, resized to ``size``; returns (crop, [top, left, side])."""
+def _crop(
+    photo: np.ndarray, size: int, fraction: tuple[float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
+    """The most detailed of three random square windows, resized to ``size``.
+
+    Returns:
+        The crop and its window as [top, left, side] in the photo.
+    """
     h, w = photo.shape[:2]
     best = None
     for _ in range(3):
@@ -309,7 +335,9 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
     for pi, photo in enumerate(photos):
         pixels = load_photo(photo)
         for k in range(cfg.crops_per_photo):
-            ref, box = _crop(pixels, cfg.image_size, cfg.crop_fraction, np.random.default_rng([cfg.seed, 1, pi, k]))
+            ref, box = _crop(
+                pixels, cfg.image_size, cfg.crop_fraction, np.random.default_rng([cfg.seed, 1, pi, k])
+            )
             ref_id = f"{photo.id}-c{k}"
             folder = out / "images" / ref_id
             folder.mkdir()
@@ -320,25 +348,32 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
                 if level == 0:
                     image = ref
                 else:
-                    image = apply_distortion(ref, name, level, np.random.default_rng([cfg.seed, 2, pi, k, kid, level]))
+                    image = apply_distortion(
+                        ref, name, level, np.random.default_rng([cfg.seed, 2, pi, k, kid, level])
+                    )
                 rel = Path("images") / ref_id / f"{name}-{level}.png"
                 _save_png(image, out / rel)
                 q = float(measure(ref, image)) if level else None
                 spec = DISTORTIONS.get(name)
-                rows.append({
-                    "id": f"{ref_id}-{name}-{level}",
-                    "path": rel,
-                    "split": split_of[photo.id],
-                    "ref_id": ref_id,
-                    "distortion": name,
-                    "level": level,
-                    "params": {spec.param: spec.levels[level - 1]} if level else {},
-                    "description": describe(None if level == 0 else name, level,
-                                            np.random.default_rng([cfg.seed, 3, pi, k, kid, level])),
-                    "q": q,
-                    "cell_mos": PRISTINE_MOS if level == 0 else spec.kadid_mos[level - 1],
-                    "meta": {"photo": photo.id, "crop": k, "crop_box": box},
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "id": f"{ref_id}-{name}-{level}",
+                        "path": rel,
+                        "split": split_of[photo.id],
+                        "ref_id": ref_id,
+                        "distortion": name,
+                        "level": level,
+                        "params": {spec.param: spec.levels[level - 1]} if level else {},
+                        "description": describe(
+                            None if level == 0 else name,
+                            level,
+                            np.random.default_rng([cfg.seed, 3, pi, k, kid, level]),
+                        ),
+                        "q": q,
+                        "cell_mos": PRISTINE_MOS if level == 0 else spec.kadid_mos[level - 1],
+                        "meta": {"photo": photo.id, "crop": k, "crop_box": box},
+                    }
+                )
 
     # Labels: KADID cell mean + the image's measure relative to its cell, in MOS units.
     distorted = [r for r in rows if r["level"] > 0]
@@ -364,12 +399,24 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
         meta = dict(r["meta"], kadid_cell_mos=r["cell_mos"])
         if r["q"] is not None:
             meta[cfg.label_measure] = r["q"]
-        records.append(IQARecord(
-            id=r["id"], image_path=r["path"], score=round(r["mos"], 6), scale=MOS_SCALE, higher_is_better=True,
-            dataset=DATASET_NAME, split=r["split"], ref_id=r["ref_id"], distortion=r["distortion"],
-            level=r["level"], level_word=level_word(r["mos"], edges), description=r["description"],
-            params=r["params"], meta=meta,
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=r["id"],
+                image_path=r["path"],
+                score=round(r["mos"], 6),
+                scale=MOS_SCALE,
+                higher_is_better=True,
+                dataset=DATASET_NAME,
+                split=r["split"],
+                ref_id=r["ref_id"],
+                distortion=r["distortion"],
+                level=r["level"],
+                level_word=level_word(r["mos"], edges),
+                description=r["description"],
+                params=r["params"],
+                meta=meta,
+            )
+        )
     records_to_jsonl(records, out / _MANIFEST_FILE)
 
     import PIL
@@ -380,24 +427,37 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
         "fingerprint": fp,
         "config": cfg.to_dict(),
         "photos": [
-            {"id": p.id, "package": p.package, "file": p.relpath, "licence": p.licence, "sha256": photo_sha256(p),
-             "split": split_of[p.id]}
+            {
+                "id": p.id,
+                "package": p.package,
+                "file": p.relpath,
+                "licence": p.licence,
+                "sha256": photo_sha256(p),
+                "split": split_of[p.id],
+            }
             for p in photos
         ],
         "word_edges": list(edges),
-        "label_fit": {"measure": cfg.label_measure, "measure_higher_is_better": higher_better,
-                      "slope_mos_per_unit": slope, "pristine_mos": PRISTINE_MOS},
+        "label_fit": {
+            "measure": cfg.label_measure,
+            "measure_higher_is_better": higher_better,
+            "slope_mos_per_unit": slope,
+            "pristine_mos": PRISTINE_MOS,
+        },
         "n_images": len(records),
         "build_seconds": round(time.perf_counter() - start, 3),
         "library_versions": {"numpy": np.__version__, "pillow": PIL.__version__, "scipy": scipy.__version__},
-    }  # fmt: skip
+    }
     (out / _CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return info
 
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys) or "same config, different photos or version"
+    return (
+        ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+        or "same config, different photos or version"
+    )
 
 
 def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool = False) -> Benchmark:
@@ -425,7 +485,9 @@ def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool =
         return _build_or_reuse(cfg, root, photos, fp, overwrite)
 
 
-def _build_or_reuse(cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], fp: str, overwrite: bool) -> Benchmark:
+def _build_or_reuse(
+    cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], fp: str, overwrite: bool
+) -> Benchmark:
     config_path = root / _CONFIG_FILE
     if config_path.is_file():
         old = json.loads(config_path.read_text(encoding="utf-8"))
@@ -438,7 +500,9 @@ def _build_or_reuse(cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], f
                 "Build into a different directory, or pass overwrite=True to replace it."
             )
     elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and holds no {_CONFIG_FILE}; choose an empty or new directory")
+        raise FileExistsError(
+            f"{root} exists, is not empty and holds no {_CONFIG_FILE}; choose an empty or new directory"
+        )
 
     tmp = root.parent / f".{root.name}.building-{os.getpid()}"
     if tmp.exists():
@@ -469,24 +533,33 @@ def load_benchmark(root: Path | str, *, check_files: bool = True, _reused: bool 
     for path in (config_path, manifest_path):
         if not path.is_file():
             raise FileNotFoundError(
-                f"{path} not found: {root} is not a built benchmark; build it with build_benchmark(cfg, {str(root)!r})"
+                f"{path} not found: {root} is not a built benchmark; "
+                f"build it with build_benchmark(cfg, {str(root)!r})"
             )
     info = json.loads(config_path.read_text(encoding="utf-8"))
     if info.get("version") != BENCHMARK_VERSION:
         raise BenchmarkMismatchError(
-            f"{root} was built by benchmark version {info.get('version')}, this is {BENCHMARK_VERSION}; rebuild it"
+            f"{root} was built by benchmark version {info.get('version')}, "
+            f"this is {BENCHMARK_VERSION}; rebuild it"
         )
     records = tuple(records_from_jsonl(manifest_path, root=root.resolve()))
     if check_files:
         missing = [r.image_path for r in records if not r.image_path.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} benchmark image(s) missing under {root}, e.g. {missing[0]}; rebuild")
+            raise FileNotFoundError(
+                f"{len(missing)} benchmark image(s) missing under {root}, e.g. {missing[0]}; rebuild"
+            )
     rest = {k: v for k, v in info.items() if k not in ("config", "fingerprint", "word_edges", "photos")}
     return Benchmark(
-        root=root, config=BenchmarkConfig.from_dict(info["config"]), fingerprint=info["fingerprint"],
-        records=records, word_edges=tuple(info["word_edges"]), photos=tuple(info["photos"]), info=rest,
+        root=root,
+        config=BenchmarkConfig.from_dict(info["config"]),
+        fingerprint=info["fingerprint"],
+        records=records,
+        word_edges=tuple(info["word_edges"]),
+        photos=tuple(info["photos"]),
+        info=rest,
         reused=_reused,
-    )  # fmt: skip
+    )
 
 
 def full_reference_agreement(

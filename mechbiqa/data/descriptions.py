@@ -249,8 +249,9 @@ def severity(distortion: str, level: int) -> int:
 
 def _fill(template: str, adj: str, noun: str, effect: str) -> str:
     # Capitalise only the first letter, so proper nouns inside ("JPEG") keep their case.
-    return template.format(adj=adj, Adj=adj[0].upper() + adj[1:], noun=noun, effect=effect,
-                           Effect=effect[0].upper() + effect[1:])
+    return template.format(
+        adj=adj, Adj=adj[0].upper() + adj[1:], noun=noun, effect=effect, Effect=effect[0].upper() + effect[1:]
+    )
 
 
 def all_descriptions(distortion: str | None, level: int) -> list[str]:

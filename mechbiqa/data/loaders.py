@@ -68,8 +68,11 @@ def _need_dir(path: Path, dataset: str, what: str) -> Path:
     if not path.is_dir():
         raise DatasetFormatError(
             f"{dataset}: expected {what} folder at {path}; "
-            + (f"{path.parent} holds {sorted(p.name for p in path.parent.iterdir())[:12]}"
-               if path.parent.is_dir() else f"{path.parent} does not exist")
+            + (
+                f"{path.parent} holds {sorted(p.name for p in path.parent.iterdir())[:12]}"
+                if path.parent.is_dir()
+                else f"{path.parent} does not exist"
+            )
         )
     return path
 
@@ -88,8 +91,10 @@ def _read_csv(path: Path, required: Sequence[str], dataset: str) -> list[dict[st
             raise DatasetFormatError(f"{dataset}: {path} is empty; expected a header with {list(required)}")
         fieldnames = [f.strip() for f in reader.fieldnames]
         _need_columns(fieldnames, required, dataset, path)
-        return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None}
-                for row in reader]
+        return [
+            {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None}
+            for row in reader
+        ]
 
 
 def _float(value: Any, dataset: str, where: str) -> float:
@@ -216,7 +221,9 @@ def _xlsx_table(path: Path, sheet: str | None, required: Sequence[str], dataset:
                     continue
                 out.append({h: (data[j] if j < len(data) else None) for j, h in enumerate(header) if h})
             return out
-    raise DatasetFormatError(f"{dataset}: no header row with columns {list(required)} in the first 20 rows of {where}")
+    raise DatasetFormatError(
+        f"{dataset}: no header row with columns {list(required)} in the first 20 rows of {where}"
+    )
 
 
 def _name(value: Any) -> str:
@@ -232,7 +239,11 @@ def _name(value: Any) -> str:
 
 
 def load_koniq10k(
-    root: Path | str, *, resolution: str = "1024x768", score_column: str = "MOS_zscore", check_images: bool = True
+    root: Path | str,
+    *,
+    resolution: str = "1024x768",
+    score_column: str = "MOS_zscore",
+    check_images: bool = True,
 ) -> list[IQARecord]:
     """KonIQ-10k: ``koniq10k_scores_and_distributions.csv`` and/or ``koniq10k_distributions_sets.csv``.
 
@@ -251,8 +262,17 @@ def load_koniq10k(
     name = "KonIQ-10k"
     root = Path(root)
     scores = root / "koniq10k_scores_and_distributions.csv"
-    sets = next((p for p in (root / "koniq10k_distributions_sets.csv",
-                             root / "metadata" / "koniq10k_distributions_sets.csv") if p.is_file()), None)
+    sets = next(
+        (
+            p
+            for p in (
+                root / "koniq10k_distributions_sets.csv",
+                root / "metadata" / "koniq10k_distributions_sets.csv",
+            )
+            if p.is_file()
+        ),
+        None,
+    )
     if score_column not in ("MOS_zscore", "MOS"):
         raise ValueError(f"score_column must be 'MOS_zscore' or 'MOS', got {score_column!r}")
     split_map = {"training": "train", "train": "train", "validation": "val", "val": "val", "test": "test"}
@@ -261,8 +281,10 @@ def load_koniq10k(
         set_rows = _read_csv(sets, ["image_name", "MOS", "set"], name)
         for row in set_rows:
             if row["set"] not in split_map:
-                raise DatasetFormatError(f"{name}: set {row['set']!r} of {row['image_name']} in {sets} is not one "
-                                         f"of {sorted(split_map)}")
+                raise DatasetFormatError(
+                    f"{name}: set {row['set']!r} of {row['image_name']} in {sets} is not one "
+                    f"of {sorted(split_map)}"
+                )
             splits[row["image_name"]] = split_map[row["set"]]
     if scores.is_file():
         rows = _read_csv(scores, ["image_name", score_column], name)
@@ -278,13 +300,16 @@ def load_koniq10k(
     images = _need_dir(root / resolution, name, f"image ({resolution})")
     records = [
         IQARecord(
-            id=row["image_name"], image_path=images / row["image_name"],
-            score=_float(row[column], name, f"{source.name} row {i + 2} column {column}"), scale=scale,
-            dataset="koniq10k", split=splits.get(row["image_name"]),
+            id=row["image_name"],
+            image_path=images / row["image_name"],
+            score=_float(row[column], name, f"{source.name} row {i + 2} column {column}"),
+            scale=scale,
+            dataset="koniq10k",
+            split=splits.get(row["image_name"]),
             meta={k: row[k] for k in ("SD", "c_total") if k in row},
         )
         for i, row in enumerate(rows)
-    ]  # fmt: skip
+    ]
     return _check_images(records, name, check_images)
 
 
@@ -302,12 +327,15 @@ def load_spaq(root: Path | str, *, check_images: bool = True) -> list[IQARecord]
     attributes = ("Brightness", "Colorfulness", "Contrast", "Noisiness", "Sharpness")
     records = [
         IQARecord(
-            id=_name(row["Image name"]), image_path=images / _name(row["Image name"]),
-            score=_float(row["MOS"], name, f"{sheet.name} MOS of {row['Image name']}"), scale=(0.0, 100.0),
-            dataset="spaq", meta={a: row[a] for a in attributes if row.get(a) is not None},
+            id=_name(row["Image name"]),
+            image_path=images / _name(row["Image name"]),
+            score=_float(row["MOS"], name, f"{sheet.name} MOS of {row['Image name']}"),
+            scale=(0.0, 100.0),
+            dataset="spaq",
+            meta={a: row[a] for a in attributes if row.get(a) is not None},
         )
         for row in rows
-    ]  # fmt: skip
+    ]
     return _check_images(records, name, check_images)
 
 
@@ -347,17 +375,27 @@ def load_livec(root: Path | str, *, drop_training: bool = True, check_images: bo
     std_path = data / "AllStdDev_release.mat"
     std = _mat_vector(loadmat(std_path), "AllStdDev_release", std_path, name) if std_path.is_file() else None
     if len(names) != len(mos):
-        raise DatasetFormatError(f"{name}: {len(names)} names in {names_path} but {len(mos)} scores in {mos_path}")
+        raise DatasetFormatError(
+            f"{name}: {len(names)} names in {names_path} but {len(mos)} scores in {mos_path}"
+        )
     images = _need_dir(root / "Images", name, "image (Images)")
     records = []
-    for i, (img, score) in enumerate(zip(names, mos)):
+    for i, (img, score) in enumerate(zip(names, mos, strict=True)):
         training = i < 7
         if training and drop_training:
             continue
         path = images / "trainingImages" / img if training else images / img
         meta = {"std": float(std[i])} if std is not None else {}
-        records.append(IQARecord(id=str(img), image_path=path, score=float(score), scale=(0.0, 100.0),
-                                 dataset="livec", meta=meta))
+        records.append(
+            IQARecord(
+                id=str(img),
+                image_path=path,
+                score=float(score),
+                scale=(0.0, 100.0),
+                dataset="livec",
+                meta=meta,
+            )
+        )
     return _check_images(records, name, check_images)
 
 
@@ -375,7 +413,7 @@ _CSIQ_TYPES = {
 
 
 def load_csiq(root: Path | str, *, check_images: bool = True) -> list[IQARecord]:
-    """CSIQ: ``csiq.DMOS.xlsx`` (sheet ``all_by_image``, header on row 4, columns D-I), ``dst_imgs/``, ``src_imgs/``.
+    """CSIQ: ``csiq.DMOS.xlsx`` (sheet ``all_by_image``, header on row 4, columns D-I) and ``dst_imgs/``.
 
     Columns ``image, dst_idx, dst_type, dst_lev, dmos_std, dmos``; DMOS is 0-1
     with *lower* better (so ``mos01 = 1 - dmos``). Images are
@@ -393,18 +431,31 @@ def load_csiq(root: Path | str, *, check_images: bool = True) -> list[IQARecord]
     for row in rows:
         kind = str(row["dst_type"]).strip().lower()
         if kind not in _CSIQ_TYPES:
-            raise DatasetFormatError(f"{name}: dst_type {row['dst_type']!r} in {book} is not one of "
-                                     f"{sorted(_CSIQ_TYPES)}")
+            raise DatasetFormatError(
+                f"{name}: dst_type {row['dst_type']!r} in {book} is not one of {sorted(_CSIQ_TYPES)}"
+            )
         folder, tag = _CSIQ_TYPES[kind]
         if folder not in folders:
             folders[folder] = _CaseInsensitiveDir(_CaseInsensitiveDir(dst)(folder))
         image, level = _name(row["image"]), int(_float(row["dst_lev"], name, f"{book.name} dst_lev"))
         file = f"{image}.{tag}.{level}.png"
-        records.append(IQARecord(
-            id=file, image_path=folders[folder](file), score=_float(row["dmos"], name, f"{book.name} dmos of {file}"),
-            scale=(0.0, 1.0), higher_is_better=False, dataset="csiq", ref_id=image, distortion=folder, level=level,
-            meta={"dmos_std": row.get("dmos_std"), "reference_path": str(root / "src_imgs" / f"{image}.png")},
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=file,
+                image_path=folders[folder](file),
+                score=_float(row["dmos"], name, f"{book.name} dmos of {file}"),
+                scale=(0.0, 1.0),
+                higher_is_better=False,
+                dataset="csiq",
+                ref_id=image,
+                distortion=folder,
+                level=level,
+                meta={
+                    "dmos_std": row.get("dmos_std"),
+                    "reference_path": str(root / "src_imgs" / f"{image}.png"),
+                },
+            )
+        )
     return _check_images(records, name, check_images)
 
 
@@ -432,12 +483,19 @@ def load_kadid10k(root: Path | str, *, check_images: bool = True) -> list[IQARec
     for i, row in enumerate(rows):
         match = pattern.match(row["dist_img"])
         kind, level = (types.get(int(match.group(2))), int(match.group(3))) if match else (None, None)
-        records.append(IQARecord(
-            id=row["dist_img"], image_path=images / row["dist_img"],
-            score=_float(row["dmos"], name, f"{table.name} row {i + 2} column dmos"), scale=(1.0, 5.0),
-            dataset="kadid10k", ref_id=Path(row["ref_img"]).stem, distortion=kind, level=level,
-            meta={"var": float(row["var"])} if row.get("var") not in (None, "") else {},
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=row["dist_img"],
+                image_path=images / row["dist_img"],
+                score=_float(row["dmos"], name, f"{table.name} row {i + 2} column dmos"),
+                scale=(1.0, 5.0),
+                dataset="kadid10k",
+                ref_id=Path(row["ref_img"]).stem,
+                distortion=kind,
+                level=level,
+                meta={"var": float(row["var"])} if row.get("var") not in (None, "") else {},
+            )
+        )
     return _check_images(records, name, check_images)
 
 
@@ -459,16 +517,27 @@ def load_tid2013(root: Path | str, *, check_images: bool = True) -> list[IQAReco
             raise DatasetFormatError(f"{name}: {table} line {n} is {line!r}; expected '<mos> <name>'")
         score, file = _float(parts[0], name, f"{table.name} line {n}"), parts[1]
         match = re.match(r"i(\d+)_(\d+)_(\d+)\.", file, re.IGNORECASE)
-        records.append(IQARecord(
-            id=file.lower(), image_path=images(file), score=score, scale=(0.0, 9.0), dataset="tid2013",
-            ref_id=f"i{match.group(1)}" if match else None, distortion=f"tid{int(match.group(2)):02d}" if match else None,
-            level=int(match.group(3)) if match else None,
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=file.lower(),
+                image_path=images(file),
+                score=score,
+                scale=(0.0, 9.0),
+                dataset="tid2013",
+                ref_id=f"i{match.group(1)}" if match else None,
+                distortion=f"tid{int(match.group(2)):02d}" if match else None,
+                level=int(match.group(3)) if match else None,
+            )
+        )
     return _check_images(records, name, check_images)
 
 
-def load_agiqa3k(root: Path | str, *, image_dir: str | None = None, check_images: bool = True) -> list[IQARecord]:
-    """AGIQA-3k: ``data.csv`` (``name, prompt, adj1, adj2, style, mos_quality, std_quality, mos_align, std_align``).
+def load_agiqa3k(
+    root: Path | str, *, image_dir: str | None = None, check_images: bool = True
+) -> list[IQARecord]:
+    """AGIQA-3k: ``data.csv`` and the image folder.
+
+    Columns ``name, prompt, adj1, adj2, style, mos_quality, std_quality, mos_align, std_align``.
 
     ``mos_quality`` is 0-5, higher is better; the prompt, style and alignment
     scores go to ``meta``. Images are looked for in ``image_dir`` or, by
@@ -486,17 +555,21 @@ def load_agiqa3k(root: Path | str, *, image_dir: str | None = None, check_images
         first = rows[0]["name"] if rows else ""
         images = next((c for c in candidates if (c / first).is_file()), None)
         if images is None:
-            raise DatasetFormatError(f"{name}: image {first!r} not found in any of {[str(c) for c in candidates]}; "
-                                     "pass image_dir=")
+            raise DatasetFormatError(
+                f"{name}: image {first!r} not found in any of {[str(c) for c in candidates]}; pass image_dir="
+            )
     meta_keys = ("prompt", "adj1", "adj2", "style", "std_quality", "mos_align", "std_align")
     records = [
         IQARecord(
-            id=row["name"], image_path=images / row["name"],
-            score=_float(row["mos_quality"], name, f"{table.name} row {i + 2} column mos_quality"), scale=(0.0, 5.0),
-            dataset="agiqa3k", meta={k: row[k] for k in meta_keys if k in row},
+            id=row["name"],
+            image_path=images / row["name"],
+            score=_float(row["mos_quality"], name, f"{table.name} row {i + 2} column mos_quality"),
+            scale=(0.0, 5.0),
+            dataset="agiqa3k",
+            meta={k: row[k] for k in meta_keys if k in row},
         )
         for i, row in enumerate(rows)
-    ]  # fmt: skip
+    ]
     return _check_images(records, name, check_images)
 
 
@@ -523,14 +596,20 @@ def _read_json_list(path: Path, dataset: str) -> list[dict[str, Any]]:
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{dataset}: {path} is not valid JSON ({err})") from None
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-        raise DatasetFormatError(f"{dataset}: {path} should hold a JSON list of objects, got {type(data).__name__}")
+        raise DatasetFormatError(
+            f"{dataset}: {path} should hold a JSON list of objects, got {type(data).__name__}"
+        )
     return data
 
 
 def _gpt_turns(conversations: Any, path: Path, index: int, dataset: str) -> list[str]:
-    if not isinstance(conversations, list) or not all(isinstance(t, dict) and "value" in t for t in conversations):
-        raise DatasetFormatError(f"{dataset}: entry {index} of {path}: 'conversations' should be a list of "
-                                 "{'from': ..., 'value': ...} objects")
+    if not isinstance(conversations, list) or not all(
+        isinstance(t, dict) and "value" in t for t in conversations
+    ):
+        raise DatasetFormatError(
+            f"{dataset}: entry {index} of {path}: 'conversations' should be a list of "
+            "{'from': ..., 'value': ...} objects"
+        )
     return [t["value"] for t in conversations if t.get("from") in ("gpt", "assistant")]
 
 
@@ -570,8 +649,10 @@ def load_qalign_json(
     if scale is None:
         token = next((t for t in QALIGN_SCALES if t in stem), None)
         if token is None:
-            raise DatasetFormatError(f"{label}: cannot infer the score scale from the file name; "
-                                     f"pass scale=(low, high) (known: {QALIGN_SCALES})")
+            raise DatasetFormatError(
+                f"{label}: cannot infer the score scale from the file name; "
+                f"pass scale=(low, high) (known: {QALIGN_SCALES})"
+            )
         scale = QALIGN_SCALES[token]
     if split is None:
         split = "train" if stem.startswith("train") else "test" if stem.startswith("test") else None
@@ -580,35 +661,46 @@ def load_qalign_json(
     for i, entry in enumerate(entries):
         image = entry.get("image", entry.get("img_path"))
         if image is None:
-            raise DatasetFormatError(f"{label}: entry {i} has neither 'image' nor 'img_path' (keys {sorted(entry)})")
+            raise DatasetFormatError(
+                f"{label}: entry {i} has neither 'image' nor 'img_path' (keys {sorted(entry)})"
+            )
         if "gt_score" in entry:
             score = _float(entry["gt_score"], label, f"entry {i} gt_score")
         elif "->" in str(entry.get("id", "")):
             score = _float(str(entry["id"]).rsplit("->", 1)[1], label, f"entry {i} id")
         else:
-            raise DatasetFormatError(f"{label}: entry {i} has no 'gt_score' and its id {entry.get('id')!r} "
-                                     "has no '-><score>' part")
+            raise DatasetFormatError(
+                f"{label}: entry {i} has no 'gt_score' and its id {entry.get('id')!r} has no '-><score>' part"
+            )
         word, answer = None, None
         if "conversations" in entry:
             turns = _gpt_turns(entry["conversations"], path, i, label)
             answer = turns[-1] if turns else None
             found = _WORD_RE.findall(answer or "")
             word = found[-1].lower() if found else None
-        records.append(IQARecord(
-            id=str(entry.get("id", image)).split("->")[0], image_path=image_root / image, score=score, scale=scale,
-            higher_is_better=higher_is_better, dataset=dataset or path.stem, split=split, level_word=word,
-            meta={"answer": answer} if answer is not None else {},
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=str(entry.get("id", image)).split("->")[0],
+                image_path=image_root / image,
+                score=score,
+                scale=scale,
+                higher_is_better=higher_is_better,
+                dataset=dataset or path.stem,
+                split=split,
+                level_word=word,
+                meta={"answer": answer} if answer is not None else {},
+            )
+        )
     return _check_images(records, label, check_images)
 
 
 def load_qinstruct_json(
     path: Path | str, image_root: Path | str, *, dataset: str | None = None, check_images: bool = True
 ) -> list[IQARecord]:
-    """Q-Instruct (``cleaned_labels.json``) or any LLaVA / mPLUG-Owl2 conversation JSON, as description records.
+    r"""Q-Instruct (``cleaned_labels.json``) or any LLaVA / mPLUG-Owl2 conversation JSON, as descriptions.
 
     Entries are ``{"id", "image": "<folder>/<file>", "conversations": [{"from":
-    "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``;
+    "human", "value": "<image>\n..."}, {"from": "gpt", "value": "..."}, ...]}``;
     the ``<image>`` and ``<|image|>`` placeholders are both accepted. Entries
     without an image (text-only) are skipped. These records carry no rating
     (``score`` is None); ``description`` is the answer when there is a single
@@ -623,7 +715,9 @@ def load_qinstruct_json(
         if "image" not in entry:
             continue
         if "conversations" not in entry:
-            raise DatasetFormatError(f"{label}: entry {i} has an image but no 'conversations' (keys {sorted(entry)})")
+            raise DatasetFormatError(
+                f"{label}: entry {i} has an image but no 'conversations' (keys {sorted(entry)})"
+            )
         answers = _gpt_turns(entry["conversations"], path, i, label)
         turns = []
         for t in entry["conversations"]:
@@ -631,11 +725,17 @@ def load_qinstruct_json(
             for ph in _PLACEHOLDERS:
                 value = value.replace(ph, "")
             turns.append([t.get("from"), value.strip()])
-        records.append(IQARecord(
-            id=str(entry.get("id", f"{path.stem}-{i}")), image_path=image_root / entry["image"], score=None,
-            scale=(0.0, 1.0), dataset=dataset or path.stem, description=answers[0] if len(answers) == 1 else None,
-            meta={"turns": turns},
-        ))  # fmt: skip
+        records.append(
+            IQARecord(
+                id=str(entry.get("id", f"{path.stem}-{i}")),
+                image_path=image_root / entry["image"],
+                score=None,
+                scale=(0.0, 1.0),
+                dataset=dataset or path.stem,
+                description=answers[0] if len(answers) == 1 else None,
+                meta={"turns": turns},
+            )
+        )
     return _check_images(records, label, check_images)
 
 
@@ -657,10 +757,18 @@ def load_dataset(name: str, root: Path | str, **kwargs: Any) -> list[IQARecord]:
     For Q-Align / Q-Instruct JSON files use `load_qalign_json` / `load_qinstruct_json`.
     """
     key = name.lower().replace("-", "").replace("_", "")
-    aliases = {"koniq": "koniq10k", "kadid": "kadid10k", "agiqa": "agiqa3k", "livechallenge": "livec", "clive": "livec",
-               "tid": "tid2013"}
+    aliases = {
+        "koniq": "koniq10k",
+        "kadid": "kadid10k",
+        "agiqa": "agiqa3k",
+        "livechallenge": "livec",
+        "clive": "livec",
+        "tid": "tid2013",
+    }
     key = aliases.get(key, key)
     if key not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (JSON: load_qalign_json, "
-                       "load_qinstruct_json)")
+        raise KeyError(
+            f"unknown dataset {name!r}; known: {sorted(DATASETS)} (JSON: load_qalign_json, "
+            "load_qinstruct_json)"
+        )
     return DATASETS[key](root, **kwargs)

@@ -63,7 +63,9 @@ KNOWN_PHOTOS: tuple[PhotoInfo, ...] = (
     PhotoInfo("rocket", "skimage", "data/rocket.jpg", "public domain (SpaceX)"),
     PhotoInfo("motorcycle", "skimage", "data/motorcycle_left.png", "Middlebury 2014 stereo; none stated"),
     PhotoInfo("hubble", "skimage", "data/hubble_deep_field.jpg", "public domain (NASA)", default=False),
-    PhotoInfo("grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "US Navy photo; none stated"),
+    PhotoInfo(
+        "grace_hopper", "matplotlib", "mpl-data/sample_data/grace_hopper.jpg", "US Navy photo; none stated"
+    ),
     PhotoInfo("china", "sklearn", "datasets/images/china.jpg", "CC BY 2.0 (danielbuechele, Flickr)"),
     PhotoInfo("flower", "sklearn", "datasets/images/flower.jpg", "CC BY 2.0 (vultilion, Flickr)"),
     PhotoInfo("kodim23", "sporco", "data/kodim23.png", "Kodak, released for unrestricted use"),
@@ -127,7 +129,8 @@ def find_photos(
                 where = f"{root / info.relpath}" if root else f"package {info.package!r} (not installed)"
                 raise FileNotFoundError(
                     f"reference photo {info.id!r} not found at {where}; "
-                    f"install it with `pip install --no-deps {_pip_name(info.package)}` or choose other photos"
+                    f"install it with `pip install --no-deps {_pip_name(info.package)}` "
+                    "or choose other photos"
                 )
             continue
         found.append(PhotoInfo(info.id, info.package, info.relpath, info.licence, info.default, path))

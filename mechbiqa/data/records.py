@@ -87,15 +87,20 @@ class IQARecord:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check the values and store the mappings read-only."""
         lo, hi = self.scale
         if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise ValueError(f"IQARecord {self.id!r}: scale must be (low, high) with low < high, got {self.scale}")
+            raise ValueError(
+                f"IQARecord {self.id!r}: scale must be (low, high) with low < high, got {self.scale}"
+            )
         if self.score is not None and not math.isfinite(self.score):
             raise ValueError(f"IQARecord {self.id!r}: score is {self.score}; use None for unrated images")
         if self.split is not None and self.split not in SPLITS:
             raise ValueError(f"IQARecord {self.id!r}: split {self.split!r} is not one of {SPLITS} or None")
         if self.level_word is not None and self.level_word not in LEVEL_WORDS:
-            raise ValueError(f"IQARecord {self.id!r}: level_word {self.level_word!r} is not one of {LEVEL_WORDS}")
+            raise ValueError(
+                f"IQARecord {self.id!r}: level_word {self.level_word!r} is not one of {LEVEL_WORDS}"
+            )
         # Mappings are stored read-only so a frozen record is really immutable.
         object.__setattr__(self, "image_path", Path(self.image_path))
         object.__setattr__(self, "scale", (float(lo), float(hi)))
@@ -103,7 +108,7 @@ class IQARecord:
         object.__setattr__(self, "meta", _freeze(self.meta))
 
     def __hash__(self) -> int:
-        # The generated hash would fail on the (unhashable) read-only mappings; equal records share these fields.
+        """Hash of identifying fields (the generated hash would fail on the read-only mappings)."""
         return hash((self.dataset, self.id, self.image_path, self.score))
 
     @property
@@ -192,7 +197,9 @@ def level_word(score: float, edges: Sequence[float]) -> str:
     return LEVEL_WORDS[len(LEVEL_WORDS) - 1 - bins_above]
 
 
-def records_to_jsonl(records: Iterable[IQARecord], path: Path | str, relative_to: Path | str | None = None) -> None:
+def records_to_jsonl(
+    records: Iterable[IQARecord], path: Path | str, relative_to: Path | str | None = None
+) -> None:
     """Write records as JSON lines (one record per line, `IQARecord.to_dict` format)."""
     import json
 

@@ -23,7 +23,7 @@ from mechbiqa.data.descriptions import all_descriptions, contains_level_word, de
 from mechbiqa.data.distortions import DEFAULT_DISTORTIONS, DISTORTIONS
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
 
-# Every default distortion on six photos that ship with the dependencies, at 48 px: about 600 images in seconds.
+# Every default distortion on six photos that ship with the dependencies, at 48 px: ~600 images in seconds.
 MEDIUM = BenchmarkConfig(
     image_size=48,
     crops_per_photo=1,
@@ -45,8 +45,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def _digest(root) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "config.json"}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "config.json"
+    }
 
 
 def test_counts_and_record_fields(medium):
@@ -71,7 +74,9 @@ def test_label_falls_with_level_per_type(medium):
         cells[(r.distortion, r.level)].append(r.score)
     for name in DEFAULT_DISTORTIONS:
         means = [np.mean(cells[(name, level)]) for level in range(1, 6)]
-        assert all(a > b for a, b in zip(means, means[1:])), f"{name}: mean label by level {np.round(means, 2)}"
+        assert all(a > b for a, b in zip(means, means[1:], strict=False)), (
+            f"{name}: mean label by level {np.round(means, 2)}"
+        )
         assert np.mean(cells[("pristine", 0)]) == pytest.approx(PRISTINE_MOS) and PRISTINE_MOS > means[0]
 
 
@@ -91,7 +96,9 @@ def test_no_photo_in_two_splits(medium):
         split_of[r.ref_id].add(r.split)
     assert all(len(s) == 1 for s in split_of.values())
     assert {r.split for r in medium} == {"train", "val", "test"}
-    assert {p["id"]: p["split"] for p in medium.photos} == {k: next(iter(v)) for k, v in split_of.items() if "-c" not in k}
+    assert {p["id"]: p["split"] for p in medium.photos} == {
+        k: next(iter(v)) for k, v in split_of.items() if "-c" not in k
+    }
 
 
 def test_independent_full_reference_check(medium):

@@ -1,4 +1,4 @@
-"""studies/build_benchmark.py runs end to end on a tiny config, with warnings as errors, and writes its artefacts."""
+"""studies/build_benchmark.py runs end to end on a tiny config (warnings as errors) and writes its files."""
 
 from __future__ import annotations
 

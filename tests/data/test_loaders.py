@@ -56,13 +56,16 @@ def _col(i: int) -> str:
 
 
 def write_xlsx(path: Path, sheets: dict[str, dict[tuple[int, int], object]]) -> None:
-    """A minimal OOXML workbook as Excel writes it: text in sharedStrings, numbers inline; cells keyed (row, col), 0-based."""
+    """A minimal OOXML workbook as Excel writes it: text in sharedStrings, numbers inline.
+
+    Cells are keyed (row, col), 0-based.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     ns = 'xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main"'
     rns = 'xmlns:r="http://schemas.openxmlformats.org/officeDocument/2006/relationships"'
     shared: list[str] = []
     parts = {}
-    for n, (name, cells) in enumerate(sheets.items(), 1):
+    for n, cells in enumerate(sheets.values(), 1):
         rows: dict[int, list[str]] = {}
         for (r, c), v in sorted(cells.items()):
             ref = f"{_col(c)}{r + 1}"
@@ -73,18 +76,33 @@ def write_xlsx(path: Path, sheets: dict[str, dict[tuple[int, int], object]]) -> 
                 xml = f'<c r="{ref}"><v>{v}</v></c>'
             rows.setdefault(r, []).append(xml)
         body = "".join(f'<row r="{r + 1}">{"".join(cs)}</row>' for r, cs in sorted(rows.items()))
-        parts[f"xl/worksheets/sheet{n}.xml"] = f'<?xml version="1.0"?><worksheet {ns}><sheetData>{body}</sheetData></worksheet>'
-    sheet_xml = "".join(f'<sheet name="{escape(name)}" sheetId="{n}" r:id="rId{n}"/>' for n, name in enumerate(sheets, 1))
-    parts["xl/workbook.xml"] = f'<?xml version="1.0"?><workbook {ns} {rns}><sheets>{sheet_xml}</sheets></workbook>'
+        parts[f"xl/worksheets/sheet{n}.xml"] = (
+            f'<?xml version="1.0"?><worksheet {ns}><sheetData>{body}</sheetData></worksheet>'
+        )
+    sheet_xml = "".join(
+        f'<sheet name="{escape(name)}" sheetId="{n}" r:id="rId{n}"/>' for n, name in enumerate(sheets, 1)
+    )
+    parts["xl/workbook.xml"] = (
+        f'<?xml version="1.0"?><workbook {ns} {rns}><sheets>{sheet_xml}</sheets></workbook>'
+    )
     rels = "".join(
-        f'<Relationship Id="rId{n}" Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" '
-        f'Target="worksheets/sheet{n}.xml"/>' for n in range(1, len(sheets) + 1))
+        f'<Relationship Id="rId{n}" '
+        'Type="http://schemas.openxmlformats.org/officeDocument/2006/relationships/worksheet" '
+        f'Target="worksheets/sheet{n}.xml"/>'
+        for n in range(1, len(sheets) + 1)
+    )
     parts["xl/_rels/workbook.xml.rels"] = (
         '<?xml version="1.0"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
-        f"{rels}</Relationships>")
-    parts["xl/sharedStrings.xml"] = (f'<?xml version="1.0"?><sst {ns} count="{len(shared)}">'
-                                     + "".join(f"<si><t>{escape(s)}</t></si>" for s in shared) + "</sst>")
-    parts["[Content_Types].xml"] = '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>'
+        f"{rels}</Relationships>"
+    )
+    parts["xl/sharedStrings.xml"] = (
+        f'<?xml version="1.0"?><sst {ns} count="{len(shared)}">'
+        + "".join(f"<si><t>{escape(s)}</t></si>" for s in shared)
+        + "</sst>"
+    )
+    parts["[Content_Types].xml"] = (
+        '<?xml version="1.0"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types"/>'
+    )
     with zipfile.ZipFile(path, "w") as zf:
         for name, text in parts.items():
             zf.writestr(name, text)
@@ -107,11 +125,22 @@ KONIQ_SETS = ["image_name", "c1", "c2", "c3", "c4", "c5", "c_total", "MOS", "SD"
 
 def make_koniq(root: Path) -> Path:
     names = ["826373.jpg", "10004473376.jpg", "10007357496.jpg"]
-    _csv(root / "koniq10k_scores_and_distributions.csv", KONIQ_SCORES,
-         [[n, 0, 0.1, 0.2, 0.5, 0.2, 100, m, 0.7, z] for n, m, z in zip(names, [3.9, 2.1, 1.4], [77.4, 31.0, 6.2])])
-    _csv(root / "koniq10k_distributions_sets.csv", KONIQ_SETS,
-         [[n, 0, 0, 0, 0, 0, 100, z, 10, s] for n, z, s in zip(names, [77.4, 31.0, 6.2],
-                                                                ["training", "validation", "test"])])
+    _csv(
+        root / "koniq10k_scores_and_distributions.csv",
+        KONIQ_SCORES,
+        [
+            [n, 0, 0.1, 0.2, 0.5, 0.2, 100, m, 0.7, z]
+            for n, m, z in zip(names, [3.9, 2.1, 1.4], [77.4, 31.0, 6.2], strict=True)
+        ],
+    )
+    _csv(
+        root / "koniq10k_distributions_sets.csv",
+        KONIQ_SETS,
+        [
+            [n, 0, 0, 0, 0, 0, 100, z, 10, s]
+            for n, z, s in zip(names, [77.4, 31.0, 6.2], ["training", "validation", "test"], strict=True)
+        ],
+    )
     for n in names:
         _image(root / "1024x768" / n)
     return root
@@ -134,7 +163,9 @@ def test_koniq_broken(tmp_path):
     with pytest.raises(DatasetFormatError, match=r"image \(512x384\) folder at .*512x384"):
         load_koniq10k(root, resolution="512x384")
     _csv(root / "koniq10k_scores_and_distributions.csv", KONIQ_SCORES[:-1], [["826373.jpg"] + [0] * 8])
-    with pytest.raises(DatasetFormatError, match=r"\['MOS_zscore'\] missing from .*koniq10k_scores_and_distributions"):
+    with pytest.raises(
+        DatasetFormatError, match=r"\['MOS_zscore'\] missing from .*koniq10k_scores_and_distributions"
+    ):
         load_koniq10k(root)
     (root / "1024x768" / "826373.jpg").unlink()
     with pytest.raises(DatasetFormatError, match="1 of 1 image file"):
@@ -204,7 +235,9 @@ def test_livec(tmp_path):
 
 def test_livec_broken(tmp_path):
     make_livec(tmp_path, mos_key="MOS")
-    with pytest.raises(DatasetFormatError, match=r"variable 'AllMOS_release' missing from .*AllMOS_release.mat.*\['MOS'\]"):
+    with pytest.raises(
+        DatasetFormatError, match=r"variable 'AllMOS_release' missing from .*AllMOS_release.mat.*\['MOS'\]"
+    ):
         load_livec(tmp_path)
 
 
@@ -216,8 +249,11 @@ CSIQ_HEADER = ["image", "dst_idx", "dst_type", "dst_lev", "dmos_std", "dmos"]
 
 
 def make_csiq(root: Path, sheet: str = "all_by_image", header=CSIQ_HEADER) -> Path:
-    rows = [[1600, 1, "noise", 1, 0.02, 0.062], ["sunset_sparrow", 4, "jpeg 2000", 3, 0.03, 0.41],
-            ["1600", 6, "contrast", 2, 0.01, 0.15]]
+    rows = [
+        [1600, 1, "noise", 1, 0.02, 0.062],
+        ["sunset_sparrow", 4, "jpeg 2000", 3, 0.03, 0.41],
+        ["1600", 6, "contrast", 2, 0.01, 0.15],
+    ]
     cells = {(0, 0): "CSIQ DMOS scores", (1, 0): "by image"}
     cells.update(_table(header, rows, top=3, left=3))  # header on row 4, columns D-I
     write_xlsx(root / "csiq.DMOS.xlsx", {"info": {(0, 0): "notes"}, sheet: cells})
@@ -288,12 +324,24 @@ def test_tid2013(tmp_path):
         load_tid2013(tmp_path)
 
 
-AGIQA_HEADER = ["name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align"]
+AGIQA_HEADER = [
+    "name",
+    "prompt",
+    "adj1",
+    "adj2",
+    "style",
+    "mos_quality",
+    "std_quality",
+    "mos_align",
+    "std_align",
+]
 
 
 def make_agiqa(root: Path, header=AGIQA_HEADER) -> Path:
-    rows = [["AttnGAN_normal_000.jpg", "a cat", "", "", "", 1.05, 0.6, 2.1, 0.5],
-            ["sd1.5_highcorr_181.jpg", "a dog", "old", "", "oil painting", 3.87, 0.4, 3.5, 0.3]]
+    rows = [
+        ["AttnGAN_normal_000.jpg", "a cat", "", "", "", 1.05, 0.6, 2.1, 0.5],
+        ["sd1.5_highcorr_181.jpg", "a dog", "old", "", "oil painting", 3.87, 0.4, 3.5, 0.3],
+    ]
     _csv(root / "data.csv", header, rows)
     for r in rows:
         _image(root / "AGIQA-3K" / r[0])
@@ -322,29 +370,43 @@ def test_agiqa3k_broken(tmp_path):
 
 
 def _conv(answer: str, placeholder: str = "<|image|>") -> list[dict]:
-    return [{"from": "human", "value": f"How would you rate the quality of this image?\n{placeholder}"},
-            {"from": "gpt", "value": answer}]
+    return [
+        {"from": "human", "value": f"How would you rate the quality of this image?\n{placeholder}"},
+        {"from": "gpt", "value": answer},
+    ]
 
 
 def test_qalign_training_and_test_shapes(tmp_path):
     _image(tmp_path / "koniq" / "10004473376.jpg")
     _image(tmp_path / "koniq" / "826373.jpg")
-    train = [{"id": "10004473376.jpg->77.3836206897", "image": "koniq/10004473376.jpg",
-              "conversations": _conv("The quality of the image is excellent.")},
-             {"id": "826373.jpg->30.5", "image": "koniq/826373.jpg",
-              "conversations": _conv("The quality of the image is poor.")}]
+    train = [
+        {
+            "id": "10004473376.jpg->77.3836206897",
+            "image": "koniq/10004473376.jpg",
+            "conversations": _conv("The quality of the image is excellent."),
+        },
+        {
+            "id": "826373.jpg->30.5",
+            "image": "koniq/826373.jpg",
+            "conversations": _conv("The quality of the image is poor."),
+        },
+    ]
     (tmp_path / "train_koniq.json").write_text(json.dumps(train))
     recs = load_qalign_json(tmp_path / "train_koniq.json", tmp_path)
     assert recs[0].score == pytest.approx(77.3836206897) and recs[0].scale == (0.0, 100.0)
     assert [r.level_word for r in recs] == ["excellent", "poor"] and recs[0].split == "train"
     assert recs[0].id == "10004473376.jpg"
 
-    test = [{"id": "826373.jpg->30.5", "image": "koniq/826373.jpg", "conversations": _conv(""), "gt_score": 30.5}]
+    test = [
+        {"id": "826373.jpg->30.5", "image": "koniq/826373.jpg", "conversations": _conv(""), "gt_score": 30.5}
+    ]
     (tmp_path / "test_koniq.json").write_text(json.dumps(test))
     assert load_qalign_json(tmp_path / "test_koniq.json", tmp_path)[0].split == "test"
 
     _image(tmp_path / "agi" / "DALLE2_normal_256.jpg")
-    (tmp_path / "agi.json").write_text(json.dumps([{"img_path": "agi/DALLE2_normal_256.jpg", "gt_score": "2.81"}]))
+    (tmp_path / "agi.json").write_text(
+        json.dumps([{"img_path": "agi/DALLE2_normal_256.jpg", "gt_score": "2.81"}])
+    )
     agi = load_qalign_json(tmp_path / "agi.json", tmp_path)
     assert agi[0].score == 2.81 and agi[0].scale == (0.0, 5.0)
 
@@ -357,7 +419,9 @@ def test_qalign_training_and_test_shapes(tmp_path):
 
 
 def test_qalign_broken(tmp_path):
-    (tmp_path / "test_spaq.json").write_text(json.dumps([{"id": "x.jpg", "image": "x.jpg", "conversations": []}]))
+    (tmp_path / "test_spaq.json").write_text(
+        json.dumps([{"id": "x.jpg", "image": "x.jpg", "conversations": []}])
+    )
     with pytest.raises(DatasetFormatError, match="no 'gt_score' and its id 'x.jpg' has no '-><score>'"):
         load_qalign_json(tmp_path / "test_spaq.json", tmp_path)
     (tmp_path / "test_spaq.json").write_text(json.dumps([{"gt_score": 3}]))
@@ -372,10 +436,17 @@ def test_qinstruct(tmp_path):
     _image(tmp_path / "spaq_koniq" / "01.jpg")
     _image(tmp_path / "livefb_liveitw_aigc" / "02.jpg")
     data = [
-        {"id": "a", "image": "spaq_koniq/01.jpg",
-         "conversations": _conv("The image is slightly blurry, colors are dull.", placeholder="<image>")},
-        {"id": "b", "image": "livefb_liveitw_aigc/02.jpg",
-         "conversations": _conv("Yes.") + [{"from": "human", "value": "Is it noisy?"}, {"from": "gpt", "value": "No."}]},
+        {
+            "id": "a",
+            "image": "spaq_koniq/01.jpg",
+            "conversations": _conv("The image is slightly blurry, colors are dull.", placeholder="<image>"),
+        },
+        {
+            "id": "b",
+            "image": "livefb_liveitw_aigc/02.jpg",
+            "conversations": _conv("Yes.")
+            + [{"from": "human", "value": "Is it noisy?"}, {"from": "gpt", "value": "No."}],
+        },
         {"id": "text-only", "conversations": _conv("hello")},
     ]
     (tmp_path / "cleaned_labels.json").write_text(json.dumps(data))

@@ -104,7 +104,11 @@ def test_full_reference_measures():
     ref = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
     ref = np.clip(ref.astype(int) // 2 + 60, 0, 255).astype(np.uint8)
     noisy = [np.clip(ref + rng.normal(0, s, ref.shape), 0, 255).astype(np.uint8) for s in (4, 12, 30)]
-    assert psnr(ref, ref) == 100.0 and ssim(ref, ref) == pytest.approx(1.0) and gmsd(ref, ref) == pytest.approx(0.0)
+    assert (
+        psnr(ref, ref) == 100.0
+        and ssim(ref, ref) == pytest.approx(1.0)
+        and gmsd(ref, ref) == pytest.approx(0.0)
+    )
     p, s, g = [psnr(ref, n) for n in noisy], [ssim(ref, n) for n in noisy], [gmsd(ref, n) for n in noisy]
     assert p[0] > p[1] > p[2] and s[0] > s[1] > s[2] and g[0] < g[1] < g[2]
 
@@ -115,6 +119,13 @@ def test_ssim_matches_scikit_image():
     rng = np.random.default_rng(5)
     ref = rng.random((32, 40, 3))
     dist = np.clip(ref + rng.normal(0, 0.1, ref.shape), 0, 1)
-    expected = structural_similarity(ref, dist, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                     use_sample_covariance=False, channel_axis=-1)
+    expected = structural_similarity(
+        ref,
+        dist,
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        channel_axis=-1,
+    )
     assert ssim(ref, dist) == pytest.approx(expected, abs=1e-12)

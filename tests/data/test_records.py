@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from mechbiqa.data.records import IQARecord, level_word, level_word_edges, records_from_jsonl, records_to_jsonl
+from mechbiqa.data.records import (
+    IQARecord,
+    level_word,
+    level_word_edges,
+    records_from_jsonl,
+    records_to_jsonl,
+)
 
 
 def test_mos01_direction_and_clipping():
@@ -31,9 +37,19 @@ def test_validation_names_the_problem():
 
 
 def test_records_are_immutable_and_round_trip(tmp_path):
-    rec = IQARecord(id="x", image_path=tmp_path / "img" / "x.png", score=3.2, scale=(1, 5), split="test",
-                    distortion="jpeg", level=4, level_word="fair", description="Blocks.", params={"quality": 7},
-                    meta={"photo": "coffee"})
+    rec = IQARecord(
+        id="x",
+        image_path=tmp_path / "img" / "x.png",
+        score=3.2,
+        scale=(1, 5),
+        split="test",
+        distortion="jpeg",
+        level=4,
+        level_word="fair",
+        description="Blocks.",
+        params={"quality": 7},
+        meta={"photo": "coffee"},
+    )
     with pytest.raises((AttributeError, TypeError)):
         rec.score = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -49,7 +65,14 @@ def test_level_words_equal_width_bins():
     edges = level_word_edges(1.0, 6.0)
     assert edges == pytest.approx((2.0, 3.0, 4.0, 5.0))
     assert [level_word(s, edges) for s in (0.5, 1.0, 2.5, 3.0, 4.99, 5.0, 9.0)] == [
-        "bad", "bad", "poor", "fair", "good", "excellent", "excellent"]
+        "bad",
+        "bad",
+        "poor",
+        "fair",
+        "good",
+        "excellent",
+        "excellent",
+    ]
 
 
 def test_records_are_hashable():
