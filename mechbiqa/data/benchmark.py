@@ -48,6 +48,7 @@ import os
 import shutil
 import time
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -323,38 +324,38 @@ def _save_png(image: np.ndarray, path: Path) -> None:
     Image.fromarray(image).save(path, format="PNG", compress_level=1)  # fast; the images are small
 
 
-def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path) -> dict[str, Any]:
+def _photo_key(photo_id: str) -> int:
+    """A stable integer per photo for seeding: its crops stay the same when other photos come or go."""
+    return zlib.crc32(photo_id.encode())
+
+
+def _render(cfg: BenchmarkConfig, photos: list[PhotoInfo], split_of: dict[str, str], out: Path) -> list[dict]:
+    """Write every image under ``out/images``; one row (everything but the label) per image."""
     from mechbiqa.metrics import FR_MEASURES
 
-    start = time.perf_counter()
-    measure, higher_better = FR_MEASURES[cfg.label_measure]
-    split_of = _assign_splits([p.id for p in photos], cfg.split_fractions, cfg.seed)
-    (out / "images").mkdir(parents=True)
-
-    rows: list[dict[str, Any]] = []  # one per image, labels filled in below
-    for pi, photo in enumerate(photos):
-        pixels = load_photo(photo)
+    measure = FR_MEASURES[cfg.label_measure][0]
+    cells: list[tuple[str, int]] = [("pristine", 0)] if cfg.include_pristine else []
+    cells += [(name, level) for name in cfg.distortions for level in range(1, 6)]
+    rows: list[dict[str, Any]] = []
+    for photo in photos:
+        pixels, pk = load_photo(photo), _photo_key(photo.id)
         for k in range(cfg.crops_per_photo):
-            ref, box = _crop(
-                pixels, cfg.image_size, cfg.crop_fraction, np.random.default_rng([cfg.seed, 1, pi, k])
-            )
+            crop_rng = np.random.default_rng([cfg.seed, 1, pk, k])
+            ref, box = _crop(pixels, cfg.image_size, cfg.crop_fraction, crop_rng)
             ref_id = f"{photo.id}-c{k}"
-            folder = out / "images" / ref_id
-            folder.mkdir()
-            cells: list[tuple[str, int]] = [("pristine", 0)] if cfg.include_pristine else []
-            cells += [(name, level) for name in cfg.distortions for level in range(1, 6)]
+            (out / "images" / ref_id).mkdir(parents=True)
             for name, level in cells:
-                kid = 0 if name == "pristine" else DISTORTIONS[name].kadid_id
+                spec = DISTORTIONS.get(name)
+                kid = spec.kadid_id if spec else 0
                 if level == 0:
                     image = ref
                 else:
                     image = apply_distortion(
-                        ref, name, level, np.random.default_rng([cfg.seed, 2, pi, k, kid, level])
+                        ref, name, level, np.random.default_rng([cfg.seed, 2, pk, k, kid, level])
                     )
                 rel = Path("images") / ref_id / f"{name}-{level}.png"
                 _save_png(image, out / rel)
-                q = float(measure(ref, image)) if level else None
-                spec = DISTORTIONS.get(name)
+                text_rng = np.random.default_rng([cfg.seed, 3, pk, k, kid, level])
                 rows.append(
                     {
                         "id": f"{ref_id}-{name}-{level}",
@@ -364,18 +365,22 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
                         "distortion": name,
                         "level": level,
                         "params": {spec.param: spec.levels[level - 1]} if level else {},
-                        "description": describe(
-                            None if level == 0 else name,
-                            level,
-                            np.random.default_rng([cfg.seed, 3, pi, k, kid, level]),
-                        ),
-                        "q": q,
+                        "description": describe(None if level == 0 else name, level, text_rng),
+                        "q": float(measure(ref, image)) if level else None,
                         "cell_mos": PRISTINE_MOS if level == 0 else spec.kadid_mos[level - 1],
                         "meta": {"photo": photo.id, "crop": k, "crop_box": box},
                     }
                 )
+    return rows
 
-    # Labels: KADID cell mean + the image's measure relative to its cell, in MOS units.
+
+def _label(rows: list[dict], cfg: BenchmarkConfig) -> float:
+    """Set ``row["mos"]``: the KADID cell mean plus the image's measure relative to its cell, in MOS units.
+
+    Returns:
+        The slope (MOS per unit of the measure) of the least-squares line from
+        the measure to the cell ratings over all distorted images.
+    """
     distorted = [r for r in rows if r["level"] > 0]
     q = np.array([r["q"] for r in distorted])
     m = np.array([r["cell_mos"] for r in distorted])
@@ -390,8 +395,15 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
             continue
         dev = cfg.content_weight * slope * (r["q"] - cell_mean[(r["distortion"], r["level"])])
         dev = float(np.clip(dev, -cfg.content_clip, cfg.content_clip))
-        r["mos"] = float(np.clip(r["cell_mos"] + dev, *MOS_SCALE))
+        r["mos"] = round(float(np.clip(r["cell_mos"] + dev, *MOS_SCALE)), 6)
+    return slope
 
+
+def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    split_of = _assign_splits([p.id for p in photos], cfg.split_fractions, cfg.seed)
+    rows = _render(cfg, photos, split_of, out)
+    slope = _label(rows, cfg)
     train_mos = [r["mos"] for r in rows if r["split"] == "train"]
     edges = level_word_edges(min(train_mos), max(train_mos))
     records = []
@@ -403,7 +415,7 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
             IQARecord(
                 id=r["id"],
                 image_path=r["path"],
-                score=round(r["mos"], 6),
+                score=r["mos"],
                 scale=MOS_SCALE,
                 higher_is_better=True,
                 dataset=DATASET_NAME,
@@ -421,6 +433,8 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
 
     import PIL
     import scipy
+
+    from mechbiqa.metrics import FR_MEASURES
 
     info = {
         "version": BENCHMARK_VERSION,
@@ -440,7 +454,7 @@ def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Pat
         "word_edges": list(edges),
         "label_fit": {
             "measure": cfg.label_measure,
-            "measure_higher_is_better": higher_better,
+            "measure_higher_is_better": FR_MEASURES[cfg.label_measure][1],
             "slope_mos_per_unit": slope,
             "pristine_mos": PRISTINE_MOS,
         },
