@@ -31,9 +31,10 @@ distortion, level), so the same config gives byte-identical files.
 On disk (``root``): ``config.json`` (config, fingerprint, photos with SHA-256,
 level-word edges, label fit), ``manifest.jsonl`` (one `IQARecord` per line,
 image paths relative to ``root``), ``images/<photo>-c<k>/<distortion>-<level>.png``.
-`build_benchmark` reuses a directory whose fingerprint matches the config and
-raises `BenchmarkMismatchError` for a directory built with another config
-(pass ``overwrite=True`` to rebuild it, or use another directory). The build
+`build_benchmark` reuses a directory whose fingerprint matches the config,
+rebuilds one written by an older `BENCHMARK_VERSION`, and raises
+`BenchmarkMismatchError` for a directory built with another config (pass
+``overwrite=True`` to rebuild it, or use another directory). The build
 is written to a temporary sibling directory and renamed into place, so a killed
 build leaves no half-written benchmark.
 """
@@ -86,7 +87,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a change would alter the generated files.
-BENCHMARK_VERSION = 1
+BENCHMARK_VERSION = 2
 #: Label of pristine crops. KADID rates visually lossless cells at about 4.6
 #: (Gaussian blur sigma 0.1: 4.61, darken 0.05: 4.60); its best image is 4.93.
 PRISTINE_MOS = 4.70
@@ -507,7 +508,8 @@ def _build_or_reuse(
         old = json.loads(config_path.read_text(encoding="utf-8"))
         if old.get("fingerprint") == fp:
             return load_benchmark(root, _reused=True)
-        if not overwrite:
+        stale = old.get("version") != BENCHMARK_VERSION  # built by older code: ours to replace
+        if not (overwrite or stale):
             raise BenchmarkMismatchError(
                 f"{root} holds a benchmark built from another configuration "
                 f"({_config_diff(old.get('config', {}), cfg.to_dict())}). "

@@ -193,3 +193,15 @@ def test_descriptions_vary_and_are_seeded():
 def test_benchmark_descriptions_match_their_cells(medium):
     for r in medium.records[:200]:
         assert r.description in all_descriptions(r.distortion, r.level)
+
+
+def test_a_build_by_older_code_is_rebuilt(tmp_path):
+    root = tmp_path / "b"
+    build_benchmark(BenchmarkConfig.tiny(), root)
+    info = json.loads((root / "config.json").read_text())
+    info["version"], info["fingerprint"] = 0, "old"
+    (root / "config.json").write_text(json.dumps(info))
+    with pytest.raises(BenchmarkMismatchError, match="version 0"):
+        load_benchmark(root)
+    again = build_benchmark(BenchmarkConfig.tiny(), root)
+    assert not again.reused and again.info["version"] > 0
