@@ -1,0 +1,516 @@
+"""Activation patching as one generic batched sweep: (hook name, positions, setter) -> effect on the rating.
+
+Where it sits: `mechbiqa.model.MPLUGOwl2` exposes named hook points
+(`mechbiqa_hooks.names`); `mechbiqa.analysis.attribution` says which image
+tokens the quality position attends to; this module overwrites activations at
+chosen positions and reads what the model then rates at the quality position
+(the Q-Align score of `mechbiqa.scoring`, the good-minus-poor logit difference,
+the answer). `studies/patch_image_tokens.py` builds the sweep of DESIGN.md
+("Activation patching of the dominant image tokens") with `image_token_grid`
+and renders `SweepResult` with `mechbiqa.reports` / `mechbiqa.figures`.
+
+A sweep is a list of `Configuration`s; each is one or more `Edit`s, and an edit
+is a hook name, the positions along its position axis, and a `Setter` (write
+zeros, a mean activation, or a source run's activation). `sweep` stacks every
+(configuration, clean input) pair along the batch axis, attaches **one** hook
+per hook name that applies each row's own edits with a single indexed write,
+and runs the stacked batch in chunks of ``batch_size`` rows: many
+configurations cost a few forwards, not one forward each. The images are
+encoded once per sweep (every row of a clean input shares its image), which is
+where most of the remaining per-row work would go.
+
+Positions are in the spliced sequence the model sees (select them by token
+role, `mechbiqa.model.roles`). All clean inputs of one sweep share one prompt
+length, so a position means the same slot in every row (the studies use one
+prompt for all images).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
+
+if TYPE_CHECKING:
+    from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+
+__all__ = [
+    "SITES", "Configuration", "Edit", "Readout", "Setter", "SetterKind", "SweepResult", "gather_activations",
+    "image_token_grid", "read_quality", "sweep",
+]
+
+SetterKind = Literal["zero", "mean", "source"]
+
+SITES: dict[str, tuple[str, ...]] = {
+    # Research choice: "resid" edits the residual stream entering layer l (hook_resid_pre), so layers l.. all
+    # read the edited image tokens; "kv" edits only the keys and values layer l computes from those tokens, so
+    # the image rows themselves are untouched and only what later positions *read* from them at layer l changes.
+    "resid": ("llm.blocks.{l}.hook_resid_pre",),
+    "kv": ("llm.blocks.{l}.attn.hook_k", "llm.blocks.{l}.attn.hook_v"),
+}
+"""Named edit sites: hook templates patched together for one layer."""
+
+
+# ----------------------------------------------------------------------------- configurations
+@dataclass(frozen=True)
+class Setter:
+    """What an edit writes at its positions.
+
+    Attributes:
+        kind: ``"zero"`` (write zeros), ``"mean"`` (a mean activation) or ``"source"`` (the
+            activation of another run, e.g. another image).
+        values: None for ``"zero"``; else the values to write, with the same leading axes as the
+            edit's positions: ``[k, *rest]`` for positions ``[k]`` or ``[clean, k, *rest]`` for
+            positions ``[clean, k]`` (``rest`` = the hook's axes after the position axis).
+    """
+
+    kind: SetterKind
+    values: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("zero", "mean", "source"):
+            raise ValueError(f"Setter kind must be 'zero', 'mean' or 'source'; got {self.kind!r}")
+        if (self.kind == "zero") != (self.values is None):
+            raise ValueError(f"a {self.kind!r} setter needs values" if self.kind != "zero"
+                             else "a 'zero' setter takes no values")
+
+    @classmethod
+    def zero(cls) -> Setter:  # noqa: D102
+        return cls("zero")
+
+    @classmethod
+    def mean(cls, values: Tensor) -> Setter:  # noqa: D102
+        return cls("mean", values)
+
+    @classmethod
+    def source(cls, values: Tensor) -> Setter:  # noqa: D102
+        return cls("source", values)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Overwrite one hook's activation at some positions.
+
+    Attributes:
+        hook: A hook name (`mechbiqa_hooks.names`), e.g. ``"llm.blocks.3.hook_resid_pre"``.
+        positions: ``[k]`` positions shared by every clean input, or ``[clean, k]`` per clean input.
+        setter: What to write there.
+        pos_dim: The hook's position axis (1 for ``[batch, pos, ...]`` hooks; 2 for the query axis
+            and 3 for the key axis of ``[batch, head, query_pos, key_pos]`` attention patterns).
+    """
+
+    hook: str
+    positions: Tensor
+    setter: Setter
+    pos_dim: int = 1
+
+    def __post_init__(self) -> None:
+        positions = torch.as_tensor(self.positions, dtype=torch.long)
+        object.__setattr__(self, "positions", positions)
+        if positions.ndim not in (1, 2):
+            raise ValueError(f"Edit {self.hook}: positions must be [k] or [clean, k]; got shape {tuple(positions.shape)}")
+        values = self.setter.values
+        if values is not None and tuple(values.shape[: positions.ndim]) != tuple(positions.shape):
+            raise ValueError(f"Edit {self.hook}: setter values {tuple(values.shape)} must start with the positions' "
+                             f"shape {tuple(positions.shape)} ([k, *rest] or [clean, k, *rest])")
+        if self.pos_dim < 1:
+            raise ValueError(f"Edit {self.hook}: pos_dim={self.pos_dim}; axis 0 is the batch")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One point of a sweep: edits applied together in one forward.
+
+    Attributes:
+        label: A short name, e.g. ``"resid L3 dominant zero"``.
+        edits: The edits (none: the clean run).
+        tags: What the configuration varies, for grouping results (``layer``, ``site``, ...).
+    """
+
+    label: str
+    edits: tuple[Edit, ...] = ()
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- readout
+@dataclass(frozen=True)
+class Readout:
+    """What a forward is judged by, at the quality position.
+
+    Attributes:
+        level_ids: Token ids of the five level words, best first (`mechbiqa.scoring.level_ids`).
+        position: Column of the quality position in the model's (left-padded) output; -1 when
+            the prompt ends right before the level word, as Q-Align's scorer prompt does.
+        positive: Level word whose logit is the minuend of the logit difference.
+        negative: Level word subtracted.
+    """
+
+    level_ids: tuple[int, ...]
+    position: int = -1
+    positive: str = "good"
+    negative: str = "poor"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level_ids", tuple(int(i) for i in self.level_ids))
+        if len(self.level_ids) != len(LEVEL_WORDS):
+            raise ValueError(f"Readout needs the ids of the {len(LEVEL_WORDS)} level words {LEVEL_WORDS}; "
+                             f"got {len(self.level_ids)}")
+        for word in (self.positive, self.negative):
+            if word not in LEVEL_WORDS:
+                raise ValueError(f"Readout: {word!r} is not a level word {LEVEL_WORDS}")
+
+
+def read_quality(
+    logits: Float[Tensor, "batch vocab"], readout: Readout
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Score (Q-Align, 0-1), logit difference, level probabilities and answer from quality-position logits.
+
+    Returns:
+        ``score [batch]``, ``logit_diff [batch]``, ``level_probs [batch, level]``, ``answer [batch]``
+        (index into `LEVEL_WORDS`).
+    """
+    ids = torch.tensor(readout.level_ids, device=logits.device)
+    level_logits = logits[:, ids].double()  # float64: effects of small edits must not drown in rounding
+    probs = level_logits.softmax(-1)
+    score = probs @ torch.tensor(LEVEL_WEIGHTS, dtype=torch.float64, device=logits.device)
+    i, j = LEVEL_WORDS.index(readout.positive), LEVEL_WORDS.index(readout.negative)
+    diff = level_logits[:, i] - level_logits[:, j]
+    return (score.cpu().numpy(), diff.cpu().numpy(), probs.cpu().numpy(), probs.argmax(-1).cpu().numpy())
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The rating under every configuration, for every clean input.
+
+    Attributes:
+        labels: ``[config]`` configuration labels.
+        tags: ``[config]`` their tags.
+        score: ``[config, clean]`` Q-Align score (0-1) with the edits.
+        logit_diff: ``[config, clean]`` logit(positive) - logit(negative) with the edits.
+        level_probs: ``[config, clean, level]``.
+        answer: ``[config, clean]`` argmax level index.
+        clean_score: ``[clean]`` score of the unedited run.
+        clean_logit_diff: ``[clean]``.
+        clean_level_probs: ``[clean, level]``.
+        clean_answer: ``[clean]``.
+        n_forwards: Forward passes the sweep took (the clean run included).
+    """
+
+    labels: tuple[str, ...]
+    tags: tuple[Mapping[str, Any], ...]
+    score: np.ndarray
+    logit_diff: np.ndarray
+    level_probs: np.ndarray
+    answer: np.ndarray
+    clean_score: np.ndarray
+    clean_logit_diff: np.ndarray
+    clean_level_probs: np.ndarray
+    clean_answer: np.ndarray
+    n_forwards: int
+
+    @property
+    def score_effect(self) -> np.ndarray:
+        """``[config, clean]`` edited minus clean score."""
+        return self.score - self.clean_score[None]
+
+    @property
+    def logit_diff_effect(self) -> np.ndarray:
+        """``[config, clean]`` edited minus clean logit difference."""
+        return self.logit_diff - self.clean_logit_diff[None]
+
+    @property
+    def flipped(self) -> np.ndarray:
+        """``[config, clean]`` whether the answer changed."""
+        return self.answer != self.clean_answer[None]
+
+    def select(self, **tags: Any) -> np.ndarray:
+        """Indices of the configurations whose tags match all of ``tags``."""
+        return np.array([i for i, t in enumerate(self.tags) if all(t.get(k) == v for k, v in tags.items())],
+                        dtype=np.int64)
+
+    def grid(
+        self, metric: Literal["score_effect", "logit_diff_effect", "flip_rate"], rows: Sequence[str],
+        column: str = "layer",
+    ) -> tuple[list[tuple[Any, ...]], list[Any], np.ndarray]:
+        """Mean of a metric over clean inputs, pivoted to ``[row group, column value]``.
+
+        Args:
+            metric: ``score_effect``, ``logit_diff_effect`` or ``flip_rate``.
+            rows: Tag names that make a row (e.g. ``("site", "selection", "setter")``).
+            column: The tag along the columns (``layer``).
+
+        Returns:
+            Row keys, column values (sorted), and the ``[row, column]`` array (NaN where absent).
+        """
+        values = self.flipped.astype(float) if metric == "flip_rate" else getattr(self, metric)
+        per_config = values.mean(axis=1)
+        keys = sorted({tuple(t.get(r) for r in rows) for t in self.tags}, key=lambda k: tuple(map(str, k)))
+        cols = sorted({t.get(column) for t in self.tags}, key=lambda c: (c is None, c))
+        out = np.full((len(keys), len(cols)), np.nan)
+        for i, tags in enumerate(self.tags):
+            out[keys.index(tuple(tags.get(r) for r in rows)), cols.index(tags.get(column))] = per_config[i]
+        return keys, cols, out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "labels": list(self.labels), "tags": [dict(t) for t in self.tags], "score": self.score.tolist(),
+            "logit_diff": self.logit_diff.tolist(), "answer": self.answer.tolist(),
+            "clean_score": self.clean_score.tolist(), "clean_logit_diff": self.clean_logit_diff.tolist(),
+            "clean_answer": self.clean_answer.tolist(), "n_forwards": self.n_forwards,
+        }
+
+
+# ----------------------------------------------------------------------------- the sweep
+def _forward(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "batch text_pos"],
+    image_tokens: Float[Tensor, "batch image_pos d_llm"] | None,
+    attention_mask: Tensor | None,
+) -> Tensor:
+    """`MPLUGOwl2.forward` from already-encoded image rows (splice, then the LLM).
+
+    The rows pass through ``hook_image_tokens`` here, once per batch row, so an edit of that
+    hook applies per configuration. Positions follow the model's rule (real tokens counted
+    from 0, left padding masked).
+    """
+    if image_tokens is not None:
+        image_tokens = model.hook_image_tokens(image_tokens)
+    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits, _ = model.llm(embeds, modality, positions, mask)
+    return logits
+
+
+def _row_hooks(
+    configurations: Sequence[Configuration], rows: Sequence[tuple[int, int]]
+) -> list[tuple[str, Any]]:
+    """One hook per hook name that writes each row's own edits with one indexed assignment.
+
+    Args:
+        configurations: The sweep.
+        rows: ``(configuration, clean input)`` of each batch row, in order.
+    """
+    # hook -> pos_dim -> lists of (batch rows, positions, values or None for zeros)
+    plan: dict[str, dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]] = defaultdict(lambda: defaultdict(list))
+    for b, (c, i) in enumerate(rows):
+        for edit in configurations[c].edits:
+            per_clean = edit.positions.ndim == 2
+            pos = edit.positions[i] if per_clean else edit.positions
+            vals = edit.setter.values
+            if vals is not None and per_clean:
+                vals = vals[i]
+            plan[edit.hook][edit.pos_dim].append((torch.full_like(pos, b), pos, vals))
+
+    def make(entries: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]) -> Any:
+        merged = []
+        for pos_dim, items in entries.items():
+            zero = [(r, p) for r, p, v in items if v is None]
+            full = [(r, p, v) for r, p, v in items if v is not None]
+            merged.append((
+                pos_dim,
+                (torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])) if zero else None,
+                (torch.cat([r for r, _, _ in full]), torch.cat([p for _, p, _ in full]),
+                 torch.cat([v for _, _, v in full])) if full else None,
+            ))
+
+        def hook(activation: Tensor, hook: Any) -> Tensor:
+            out = activation.clone()
+            for pos_dim, zero, full in merged:
+                view = out.movedim(pos_dim, 1)  # a view: writes land in `out`
+                if zero is not None:
+                    r, p = (t.to(out.device) for t in zero)
+                    view[r, p] = 0
+                if full is not None:
+                    r, p, v = full
+                    view[r.to(out.device), p.to(out.device)] = v.to(out.device, out.dtype)
+            return out
+
+        return hook
+
+    return [(name, make(entries)) for name, entries in plan.items()]
+
+
+@torch.no_grad()
+def sweep(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "clean text_pos"],
+    images: Float[Tensor, "clean 3 S S"] | None,
+    configurations: Sequence[Configuration],
+    readout: Readout,
+    *,
+    attention_mask: Int[Tensor, "clean text_pos"] | None = None,
+    batch_size: int = 64,
+) -> SweepResult:
+    """Run every configuration on every clean input, stacked along the batch axis.
+
+    Row ``(c, i)`` of the stacked batch is clean input ``i`` with configuration ``c``'s edits.
+    Rows run ``batch_size`` at a time (round it to a multiple of the number of clean inputs
+    to keep configurations whole); ``batch_size = n_clean`` is one forward per configuration.
+    Each clean image is encoded once for the whole sweep.
+
+    Args:
+        model: The model (eval mode).
+        input_ids: ``[clean, text_pos]`` prompts, one image placeholder each.
+        images: ``[clean, 3, S, S]`` their preprocessed images (None for text-only prompts).
+        configurations: The sweep.
+        readout: Level-word ids and the quality column.
+        attention_mask: For padded prompts (positions of edits are then in padded coordinates).
+        batch_size: Rows per forward.
+
+    Returns:
+        A `SweepResult`.
+    """
+    n_clean = input_ids.shape[0]
+    if images is not None and images.shape[0] != n_clean:
+        raise ValueError(f"sweep takes one image per clean prompt; got {images.shape[0]} images for "
+                         f"{n_clean} prompts")
+    known = set(model.hook_dict)
+    for config in configurations:
+        for edit in config.edits:
+            if edit.hook not in known:
+                raise KeyError(f"configuration {config.label!r} edits {edit.hook!r}, which is not a hook of the "
+                               "model; build names with mechbiqa_hooks.names")
+            if edit.positions.ndim == 2 and edit.positions.shape[0] != n_clean:
+                raise ValueError(f"configuration {config.label!r}: per-input positions have "
+                                 f"{edit.positions.shape[0]} rows for {n_clean} clean inputs")
+    device = model.device
+    input_ids = input_ids.to(device)
+    mask = None if attention_mask is None else attention_mask.to(device)
+    tokens = None if images is None else model.encode_images(images.to(device, model.dtype))
+
+    def run(rows: list[tuple[int, int]], hooks: list[tuple[str, Any]]) -> tuple[np.ndarray, ...]:
+        clean_rows = torch.tensor([i for _, i in rows], device=device)
+        with model.hooks(fwd_hooks=hooks):
+            logits = _forward(model, input_ids[clean_rows], None if tokens is None else tokens[clean_rows],
+                              None if mask is None else mask[clean_rows])
+        return read_quality(logits[:, readout.position], readout)
+
+    clean = run([(0, i) for i in range(n_clean)], [])
+    grid = [(c, i) for c in range(len(configurations)) for i in range(n_clean)]
+    parts, n_forwards = [], 1
+    for start in range(0, len(grid), max(1, batch_size)):
+        rows = grid[start:start + max(1, batch_size)]
+        parts.append(run(rows, _row_hooks(configurations, rows)))
+        n_forwards += 1
+    shape = (len(configurations), n_clean)
+    if parts:
+        score, diff, probs, answer = (np.concatenate(p) for p in zip(*parts))
+    else:
+        score, diff, probs, answer = (np.zeros((0,)), np.zeros((0,)), np.zeros((0, len(LEVEL_WORDS))),
+                                      np.zeros((0,), dtype=np.int64))
+    return SweepResult(
+        labels=tuple(c.label for c in configurations), tags=tuple(dict(c.tags) for c in configurations),
+        score=score.reshape(shape), logit_diff=diff.reshape(shape), level_probs=probs.reshape(*shape, -1),
+        answer=answer.reshape(shape), clean_score=clean[0], clean_logit_diff=clean[1], clean_level_probs=clean[2],
+        clean_answer=clean[3], n_forwards=n_forwards,
+    )
+
+
+@torch.no_grad()
+def gather_activations(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "batch text_pos"],
+    images: Float[Tensor, "batch 3 S S"] | None,
+    hooks: Iterable[str],
+    positions: Int[Tensor, "batch k"] | Int[Tensor, " k"],
+    *,
+    attention_mask: Tensor | None = None,
+    pos_dim: int = 1,
+) -> dict[str, Float[Tensor, "batch k *rest"]]:
+    """Activations of a clean run at some positions, for every hook asked (one forward).
+
+    These are the values a ``"source"`` or ``"mean"`` `Setter` writes: e.g. the residuals at the
+    image positions of every image, from which a study takes another image's rows (source) or
+    the mean over images (mean).
+    """
+    positions = torch.as_tensor(positions, dtype=torch.long, device=model.device)
+    if positions.ndim == 1:
+        positions = positions.expand(input_ids.shape[0], -1)
+    rows = torch.arange(input_ids.shape[0], device=model.device)[:, None]
+    found: dict[str, Tensor] = {}
+
+    def keep(activation: Tensor, hook: Any) -> None:
+        found[hook.name] = activation.movedim(pos_dim, 1)[rows, positions].detach().clone()
+
+    wanted = list(dict.fromkeys(hooks))
+    with model.hooks(fwd_hooks=[(h, keep) for h in wanted]):
+        model(input_ids.to(model.device), images=None if images is None else images.to(model.device, model.dtype),
+              attention_mask=None if attention_mask is None else attention_mask.to(model.device))
+    missing = [h for h in wanted if h not in found]
+    if missing:
+        raise KeyError(f"hooks {missing} did not fire; check the names (mechbiqa_hooks.names)")
+    return found
+
+
+def image_token_grid(
+    image_positions: Int[Tensor, "clean n_image"],
+    selections: Mapping[str, Int[Tensor, "clean k"]],
+    layers: Sequence[int],
+    *,
+    sites: Sequence[str] = ("resid",),
+    setters: Sequence[SetterKind] = ("zero", "mean", "source"),
+    image_acts: Mapping[str, Float[Tensor, "clean n_image *rest"]] | None = None,
+    source_of: Int[Tensor, " clean"] | None = None,
+) -> list[Configuration]:
+    """The sweep of DESIGN.md over image tokens: site x layer x token selection x setter.
+
+    Args:
+        image_positions: ``[clean, n_image]`` position of each image token (image index order),
+            from the token roles.
+        selections: Named sets of image indices per clean input, e.g. ``dominant`` (the top-k
+            of `mechbiqa.analysis.attribution`), ``random`` and ``least`` (the controls).
+        layers: LLM layers to edit.
+        sites: Keys of `SITES` (``resid``, ``kv``).
+        setters: ``zero``, ``mean`` (the mean over the clean inputs of the activation at the
+            same image index: the tokens keep their typical content, lose this image's) and/or
+            ``source`` (the same tokens of another image, ``source_of[i]``).
+        image_acts: For ``mean``/``source``: per hook name, the activations at all image positions
+            of every clean input (`gather_activations` at ``image_positions``).
+        source_of: For ``source``: the clean input each one is patched from.
+
+    Returns:
+        Configurations tagged with ``site``, ``layer``, ``selection``, ``setter``.
+    """
+    if "source" in setters and source_of is None:
+        raise ValueError("setter 'source' needs source_of: which clean input to patch each one from")
+    unknown = [s for s in sites if s not in SITES]
+    if unknown:
+        raise KeyError(f"unknown sites {unknown}; known: {sorted(SITES)}")
+    out = []
+    for site in sites:
+        for layer in layers:
+            hooks = [h.replace("{l}", str(layer)) for h in SITES[site]]
+            for selection, indices in selections.items():
+                indices = torch.as_tensor(indices, dtype=torch.long)
+                positions = image_positions.gather(1, indices)
+                for kind in setters:
+                    edits = []
+                    for hook in hooks:
+                        if kind == "zero":
+                            setter = Setter.zero()
+                        else:
+                            if image_acts is None or hook not in image_acts:
+                                raise KeyError(f"setter {kind!r} needs the activations of {hook!r} at the image "
+                                               "positions (gather_activations)")
+                            acts = image_acts[hook]  # [clean, n_image, *rest]
+                            if kind == "mean":
+                                base = acts.mean(0, keepdim=True).expand_as(acts)
+                            else:
+                                base = acts[torch.as_tensor(source_of, dtype=torch.long)]
+                            rows = torch.arange(acts.shape[0])[:, None]
+                            setter = Setter(kind, base[rows, indices])
+                        edits.append(Edit(hook, positions, setter))
+                    out.append(Configuration(
+                        label=f"{site} L{layer} {selection} {kind}", edits=tuple(edits),
+                        tags={"site": site, "layer": int(layer), "selection": selection, "setter": kind}))
+    return out
+
