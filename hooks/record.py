@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,6 +188,13 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
         sha.update(tokenizer.id_to_piece(i).encode("utf-8", errors="replace") + b"\x00")
     return {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size, "fingerprint": sha.hexdigest()[:32],
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+
+
+def environment(model: MPLUGOwl2) -> dict[str, Any]:
+    """What decides float rounding besides the inputs: torch version, threads, device (provenance, not identity)."""
+    device = model.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": name}
 
 
 # ----------------------------------------------------------------------------- layout
@@ -510,9 +518,15 @@ def record_dataset(
                                                "image_processor": asdict(processor)}, sort_keys=True),
         "run": json.dumps(run_dict, sort_keys=True),
         "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "environment": json.dumps(environment(model), sort_keys=True),
     }
     infos = [_sample_info(s, encoded.text) for s in samples]
     writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
+    stored_env = writer.stored_attrs.get("environment")
+    if stored_env is not None and stored_env != attrs["environment"] and not writer.complete:
+        warnings.warn(f"resuming {path} in another environment ({stored_env} -> {attrs['environment']}): the "
+                      "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
+                      "(matmul results depend on the thread count and hardware)", stacklevel=2)
     recorder = Recorder(model, layout)
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
     n = len(samples)

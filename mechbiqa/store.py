@@ -107,7 +107,7 @@ ERROR_BYTES = 256
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 
 _LAYER = re.compile(r"^(?P<head>.+\.blocks\.)(?P<layer>\d+|\{l\})(?P<tail>\..+)$")
-_VOLATILE_ATTRS = ("created_utc",)  # differ between otherwise equal runs
+_VOLATILE_ATTRS = ("created_utc", "git_sha")  # provenance that differs between otherwise equal runs
 # attrs a resumed run must match exactly (JSON strings or scalars)
 _IDENTITY_ATTRS = ("schema_version", "model_config", "model_identity", "tokenizer", "prompt", "run",
                    "cache_spec", "layout")
@@ -557,6 +557,7 @@ class StoreWriter:
         self._offsets = offsets
         self._lock = lock
         self._fsync = fsync
+        self.stored_attrs: dict[str, Any] = {}  # the attributes the file had when opened (filled by `open`)
         self._fd: int | None = None if self.complete else os.open(partial_path(path), os.O_WRONLY)
 
     # ------------------------------------------------------------------ open
@@ -623,8 +624,10 @@ class StoreWriter:
                 os.replace(tmp, partial)
                 _fsync_dir(partial.parent)
                 existing = partial
-            status, offsets = cls._check_existing(existing, full_attrs, samples, layout)
-            return cls(path, layout, status, offsets, lock, fsync)
+            status, offsets, stored = cls._check_existing(existing, full_attrs, samples, layout)
+            writer = cls(path, layout, status, offsets, lock, fsync)
+            writer.stored_attrs = stored
+            return writer
         except BaseException:
             lock.release()
             raise
@@ -659,7 +662,7 @@ class StoreWriter:
 
     @staticmethod
     def _check_existing(path: Path, attrs: Mapping[str, Any], samples: Sequence[SampleInfo],
-                        layout: StoreLayout) -> tuple[np.ndarray, dict[str, int]]:
+                        layout: StoreLayout) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
         try:
             f = h5py.File(path, "r")
         except OSError as error:
@@ -690,9 +693,10 @@ class StoreWriter:
             for spec in layout.arrays:
                 offsets[f"acts/{spec.key}"] = f[f"acts/{spec.key}"].id.get_offset()
             status = f["samples/status"][:].astype(np.int8)
+            stored = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         if any(v is None for v in offsets.values()):
             raise StoreError(f"{path} has datasets without a fixed offset (not written by StoreWriter); delete it")
-        return status, offsets
+        return status, offsets, stored
 
     # ----------------------------------------------------------------- state
     @property
@@ -1145,7 +1149,7 @@ class ActivationStore:
                 f"differences: {keys}. Analyse it with the model it was recorded from, or record it again.")
 
     def digest(self) -> str:
-        """SHA-256 of every dataset and attribute (but the creation time): equal stores, equal digests."""
+        """SHA-256 of every dataset and attribute (but creation time and commit): equal stores, equal digests."""
         sha = hashlib.sha256()
         for key in sorted(self._file.attrs):
             if key not in _VOLATILE_ATTRS and key != "shards":

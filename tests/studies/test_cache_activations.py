@@ -1,0 +1,191 @@
+"""studies/cache_activations.py end to end: bad images, resume, real kill -9 trials, torchrun with 2 gloo ranks."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mechbiqa.store import ActivationStore, StoreLockedError, StoreWriter, partial_path
+from tests.conftest import REPO
+
+from studies import cache_activations as study
+
+SCRIPT = REPO / "studies" / "cache_activations.py"
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # same threads as this process: bitwise equality needs it
+
+
+def make_images(folder: Path, n: int, *, bad: bool = True) -> Path:
+    """``n`` random RGB images plus a grayscale, a CMYK, a corrupt and a truncated one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24 + i % 7, 28, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    if bad:
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), mode="L").save(folder / "gray.png")
+        Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="CMYK").save(folder / "cmyk.jpg")
+        (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 200, dtype=np.uint8)))
+        whole = (folder / "img000.png").read_bytes()
+        (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model", "--tiny-random", "--dataset", "--spec", "--out", "--batch-size", "--dtype", "--device",
+                   "--mode", "--overwrite"):
+        assert option in text
+
+
+def test_runs_end_to_end_records_bad_images_and_resumes(tmp_path):
+    make_images(tmp_path / "images", 6)
+    cfg = study.Config.tiny(tmp_path)
+    result = study.main(cfg)
+    assert result.store.exists() and (tmp_path / "tiny.h5.config.json").exists()
+    errors = dict(result.errors)
+    assert set(errors) == {"corrupt.png", "truncated.png"}
+    assert "corrupt" in errors["truncated.png"] or "truncated" in errors["truncated.png"]
+    with ActivationStore.open(result.store) as store:
+        assert store.n_samples == 10 and len(store.valid) == 8  # grayscale and CMYK are converted and recorded
+        assert {"gray.png", "cmyk.jpg"} <= set(store.ids())
+        resid = store.get("llm.blocks.{l}.hook_resid_post", "image")
+        assert resid.shape[:2] == (8, 2) and np.isfinite(resid).all() and resid.std() > 0
+    again = study.main(cfg)
+    assert again.record.n_recorded == 0 and again.n_valid == 8
+
+
+def test_missing_image_in_a_record_list_is_an_error_row(tmp_path):
+    from mechbiqa.data.records import IQARecord, records_to_jsonl
+
+    images = make_images(tmp_path / "images", 3, bad=False)
+    records = [IQARecord(id=p.stem, image_path=p, score=3.0, scale=(1.0, 5.0)) for p in sorted(images.iterdir())]
+    records.append(IQARecord(id="gone", image_path=images / "gone.png", score=2.0, scale=(1.0, 5.0)))
+    records_to_jsonl(records, tmp_path / "set.jsonl", relative_to=tmp_path)
+    result = study.main(study.Config.tiny(tmp_path, dataset=str(tmp_path / "set.jsonl")))
+    assert [e[0] for e in result.errors] == ["gone"] and "no such file" in result.errors[0][1]
+    with ActivationStore.open(result.store) as store:
+        assert np.allclose(store.labels(), 0.5) and store.records(samples=[0])[0]["score"] == 3.0
+
+
+def test_second_writer_is_refused_with_a_clear_error(tmp_path):
+    make_images(tmp_path / "images", 2, bad=False)
+    cfg = study.Config.tiny(tmp_path)
+    lock_holder = __import__("filelock").FileLock(cfg.out + ".lock", timeout=0)
+    with lock_holder:
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            study.main(cfg)
+    assert StoreWriter is not None
+
+
+# ----------------------------------------------------------------------------- kill -9
+def _command(images: Path, out: Path) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--tiny-random", "--dataset", str(images), "--out", str(out),
+            "--batch-size", "2", "--mode", "generate", "--sample", "--seed", "7", "--max-new-tokens", "4",
+            "--no-progress"]
+
+
+def _config(images: Path, out: Path) -> study.Config:
+    """The same run as `_command`, in this process."""
+    return study.Config(tiny_random=True, dataset=str(images), out=str(out), batch_size=2, mode="generate",
+                        do_sample=True, seed=7, max_new_tokens=4, progress=False)
+
+
+def _kill_after(command: list[str], watch: Path, delay: float) -> bool:
+    """Start the run; ``delay`` s after ``<watch>.partial`` appears, kill -9 it. Returns whether it was killed."""
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    appeared = None
+    killed = False
+    while proc.poll() is None:
+        now = time.perf_counter()
+        if appeared is None and (partial_path(watch).exists() or watch.exists()):
+            appeared = now
+        if appeared is not None and now >= appeared + delay:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.001)
+    _, err = proc.communicate()
+    if not killed and proc.returncode != 0:
+        raise AssertionError(f"caching run failed:\n{err.decode()[-3000:]}")
+    return killed
+
+
+def kill_trials(tmp_path: Path, n_trials: int, n_images: int, seed: int = 0) -> list[dict]:
+    """An uninterrupted run, then runs killed (kill -9, separate process) at random moments and resumed.
+
+    The kill comes a uniform random time after the store file appears, over the
+    span an uninterrupted run takes to record. Every resumed store must equal the
+    uninterrupted one bit for bit (`ActivationStore.digest`).
+    """
+    images = make_images(tmp_path / "images", n_images)
+    reference = study.main(_config(images, tmp_path / "reference.h5"))
+    with ActivationStore.open(reference.store) as store:
+        expected = store.digest()
+        assert len(store.valid) == n_images + 2
+    window = reference.record.seconds
+    rng = random.Random(seed)
+    results = []
+    for trial in range(n_trials):
+        out = tmp_path / f"trial{trial}.h5"
+        delay = rng.uniform(0.0, window)
+        killed = _kill_after(_command(images, out), out, delay)
+        committed = None
+        if partial_path(out).exists():  # a killed store opens, showing its committed samples
+            with ActivationStore.open(out) as partial:
+                committed = int((partial.status != 0).sum())
+                assert not partial.complete and len(partial.valid) <= committed
+        resumed = study.main(_config(images, out))  # a new run of the same command resumes it
+        with ActivationStore.open(out) as store:
+            digest = store.digest()
+            assert store.complete and len(store.valid) == n_images + 2
+        results.append({"trial": trial, "delay_s": round(delay, 3), "killed": killed,
+                        "committed_at_kill": committed, "resumed_from": resumed.record.resumed_from,
+                        "equal": digest == expected})
+    assert all(r["equal"] for r in results), results
+    return results
+
+
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    results = kill_trials(tmp_path, n_trials=2, n_images=24, seed=1)
+    assert len(results) == 2
+
+
+@pytest.mark.slow
+def test_twenty_kill_trials(tmp_path):
+    """The issue's bar: 20 random kill -9 trials, each resumed, equal an uninterrupted run."""
+    results = kill_trials(tmp_path, n_trials=20, n_images=40, seed=2)
+    mid_run = [r for r in results if r["committed_at_kill"] is not None]
+    assert len(mid_run) >= 10, results
+    print("\n".join(map(str, results)))
+
+
+# ----------------------------------------------------------------------------- torchrun
+def test_torchrun_two_gloo_ranks_write_shards_and_a_joined_store(tmp_path):
+    images = make_images(tmp_path / "images", 10)
+    out = tmp_path / "joined.h5"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+               "--tiny-random", "--dataset", str(images), "--out", str(out), "--batch-size", "3", "--no-progress"]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted((tmp_path / "joined.h5.shards").glob("*.h5"))
+    assert [s.name for s in shards] == ["rank00000-of-00002.h5", "rank00001-of-00002.h5"]
+    single = study.main(study.Config.tiny(tmp_path, out=str(tmp_path / "single.h5"), batch_size=3))
+    with ActivationStore.open(out) as joined, ActivationStore.open(single.store) as one:
+        assert joined.ids("all") == one.ids("all") and joined.n_samples == 14
+        assert [e.id for e in joined.errors()] == [e.id for e in one.errors()]
+        for key in one.keys:
+            hook, select = key.split("@")
+            np.testing.assert_allclose(joined.get(hook, select), one.get(hook, select), atol=1e-3)
+        np.testing.assert_array_equal(joined.roles(), one.roles())
