@@ -23,15 +23,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import comb
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from jaxtyping import Float, Int
 
 from mechbiqa.model.roles import ROLE_LABELS, Role
 
+if TYPE_CHECKING:
+    from mechbiqa.store import ActivationStore
+
+PATTERN = "llm.blocks.{l}.attn.hook_pattern"
+"""What attribution reads from a store: the quality row of every layer's attention (``@quality``)."""
+
 __all__ = [
-    "AttributionResult", "attention_heatmap", "attribute", "expected_random_jaccard", "image_attention",
+    "PATTERN", "AttributionResult", "attribute_store", "attention_heatmap", "attribute", "expected_random_jaccard", "image_attention",
     "mean_pairwise_jaccard", "role_mass", "top_image_tokens",
 ]
 
@@ -253,3 +259,36 @@ def attribute(
         heatmap_roles=heatmap_roles,
         sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(str(i) for i in range(n_samples)),
     )
+
+
+def attribute_store(
+    store: ActivationStore, *, k: int = 5, score_layers: Sequence[int] | None = None
+) -> AttributionResult:
+    """`attribute` over every sample of a store that has a quality position (offline).
+
+    Raises:
+        LookupError: The store lacks `PATTERN` at ``quality``, or no sample has the role
+            ``quality`` or ``image`` (the message names it and the fix).
+    """
+    from mechbiqa.model.config import ModelConfig
+
+    try:
+        store.spec_of(PATTERN, "quality")
+    except KeyError as error:
+        raise LookupError(f"attention attribution needs hook {PATTERN} at the quality position (the quality "
+                          f"token's attention row, every layer and head); {store.path} lacks it "
+                          f"({error.args[0]}); record it with studies/cache_activations.py --spec 'default'") from None
+    valid = store.valid
+    rows = valid[store.counts("quality") > 0]
+    if not len(rows):
+        raise LookupError(f"no sample of {store.path} has a token with role 'quality'; score with a prompt that "
+                          "ends before the level word (--mode score), or generate answers that contain one")
+    roles = store.roles(rows)
+    if not (roles == int(Role.IMAGE)).any():
+        raise LookupError(f"no sample of {store.path} has tokens with role 'image': attribution to the image needs "
+                          "prompts with an image")
+    pattern = store.get(PATTERN, "quality", samples=rows)[:, :, :, 0]  # [sample, layer, head, key_pos]
+    n_image_tokens = ModelConfig.from_dict(store.info.model_config).n_image_tokens
+    return attribute(pattern, roles, store.image_index(rows), n_image_tokens, k=k,
+                     layers=store.spec_of(PATTERN, "quality").layers, score_layers=score_layers,
+                     sample_ids=store.ids(rows))

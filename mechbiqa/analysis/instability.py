@@ -35,15 +35,15 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechbiqa.model.generation import select_next_token
+from mechbiqa.model.generation import KVCache, select_next_token
 from mechbiqa.model.prompts import LEVEL_WORDS
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 
 __all__ = [
-    "NOT_A_LEVEL", "InstabilityResult", "SamplingConfig", "answer_levels", "expected_uniform_instability",
-    "instability_ratio", "row_seed", "sample_answers", "sample_answers_independently", "summarise_instability",
+    "NOT_A_LEVEL", "InstabilityResult", "SamplingConfig", "answer_levels", "decode", "expected_uniform_instability",
+    "instability_ratio", "row_seed", "sample_answers", "session_generators", "sample_answers_independently", "summarise_instability",
     "unstable_counts",
 ]
 
@@ -149,8 +149,9 @@ def row_seed(session_seed: int, image: int, answer: int) -> int:
     return int(np.random.SeedSequence([int(session_seed), int(image), int(answer)]).generate_state(1)[0])
 
 
-def _generators(sampling: SamplingConfig, images: Sequence[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per (image, session, answer), in that nesting order (the rows of the repeated cache)."""
+def session_generators(sampling: SamplingConfig, images: Sequence[int], device: torch.device | str = "cpu",
+                       ) -> list[torch.Generator]:
+    """One generator per (image, session, answer), in that nesting order (the rows `sample_answers` decodes)."""
     return [torch.Generator(device=device).manual_seed(row_seed(seed, image, a))
             for image in images for seed in sampling.seeds for a in range(sampling.n_answers)]
 
@@ -165,38 +166,24 @@ def _select(logits: Tensor, sampling: SamplingConfig, generators: Sequence[torch
 
 
 @torch.no_grad()
-def sample_answers(
+def decode(
     model: MPLUGOwl2,
-    input_ids: Int[Tensor, "image text_pos"],
-    images: Float[Tensor, "image 3 S S"] | None,
+    cache: KVCache,
     sampling: SamplingConfig,
+    generators: Sequence[torch.Generator],
     *,
-    image_numbers: Sequence[int] | None = None,
     eos_token_id: int | None = None,
-) -> Int[Tensor, "session image answer new"]:
-    """Sample ``sessions x answers`` continuations per image from one shared prefill of its prompt.
+) -> Int[Tensor, "row new"]:
+    """Continue every row of a prefilled cache (`MPLUGOwl2.prefill`), row ``r`` drawing from ``generators[r]``.
 
-    Args:
-        model: The model (eval mode).
-        input_ids: ``[image, text_pos]`` prompts of equal length (one prompt for all images).
-        images: ``[image, 3, S, S]`` preprocessed images.
-        sampling: Answers, seeds, decoding settings.
-        image_numbers: Each image's number in the whole data set (seeds the draws; default
-            ``0..``): pass it when images come in batches, so a batch split draws the same.
-        eos_token_id: Stop a row at EOS (then padded with the model's pad id).
-
-    Returns:
-        ``[session, image, answer, new]`` generated ids.
+    The loop of `MPLUGOwl2.generate` with one random stream per row instead of one per batch,
+    so that a row's answer does not depend on the rows decoded beside it. The generators are
+    advanced in place: a later `decode` (e.g. stage 2 of a two-stage pipeline) continues them.
     """
-    n_images = input_ids.shape[0]
-    numbers = list(range(n_images)) if image_numbers is None else [int(i) for i in image_numbers]
-    n_rows = len(sampling.seeds) * sampling.n_answers
-    device = model.device
-    cache = model.prefill(input_ids.to(device), None if images is None else images.to(device, model.dtype))
-    cache = cache.repeat_interleave(n_rows)  # row = image * n_rows + session * n_answers + answer
-    generators = _generators(sampling, numbers, device)
     logits = cache.last_logits
-    assert logits is not None
+    if logits is None or logits.shape[0] != len(generators):
+        raise ValueError("decode needs a cache from prefill() (repeated per continuation) and one generator per row")
+    device = logits.device
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     pad = model.cfg.llm.pad_token_id
     new = []
@@ -210,8 +197,45 @@ def sample_answers(
                 break
         if step + 1 < sampling.max_new_tokens:
             logits = model(token[:, None], past_key_values=cache).logits[:, -1]
-    tokens = torch.stack(new, dim=1)  # [image * session * answer, new]
-    return tokens.reshape(n_images, len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1).cpu()
+    return torch.stack(new, dim=1).cpu()
+
+
+@torch.no_grad()
+def sample_answers(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "image text_pos"],
+    images: Float[Tensor, "image 3 S S"] | None,
+    sampling: SamplingConfig,
+    *,
+    image_numbers: Sequence[int] | None = None,
+    eos_token_id: int | None = None,
+    generators: Sequence[torch.Generator] | None = None,
+) -> Int[Tensor, "session image answer new"]:
+    """Sample ``sessions x answers`` continuations per image from one shared prefill of its prompt.
+
+    Args:
+        model: The model (eval mode).
+        input_ids: ``[image, text_pos]`` prompts of equal length (one prompt for all images).
+        images: ``[image, 3, S, S]`` preprocessed images.
+        sampling: Answers, seeds, decoding settings.
+        image_numbers: Each image's number in the whole data set (seeds the draws; default
+            ``0..``): pass it when images come in batches, so a batch split draws the same.
+        eos_token_id: Stop a row at EOS (then padded with the model's pad id).
+        generators: The row generators (default `session_generators`); pass them to continue
+            their streams afterwards.
+
+    Returns:
+        ``[session, image, answer, new]`` generated ids.
+    """
+    n_images = input_ids.shape[0]
+    numbers = list(range(n_images)) if image_numbers is None else [int(i) for i in image_numbers]
+    device = model.device
+    cache = model.prefill(input_ids.to(device), None if images is None else images.to(device, model.dtype))
+    # row = image * (sessions * answers) + session * answers + answer: the order of session_generators
+    cache = cache.repeat_interleave(len(sampling.seeds) * sampling.n_answers)
+    rows = session_generators(sampling, numbers, device) if generators is None else list(generators)
+    tokens = decode(model, cache, sampling, rows, eos_token_id=eos_token_id)
+    return tokens.reshape(n_images, len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
 
 
 @torch.no_grad()
@@ -230,7 +254,7 @@ def sample_answers_independently(
     """
     n_images = input_ids.shape[0]
     numbers = list(range(n_images)) if image_numbers is None else [int(i) for i in image_numbers]
-    generators = iter(_generators(sampling, numbers, model.device))
+    generators = iter(session_generators(sampling, numbers, model.device))
     rows = []
     for i in range(n_images):
         for _ in range(len(sampling.seeds) * sampling.n_answers):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,14 @@ from mechbiqa.model.prompts import LEVEL_WORDS
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+    from mechbiqa.store import ActivationStore
 
-__all__ = ["Lens", "LogitLens", "LensResult", "analyse_lens", "settle_layers"]
+__all__ = ["RESID", "LOGITS", "Lens", "LogitLens", "LensResult", "analyse_lens", "lens_from_store", "settle_layers"]
+
+RESID = "llm.blocks.{l}.hook_resid_post"
+"""What the lens reads from a store, at the ``quality`` selection, every layer."""
+LOGITS = "llm.unembed.hook_out"
+"""The model's own logits at the quality position (optional: checks the lens at the last layer)."""
 
 
 class Lens(ABC):
@@ -141,6 +147,9 @@ class LensResult:
         top_tokens: ``[layer][k]`` their decoded text ("" when no tokenizer was given).
         sample_ids: The samples, in order.
         labels: ``[sample]`` 0-1 ratings (NaN when unrated).
+        last_layer_error: Max |lens logits - the model's own logits| at the last layer, relative to
+            the largest logit, when the store holds the model's logits (None otherwise).
+        n_excluded: Samples left out because they have no quality position.
     """
 
     layers: np.ndarray
@@ -159,6 +168,8 @@ class LensResult:
     top_tokens: tuple[tuple[str, ...], ...]
     sample_ids: tuple[str, ...]
     labels: np.ndarray
+    last_layer_error: float | None = None
+    n_excluded: int = 0
 
     @property
     def mean_level_probs(self) -> np.ndarray:
@@ -181,7 +192,8 @@ class LensResult:
             "layers": self.layers.tolist(), "level_words": list(self.level_words),
             "mean_level_probs": self.mean_level_probs.tolist(), "level_mass": self.level_mass.mean(1).tolist(),
             "agreement": self.agreement.tolist(), "settle_layer": self.settle_layer,
-            "median_settle": self.median_settle,
+            "median_settle": self.median_settle, "last_layer_error": self.last_layer_error,
+            "n_excluded": self.n_excluded,
             "by_answer": {w: (None if n == 0 else self.by_answer[k].tolist())
                           for k, (w, n) in enumerate(zip(self.level_words, self.n_by_answer))},
             "n_by_answer": dict(zip(self.level_words, self.n_by_answer.tolist())),
@@ -289,3 +301,71 @@ def analyse_lens(
         sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(str(i) for i in range(n_samples)),
         labels=np.full(n_samples, np.nan) if labels is None else np.asarray(labels, dtype=float),
     )
+
+
+def lens_from_store(
+    store: ActivationStore,
+    lens: Lens,
+    level_ids: Sequence[int],
+    *,
+    tokenizer: Any | None = None,
+    top_k: int = 5,
+    tolerance: float = 0.05,
+) -> LensResult:
+    """The logit lens over every sample of a store (offline: no forward pass).
+
+    Reads `RESID` at the ``quality`` selection for every stored layer; samples without a
+    quality position (a generated answer without a level word) are left out and counted.
+    When the store also holds the model's logits (`LOGITS` at ``quality``), the lens of the
+    last layer must reproduce them: a store recorded by another model is refused.
+
+    Args:
+        store: An open `mechbiqa.store.ActivationStore`.
+        lens: The lens (from the model or checkpoint the store was recorded with).
+        level_ids: Token ids of the five level words.
+        tokenizer: Decodes the top tokens.
+        top_k: Top tokens per layer.
+        tolerance: Largest accepted relative difference from the stored logits (fp16 storage
+            rounds residuals and logits to ~1e-3 relative).
+
+    Raises:
+        LookupError: The store lacks `RESID` at ``quality``, its last layer, or any sample
+            with a quality position (the message names the hook or role and the fix).
+        ValueError: The lens does not reproduce the stored logits.
+    """
+    from mechbiqa.model.config import ModelConfig
+
+    fix = ("record it with studies/cache_activations.py --spec 'default' (or add "
+           f"'{RESID}@quality' to --spec)")
+    try:
+        spec = store.spec_of(RESID, "quality")
+    except KeyError as error:
+        raise LookupError(f"the logit lens needs hook {RESID} at the quality position, every layer; "
+                          f"{store.path} lacks it ({error.args[0]}); {fix}") from None
+    n_layers = ModelConfig.from_dict(store.info.model_config).llm.n_layers
+    if n_layers - 1 not in spec.layers:
+        raise LookupError(f"the logit lens needs {RESID.replace('{l}', str(n_layers - 1))} (the last layer, whose "
+                          f"answer is the model's) at the quality position; {store.path} holds layers "
+                          f"{list(spec.layers)}; {fix}")
+    counts = store.counts("quality")
+    keep = np.flatnonzero(counts > 0)
+    if not len(keep):
+        raise LookupError(f"no sample of {store.path} has a token with role 'quality' (the position whose logits "
+                          "choose the level word): score with a prompt that ends before the level word "
+                          "(--mode score), or generate answers that contain one")
+    valid = store.valid
+    rows = valid[keep]
+    resid = store.get(RESID, "quality", samples=rows)[:, :, 0]  # [sample, layer, d_model]
+    resid_t = torch.from_numpy(np.ascontiguousarray(resid.transpose(1, 0, 2))).float()  # [layer, sample, d_model]
+    error = None
+    if LOGITS + "@quality" in store.keys:
+        own = torch.from_numpy(store.get(LOGITS, "quality", samples=rows)[:, 0].astype(np.float32))
+        mine = lens(resid_t[-1], int(spec.layers[-1])).float().cpu()
+        error = float((mine - own).abs().max() / own.abs().max().clamp(min=1e-6))
+        if error > tolerance:
+            raise ValueError(f"the lens does not reproduce the logits stored in {store.path} at the last layer "
+                             f"(relative difference {error:.3g} > {tolerance}): the store was recorded with another "
+                             "model; pass the checkpoint it was recorded from (--model)")
+    result = analyse_lens(lens, resid_t, level_ids, spec.layers, tokenizer=tokenizer, top_k=top_k,
+                          sample_ids=store.ids(rows), labels=store.labels(rows))
+    return replace(result, last_layer_error=error, n_excluded=int(len(valid) - len(keep)))

@@ -1,0 +1,158 @@
+"""Figures (PNG) of the study results: logit-lens trajectories, attention heatmap, patching effects.
+
+Where it sits: the analysis functions (`mechbiqa.analysis`) return dataclasses;
+the studies (`studies/*.py`) pass them here to write PNGs next to their JSON,
+as `mechbiqa.reports` turns the same results into terminal tables. Nothing is
+computed here beyond arranging numbers for a plot.
+
+Every function draws on its own `matplotlib.figure.Figure` with the Agg
+canvas, created inside the function: no pyplot state, no global backend
+switch at import, safe in tests and on headless machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.model.roles import ROLE_LABELS, Role
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from mechbiqa.analysis.attribution import AttributionResult
+    from mechbiqa.analysis.lens import LensResult
+    from mechbiqa.analysis.patching import SweepResult
+
+__all__ = ["LEVEL_COLOURS", "ROLE_COLOURS", "attention_heatmap", "lens_trajectories", "patching_effects"]
+
+LEVEL_COLOURS = ("#1a9850", "#91cf60", "#fee08b", "#fc8d59", "#d73027")  # excellent .. bad
+ROLE_COLOURS = {  # by Role value
+    Role.BOS: "#000000", Role.INSTRUCTION: "#9e9e9e", Role.IMAGE: "#1f78b4", Role.DESCRIPTION: "#33a02c",
+    Role.QUALITY: "#e31a1c", Role.OTHER: "#ff7f00", Role.PAD: "#ffffff",
+}
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A Figure on the Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:  # layers and positions are whole numbers
+        if ax.get_xlabel() in ("layer",):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def lens_trajectories(result: LensResult, path: str | Path, title: str = "Logit lens at the quality position") -> Path:
+    """Level-word probabilities per layer (mean, and split by the final answer) and agreement with the final answer.
+
+    Top left: mean probability of each level word per layer; top right: the fraction of samples
+    whose layer answer equals the final one, with the settle layer marked. Bottom: one panel per
+    final answer that occurs ("images rated poor"), the mean trajectories of those samples.
+    """
+    present = [k for k in range(len(LEVEL_WORDS)) if result.n_by_answer[k] > 0]
+    n_bottom = max(len(present), 1)
+    fig = _figure(max(8.0, 2.6 * n_bottom), 6.2)
+    grid = fig.add_gridspec(2, 2 * n_bottom)
+    layers = result.layers
+    ax = fig.add_subplot(grid[0, :n_bottom])
+    mean = result.mean_level_probs
+    for k, word in enumerate(result.level_words):
+        ax.plot(layers, mean[:, k], marker="o", ms=3, color=LEVEL_COLOURS[k], label=word)
+    ax.set(xlabel="layer", ylabel="p(level) (softmax over level words)", ylim=(0, 1), title="all samples")
+    ax.legend(fontsize=7, ncol=1)
+    ax = fig.add_subplot(grid[0, n_bottom:])
+    ax.plot(layers, result.agreement, marker="o", ms=3, color="black")
+    ax.axvline(result.median_settle, color="grey", ls="--", lw=1, label=f"median settle = {result.median_settle:g}")
+    ax.set(xlabel="layer", ylabel="agreement with the final answer", ylim=(0, 1.02), title="agreement")
+    ax.legend(fontsize=7)
+    for slot, level in enumerate(present):
+        ax = fig.add_subplot(grid[1, 2 * slot:2 * slot + 2])
+        for k, word in enumerate(result.level_words):
+            ax.plot(layers, result.by_answer[level][:, k], color=LEVEL_COLOURS[k], lw=1.5)
+        ax.set(xlabel="layer", ylim=(0, 1), title=f"final '{result.level_words[level]}' (n={result.n_by_answer[level]})")
+        if slot == 0:
+            ax.set_ylabel("p(level)")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def attention_heatmap(
+    result: AttributionResult, path: str | Path, title: str = "Attention of the quality position"
+) -> Path:
+    """Layers x key positions heatmap of the quality row, with a band coloured by token role beneath it."""
+    heat = result.heatmap
+    roles = result.heatmap_roles
+    real = np.flatnonzero(roles != int(Role.PAD))
+    width = int(real.max()) + 1 if len(real) else heat.shape[1]
+    heat, roles = heat[:, :width], roles[:width]
+    fig = _figure(min(18.0, 4.0 + width * 0.06), 2.6 + 0.25 * heat.shape[0])
+    grid = fig.add_gridspec(2, 2, height_ratios=(max(heat.shape[0], 2), 0.6), width_ratios=(1, 0.02))
+    ax = fig.add_subplot(grid[0, 0])
+    image = ax.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest",
+                      extent=(-0.5, width - 0.5, result.layers[-1] + 0.5, result.layers[0] - 0.5))
+    ax.set(ylabel="layer", title=title)
+    ax.set_xticks([])
+    fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), label="attention (mean over heads, samples)")
+    band = fig.add_subplot(grid[1, 0], sharex=ax)
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap([ROLE_COLOURS[Role(v)] for v in range(len(Role))])
+    band.imshow(roles[None].astype(float), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(Role) - 0.5,
+                interpolation="nearest", extent=(-0.5, width - 0.5, 0, 1))
+    band.set_yticks([])
+    band.set_xlabel("key position (0 = BOS)")
+    from matplotlib.patches import Patch
+
+    shown = sorted({int(r) for r in roles} - {int(Role.PAD)})
+    band.legend(handles=[Patch(color=ROLE_COLOURS[Role(r)], label=ROLE_LABELS[r]) for r in shown],
+                loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=len(shown), fontsize=7, frameon=False)
+    return _save(fig, path)
+
+
+def patching_effects(
+    result: SweepResult, path: str | Path, selections: Sequence[str] | None = None,
+    title: str = "Patching the image tokens",
+) -> Path:
+    """Mean score effect and flip rate per layer, one column per (site, setter), one line per token selection."""
+    keys, layers, effect = result.grid("score_effect", rows=("site", "setter", "selection"))
+    _, _, flips = result.grid("flip_rate", rows=("site", "setter", "selection"))
+    panels = list(dict.fromkeys((k[0], k[1]) for k in keys))
+    chosen = list(selections) if selections is not None else list(dict.fromkeys(k[2] for k in keys))
+    colours = {"dominant": "#d62728", "random": "#7f7f7f", "least": "#1f77b4"}
+    fig = _figure(max(6.0, 3.0 * len(panels)), 5.2)
+    grid = fig.add_gridspec(2, max(len(panels), 1))
+    for p, (site, setter) in enumerate(panels):
+        top, bottom = fig.add_subplot(grid[0, p]), fig.add_subplot(grid[1, p])
+        for selection in chosen:
+            if (site, setter, selection) not in keys:
+                continue
+            row = keys.index((site, setter, selection))
+            style = dict(marker="o", ms=3, label=selection, color=colours.get(selection))
+            top.plot(layers, effect[row], **style)
+            bottom.plot(layers, flips[row], **style)
+        top.axhline(0, color="black", lw=0.5)
+        top.set(title=f"{site} / {setter}", xlabel="layer")
+        bottom.set(xlabel="layer", ylim=(-0.02, 1.02))
+        if p == 0:
+            top.set_ylabel("score change (0-1)")
+            bottom.set_ylabel("answer flip rate")
+            top.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,171 @@
+"""Logit lens on the quality token (the paper's Fig. 3 and 6).
+
+Question: at which LLM layer is the quality level decodable from the residual
+stream at the quality position, and do intermediate layers flip between
+levels (e.g. "poor" and "good") before the answer settles?
+
+Method: read every layer's residual at the quality position
+(``llm.blocks.{l}.hook_resid_post@quality``) from an activation store written
+by ``studies/cache_activations.py``; apply the model's final norm and
+unembedding to each (`mechbiqa.analysis.lens.LogitLens`; only those two
+tensors are read from the checkpoint the store was recorded with, no forward
+pass runs); take the softmax over the five level words per layer (the Q-Align
+rule the final answer is read with). The answer *settles* at the layer after
+which the argmax never changes; agreement = fraction of samples whose layer
+answer equals the final one; trajectories are split by the final answer. The
+last layer must reproduce the logits stored with the residuals.
+
+Output (in ``--out``, default ``<store dir>/<store stem>.logit_lens/``):
+``config.json``, ``logit_lens.json``, ``logit_lens.png``; the table below when
+run as a script.
+
+Example::
+
+    python studies/cache_activations.py --model cache/compact/one-stage --split test --out cache/acts.h5
+    python studies/logit_lens.py --store cache/acts.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import h5py
+
+from mechbiqa import figures, reports
+from mechbiqa.analysis.lens import LensResult, LogitLens, lens_from_store
+from mechbiqa.scoring import level_ids
+from mechbiqa.store import ActivationStore
+
+NAME = "logit_lens"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A logit-lens run.
+
+    Attributes:
+        store: The activation store (``studies/cache_activations.py --out``).
+        model: Checkpoint directory whose final norm, lm_head and tokenizer the lens uses;
+            None: the model the store names (its checkpoint path, or the tiny random model).
+        out: Output folder; None: ``<store dir>/<store stem>.logit_lens``.
+        top_k: Top tokens per layer in the report.
+    """
+
+    store: str = str(REPO / "cache" / "activations.h5")
+    model: str | None = None
+    out: str | None = None
+    top_k: int = 5
+
+    @classmethod
+    def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
+        """The store of ``studies/cache_activations.py``'s ``Config.tiny(tmp)`` (``tmp/tiny.h5``)."""
+        return cls(**{"store": str(Path(tmp) / "tiny.h5"), "out": str(Path(tmp) / NAME), **overrides})
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the artefacts go."""
+        store = Path(self.store)
+        return Path(self.out) if self.out else store.parent / f"{store.stem}.{NAME}"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The lens and where it was written.
+
+    Attributes:
+        lens: The `LensResult`.
+        files: Artefact name -> path (``config``, ``json``, ``figure``).
+        model: What the lens was read from.
+    """
+
+    lens: LensResult
+    files: dict[str, Path] = field(default_factory=dict)
+    model: str = ""
+
+
+def _sibling(name: str) -> ModuleType:
+    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
+    key = f"mechbiqa_studies_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+def stored_model(store: ActivationStore) -> str:
+    """The model a store was recorded with: a checkpoint path or ``tiny-random(seed=N)``."""
+    with h5py.File(store.path, "r") as f:
+        value = f.attrs.get("model", "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_lens(source: str) -> tuple[LogitLens, Any]:
+    """The lens and tokenizer of a checkpoint directory or of ``tiny-random(seed=N)``."""
+    tiny = re.fullmatch(r"tiny-random\(seed=(\d+)\)", source)
+    if tiny:
+        model, tokenizer, _ = _sibling("cache_activations").tiny_random_model(int(tiny.group(1)))
+        return LogitLens.from_model(model), tokenizer
+    if not source or not Path(source).is_dir():
+        raise SystemExit(f"the store names model {source!r}, which is not a checkpoint directory here; "
+                         "pass --model DIR (the checkpoint the store was recorded with)")
+    from mechbiqa.model.tokenizer import load_tokenizer
+
+    return LogitLens.from_checkpoint(source), load_tokenizer(source)
+
+
+def main(cfg: Config) -> Result:
+    """Read the store, apply the lens, write JSON, figure and config."""
+    store_path = Path(cfg.store)
+    with ActivationStore.open(store_path) as store:
+        source = cfg.model or stored_model(store)
+        lens, tokenizer = load_lens(source)
+        result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
+    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    files["json"].write_text(json.dumps({"store": str(store_path), "model": source, **result.to_dict()}, indent=1)
+                             + "\n")
+    files["figure"] = figures.lens_trajectories(result, out / f"{NAME}.png")
+    return Result(lens=result, files=files, model=source)
+
+
+def render(result: Result, console: Any) -> None:
+    """Print the lens table and the split by final answer."""
+    console.print(reports.lens_table(result.lens))
+    console.print(reports.lens_answers_table(result.lens))
+    lens = result.lens
+    console.print(f"answers settle by layer {lens.settle_layer} (median {lens.median_settle:g}); "
+                  f"{(lens.n_changes > 0).mean():.0%} of samples change their answer across layers"
+                  + (f"; {lens.n_excluded} samples without a quality position left out" if lens.n_excluded else ""))
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
+    p.add_argument("--model", help="checkpoint directory of the lens (default: the model the store names)")
+    p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.logit_lens)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="top tokens per layer")
+    a = p.parse_args(argv)
+    return Config(store=a.store, model=a.model, out=a.out, top_k=a.top_k)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    render(main(parse_args()), Console())
