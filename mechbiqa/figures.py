@@ -105,11 +105,16 @@ def attention_heatmap(
     fig = _figure(min(18.0, 4.0 + width * 0.06), 2.6 + 0.25 * heat.shape[0])
     grid = fig.add_gridspec(2, 2, height_ratios=(max(heat.shape[0], 2), 0.6), width_ratios=(1, 0.02))
     ax = fig.add_subplot(grid[0, 0])
-    image = ax.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest",
+    from matplotlib.colors import PowerNorm
+
+    # a square-root colour scale: attention sinks (BOS) would otherwise leave the image tokens black
+    image = ax.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest", norm=PowerNorm(0.5, vmin=0),
                       extent=(-0.5, width - 0.5, result.layers[-1] + 0.5, result.layers[0] - 0.5))
-    ax.set(ylabel="layer", title=title)
+    ax.set(ylabel="layer", title=f"{title} (mean over heads and {len(result.sample_ids)} samples)")
     ax.set_xticks([])
-    fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), label="attention (mean over heads, samples)")
+    step = max(1, len(result.layers) // 16)
+    ax.set_yticks(result.layers[::step])
+    fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), label="attention")
     band = fig.add_subplot(grid[1, 0], sharex=ax)
     from matplotlib.colors import ListedColormap
 

@@ -125,7 +125,7 @@ def lens_answers_table(result: LensResult, title: str = "Trajectories by final a
 
 
 def attribution_table(result: AttributionResult, title: str = "Attention of the quality position by role") -> Table:
-    """One row per layer: attention mass per role (mean over heads and samples), and the head that looks most at the image.
+    """One row per layer: attention mass per role (mean over heads and samples) and the head most on the image.
 
     Args:
         result: A `mechbiqa.analysis.attribution.AttributionResult`.
@@ -133,18 +133,20 @@ def attribution_table(result: AttributionResult, title: str = "Attention of the 
     """
     from mechbiqa.model.roles import Role
 
-    shown = [r for r in Role if r != Role.PAD]
-    table = Table(title=title, caption="mass sums to 1 per layer and head; 'quality' is the position's attention to itself")
+    short = {Role.BOS: "bos", Role.INSTRUCTION: "instr", Role.IMAGE: "image", Role.DESCRIPTION: "descr",
+             Role.QUALITY: "self", Role.OTHER: "other"}
+    table = Table(title=title, caption="mass per role sums to 1 per layer and head; 'self' = the quality position; "
+                                       "'image head' = the head that attends most to the image")
     table.add_column("layer", justify="right")
-    for role in shown:
-        table.add_column(role.label, justify="right")
-    table.add_column("image", no_wrap=True, min_width=12)
-    table.add_column("top image head", justify="right")
+    for role in short.values():
+        table.add_column(role, justify="right")
+    table.add_column("", no_wrap=True, min_width=10)
+    table.add_column("image head", justify="right", no_wrap=True)
     layer_mass = result.layer_mass()
     for i, layer in enumerate(result.layers):
         head = int(np.argmax(result.mass[i, :, Role.IMAGE]))
-        table.add_row(str(int(layer)), *[_pct(layer_mass[i, r]) for r in shown], bar(layer_mass[i, Role.IMAGE], 12),
-                      f"h{head} {_pct(result.mass[i, head, Role.IMAGE])}")
+        table.add_row(str(int(layer)), *[_pct(layer_mass[i, r], 0) for r in short],
+                      bar(layer_mass[i, Role.IMAGE], 10), f"h{head} {_pct(result.mass[i, head, Role.IMAGE], 0)}")
     return table
 
 

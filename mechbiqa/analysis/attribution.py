@@ -221,7 +221,7 @@ def attribute(
     if n_samples == 0:
         raise ValueError("attribute got no samples")
     layer_numbers = np.arange(n_layers) if layers is None else np.asarray(list(layers), dtype=np.int64)
-    chosen = list(layer_numbers) if score_layers is None else [int(x) for x in score_layers]
+    chosen = [int(x) for x in (layer_numbers if score_layers is None else score_layers)]
     missing = [x for x in chosen if x not in layer_numbers]
     if missing:
         raise ValueError(f"score_layers {missing} are not among the layers {layer_numbers.tolist()}")
