@@ -1,0 +1,159 @@
+"""ROUGE-1 between generated quality descriptions and reference descriptions (a thin wrapper).
+
+Where it sits: `studies/grounding.py` generates a description per image with a
+checkpoint (`mechbiqa.pipeline`) and compares it here with the reference text:
+the built-in benchmark's Q-Pathway-style description (``IQARecord.description``,
+`mechbiqa.data.descriptions`) or a user's annotations (Q-Pathway, Q-Instruct
+JSON read by `mechbiqa.data.loaders`). `mechbiqa.reports.rouge_table` renders
+the `RougeResult`.
+
+The scoring itself is Google's ``rouge-score`` package (the reimplementation of
+Lin's ROUGE-1.5.5 used by most papers), not a local re-implementation, so the
+numbers are comparable with published ones. Research choices, stated once:
+
+* ROUGE-1 F1 is the headline (the Q-Pathway / self-consistency papers report
+  F-measure); precision and recall are kept per image.
+* Porter stemming is on by default (ROUGE-1.5.5 ``-m``, the common setting):
+  "blurred" and "blurry" stay different words, "edges" and "edge" match.
+* With several references for one image (a user's multiple annotations) the
+  best-matching reference counts (``RougeScorer.score_multi``: max F1), the
+  usual multi-reference convention for single-sentence descriptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["RougeResult", "rouge1", "references_for"]
+
+
+@dataclass(frozen=True)
+class RougeResult:
+    """ROUGE-1 of one set of generated descriptions against their references.
+
+    Attributes:
+        precision: ``[image]`` unigram precision (overlap / generated words).
+        recall: ``[image]`` unigram recall (overlap / reference words).
+        f1: ``[image]`` F-measure.
+        ids: Image ids, in order ("" when not given).
+        use_stemmer: Whether Porter stemming was applied.
+        n_references: ``[image]`` references per image.
+    """
+
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    ids: tuple[str, ...]
+    use_stemmer: bool
+    n_references: np.ndarray
+
+    @property
+    def n(self) -> int:
+        """Number of images."""
+        return int(self.f1.size)
+
+    @property
+    def mean_f1(self) -> float:
+        """Mean ROUGE-1 F1 over images (NaN when there are none)."""
+        return float(self.f1.mean()) if self.n else float("nan")
+
+    @property
+    def mean_precision(self) -> float:
+        """Mean precision over images."""
+        return float(self.precision.mean()) if self.n else float("nan")
+
+    @property
+    def mean_recall(self) -> float:
+        """Mean recall over images."""
+        return float(self.recall.mean()) if self.n else float("nan")
+
+    def to_dict(self, per_image: bool = True) -> dict[str, Any]:
+        """JSON-ready dict: means, settings and (optionally) per-image values."""
+        out: dict[str, Any] = {
+            "n": self.n, "mean_f1": self.mean_f1, "mean_precision": self.mean_precision,
+            "mean_recall": self.mean_recall, "use_stemmer": self.use_stemmer,
+            "library": "rouge-score (RougeScorer(['rouge1']))",
+        }
+        if per_image:
+            out["per_image"] = [
+                {"id": i, "f1": float(f), "precision": float(p), "recall": float(r), "n_references": int(k)}
+                for i, f, p, r, k in zip(self.ids, self.f1, self.precision, self.recall, self.n_references)
+            ]
+        return out
+
+
+def _scorer(use_stemmer: bool) -> Any:
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise ImportError(
+            "ROUGE-1 needs Google's rouge-score package: pip install rouge-score "
+            "(mechbiqa lists it as a dependency; reinstall mechbiqa if it is missing)"
+        ) from None
+    return rouge_scorer.RougeScorer(["rouge1"], use_stemmer=use_stemmer)
+
+
+def rouge1(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    *,
+    ids: Sequence[str] | None = None,
+    use_stemmer: bool = True,
+) -> RougeResult:
+    """ROUGE-1 of each generated description against its reference(s).
+
+    Args:
+        predictions: Generated descriptions, one per image.
+        references: For each image a reference string, or a list of references (best one counts).
+        ids: Image ids, kept in the result for the per-image table.
+        use_stemmer: Porter-stem words before matching (default, as ROUGE-1.5.5 ``-m``).
+
+    Returns:
+        A `RougeResult`. An empty prediction or reference scores 0 (the library's rule).
+
+    Raises:
+        ValueError: If the lengths differ, or an image has an empty list of references.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"rouge1: {len(predictions)} predictions but {len(references)} references; "
+                         "pass one reference (or list of references) per prediction, in the same order")
+    if ids is not None and len(ids) != len(predictions):
+        raise ValueError(f"rouge1: {len(ids)} ids for {len(predictions)} predictions")
+    scorer = _scorer(use_stemmer)
+    p, r, f, k = [], [], [], []
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        refs = [reference] if isinstance(reference, str) else list(reference)
+        if not refs:
+            raise ValueError(f"rouge1: image {index} has an empty list of references; drop it or give one")
+        score = (scorer.score(refs[0], prediction) if len(refs) == 1
+                 else scorer.score_multi(refs, prediction))["rouge1"]
+        p.append(score.precision)
+        r.append(score.recall)
+        f.append(score.fmeasure)
+        k.append(len(refs))
+    as_array = lambda v: np.asarray(v, dtype=np.float64)  # noqa: E731
+    return RougeResult(precision=as_array(p), recall=as_array(r), f1=as_array(f),
+                       ids=tuple(ids) if ids is not None else ("",) * len(f), use_stemmer=use_stemmer,
+                       n_references=np.asarray(k, dtype=np.int64))
+
+
+def references_for(ids: Sequence[str], annotations: Mapping[str, str | Sequence[str]]) -> list[str | Sequence[str]]:
+    """Look up each image's reference description(s) in a user's annotations.
+
+    Args:
+        ids: Image ids (store ids, record ids or file names).
+        annotations: id -> reference text or list of texts (e.g. Q-Pathway's, keyed by image file name).
+
+    Raises:
+        KeyError: Naming the ids that have no annotation (and a few that exist), so the
+            caller can fix the key format instead of silently scoring a subset.
+    """
+    missing = [i for i in ids if i not in annotations]
+    if missing:
+        raise KeyError(f"{len(missing)} image(s) have no reference description, e.g. {missing[:5]}; "
+                       f"annotation keys look like {list(annotations)[:5]}; key the annotations by the same ids")
+    return [annotations[i] for i in ids]
