@@ -187,6 +187,9 @@ def patching_table(result: SweepResult, title: str = "Patching the image tokens:
         cells = []
         for col in range(len(layers)):
             e = effect[row, col]
+            if not np.isfinite(e):
+                cells.append(Text("—"))
+                continue
             style = "red" if e < -0.01 else "green" if e > 0.01 else ""
             cells.append(Text(f"{e:+.3f} / {diff[row, col]:+.2f} / {_pct(flips[row, col])}", style=style))
         table.add_row(*(str(k) for k in key), *cells)

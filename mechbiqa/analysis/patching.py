@@ -409,7 +409,7 @@ def sweep(
                                       np.zeros((0,), dtype=np.int64))
     return SweepResult(
         labels=tuple(c.label for c in configurations), tags=tuple(dict(c.tags) for c in configurations),
-        score=score.reshape(shape), logit_diff=diff.reshape(shape), level_probs=probs.reshape(*shape, -1),
+        score=score.reshape(shape), logit_diff=diff.reshape(shape), level_probs=probs.reshape(*shape, len(LEVEL_WORDS)),
         answer=answer.reshape(shape), clean_score=clean[0], clean_logit_diff=clean[1], clean_level_probs=clean[2],
         clean_answer=clean[3], n_forwards=n_forwards,
     )
