@@ -135,29 +135,39 @@ def patching_effects(
     result: SweepResult, path: str | Path, selections: Sequence[str] | None = None,
     title: str = "Patching the image tokens",
 ) -> Path:
-    """Mean score effect and flip rate per layer, one column per (site, setter), one line per token selection."""
+    """Mean score change and answer flip rate per layer: one row pair per site, one column per setter.
+
+    One line per token selection (dominant / random / least attended ...); y axes are shared
+    within a row so that the selections and setters compare at a glance.
+    """
     keys, layers, effect = result.grid("score_effect", rows=("site", "setter", "selection"))
     _, _, flips = result.grid("flip_rate", rows=("site", "setter", "selection"))
-    panels = list(dict.fromkeys((k[0], k[1]) for k in keys))
+    sites = list(dict.fromkeys(k[0] for k in keys))
+    setters = list(dict.fromkeys(k[1] for k in keys))
     chosen = list(selections) if selections is not None else list(dict.fromkeys(k[2] for k in keys))
-    colours = {"dominant": "#d62728", "random": "#7f7f7f", "least": "#1f77b4"}
-    fig = _figure(max(6.0, 3.0 * len(panels)), 5.2)
-    grid = fig.add_gridspec(2, max(len(panels), 1))
-    for p, (site, setter) in enumerate(panels):
-        top, bottom = fig.add_subplot(grid[0, p]), fig.add_subplot(grid[1, p])
-        for selection in chosen:
-            if (site, setter, selection) not in keys:
-                continue
-            row = keys.index((site, setter, selection))
-            style = dict(marker="o", ms=3, label=selection, color=colours.get(selection))
-            top.plot(layers, effect[row], **style)
-            bottom.plot(layers, flips[row], **style)
-        top.axhline(0, color="black", lw=0.5)
-        top.set(title=f"{site} / {setter}", xlabel="layer")
-        bottom.set(xlabel="layer", ylim=(-0.02, 1.02))
-        if p == 0:
-            top.set_ylabel("score change (0-1)")
-            bottom.set_ylabel("answer flip rate")
-            top.legend(fontsize=7)
-    fig.suptitle(title)
+    colours = {"dominant": "#d62728", "random": "#7f7f7f", "least": "#1f77b4", "all": "#000000"}
+    fig = _figure(max(6.0, 3.2 * len(setters)), 2.4 * 2 * max(len(sites), 1) + 0.6)
+    grid = fig.add_gridspec(2 * max(len(sites), 1), max(len(setters), 1))
+    for r, site in enumerate(sites):
+        first_top = first_bottom = None
+        for c, setter in enumerate(setters):
+            top = fig.add_subplot(grid[2 * r, c], sharey=first_top)
+            bottom = fig.add_subplot(grid[2 * r + 1, c], sharey=first_bottom)
+            first_top, first_bottom = first_top or top, first_bottom or bottom
+            for selection in chosen:
+                if (site, setter, selection) not in keys:
+                    continue
+                row = keys.index((site, setter, selection))
+                style = dict(marker="o", ms=3, label=selection, color=colours.get(selection))
+                top.plot(layers, effect[row], **style)
+                bottom.plot(layers, flips[row], **style)
+            top.axhline(0, color="black", lw=0.5)
+            top.set(title=f"{site} / {setter}", xlabel="layer")
+            bottom.set(xlabel="layer", ylim=(-0.02, 1.02))
+            if c == 0:
+                top.set_ylabel("score change (0-1)")
+                bottom.set_ylabel("answer flip rate")
+            if r == 0 and c == 0:
+                top.legend(fontsize=7)
+    fig.suptitle(f"{title} ({result.score.shape[1]} images; mean over images)")
     return _save(fig, path)
