@@ -207,10 +207,11 @@ def instability_table(result: InstabilityResult, title: str = "Instability of sa
     counts = result.level_counts()
     spread = ", ".join(f"{w} {c}" for w, c in zip([*LEVEL_WORDS, "none"], counts))
     caption = (f"{n_images} images x {n_answers} answers per session; uniform random answers would give "
-               f"{_pct(result.expected_uniform)}; answers without a level word: {_pct(result.not_level_rate)}\n"
+               f"{_pct(result.expected_uniform)}; answers without a level word: {_pct(result.not_level_rate)}; "
+               "accuracy = answers at the label's level, majority = images whose most common level is it\n"
                f"answers per level: {spread}")
     table = Table(title=title, caption=caption)
-    for name in ("session", "seed", "instability", "", "level accuracy", "majority accuracy"):
+    for name in ("session", "seed", "unstable", "", "accuracy", "majority"):
         table.add_column(name, justify="right" if name not in ("", "session") else "left", no_wrap=True)
     seeds = result.seeds or tuple(range(n_sessions))
     for s in range(n_sessions):
@@ -218,7 +219,7 @@ def instability_table(result: InstabilityResult, title: str = "Instability of sa
                       _pct(result.accuracy[s]), _pct(result.majority_accuracy[s]))
     mean, std = result.ratio_mean_std
     acc, acc_std = result.accuracy_mean_std
-    table.add_row(Text("mean ± std", style="bold"), "", f"{_pct(mean)} ± {_pct(std)}", bar(mean, 12, "red"),
+    table.add_row(Text("mean±std", style="bold"), "", f"{_pct(mean)} ± {_pct(std)}", bar(mean, 12, "red"),
                   f"{_pct(acc)} ± {_pct(acc_std)}" if np.isfinite(acc) else "—", "")
     return table
 

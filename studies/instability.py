@@ -1,0 +1,282 @@
+"""Instability of sampled answers (the paper's Table 1), and level accuracy against the labels.
+
+Question: asked the same image several times with sampling, how often does
+the model change its quality level? The paper finds 22% of answers unstable
+after one-stage tuning and 12% after two-stage tuning, with level accuracy
+rising from 52.5% to 61.2%.
+
+Method (DESIGN.md, "Instability ratio"): per image, 5 sampled answers per
+session, 3 sessions with different seeds. An answer's level is its last level
+word (none: unstable by definition); an answer is unstable when its level
+differs from that image's most common level in the session; ratio = unstable
+answers / all answers, mean and sample std over sessions
+(`mechbiqa.analysis.instability`). Level accuracy = answers at the label's
+level word. The 15 answers of an image share one prefill of its prompt; each
+answer draws from its own seeded random stream, so answers do not depend on
+batching.
+
+Which answer is sampled:
+
+* a one-stage checkpoint of ``mechbiqa.train``: its task prompt; the answer is
+  description + "The quality of the image is {level}." (`mechbiqa.pipeline`);
+* a two-stage pair (a folder with ``stage1/`` and ``stage2/``): stage 1 samples
+  a description, stage 2 (text only) samples the quality sentence from it, the
+  same random stream continuing;
+* any other checkpoint, and the tiny random model: Q-Align's question with an
+  open answer.
+
+Output (in ``--out``, default ``cache/instability/``): ``config.json``,
+``instability.json`` (every answer's level; the first images' answer texts).
+
+Example::
+
+    python studies/instability.py --model cache/compact/one-stage --split test
+    python studies/instability.py --model cache/compact/two-stage --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechbiqa import reports
+from mechbiqa.analysis.instability import (
+    InstabilityResult,
+    SamplingConfig,
+    answer_levels,
+    decode,
+    sample_answers,
+    session_generators,
+    summarise_instability,
+)
+from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.scoring import level_ids
+
+NAME = "instability"
+REPO = Path(__file__).resolve().parents[1]
+N_TEXTS = 20  # images whose answer texts go into the JSON
+
+
+@dataclass(frozen=True)
+class Config:
+    """An instability run.
+
+    Attributes:
+        model: One-stage checkpoint, two-stage pair folder, or any checkpoint; None with
+            ``tiny_random``, else the compact one-stage default.
+        tiny_random: The tiny random model of ``studies/cache_activations.py``.
+        dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
+        split: Keep one split.
+        limit: Images.
+        n_answers: Answers per image per session (5).
+        seeds: One seed per session (3 sessions).
+        max_new_tokens: Longest answer (each stage).
+        do_sample: Sample (False: greedy, instability 0 by construction).
+        temperature: Sampling temperature.
+        top_k: Keep the k most likely tokens.
+        top_p: Nucleus threshold.
+        batch_images: Images prefilled together (each then decodes sessions x answers rows).
+        seed: Seed of the tiny random model.
+        out: Output folder.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model: str | None = None
+    tiny_random: bool = False
+    dataset: str = "builtin"
+    split: str | None = "test"
+    limit: int | None = None
+    n_answers: int = 5
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    batch_images: int = 8
+    seed: int = 0
+    out: str = str(REPO / "cache" / NAME)
+    device: str = "cpu"
+
+    @classmethod
+    def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
+        """The tiny random model on ``tmp/images``: 4 images, short answers."""
+        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, max_new_tokens=6,
+                    out=str(Path(tmp) / NAME))
+        return cls(**{**base, **overrides})
+
+    @property
+    def sampling(self) -> SamplingConfig:  # noqa: D102
+        return SamplingConfig(n_answers=self.n_answers, seeds=self.seeds, max_new_tokens=self.max_new_tokens,
+                              do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The instability summary and what it was measured on.
+
+    Attributes:
+        instability: The `InstabilityResult`.
+        mode: ``one-stage``, ``two-stage`` or ``prompted`` (any other model).
+        image_ids: The images.
+        seconds: Wall time of the sampling.
+        files: Artefact name -> path.
+    """
+
+    instability: InstabilityResult
+    mode: str
+    image_ids: tuple[str, ...]
+    seconds: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _sibling(name: str) -> ModuleType:
+    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
+    key = f"mechbiqa_studies_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+def _label_level(sample: Any) -> int:
+    word = getattr(sample, "level_word", None)
+    return LEVEL_WORDS.index(word) if word in LEVEL_WORDS else -1
+
+
+def _cut(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def main(cfg: Config) -> Result:
+    """Sample, parse levels, summarise; write JSON and config."""
+    ca = _sibling("cache_activations")
+    checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
+    two_stage = checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
+    source_cfg = ca.Config(model=str(checkpoint / "stage1") if two_stage else cfg.model, tiny_random=cfg.tiny_random,
+                           dataset=cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, device=cfg.device)
+    model, tokenizer, processor, _ = ca.load_model(source_cfg)
+    samples = ca.load_samples(source_cfg)
+    stage2 = template = None
+    if two_stage or (checkpoint is not None and (checkpoint / "mechbiqa.json").is_file()):
+        from mechbiqa.model.prompts import get_template
+        from mechbiqa.pipeline import expect_checkpoint, task_prompt
+
+        info = expect_checkpoint(checkpoint / "stage1", "two-stage", 1) if two_stage else \
+            expect_checkpoint(checkpoint, "one-stage")  # type: ignore[operator]
+        template = get_template(info.template)
+        mode = "two-stage" if two_stage else "one-stage"
+        prompt = task_prompt(tokenizer, template, "stage1" if two_stage else "one-stage")
+        if two_stage:
+            from mechbiqa.model.load import load_components
+
+            expect_checkpoint(checkpoint / "stage2", "two-stage", 2)  # type: ignore[operator]
+            stage2 = load_components(checkpoint / "stage2", device=cfg.device)  # type: ignore[operator]
+    else:
+        from mechbiqa_hooks.record import PromptConfig
+
+        mode, prompt = "prompted", PromptConfig().encode(tokenizer, "generate")
+    sampling = cfg.sampling
+    final_tokenizer = stage2.tokenizer if stage2 is not None else tokenizer
+    levels_of = level_ids(final_tokenizer)
+    n, n_rows = len(samples), len(sampling.seeds) * sampling.n_answers
+    levels = np.full((len(sampling.seeds), n, sampling.n_answers), -1, dtype=np.int64)
+    texts: list[list[list[str]]] = []
+    began = time.perf_counter()
+    for start in range(0, n, cfg.batch_images):
+        chunk = samples[start:start + cfg.batch_images]
+        pixels = processor([s.image_path for s in chunk])
+        ids = torch.tensor([prompt.ids] * len(chunk))
+        numbers = list(range(start, start + len(chunk)))
+        generators = session_generators(sampling, numbers, model.device)
+        tokens = sample_answers(model, ids, pixels, sampling, image_numbers=numbers, eos_token_id=tokenizer.eos_id,
+                                generators=generators)  # [session, image, answer, new]
+        if stage2 is not None:  # stage 2 rates each sampled description, text only, its stream continuing
+            from mechbiqa.pipeline import task_prompt
+
+            rows = tokens.transpose(0, 1).reshape(len(chunk) * n_rows, -1).tolist()  # generator order
+            descriptions = [tokenizer.decode(_cut(r, tokenizer.eos_id)).strip() for r in rows]
+            asks = [task_prompt(stage2.tokenizer, template, "stage2", d).ids for d in descriptions]  # type: ignore[arg-type]
+            width = max(len(a) for a in asks)
+            ids2 = torch.full((len(asks), width), stage2.tokenizer.pad_id, dtype=torch.long)
+            mask2 = torch.zeros_like(ids2)
+            for i, a in enumerate(asks):
+                ids2[i, :len(a)], mask2[i, :len(a)] = torch.tensor(a), 1
+            cache = stage2.model.prefill(ids2.to(stage2.model.device), attention_mask=mask2.to(stage2.model.device))
+            answer = decode(stage2.model, cache, sampling, generators, eos_token_id=stage2.tokenizer.eos_id)
+            tokens = answer.reshape(len(chunk), len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
+        eos = final_tokenizer.eos_id
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        levels[:, start:start + len(chunk)] = answer_levels(flat, levels_of, eos).reshape(
+            len(sampling.seeds), len(chunk), sampling.n_answers)
+        for i in range(min(len(chunk), max(0, N_TEXTS - start))):
+            texts.append([[final_tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
+                           for a in range(sampling.n_answers)] for s in range(len(sampling.seeds))])
+    seconds = time.perf_counter() - began
+    result = summarise_instability(levels, np.array([_label_level(s) for s in samples]), sampling.seeds)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
+    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    image_ids = tuple(str(s.id) for s in samples)
+    files["json"].write_text(json.dumps({
+        "mode": mode, "model": str(checkpoint) if checkpoint else f"tiny-random(seed={cfg.seed})",
+        "prompt": prompt.text, "seconds": seconds, "images": list(image_ids), **result.to_dict(),
+        "answers": {image_ids[i]: t for i, t in enumerate(texts)},
+    }, indent=1) + "\n")
+    return Result(instability=result, mode=mode, image_ids=image_ids, seconds=seconds, files=files)
+
+
+def render(result: Result, console: Any) -> None:
+    """Print the instability table."""
+    console.print(reports.instability_table(result.instability, title=f"Instability of sampled answers ({result.mode})"))
+    console.print(f"{len(result.image_ids)} images sampled in {result.seconds:.1f} s")
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
+    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
+    p.add_argument("--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT")
+    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
+    p.add_argument("--limit", type=int, help="keep the first N images")
+    p.add_argument("--n-answers", type=int, default=d.n_answers, help="answers per image per session")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="one seed per session")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (instability 0 by construction)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--batch-images", type=int, default=d.batch_images)
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--device", default=d.device)
+    a = p.parse_args(argv)
+    return Config(model=a.model, tiny_random=a.tiny_random, dataset=a.dataset,
+                  split=None if a.split == "all" else a.split, limit=a.limit, n_answers=a.n_answers,
+                  seeds=tuple(a.seeds), max_new_tokens=a.max_new_tokens, do_sample=not a.greedy,
+                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, batch_images=a.batch_images, out=a.out,
+                  device=a.device)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    render(main(parse_args()), Console())
