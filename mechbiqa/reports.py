@@ -241,3 +241,112 @@ def evaluation_table(result: EvaluationResult, title: str = "Quality evaluation"
         table.add_row(row.name, str(row.n), _num(m.srcc), _num(m.krcc), _num(m.plcc_raw), _num(m.plcc_fitted),
                       _num(m.rmse_fitted), _num(1000 * row.seconds_per_image, 1), ", ".join(m.flags))
     return table
+
+
+# ----------------------------------------------------------------------------- grounding, ROUGE-1, probes
+# Tables of `mechbiqa.analysis.grounding`, `.rouge` and `.probes` (studies/grounding.py, studies/probes.py).
+if TYPE_CHECKING:  # noqa: E402 (this section is appended; its types are only for annotations)
+    from mechbiqa.analysis.grounding import GroundingResult
+    from mechbiqa.analysis.probes import HeadComparison, ProbeCurve
+    from mechbiqa.analysis.rouge import RougeResult
+
+
+def grounding_table(results: dict[str, GroundingResult], rouge: dict[str, RougeResult] | None = None,
+                    title: str = "Grounding: image path vs the model's own description (text only)") -> Table:
+    """One row per checkpoint: contradiction rate, agreement, description-verdict conflicts, ROUGE-1.
+
+    Args:
+        results: Checkpoint name -> `GroundingResult`.
+        rouge: Checkpoint name -> `RougeResult` of its descriptions (optional).
+        title: Table title.
+    """
+    caption = ("contradiction: image- and text-path levels differ by >= 1 level; agreement: SRCC of the two "
+               "paths' scores; conflicts: severe description -> excellent/good, clean description -> poor/bad "
+               "(share of all images; per class in brackets); ROUGE-1 F1 against the reference descriptions")
+    table = Table(title=title, caption=caption)
+    for name in ("checkpoint", "n", "contradiction", "", "agreement SRCC", "level gap", "conflicts",
+                 "severe→good", "clean→bad", "SRCC image", "SRCC text", "ROUGE-1"):
+        table.add_column(name, justify="left" if name in ("checkpoint", "") else "right", no_wrap=True)
+    for name, g in results.items():
+        r = (rouge or {}).get(name)
+        counts = g.severity_counts
+        table.add_row(
+            name, str(g.n), _pct(g.contradiction_rate), bar(g.contradiction_rate, 10, "red"), _num(g.agreement_srcc),
+            _num(g.mean_level_gap, 2), _pct(g.conflict_rate),
+            f"{g.conflict.count('severe->good')}/{counts['severe']} ({_pct(g.severe_to_good_rate, 0)})",
+            f"{g.conflict.count('clean->bad')}/{counts['clean']} ({_pct(g.clean_to_bad_rate, 0)})",
+            _num(g.srcc_image), _num(g.srcc_text), "—" if r is None else _num(r.mean_f1),
+        )
+    return table
+
+
+def rouge_table(result: RougeResult, limit: int = 10, title: str = "ROUGE-1 per image") -> Table:
+    """The lowest- and highest-scoring images (``limit`` of each) and the mean.
+
+    Args:
+        result: A `RougeResult`.
+        limit: Rows shown at each end.
+        title: Table title.
+    """
+    stem = "with" if result.use_stemmer else "without"
+    table = Table(title=title, caption=f"rouge-score ROUGE-1, {stem} Porter stemming; {result.n} images")
+    for name in ("image", "F1", "", "precision", "recall"):
+        table.add_column(name, justify="left" if name in ("image", "") else "right", no_wrap=True)
+    order = np.argsort(result.f1, kind="stable")
+    shown = order if result.n <= 2 * limit else np.concatenate([order[:limit], order[-limit:]])
+    for k, i in enumerate(shown):
+        if result.n > 2 * limit and k == limit:
+            table.add_row("…", "", "", "", "")
+        table.add_row(result.ids[i] or str(i), _num(result.f1[i]), bar(result.f1[i], 10), _num(result.precision[i]),
+                      _num(result.recall[i]))
+    table.add_row(Text("mean", style="bold"), _num(result.mean_f1), bar(result.mean_f1, 10),
+                  _num(result.mean_precision), _num(result.mean_recall))
+    return table
+
+
+def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None, lens_agreement: np.ndarray | None = None,
+                title: str = "Linear probes vs logit lens at the quality position") -> Table:
+    """One row per layer: ridge-probe SRCC (and its shuffled-label control) beside the logit-lens curve.
+
+    Args:
+        curve: The `ProbeCurve`.
+        lens_srcc: ``[layer]`` SRCC of the lens's Q-Align score in the same folds (optional).
+        lens_agreement: ``[layer]`` share of lens answers equal to the final one (optional).
+        title: Table title.
+    """
+    caption = (f"ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} photos, "
+               f"{curve.n_samples} samples), penalty by inner photo CV; SRCC within held-out folds; "
+               f"decodable = first layer at 90% of the best probe ({curve.decodable_layer()})")
+    table = Table(title=title, caption=caption)
+    for name in ("layer", "probe SRCC", "", "shuffled", "alpha (median)", "lens SRCC", "", "lens = final"):
+        table.add_column(name, justify="left" if name in ("layer", "") else "right", no_wrap=True)
+    for i, layer in enumerate(curve.layers):
+        lens = np.nan if lens_srcc is None else float(lens_srcc[i])
+        table.add_row(
+            str(layer), _num(curve.srcc[i]), bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
+            "—" if curve.control_srcc is None else _num(curve.control_srcc[i]), f"{np.median(curve.alphas[i]):.3g}",
+            _num(lens), bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
+            "—" if lens_agreement is None else _pct(lens_agreement[i]),
+        )
+    return table
+
+
+def score_head_table(comparisons: dict[str, HeadComparison],
+                     title: str = "Level-word score vs regression on held-out photos") -> Table:
+    """One row per (checkpoint, scorer): SRCC and PLCC of the level-word score, the MLP head and a ridge probe.
+
+    Args:
+        comparisons: Checkpoint name -> `mechbiqa.analysis.probes.HeadComparison`.
+        title: Table title.
+    """
+    table = Table(title=title, caption="same images for every scorer; PLCC raw and after the 4-parameter logistic")
+    for name in ("checkpoint", "scorer", "layer", "train / eval", "SRCC", "", "PLCC", "PLCC fitted"):
+        table.add_column(name, justify="left" if name in ("checkpoint", "scorer", "") else "right", no_wrap=True)
+    labels = {"level_word": "level words (Q-Align)", "mlp_head": "MLP head", "ridge": "ridge probe"}
+    for name, c in comparisons.items():
+        for key, m in c.metrics.items():
+            layer = "final" if key == "level_word" else str(c.layer)
+            table.add_row(name, labels.get(key, key), layer, f"{c.n_train} / {c.n_eval} ({c.eval_split})",
+                          _num(m["srcc"]), bar(max(m["srcc"], 0.0) if np.isfinite(m["srcc"]) else 0.0, 10),
+                          _num(m["plcc"]), _num(m["plcc_fitted"]))
+    return table
