@@ -51,12 +51,15 @@ __all__ = [
     "ProbeCurve",
     "group_folds",
     "ridge_predictions",
+    "choose_alpha",
     "ridge_cv",
     "probe_layers",
     "lens_score_curve",
     "ScoreHeadConfig",
     "ScoreHead",
     "train_score_head",
+    "HeadComparison",
+    "compare_scorers",
     "head_scores",
     "quality_hidden",
 ]
@@ -221,8 +224,16 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _choose_alpha(x: Tensor, y: np.ndarray, groups: np.ndarray, cfg: RidgeConfig,
-                  device: str | torch.device | None) -> float:
+def choose_alpha(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray,
+                 cfg: RidgeConfig = RidgeConfig(), *, device: str | torch.device | None = None) -> float:
+    """The alpha of ``cfg.alphas`` with the least squared error in photo-grouped CV (``cfg.inner_splits`` folds).
+
+    Raises:
+        ValueError: If the samples come from a single photo (no grouped CV possible).
+    """
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(device, torch.float64)
+    y = np.asarray(y, dtype=np.float64)
+    groups = np.asarray(groups)
     n_groups = len(np.unique(groups.astype(str)))
     if n_groups < 2:
         raise ValueError("an outer training fold holds a single reference photo, so the inner CV cannot choose "
@@ -263,7 +274,7 @@ def ridge_cv(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Se
     out = np.empty_like(y)
     chosen, fold_srcc, fold_plcc = [], [], []
     for train, test in group_folds(groups, cfg.n_splits):
-        alpha = _choose_alpha(x[train], y[train], groups[train], cfg, device)
+        alpha = choose_alpha(x[train], y[train], groups[train], cfg, device=device)
         out[test] = ridge_predictions(x[train], y[train], x[test], [alpha], device=device)[0]
         chosen.append(alpha)
         fold_srcc.append(_srcc(out[test], y[test]))
@@ -630,6 +641,111 @@ def train_score_head(
     head.meta["history"] = history
     head.meta["best_epoch"] = best[1] if has_val else cfg.epochs - 1
     return head.eval()
+
+
+@dataclass(frozen=True)
+class HeadComparison:
+    """Level-word score vs regression on the same held-out images.
+
+    Attributes:
+        layer: The layer the head and the ridge read.
+        eval_split: Which images were scored (a split name, or ``"held-out photos"``).
+        n_train: Training samples.
+        n_val: Validation samples (epoch choice).
+        n_eval: Scored samples.
+        metrics: ``{"level_word" | "mlp_head" | "ridge": {"srcc", "plcc", "plcc_fitted"}}`` (level_word
+            absent without the lens).
+        predictions: Name -> ``[eval sample]`` predicted scores.
+        eval_ids: The scored samples.
+    """
+
+    layer: int
+    eval_split: str
+    n_train: int
+    n_val: int
+    n_eval: int
+    metrics: dict[str, dict[str, float]]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    eval_ids: tuple[str, ...] = ()
+
+    def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        """JSON-ready dict."""
+        out = {"layer": self.layer, "eval_split": self.eval_split, "n_train": self.n_train, "n_val": self.n_val,
+               "n_eval": self.n_eval, "metrics": self.metrics}
+        if per_sample:
+            out["per_sample"] = [{"id": i, **{k: float(v[j]) for k, v in self.predictions.items()}}
+                                 for j, i in enumerate(self.eval_ids)]
+        return out
+
+
+def _scorer_metrics(pred: np.ndarray, mos: np.ndarray) -> dict[str, float]:
+    from mechbiqa.metrics import iqa_metrics
+
+    m = iqa_metrics(pred, mos, on_invalid="flag")
+    return {"srcc": m.srcc, "plcc": m.plcc_raw, "plcc_fitted": m.plcc_fitted}
+
+
+def compare_scorers(
+    hidden: np.ndarray,
+    mos: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    *,
+    layer: int,
+    val: np.ndarray | None = None,
+    level_word_scores: np.ndarray | None = None,
+    head_cfg: ScoreHeadConfig = ScoreHeadConfig(),
+    ridge_cfg: RidgeConfig = RidgeConfig(),
+    ids: Sequence[str] | None = None,
+    eval_name: str = "test",
+    device: str | torch.device | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[HeadComparison, ScoreHead]:
+    """Train the MLP head (and a ridge probe) on ``train``; score both and the level-word score on ``test``.
+
+    Args:
+        hidden: ``[sample, d_model]`` one layer's state at the quality position.
+        mos: ``[sample]`` 0-1 labels.
+        groups: ``[sample]`` reference photos (the ridge penalty is chosen by photo-grouped CV on ``train``).
+        train: Boolean mask of the training samples.
+        test: Boolean mask of the scored samples (other photos than ``train``).
+        layer: The layer ``hidden`` comes from.
+        val: Boolean mask of the samples that choose the head's epoch (optional).
+        level_word_scores: ``[sample]`` Q-Align scores of the model's own answer (optional).
+        head_cfg: The head's settings.
+        ridge_cfg: The penalty grid.
+        ids: Sample ids (kept for the per-sample predictions).
+        eval_name: Name of the scored set (a split name).
+        device: Where the ridge algebra runs.
+        meta: Saved with the head.
+
+    Returns:
+        The `HeadComparison` and the trained `ScoreHead`.
+    """
+    x = np.asarray(hidden)
+    y = np.asarray(mos, dtype=np.float64)
+    groups = np.asarray(groups).astype(str)
+    train, test = np.asarray(train, dtype=bool), np.asarray(test, dtype=bool)
+    val = np.zeros_like(train) if val is None else np.asarray(val, dtype=bool)
+    if set(groups[train]) & set(groups[test]):
+        raise ValueError("the training and scored samples share reference photos; score held-out photos "
+                         "(split by photo) so the comparison measures generalisation to new content")
+    head = train_score_head(x[train], y[train], head_cfg, layer=layer, val_hidden=x[val] if val.any() else None,
+                            val_mos=y[val] if val.any() else None, meta=meta)
+    if len(np.unique(groups[train])) >= 2:
+        alpha = choose_alpha(x[train], y[train], groups[train], ridge_cfg, device=device)
+    else:
+        alpha = 1.0  # one training photo: no grouped CV possible; a mid-grid penalty
+    predictions = {"mlp_head": head.predict(x[test]),
+                   "ridge": ridge_predictions(x[train], y[train], x[test], [alpha], device=device)[0]}
+    if level_word_scores is not None:
+        predictions = {"level_word": np.asarray(level_word_scores, dtype=np.float64)[test], **predictions}
+    metrics = {k: _scorer_metrics(v, y[test]) for k, v in predictions.items()}
+    head.meta.update(metrics=metrics, ridge_alpha=alpha)
+    eval_ids = tuple(np.asarray(ids)[test].tolist()) if ids is not None else ()
+    return HeadComparison(layer=layer, eval_split=eval_name, n_train=int(train.sum()), n_val=int(val.sum()),
+                          n_eval=int(test.sum()), metrics=metrics, predictions=predictions, eval_ids=eval_ids), head
 
 
 # --------------------------------------------------------------------------- the head at inference

@@ -1,0 +1,418 @@
+"""Layer-wise probes and a score-regression head on the quality position (the third paper's question).
+
+Question: where does quality become *linearly decodable* in the residual
+stream at the quality position, compared with where the model's *words*
+settle (the logit lens); and is a continuous score read from the hidden state
+by a small regressor (Q-Scorer's score-token idea) better than Q-Align's
+level-word score?
+
+Method: read every layer's residual at the quality position
+(``llm.blocks.{l}.hook_resid_post@quality``), the 0-1 labels and the records
+(reference photo, split) from an activation store written by
+``studies/cache_activations.py``; no forward pass runs.
+
+* Ridge probe per layer (`mechbiqa.analysis.probes.probe_layers`): nested
+  cross-validation by reference *photo* (crops of one photo share content, so
+  they never straddle folds), the penalty chosen by inner photo-grouped CV from
+  a fixed grid; SRCC within the held-out folds, beside a shuffled-label control.
+* Logit-lens curve: the Q-Align score read through the model's final norm and
+  lm_head at each layer (`mechbiqa.analysis.lens`), its SRCC in the same folds,
+  and the share of samples whose lens answer already equals the final answer.
+* Score head (`train_score_head`): an MLP on one layer's state (default the
+  last) trained on the ``train`` photos, epoch chosen on ``val``, scored on
+  ``test``, beside a ridge probe on the same layer and split and the Q-Align
+  level-word score of the same test images (SRCC/PLCC, `mechbiqa.metrics`).
+
+Output (in ``--out``, default ``<store dir>/<store stem>.probes/``):
+``config.json``, ``probes.json`` (curves, comparison, per-layer alphas),
+``score_head/`` (the head with its config JSON); tables when run as a script.
+
+Example::
+
+    python studies/cache_activations.py --model cache/compact/one-stage --out cache/stores/one-stage.h5
+    python studies/probes.py --store cache/stores/one-stage.h5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from mechbiqa.analysis.probes import (
+    DEFAULT_ALPHAS,
+    HeadComparison,
+    ProbeCurve,
+    RidgeConfig,
+    ScoreHead,
+    ScoreHeadConfig,
+    compare_scorers,
+    group_folds,
+    lens_score_curve,
+    probe_layers,
+)
+
+NAME = "probes"
+REPO = Path(__file__).resolve().parents[1]
+RESID = "llm.blocks.{l}.hook_resid_post"
+_QALIGN = np.asarray((1.0, 0.75, 0.5, 0.25, 0.0))
+
+
+@dataclass(frozen=True)
+class Config:
+    """A probes run.
+
+    Attributes:
+        store: The activation store (``studies/cache_activations.py --out``).
+        model: Checkpoint directory for the logit-lens curve (its final norm, lm_head, tokenizer);
+            None: the model the store names.
+        lens: Compute the logit-lens curve and the level-word score (needs the model's read-out).
+        out: Output folder; None: ``<store dir>/<store stem>.probes``.
+        n_splits: Outer photo folds of the ridge probes.
+        inner_splits: Inner photo folds that choose the penalty.
+        n_shuffles: Shuffled-label fits per layer (the chance curve); 0: none.
+        head_layer: Layer the score head reads (None: the last layer).
+        head_hidden: Hidden width of the head.
+        head_epochs: Training epochs (the best validation epoch is kept).
+        head_lr: AdamW learning rate.
+        head_weight_decay: AdamW weight decay.
+        head_dropout: Dropout of the hidden layer.
+        head_batch_size: Samples per step.
+        train_split: Records of this split train the head.
+        val_split: ... choose its epoch (none present: the last epoch).
+        eval_split: ... score it against the level-word score.
+        seed: Seeds the head and the shuffles.
+        device: Where the ridge algebra runs (``cuda`` for 7B stores).
+        save_head: Write the trained head to ``<out>/score_head``.
+    """
+
+    store: str = str(REPO / "cache" / "activations.h5")
+    model: str | None = None
+    lens: bool = True
+    out: str | None = None
+    n_splits: int = 5
+    inner_splits: int = 3
+    n_shuffles: int = 1
+    head_layer: int | None = None
+    head_hidden: int = 64
+    head_epochs: int = 200
+    head_lr: float = 1e-3
+    head_weight_decay: float = 1e-2
+    head_dropout: float = 0.1
+    head_batch_size: int = 64
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_split: str = "test"
+    seed: int = 0
+    device: str = "cpu"
+    save_head: bool = True
+
+    @classmethod
+    def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
+        """Seconds: the store of ``studies/cache_activations.py``'s ``Config.tiny(tmp)``, small folds and head."""
+        base = dict(store=str(Path(tmp) / "tiny.h5"), out=str(Path(tmp) / NAME), n_splits=2, inner_splits=2,
+                    head_epochs=20, head_hidden=16)
+        return cls(**{**base, **overrides})
+
+    @property
+    def out_dir(self) -> Path:
+        """Where the artefacts go."""
+        store = Path(self.store)
+        return Path(self.out) if self.out else store.parent / f"{store.stem}.{NAME}"
+
+    @property
+    def ridge(self) -> RidgeConfig:
+        """The ridge probes' settings."""
+        return RidgeConfig(alphas=DEFAULT_ALPHAS, n_splits=self.n_splits, inner_splits=self.inner_splits)
+
+    @property
+    def head(self) -> ScoreHeadConfig:
+        """The score head's settings."""
+        return ScoreHeadConfig(layer=self.head_layer, hidden=self.head_hidden, dropout=self.head_dropout,
+                               lr=self.head_lr, weight_decay=self.head_weight_decay, epochs=self.head_epochs,
+                               batch_size=self.head_batch_size, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """What the study reads: from a store (`data_from_store`) or arrays a caller passes in.
+
+    Attributes:
+        resid: ``[sample, layer, d_model]`` residual at the quality position per layer.
+        mos: ``[sample]`` 0-1 labels (finite).
+        groups: ``[sample]`` reference photo of each sample.
+        splits: Split of each sample (``train``/``val``/``test``, or None).
+        ids: Sample ids.
+        layers: Layer number of each index of the layer axis.
+        lens_probs: ``[layer, sample, 5]`` level-word probabilities of the logit lens, or None.
+        lens_agreement: ``[layer]`` share of samples whose lens answer equals the final one, or None.
+        lens_settle: Median layer at which the lens answer settles, or None.
+        source: Where it came from (store path, model).
+    """
+
+    resid: np.ndarray
+    mos: np.ndarray
+    groups: np.ndarray
+    splits: tuple[str | None, ...]
+    ids: tuple[str, ...]
+    layers: tuple[int, ...]
+    lens_probs: np.ndarray | None = None
+    lens_agreement: np.ndarray | None = None
+    lens_settle: float | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.mos)
+        if self.resid.ndim != 3 or self.resid.shape[0] != n or self.resid.shape[1] != len(self.layers):
+            raise ValueError(f"ProbeData.resid must be [sample={n}, layer={len(self.layers)}, d_model]; got "
+                             f"{self.resid.shape}")
+        if len(self.groups) != n or len(self.splits) != n or len(self.ids) != n:
+            raise ValueError("ProbeData: mos, groups, splits and ids must have one entry per sample")
+        if not np.isfinite(self.mos).all():
+            raise ValueError("ProbeData.mos holds NaN: drop unrated samples first")
+        if self.lens_probs is not None and self.lens_probs.shape[:2] != (len(self.layers), n):
+            raise ValueError(f"ProbeData.lens_probs must be [layer, sample, 5]; got {self.lens_probs.shape}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """Probe and lens curves, the score-head comparison, and where they were written.
+
+    Attributes:
+        curve: The ridge `ProbeCurve`.
+        lens_srcc: ``[layer]`` SRCC of the logit-lens Q-Align score in the same folds, or None.
+        lens_agreement: ``[layer]`` share of lens answers equal to the final answer, or None.
+        lens_settle: Median settle layer of the lens, or None.
+        comparison: The `HeadComparison`.
+        head: The trained `ScoreHead`.
+        source: What was read.
+        files: Artefact name -> path.
+    """
+
+    curve: ProbeCurve
+    lens_srcc: np.ndarray | None
+    lens_agreement: np.ndarray | None
+    lens_settle: float | None
+    comparison: HeadComparison
+    head: ScoreHead
+    source: str = ""
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers (what the comparison report prints and the summary JSON keeps)."""
+        return {
+            "layers": self.curve.layers.tolist(), "probe_srcc": self.curve.srcc.tolist(),
+            "probe_control_srcc": None if self.curve.control_srcc is None else self.curve.control_srcc.tolist(),
+            "lens_srcc": None if self.lens_srcc is None else self.lens_srcc.tolist(),
+            "lens_agreement": None if self.lens_agreement is None else self.lens_agreement.tolist(),
+            "probe_best_layer": self.curve.best_layer, "probe_decodable_layer": self.curve.decodable_layer(),
+            "lens_settle_median": self.lens_settle, "score_head": self.comparison.to_dict(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything JSON-ready (curves in full, per-sample head predictions)."""
+        return {"source": self.source, "summary": self.summary(), "probe_curve": self.curve.to_dict(),
+                "score_head": self.comparison.to_dict(per_sample=True),
+                "head_history": self.head.meta.get("history", [])}
+
+
+# ----------------------------------------------------------------------------- reading a store
+def _sibling(name: str) -> ModuleType:
+    """Another script of ``studies/`` (the lens loaders live in ``logit_lens.py``)."""
+    key = f"mechbiqa_studies_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+def photo_of(record: dict[str, Any]) -> str:
+    """The reference photo of a stored record: ``meta.photo``, else ``ref_id``, else the sample id.
+
+    Research choice: the benchmark cuts several crops from each photo (``ref_id`` is the crop);
+    crops share content, so folds and splits group them by photo.
+    """
+    meta = record.get("meta") or {}
+    return str(meta.get("photo") or record.get("ref_id") or record.get("id"))
+
+
+def data_from_store(store_path: str | Path, model: str | None = None, *, lens: bool = True) -> ProbeData:
+    """Read residuals, labels, photos and splits from a store, and the lens when asked for.
+
+    Samples without a quality position or a label are left out (the lens keeps the same ones).
+
+    Raises:
+        LookupError: The store lacks ``llm.blocks.{l}.hook_resid_post`` at ``quality``.
+        ValueError: Fewer than 3 labelled samples.
+    """
+    from mechbiqa.store import ActivationStore
+
+    with ActivationStore.open(store_path) as store:
+        try:
+            spec = store.spec_of(RESID, "quality")
+        except KeyError as error:
+            raise LookupError(f"the probes need {RESID} at the quality position; {store.path} lacks it "
+                              f"({error.args[0]}): record it with studies/cache_activations.py --spec default") from None
+        rows = store.valid[store.counts("quality") > 0]
+        labels = store.labels(rows)
+        keep = rows[np.isfinite(labels)]
+        if len(keep) < 3:
+            raise ValueError(f"{store.path} has {len(keep)} labelled samples with a quality position; the probes "
+                             "need labelled images (record a data set with ratings)")
+        records = store.records(keep)
+        resid = store.get(RESID, "quality", samples=keep)[:, :, 0].astype(np.float32)
+        ids = tuple(store.ids(keep))
+        source = str(store.path)
+        lens_probs = agreement = settle = None
+        if lens:
+            study = _sibling("logit_lens")
+            from mechbiqa.analysis.lens import lens_from_store
+            from mechbiqa.scoring import level_ids
+
+            name = model or study.stored_model(store)
+            read_out, tokenizer = study.load_lens(name)
+            result = lens_from_store(store, read_out, level_ids(tokenizer))
+            index = {s: i for i, s in enumerate(result.sample_ids)}
+            order = [index[i] for i in ids]
+            lens_probs = np.asarray(result.level_probs)[:, order]
+            agreement = (np.asarray(result.answer)[:, order] == np.asarray(result.final)[order]).mean(1)
+            settle = float(np.median(np.asarray(result.settle)[order]))
+            source += f" (lens: {name})"
+    return ProbeData(resid=resid, mos=labels[np.isfinite(labels)].astype(np.float64),
+                     groups=np.asarray([photo_of(r) for r in records]), splits=tuple(r.get("split") for r in records),
+                     ids=ids, layers=tuple(int(x) for x in spec.layers), lens_probs=lens_probs,
+                     lens_agreement=agreement, lens_settle=settle, source=source)
+
+
+# ----------------------------------------------------------------------------- the score head
+def _split_masks(data: ProbeData, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Train / val / eval masks from the records' splits, else a quarter of the photos held out."""
+    splits = np.asarray([s or "" for s in data.splits])
+    train, val, test = (splits == cfg.train_split), (splits == cfg.val_split), (splits == cfg.eval_split)
+    if train.sum() >= 2 and test.sum() >= 3:
+        return train, val, test, cfg.eval_split
+    n_folds = min(4, len(np.unique(data.groups.astype(str))))
+    if n_folds < 2:
+        raise ValueError("the score head needs held-out photos: the store has no train/test splits and a "
+                         "single reference photo; record a data set with splits or several photos")
+    _, held = group_folds(data.groups, n_folds)[0]
+    test = np.isin(np.arange(len(splits)), held)
+    return ~test, np.zeros_like(test), test, "held-out photos"
+
+
+def compare_heads(data: ProbeData, cfg: Config) -> tuple[HeadComparison, ScoreHead]:
+    """The score-head comparison of the study: `compare_scorers` on the configured layer and splits."""
+    layer = data.layers[-1] if cfg.head_layer is None else cfg.head_layer
+    if layer not in data.layers:
+        raise ValueError(f"head_layer {layer} is not stored; stored layers: {list(data.layers)}")
+    train, val, test, name = _split_masks(data, cfg)
+    # The last layer's lens is the model's own read-out: its Q-Align score is the level-word score.
+    level_word = None if data.lens_probs is None else data.lens_probs[-1] @ _QALIGN
+    return compare_scorers(data.resid[:, data.layers.index(layer)], data.mos, data.groups, train, test, layer=layer,
+                           val=val, level_word_scores=level_word, head_cfg=cfg.head, ridge_cfg=cfg.ridge,
+                           ids=data.ids, eval_name=name, device=cfg.device,
+                           meta={"source": data.source, "train_split": cfg.train_split, "val_split": cfg.val_split})
+
+
+# ----------------------------------------------------------------------------- main
+def analyse(data: ProbeData, cfg: Config) -> Result:
+    """Probe curve, lens curve and head comparison of already-read data (no files written)."""
+    curve = probe_layers(data.resid, data.mos, data.groups, cfg.ridge, layers=data.layers,
+                         n_shuffles=cfg.n_shuffles, seed=cfg.seed, device=cfg.device)
+    lens_srcc = None
+    if data.lens_probs is not None:
+        lens_srcc = lens_score_curve(data.lens_probs, data.mos, data.groups, cfg.n_splits)
+    comparison, head = compare_heads(data, cfg)
+    return Result(curve=curve, lens_srcc=lens_srcc, lens_agreement=data.lens_agreement, lens_settle=data.lens_settle,
+                  comparison=comparison, head=head, source=data.source)
+
+
+def main(cfg: Config, data: ProbeData | None = None) -> Result:
+    """Read the store (or use ``data``), fit probes and head, write ``probes.json``, the head and the config.
+
+    Args:
+        cfg: The run.
+        data: Arrays to analyse instead of reading ``cfg.store`` (tests, callers with their own arrays).
+    """
+    data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
+    result = analyse(data, cfg)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
+    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    files["json"].write_text(json.dumps(result.to_dict(), indent=1, default=_json_default) + "\n")
+    if cfg.save_head:
+        files["head"] = result.head.save(out / "score_head")
+    return replace(result, files=files)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def render(result: Result, console: Any) -> None:
+    """Print the layer curves and the score-head comparison."""
+    from mechbiqa import reports
+
+    console.print(reports.probe_table(result.curve, result.lens_srcc, result.lens_agreement))
+    console.print(reports.score_head_table({"": result.comparison}))
+    curve = result.curve
+    console.print(f"quality is linearly decodable (90% of the best probe) from layer {curve.decodable_layer()}; "
+                  f"best probe layer {curve.best_layer}"
+                  + (f"; the lens answer settles at median layer {result.lens_settle:g}" if result.lens_settle
+                     is not None else ""))
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
+    p.add_argument("--model", help="checkpoint of the logit lens (default: the model the store names)")
+    p.add_argument("--no-lens", action="store_true", help="skip the logit-lens curve and the level-word score")
+    p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.probes)")
+    p.add_argument("--n-splits", type=int, default=d.n_splits, help="outer photo folds of the ridge probes")
+    p.add_argument("--inner-splits", type=int, default=d.inner_splits, help="inner folds choosing the penalty")
+    p.add_argument("--n-shuffles", type=int, default=d.n_shuffles, help="shuffled-label fits per layer (chance)")
+    p.add_argument("--head-layer", type=int, help="layer the score head reads (default: the last)")
+    p.add_argument("--head-hidden", type=int, default=d.head_hidden)
+    p.add_argument("--head-epochs", type=int, default=d.head_epochs)
+    p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument("--head-weight-decay", type=float, default=d.head_weight_decay)
+    p.add_argument("--head-dropout", type=float, default=d.head_dropout)
+    p.add_argument("--head-batch-size", type=int, default=d.head_batch_size)
+    p.add_argument("--train-split", default=d.train_split)
+    p.add_argument("--val-split", default=d.val_split)
+    p.add_argument("--eval-split", default=d.eval_split)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="where the ridge algebra runs (cuda for 7B stores)")
+    p.add_argument("--no-save-head", action="store_true", help="do not write the trained head")
+    a = p.parse_args(argv)
+    return Config(store=a.store, model=a.model, lens=not a.no_lens, out=a.out, n_splits=a.n_splits,
+                  inner_splits=a.inner_splits, n_shuffles=a.n_shuffles, head_layer=a.head_layer,
+                  head_hidden=a.head_hidden, head_epochs=a.head_epochs, head_lr=a.head_lr,
+                  head_weight_decay=a.head_weight_decay, head_dropout=a.head_dropout,
+                  head_batch_size=a.head_batch_size, train_split=a.train_split, val_split=a.val_split,
+                  eval_split=a.eval_split, seed=a.seed, device=a.device, save_head=not a.no_save_head)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    render(main(parse_args()), Console())
