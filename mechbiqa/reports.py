@@ -231,14 +231,14 @@ def evaluation_table(result: EvaluationResult, title: str = "Quality evaluation"
         result: A `mechbiqa.analysis.evaluation.EvaluationResult`.
         title: Table title.
     """
-    caption = (f"{result.checkpoint}\nSRCC/KRCC on raw scores; PLCC raw and after the {result.fit} fit "
-               "(RMSE after the fit, in rating units); DMOS data sets negated so higher is better")
+    caption = (f"{result.checkpoint}\nSRCC/KRCC/PLCC on raw scores; * = after the {result.fit} fit (RMSE in "
+               "rating units); DMOS data sets negated so higher is better; n = rated/all images; ms/img = model time per image")
     table = Table(title=title, caption=caption)
-    for name in ("data set", "n", "SRCC", "KRCC", "PLCC raw", "PLCC fitted", "RMSE fitted", "ms / image", "flags"):
+    for name in ("data set", "n", "SRCC", "KRCC", "PLCC", "PLCC*", "RMSE*", "ms/img", "flags"):
         table.add_column(name, justify="left" if name in ("data set", "flags") else "right", no_wrap=name != "flags")
     for row in result.rows:
         m = row.metrics
-        table.add_row(row.name, str(row.n), _num(m.srcc), _num(m.krcc), _num(m.plcc_raw), _num(m.plcc_fitted),
+        table.add_row(row.name, f"{m.n}/{row.n}" if m.n != row.n else str(row.n), _num(m.srcc), _num(m.krcc), _num(m.plcc_raw), _num(m.plcc_fitted),
                       _num(m.rmse_fitted), _num(1000 * row.seconds_per_image, 1), ", ".join(m.flags))
     return table
 

@@ -1,0 +1,208 @@
+"""Quality evaluation of a checkpoint (the paper's Table 2): SRCC/PLCC per data set and time per image.
+
+Question: how well do a checkpoint's quality scores agree with human ratings
+on each data set, and what does a rating cost?
+
+Method: rate every image (the Q-Align score, DESIGN.md "Score"):
+
+* a one-stage checkpoint of ``mechbiqa.train`` or a two-stage pair folder
+  (``stage1/`` + ``stage2/``): its pipeline, description generated and then the
+  level-word logits of the canonical scoring prompt (`mechbiqa.pipeline.load_rater`);
+* any other checkpoint, and the tiny random model: Q-Align's scorer prompt
+  (`mechbiqa.scoring.rate_images`).
+
+Compare with the data set's ratings, oriented so that higher is better (DMOS
+negated): SRCC and KRCC raw; PLCC and RMSE raw and after the 4-parameter
+logistic fit (`mechbiqa.metrics.iqa_metrics` via
+`mechbiqa.analysis.evaluation.evaluate_by_dataset`), per data set and pooled.
+Time per image is the model's wall time (image decoding and preprocessing
+excluded) after one warm-up batch, at the given batch size.
+
+Output (in ``--out``, default ``cache/evaluate_quality/``): ``config.json``,
+``evaluate_quality.json`` (metrics and every image's score).
+
+Example::
+
+    python studies/evaluate_quality.py --model cache/compact/one-stage --dataset builtin --split test
+    python studies/evaluate_quality.py --model /ckpt/one-align --dataset koniq10k=/data/koniq spaq=/data/spaq
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechbiqa import reports
+from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, aligned_target, evaluate_by_dataset
+from mechbiqa.scoring import rate_images
+
+NAME = "evaluate_quality"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Config:
+    """An evaluation run.
+
+    Attributes:
+        model: Checkpoint directory or two-stage pair folder; None with ``tiny_random``, else
+            the compact one-stage default.
+        tiny_random: The tiny random model of ``studies/cache_activations.py``.
+        datasets: Data sets, each ``builtin``, a folder of images, a ``.jsonl`` of records or
+            ``NAME=ROOT`` (a real data set `mechbiqa.data.load_dataset` knows).
+        split: Keep one split of each data set (None: all).
+        limit: Keep the first N images of each data set.
+        batch_size: Images per forward.
+        seed: Seed of the tiny random model.
+        fit: ``logistic4`` or ``linear`` (the "fitted" PLCC/RMSE).
+        out: Output folder.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model: str | None = None
+    tiny_random: bool = False
+    datasets: tuple[str, ...] = ("builtin",)
+    split: str | None = "test"
+    limit: int | None = None
+    batch_size: int = 16
+    seed: int = 0
+    fit: str = "logistic4"
+    out: str = str(REPO / "cache" / NAME)
+    device: str = "cpu"
+
+    @classmethod
+    def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
+        """The tiny random model on ``tmp/images`` (unrated: metrics are NaN, flagged)."""
+        base = dict(tiny_random=True, datasets=(str(Path(tmp) / "images"),), split=None, limit=6, batch_size=4,
+                    out=str(Path(tmp) / NAME))
+        return cls(**{**base, **overrides})
+
+
+@dataclass(frozen=True)
+class Result:
+    """The evaluation and per-image scores.
+
+    Attributes:
+        evaluation: The `EvaluationResult` (one row per data set, then pooled).
+        scores: Data set -> ``[image]`` scores (0-1).
+        files: Artefact name -> path.
+    """
+
+    evaluation: EvaluationResult
+    scores: dict[str, np.ndarray]
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _sibling(name: str) -> ModuleType:
+    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
+    key = f"mechbiqa_studies_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
+    """``(rate(pixels) -> scores, processor, name)`` for the checkpoint the config names."""
+    checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
+    if checkpoint is not None and ((checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()):
+        from mechbiqa.pipeline import load_rater
+
+        rater = load_rater(checkpoint, device=cfg.device)
+        processor = rater.components.processor if hasattr(rater, "components") else rater.stage1.processor
+
+        def rate(pixels: torch.Tensor) -> np.ndarray:
+            return np.array([r.score for r in rater.rate(pixels, batch_size=cfg.batch_size)])
+
+        return rate, processor, f"{checkpoint} ({rater.mode})"
+    model, tokenizer, processor, name = ca.load_model(ca.Config(model=cfg.model, tiny_random=cfg.tiny_random,
+                                                                seed=cfg.seed, device=cfg.device))
+
+    def rate(pixels: torch.Tensor) -> np.ndarray:
+        return rate_images(model, tokenizer, pixels, batch_size=cfg.batch_size).scores
+
+    return rate, processor, f"{name} (Q-Align scorer prompt)"
+
+
+def main(cfg: Config) -> Result:
+    """Rate every data set, time it, compute the metrics; write JSON and config."""
+    ca = _sibling("cache_activations")
+    rate, processor, name = _rater(cfg, ca)
+    scores: dict[str, np.ndarray] = {}
+    all_scores, targets, groups, ids = [], [], [], []
+    seconds: dict[str, float] = {}
+    warm = False
+    for spec in cfg.datasets:
+        samples = ca.load_samples(ca.Config(dataset=spec, split=cfg.split, limit=cfg.limit))
+        dataset = getattr(samples[0], "dataset", "") or Path(spec.split("=")[-1]).name or spec
+        watch, parts = Stopwatch(), []
+        for start in range(0, len(samples), cfg.batch_size):
+            pixels = processor([s.image_path for s in samples[start:start + cfg.batch_size]])
+            if not warm:  # the first forward pays one-off costs (allocation, kernel selection): not timed
+                rate(pixels[:1])
+                warm = True
+            with watch:
+                parts.append(rate(pixels))
+        scores[dataset] = np.concatenate(parts)
+        seconds[dataset] = watch.seconds
+        all_scores.append(scores[dataset])
+        targets += [aligned_target(getattr(s, "score", None), getattr(s, "higher_is_better", True)) for s in samples]
+        groups += [dataset] * len(samples)
+        ids += [str(s.id) for s in samples]
+    evaluation = evaluate_by_dataset(np.concatenate(all_scores), targets, groups, seconds, checkpoint=name,
+                                     fit=cfg.fit)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
+    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    flat = np.concatenate(all_scores)
+    files["json"].write_text(json.dumps({
+        **evaluation.to_dict(),
+        "images": [{"id": i, "dataset": g, "score": float(s), "target": None if np.isnan(t) else t}
+                   for i, g, s, t in zip(ids, groups, flat, targets)],
+    }, indent=1, default=lambda x: None) + "\n")
+    return Result(evaluation=evaluation, scores=scores, files=files)
+
+
+def render(result: Result, console: Any) -> None:
+    """Print the evaluation table."""
+    console.print(reports.evaluation_table(result.evaluation))
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
+    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
+    p.add_argument("--dataset", nargs="+", default=list(d.datasets),
+                   help="data sets: 'builtin', image folders, .jsonl files, NAME=ROOT (default: builtin)")
+    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
+    p.add_argument("--limit", type=int, help="first N images of each data set")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--fit", choices=["logistic4", "linear"], default=d.fit)
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--device", default=d.device)
+    a = p.parse_args(argv)
+    return replace(d, model=a.model, tiny_random=a.tiny_random, datasets=tuple(a.dataset),
+                   split=None if a.split == "all" else a.split, limit=a.limit, batch_size=a.batch_size, fit=a.fit,
+                   out=a.out, device=a.device)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    render(main(parse_args()), Console())
