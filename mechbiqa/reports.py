@@ -261,7 +261,8 @@ def grounding_table(results: dict[str, GroundingResult], rouge: dict[str, RougeR
         title: Table title.
     """
     caption = ("contradiction: image- and text-path levels differ by >= 1 level; agreement: SRCC of the two "
-               "paths' scores; conflicts: severe description -> excellent/good, clean description -> poor/bad "
+               "paths' scores; conflicts: severe description -> excellent/good, clean description -> "
+               "poor/bad "
                "(share of all images; per class in brackets); ROUGE-1 F1 against the reference descriptions")
     table = Table(title=title, caption=caption)
     for name in ("checkpoint", "n", "contradiction", "", "agreement SRCC", "level gap", "conflicts",
@@ -271,7 +272,8 @@ def grounding_table(results: dict[str, GroundingResult], rouge: dict[str, RougeR
         r = (rouge or {}).get(name)
         counts = g.severity_counts
         table.add_row(
-            name, str(g.n), _pct(g.contradiction_rate), bar(g.contradiction_rate, 10, "red"), _num(g.agreement_srcc),
+            name, str(g.n), _pct(g.contradiction_rate), bar(g.contradiction_rate, 10, "red"),
+            _num(g.agreement_srcc),
             _num(g.mean_level_gap, 2), _pct(g.conflict_rate),
             f"{g.conflict.count('severe->good')}/{counts['severe']} ({_pct(g.severe_to_good_rate, 0)})",
             f"{g.conflict.count('clean->bad')}/{counts['clean']} ({_pct(g.clean_to_bad_rate, 0)})",
@@ -297,14 +299,15 @@ def rouge_table(result: RougeResult, limit: int = 10, title: str = "ROUGE-1 per 
     for k, i in enumerate(shown):
         if result.n > 2 * limit and k == limit:
             table.add_row("…", "", "", "", "")
-        table.add_row(result.ids[i] or str(i), _num(result.f1[i]), bar(result.f1[i], 10), _num(result.precision[i]),
-                      _num(result.recall[i]))
+        table.add_row(result.ids[i] or str(i), _num(result.f1[i]), bar(result.f1[i], 10),
+                      _num(result.precision[i]), _num(result.recall[i]))
     table.add_row(Text("mean", style="bold"), _num(result.mean_f1), bar(result.mean_f1, 10),
                   _num(result.mean_precision), _num(result.mean_recall))
     return table
 
 
-def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None, lens_agreement: np.ndarray | None = None,
+def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None,
+                lens_agreement: np.ndarray | None = None,
                 title: str = "Linear probes vs logit lens at the quality position") -> Table:
     """One row per layer: ridge-probe SRCC (and its shuffled-label control) beside the logit-lens curve.
 
@@ -324,7 +327,8 @@ def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None, lens_agr
         lens = np.nan if lens_srcc is None else float(lens_srcc[i])
         table.add_row(
             str(layer), _num(curve.srcc[i]), bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
-            "—" if curve.control_srcc is None else _num(curve.control_srcc[i]), f"{np.median(curve.alphas[i]):.3g}",
+            "—" if curve.control_srcc is None else _num(curve.control_srcc[i]),
+            f"{np.median(curve.alphas[i]):.3g}",
             _num(lens), bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
             "—" if lens_agreement is None else _pct(lens_agreement[i]),
         )
@@ -333,15 +337,17 @@ def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None, lens_agr
 
 def score_head_table(comparisons: dict[str, HeadComparison],
                      title: str = "Level-word score vs regression on held-out photos") -> Table:
-    """One row per (checkpoint, scorer): SRCC and PLCC of the level-word score, the MLP head and a ridge probe.
+    """One row per (checkpoint, scorer): SRCC and PLCC of the level-word score, MLP head and ridge probe.
 
     Args:
         comparisons: Checkpoint name -> `mechbiqa.analysis.probes.HeadComparison`.
         title: Table title.
     """
-    table = Table(title=title, caption="same images for every scorer; PLCC raw and after the 4-parameter logistic")
+    caption = "same images for every scorer; PLCC raw and after the 4-parameter logistic"
+    table = Table(title=title, caption=caption)
     for name in ("checkpoint", "scorer", "layer", "train / eval", "SRCC", "", "PLCC", "PLCC fitted"):
-        table.add_column(name, justify="left" if name in ("checkpoint", "scorer", "") else "right", no_wrap=True)
+        left = name in ("checkpoint", "scorer", "")
+        table.add_column(name, justify="left" if left else "right", no_wrap=True)
     labels = {"level_word": "level words (Q-Align)", "mlp_head": "MLP head", "ridge": "ridge probe"}
     for name, c in comparisons.items():
         for key, m in c.metrics.items():

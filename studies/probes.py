@@ -117,9 +117,15 @@ class Config:
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
-        """Seconds: the store of ``studies/cache_activations.py``'s ``Config.tiny(tmp)``, small folds and head."""
-        base = dict(store=str(Path(tmp) / "tiny.h5"), out=str(Path(tmp) / NAME), n_splits=2, inner_splits=2,
-                    head_epochs=20, head_hidden=16)
+        """Seconds: the store of ``cache_activations.py``'s ``Config.tiny(tmp)``; small folds and head."""
+        base = dict(
+            store=str(Path(tmp) / "tiny.h5"),
+            out=str(Path(tmp) / NAME),
+            n_splits=2,
+            inner_splits=2,
+            head_epochs=20,
+            head_hidden=16,
+        )
         return cls(**{**base, **overrides})
 
     @property
@@ -136,9 +142,16 @@ class Config:
     @property
     def head(self) -> ScoreHeadConfig:
         """The score head's settings."""
-        return ScoreHeadConfig(layer=self.head_layer, hidden=self.head_hidden, dropout=self.head_dropout,
-                               lr=self.head_lr, weight_decay=self.head_weight_decay, epochs=self.head_epochs,
-                               batch_size=self.head_batch_size, seed=self.seed)
+        return ScoreHeadConfig(
+            layer=self.head_layer,
+            hidden=self.head_hidden,
+            dropout=self.head_dropout,
+            lr=self.head_lr,
+            weight_decay=self.head_weight_decay,
+            epochs=self.head_epochs,
+            batch_size=self.head_batch_size,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,10 +183,13 @@ class ProbeData:
     source: str = ""
 
     def __post_init__(self) -> None:
+        """Check that every array has one entry per sample."""
         n = len(self.mos)
         if self.resid.ndim != 3 or self.resid.shape[0] != n or self.resid.shape[1] != len(self.layers):
-            raise ValueError(f"ProbeData.resid must be [sample={n}, layer={len(self.layers)}, d_model]; got "
-                             f"{self.resid.shape}")
+            raise ValueError(
+                f"ProbeData.resid must be [sample={n}, layer={len(self.layers)}, d_model]; got "
+                f"{self.resid.shape}"
+            )
         if len(self.groups) != n or len(self.splits) != n or len(self.ids) != n:
             raise ValueError("ProbeData: mos, groups, splits and ids must have one entry per sample")
         if not np.isfinite(self.mos).all():
@@ -209,19 +225,28 @@ class Result:
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what the comparison report prints and the summary JSON keeps)."""
         return {
-            "layers": self.curve.layers.tolist(), "probe_srcc": self.curve.srcc.tolist(),
-            "probe_control_srcc": None if self.curve.control_srcc is None else self.curve.control_srcc.tolist(),
+            "layers": self.curve.layers.tolist(),
+            "probe_srcc": self.curve.srcc.tolist(),
+            "probe_control_srcc": None
+            if self.curve.control_srcc is None
+            else self.curve.control_srcc.tolist(),
             "lens_srcc": None if self.lens_srcc is None else self.lens_srcc.tolist(),
             "lens_agreement": None if self.lens_agreement is None else self.lens_agreement.tolist(),
-            "probe_best_layer": self.curve.best_layer, "probe_decodable_layer": self.curve.decodable_layer(),
-            "lens_settle_median": self.lens_settle, "score_head": self.comparison.to_dict(),
+            "probe_best_layer": self.curve.best_layer,
+            "probe_decodable_layer": self.curve.decodable_layer(),
+            "lens_settle_median": self.lens_settle,
+            "score_head": self.comparison.to_dict(),
         }
 
     def to_dict(self) -> dict[str, Any]:
         """Everything JSON-ready (curves in full, per-sample head predictions)."""
-        return {"source": self.source, "summary": self.summary(), "probe_curve": self.curve.to_dict(),
-                "score_head": self.comparison.to_dict(per_sample=True),
-                "head_history": self.head.meta.get("history", [])}
+        return {
+            "source": self.source,
+            "summary": self.summary(),
+            "probe_curve": self.curve.to_dict(),
+            "score_head": self.comparison.to_dict(per_sample=True),
+            "head_history": self.head.meta.get("history", []),
+        }
 
 
 # ----------------------------------------------------------------------------- reading a store
@@ -261,14 +286,18 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
         try:
             spec = store.spec_of(RESID, "quality")
         except KeyError as error:
-            raise LookupError(f"the probes need {RESID} at the quality position; {store.path} lacks it "
-                              f"({error.args[0]}): record it with studies/cache_activations.py --spec default") from None
+            raise LookupError(
+                f"the probes need {RESID} at the quality position; {store.path} lacks it "
+                f"({error.args[0]}): record it with studies/cache_activations.py --spec default"
+            ) from None
         rows = store.valid[store.counts("quality") > 0]
         labels = store.labels(rows)
         keep = rows[np.isfinite(labels)]
         if len(keep) < 3:
-            raise ValueError(f"{store.path} has {len(keep)} labelled samples with a quality position; the probes "
-                             "need labelled images (record a data set with ratings)")
+            raise ValueError(
+                f"{store.path} has {len(keep)} labelled samples with a quality position; the probes "
+                "need labelled images (record a data set with ratings)"
+            )
         records = store.records(keep)
         resid = store.get(RESID, "quality", samples=keep)[:, :, 0].astype(np.float32)
         ids = tuple(store.ids(keep))
@@ -288,10 +317,18 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
             agreement = (np.asarray(result.answer)[:, order] == np.asarray(result.final)[order]).mean(1)
             settle = float(np.median(np.asarray(result.settle)[order]))
             source += f" (lens: {name})"
-    return ProbeData(resid=resid, mos=labels[np.isfinite(labels)].astype(np.float64),
-                     groups=np.asarray([photo_of(r) for r in records]), splits=tuple(r.get("split") for r in records),
-                     ids=ids, layers=tuple(int(x) for x in spec.layers), lens_probs=lens_probs,
-                     lens_agreement=agreement, lens_settle=settle, source=source)
+    return ProbeData(
+        resid=resid,
+        mos=labels[np.isfinite(labels)].astype(np.float64),
+        groups=np.asarray([photo_of(r) for r in records]),
+        splits=tuple(r.get("split") for r in records),
+        ids=ids,
+        layers=tuple(int(x) for x in spec.layers),
+        lens_probs=lens_probs,
+        lens_agreement=agreement,
+        lens_settle=settle,
+        source=source,
+    )
 
 
 # ----------------------------------------------------------------------------- the score head
@@ -303,8 +340,10 @@ def _split_masks(data: ProbeData, cfg: Config) -> tuple[np.ndarray, np.ndarray, 
         return train, val, test, cfg.eval_split
     n_folds = min(4, len(np.unique(data.groups.astype(str))))
     if n_folds < 2:
-        raise ValueError("the score head needs held-out photos: the store has no train/test splits and a "
-                         "single reference photo; record a data set with splits or several photos")
+        raise ValueError(
+            "the score head needs held-out photos: the store has no train/test splits and a "
+            "single reference photo; record a data set with splits or several photos"
+        )
     _, held = group_folds(data.groups, n_folds)[0]
     test = np.isin(np.arange(len(splits)), held)
     return ~test, np.zeros_like(test), test, "held-out photos"
@@ -318,23 +357,50 @@ def compare_heads(data: ProbeData, cfg: Config) -> tuple[HeadComparison, ScoreHe
     train, val, test, name = _split_masks(data, cfg)
     # The last layer's lens is the model's own read-out: its Q-Align score is the level-word score.
     level_word = None if data.lens_probs is None else data.lens_probs[-1] @ _QALIGN
-    return compare_scorers(data.resid[:, data.layers.index(layer)], data.mos, data.groups, train, test, layer=layer,
-                           val=val, level_word_scores=level_word, head_cfg=cfg.head, ridge_cfg=cfg.ridge,
-                           ids=data.ids, eval_name=name, device=cfg.device,
-                           meta={"source": data.source, "train_split": cfg.train_split, "val_split": cfg.val_split})
+    return compare_scorers(
+        data.resid[:, data.layers.index(layer)],
+        data.mos,
+        data.groups,
+        train,
+        test,
+        layer=layer,
+        val=val,
+        level_word_scores=level_word,
+        head_cfg=cfg.head,
+        ridge_cfg=cfg.ridge,
+        ids=data.ids,
+        eval_name=name,
+        device=cfg.device,
+        meta={"source": data.source, "train_split": cfg.train_split, "val_split": cfg.val_split},
+    )
 
 
 # ----------------------------------------------------------------------------- main
 def analyse(data: ProbeData, cfg: Config) -> Result:
     """Probe curve, lens curve and head comparison of already-read data (no files written)."""
-    curve = probe_layers(data.resid, data.mos, data.groups, cfg.ridge, layers=data.layers,
-                         n_shuffles=cfg.n_shuffles, seed=cfg.seed, device=cfg.device)
+    curve = probe_layers(
+        data.resid,
+        data.mos,
+        data.groups,
+        cfg.ridge,
+        layers=data.layers,
+        n_shuffles=cfg.n_shuffles,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
     lens_srcc = None
     if data.lens_probs is not None:
         lens_srcc = lens_score_curve(data.lens_probs, data.mos, data.groups, cfg.n_splits)
     comparison, head = compare_heads(data, cfg)
-    return Result(curve=curve, lens_srcc=lens_srcc, lens_agreement=data.lens_agreement, lens_settle=data.lens_settle,
-                  comparison=comparison, head=head, source=data.source)
+    return Result(
+        curve=curve,
+        lens_srcc=lens_srcc,
+        lens_agreement=data.lens_agreement,
+        lens_settle=data.lens_settle,
+        comparison=comparison,
+        head=head,
+        source=data.source,
+    )
 
 
 def main(cfg: Config, data: ProbeData | None = None) -> Result:
@@ -350,18 +416,25 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    files["json"].write_text(json.dumps(result.to_dict(), indent=1, default=_json_default) + "\n")
+    files["json"].write_text(json.dumps(_json_ready(result.to_dict()), indent=1, allow_nan=False) + "\n")
     if cfg.save_head:
         files["head"] = result.head.save(out / "score_head")
     return replace(result, files=files)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
+def _json_ready(value: Any) -> Any:
+    """Arrays to lists, numpy scalars to Python, NaN/inf to None (strict JSON for other readers)."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
+        return _json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def render(result: Result, console: Any) -> None:
@@ -371,10 +444,15 @@ def render(result: Result, console: Any) -> None:
     console.print(reports.probe_table(result.curve, result.lens_srcc, result.lens_agreement))
     console.print(reports.score_head_table({"": result.comparison}))
     curve = result.curve
-    console.print(f"quality is linearly decodable (90% of the best probe) from layer {curve.decodable_layer()}; "
-                  f"best probe layer {curve.best_layer}"
-                  + (f"; the lens answer settles at median layer {result.lens_settle:g}" if result.lens_settle
-                     is not None else ""))
+    console.print(
+        f"quality is linearly decodable (90% of the best probe) from layer {curve.decodable_layer()}; "
+        f"best probe layer {curve.best_layer}"
+        + (
+            f"; the lens answer settles at median layer {result.lens_settle:g}"
+            if result.lens_settle is not None
+            else ""
+        )
+    )
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
 
@@ -385,11 +463,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
     p.add_argument("--model", help="checkpoint of the logit lens (default: the model the store names)")
-    p.add_argument("--no-lens", action="store_true", help="skip the logit-lens curve and the level-word score")
+    p.add_argument(
+        "--no-lens", action="store_true", help="skip the logit-lens curve and the level-word score"
+    )
     p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.probes)")
     p.add_argument("--n-splits", type=int, default=d.n_splits, help="outer photo folds of the ridge probes")
-    p.add_argument("--inner-splits", type=int, default=d.inner_splits, help="inner folds choosing the penalty")
-    p.add_argument("--n-shuffles", type=int, default=d.n_shuffles, help="shuffled-label fits per layer (chance)")
+    p.add_argument(
+        "--inner-splits", type=int, default=d.inner_splits, help="inner folds choosing the penalty"
+    )
+    p.add_argument(
+        "--n-shuffles", type=int, default=d.n_shuffles, help="shuffled-label fits per layer (chance)"
+    )
     p.add_argument("--head-layer", type=int, help="layer the score head reads (default: the last)")
     p.add_argument("--head-hidden", type=int, default=d.head_hidden)
     p.add_argument("--head-epochs", type=int, default=d.head_epochs)
@@ -404,12 +488,28 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--device", default=d.device, help="where the ridge algebra runs (cuda for 7B stores)")
     p.add_argument("--no-save-head", action="store_true", help="do not write the trained head")
     a = p.parse_args(argv)
-    return Config(store=a.store, model=a.model, lens=not a.no_lens, out=a.out, n_splits=a.n_splits,
-                  inner_splits=a.inner_splits, n_shuffles=a.n_shuffles, head_layer=a.head_layer,
-                  head_hidden=a.head_hidden, head_epochs=a.head_epochs, head_lr=a.head_lr,
-                  head_weight_decay=a.head_weight_decay, head_dropout=a.head_dropout,
-                  head_batch_size=a.head_batch_size, train_split=a.train_split, val_split=a.val_split,
-                  eval_split=a.eval_split, seed=a.seed, device=a.device, save_head=not a.no_save_head)
+    return Config(
+        store=a.store,
+        model=a.model,
+        lens=not a.no_lens,
+        out=a.out,
+        n_splits=a.n_splits,
+        inner_splits=a.inner_splits,
+        n_shuffles=a.n_shuffles,
+        head_layer=a.head_layer,
+        head_hidden=a.head_hidden,
+        head_epochs=a.head_epochs,
+        head_lr=a.head_lr,
+        head_weight_decay=a.head_weight_decay,
+        head_dropout=a.head_dropout,
+        head_batch_size=a.head_batch_size,
+        train_split=a.train_split,
+        val_split=a.val_split,
+        eval_split=a.eval_split,
+        seed=a.seed,
+        device=a.device,
+        save_head=not a.no_save_head,
+    )
 
 
 if __name__ == "__main__":

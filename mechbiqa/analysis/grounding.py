@@ -14,12 +14,11 @@ the same image and compares the answers:
 
 Which model answers each path (`rate_paths`):
 
-=================  ==========================================  ================================================
-rater              image path                                  text path
-=================  ==========================================  ================================================
-one-stage          its answer (`OneStageRater.rate`)            the same model, stage-2 prompt, no image
-two-stage pair     the stage-2 model, stage-2 prompt + image   its answer (`TwoStageRater.rate`: stage 2, no image)
-=================  ==========================================  ================================================
+* one-stage checkpoint: image path = its answer (`OneStageRater.rate`); text
+  path = the same model on the stage-2 prompt, no image;
+* two-stage pair: image path = the stage-2 model on the stage-2 prompt with
+  the image added; text path = its answer (`TwoStageRater.rate`: stage 2 reads
+  the stage-1 description, no image).
 
 Research choice: in both rows the two paths differ only by the presence of
 the image (and, for one-stage, the prompt that frames the description), so a
@@ -95,10 +94,32 @@ def level_index(word: str) -> int:
 # e.g. "defocus blur", "JPEG compression", "salt-and-pepper noise") plus generic ones a real
 # model writes ("artifacts", "distortion").
 _DEFAULT_HEADS = (
-    "blur", "blurring", "blurriness", "bleeding", "fringing", "quantization", "fading", "oversaturation",
-    "compression", "noise", "smear", "overexposure", "underexposure", "shift", "jitter", "displacement",
-    "pixelation", "banding", "blocking", "oversharpening", "change", "artifacts", "artefacts", "distortion",
-    "distortions", "degradation",
+    "blur",
+    "blurring",
+    "blurriness",
+    "bleeding",
+    "fringing",
+    "quantization",
+    "fading",
+    "oversaturation",
+    "compression",
+    "noise",
+    "smear",
+    "overexposure",
+    "underexposure",
+    "shift",
+    "jitter",
+    "displacement",
+    "pixelation",
+    "banding",
+    "blocking",
+    "oversharpening",
+    "change",
+    "artifacts",
+    "artefacts",
+    "distortion",
+    "distortions",
+    "degradation",
 )
 _DEFAULT_CLEAN_CUES = ("clean", "crisp", "noise-free", "no visible", "sharp", "clear")
 
@@ -142,8 +163,9 @@ class SeverityLexicon:
     def __post_init__(self) -> None:
         """Compile the adjective and cue patterns."""
         if len(self.adjectives) != 5:
-            raise ValueError(f"SeverityLexicon needs adjectives for severities 0..4 (5 groups); got "
-                             f"{len(self.adjectives)}")
+            raise ValueError(
+                f"SeverityLexicon needs adjectives for severities 0..4 (5 groups); got {len(self.adjectives)}"
+            )
         group = {" ".join(a.lower().split()): s for s, words in enumerate(self.adjectives) for a in words}
         heads = "|".join(re.escape(h) for h in sorted(self.heads, key=len, reverse=True))
         # Longest adjective first, so "very slight" (severity 0) is read whole, not as "slight" (1).
@@ -239,12 +261,18 @@ class GroundingResult:
     def summary(self) -> dict[str, Any]:
         """The headline numbers (what the comparison report prints)."""
         return {
-            "n": self.n, "contradiction_rate": self.contradiction_rate, "agreement_srcc": self.agreement_srcc,
-            "mean_level_gap": self.mean_level_gap, "conflict_rate": self.conflict_rate,
-            "severe_to_good_rate": self.severe_to_good_rate, "clean_to_bad_rate": self.clean_to_bad_rate,
+            "n": self.n,
+            "contradiction_rate": self.contradiction_rate,
+            "agreement_srcc": self.agreement_srcc,
+            "mean_level_gap": self.mean_level_gap,
+            "conflict_rate": self.conflict_rate,
+            "severe_to_good_rate": self.severe_to_good_rate,
+            "clean_to_bad_rate": self.clean_to_bad_rate,
             "n_severe_to_good": self.conflict.count("severe->good"),
             "n_clean_to_bad": self.conflict.count("clean->bad"),
-            "severity_counts": self.severity_counts, "srcc_image": self.srcc_image, "srcc_text": self.srcc_text,
+            "severity_counts": self.severity_counts,
+            "srcc_image": self.srcc_image,
+            "srcc_text": self.srcc_text,
         }
 
     def to_dict(self, per_image: bool = True) -> dict[str, Any]:
@@ -253,13 +281,19 @@ class GroundingResult:
         if per_image:
             image_scores, text_scores = self.image_scores, self.text_scores
             out["per_image"] = [
-                {"id": self.ids[i], "description": self.descriptions[i], "severity": self.severity[i],
-                 "image_level": LEVEL_WORDS[int(self.image_levels[i])],
-                 "text_level": LEVEL_WORDS[int(self.text_levels[i])],
-                 "final_level": LEVEL_WORDS[int(self.final_levels[i])],
-                 "image_score": float(image_scores[i]), "text_score": float(text_scores[i]),
-                 "contradiction": bool(self.contradiction[i]), "conflict": self.conflict[i],
-                 "mos": None if self.mos is None else float(self.mos[i])}
+                {
+                    "id": self.ids[i],
+                    "description": self.descriptions[i],
+                    "severity": self.severity[i],
+                    "image_level": LEVEL_WORDS[int(self.image_levels[i])],
+                    "text_level": LEVEL_WORDS[int(self.text_levels[i])],
+                    "final_level": LEVEL_WORDS[int(self.final_levels[i])],
+                    "image_score": float(image_scores[i]),
+                    "text_score": float(text_scores[i]),
+                    "contradiction": bool(self.contradiction[i]),
+                    "conflict": self.conflict[i],
+                    "mos": None if self.mos is None else float(self.mos[i]),
+                }
                 for i in range(self.n)
             ]
         return out
@@ -277,13 +311,17 @@ def _safe_srcc(a: np.ndarray, b: np.ndarray) -> float:
 def _as_probs(values: Any, name: str, n: int | None) -> np.ndarray:
     probs = np.asarray(values, dtype=np.float64)
     if probs.ndim != 2 or probs.shape[1] != len(LEVEL_WORDS):
-        raise ValueError(f"{name} must be [image, {len(LEVEL_WORDS)}] level probabilities (excellent .. bad); "
-                         f"got shape {probs.shape}")
+        raise ValueError(
+            f"{name} must be [image, {len(LEVEL_WORDS)}] level probabilities (excellent .. bad); "
+            f"got shape {probs.shape}"
+        )
     if n is not None and probs.shape[0] != n:
         raise ValueError(f"{name} has {probs.shape[0]} rows for {n} images")
     if not np.all(np.isfinite(probs)) or np.any(probs < 0) or not np.allclose(probs.sum(1), 1.0, atol=1e-4):
-        raise ValueError(f"{name} rows must be probability vectors (non-negative, summing to 1); "
-                         "pass softmax(level logits), e.g. mechbiqa.scoring.level_probs")
+        raise ValueError(
+            f"{name} rows must be probability vectors (non-negative, summing to 1); "
+            "pass softmax(level logits), e.g. mechbiqa.scoring.level_probs"
+        )
     return probs
 
 
@@ -326,8 +364,12 @@ def grounding(
     lexicon = lexicon or SeverityLexicon()
     severity = tuple(lexicon.classify(d) for d in descriptions)
     conflict = tuple(
-        "severe->good" if s == "severe" and f in _GOOD_LEVELS else "clean->bad" if s == "clean" and f in _BAD_LEVELS
-        else "" for s, f in zip(severity, final.tolist())
+        "severe->good"
+        if s == "severe" and f in _GOOD_LEVELS
+        else "clean->bad"
+        if s == "clean" and f in _BAD_LEVELS
+        else ""
+        for s, f in zip(severity, final.tolist(), strict=True)
     )
     gap = np.abs(image_levels - text_levels)
     contradiction = gap >= 1
@@ -340,11 +382,21 @@ def grounding(
         raise ValueError(f"mos has shape {mos_arr.shape}; expected ({n},)")
     nan = float("nan")
     return GroundingResult(
-        ids=ids, image_probs=image, text_probs=text, image_levels=image_levels, text_levels=text_levels,
-        final_levels=final, descriptions=tuple(descriptions), severity=severity, contradiction=contradiction,
-        conflict=conflict, contradiction_rate=float(contradiction.mean()) if n else nan,
-        agreement_srcc=_safe_srcc(image_scores, text_scores), mean_level_gap=float(gap.mean()) if n else nan,
-        confusion=confusion, conflict_rate=float(np.mean([c != "" for c in conflict])) if n else nan,
+        ids=ids,
+        image_probs=image,
+        text_probs=text,
+        image_levels=image_levels,
+        text_levels=text_levels,
+        final_levels=final,
+        descriptions=tuple(descriptions),
+        severity=severity,
+        contradiction=contradiction,
+        conflict=conflict,
+        contradiction_rate=float(contradiction.mean()) if n else nan,
+        agreement_srcc=_safe_srcc(image_scores, text_scores),
+        mean_level_gap=float(gap.mean()) if n else nan,
+        confusion=confusion,
+        conflict_rate=float(np.mean([c != "" for c in conflict])) if n else nan,
         severe_to_good_rate=conflict.count("severe->good") / n_severe if n_severe else nan,
         clean_to_bad_rate=conflict.count("clean->bad") / n_clean if n_clean else nan,
         srcc_image=nan if mos_arr is None else _safe_srcc(image_scores, mos_arr),
@@ -380,7 +432,9 @@ def _probs(logits: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.asarray(logits, dtype=np.float32)).softmax(-1).double().numpy()
 
 
-def text_path_probs(components: Any, template: Any, descriptions: Sequence[str], batch_size: int = 64) -> np.ndarray:
+def text_path_probs(
+    components: Any, template: Any, descriptions: Sequence[str], batch_size: int = 64
+) -> np.ndarray:
     """Level probabilities of each description read as text only (the stage-2 prompt, no image).
 
     Args:
@@ -398,8 +452,9 @@ def text_path_probs(components: Any, template: Any, descriptions: Sequence[str],
     return _probs(score_prompts(components.model, components.tokenizer, prompts, None, batch_size=batch_size))
 
 
-def image_path_probs(components: Any, template: Any, descriptions: Sequence[str], pixels: Tensor,
-                     batch_size: int = 64) -> np.ndarray:
+def image_path_probs(
+    components: Any, template: Any, descriptions: Sequence[str], pixels: Tensor, batch_size: int = 64
+) -> np.ndarray:
     """Level probabilities of the stage-2 prompt with the image added before the description.
 
     The image path of a two-stage pair: the same words stage 2 reads, plus the image
@@ -407,9 +462,21 @@ def image_path_probs(components: Any, template: Any, descriptions: Sequence[str]
     """
     from mechbiqa.pipeline import score_prompts, user_turn
 
-    prompts = [encode_prompt(components.tokenizer, template, user_turn("stage2", d)[0], image_first=True,
-                             n_images=1, image_sep="\n", answer_prefix=QALIGN_ANSWER_PREFIX) for d in descriptions]
-    return _probs(score_prompts(components.model, components.tokenizer, prompts, pixels, batch_size=batch_size))
+    prompts = [
+        encode_prompt(
+            components.tokenizer,
+            template,
+            user_turn("stage2", d)[0],
+            image_first=True,
+            n_images=1,
+            image_sep="\n",
+            answer_prefix=QALIGN_ANSWER_PREFIX,
+        )
+        for d in descriptions
+    ]
+    return _probs(
+        score_prompts(components.model, components.tokenizer, prompts, pixels, batch_size=batch_size)
+    )
 
 
 @torch.no_grad()
@@ -439,7 +506,15 @@ def rate_paths(rater: OneStageRater | TwoStageRater, pixels: Tensor, batch_size:
         image = image_path_probs(rater.stage2, rater.template, descriptions, pixels, batch_size)
         final = text.argmax(1)
     else:
-        raise TypeError(f"rate_paths needs a OneStageRater or TwoStageRater (mechbiqa.pipeline), "
-                        f"got {type(rater).__name__}")
-    return GroundingPaths(mode=rater.mode, descriptions=tuple(descriptions), answers=tuple(r.answer for r in ratings),
-                          image_probs=image, text_probs=text, final_levels=np.asarray(final, dtype=np.int64))
+        raise TypeError(
+            f"rate_paths needs a OneStageRater or TwoStageRater (mechbiqa.pipeline), "
+            f"got {type(rater).__name__}"
+        )
+    return GroundingPaths(
+        mode=rater.mode,
+        descriptions=tuple(descriptions),
+        answers=tuple(r.answer for r in ratings),
+        image_probs=image,
+        text_probs=text,
+        final_levels=np.asarray(final, dtype=np.int64),
+    )

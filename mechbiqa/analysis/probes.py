@@ -105,12 +105,16 @@ def group_folds(groups: Sequence[Any] | np.ndarray, n_splits: int) -> list[tuple
     Raises:
         ValueError: If there are fewer distinct groups than folds.
     """
-    labels, inverse, sizes = np.unique(np.asarray(groups).astype(str), return_inverse=True, return_counts=True)
+    labels, inverse, sizes = np.unique(
+        np.asarray(groups).astype(str), return_inverse=True, return_counts=True
+    )
     if n_splits < 2:
         raise ValueError(f"n_splits must be at least 2, got {n_splits}")
     if len(labels) < n_splits:
-        raise ValueError(f"cannot make {n_splits} folds from {len(labels)} groups (reference photos); lower "
-                         "n_splits, or give more photos (each fold must hold out at least one whole photo)")
+        raise ValueError(
+            f"cannot make {n_splits} folds from {len(labels)} groups (reference photos); lower "
+            "n_splits, or give more photos (each fold must hold out at least one whole photo)"
+        )
     fold_of_group = np.empty(len(labels), dtype=np.int64)
     load = np.zeros(n_splits, dtype=np.int64)
     for g in np.argsort(-sizes, kind="stable"):
@@ -138,15 +142,24 @@ class RidgeConfig:
     inner_splits: int = 3
 
     def __post_init__(self) -> None:
+        """Check the grid and the fold counts."""
         if not self.alphas or min(self.alphas) <= 0:
             raise ValueError(f"RidgeConfig alphas must be positive and non-empty; got {self.alphas}")
         if self.n_splits < 2 or self.inner_splits < 2:
-            raise ValueError(f"RidgeConfig needs n_splits >= 2 and inner_splits >= 2; got {self.n_splits}, "
-                             f"{self.inner_splits}")
+            raise ValueError(
+                f"RidgeConfig needs n_splits >= 2 and inner_splits >= 2; got {self.n_splits}, "
+                f"{self.inner_splits}"
+            )
 
 
-def ridge_predictions(x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor, x_test: np.ndarray | Tensor,
-                      alphas: Sequence[float], *, device: str | torch.device | None = None) -> np.ndarray:
+def ridge_predictions(
+    x_train: np.ndarray | Tensor,
+    y_train: np.ndarray | Tensor,
+    x_test: np.ndarray | Tensor,
+    alphas: Sequence[float],
+    *,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
     """Ridge predictions on ``x_test`` for every alpha, from one eigendecomposition.
 
     Features are standardised with the training mean and std, the target centred
@@ -165,12 +178,15 @@ def ridge_predictions(x_train: np.ndarray | Tensor, y_train: np.ndarray | Tensor
     Returns:
         ``[alpha, n_test]`` predictions.
     """
+
     def tensor(a: np.ndarray | Tensor) -> Tensor:
         return torch.as_tensor(np.asarray(a) if not isinstance(a, Tensor) else a).to(device, torch.float64)
 
     xtr, xte, y = tensor(x_train), tensor(x_test), tensor(y_train)
     mean, std = xtr.mean(0), xtr.std(0, unbiased=False)
-    std = torch.where(std > 1e-12 * std.max().clamp_min(1.0), std, torch.ones_like(std))  # constant columns stay 0
+    std = torch.where(
+        std > 1e-12 * std.max().clamp_min(1.0), std, torch.ones_like(std)
+    )  # constant columns stay 0
     ztr, zte = (xtr - mean) / std, (xte - mean) / std
     offset = y.mean()
     yc = y - offset
@@ -224,9 +240,15 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def choose_alpha(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray,
-                 cfg: RidgeConfig = RidgeConfig(), *, device: str | torch.device | None = None) -> float:
-    """The alpha of ``cfg.alphas`` with the least squared error in photo-grouped CV (``cfg.inner_splits`` folds).
+def choose_alpha(
+    x: np.ndarray | Tensor,
+    y: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    cfg: RidgeConfig = RidgeConfig(),
+    *,
+    device: str | torch.device | None = None,
+) -> float:
+    """The alpha of ``cfg.alphas`` with the least squared error in photo-grouped CV (``inner_splits`` folds).
 
     Raises:
         ValueError: If the samples come from a single photo (no grouped CV possible).
@@ -236,8 +258,10 @@ def choose_alpha(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups
     groups = np.asarray(groups)
     n_groups = len(np.unique(groups.astype(str)))
     if n_groups < 2:
-        raise ValueError("an outer training fold holds a single reference photo, so the inner CV cannot choose "
-                         "alpha; give more photos or fewer outer folds (n_splits)")
+        raise ValueError(
+            "an outer training fold holds a single reference photo, so the inner CV cannot choose "
+            "alpha; give more photos or fewer outer folds (n_splits)"
+        )
     errors = np.zeros(len(cfg.alphas))
     for train, test in group_folds(groups, min(cfg.inner_splits, n_groups)):
         predictions = ridge_predictions(x[train], y[train], x[test], cfg.alphas, device=device)
@@ -245,8 +269,14 @@ def choose_alpha(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups
     return float(cfg.alphas[int(np.argmin(errors))])  # ties: the smaller penalty (first in the grid)
 
 
-def ridge_cv(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Sequence[Any] | np.ndarray,
-             cfg: RidgeConfig = RidgeConfig(), *, device: str | torch.device | None = None) -> RidgeFit:
+def ridge_cv(
+    x: np.ndarray | Tensor,
+    y: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray,
+    cfg: RidgeConfig = RidgeConfig(),
+    *,
+    device: str | torch.device | None = None,
+) -> RidgeFit:
     """Nested, photo-grouped cross-validation of a ridge probe.
 
     For each outer fold: choose alpha by inner grouped CV (squared error summed
@@ -267,8 +297,10 @@ def ridge_cv(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Se
     y = np.asarray(y, dtype=np.float64)
     groups = np.asarray(groups)
     if x.ndim != 2 or y.shape != (x.shape[0],) or groups.shape != y.shape:
-        raise ValueError(f"ridge_cv needs x [sample, d], y [sample], groups [sample]; got {tuple(x.shape)}, "
-                         f"{y.shape}, {groups.shape}")
+        raise ValueError(
+            f"ridge_cv needs x [sample, d], y [sample], groups [sample]; got {tuple(x.shape)}, "
+            f"{y.shape}, {groups.shape}"
+        )
     if not (bool(torch.isfinite(x).all()) and np.isfinite(y).all()):
         raise ValueError("ridge_cv got NaN or infinite values; drop unrated samples (NaN labels) first")
     out = np.empty_like(y)
@@ -279,9 +311,16 @@ def ridge_cv(x: np.ndarray | Tensor, y: Sequence[float] | np.ndarray, groups: Se
         chosen.append(alpha)
         fold_srcc.append(_srcc(out[test], y[test]))
         fold_plcc.append(_plcc(out[test], y[test]))
-    return RidgeFit(predictions=out, alphas=np.asarray(chosen), fold_srcc=np.asarray(fold_srcc),
-                    fold_plcc=np.asarray(fold_plcc), srcc=_nanmean(fold_srcc), plcc=_nanmean(fold_plcc),
-                    pooled_srcc=_srcc(out, y), pooled_plcc=_plcc(out, y))
+    return RidgeFit(
+        predictions=out,
+        alphas=np.asarray(chosen),
+        fold_srcc=np.asarray(fold_srcc),
+        fold_plcc=np.asarray(fold_plcc),
+        srcc=_nanmean(fold_srcc),
+        plcc=_nanmean(fold_plcc),
+        pooled_srcc=_srcc(out, y),
+        pooled_plcc=_plcc(out, y),
+    )
 
 
 @dataclass(frozen=True)
@@ -334,12 +373,19 @@ class ProbeCurve:
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
         """JSON-ready dict (out-of-fold predictions only with ``per_sample``)."""
         out = {
-            "layers": self.layers.tolist(), "srcc": self.srcc.tolist(), "plcc": self.plcc.tolist(),
-            "pooled_srcc": self.pooled_srcc.tolist(), "fold_srcc_std": np.nanstd(self.fold_srcc, 1).tolist(),
+            "layers": self.layers.tolist(),
+            "srcc": self.srcc.tolist(),
+            "plcc": self.plcc.tolist(),
+            "pooled_srcc": self.pooled_srcc.tolist(),
+            "fold_srcc_std": np.nanstd(self.fold_srcc, 1).tolist(),
             "alphas": self.alphas.tolist(),
             "control_srcc": None if self.control_srcc is None else self.control_srcc.tolist(),
-            "best_layer": self.best_layer, "decodable_layer": self.decodable_layer(), "n_samples": self.n_samples,
-            "n_groups": self.n_groups, "n_splits": self.config.n_splits, "inner_splits": self.config.inner_splits,
+            "best_layer": self.best_layer,
+            "decodable_layer": self.decodable_layer(),
+            "n_samples": self.n_samples,
+            "n_groups": self.n_groups,
+            "n_splits": self.config.n_splits,
+            "inner_splits": self.config.inner_splits,
             "alpha_grid": list(self.config.alphas),
         }
         if per_sample:
@@ -347,14 +393,17 @@ class ProbeCurve:
         return out
 
 
-def _layer_items(resid: np.ndarray | Iterable[tuple[int, np.ndarray]],
-                 layers: Sequence[int] | None) -> Iterable[tuple[int, np.ndarray]]:
+def _layer_items(
+    resid: np.ndarray | Iterable[tuple[int, np.ndarray]], layers: Sequence[int] | None
+) -> Iterable[tuple[int, np.ndarray]]:
     if isinstance(resid, np.ndarray):
         if resid.ndim == 4 and resid.shape[2] == 1:  # the store's [sample, layer, 1, d] quality selection
             resid = resid[:, :, 0]
         if resid.ndim != 3:
-            raise ValueError(f"resid must be [sample, layer, d_model] (or the store's [sample, layer, 1, "
-                             f"d_model]); got shape {resid.shape}")
+            raise ValueError(
+                f"resid must be [sample, layer, d_model] (or the store's [sample, layer, 1, "
+                f"d_model]); got shape {resid.shape}"
+            )
         numbers = list(range(resid.shape[1])) if layers is None else list(layers)
         if len(numbers) != resid.shape[1]:
             raise ValueError(f"{len(numbers)} layer numbers for {resid.shape[1]} layers of residuals")
@@ -405,16 +454,26 @@ def probe_layers(
     if not fits:
         raise ValueError("probe_layers got no layers")
     return ProbeCurve(
-        layers=np.asarray(numbers), srcc=np.asarray([f.srcc for f in fits]), plcc=np.asarray([f.plcc for f in fits]),
-        pooled_srcc=np.asarray([f.pooled_srcc for f in fits]), fold_srcc=np.stack([f.fold_srcc for f in fits]),
-        alphas=np.stack([f.alphas for f in fits]), predictions=np.stack([f.predictions for f in fits]),
-        control_srcc=np.asarray(control) if shuffles else None, n_samples=len(y),
-        n_groups=len(np.unique(groups.astype(str))), config=cfg,
+        layers=np.asarray(numbers),
+        srcc=np.asarray([f.srcc for f in fits]),
+        plcc=np.asarray([f.plcc for f in fits]),
+        pooled_srcc=np.asarray([f.pooled_srcc for f in fits]),
+        fold_srcc=np.stack([f.fold_srcc for f in fits]),
+        alphas=np.stack([f.alphas for f in fits]),
+        predictions=np.stack([f.predictions for f in fits]),
+        control_srcc=np.asarray(control) if shuffles else None,
+        n_samples=len(y),
+        n_groups=len(np.unique(groups.astype(str))),
+        config=cfg,
     )
 
 
-def lens_score_curve(level_probs: np.ndarray, mos: Sequence[float] | np.ndarray,
-                     groups: Sequence[Any] | np.ndarray | None = None, n_splits: int | None = None) -> np.ndarray:
+def lens_score_curve(
+    level_probs: np.ndarray,
+    mos: Sequence[float] | np.ndarray,
+    groups: Sequence[Any] | np.ndarray | None = None,
+    n_splits: int | None = None,
+) -> np.ndarray:
     """``[layer]`` SRCC with MOS of the Q-Align score read through the logit lens at each layer.
 
     Args:
@@ -464,9 +523,12 @@ class ScoreHeadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Check the sizes and the dropout rate."""
         if self.hidden < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"ScoreHeadConfig needs hidden, epochs and batch_size >= 1; got {self.hidden}, "
-                             f"{self.epochs}, {self.batch_size}")
+            raise ValueError(
+                f"ScoreHeadConfig needs hidden, epochs and batch_size >= 1; got {self.hidden}, "
+                f"{self.epochs}, {self.batch_size}"
+            )
         if not 0 <= self.dropout < 1:
             raise ValueError(f"ScoreHeadConfig dropout must be in [0, 1); got {self.dropout}")
 
@@ -490,15 +552,25 @@ class ScoreHead(nn.Module):
         meta: Where it was trained (store path, prompt, metrics), saved with it.
     """
 
-    def __init__(self, d_model: int, layer: int, config: ScoreHeadConfig = ScoreHeadConfig(),
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        layer: int,
+        config: ScoreHeadConfig = ScoreHeadConfig(),
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Build the layers; the normalisation buffers start at mean 0, std 1."""
         super().__init__()
         self.d_model, self.layer, self.config = int(d_model), int(layer), config
         self.meta = dict(meta or {})
         self.register_buffer("mean", torch.zeros(d_model))
         self.register_buffer("std", torch.ones(d_model))
-        self.net = nn.Sequential(nn.Linear(d_model, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
-                                 nn.Linear(config.hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(d_model, config.hidden),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.hidden, 1),
+        )
 
     @property
     def hook(self) -> str:
@@ -514,11 +586,22 @@ class ScoreHead(nn.Module):
         """Predicted MOS of ``[sample, d_model]`` hidden states (eval mode, float64 numpy)."""
         was = self.training
         self.eval()
-        x = torch.as_tensor(np.asarray(hidden, dtype=np.float32)) if isinstance(hidden, np.ndarray) else hidden
+        x = (
+            torch.as_tensor(np.asarray(hidden, dtype=np.float32))
+            if isinstance(hidden, np.ndarray)
+            else hidden
+        )
         if x.ndim != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"ScoreHead.predict needs [sample, {self.d_model}] hidden states; got {tuple(x.shape)}")
-        out = torch.cat([self(x[i:i + batch_size].to(self.mean.device)) for i in range(0, len(x), batch_size)]) \
-            if len(x) else torch.zeros(0)
+            raise ValueError(
+                f"ScoreHead.predict needs [sample, {self.d_model}] hidden states; got {tuple(x.shape)}"
+            )
+        out = (
+            torch.cat(
+                [self(x[i : i + batch_size].to(self.mean.device)) for i in range(0, len(x), batch_size)]
+            )
+            if len(x)
+            else torch.zeros(0)
+        )
         self.train(was)
         return out.double().cpu().numpy()
 
@@ -528,11 +611,19 @@ class ScoreHead(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        info = {"format": _HEAD_FORMAT, "d_model": self.d_model, "layer": self.layer, "hook": self.hook,
-                "config": asdict(self.config), "meta": self.meta}
+        info = {
+            "format": _HEAD_FORMAT,
+            "d_model": self.d_model,
+            "layer": self.layer,
+            "hook": self.hook,
+            "config": asdict(self.config),
+            "meta": self.meta,
+        }
         (directory / _HEAD_CONFIG).write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(directory / _HEAD_WEIGHTS))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+            str(directory / _HEAD_WEIGHTS),
+        )
         return directory
 
     @classmethod
@@ -547,12 +638,16 @@ class ScoreHead(nn.Module):
         directory = Path(directory)
         for name in (_HEAD_CONFIG, _HEAD_WEIGHTS):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found: {directory} is not a saved ScoreHead "
-                                        "(write one with ScoreHead.save or studies/probes.py --save-head)")
+                raise FileNotFoundError(
+                    f"{directory / name} not found: {directory} is not a saved ScoreHead "
+                    "(write one with ScoreHead.save or studies/probes.py --save-head)"
+                )
         info = json.loads((directory / _HEAD_CONFIG).read_text())
         if info.get("format") != _HEAD_FORMAT:
-            raise ValueError(f"{directory / _HEAD_CONFIG} has format {info.get('format')}; this mechbiqa reads "
-                             f"format {_HEAD_FORMAT}: retrain the head")
+            raise ValueError(
+                f"{directory / _HEAD_CONFIG} has format {info.get('format')}; this mechbiqa reads "
+                f"format {_HEAD_FORMAT}: retrain the head"
+            )
         head = cls(info["d_model"], info["layer"], ScoreHeadConfig(**info["config"]), info.get("meta"))
         head.load_state_dict(load_file(str(directory / _HEAD_WEIGHTS)))
         return head.eval()
@@ -597,15 +692,21 @@ def train_score_head(
     """
     layer = cfg.layer if layer is None else layer
     if layer is None:
-        raise ValueError("train_score_head needs the layer the hidden states come from: pass layer= or set "
-                         "ScoreHeadConfig.layer")
+        raise ValueError(
+            "train_score_head needs the layer the hidden states come from: pass layer= or set "
+            "ScoreHeadConfig.layer"
+        )
     x = torch.as_tensor(np.asarray(hidden, dtype=np.float32))
     y = torch.as_tensor(np.asarray(mos, dtype=np.float32))
     if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"train_score_head needs hidden [sample, d] and mos [sample]; got {tuple(x.shape)}, "
-                         f"{tuple(y.shape)}")
+        raise ValueError(
+            f"train_score_head needs hidden [sample, d] and mos [sample]; got {tuple(x.shape)}, "
+            f"{tuple(y.shape)}"
+        )
     if len(x) < 2 or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        raise ValueError("train_score_head needs at least 2 samples and finite values; drop unrated samples first")
+        raise ValueError(
+            "train_score_head needs at least 2 samples and finite values; drop unrated samples first"
+        )
     has_val = val_hidden is not None and val_mos is not None and len(val_mos) > 0
     with torch.random.fork_rng(devices=[]):  # seeded init and dropout without touching the caller's stream
         torch.manual_seed(cfg.seed)
@@ -670,11 +771,19 @@ class HeadComparison:
 
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
         """JSON-ready dict."""
-        out = {"layer": self.layer, "eval_split": self.eval_split, "n_train": self.n_train, "n_val": self.n_val,
-               "n_eval": self.n_eval, "metrics": self.metrics}
+        out = {
+            "layer": self.layer,
+            "eval_split": self.eval_split,
+            "n_train": self.n_train,
+            "n_val": self.n_val,
+            "n_eval": self.n_eval,
+            "metrics": self.metrics,
+        }
         if per_sample:
-            out["per_sample"] = [{"id": i, **{k: float(v[j]) for k, v in self.predictions.items()}}
-                                 for j, i in enumerate(self.eval_ids)]
+            out["per_sample"] = [
+                {"id": i, **{k: float(v[j]) for k, v in self.predictions.items()}}
+                for j, i in enumerate(self.eval_ids)
+            ]
         return out
 
 
@@ -729,23 +838,42 @@ def compare_scorers(
     train, test = np.asarray(train, dtype=bool), np.asarray(test, dtype=bool)
     val = np.zeros_like(train) if val is None else np.asarray(val, dtype=bool)
     if set(groups[train]) & set(groups[test]):
-        raise ValueError("the training and scored samples share reference photos; score held-out photos "
-                         "(split by photo) so the comparison measures generalisation to new content")
-    head = train_score_head(x[train], y[train], head_cfg, layer=layer, val_hidden=x[val] if val.any() else None,
-                            val_mos=y[val] if val.any() else None, meta=meta)
+        raise ValueError(
+            "the training and scored samples share reference photos; score held-out photos "
+            "(split by photo) so the comparison measures generalisation to new content"
+        )
+    head = train_score_head(
+        x[train],
+        y[train],
+        head_cfg,
+        layer=layer,
+        val_hidden=x[val] if val.any() else None,
+        val_mos=y[val] if val.any() else None,
+        meta=meta,
+    )
     if len(np.unique(groups[train])) >= 2:
         alpha = choose_alpha(x[train], y[train], groups[train], ridge_cfg, device=device)
     else:
         alpha = 1.0  # one training photo: no grouped CV possible; a mid-grid penalty
-    predictions = {"mlp_head": head.predict(x[test]),
-                   "ridge": ridge_predictions(x[train], y[train], x[test], [alpha], device=device)[0]}
+    predictions = {
+        "mlp_head": head.predict(x[test]),
+        "ridge": ridge_predictions(x[train], y[train], x[test], [alpha], device=device)[0],
+    }
     if level_word_scores is not None:
         predictions = {"level_word": np.asarray(level_word_scores, dtype=np.float64)[test], **predictions}
     metrics = {k: _scorer_metrics(v, y[test]) for k, v in predictions.items()}
     head.meta.update(metrics=metrics, ridge_alpha=alpha)
     eval_ids = tuple(np.asarray(ids)[test].tolist()) if ids is not None else ()
-    return HeadComparison(layer=layer, eval_split=eval_name, n_train=int(train.sum()), n_val=int(val.sum()),
-                          n_eval=int(test.sum()), metrics=metrics, predictions=predictions, eval_ids=eval_ids), head
+    return HeadComparison(
+        layer=layer,
+        eval_split=eval_name,
+        n_train=int(train.sum()),
+        n_val=int(val.sum()),
+        n_eval=int(test.sum()),
+        metrics=metrics,
+        predictions=predictions,
+        eval_ids=eval_ids,
+    ), head
 
 
 # --------------------------------------------------------------------------- the head at inference
@@ -759,7 +887,7 @@ def quality_hidden(
     *,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """``[prompt, d_model]`` residual after block ``layer`` at each prompt's last position (the quality position).
+    """``[prompt, d_model]`` residual after block ``layer`` at each prompt's last (quality) position.
 
     The prompts must end right before the level word (a scoring prompt:
     ``EncodedPrompt.quality_index`` is the last id), as in the store the head was trained on.
@@ -767,37 +895,50 @@ def quality_hidden(
     """
     bad = [i for i, p in enumerate(prompts) if p.quality_index != len(p.ids) - 1]
     if bad:
-        raise ValueError(f"prompts {bad[:5]} do not end at their quality position; build them with "
-                         "mechbiqa.pipeline.scoring_prompt or encode_prompt(..., answer_prefix=...)")
+        raise ValueError(
+            f"prompts {bad[:5]} do not end at their quality position; build them with "
+            "mechbiqa.pipeline.scoring_prompt or encode_prompt(..., answer_prefix=...)"
+        )
     name = f"llm.blocks.{layer}.hook_resid_post"
     if name not in model.hook_dict:
         raise ValueError(f"the model has no hook {name!r} (it has {model.cfg.llm.n_layers} LLM layers)")
     image_at = np.cumsum([0] + [p.n_images for p in prompts])
     rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
+        chunk = prompts[start : start + batch_size]
         length = max(len(p.ids) for p in chunk)
         ids = torch.full((len(chunk), length), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), length), dtype=torch.long)
         for i, p in enumerate(chunk):
-            ids[i, :len(p.ids)] = torch.tensor(p.ids)
-            mask[i, :len(p.ids)] = 1
+            ids[i, : len(p.ids)] = torch.tensor(p.ids)
+            mask[i, : len(p.ids)] = 1
         images = None
         if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start]:image_at[start + len(chunk)]].to(model.device, model.dtype)
+            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
         grabbed: list[Tensor] = []
 
-        def grab(activation: Tensor, hook: Any) -> None:
-            grabbed.append(activation[:, -1].float().cpu())
+        def grab(activation: Tensor, hook: Any, into: list[Tensor] = grabbed) -> None:
+            into.append(activation[:, -1].float().cpu())
 
-        model.run_with_hooks(ids.to(model.device), images=images, attention_mask=mask.to(model.device),
-                             fwd_hooks=[(name, grab)])
+        model.run_with_hooks(
+            ids.to(model.device),
+            images=images,
+            attention_mask=mask.to(model.device),
+            fwd_hooks=[(name, grab)],
+        )
         rows.append(grabbed[0])
     return torch.cat(rows).numpy() if rows else np.zeros((0, model.cfg.llm.d_model), dtype=np.float32)
 
 
-def head_scores(head: ScoreHead, model: MPLUGOwl2, tokenizer: Tokenizer, prompts: Sequence[EncodedPrompt],
-                pixels: Tensor | None, *, batch_size: int = 32) -> np.ndarray:
+def head_scores(
+    head: ScoreHead,
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    prompts: Sequence[EncodedPrompt],
+    pixels: Tensor | None,
+    *,
+    batch_size: int = 32,
+) -> np.ndarray:
     """Score images with a trained head: one forward per batch, the head on its layer's quality state.
 
     Args:

@@ -74,14 +74,19 @@ class RougeResult:
     def to_dict(self, per_image: bool = True) -> dict[str, Any]:
         """JSON-ready dict: means, settings and (optionally) per-image values."""
         out: dict[str, Any] = {
-            "n": self.n, "mean_f1": self.mean_f1, "mean_precision": self.mean_precision,
-            "mean_recall": self.mean_recall, "use_stemmer": self.use_stemmer,
+            "n": self.n,
+            "mean_f1": self.mean_f1,
+            "mean_precision": self.mean_precision,
+            "mean_recall": self.mean_recall,
+            "use_stemmer": self.use_stemmer,
             "library": "rouge-score (RougeScorer(['rouge1']))",
         }
         if per_image:
             out["per_image"] = [
                 {"id": i, "f1": float(f), "precision": float(p), "recall": float(r), "n_references": int(k)}
-                for i, f, p, r, k in zip(self.ids, self.f1, self.precision, self.recall, self.n_references)
+                for i, f, p, r, k in zip(
+                    self.ids, self.f1, self.precision, self.recall, self.n_references, strict=True
+                )
             ]
         return out
 
@@ -119,29 +124,39 @@ def rouge1(
         ValueError: If the lengths differ, or an image has an empty list of references.
     """
     if len(predictions) != len(references):
-        raise ValueError(f"rouge1: {len(predictions)} predictions but {len(references)} references; "
-                         "pass one reference (or list of references) per prediction, in the same order")
+        raise ValueError(
+            f"rouge1: {len(predictions)} predictions but {len(references)} references; "
+            "pass one reference (or list of references) per prediction, in the same order"
+        )
     if ids is not None and len(ids) != len(predictions):
         raise ValueError(f"rouge1: {len(ids)} ids for {len(predictions)} predictions")
     scorer = _scorer(use_stemmer)
     p, r, f, k = [], [], [], []
-    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+    for index, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
         refs = [reference] if isinstance(reference, str) else list(reference)
         if not refs:
             raise ValueError(f"rouge1: image {index} has an empty list of references; drop it or give one")
-        score = (scorer.score(refs[0], prediction) if len(refs) == 1
-                 else scorer.score_multi(refs, prediction))["rouge1"]
+        score = (
+            scorer.score(refs[0], prediction) if len(refs) == 1 else scorer.score_multi(refs, prediction)
+        )["rouge1"]
         p.append(score.precision)
         r.append(score.recall)
         f.append(score.fmeasure)
         k.append(len(refs))
     as_array = lambda v: np.asarray(v, dtype=np.float64)  # noqa: E731
-    return RougeResult(precision=as_array(p), recall=as_array(r), f1=as_array(f),
-                       ids=tuple(ids) if ids is not None else ("",) * len(f), use_stemmer=use_stemmer,
-                       n_references=np.asarray(k, dtype=np.int64))
+    return RougeResult(
+        precision=as_array(p),
+        recall=as_array(r),
+        f1=as_array(f),
+        ids=tuple(ids) if ids is not None else ("",) * len(f),
+        use_stemmer=use_stemmer,
+        n_references=np.asarray(k, dtype=np.int64),
+    )
 
 
-def references_for(ids: Sequence[str], annotations: Mapping[str, str | Sequence[str]]) -> list[str | Sequence[str]]:
+def references_for(
+    ids: Sequence[str], annotations: Mapping[str, str | Sequence[str]]
+) -> list[str | Sequence[str]]:
     """Look up each image's reference description(s) in a user's annotations.
 
     Args:
@@ -154,6 +169,8 @@ def references_for(ids: Sequence[str], annotations: Mapping[str, str | Sequence[
     """
     missing = [i for i in ids if i not in annotations]
     if missing:
-        raise KeyError(f"{len(missing)} image(s) have no reference description, e.g. {missing[:5]}; "
-                       f"annotation keys look like {list(annotations)[:5]}; key the annotations by the same ids")
+        raise KeyError(
+            f"{len(missing)} image(s) have no reference description, e.g. {missing[:5]}; "
+            f"annotation keys look like {list(annotations)[:5]}; key the annotations by the same ids"
+        )
     return [annotations[i] for i in ids]
