@@ -31,11 +31,12 @@ key axis of attention rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -313,20 +314,55 @@ class _Rows:
     text_ids: list[list[int]]  # per row, text-space ids
 
 
+@dataclass
+class _BatchState:
+    """Per-batch index tensors the hooks read (set by `Recorder.record`, None between batches)."""
+
+    arange: Tensor  # [batch]
+    index: dict[str, Tensor]  # select -> [batch, cap] columns in the padded batch
+    valid: dict[str, Tensor]  # select -> [batch, cap] bool
+    all_valid: dict[str, bool]  # select -> every entry valid (no masking needed)
+    key_index: Tensor  # [batch, key] padded column of each unpadded key
+    key_valid: Tensor  # [batch, key] bool
+    captured: dict[str, list[Tensor | None]]  # key -> one tensor per layer slot
+
+
 class Recorder:
-    """Hooks that keep the selected rows of each site during one forward.
+    """Hooks that keep the selected rows of each site during a forward.
 
     Build once per run from the layout; `record` runs one batch and returns
-    ``{key: [layer, batch, *shape]}`` numpy arrays. The hooks live only inside
-    `record` (TransformerLens ``hooks()`` context, reset in a ``finally``),
-    and nothing is kept between batches.
+    ``{key: [layer, batch, *shape]}`` numpy arrays. The hooks are attached
+    through TransformerLens' ``hooks()`` context (removed in a ``finally``):
+    per call of `record`, or once for a whole run with ``with recorder.attached():``
+    (cheaper: no attach/detach per batch). Between `record` calls the hooks do
+    nothing (generation runs inside the same context unrecorded), and nothing is
+    kept from one batch to the next.
     """
 
     def __init__(self, model: MPLUGOwl2, layout: StoreLayout) -> None:
         self.model = model
         self.layout = layout
-        self.np_dtype = np.dtype(layout.dtype)
         self.torch_dtype = getattr(torch, layout.dtype)
+        self._state: _BatchState | None = None
+        self._attached = False
+        self._hooks: list[tuple[str, Callable]] = []
+        for spec in layout.arrays:
+            for slot, layer in enumerate(spec.layers or (None,)):
+                name = spec.hook if layer is None else spec.hook.replace("{l}", str(layer))
+                self._hooks.append((name, self._hook(spec, slot)))
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[Recorder]:
+        """Keep the hooks attached for several `record` calls."""
+        if self._attached:
+            yield self
+            return
+        with self.model.hooks(fwd_hooks=self._hooks):
+            self._attached = True
+            try:
+                yield self
+            finally:
+                self._attached = False
 
     def selections(self, roles: Sequence[TokenRoles]) -> dict[str, np.ndarray]:
         """``{select: [batch, capacity]}`` unpadded positions (-1 where unused)."""
@@ -360,56 +396,62 @@ class Recorder:
         if length > layout.max_pos:
             raise ValueError(f"a sequence of {length} positions exceeds the store's max_pos {layout.max_pos}")
         pad = length - lengths  # [batch] left padding of each spliced row
-        batch = len(rows.roles)
-        arange = torch.arange(batch, device=device)
-        selections = self.selections(rows.roles)
-        index, valid = {}, {}
-        for select, table in selections.items():
+        index, valid, all_valid = {}, {}, {}
+        for select, table in self.selections(rows.roles).items():
             t = torch.from_numpy(table).to(device).long()
             valid[select] = t >= 0  # [batch, cap]
+            all_valid[select] = bool((table >= 0).all())
             index[select] = (t.clamp(min=0) + pad[:, None]).clamp(max=length - 1)  # columns in the padded batch
-        key_index = (pad[:, None] + torch.arange(length, device=device)).clamp(max=length - 1)  # [batch, key]
-        key_valid = torch.arange(length, device=device)[None, :] < lengths[:, None]  # [batch, key]
-
-        captured: dict[str, list[Tensor | None]] = {a.key: [None] * a.n_layer_slots for a in layout.arrays}
-        hooks: list[tuple[str, Callable]] = []
-        for spec in layout.arrays:
-            for slot, layer in enumerate(spec.layers or (None,)):
-                name = spec.hook if layer is None else spec.hook.replace("{l}", str(layer))
-                hooks.append((name, self._hook(spec, slot, captured, arange, index, valid, key_index, key_valid)))
+        self._state = _BatchState(
+            arange=torch.arange(len(rows.roles), device=device), index=index, valid=valid, all_valid=all_valid,
+            key_index=(pad[:, None] + torch.arange(length, device=device)).clamp(max=length - 1),
+            key_valid=torch.arange(length, device=device)[None, :] < lengths[:, None],
+            captured={a.key: [None] * a.n_layer_slots for a in layout.arrays},
+        )
         images = None if pixels is None else pixels.to(device, model.dtype)
-        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-            out = model(rows.input_ids.to(device), images=images, attention_mask=rows.attention_mask.to(device))
+        try:
+            with torch.inference_mode(), self.attached():
+                out = model(rows.input_ids.to(device), images=images, attention_mask=rows.attention_mask.to(device))
+            captured = self._state.captured
+        finally:
+            self._state = None
         missing = [k for k, v in captured.items() if any(x is None for x in v)]
         if missing:
             raise RuntimeError(f"hooks for {missing} did not fire; are the hook names right for this model?")
         arrays = {k: torch.stack(v).cpu().numpy() for k, v in captured.items()}  # type: ignore[arg-type]
         return arrays, out.logits
 
-    def _hook(self, spec: ArraySpec, slot: int, captured: dict, arange: Tensor, index: dict, valid: dict,
-              key_index: Tensor, key_valid: Tensor) -> Callable:
-        dtype, max_pos = self.torch_dtype, self.layout.max_pos
+    def _hook(self, spec: ArraySpec, slot: int) -> Callable:
+        dtype, max_pos, key, select = self.torch_dtype, self.layout.max_pos, spec.key, spec.select
         if is_image_space(spec.hook):
             def keep_image(x: Tensor, hook: Any) -> None:
-                captured[spec.key][slot] = x.detach().to(dtype)
+                if self._state is not None:
+                    self._state.captured[key][slot] = x.detach().to(dtype)
             return keep_image
-        idx, ok = index[spec.select], valid[spec.select]
         if spec.dims[:1] == ("head",):  # attention pattern / scores [batch, head, q, k]
             def keep_rows(x: Tensor, hook: Any) -> None:
-                rows = x[arange[:, None], :, idx].transpose(1, 2)  # [batch, head, cap, key]
+                state = self._state
+                if state is None:
+                    return
+                rows = x[state.arange[:, None], :, state.index[select]].transpose(1, 2)  # [batch, head, cap, key]
                 b, h, c, k = rows.shape
-                rows = torch.gather(rows, 3, key_index[:, None, None, :].expand(b, h, c, k))  # unpad the keys
-                keep = ok[:, None, :, None] & key_valid[:, None, None, :]
+                rows = torch.gather(rows, 3, state.key_index[:, None, None, :].expand(b, h, c, k))  # unpad keys
+                keep = state.valid[select][:, None, :, None] & state.key_valid[:, None, None, :]
                 out = torch.zeros(b, h, c, max_pos, dtype=dtype, device=x.device)
-                out[..., :k] = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=x.device)).to(dtype)
-                captured[spec.key][slot] = out
+                out[..., :k] = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=x.device))
+                state.captured[key][slot] = out
             return keep_rows
 
         def keep_positions(x: Tensor, hook: Any) -> None:
-            sel = x[arange[:, None], idx]  # [batch, cap, *feature]
-            mask = ok.view(*ok.shape, *([1] * (sel.ndim - 2)))
-            captured[spec.key][slot] = torch.where(mask, sel, torch.zeros((), dtype=sel.dtype,
-                                                                          device=x.device)).to(dtype)
+            state = self._state
+            if state is None:
+                return
+            sel = x[state.arange[:, None], state.index[select]].to(dtype)  # [batch, cap, *feature]
+            if not state.all_valid[select]:
+                ok = state.valid[select]
+                sel = torch.where(ok.view(*ok.shape, *([1] * (sel.ndim - 2))), sel,
+                                  torch.zeros((), dtype=sel.dtype, device=x.device))
+            state.captured[key][slot] = sel
         return keep_positions
 
 
@@ -474,6 +516,7 @@ def record_dataset(
     overwrite: bool = False,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    load_image: Callable[[Any], Tensor] | None = None,
 ) -> RecordResult:
     """Record a data set into a store; resume it if it was interrupted.
 
@@ -491,6 +534,8 @@ def record_dataset(
         overwrite: Start again even if a store exists.
         fsync: Flush each batch to disk before committing it (power-loss safety).
         progress: Called with ``(samples done, total)`` after each batch.
+        load_image: ``sample -> [3, S, S]`` pixels, instead of ``processor.preprocess(sample.image_path)``
+            (images already in memory; benchmarks). It may raise `ImageLoadError` for a bad sample.
 
     Returns:
         A `RecordResult`.
@@ -528,6 +573,7 @@ def record_dataset(
                       "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
                       "(matmul results depend on the thread count and hardware)", stacklevel=2)
     recorder = Recorder(model, layout)
+    load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
     n = len(samples)
     try:
@@ -536,13 +582,14 @@ def record_dataset(
         if progress is not None:
             progress(resumed_from, n)
         recorded = 0
-        for start, stop in batches:
-            batch = _record_batch(model, tokenizer, processor, recorder, samples[start:stop], start, encoded, run,
-                                  level_ids, layout)
-            writer.write(batch)
-            recorded += stop - start
-            if progress is not None:
-                progress(stop, n)
+        with recorder.attached():
+            for start, stop in batches:
+                batch = _record_batch(model, tokenizer, load, recorder, samples[start:stop], start, encoded, run,
+                                      level_ids, layout)
+                writer.write(batch)
+                recorded += stop - start
+                if progress is not None:
+                    progress(stop, n)
         failed = int((writer.status == STATUS_FAILED).sum())
         final = writer.finish()
     finally:
@@ -553,7 +600,7 @@ def record_dataset(
 def _record_batch(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
-    processor: ImageProcessor,
+    load: Callable[[Any], Tensor],
     recorder: Recorder,
     chunk: Sequence[Any],
     start: int,
@@ -569,7 +616,7 @@ def _record_batch(
     pixels, ok = [], []
     for i, sample in enumerate(chunk):
         try:
-            pixels.append(torch.from_numpy(processor.preprocess(Path(sample.image_path))))
+            pixels.append(load(sample))
             ok.append(i)
         except ImageLoadError as error:
             status[i], errors[i] = STATUS_FAILED, error.reason
