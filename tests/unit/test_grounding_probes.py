@@ -1,4 +1,4 @@
-"""Grounding (forced agreement/disagreement, severity lexicon), ROUGE-1 against the library, ridge probes, score head."""
+"""Grounding (forced agreement, severity lexicon), ROUGE-1 vs the library, ridge probes, the score head."""
 
 from __future__ import annotations
 
@@ -108,7 +108,10 @@ def test_rouge1_equals_the_library_on_known_strings():
 
     pairs = [
         ("the cat sat on the mat", "the cat is on the mat"),
-        ("Severe blur: shapes melt together.", "There is severe blur across the picture, and shapes melt together."),
+        (
+            "Severe blur: shapes melt together.",
+            "There is severe blur across the picture, and shapes melt together.",
+        ),
         ("blurred edges", "blurring edge"),
         ("", "a clean image"),
         ("JPEG2000 compression, heavy ringing!", "jpeg2000 compression with ringing"),
@@ -217,8 +220,9 @@ def test_lens_score_curve_reads_the_qalign_score_per_layer():
 def test_score_head_overfits_a_tiny_set():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 8)), rng.uniform(size=16)
-    head = train_score_head(x, y, ScoreHeadConfig(hidden=32, dropout=0.0, lr=1e-2, epochs=300, batch_size=16),
-                            layer=3)
+    head = train_score_head(
+        x, y, ScoreHeadConfig(hidden=32, dropout=0.0, lr=1e-2, epochs=300, batch_size=16), layer=3
+    )
     pred = head.predict(x)
     assert np.mean((pred - y) ** 2) < 1e-3 and srcc(pred, y) > 0.98
     assert head.meta["history"][-1]["train_mse"] < head.meta["history"][0]["train_mse"] / 20
@@ -257,8 +261,9 @@ def test_score_head_generalises_to_held_out_photos_of_a_nonlinear_signal():
     train = np.isin(groups, [str(i) for i in range(10)])
     val = np.isin(groups, ["10", "11"])
     test = ~train & ~val
-    comparison, head = compare_scorers(x, mos, groups, train, test, layer=0, val=val,
-                                       head_cfg=ScoreHeadConfig(epochs=150, hidden=32))
+    comparison, head = compare_scorers(
+        x, mos, groups, train, test, layer=0, val=val, head_cfg=ScoreHeadConfig(epochs=150, hidden=32)
+    )
     assert comparison.n_eval == 4 * per_photo and set(comparison.metrics) == {"mlp_head", "ridge"}
     assert comparison.metrics["mlp_head"]["srcc"] > 0.8
     assert 0 <= head.meta["best_epoch"] < 150
