@@ -416,8 +416,8 @@ class GroundingPaths:
         answers: The full generated answers.
         image_probs: ``[image, 5]`` level probabilities with the image.
         text_probs: ``[image, 5]`` level probabilities from the description alone.
-        final_levels: ``[image]`` the level index the rater answers with (one-stage: the image path;
-            two-stage: the text path, stage 2's answer).
+        final_levels: ``[image]`` the level index the rater answers with (one-stage: the verdict its
+            answer wrote, else the image path's argmax; two-stage: the text path, stage 2's answer).
     """
 
     mode: str
@@ -491,14 +491,19 @@ def rate_paths(rater: OneStageRater | TwoStageRater, pixels: Tensor, batch_size:
     Returns:
         A `GroundingPaths`.
     """
-    from mechbiqa.pipeline import OneStageRater, TwoStageRater
+    from mechbiqa.pipeline import OneStageRater, TwoStageRater, split_answer
 
     if isinstance(rater, OneStageRater):
         ratings = rater.rate(pixels, batch_size=batch_size)
         descriptions = [r.description for r in ratings]
         image = np.stack([r.level_probs for r in ratings]).astype(np.float64)
         text = text_path_probs(rater.components, rater.template, descriptions, batch_size)
-        final = image.argmax(1)
+        # The final word is the verdict the answer itself wrote, where it wrote one (greedy decoding
+        # makes it the image path's argmax unless re-tokenising the description changed it).
+        verdicts = [split_answer(r.answer)[1] for r in ratings]
+        final = np.asarray(
+            [level_index(v) if v else k for v, k in zip(verdicts, image.argmax(1), strict=True)]
+        )
     elif isinstance(rater, TwoStageRater):
         descriptions = rater.describe(pixels, batch_size=batch_size)
         ratings = rater.rate_descriptions(descriptions, batch_size=batch_size)
