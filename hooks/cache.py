@@ -54,14 +54,17 @@ def to_activation_cache(
     for spec in arrays:
         for layer in spec.layers or (None,):
             name = spec.hook if layer is None else spec.hook.replace("{l}", str(layer))
-            data = store.get(spec.hook, select, layers=layer, samples=sample) if layer is not None else \
-                store.get(spec.hook, select, samples=sample)
+            data = (
+                store.get(spec.hook, select, layers=layer, samples=sample)
+                if layer is not None
+                else store.get(spec.hook, select, samples=sample)
+            )
             index = [slice(None)] * data.ndim
             if "pos" in spec.dims and count is not None:
                 index[spec.dims.index("pos")] = slice(0, count)
             if "key_pos" in spec.dims:
                 index[spec.dims.index("key_pos")] = slice(0, n_keys)
             if strip_prefix and name.startswith(strip_prefix):
-                name = name[len(strip_prefix):]
+                name = name[len(strip_prefix) :]
             out[name] = torch.from_numpy(np.ascontiguousarray(data[tuple(index)]))[None]
     return ActivationCache(out, model, has_batch_dim=True)

@@ -74,8 +74,15 @@ from mechbiqa.store import (
 )
 
 __all__ = [
-    "PromptConfig", "RecordResult", "Recorder", "RunConfig", "SampleSource", "model_identity", "plan_layout",
-    "record_dataset", "tokenizer_identity",
+    "PromptConfig",
+    "RecordResult",
+    "Recorder",
+    "RunConfig",
+    "SampleSource",
+    "model_identity",
+    "plan_layout",
+    "record_dataset",
+    "tokenizer_identity",
 ]
 
 _PAD_ID = -1  # spliced-space id stored at padding positions
@@ -84,10 +91,11 @@ _PAD_ID = -1  # spliced-space id stored at padding positions
 # ----------------------------------------------------------------------------- configs
 @dataclass(frozen=True, slots=True)
 class PromptConfig:
-    """The prompt every sample is asked (`mechbiqa.model.prompts.encode_prompt`).
+    r"""The prompt every sample is asked (`mechbiqa.model.prompts.encode_prompt`).
 
     The default renders Q-Align's scorer prompt exactly
-    (``"USER: How would you rate the quality of this image?\\n<|image|>\\nASSISTANT: The quality of the image is"``).
+    (``"USER: How would you rate the quality of this image?\n<|image|>\nASSISTANT:
+    The quality of the image is"``, one line).
 
     Attributes:
         template: A conversation template name (``qalign_scorer``, ``mplug_owl2``, ``v1`` ...).
@@ -107,9 +115,15 @@ class PromptConfig:
     def encode(self, tokenizer: Tokenizer, mode: Literal["score", "generate"]) -> EncodedPrompt:
         """Tokenize for a mode (``generate`` leaves the answer open)."""
         score = mode == "score"
-        return encode_prompt(tokenizer, get_template(self.template), self.question, image_first=self.image_first,
-                             image_sep=self.image_sep, answer_prefix=self.answer_prefix if score else "",
-                             scores_quality=score)
+        return encode_prompt(
+            tokenizer,
+            get_template(self.template),
+            self.question,
+            image_first=self.image_first,
+            image_sep=self.image_sep,
+            answer_prefix=self.answer_prefix if score else "",
+            scores_quality=score,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +155,9 @@ class RunConfig:
         if self.mode not in ("score", "generate"):
             raise ValueError(f"RunConfig mode must be 'score' or 'generate'; got {self.mode!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {self.batch_size}, {self.max_new_tokens}")
+            raise ValueError(
+                f"batch_size and max_new_tokens must be >= 1; got {self.batch_size}, {self.max_new_tokens}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +194,11 @@ def model_identity(model: MPLUGOwl2) -> dict[str, Any]:
             sample = flat[::step][:4096].to("cpu", torch.float32).numpy()
             sha.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             sha.update(sample.tobytes())
-    return {"fingerprint": sha.hexdigest()[:32], "dtype": str(model.dtype).removeprefix("torch."),
-            "n_params": n_params}
+    return {
+        "fingerprint": sha.hexdigest()[:32],
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "n_params": n_params,
+    }
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -187,12 +206,17 @@ def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
     sha = hashlib.sha256()
     for i in range(tokenizer.vocab_size):
         sha.update(tokenizer.id_to_piece(i).encode("utf-8", errors="replace") + b"\x00")
-    return {"kind": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size, "fingerprint": sha.hexdigest()[:32],
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return {
+        "kind": type(tokenizer).__name__,
+        "vocab_size": tokenizer.vocab_size,
+        "fingerprint": sha.hexdigest()[:32],
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
 
 
 def environment(model: MPLUGOwl2) -> dict[str, Any]:
-    """What decides float rounding besides the inputs: torch version, threads, device (provenance, not identity)."""
+    """What decides float rounding besides the inputs: torch, threads, device (provenance, not identity)."""
     device = model.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": name}
@@ -204,7 +228,9 @@ def _layers_of(cfg: ModelConfig, hook: str) -> int:
     return {"vision": cfg.vision.n_layers, "abstractor": cfg.abstractor.n_layers}.get(tower, cfg.llm.n_layers)
 
 
-def _text_feature(cfg: ModelConfig, hook: str, cap: int, max_pos: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+def _text_feature(
+    cfg: ModelConfig, hook: str, cap: int, max_pos: int
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """Per-sample shape of an LLM hook with ``cap`` selected positions."""
     llm = cfg.llm
     last = hook.rsplit(".", 1)[-1]
@@ -222,11 +248,19 @@ def _text_feature(cfg: ModelConfig, hook: str, cap: int, max_pos: int) -> tuple[
         return (cap, llm.vocab_size), ("pos", "vocab")
     if hook == "llm.hook_modality":
         return (cap,), ("pos",)
-    if last in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-                "hook_normalized"):
+    if last in (
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "hook_normalized",
+    ):
         return (cap, llm.d_model), ("pos", "d_model")
-    raise ValueError(f"cannot cache hook {hook!r}: not an LLM hook with a position axis that the recorder knows; "
-                     "see mechbiqa_hooks.names for the hook names")
+    raise ValueError(
+        f"cannot cache hook {hook!r}: not an LLM hook with a position axis that the recorder knows; "
+        "see mechbiqa_hooks.names for the hook names"
+    )
 
 
 def _image_features(model: MPLUGOwl2, hooks: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -242,7 +276,9 @@ def _image_features(model: MPLUGOwl2, hooks: Sequence[str]) -> dict[str, tuple[i
         model.encode_images(torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype))
     missing = [n for n in names if n not in shapes]
     if missing:
-        raise ValueError(f"image-side hook(s) {missing} did not fire while encoding an image; check the names")
+        raise ValueError(
+            f"image-side hook(s) {missing} did not fire while encoding an image; check the names"
+        )
     return {h: shapes[h.replace("{l}", "0")] for h in hooks}
 
 
@@ -299,8 +335,14 @@ def plan_layout(
         arrays.append(ArraySpec(site.key, site.hook, site.select, layers, shape, dims))
     used = {s.select for s in spec.sites} | {"quality", "image"}
     answer_bytes = 1 if run.mode == "score" else 24 * run.max_new_tokens
-    return StoreLayout(n_samples, max_pos, tuple((s, cap[s]) for s in sorted(used)), tuple(arrays),
-                       answer_bytes=answer_bytes, dtype=spec.dtype)
+    return StoreLayout(
+        n_samples,
+        max_pos,
+        tuple((s, cap[s]) for s in sorted(used)),
+        tuple(arrays),
+        answer_bytes=answer_bytes,
+        dtype=spec.dtype,
+    )
 
 
 # ----------------------------------------------------------------------------- recorder
@@ -339,7 +381,7 @@ class Recorder:
     kept from one batch to the next.
     """
 
-    def __init__(self, model: MPLUGOwl2, layout: StoreLayout) -> None:
+    def __init__(self, model: MPLUGOwl2, layout: StoreLayout) -> None:  # noqa: D107
         self.model = model
         self.layout = layout
         self.torch_dtype = getattr(torch, layout.dtype)
@@ -377,9 +419,11 @@ class Recorder:
                 else:
                     pos = r.positions(Role[select.upper()])
                 if len(pos) > cap:
-                    raise ValueError(f"selection {select!r} has {len(pos)} positions in a sample but room for {cap}; "
-                                     "is the prompt the one the store was planned with?")
-                table[b, :len(pos)] = pos
+                    raise ValueError(
+                        f"selection {select!r} has {len(pos)} positions in a sample but room for {cap}; "
+                        "is the prompt the one the store was planned with?"
+                    )
+                table[b, : len(pos)] = pos
             out[select] = table
         return out
 
@@ -401,9 +445,14 @@ class Recorder:
             t = torch.from_numpy(table).to(device).long()
             valid[select] = t >= 0  # [batch, cap]
             all_valid[select] = bool((table >= 0).all())
-            index[select] = (t.clamp(min=0) + pad[:, None]).clamp(max=length - 1)  # columns in the padded batch
+            index[select] = (t.clamp(min=0) + pad[:, None]).clamp(
+                max=length - 1
+            )  # columns in the padded batch
         self._state = _BatchState(
-            arange=torch.arange(len(rows.roles), device=device), index=index, valid=valid, all_valid=all_valid,
+            arange=torch.arange(len(rows.roles), device=device),
+            index=index,
+            valid=valid,
+            all_valid=all_valid,
             key_index=(pad[:, None] + torch.arange(length, device=device)).clamp(max=length - 1),
             key_valid=torch.arange(length, device=device)[None, :] < lengths[:, None],
             captured={a.key: [None] * a.n_layer_slots for a in layout.arrays},
@@ -411,7 +460,9 @@ class Recorder:
         images = None if pixels is None else pixels.to(device, model.dtype)
         try:
             with torch.inference_mode(), self.attached():
-                out = model(rows.input_ids.to(device), images=images, attention_mask=rows.attention_mask.to(device))
+                out = model(
+                    rows.input_ids.to(device), images=images, attention_mask=rows.attention_mask.to(device)
+                )
             captured = self._state.captured
         finally:
             self._state = None
@@ -424,22 +475,30 @@ class Recorder:
     def _hook(self, spec: ArraySpec, slot: int) -> Callable:
         dtype, max_pos, key, select = self.torch_dtype, self.layout.max_pos, spec.key, spec.select
         if is_image_space(spec.hook):
+
             def keep_image(x: Tensor, hook: Any) -> None:
                 if self._state is not None:
                     self._state.captured[key][slot] = x.detach().to(dtype)
+
             return keep_image
         if spec.dims[:1] == ("head",):  # attention pattern / scores [batch, head, q, k]
+
             def keep_rows(x: Tensor, hook: Any) -> None:
                 state = self._state
                 if state is None:
                     return
-                rows = x[state.arange[:, None], :, state.index[select]].transpose(1, 2)  # [batch, head, cap, key]
+                rows = x[state.arange[:, None], :, state.index[select]].transpose(
+                    1, 2
+                )  # [batch, head, cap, key]
                 b, h, c, k = rows.shape
-                rows = torch.gather(rows, 3, state.key_index[:, None, None, :].expand(b, h, c, k))  # unpad keys
+                rows = torch.gather(
+                    rows, 3, state.key_index[:, None, None, :].expand(b, h, c, k)
+                )  # unpad keys
                 keep = state.valid[select][:, None, :, None] & state.key_valid[:, None, None, :]
                 out = torch.zeros(b, h, c, max_pos, dtype=dtype, device=x.device)
                 out[..., :k] = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=x.device))
                 state.captured[key][slot] = out
+
             return keep_rows
 
         def keep_positions(x: Tensor, hook: Any) -> None:
@@ -449,9 +508,13 @@ class Recorder:
             sel = x[state.arange[:, None], state.index[select]].to(dtype)  # [batch, cap, *feature]
             if not state.all_valid[select]:
                 ok = state.valid[select]
-                sel = torch.where(ok.view(*ok.shape, *([1] * (sel.ndim - 2))), sel,
-                                  torch.zeros((), dtype=sel.dtype, device=x.device))
+                sel = torch.where(
+                    ok.view(*ok.shape, *([1] * (sel.ndim - 2))),
+                    sel,
+                    torch.zeros((), dtype=sel.dtype, device=x.device),
+                )
             state.captured[key][slot] = sel
+
         return keep_positions
 
 
@@ -491,8 +554,13 @@ def _sample_info(source: Any, prompt_text: str) -> SampleInfo:
     label = getattr(source, "label", None)
     if label is None:
         label = getattr(source, "mos01", None)
-    return SampleInfo(id=str(source.id), image_path=str(source.image_path), prompt=prompt_text,
-                      label=None if label is None else float(label), record=record)
+    return SampleInfo(
+        id=str(source.id),
+        image_path=str(source.image_path),
+        prompt=prompt_text,
+        label=None if label is None else float(label),
+        record=record,
+    )
 
 
 def _spliced_ids(text_ids: Sequence[int], roles: TokenRoles) -> np.ndarray:
@@ -549,9 +617,13 @@ def record_dataset(
     if encoded.n_images != 1:
         raise ValueError(f"the recorder expects one image per prompt; the prompt has {encoded.n_images}")
     n_image_tokens = model.cfg.n_image_tokens
-    prompt_roles = assign_roles(encoded.ids, response_start=encoded.response_start,
-                                quality_index=encoded.quality_index, n_image_tokens=n_image_tokens,
-                                bos_id=tokenizer.bos_id)
+    prompt_roles = assign_roles(
+        encoded.ids,
+        response_start=encoded.response_start,
+        quality_index=encoded.quality_index,
+        n_image_tokens=n_image_tokens,
+        bos_id=tokenizer.bos_id,
+    )
     layout = plan_layout(model, spec, prompt_roles, len(samples), run)
     run_dict = asdict(run) | ({"shard": dict(shard)} if shard else {})
     attrs = {
@@ -559,8 +631,11 @@ def record_dataset(
         "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
         "model_identity": json.dumps(model_identity(model), sort_keys=True),
         "tokenizer": json.dumps(tokenizer_identity(tokenizer), sort_keys=True),
-        "prompt": json.dumps(asdict(prompt) | {"text": encoded.text, "ids": list(encoded.ids),
-                                               "image_processor": asdict(processor)}, sort_keys=True),
+        "prompt": json.dumps(
+            asdict(prompt)
+            | {"text": encoded.text, "ids": list(encoded.ids), "image_processor": asdict(processor)},
+            sort_keys=True,
+        ),
         "run": json.dumps(run_dict, sort_keys=True),
         "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
         "environment": json.dumps(environment(model), sort_keys=True),
@@ -569,9 +644,12 @@ def record_dataset(
     writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
     stored_env = writer.stored_attrs.get("environment")
     if stored_env is not None and stored_env != attrs["environment"] and not writer.complete:
-        warnings.warn(f"resuming {path} in another environment ({stored_env} -> {attrs['environment']}): the "
-                      "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
-                      "(matmul results depend on the thread count and hardware)", stacklevel=2)
+        warnings.warn(
+            f"resuming {path} in another environment ({stored_env} -> {attrs['environment']}): the "
+            "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
+            "(matmul results depend on the thread count and hardware)",
+            stacklevel=2,
+        )
     recorder = Recorder(model, layout)
     load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
@@ -584,8 +662,18 @@ def record_dataset(
         recorded = 0
         with recorder.attached():
             for start, stop in batches:
-                batch = _record_batch(model, tokenizer, load, recorder, samples[start:stop], start, encoded, run,
-                                      level_ids, layout)
+                batch = _record_batch(
+                    model,
+                    tokenizer,
+                    load,
+                    recorder,
+                    samples[start:stop],
+                    start,
+                    encoded,
+                    run,
+                    level_ids,
+                    layout,
+                )
                 writer.write(batch)
                 recorded += stop - start
                 if progress is not None:
@@ -629,22 +717,32 @@ def _record_batch(
         text_ids, answers = _texts(model, tokenizer, images, encoded, run, start, len(ok))
         roles = []
         for ids in text_ids:
-            quality = encoded.quality_index if run.mode == "score" else \
-                find_quality_index(ids, level_ids, response_start=encoded.response_start)
-            roles.append(assign_roles(ids, response_start=encoded.response_start, quality_index=quality,
-                                      n_image_tokens=model.cfg.n_image_tokens, bos_id=tokenizer.bos_id))
+            quality = (
+                encoded.quality_index
+                if run.mode == "score"
+                else find_quality_index(ids, level_ids, response_start=encoded.response_start)
+            )
+            roles.append(
+                assign_roles(
+                    ids,
+                    response_start=encoded.response_start,
+                    quality_index=quality,
+                    n_image_tokens=model.cfg.n_image_tokens,
+                    bos_id=tokenizer.bos_id,
+                )
+            )
         width = max(len(t) for t in text_ids)
         input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ok), width), dtype=torch.long)
         for b, ids in enumerate(text_ids):
-            input_ids[b, width - len(ids):] = torch.tensor(ids)
-            mask[b, width - len(ids):] = 1
+            input_ids[b, width - len(ids) :] = torch.tensor(ids)
+            mask[b, width - len(ids) :] = 1
         recorded, _ = recorder.record(_Rows(input_ids, mask, roles, text_ids), images)
         rows_ok = np.asarray(ok)
         for key, value in recorded.items():
             acts[key][:, rows_ok] = value
         selections = recorder.selections(roles)
-        for b, (i, r, ids) in enumerate(zip(ok, roles, text_ids)):
+        for b, (i, r, ids) in enumerate(zip(ok, roles, text_ids, strict=True)):
             m = len(r)
             rows_out["samples/n_positions"][i] = m
             rows_out["tokens/ids"][i, :m] = _spliced_ids(ids, r)
@@ -671,8 +769,15 @@ def _empty_rows(layout: StoreLayout, n: int) -> dict[str, np.ndarray]:
     return rows
 
 
-def _texts(model: MPLUGOwl2, tokenizer: Tokenizer, images: Tensor, encoded: EncodedPrompt, run: RunConfig,
-           start: int, n: int) -> tuple[list[list[int]], list[str]]:
+def _texts(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    images: Tensor,
+    encoded: EncodedPrompt,
+    run: RunConfig,
+    start: int,
+    n: int,
+) -> tuple[list[list[int]], list[str]]:
     """Text-space ids of each row to record, and the generated answers ("" when scoring)."""
     prompt_ids = list(encoded.ids)
     if run.mode == "score":
@@ -681,13 +786,21 @@ def _texts(model: MPLUGOwl2, tokenizer: Tokenizer, images: Tensor, encoded: Enco
     generator = torch.Generator(device=device).manual_seed(_batch_seed(run.seed, start))
     ids = torch.tensor([prompt_ids] * n, device=device)
     with torch.inference_mode():
-        out = model.generate(ids, images=images.to(device, model.dtype), max_new_tokens=run.max_new_tokens,
-                             do_sample=run.do_sample, temperature=run.temperature, top_k=run.top_k,
-                             top_p=run.top_p, generator=generator, eos_token_id=tokenizer.eos_id)
+        out = model.generate(
+            ids,
+            images=images.to(device, model.dtype),
+            max_new_tokens=run.max_new_tokens,
+            do_sample=run.do_sample,
+            temperature=run.temperature,
+            top_k=run.top_k,
+            top_p=run.top_p,
+            generator=generator,
+            eos_token_id=tokenizer.eos_id,
+        )
     texts, answers = [], []
-    for row in out[:, len(prompt_ids):].tolist():
+    for row in out[:, len(prompt_ids) :].tolist():
         if tokenizer.eos_id in row:
-            row = row[:row.index(tokenizer.eos_id) + 1]
+            row = row[: row.index(tokenizer.eos_id) + 1]
         texts.append(prompt_ids + row)
         answers.append(tokenizer.decode(row))
     return texts, answers
@@ -699,4 +812,3 @@ def iter_batches(n: int, batch_size: int, first: int = 0) -> Iterable[tuple[int,
     while start < n:
         yield start, min(n, start + batch_size)
         start += batch_size
-

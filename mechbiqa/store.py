@@ -23,7 +23,7 @@ File layout (schema version `SCHEMA_VERSION`)::
     samples/error            [sample]  S256, why a sample failed (the errors table)
     samples/answer           [sample]  S<n>, the generated answer (UTF-8; empty when scoring)
     samples/n_positions      [sample]  int32, length of the spliced sequence
-    tokens/ids|role|image_index  [sample, max_pos]  spliced-space ids (-200 image, -1 pad), Role, index in image
+    tokens/ids|role|image_index  [sample, max_pos]  spliced ids (-200 image, -1 pad), Role, index in image
     select/<sel>/positions   [sample, capacity]  int32 positions of the selection, -1 where unused
     select/<sel>/count       [sample]  int32 number of selected positions
     acts/<hook>@<sel>        [layer, sample, *shape]  e.g. [layer, sample, pos, d_model]
@@ -87,12 +87,27 @@ import filelock
 import h5py
 import numpy as np
 
-from mechbiqa.model.roles import ROLE_LABELS, Role, TokenRoles
+from mechbiqa.model.roles import ROLE_LABELS, TokenRoles
 
 __all__ = [
-    "SCHEMA_VERSION", "SELECTIONS", "PRESETS", "ActivationStore", "ArraySpec", "BatchRows", "CacheSpec",
-    "SampleInfo", "SchemaVersionError", "Site", "StoreError", "StoreInfo", "StoreLayout", "StoreLockedError",
-    "StoreMismatchError", "StoreWriter", "join_stores", "partial_path",
+    "SCHEMA_VERSION",
+    "SELECTIONS",
+    "PRESETS",
+    "ActivationStore",
+    "ArraySpec",
+    "BatchRows",
+    "CacheSpec",
+    "SampleInfo",
+    "SchemaVersionError",
+    "Site",
+    "StoreError",
+    "StoreInfo",
+    "StoreLayout",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "StoreWriter",
+    "join_stores",
+    "partial_path",
 ]
 
 SCHEMA_VERSION = 1
@@ -109,8 +124,16 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 _LAYER = re.compile(r"^(?P<head>.+\.blocks\.)(?P<layer>\d+|\{l\})(?P<tail>\..+)$")
 _VOLATILE_ATTRS = ("created_utc", "git_sha")  # provenance that differs between otherwise equal runs
 # attrs a resumed run must match exactly (JSON strings or scalars)
-_IDENTITY_ATTRS = ("schema_version", "model_config", "model_identity", "tokenizer", "prompt", "run",
-                   "cache_spec", "layout")
+_IDENTITY_ATTRS = (
+    "schema_version",
+    "model_config",
+    "model_identity",
+    "tokenizer",
+    "prompt",
+    "run",
+    "cache_spec",
+    "layout",
+)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -170,19 +193,25 @@ class Site:
         layers = self.layers
         if layer is not None:
             if layers is not None and tuple(layers) != (layer,):
-                raise ValueError(f"Site {self.hook!r} names layer {layer} and also layers={layers}; "
-                                 "use the template 'blocks.{l}' with layers=..., or the concrete name alone")
+                raise ValueError(
+                    f"Site {self.hook!r} names layer {layer} and also layers={layers}; "
+                    "use the template 'blocks.{l}' with layers=..., or the concrete name alone"
+                )
             layers = (layer,)
         if layers is not None:
             if "{l}" not in template:
                 raise ValueError(f"Site {self.hook!r} has no layer, so layers={layers} does not apply")
             if any(int(x) < 0 for x in layers) or not layers:
-                raise ValueError(f"Site {self.hook!r}: layers must be non-negative layer numbers; got {layers}")
+                raise ValueError(
+                    f"Site {self.hook!r}: layers must be non-negative layer numbers; got {layers}"
+                )
             layers = tuple(sorted({int(x) for x in layers}))
         object.__setattr__(self, "hook", template)
         object.__setattr__(self, "layers", layers)
         if is_image_space(template) and self.select != "all":
-            raise ValueError(f"Site {template!r} is an image-side hook without text positions; use select='all'")
+            raise ValueError(
+                f"Site {template!r} is an image-side hook without text positions; use select='all'"
+            )
 
     @property
     def key(self) -> str:
@@ -212,13 +241,22 @@ PRESETS: dict[str, tuple[Site, ...]] = {
     # Everything the studies read: the logit lens and probes (residual at the quality
     # position), the dominant image tokens (residuals at the image positions), attention
     # attribution by role (the quality row of every layer and head over all keys), the score.
-    "default": (Site(_RESID, "quality"), Site(_RESID, "image"), Site(_PATTERN, "quality"), Site(_LOGITS, "quality")),
+    "default": (
+        Site(_RESID, "quality"),
+        Site(_RESID, "image"),
+        Site(_PATTERN, "quality"),
+        Site(_LOGITS, "quality"),
+    ),
     # The light one for a 7B model over thousands of images (~2 MB per sample in fp16):
     # no image residuals, which are 17 MB per sample at 32 layers x 65 tokens x 4096.
     "quality": (Site(_RESID, "quality"), Site(_PATTERN, "quality"), Site(_LOGITS, "quality")),
     # default plus full attention maps of every layer (large: heads x pos x pos per layer).
-    "full-attention": (Site(_RESID, "quality"), Site(_RESID, "image"), Site(_PATTERN, "all"),
-                       Site(_LOGITS, "quality")),
+    "full-attention": (
+        Site(_RESID, "quality"),
+        Site(_RESID, "image"),
+        Site(_PATTERN, "all"),
+        Site(_LOGITS, "quality"),
+    ),
 }
 """Named cache specs (``CacheSpec.preset(name)``)."""
 
@@ -278,8 +316,10 @@ class CacheSpec:
                 continue
             match = re.fullmatch(r"(?P<hook>[^@:]+)(@(?P<select>[a-z]+))?(:(?P<layers>[\d,\-]+))?", item)
             if match is None:
-                raise ValueError(f"cannot parse cache site {item!r}; write HOOK[@SELECT][:LAYERS], "
-                                 "e.g. 'llm.blocks.{l}.hook_resid_post@image:0-3'")
+                raise ValueError(
+                    f"cannot parse cache site {item!r}; write HOOK[@SELECT][:LAYERS], "
+                    "e.g. 'llm.blocks.{l}.hook_resid_post@image:0-3'"
+                )
             layers = None
             if match["layers"]:
                 layers = []
@@ -291,15 +331,21 @@ class CacheSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"dtype": self.dtype, "sites": [{"hook": s.hook, "select": s.select,
-                                                "layers": None if s.layers is None else list(s.layers)}
-                                               for s in self.sites]}
+        return {
+            "dtype": self.dtype,
+            "sites": [
+                {"hook": s.hook, "select": s.select, "layers": None if s.layers is None else list(s.layers)}
+                for s in self.sites
+            ],
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CacheSpec:
         """Inverse of `to_dict`."""
-        sites = tuple(Site(s["hook"], s["select"], None if s["layers"] is None else tuple(s["layers"]))
-                      for s in d["sites"])
+        sites = tuple(
+            Site(s["hook"], s["select"], None if s["layers"] is None else tuple(s["layers"]))
+            for s in d["sites"]
+        )
         return cls(sites, d["dtype"])
 
     def __str__(self) -> str:
@@ -332,7 +378,9 @@ class ArraySpec:
         object.__setattr__(self, "shape", tuple(int(x) for x in self.shape))
         object.__setattr__(self, "dims", tuple(self.dims))
         if len(self.shape) != len(self.dims):
-            raise ValueError(f"ArraySpec {self.key}: shape {self.shape} and dims {self.dims} differ in length")
+            raise ValueError(
+                f"ArraySpec {self.key}: shape {self.shape} and dims {self.dims} differ in length"
+            )
 
     @property
     def n_layer_slots(self) -> int:
@@ -364,8 +412,10 @@ class StoreLayout:
         object.__setattr__(self, "capacities", tuple((str(s), int(c)) for s, c in self.capacities))
         object.__setattr__(self, "arrays", tuple(self.arrays))
         if self.n_samples < 0 or self.max_pos < 1 or self.answer_bytes < 1:
-            raise ValueError(f"StoreLayout: bad sizes n_samples={self.n_samples} max_pos={self.max_pos} "
-                             f"answer_bytes={self.answer_bytes}")
+            raise ValueError(
+                f"StoreLayout: bad sizes n_samples={self.n_samples} max_pos={self.max_pos} "
+                f"answer_bytes={self.answer_bytes}"
+            )
         missing = {a.select for a in self.arrays} - set(self.capacity)
         if missing:
             raise ValueError(f"StoreLayout: no capacity for selection(s) {sorted(missing)}")
@@ -404,16 +454,32 @@ class StoreLayout:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {"n_samples": self.n_samples, "max_pos": self.max_pos, "capacities": [list(c) for c in self.capacities],
-                "arrays": [asdict(a) for a in self.arrays], "answer_bytes": self.answer_bytes, "dtype": self.dtype}
+        return {
+            "n_samples": self.n_samples,
+            "max_pos": self.max_pos,
+            "capacities": [list(c) for c in self.capacities],
+            "arrays": [asdict(a) for a in self.arrays],
+            "answer_bytes": self.answer_bytes,
+            "dtype": self.dtype,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
         """Inverse of `to_dict`."""
-        arrays = tuple(ArraySpec(**{**a, "layers": tuple(a["layers"]), "shape": tuple(a["shape"]),
-                                    "dims": tuple(a["dims"])}) for a in d["arrays"])
-        return cls(d["n_samples"], d["max_pos"], tuple(tuple(c) for c in d["capacities"]), arrays,
-                   d["answer_bytes"], d["dtype"])
+        arrays = tuple(
+            ArraySpec(
+                **{**a, "layers": tuple(a["layers"]), "shape": tuple(a["shape"]), "dims": tuple(a["dims"])}
+            )
+            for a in d["arrays"]
+        )
+        return cls(
+            d["n_samples"],
+            d["max_pos"],
+            tuple(tuple(c) for c in d["capacities"]),
+            arrays,
+            d["answer_bytes"],
+            d["dtype"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,8 +535,14 @@ def encode_text(text: str, width: int) -> bytes:
 def git_sha() -> str:
     """The commit of the mechbiqa source tree, or "" outside a git checkout."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -531,12 +603,15 @@ def _contiguous_dcpl() -> h5py.h5p.PropDCID:
 def _check_schema(path: Path, attrs: Mapping[str, Any]) -> int:
     version = attrs.get("schema_version")
     if version is None:
-        raise StoreError(f"{path} is an HDF5 file but not a mechbiqa activation store (no schema_version attribute)")
+        raise StoreError(
+            f"{path} is an HDF5 file but not a mechbiqa activation store (no schema_version attribute)"
+        )
     if int(version) != SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{path} has store schema version {int(version)}, but this mechbiqa ({_package_version()}) reads "
             f"version {SCHEMA_VERSION}: read it with the mechbiqa that wrote it "
-            f"(mechbiqa_version={attrs.get('mechbiqa_version')!r}), or record it again")
+            f"(mechbiqa_version={attrs.get('mechbiqa_version')!r}), or record it again"
+        )
     return int(version)
 
 
@@ -549,8 +624,15 @@ class StoreWriter:
     Nothing but raw ``pwrite`` touches the file between `open` and `finish`.
     """
 
-    def __init__(self, path: Path, layout: StoreLayout, status: np.ndarray, offsets: dict[str, int],
-                 lock: filelock.BaseFileLock, fsync: bool) -> None:
+    def __init__(  # noqa: D107  (use StoreWriter.open)
+        self,
+        path: Path,
+        layout: StoreLayout,
+        status: np.ndarray,
+        offsets: dict[str, int],
+        lock: filelock.BaseFileLock,
+        fsync: bool,
+    ) -> None:
         self.path = path
         self.layout = layout
         self.status = status  # [sample] int8, kept in step with the file
@@ -610,8 +692,11 @@ class StoreWriter:
                 "finish or stop it, or write to another path. A lock left by a killed process frees itself."
             ) from None
         try:
-            full_attrs = {**{k: v for k, v in attrs.items()}, "schema_version": SCHEMA_VERSION,
-                          "layout": _dumps(layout.to_dict())}
+            full_attrs = {
+                **{k: v for k, v in attrs.items()},
+                "schema_version": SCHEMA_VERSION,
+                "layout": _dumps(layout.to_dict()),
+            }
             partial = partial_path(path)
             tmp = partial.with_name(partial.name + ".tmp")
             if overwrite:
@@ -633,7 +718,9 @@ class StoreWriter:
             raise
 
     @staticmethod
-    def _create(tmp: Path, layout: StoreLayout, attrs: Mapping[str, Any], samples: Sequence[SampleInfo]) -> None:
+    def _create(
+        tmp: Path, layout: StoreLayout, attrs: Mapping[str, Any], samples: Sequence[SampleInfo]
+    ) -> None:
         n = layout.n_samples
         string = h5py.string_dtype("utf-8")
         with h5py.File(tmp, "w") as f:
@@ -641,33 +728,53 @@ class StoreWriter:
                 f.attrs[key] = value if isinstance(value, int | float) else str(value)
             f.attrs["mechbiqa_version"] = _package_version()
             f.attrs["git_sha"] = git_sha()
-            f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            )
             f.create_dataset("samples/id", data=np.array([s.id for s in samples], dtype=object), dtype=string)
-            f.create_dataset("samples/image_path", data=np.array([str(s.image_path) for s in samples], dtype=object),
-                             dtype=string)
-            f.create_dataset("samples/prompt", data=np.array([s.prompt for s in samples], dtype=object), dtype=string)
-            f.create_dataset("samples/record", data=np.array([_dumps(dict(s.record)) for s in samples], dtype=object),
-                             dtype=string)
-            f.create_dataset("samples/label", data=np.array(
-                [math.nan if s.label is None else float(s.label) for s in samples], dtype="<f8"))
+            f.create_dataset(
+                "samples/image_path",
+                data=np.array([str(s.image_path) for s in samples], dtype=object),
+                dtype=string,
+            )
+            f.create_dataset(
+                "samples/prompt", data=np.array([s.prompt for s in samples], dtype=object), dtype=string
+            )
+            f.create_dataset(
+                "samples/record",
+                data=np.array([_dumps(dict(s.record)) for s in samples], dtype=object),
+                dtype=string,
+            )
+            f.create_dataset(
+                "samples/label",
+                data=np.array(
+                    [math.nan if s.label is None else float(s.label) for s in samples], dtype="<f8"
+                ),
+            )
             for name, (dtype, row) in layout.row_datasets().items():
                 f.create_dataset(name, shape=(n, *row), dtype=dtype, dcpl=_contiguous_dcpl())
             for spec in layout.arrays:
-                ds = f.create_dataset(f"acts/{spec.key}", shape=(spec.n_layer_slots, n, *spec.shape),
-                                      dtype=np.dtype(layout.dtype).newbyteorder("<"), dcpl=_contiguous_dcpl())
+                ds = f.create_dataset(
+                    f"acts/{spec.key}",
+                    shape=(spec.n_layer_slots, n, *spec.shape),
+                    dtype=np.dtype(layout.dtype).newbyteorder("<"),
+                    dcpl=_contiguous_dcpl(),
+                )
                 ds.attrs["layers"] = np.asarray(spec.layers, dtype="<i4")
                 ds.attrs["dims"] = _dumps(["layer", "sample", *spec.dims])
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
 
     @staticmethod
-    def _check_existing(path: Path, attrs: Mapping[str, Any], samples: Sequence[SampleInfo],
-                        layout: StoreLayout) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
+    def _check_existing(
+        path: Path, attrs: Mapping[str, Any], samples: Sequence[SampleInfo], layout: StoreLayout
+    ) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
         try:
             f = h5py.File(path, "r")
         except OSError as error:
-            raise StoreError(f"cannot open {path} to resume it ({error}); delete it (or pass overwrite) "
-                             "to start again") from None
+            raise StoreError(
+                f"cannot open {path} to resume it ({error}); delete it (or pass overwrite) to start again"
+            ) from None
         with f:
             _check_schema(path, f.attrs)
             problems = []
@@ -680,13 +787,20 @@ class StoreWriter:
             stored_ids = [x.decode() if isinstance(x, bytes) else x for x in f["samples/id"][:]]
             ids = [s.id for s in samples]
             if stored_ids != ids:
-                first = next((i for i, (a, b) in enumerate(zip(stored_ids, ids)) if a != b), min(len(ids), len(stored_ids)))
-                problems.append(f"sample list differs ({len(stored_ids)} stored, {len(ids)} now; first difference "
-                                f"at row {first})")
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(stored_ids, ids, strict=False)) if a != b),
+                    min(len(ids), len(stored_ids)),
+                )
+                problems.append(
+                    f"sample list differs ({len(stored_ids)} stored, {len(ids)} now; first difference "
+                    f"at row {first})"
+                )
             if problems:
                 raise StoreMismatchError(
                     f"{path} was recorded with another setup, so this run cannot append to it: "
-                    + "; ".join(problems) + ". Write to another path, or pass overwrite to replace it.")
+                    + "; ".join(problems)
+                    + ". Write to another path, or pass overwrite to replace it."
+                )
             offsets = {}
             for name in layout.row_datasets():
                 offsets[name] = f[name].id.get_offset()
@@ -695,7 +809,9 @@ class StoreWriter:
             status = f["samples/status"][:].astype(np.int8)
             stored = {k: v.decode() if isinstance(v, bytes) else v for k, v in f.attrs.items()}
         if any(v is None for v in offsets.values()):
-            raise StoreError(f"{path} has datasets without a fixed offset (not written by StoreWriter); delete it")
+            raise StoreError(
+                f"{path} has datasets without a fixed offset (not written by StoreWriter); delete it"
+            )
         return status, offsets, stored
 
     # ----------------------------------------------------------------- state
@@ -745,15 +861,18 @@ class StoreWriter:
                 got = None if data is None else tuple(data.shape)
                 raise ValueError(f"rows {name!r}: expected shape {(n, *row)}, got {got}")
             np_dtype = np.dtype(dtype)
-            _pwrite_all(self._fd, np.asarray(data, dtype=np_dtype), self._offsets[name] + start * np_dtype.itemsize
-                        * math.prod(row))
+            _pwrite_all(
+                self._fd,
+                np.asarray(data, dtype=np_dtype),
+                self._offsets[name] + start * np_dtype.itemsize * math.prod(row),
+            )
         if self._fsync:
             os.fdatasync(self._fd)
         status = np.asarray(batch.status, dtype=np.int8)
         _pwrite_all(self._fd, status, self._offsets["samples/status"] + start)
         if self._fsync:
             os.fdatasync(self._fd)
-        self.status[start:start + n] = status
+        self.status[start : start + n] = status
 
     def finish(self) -> Path:
         """Rename the finished ``.partial`` file to its final name and release the lock.
@@ -762,8 +881,10 @@ class StoreWriter:
             StoreError: If samples are still pending.
         """
         if not self.complete:
-            raise StoreError(f"{self.path}: {int((self.status == STATUS_PENDING).sum())} samples are not recorded "
-                             "yet; record them (resume the run) before finishing")
+            raise StoreError(
+                f"{self.path}: {int((self.status == STATUS_PENDING).sum())} samples are not recorded "
+                "yet; record them (resume the run) before finishing"
+            )
         partial = partial_path(self.path)
         if self._fd is not None:
             os.fsync(self._fd)
@@ -826,6 +947,7 @@ class StoreInfo:
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreInfo:
         """Parse HDF5 attributes."""
+
         def text(key: str, default: str = "") -> str:
             value = attrs.get(key, default)
             return value.decode() if isinstance(value, bytes) else str(value)
@@ -876,7 +998,7 @@ class ActivationStore:
     in store order (`valid`); pass ``samples="all"`` for every row.
     """
 
-    def __init__(self, file: h5py.File, path: Path, complete: bool) -> None:
+    def __init__(self, file: h5py.File, path: Path, complete: bool) -> None:  # noqa: D107
         self._file = file
         self.path = path
         self.complete = complete
@@ -908,8 +1030,10 @@ class ActivationStore:
                 except BaseException:
                     file.close()
                     raise
-        raise FileNotFoundError(f"no activation store at {path} (nor {partial_path(path).name}); "
-                                "record one with studies/cache_activations.py --out " + str(path))
+        raise FileNotFoundError(
+            f"no activation store at {path} (nor {partial_path(path).name}); "
+            "record one with studies/cache_activations.py --out " + str(path)
+        )
 
     def close(self) -> None:
         """Close the file."""
@@ -923,8 +1047,10 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"partial, {int((self.status != 0).sum())} committed"
-        return (f"ActivationStore({str(self.path)!r}, {self.n_samples} samples ({state}), "
-                f"{len(self.valid)} valid, arrays={self.keys})")
+        return (
+            f"ActivationStore({str(self.path)!r}, {self.n_samples} samples ({state}), "
+            f"{len(self.valid)} valid, arrays={self.keys})"
+        )
 
     # ------------------------------------------------------------ samples
     @property
@@ -945,7 +1071,10 @@ class ActivationStore:
     def _strings(self, name: str, samples: SampleSelector) -> list[str]:
         index = self._index(samples)
         values = self._file[name][:][index] if not isinstance(index, slice) else self._file[name][index]
-        return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in np.atleast_1d(values)]
+        return [
+            v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+            for v in np.atleast_1d(values)
+        ]
 
     def ids(self, samples: SampleSelector = None) -> list[str]:
         """Sample ids."""
@@ -985,8 +1114,10 @@ class ActivationStore:
         if not len(failed):
             return []
         reasons = self._file["samples/error"][:][failed]
-        return [ErrorRow(int(i), s, p, r.decode("utf-8", errors="replace").rstrip("\x00"))
-                for i, s, p, r in zip(failed, self.ids(failed), self.image_paths(failed), reasons)]
+        return [
+            ErrorRow(int(i), s, p, r.decode("utf-8", errors="replace").rstrip("\x00"))
+            for i, s, p, r in zip(failed, self.ids(failed), self.image_paths(failed), reasons, strict=True)
+        ]
 
     # ------------------------------------------------------------ tokens
     def n_positions(self, samples: SampleSelector = None) -> np.ndarray:
@@ -1011,8 +1142,12 @@ class ActivationStore:
         role = self._file["tokens/role"][sample, :n]
         image_index = self._file["tokens/image_index"][sample, :n]
         number = np.where(image_index >= 0, 0, -1).astype(np.int16)
-        return TokenRoles(role=role, image_index=image_index, image_number=number,
-                          source_index=np.full(n, -1, dtype=np.int32))
+        return TokenRoles(
+            role=role,
+            image_index=image_index,
+            image_number=number,
+            source_index=np.full(n, -1, dtype=np.int32),
+        )
 
     def positions(self, select: str, samples: SampleSelector = None) -> np.ndarray:
         """``[sample, capacity]`` positions a selection kept (-1 where unused)."""
@@ -1026,7 +1161,9 @@ class ActivationStore:
 
     def _capacity(self, select: str) -> int:
         if select not in self.layout.capacity:
-            raise KeyError(f"selection {select!r} is not in this store; stored: {sorted(self.layout.capacity)}")
+            raise KeyError(
+                f"selection {select!r} is not in this store; stored: {sorted(self.layout.capacity)}"
+            )
         return self.layout.capacity[select]
 
     # ------------------------------------------------------------ activations
@@ -1076,21 +1213,28 @@ class ActivationStore:
                 raise ValueError(f"{template!r} has no layers; call get() without layers=")
             return self._take(ds, 0, samples)
         single = isinstance(layers, int | np.integer)
-        wanted = [int(layers)] if single else list(spec.layers) if layers is None else [int(x) for x in layers]
+        wanted = (
+            [int(layers)] if single else list(spec.layers) if layers is None else [int(x) for x in layers]
+        )
         slots = []
         for layer in wanted:
             if layer not in spec.layers:
-                raise KeyError(f"layer {layer} of {spec.key} is not stored; stored layers: {list(spec.layers)}")
+                raise KeyError(
+                    f"layer {layer} of {spec.key} is not stored; stored layers: {list(spec.layers)}"
+                )
             slots.append(spec.layers.index(layer))
         if single:
             return self._take(ds, slots[0], samples)
         index = self._index(samples)
         if slots == list(range(spec.n_layer_slots)) and isinstance(index, slice) and index == slice(None):
             return np.moveaxis(ds[...], 0, 1)
-        return np.stack([self._take(ds, s, samples) for s in slots], axis=1 if not isinstance(index, int) else 0)
+        return np.stack(
+            [self._take(ds, s, samples) for s in slots], axis=1 if not isinstance(index, int) else 0
+        )
 
-    def iter_layers(self, hook: str | Callable[[Any], str], select: str = "quality",
-                    samples: SampleSelector = None) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_layers(
+        self, hook: str | Callable[[Any], str], select: str = "quality", samples: SampleSelector = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(layer, [sample, *shape])`` one layer at a time (memory of one layer)."""
         spec = self.spec_of(hook, select)
         for layer in spec.layers:
@@ -1105,7 +1249,9 @@ class ActivationStore:
             return valid
         if isinstance(samples, str):
             if samples != "all":
-                raise ValueError(f"samples={samples!r}: pass None (valid samples), 'all', an index, a slice or indices")
+                raise ValueError(
+                    f"samples={samples!r}: pass None (valid samples), 'all', an index, a slice or indices"
+                )
             return slice(None)
         if isinstance(samples, slice | int | np.integer):
             return samples if isinstance(samples, slice) else int(samples)
@@ -1117,7 +1263,7 @@ class ActivationStore:
         if isinstance(index, slice | int):
             return ds[(*lead, index)]
         if len(index) == 0:
-            shape = ds.shape[len(lead):]
+            shape = ds.shape[len(lead) :]
             return np.zeros((0, *shape[1:]), dtype=ds.dtype)
         lo, hi = int(index.min()), int(index.max()) + 1
         # One contiguous read of the covering range, then numpy indexing: far faster than
@@ -1125,7 +1271,7 @@ class ActivationStore:
         if hi - lo <= 4 * len(index):
             return ds[(*lead, slice(lo, hi))][index - lo]
         order = np.argsort(index)
-        out = np.empty((len(index), *ds.shape[len(lead) + 1:]), dtype=ds.dtype)
+        out = np.empty((len(index), *ds.shape[len(lead) + 1 :]), dtype=ds.dtype)
         for i in order:
             out[i] = ds[(*lead, int(index[i]))]
         return out
@@ -1145,11 +1291,13 @@ class ActivationStore:
             raise StoreMismatchError(
                 f"{self.path} was recorded from model {stored.get('name', '?')!r} "
                 f"(fingerprint {stored.get('fingerprint', '?')}), not from this one "
-                f"({model_identity.get('name', '?')!r}, fingerprint {model_identity.get('fingerprint', '?')}); "
-                f"differences: {keys}. Analyse it with the model it was recorded from, or record it again.")
+                f"({model_identity.get('name', '?')!r}, "
+                f"fingerprint {model_identity.get('fingerprint', '?')}); "
+                f"differences: {keys}. Analyse it with the model it was recorded from, or record it again."
+            )
 
     def digest(self) -> str:
-        """SHA-256 of every dataset and attribute (but creation time and commit): equal stores, equal digests."""
+        """SHA-256 of every dataset and attribute but creation time and commit for equality checks."""
         sha = hashlib.sha256()
         for key in sorted(self._file.attrs):
             if key not in _VOLATILE_ATTRS and key != "shards":
@@ -1193,9 +1341,10 @@ def join_stores(shards: Sequence[str | Path], out: str | Path) -> Path:
     for shard in shards:
         shard = Path(shard)
         if not shard.exists():
-            raise StoreError(f"cannot join {shard}: it does not exist"
-                             + (" (only its .partial does: finish that run first)" if partial_path(shard).exists()
-                                else ""))
+            raise StoreError(
+                f"cannot join {shard}: it does not exist"
+                + (" (only its .partial does: finish that run first)" if partial_path(shard).exists() else "")
+            )
         with h5py.File(shard, "r") as f:
             _check_schema(shard, f.attrs)
             infos.append({k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()})
@@ -1204,7 +1353,7 @@ def join_stores(shards: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError("join_stores got no shards")
     first = infos[0]
     base_layout = StoreLayout.from_dict(json.loads(first["layout"]))
-    for shard, info in zip(shards[1:], infos[1:]):
+    for shard, info in zip(shards[1:], infos[1:], strict=True):
         for key in _IDENTITY_ATTRS:
             a, b = first.get(key), info.get(key)
             if key == "layout":
@@ -1226,7 +1375,7 @@ def join_stores(shards: Sequence[str | Path], out: str | Path) -> Path:
         run.pop("shard", None)
         f.attrs["run"] = _dumps(run)
         ranges, start = [], 0
-        for path, n in zip(rel, counts):
+        for path, n in zip(rel, counts, strict=True):
             ranges.append({"path": path, "start": start, "stop": start + n})
             start += n
         f.attrs["shards"] = _dumps(ranges)
@@ -1238,7 +1387,7 @@ def join_stores(shards: Sequence[str | Path], out: str | Path) -> Path:
             shape = list(src.shape)
             shape[axis] = total
             vlayout = h5py.VirtualLayout(shape=tuple(shape), dtype=src.dtype)
-            for path, r in zip(rel, ranges):
+            for path, r in zip(rel, ranges, strict=True):
                 n = r["stop"] - r["start"]
                 src_shape = list(src.shape)
                 src_shape[axis] = n

@@ -40,13 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, SampleSource, record_dataset
 
 from mechbiqa.model import ModelConfig, MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.tokenizer import Tokenizer, train_compact_tokenizer
 from mechbiqa.store import ActivationStore, CacheSpec, join_stores
-from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, SampleSource, record_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
@@ -115,8 +115,13 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """A seconds-long run: the tiny random model over a folder of images under ``tmp``."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), out=str(Path(tmp) / "tiny.h5"),
-                    batch_size=4, progress=False)
+        base = dict(
+            tiny_random=True,
+            dataset=str(Path(tmp) / "images"),
+            out=str(Path(tmp) / "tiny.h5"),
+            batch_size=4,
+            progress=False,
+        )
         return cls(**{**base, **overrides})
 
 
@@ -163,10 +168,14 @@ def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
     if cfg.tiny_random:
         model, tokenizer, processor = tiny_random_model(cfg.seed)
         return model.to(cfg.device, dtype), tokenizer, processor, f"tiny-random(seed={cfg.seed})"
-    checkpoint = cfg.model or (str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None)
+    checkpoint = cfg.model or (
+        str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None
+    )
     if checkpoint is None:
-        raise SystemExit(f"no model: pass --model DIR (a checkpoint directory), train the compact default into "
-                         f"{DEFAULT_CHECKPOINT}, or pass --tiny-random for a pipeline check")
+        raise SystemExit(
+            f"no model: pass --model DIR (a checkpoint directory), train the compact default into "
+            f"{DEFAULT_CHECKPOINT}, or pass --tiny-random for a pipeline check"
+        )
     from mechbiqa.model.load import load_components
 
     parts = load_components(checkpoint, dtype=dtype, device=cfg.device)
@@ -196,7 +205,9 @@ def load_samples(cfg: Config) -> list[Any]:
     else:
         folder = Path(source)
         if not folder.is_dir():
-            raise SystemExit(f"--dataset {source!r} is not 'builtin', a folder of images, a .jsonl file or NAME=ROOT")
+            raise SystemExit(
+                f"--dataset {source!r} is not 'builtin', a folder of images, a .jsonl file or NAME=ROOT"
+            )
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
@@ -217,7 +228,9 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")  # only barriers travel between ranks: gloo serves CPU and GPU runs
+        dist.init_process_group(
+            backend="gloo"
+        )  # only barriers travel between ranks: gloo serves CPU and GPU runs
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -243,8 +256,14 @@ def main(cfg: Config, progress: Any = None) -> Result:
     model, tokenizer, processor, name = load_model(cfg_run)
     samples = load_samples(cfg)
     spec = CacheSpec.parse(cfg.spec, dtype=cfg.dtype)
-    run = RunConfig(mode=cfg.mode, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                    do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed)
+    run = RunConfig(
+        mode=cfg.mode,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        do_sample=cfg.do_sample,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+    )
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path, shard = out, None
@@ -255,9 +274,21 @@ def main(cfg: Config, progress: Any = None) -> Result:
         path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         Path(str(out) + ".config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    result = record_dataset(model, tokenizer, processor, samples, spec, path, prompt=PromptConfig(), run=run,
-                            model_name=name, shard=shard, overwrite=cfg.overwrite, fsync=cfg.fsync,
-                            progress=progress)
+    result = record_dataset(
+        model,
+        tokenizer,
+        processor,
+        samples,
+        spec,
+        path,
+        prompt=PromptConfig(),
+        run=run,
+        model_name=name,
+        shard=shard,
+        overwrite=cfg.overwrite,
+        fsync=cfg.fsync,
+        progress=progress,
+    )
     if world > 1:
         import torch.distributed as dist
 
@@ -268,8 +299,14 @@ def main(cfg: Config, progress: Any = None) -> Result:
     with ActivationStore.open(out if rank == 0 else path) as store:
         errors = [(e.id, e.reason) for e in store.errors()]
         n_valid = len(store.valid)
-    return Result(store=out if rank == 0 else path, record=result, n_valid=n_valid, errors=errors, rank=rank,
-                  world_size=world)
+    return Result(
+        store=out if rank == 0 else path,
+        record=result,
+        n_valid=n_valid,
+        errors=errors,
+        rank=rank,
+        world_size=world,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -277,48 +314,96 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = Config()
     src = p.add_argument_group("model and data")
-    src.add_argument("--model", help="checkpoint directory (default: the compact checkpoint in cache/compact/one-stage)")
-    src.add_argument("--tiny-random", action="store_true", help="a random tiny model and toy tokenizer (pipeline check)")
-    src.add_argument("--dataset", default=d.dataset,
-                     help="'builtin', a folder of images, a .jsonl of records, or NAME=ROOT (default: builtin)")
+    src.add_argument(
+        "--model", help="checkpoint directory (default: the compact checkpoint in cache/compact/one-stage)"
+    )
+    src.add_argument(
+        "--tiny-random", action="store_true", help="a random tiny model and toy tokenizer (pipeline check)"
+    )
+    src.add_argument(
+        "--dataset",
+        default=d.dataset,
+        help="'builtin', a folder of images, a .jsonl of records, or NAME=ROOT (default: builtin)",
+    )
     src.add_argument("--split", choices=["train", "val", "test"], help="keep one split of the data set")
     src.add_argument("--limit", type=int, help="keep the first N samples")
     what = p.add_argument_group("what to record")
-    what.add_argument("--spec", default=d.spec, help="cache spec: presets and/or HOOK@SELECT[:LAYERS] sites (see above)")
-    what.add_argument("--mode", choices=["score", "generate"], default=d.mode,
-                      help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run")
+    what.add_argument(
+        "--spec", default=d.spec, help="cache spec: presets and/or HOOK@SELECT[:LAYERS] sites (see above)"
+    )
+    what.add_argument(
+        "--mode",
+        choices=["score", "generate"],
+        default=d.mode,
+        help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run",
+    )
     what.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    what.add_argument("--sample", action="store_true", help="sample answers (seeded) instead of greedy decoding")
+    what.add_argument(
+        "--sample", action="store_true", help="sample answers (seeded) instead of greedy decoding"
+    )
     what.add_argument("--temperature", type=float, default=d.temperature)
     what.add_argument("--seed", type=int, default=d.seed)
     how = p.add_argument_group("output and execution")
     how.add_argument("--out", default=d.out, help="the store file (default: cache/activations.h5)")
     how.add_argument("--batch-size", type=int, default=d.batch_size)
-    how.add_argument("--dtype", choices=["float16", "float32"], default=d.dtype, help="stored activation dtype")
+    how.add_argument(
+        "--dtype", choices=["float16", "float32"], default=d.dtype, help="stored activation dtype"
+    )
     how.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default=d.model_dtype)
     how.add_argument("--device", default=d.device)
-    how.add_argument("--overwrite", action="store_true", help="start again instead of resuming an existing store")
+    how.add_argument(
+        "--overwrite", action="store_true", help="start again instead of resuming an existing store"
+    )
     how.add_argument("--fsync", action="store_true", help="flush each batch to disk before committing it")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    return Config(model=a.model, tiny_random=a.tiny_random, dataset=a.dataset, split=a.split, limit=a.limit,
-                  spec=a.spec, out=a.out, batch_size=a.batch_size, dtype=a.dtype, model_dtype=a.model_dtype,
-                  device=a.device, mode=a.mode, max_new_tokens=a.max_new_tokens, do_sample=a.sample,
-                  temperature=a.temperature, seed=a.seed, overwrite=a.overwrite, fsync=a.fsync,
-                  progress=not a.no_progress)
+    return Config(
+        model=a.model,
+        tiny_random=a.tiny_random,
+        dataset=a.dataset,
+        split=a.split,
+        limit=a.limit,
+        spec=a.spec,
+        out=a.out,
+        batch_size=a.batch_size,
+        dtype=a.dtype,
+        model_dtype=a.model_dtype,
+        device=a.device,
+        mode=a.mode,
+        max_new_tokens=a.max_new_tokens,
+        do_sample=a.sample,
+        temperature=a.temperature,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        fsync=a.fsync,
+        progress=not a.no_progress,
+    )
 
 
 def _run_cli(argv: list[str] | None = None) -> Result:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     cfg = parse_args(argv)
     console = Console(stderr=True)
     rank = int(os.environ.get("RANK", "0"))
     show = cfg.progress and rank == 0
-    columns = (TextColumn("[bold]caching[/]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]caching[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, disable=not show) as bar:
         task = bar.add_task("cache", total=None, rate="")
         state: dict[str, float] = {}
@@ -330,16 +415,26 @@ def _run_cli(argv: list[str] | None = None) -> Result:
             if "t0" not in state:
                 state.update(t0=now, d0=done)
             rate = (done - state["d0"]) / max(now - state["t0"], 1e-9)
-            bar.update(task, total=total, completed=done, rate=f"{rate:.1f} img/s" if done > state["d0"] else "")
+            bar.update(
+                task, total=total, completed=done, rate=f"{rate:.1f} img/s" if done > state["d0"] else ""
+            )
 
         result = main(cfg, progress=update)
     if rank == 0:
         r = result.record
-        how = "already complete" if r.n_recorded == 0 else (
-            f"recorded {r.n_recorded} samples in {r.seconds:.1f} s ({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
-            + (f", resumed at sample {r.resumed_from}" if r.resumed_from else ""))
-        console.print(f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
-                      + (f" over {result.world_size} ranks" if result.world_size > 1 else ""))
+        how = (
+            "already complete"
+            if r.n_recorded == 0
+            else (
+                f"recorded {r.n_recorded} samples in {r.seconds:.1f} s "
+                f"({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
+                + (f", resumed at sample {r.resumed_from}" if r.resumed_from else "")
+            )
+        )
+        console.print(
+            f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
+            + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
+        )
         for sample_id, reason in result.errors[:20]:
             console.print(f"  [yellow]failed[/] {sample_id}: {reason}")
         if len(result.errors) > 20:

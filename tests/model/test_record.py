@@ -1,4 +1,4 @@
-"""The recorder on a tiny random model: stored rows equal TransformerLens' run_with_cache at the same positions."""
+"""The recorder on a tiny random model: stored rows equal run_with_cache's at the same positions."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from mechbiqa.model import ModelConfig, MPLUGOwl2
-from mechbiqa.model.config import IMAGE_TOKEN_INDEX
-from mechbiqa.model.processor import ImageProcessor
-from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
-from mechbiqa.model.roles import Role, assign_roles
-from mechbiqa.model.tokenizer import train_compact_tokenizer
-from mechbiqa.store import ActivationStore, CacheSpec
 from mechbiqa_hooks.cache import to_activation_cache
 from mechbiqa_hooks.record import (
     PromptConfig,
@@ -26,17 +17,30 @@ from mechbiqa_hooks.record import (
     plan_layout,
     record_dataset,
 )
+from PIL import Image
+
+from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.model.config import IMAGE_TOKEN_INDEX
+from mechbiqa.model.processor import ImageProcessor
+from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
+from mechbiqa.model.roles import Role, assign_roles
+from mechbiqa.model.tokenizer import train_compact_tokenizer
+from mechbiqa.store import ActivationStore, CacheSpec
 from tests.conftest import randomize_
 
-SPEC = ("default; llm.blocks.{l}.attn.hook_q@image; llm.blocks.{l}.hook_resid_post@all; "
-        "llm.blocks.{l}.attn.hook_pattern@all:1; llm.hook_modality@all; abstractor.hook_out@all; "
-        "llm.blocks.{l}.hook_mlp_out@description:0; llm.ln_final.hook_normalized@last")
+SPEC = (
+    "default; llm.blocks.{l}.attn.hook_q@image; llm.blocks.{l}.hook_resid_post@all; "
+    "llm.blocks.{l}.attn.hook_pattern@all:1; llm.hook_modality@all; abstractor.hook_out@all; "
+    "llm.blocks.{l}.hook_mlp_out@description:0; llm.ln_final.hook_normalized@last"
+)
 
 
 @pytest.fixture(scope="module")
 def parts():
-    tokenizer = train_compact_tokenizer([QALIGN_SCORER_PROMPT.replace("<|image|>", ""), "sharp clear vivid blurry",
-                                         *LEVEL_WORDS], vocab_size=300)
+    tokenizer = train_compact_tokenizer(
+        [QALIGN_SCORER_PROMPT.replace("<|image|>", ""), "sharp clear vivid blurry", *LEVEL_WORDS],
+        vocab_size=300,
+    )
     cfg = ModelConfig.tiny()
     cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=tokenizer.vocab_size))
     model = randomize_(MPLUGOwl2(cfg), seed=1).eval()
@@ -74,8 +78,15 @@ def text_ids(spliced: np.ndarray, n: int) -> list[int]:
 
 def test_score_mode_rows_equal_run_with_cache(parts, images, tmp_path):
     model, tokenizer, processor = parts
-    result = record_dataset(model, tokenizer, processor, images, CacheSpec.parse(SPEC, dtype="float32"),
-                            tmp_path / "s.h5", run=RunConfig(batch_size=2))
+    result = record_dataset(
+        model,
+        tokenizer,
+        processor,
+        images,
+        CacheSpec.parse(SPEC, dtype="float32"),
+        tmp_path / "s.h5",
+        run=RunConfig(batch_size=2),
+    )
     assert (result.n_recorded, result.n_failed) == (5, 0)
     with ActivationStore.open(result.path) as store:
         prompt = PromptConfig().encode(tokenizer, "score")
@@ -91,10 +102,14 @@ def test_score_mode_rows_equal_run_with_cache(parts, images, tmp_path):
             assert q == len(roles) - 1 and len(image) == model.cfg.n_image_tokens
             for layer in range(model.cfg.llm.n_layers):
                 resid = cache[f"llm.blocks.{layer}.hook_resid_post"][0]
-                np.testing.assert_allclose(store.get(f"llm.blocks.{layer}.hook_resid_post", samples=i)[0], resid[q],
-                                           atol=1e-5)
-                np.testing.assert_allclose(store.get(f"llm.blocks.{layer}.hook_resid_post", "image", samples=i),
-                                           resid[image], atol=1e-5)
+                np.testing.assert_allclose(
+                    store.get(f"llm.blocks.{layer}.hook_resid_post", samples=i)[0], resid[q], atol=1e-5
+                )
+                np.testing.assert_allclose(
+                    store.get(f"llm.blocks.{layer}.hook_resid_post", "image", samples=i),
+                    resid[image],
+                    atol=1e-5,
+                )
                 n = len(roles)
                 all_resid = store.get(f"llm.blocks.{layer}.hook_resid_post", "all", samples=i)
                 np.testing.assert_allclose(all_resid[:n], resid, atol=1e-5)
@@ -103,26 +118,42 @@ def test_score_mode_rows_equal_run_with_cache(parts, images, tmp_path):
                 row = store.get(f"llm.blocks.{layer}.attn.hook_pattern", samples=i)  # [head, 1, key_pos]
                 np.testing.assert_allclose(row[:, 0, :n], pattern[:, q], atol=1e-6)
                 np.testing.assert_allclose(row[:, 0].sum(-1), 1, atol=1e-5)
-                np.testing.assert_allclose(store.get(f"llm.blocks.{layer}.attn.hook_q", "image", samples=i),
-                                           cache[f"llm.blocks.{layer}.attn.hook_q"][0, image], atol=1e-5)
+                np.testing.assert_allclose(
+                    store.get(f"llm.blocks.{layer}.attn.hook_q", "image", samples=i),
+                    cache[f"llm.blocks.{layer}.attn.hook_q"][0, image],
+                    atol=1e-5,
+                )
             full = store.get("llm.blocks.1.attn.hook_pattern", "all", samples=i)  # [head, pos, key_pos]
             np.testing.assert_allclose(full[:, :n, :n], cache["llm.blocks.1.attn.hook_pattern"][0], atol=1e-6)
-            np.testing.assert_allclose(store.get("llm.unembed.hook_out", samples=i)[0],
-                                       cache["llm.unembed.hook_out"][0, q], atol=1e-5)
-            np.testing.assert_allclose(store.get("llm.ln_final.hook_normalized", "last", samples=i)[0],
-                                       cache["llm.ln_final.hook_normalized"][0, -1], atol=1e-5)
-            np.testing.assert_array_equal(store.get("llm.hook_modality", "all", samples=i)[:n],
-                                          cache["llm.hook_modality"][0])
-            np.testing.assert_allclose(store.get("abstractor.hook_out", "all", samples=i),
-                                       cache["abstractor.hook_out"][0], atol=1e-5)
+            np.testing.assert_allclose(
+                store.get("llm.unembed.hook_out", samples=i)[0],
+                cache["llm.unembed.hook_out"][0, q],
+                atol=1e-5,
+            )
+            np.testing.assert_allclose(
+                store.get("llm.ln_final.hook_normalized", "last", samples=i)[0],
+                cache["llm.ln_final.hook_normalized"][0, -1],
+                atol=1e-5,
+            )
+            np.testing.assert_array_equal(
+                store.get("llm.hook_modality", "all", samples=i)[:n], cache["llm.hook_modality"][0]
+            )
+            np.testing.assert_allclose(
+                store.get("abstractor.hook_out", "all", samples=i), cache["abstractor.hook_out"][0], atol=1e-5
+            )
             description = store.positions("description", samples=i)
             described = description[description >= 0]
-            np.testing.assert_allclose(store.get("llm.blocks.0.hook_mlp_out", "description", samples=i)[:len(described)],
-                                       cache["llm.blocks.0.hook_mlp_out"][0, described], atol=1e-5)
+            np.testing.assert_allclose(
+                store.get("llm.blocks.0.hook_mlp_out", "description", samples=i)[: len(described)],
+                cache["llm.blocks.0.hook_mlp_out"][0, described],
+                atol=1e-5,
+            )
         act_cache = to_activation_cache(store, 0, "quality", strip_prefix="llm.")
         assert act_cache["resid_post", 1].shape == (1, 1, model.cfg.llm.d_model)
-        np.testing.assert_array_equal(act_cache["blocks.1.hook_resid_post"][0].numpy(),
-                                      store.get("llm.blocks.1.hook_resid_post", samples=0))
+        np.testing.assert_array_equal(
+            act_cache["blocks.1.hook_resid_post"][0].numpy(),
+            store.get("llm.blocks.1.hook_resid_post", samples=0),
+        )
 
 
 def test_left_padding_is_undone_for_positions_and_keys(parts, images):
@@ -131,27 +162,37 @@ def test_left_padding_is_undone_for_positions_and_keys(parts, images):
     n_img = model.cfg.n_image_tokens
     short = list(prompt.ids)
     longer = short[:-1] + tokenizer.encode(" sharp and clear") + short[-1:]
-    roles = [assign_roles(ids, response_start=prompt.response_start, quality_index=len(ids) - 1,
-                          n_image_tokens=n_img) for ids in (short, longer)]
-    spec = CacheSpec.parse("llm.blocks.{l}.hook_resid_post@all; llm.blocks.{l}.attn.hook_pattern@quality",
-                           dtype="float32")
+    roles = [
+        assign_roles(
+            ids, response_start=prompt.response_start, quality_index=len(ids) - 1, n_image_tokens=n_img
+        )
+        for ids in (short, longer)
+    ]
+    spec = CacheSpec.parse(
+        "llm.blocks.{l}.hook_resid_post@all; llm.blocks.{l}.attn.hook_pattern@quality", dtype="float32"
+    )
     layout = plan_layout(model, spec, roles[1], 2)
     width = len(longer)
     input_ids = torch.zeros(2, width, dtype=torch.long)
     mask = torch.zeros(2, width, dtype=torch.long)
     for b, ids in enumerate((short, longer)):
-        input_ids[b, width - len(ids):] = torch.tensor(ids)
-        mask[b, width - len(ids):] = 1
+        input_ids[b, width - len(ids) :] = torch.tensor(ids)
+        mask[b, width - len(ids) :] = 1
     pixels = processor([images[0].image_path, images[1].image_path])
     arrays, _ = Recorder(model, layout).record(_Rows(input_ids, mask, roles, [short, longer]), pixels)
     for b, ids in enumerate((short, longer)):
         cache = reference(model, ids, pixels[b])
         n = len(roles[b])
         for layer in range(model.cfg.llm.n_layers):
-            np.testing.assert_allclose(arrays["llm.blocks.{l}.hook_resid_post@all"][layer, b, :n],
-                                       cache[f"llm.blocks.{layer}.hook_resid_post"][0], atol=1e-5)
+            np.testing.assert_allclose(
+                arrays["llm.blocks.{l}.hook_resid_post@all"][layer, b, :n],
+                cache[f"llm.blocks.{layer}.hook_resid_post"][0],
+                atol=1e-5,
+            )
             row = arrays["llm.blocks.{l}.attn.hook_pattern@quality"][layer, b, :, 0]  # [head, key_pos]
-            np.testing.assert_allclose(row[:, :n], cache[f"llm.blocks.{layer}.attn.hook_pattern"][0, :, -1], atol=1e-6)
+            np.testing.assert_allclose(
+                row[:, :n], cache[f"llm.blocks.{layer}.attn.hook_pattern"][0, :, -1], atol=1e-6
+            )
             assert not row[:, n:].any()
 
 
@@ -185,14 +226,21 @@ def test_generate_mode_records_the_answer_and_repeats_with_the_seed(parts, image
                     assert a.counts("quality", samples=i) == 0
                     continue
                 found += 1
-                assert ids[len(ids) - (n - q) + 1] == good  # the token after the quality position is the verdict
+                assert (
+                    ids[len(ids) - (n - q) + 1] == good
+                )  # the token after the quality position is the verdict
                 cache = reference(model, ids, processor([sample.image_path])[0])
-                np.testing.assert_allclose(a.get("llm.blocks.1.hook_resid_post", samples=i)[0],
-                                           cache["llm.blocks.1.hook_resid_post"][0, q], atol=1e-5)
+                np.testing.assert_allclose(
+                    a.get("llm.blocks.1.hook_resid_post", samples=i)[0],
+                    cache["llm.blocks.1.hook_resid_post"][0, q],
+                    atol=1e-5,
+                )
                 described = roles.positions(Role.DESCRIPTION)
                 np.testing.assert_allclose(
-                    a.get("llm.blocks.0.hook_resid_post", "description", samples=i)[:len(described)],
-                    cache["llm.blocks.0.hook_resid_post"][0, described], atol=1e-5)
+                    a.get("llm.blocks.0.hook_resid_post", "description", samples=i)[: len(described)],
+                    cache["llm.blocks.0.hook_resid_post"][0, described],
+                    atol=1e-5,
+                )
             assert found >= 2
     finally:
         model.reset_hooks(including_permanent=True)
@@ -201,8 +249,12 @@ def test_generate_mode_records_the_answer_and_repeats_with_the_seed(parts, image
 def test_hooks_are_removed_even_when_the_forward_fails(parts):
     model, tokenizer, _ = parts
     prompt = PromptConfig().encode(tokenizer, "score")
-    roles = assign_roles(prompt.ids, response_start=prompt.response_start, quality_index=len(prompt.ids) - 1,
-                         n_image_tokens=model.cfg.n_image_tokens)
+    roles = assign_roles(
+        prompt.ids,
+        response_start=prompt.response_start,
+        quality_index=len(prompt.ids) - 1,
+        n_image_tokens=model.cfg.n_image_tokens,
+    )
     layout = plan_layout(model, CacheSpec.default(), roles, 1)
     ids = torch.tensor([prompt.ids])
     with pytest.raises(ValueError, match="placeholder"):
@@ -213,8 +265,12 @@ def test_hooks_are_removed_even_when_the_forward_fails(parts):
 def test_plan_layout_refuses_unknown_hooks_and_layers(parts):
     model, tokenizer, _ = parts
     prompt = PromptConfig().encode(tokenizer, "score")
-    roles = assign_roles(prompt.ids, response_start=prompt.response_start, quality_index=len(prompt.ids) - 1,
-                         n_image_tokens=model.cfg.n_image_tokens)
+    roles = assign_roles(
+        prompt.ids,
+        response_start=prompt.response_start,
+        quality_index=len(prompt.ids) - 1,
+        n_image_tokens=model.cfg.n_image_tokens,
+    )
     with pytest.raises(ValueError, match="do not exist"):
         plan_layout(model, CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality:7"), roles, 1)
     with pytest.raises(ValueError, match="cannot cache hook"):

@@ -1,4 +1,4 @@
-"""studies/cache_activations.py end to end: bad images, resume, real kill -9 trials, torchrun with 2 gloo ranks."""
+"""studies/cache_activations.py end to end: bad images, resume, real kill -9 trials, torchrun (2 ranks)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import pytest
 from PIL import Image
 
 from mechbiqa.store import ActivationStore, StoreLockedError, StoreWriter, partial_path
-from tests.conftest import REPO
-
 from studies import cache_activations as study
+from tests.conftest import REPO
 
 SCRIPT = REPO / "studies" / "cache_activations.py"
 
@@ -29,11 +28,17 @@ def make_images(folder: Path, n: int, *, bad: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (24 + i % 7, 28, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+        Image.fromarray(rng.integers(0, 255, (24 + i % 7, 28, 3), dtype=np.uint8)).save(
+            folder / f"img{i:03d}.png"
+        )
     if bad:
         Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), mode="L").save(folder / "gray.png")
-        Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="CMYK").save(folder / "cmyk.jpg")
-        (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 200, dtype=np.uint8)))
+        Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="CMYK").save(
+            folder / "cmyk.jpg"
+        )
+        (folder / "corrupt.png").write_bytes(
+            b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 200, dtype=np.uint8))
+        )
         whole = (folder / "img000.png").read_bytes()
         (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
     return folder
@@ -44,8 +49,18 @@ def test_help_lists_the_options(capsys):
         study.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model", "--tiny-random", "--dataset", "--spec", "--out", "--batch-size", "--dtype", "--device",
-                   "--mode", "--overwrite"):
+    for option in (
+        "--model",
+        "--tiny-random",
+        "--dataset",
+        "--spec",
+        "--out",
+        "--batch-size",
+        "--dtype",
+        "--device",
+        "--mode",
+        "--overwrite",
+    ):
         assert option in text
 
 
@@ -58,7 +73,9 @@ def test_runs_end_to_end_records_bad_images_and_resumes(tmp_path):
     assert set(errors) == {"corrupt.png", "truncated.png"}
     assert "corrupt" in errors["truncated.png"] or "truncated" in errors["truncated.png"]
     with ActivationStore.open(result.store) as store:
-        assert store.n_samples == 10 and len(store.valid) == 8  # grayscale and CMYK are converted and recorded
+        assert (
+            store.n_samples == 10 and len(store.valid) == 8
+        )  # grayscale and CMYK are converted and recorded
         assert {"gray.png", "cmyk.jpg"} <= set(store.ids())
         resid = store.get("llm.blocks.{l}.hook_resid_post", "image")
         assert resid.shape[:2] == (8, 2) and np.isfinite(resid).all() and resid.std() > 0
@@ -70,7 +87,9 @@ def test_missing_image_in_a_record_list_is_an_error_row(tmp_path):
     from mechbiqa.data.records import IQARecord, records_to_jsonl
 
     images = make_images(tmp_path / "images", 3, bad=False)
-    records = [IQARecord(id=p.stem, image_path=p, score=3.0, scale=(1.0, 5.0)) for p in sorted(images.iterdir())]
+    records = [
+        IQARecord(id=p.stem, image_path=p, score=3.0, scale=(1.0, 5.0)) for p in sorted(images.iterdir())
+    ]
     records.append(IQARecord(id="gone", image_path=images / "gone.png", score=2.0, scale=(1.0, 5.0)))
     records_to_jsonl(records, tmp_path / "set.jsonl", relative_to=tmp_path)
     result = study.main(study.Config.tiny(tmp_path, dataset=str(tmp_path / "set.jsonl")))
@@ -91,19 +110,44 @@ def test_second_writer_is_refused_with_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- kill -9
 def _command(images: Path, out: Path) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--tiny-random", "--dataset", str(images), "--out", str(out),
-            "--batch-size", "2", "--mode", "generate", "--sample", "--seed", "7", "--max-new-tokens", "4",
-            "--no-progress"]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--tiny-random",
+        "--dataset",
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--mode",
+        "generate",
+        "--sample",
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]
 
 
 def _config(images: Path, out: Path) -> study.Config:
     """The same run as `_command`, in this process."""
-    return study.Config(tiny_random=True, dataset=str(images), out=str(out), batch_size=2, mode="generate",
-                        do_sample=True, seed=7, max_new_tokens=4, progress=False)
+    return study.Config(
+        tiny_random=True,
+        dataset=str(images),
+        out=str(out),
+        batch_size=2,
+        mode="generate",
+        do_sample=True,
+        seed=7,
+        max_new_tokens=4,
+        progress=False,
+    )
 
 
 def _kill_after(command: list[str], watch: Path, delay: float) -> bool:
-    """Start the run; ``delay`` s after ``<watch>.partial`` appears, kill -9 it. Returns whether it was killed."""
+    """Start the run; ``delay`` s after ``<watch>.partial`` appears, kill -9 it; say whether it was killed."""
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     appeared = None
     killed = False
@@ -150,9 +194,16 @@ def kill_trials(tmp_path: Path, n_trials: int, n_images: int, seed: int = 0) -> 
         with ActivationStore.open(out) as store:
             digest = store.digest()
             assert store.complete and len(store.valid) == n_images + 2
-        results.append({"trial": trial, "delay_s": round(delay, 3), "killed": killed,
-                        "committed_at_kill": committed, "resumed_from": resumed.record.resumed_from,
-                        "equal": digest == expected})
+        results.append(
+            {
+                "trial": trial,
+                "delay_s": round(delay, 3),
+                "killed": killed,
+                "committed_at_kill": committed,
+                "resumed_from": resumed.record.resumed_from,
+                "equal": digest == expected,
+            }
+        )
     assert all(r["equal"] for r in results), results
     return results
 
@@ -175,8 +226,22 @@ def test_twenty_kill_trials(tmp_path):
 def test_torchrun_two_gloo_ranks_write_shards_and_a_joined_store(tmp_path):
     images = make_images(tmp_path / "images", 10)
     out = tmp_path / "joined.h5"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-               "--tiny-random", "--dataset", str(images), "--out", str(out), "--batch-size", "3", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(SCRIPT),
+        "--tiny-random",
+        "--dataset",
+        str(images),
+        "--out",
+        str(out),
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     shards = sorted((tmp_path / "joined.h5.shards").glob("*.h5"))

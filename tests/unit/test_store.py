@@ -1,4 +1,4 @@
-"""The activation store on real HDF5 files, without a model: layout, round trip, commit, resume, refusals, join."""
+"""The activation store on real HDF5 files, no model: layout, round trip, commit, resume, refusals, join."""
 
 from __future__ import annotations
 
@@ -33,36 +33,71 @@ N, MAX_POS, N_LAYERS, D, HEADS, N_IMAGE = 10, 12, 3, 8, 2, 4
 
 def make_layout(n: int = N) -> StoreLayout:
     arrays = (
-        ArraySpec("llm.blocks.{l}.hook_resid_post@quality", "llm.blocks.{l}.hook_resid_post", "quality",
-                  tuple(range(N_LAYERS)), (1, D), ("pos", "d_model")),
-        ArraySpec("llm.blocks.{l}.hook_resid_post@image", "llm.blocks.{l}.hook_resid_post", "image",
-                  (0, 2), (N_IMAGE, D), ("pos", "d_model")),
-        ArraySpec("llm.blocks.{l}.attn.hook_pattern@quality", "llm.blocks.{l}.attn.hook_pattern", "quality",
-                  tuple(range(N_LAYERS)), (HEADS, 1, MAX_POS), ("head", "pos", "key_pos")),
-        ArraySpec("llm.unembed.hook_out@quality", "llm.unembed.hook_out", "quality", (), (1, 5), ("pos", "vocab")),
+        ArraySpec(
+            "llm.blocks.{l}.hook_resid_post@quality",
+            "llm.blocks.{l}.hook_resid_post",
+            "quality",
+            tuple(range(N_LAYERS)),
+            (1, D),
+            ("pos", "d_model"),
+        ),
+        ArraySpec(
+            "llm.blocks.{l}.hook_resid_post@image",
+            "llm.blocks.{l}.hook_resid_post",
+            "image",
+            (0, 2),
+            (N_IMAGE, D),
+            ("pos", "d_model"),
+        ),
+        ArraySpec(
+            "llm.blocks.{l}.attn.hook_pattern@quality",
+            "llm.blocks.{l}.attn.hook_pattern",
+            "quality",
+            tuple(range(N_LAYERS)),
+            (HEADS, 1, MAX_POS),
+            ("head", "pos", "key_pos"),
+        ),
+        ArraySpec(
+            "llm.unembed.hook_out@quality", "llm.unembed.hook_out", "quality", (), (1, 5), ("pos", "vocab")
+        ),
     )
-    return StoreLayout(n, MAX_POS, (("image", N_IMAGE), ("quality", 1)), arrays, answer_bytes=16, dtype="float32")
+    return StoreLayout(
+        n, MAX_POS, (("image", N_IMAGE), ("quality", 1)), arrays, answer_bytes=16, dtype="float32"
+    )
 
 
-ATTRS = {"model_config": json.dumps({"d": D}), "model_identity": json.dumps({"fingerprint": "abc"}),
-         "tokenizer": "{}", "prompt": "{}", "run": json.dumps({"batch_size": 4}),
-         "cache_spec": json.dumps(CacheSpec.default("float32").to_dict())}
+ATTRS = {
+    "model_config": json.dumps({"d": D}),
+    "model_identity": json.dumps({"fingerprint": "abc"}),
+    "tokenizer": "{}",
+    "prompt": "{}",
+    "run": json.dumps({"batch_size": 4}),
+    "cache_spec": json.dumps(CacheSpec.default("float32").to_dict()),
+}
 
 
 def samples(n: int = N, prefix: str = "s") -> list[SampleInfo]:
-    return [SampleInfo(f"{prefix}{i}", f"/img/{prefix}{i}.png", "prompt", label=i / n, record={"i": i})
-            for i in range(n)]
+    return [
+        SampleInfo(f"{prefix}{i}", f"/img/{prefix}{i}.png", "prompt", label=i / n, record={"i": i})
+        for i in range(n)
+    ]
 
 
-def batch(layout: StoreLayout, start: int, stop: int, seed: int = 0, failed: tuple[int, ...] = ()) -> BatchRows:
+def batch(
+    layout: StoreLayout, start: int, stop: int, seed: int = 0, failed: tuple[int, ...] = ()
+) -> BatchRows:
     """Rows whose values encode (sample, layer) so reads can be checked exactly."""
     n = stop - start
     acts = {}
     for spec in layout.arrays:
         shape = (spec.n_layer_slots, n, *spec.shape)
-        base = np.arange(start, stop, dtype=np.float32)[None, :] * 100 + np.arange(spec.n_layer_slots)[:, None]
-        acts[spec.key] = (base.reshape(spec.n_layer_slots, n, *[1] * len(spec.shape))
-                          + np.random.default_rng(seed + start).random(shape, dtype=np.float32) * 0.01)
+        base = (
+            np.arange(start, stop, dtype=np.float32)[None, :] * 100 + np.arange(spec.n_layer_slots)[:, None]
+        )
+        acts[spec.key] = (
+            base.reshape(spec.n_layer_slots, n, *[1] * len(spec.shape))
+            + np.random.default_rng(seed + start).random(shape, dtype=np.float32) * 0.01
+        )
     rows = {}
     for name, (dtype, row) in layout.row_datasets().items():
         if name != "samples/status":
@@ -81,7 +116,9 @@ def batch(layout: StoreLayout, start: int, stop: int, seed: int = 0, failed: tup
     return BatchRows(start, status, rows, acts)
 
 
-def write_store(path, layout=None, upto: int = N, finish: bool = True, failed=(), ids_prefix="s", attrs=ATTRS):
+def write_store(
+    path, layout=None, upto: int = N, finish: bool = True, failed=(), ids_prefix="s", attrs=ATTRS
+):
     layout = layout or make_layout()
     writer = StoreWriter.open(path, layout, attrs, samples(layout.n_samples, ids_prefix))
     for start in range(0, upto, 4):
@@ -97,7 +134,11 @@ def write_store(path, layout=None, upto: int = N, finish: bool = True, failed=()
 # ----------------------------------------------------------------------------- spec
 def test_site_normalises_concrete_layers_and_rejects_bad_selections():
     site = Site("llm.blocks.3.hook_resid_post", "image")
-    assert (site.hook, site.layers, site.key) == ("llm.blocks.{l}.hook_resid_post", (3,), "llm.blocks.{l}.hook_resid_post@image")
+    assert (site.hook, site.layers, site.key) == (
+        "llm.blocks.{l}.hook_resid_post",
+        (3,),
+        "llm.blocks.{l}.hook_resid_post@image",
+    )
     with pytest.raises(ValueError, match="select"):
         Site("llm.blocks.{l}.hook_resid_post", "nowhere")
     with pytest.raises(ValueError, match="no layer"):
@@ -131,10 +172,19 @@ def test_round_trip_shapes_values_and_metadata(tmp_path):
         resid = store.get("llm.blocks.{l}.hook_resid_post")  # [sample, layer, pos, d]
         assert resid.shape == (N - 1, N_LAYERS, 1, D)
         assert store.dims("llm.blocks.{l}.hook_resid_post") == ("sample", "layer", "pos", "d_model")
-        np.testing.assert_allclose(resid[:, :, 0, 0].round(), store.valid[:, None] * 100 + np.arange(N_LAYERS))
+        np.testing.assert_allclose(
+            resid[:, :, 0, 0].round(), store.valid[:, None] * 100 + np.arange(N_LAYERS)
+        )
         one = store.get("llm.blocks.2.hook_resid_post", samples="all")  # concrete name = that layer
-        assert one.shape == (N, 1, D) and np.allclose(one[:, 0, 0].round(), (np.arange(N) * 100 + 2) * (np.arange(N) != 5))
-        assert store.get(lambda layer: f"llm.blocks.{layer}.hook_resid_post", layers=[0, 2]).shape == (N - 1, 2, 1, D)
+        assert one.shape == (N, 1, D) and np.allclose(
+            one[:, 0, 0].round(), (np.arange(N) * 100 + 2) * (np.arange(N) != 5)
+        )
+        assert store.get(lambda layer: f"llm.blocks.{layer}.hook_resid_post", layers=[0, 2]).shape == (
+            N - 1,
+            2,
+            1,
+            D,
+        )
         image = store.get("llm.blocks.{l}.hook_resid_post", "image", layers=2, samples=[1, 7])
         assert image.shape == (2, N_IMAGE, D) and np.allclose(image[:, 0, 0].round(), [101, 701])
         assert store.get("llm.blocks.{l}.attn.hook_pattern", samples=3).shape == (N_LAYERS, HEADS, 1, MAX_POS)
@@ -190,7 +240,7 @@ def test_partial_store_shows_committed_samples_and_resumes(tmp_path):
 
 
 def test_half_written_batch_is_ignored_and_rewritten(tmp_path):
-    """What a kill in the middle of a batch leaves: data rows written, status not; the rewrite equals a clean run."""
+    """A kill mid-batch leaves data rows written, status not; the rewrite equals a clean run."""
     path, layout = tmp_path / "s.h5", make_layout()
     write_store(path, upto=4, finish=False)
     with StoreWriter.open(path, layout, ATTRS, samples()) as writer:
@@ -199,10 +249,14 @@ def test_half_written_batch_is_ignored_and_rewritten(tmp_path):
             garbage.acts[key] += 1e6
         writer._fsync = False
         status_offset = writer._offsets["samples/status"]
-        writer._offsets["samples/status"] = writer._offsets["samples/n_positions"]  # the commit goes nowhere...
+        writer._offsets["samples/status"] = writer._offsets[
+            "samples/n_positions"
+        ]  # the commit goes nowhere...
         writer.write(garbage)
         writer._offsets["samples/status"] = status_offset
-    with h5py.File(partial_path(path), "r+") as f:  # ...and the row it hit is restored as a kill would leave it
+    with h5py.File(
+        partial_path(path), "r+"
+    ) as f:  # ...and the row it hit is restored as a kill would leave it
         f["samples/n_positions"][4:8] = 0
     with ActivationStore.open(path) as store:
         assert list(store.valid) == [0, 1, 2, 3]
@@ -252,7 +306,9 @@ def test_store_from_another_model_or_sample_list_is_refused_on_append(tmp_path):
     longer = StoreLayout(N, MAX_POS + 1, make_layout().capacities, make_layout().arrays, 16, "float32")
     with pytest.raises(StoreMismatchError, match="layout"):
         StoreWriter.open(path, longer, ATTRS, samples())
-    StoreWriter.open(path, make_layout(), ATTRS, samples(), overwrite=False).close()  # the right setup still resumes
+    StoreWriter.open(
+        path, make_layout(), ATTRS, samples(), overwrite=False
+    ).close()  # the right setup still resumes
 
 
 def test_other_schema_version_is_named_on_read(tmp_path):
@@ -287,7 +343,7 @@ def test_join_concatenates_shards_as_virtual_datasets(tmp_path):
         path = tmp_path / "shards" / f"{k}.h5"
         write_store(path, layout=make_layout(n), upto=n, ids_prefix=f"r{k}-")
         shards.append(path)
-    joined = join_stores(shards, tmp_path / "joined.h5")
+    assert join_stores(shards, tmp_path / "joined.h5") == tmp_path / "joined.h5"
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     shutil.copytree(tmp_path, moved)  # relative source paths: the folder moves as a whole
     with ActivationStore.open(moved / "joined.h5") as store, ActivationStore.open(shards[1]) as second:
