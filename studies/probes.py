@@ -23,6 +23,11 @@ Method: read every layer's residual at the quality position
   ``test``, beside a ridge probe on the same layer and split and the Q-Align
   level-word score of the same test images (SRCC/PLCC, `mechbiqa.metrics`).
 
+Without a store (``--checkpoint DIR``), the same residuals are computed live
+from a checkpoint's own scoring prompts over a data set (`data_from_rater`):
+the route for a two-stage pair, whose quality position lies in the text-only
+stage-2 prompt that the recorder does not cache.
+
 Output (in ``--out``, default ``<store dir>/<store stem>.probes/``):
 ``config.json``, ``probes.json`` (curves, comparison, per-layer alphas),
 ``score_head/`` (the head with its config JSON); tables when run as a script.
@@ -31,6 +36,7 @@ Example::
 
     python studies/cache_activations.py --model cache/compact/one-stage --out cache/stores/one-stage.h5
     python studies/probes.py --store cache/stores/one-stage.h5
+    python studies/probes.py --checkpoint cache/compact/two-stage --out cache/probes/two-stage
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 
 from mechbiqa.analysis.probes import (
     DEFAULT_ALPHAS,
@@ -92,6 +99,12 @@ class Config:
         seed: Seeds the head and the shuffles.
         device: Where the ridge algebra runs (``cuda`` for 7B stores).
         save_head: Write the trained head to ``<out>/score_head``.
+        checkpoint: Compute the residuals live from this checkpoint (one-stage, two-stage pair or
+            real) over ``dataset`` instead of reading ``store``.
+        dataset: With ``checkpoint``: ``builtin``, a ``.jsonl`` of records or ``NAME=ROOT``.
+        limit: With ``checkpoint``: keep the first N images.
+        max_new_tokens: With ``checkpoint``: longest generated description.
+        batch_size: With ``checkpoint``: images per forward.
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
@@ -114,6 +127,11 @@ class Config:
     seed: int = 0
     device: str = "cpu"
     save_head: bool = True
+    checkpoint: str | None = None
+    dataset: str = "builtin"
+    limit: int | None = None
+    max_new_tokens: int = 48
+    batch_size: int = 32
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -131,8 +149,12 @@ class Config:
     @property
     def out_dir(self) -> Path:
         """Where the artefacts go."""
+        if self.out:
+            return Path(self.out)
+        if self.checkpoint:
+            return REPO / "cache" / NAME / Path(self.checkpoint).name
         store = Path(self.store)
-        return Path(self.out) if self.out else store.parent / f"{store.stem}.{NAME}"
+        return store.parent / f"{store.stem}.{NAME}"
 
     @property
     def ridge(self) -> RidgeConfig:
@@ -331,6 +353,80 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
     )
 
 
+def data_from_rater(
+    rater: Any, records: Sequence[Any], *, batch_size: int = 32, chunk: int = 256, source: str = ""
+) -> ProbeData:
+    """Residuals at the quality position computed live from a rater's own scoring prompts.
+
+    Each image is described and rated by the rater (`mechbiqa.pipeline`); its scoring prompt
+    (one-stage: image + own description + "The quality of the image is"; two-stage: the
+    stage-2 text-only prompt) is run once more with hooks on every block
+    (`mechbiqa.analysis.probes.quality_states`), and the logit lens of the same model reads
+    the same states (`mechbiqa.analysis.lens.analyse_lens`).
+
+    Args:
+        rater: A `OneStageRater` or `TwoStageRater`.
+        records: Rated records (`IQARecord`s with ``mos01``; unrated ones are left out).
+        batch_size: Images per forward.
+        chunk: Images preprocessed at a time.
+        source: Recorded in the result.
+    """
+    from mechbiqa.analysis.lens import LogitLens, analyse_lens
+    from mechbiqa.analysis.probes import quality_states
+    from mechbiqa.pipeline import OneStageRater
+    from mechbiqa.scoring import level_ids
+
+    records = [r for r in records if getattr(r, "mos01", None) is not None]
+    if len(records) < 3:
+        raise ValueError(f"{len(records)} rated records; the probes need images with ratings")
+    one_stage = isinstance(rater, OneStageRater)
+    reader = rater.components if one_stage else rater.stage2  # the model whose quality position is read
+    processor = rater.components.processor if one_stage else rater.stage1.processor
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(records), chunk):
+            pixels = processor([r.image_path for r in records[start : start + chunk]])
+            prompts = [r.prompt for r in rater.rate(pixels, batch_size=batch_size)]
+            parts.append(
+                quality_states(
+                    reader.model,
+                    reader.tokenizer,
+                    prompts,
+                    pixels if one_stage else None,
+                    batch_size=batch_size,
+                )
+            )
+    resid = np.concatenate(parts)
+    layers = tuple(range(resid.shape[1]))
+    mos = np.asarray([r.mos01 for r in records], dtype=np.float64)
+    ids = tuple(str(r.id) for r in records)
+    lens = analyse_lens(
+        LogitLens.from_model(reader.model),
+        torch.from_numpy(resid.transpose(1, 0, 2).copy()),
+        level_ids(reader.tokenizer),
+        layers,
+        sample_ids=ids,
+        labels=mos,
+    )
+    answer, final = np.asarray(lens.answer), np.asarray(lens.final)
+    return ProbeData(
+        resid=resid,
+        mos=mos,
+        groups=np.asarray([photo_of(_record_dict(r)) for r in records]),
+        splits=tuple(getattr(r, "split", None) for r in records),
+        ids=ids,
+        layers=layers,
+        lens_probs=np.asarray(lens.level_probs),
+        lens_agreement=(answer == final).mean(1),
+        lens_settle=float(np.median(lens.settle)),
+        source=source or f"live ({rater.mode})",
+    )
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    return record.to_dict() if hasattr(record, "to_dict") else dict(vars(record))
+
+
 # ----------------------------------------------------------------------------- the score head
 def _split_masks(data: ProbeData, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Train / val / eval masks from the records' splits, else a quarter of the photos held out."""
@@ -410,6 +506,21 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
         cfg: The run.
         data: Arrays to analyse instead of reading ``cfg.store`` (tests, callers with their own arrays).
     """
+    if data is None and cfg.checkpoint:
+        grounding = _sibling("grounding")  # the same loaders of checkpoints and data sets
+        gcfg = grounding.Config(
+            checkpoints=(cfg.checkpoint,),
+            dataset=cfg.dataset,
+            split=None,
+            limit=cfg.limit,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+        )
+        ((rater, path),) = grounding.load_raters(gcfg).values()
+        data = data_from_rater(
+            rater, grounding.load_records(gcfg), batch_size=cfg.batch_size, source=f"live: {path}"
+        )
     data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
     result = analyse(data, cfg)
     out = cfg.out_dir
@@ -487,6 +598,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="where the ridge algebra runs (cuda for 7B stores)")
     p.add_argument("--no-save-head", action="store_true", help="do not write the trained head")
+    live = p.add_argument_group("without a store: residuals computed live from a checkpoint")
+    live.add_argument(
+        "--checkpoint", help="one-stage checkpoint, two-stage pair (stage1/, stage2/) or real one"
+    )
+    live.add_argument("--dataset", default=d.dataset, help="'builtin', a .jsonl of records, or NAME=ROOT")
+    live.add_argument("--limit", type=int, help="keep the first N images")
+    live.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    live.add_argument("--batch-size", type=int, default=d.batch_size)
     a = p.parse_args(argv)
     return Config(
         store=a.store,
@@ -509,6 +628,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         seed=a.seed,
         device=a.device,
         save_head=not a.no_save_head,
+        checkpoint=a.checkpoint,
+        dataset=a.dataset,
+        limit=a.limit,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
     )
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "compare_scorers",
     "head_scores",
     "quality_hidden",
+    "quality_states",
 ]
 
 # Research choice: the penalty is lambda = alpha * n_train on standardised features, so alpha
@@ -355,8 +356,10 @@ class ProbeCurve:
     config: RidgeConfig = field(default_factory=RidgeConfig)
 
     @property
-    def best_layer(self) -> int:
-        """The layer with the highest probe SRCC."""
+    def best_layer(self) -> int | None:
+        """The layer with the highest probe SRCC (None when no layer has one, e.g. constant states)."""
+        if not np.isfinite(self.srcc).any():
+            return None
         return int(self.layers[int(np.nanargmax(self.srcc))])
 
     def decodable_layer(self, fraction: float = 0.9) -> int | None:
@@ -365,7 +368,7 @@ class ProbeCurve:
         Research choice: "where quality becomes linearly decodable" is read as the
         first layer within 10% of the best probe, robust to a noisy maximum.
         """
-        best = float(np.nanmax(self.srcc))
+        best = float(np.nanmax(self.srcc)) if np.isfinite(self.srcc).any() else float("nan")
         if not best > 0:
             return None
         return int(self.layers[int(np.argmax(np.nan_to_num(self.srcc, nan=-1.0) >= fraction * best))])
@@ -377,7 +380,9 @@ class ProbeCurve:
             "srcc": self.srcc.tolist(),
             "plcc": self.plcc.tolist(),
             "pooled_srcc": self.pooled_srcc.tolist(),
-            "fold_srcc_std": np.nanstd(self.fold_srcc, 1).tolist(),
+            "fold_srcc_std": [
+                float(np.std(f[np.isfinite(f)])) if np.isfinite(f).any() else None for f in self.fold_srcc
+            ],
             "alphas": self.alphas.tolist(),
             "control_srcc": None if self.control_srcc is None else self.control_srcc.tolist(),
             "best_layer": self.best_layer,
@@ -878,20 +883,29 @@ def compare_scorers(
 
 # --------------------------------------------------------------------------- the head at inference
 @torch.no_grad()
-def quality_hidden(
+def quality_states(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
     prompts: Sequence[EncodedPrompt],
     pixels: Tensor | None,
-    layer: int,
+    layers: Sequence[int] | None = None,
     *,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """``[prompt, d_model]`` residual after block ``layer`` at each prompt's last (quality) position.
+    """``[prompt, layer, d_model]`` residual after each block at each prompt's last (quality) position.
 
-    The prompts must end right before the level word (a scoring prompt:
-    ``EncodedPrompt.quality_index`` is the last id), as in the store the head was trained on.
-    The model left-pads spliced rows, so the last column is every row's last real token.
+    What the store holds as ``llm.blocks.{l}.hook_resid_post@quality``, computed live: for
+    raters whose quality position the recorder cannot reach (the text-only stage-2 prompt of a
+    two-stage pair), and for a score head at inference.
+
+    Args:
+        model: The model.
+        tokenizer: Its tokenizer.
+        prompts: Prompts that end right before the level word (``EncodedPrompt.quality_index``
+            is the last id), as the store's prompt did.
+        pixels: ``[image, 3, S, S]``, one per prompt with an image, in order; None for text only.
+        layers: The blocks to read (default: all).
+        batch_size: Prompts per forward.
     """
     bad = [i for i, p in enumerate(prompts) if p.quality_index != len(p.ids) - 1]
     if bad:
@@ -899,9 +913,11 @@ def quality_hidden(
             f"prompts {bad[:5]} do not end at their quality position; build them with "
             "mechbiqa.pipeline.scoring_prompt or encode_prompt(..., answer_prefix=...)"
         )
-    name = f"llm.blocks.{layer}.hook_resid_post"
-    if name not in model.hook_dict:
-        raise ValueError(f"the model has no hook {name!r} (it has {model.cfg.llm.n_layers} LLM layers)")
+    layers = list(range(model.cfg.llm.n_layers)) if layers is None else [int(x) for x in layers]
+    names = [f"llm.blocks.{layer}.hook_resid_post" for layer in layers]
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise ValueError(f"the model has no hook {missing[0]!r} (it has {model.cfg.llm.n_layers} LLM layers)")
     image_at = np.cumsum([0] + [p.n_images for p in prompts])
     rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
@@ -915,19 +931,35 @@ def quality_hidden(
         images = None
         if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
             images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
-        grabbed: list[Tensor] = []
+        grabbed: dict[str, Tensor] = {}
 
-        def grab(activation: Tensor, hook: Any, into: list[Tensor] = grabbed) -> None:
-            into.append(activation[:, -1].float().cpu())
+        def grab(activation: Tensor, hook: Any, into: dict[str, Tensor] = grabbed) -> None:
+            # The model left-pads spliced rows: the last column is every row's last real token.
+            into[hook.name] = activation[:, -1].float().cpu()
 
         model.run_with_hooks(
             ids.to(model.device),
             images=images,
             attention_mask=mask.to(model.device),
-            fwd_hooks=[(name, grab)],
+            fwd_hooks=[(name, grab) for name in names],
         )
-        rows.append(grabbed[0])
-    return torch.cat(rows).numpy() if rows else np.zeros((0, model.cfg.llm.d_model), dtype=np.float32)
+        rows.append(torch.stack([grabbed[name] for name in names], dim=1))
+    if not rows:
+        return np.zeros((0, len(layers), model.cfg.llm.d_model), dtype=np.float32)
+    return torch.cat(rows).numpy()
+
+
+def quality_hidden(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    prompts: Sequence[EncodedPrompt],
+    pixels: Tensor | None,
+    layer: int,
+    *,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """``[prompt, d_model]``: `quality_states` of one layer (what a `ScoreHead` reads)."""
+    return quality_states(model, tokenizer, prompts, pixels, [layer], batch_size=batch_size)[:, 0]
 
 
 def head_scores(

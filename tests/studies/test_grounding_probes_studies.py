@@ -166,6 +166,26 @@ def test_probes_study_on_arrays_finds_the_planted_layer(tmp_path):
         probes.analyse(data, probes.Config(head_layer=5, n_splits=5))
 
 
+@pytest.mark.parametrize("mode", ["one-stage", "two-stage"])
+def test_probes_study_computes_the_states_live_from_a_rater(tiny, tmp_path, mode):
+    records = grounding.load_records(grounding.Config(dataset=str(tiny / "set.jsonl"), split=None))[::4]
+    rater = grounding.tiny_raters(max_new_tokens=3)[mode]
+    data = probes.data_from_rater(rater, records, batch_size=32)
+    assert data.resid.shape[:2] == (len(records), 2) and data.layers == (0, 1)
+    assert data.lens_probs.shape == (2, len(records), 5) and data.lens_agreement[-1] == 1.0
+    assert set(data.splits) == {"train", "val", "test"} and len(set(data.groups)) == 4
+    # The live states are the rater's own: the last layer's lens is its Q-Align answer.
+    reader = rater.components if mode == "one-stage" else rater.stage2
+    pixels = (rater.components if mode == "one-stage" else rater.stage1).processor(
+        [r.image_path for r in records[:3]]
+    )
+    own = np.stack([r.level_probs for r in rater.rate(pixels)])
+    np.testing.assert_allclose(data.lens_probs[-1, :3], own, atol=1e-4)
+    assert reader.model.cfg.llm.n_layers == 2
+    result = probes.main(probes.Config.tiny(tmp_path), data=data)
+    assert set(result.comparison.metrics) == {"level_word", "mlp_head", "ridge"}
+
+
 def test_probes_cli_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         probes.parse_args(["--help"])
