@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,15 @@ from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.roles import Role, assign_roles
 from mechbiqa.model.tokenizer import train_compact_tokenizer
-from mechbiqa.store import ActivationStore, ArraySpec, BatchRows, CacheSpec, SampleInfo, StoreLayout, StoreWriter
+from mechbiqa.store import (
+    ActivationStore,
+    ArraySpec,
+    BatchRows,
+    CacheSpec,
+    SampleInfo,
+    StoreLayout,
+    StoreWriter,
+)
 from mechbiqa_hooks.nnsight_view import nnsight_view
 from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
@@ -87,7 +94,7 @@ class Config:
     model: str | None = None
     size: str = "compact"
     batch_size: int = 8
-    n_batches: int = 12
+    n_batches: int = 24
     rounds: int = 5
     memory_batches: int = 2
     scales: tuple[int, ...] = (1, 4, 16)
@@ -114,12 +121,15 @@ class Bench:
             parts = load_components(cfg.model)
             self.model, self.tokenizer, self.processor = parts.model, parts.tokenizer, parts.processor
         else:
-            self.tokenizer = train_compact_tokenizer([QALIGN_SCORER_PROMPT.replace("<|image|>", ""), *LEVEL_WORDS],
-                                                     vocab_size=300)
+            self.tokenizer = train_compact_tokenizer(
+                [QALIGN_SCORER_PROMPT.replace("<|image|>", ""), *LEVEL_WORDS], vocab_size=300
+            )
             model_cfg = ModelConfig.compact(vocab_size=self.tokenizer.vocab_size)
             if cfg.size == "wide":
-                model_cfg = replace(model_cfg, llm=replace(model_cfg.llm, d_model=512, n_layers=8, n_heads=8,
-                                                           n_kv_heads=8, d_mlp=1376))
+                model_cfg = replace(
+                    model_cfg,
+                    llm=replace(model_cfg.llm, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376),
+                )
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 self.model = MPLUGOwl2(model_cfg).eval()
@@ -127,13 +137,20 @@ class Bench:
         self.spec = CacheSpec.default()
         encoded = PromptConfig().encode(self.tokenizer, "score")
         self.prompt_ids = torch.tensor([encoded.ids])
-        roles = assign_roles(encoded.ids, response_start=encoded.response_start, quality_index=encoded.quality_index,
-                             n_image_tokens=self.model.cfg.n_image_tokens)
+        roles = assign_roles(
+            encoded.ids,
+            response_start=encoded.response_start,
+            quality_index=encoded.quality_index,
+            n_image_tokens=self.model.cfg.n_image_tokens,
+        )
         self.quality = int(roles.positions(Role.QUALITY)[0])
         self.image_pos = torch.from_numpy(roles.positions(Role.IMAGE))
         self.layers = range(self.model.cfg.llm.n_layers)
-        self.hooks = {f"llm.blocks.{l}.hook_resid_post" for l in self.layers} | \
-            {f"llm.blocks.{l}.attn.hook_pattern" for l in self.layers} | {"llm.unembed.hook_out"}
+        self.hooks = (
+            {f"llm.blocks.{l}.hook_resid_post" for l in self.layers}
+            | {f"llm.blocks.{l}.attn.hook_pattern" for l in self.layers}
+            | {"llm.unembed.hook_out"}
+        )
         size = self.model.cfg.vision.image_size
         g = torch.Generator().manual_seed(0)
         self.bank = torch.randn(16, 3, size, size, generator=g)  # reused images: inputs cost nothing to make
@@ -165,9 +182,17 @@ class Bench:
     def _record(self, n_batches: int, path: Path) -> Path:
         n = n_batches * self.cfg.batch_size
         samples = [SampleSource(id=str(i), image_path=f"memory://{i}") for i in range(n)]
-        result = record_dataset(self.model, self.tokenizer, self.processor, samples, self.spec, path,
-                                run=RunConfig(batch_size=self.cfg.batch_size), overwrite=True,
-                                load_image=lambda s: self.pixels(int(s.id)))
+        result = record_dataset(
+            self.model,
+            self.tokenizer,
+            self.processor,
+            samples,
+            self.spec,
+            path,
+            run=RunConfig(batch_size=self.cfg.batch_size),
+            overwrite=True,
+            load_image=lambda s: self.pixels(int(s.id)),
+        )
         return result.path
 
     def _transformer_lens(self, n_batches: int, _: Path) -> list:
@@ -175,7 +200,9 @@ class Bench:
         with torch.inference_mode():
             for b in range(n_batches):
                 ids, pixels = self.batch(b)
-                _, cache = self.model.run_with_cache(ids, images=pixels, names_filter=lambda name: name in self.hooks)
+                _, cache = self.model.run_with_cache(
+                    ids, images=pixels, names_filter=lambda name: name in self.hooks
+                )
                 caches.append(cache)
         return caches
 
@@ -194,11 +221,14 @@ class Bench:
                 with view.trace(ids, images=pixels):
                     for layer in self.layers:
                         block = view.llm.blocks[layer]
-                        rows.append(block.attn.hook_pattern.output[:, :, q].save())  # [batch, head, key]
+                        # clone(): a saved slice is a view that would keep the whole tensor alive
+                        rows.append(
+                            block.attn.hook_pattern.output[:, :, q].clone().save()
+                        )  # [batch, head, key]
                         resid = block.hook_resid_post.output
-                        rows.append(resid[:, q].save())  # [batch, d_model]
-                        rows.append(resid[:, image].save())  # [batch, image_pos, d_model]
-                    rows.append(view.llm.unembed.hook_out.output[:, q].save())  # [batch, vocab]
+                        rows.append(resid[:, q].clone().save())  # [batch, d_model]
+                        rows.append(resid[:, image].save())  # [batch, image_pos, d_model] (a copy already)
+                    rows.append(view.llm.unembed.hook_out.output[:, q].clone().save())  # [batch, vocab]
                 saved.append(rows)
         return saved
 
@@ -209,7 +239,7 @@ def bench_time(bench: Bench, cfg: Config, tmp: Path) -> dict[str, Any]:
     wall: dict[str, list[float]] = {m: [] for m in METHODS}
     cpu: dict[str, list[float]] = {m: [] for m in METHODS}
     for round_ in range(cfg.rounds + 1):
-        order = METHODS[round_ % len(METHODS):] + METHODS[:round_ % len(METHODS)]
+        order = METHODS[round_ % len(METHODS) :] + METHODS[: round_ % len(METHODS)]
         for method in order:
             gc.collect()
             seconds, cpu_seconds, held = bench.run(method, cfg.n_batches, tmp / "time.h5")
@@ -222,10 +252,21 @@ def bench_time(bench: Bench, cfg: Config, tmp: Path) -> dict[str, Any]:
         out[method] = {}
         for clock, times in (("wall", wall), ("cpu", cpu)):
             ratios = [t / p for t, p in zip(times[method], times["plain"])]
-            out[method][clock] = {"median_s_per_batch": statistics.median(times[method]),
-                                  "min_s_per_batch": min(times[method]), "max_s_per_batch": max(times[method]),
-                                  "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
-                                  "max_ratio": max(ratios), "ratios": ratios}
+            out[method][clock] = {
+                "median_s_per_batch": statistics.median(times[method]),
+                "min_s_per_batch": min(times[method]),
+                "max_s_per_batch": max(times[method]),
+                "median_ratio": statistics.median(ratios),
+                "min_ratio": min(ratios),
+                "max_ratio": max(ratios),
+                "ratios": ratios,
+            }
+    setup = []  # one-time cost of a recording run (identity hashes, store creation, final fsync + rename)
+    for _ in range(3):
+        _, record_cpu, _ = bench.run("record", 1, tmp / "setup.h5")
+        _, plain_cpu, _ = bench.run("plain", 1, tmp / "setup.h5")
+        setup.append(record_cpu - plain_cpu)
+    out["record_setup_cpu_s"] = statistics.median(setup)
     with ActivationStore.open(tmp / "time.h5") as store:
         n = store.n_samples
         size = (tmp / "time.h5").stat().st_size
@@ -245,10 +286,12 @@ def _agreement(bench: Bench, store: ActivationStore) -> dict[str, float]:
     stored_row = store.get(f"llm.blocks.{last}.attn.hook_pattern", samples=slice(0, n))[:, :, 0]
     ns_row = saved[3 * last].numpy()
     k = ns_row.shape[-1]
-    return {"store_vs_transformer_lens_resid": float(np.abs(stored - tl).max()),
-            "store_vs_nnsight_resid": float(np.abs(stored - ns).max()),
-            "store_vs_nnsight_attention_row": float(np.abs(stored_row[..., :k] - ns_row).max()),
-            "resid_scale": float(np.abs(tl).max())}
+    return {
+        "store_vs_transformer_lens_resid": float(np.abs(stored - tl).max()),
+        "store_vs_nnsight_resid": float(np.abs(stored - ns).max()),
+        "store_vs_nnsight_attention_row": float(np.abs(stored_row[..., :k] - ns_row).max()),
+        "resid_scale": float(np.abs(tl).max()),
+    }
 
 
 # ----------------------------------------------------------------------------- memory
@@ -280,13 +323,24 @@ def bench_memory(cfg: Config, tmp: Path) -> dict[str, Any]:
         out[method] = {}
         for scale in cfg.scales:
             n_batches = scale * cfg.memory_batches
-            command = [sys.executable, __file__, "--memory-child", method, str(n_batches), str(tmp / f"mem-{method}.h5"),
-                       "--config-json", json.dumps(asdict(cfg))]
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                method,
+                str(n_batches),
+                str(tmp / f"mem-{method}.h5"),
+                "--config-json",
+                json.dumps(asdict(cfg)),
+            ]
+            done = subprocess.run(
+                command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"memory run {method} x{scale} failed:\n{done.stderr[-2000:]}")
             out[method][f"{scale}x"] = json.loads(done.stdout.strip().splitlines()[-1]) | {
-                "samples": n_batches * cfg.batch_size}
+                "samples": n_batches * cfg.batch_size
+            }
     return out
 
 
@@ -304,9 +358,22 @@ def bench_read(cfg: Config, tmp: Path) -> dict[str, Any]:
     """Cold reads of a 7B-shaped store, and of the same data chunked (1, 1, pos, d)."""
     n, layers, pos, d = cfg.read_samples, cfg.read_layers, cfg.read_pos, cfg.read_d
     key = "llm.blocks.{l}.hook_resid_post@image"
-    layout = StoreLayout(n, pos + 30, (("image", pos), ("quality", 1)),
-                         (ArraySpec(key, "llm.blocks.{l}.hook_resid_post", "image", tuple(range(layers)), (pos, d),
-                                    ("pos", "d_model")),), dtype="float16")
+    layout = StoreLayout(
+        n,
+        pos + 30,
+        (("image", pos), ("quality", 1)),
+        (
+            ArraySpec(
+                key,
+                "llm.blocks.{l}.hook_resid_post",
+                "image",
+                tuple(range(layers)),
+                (pos, d),
+                ("pos", "d_model"),
+            ),
+        ),
+        dtype="float16",
+    )
     path, chunked = tmp / "read.h5", tmp / "read-chunked.h5"
     for p in (path, chunked):
         p.unlink(missing_ok=True)
@@ -319,10 +386,13 @@ def bench_read(cfg: Config, tmp: Path) -> dict[str, Any]:
         for start in range(0, n, step):
             m = min(step, n - start)
             acts = rng.standard_normal((layers, m, pos, d), dtype=np.float32).astype(np.float16)
-            rows = {name: np.zeros((m, *row), dtype=dtype) for name, (dtype, row) in layout.row_datasets().items()
-                    if name != "samples/status"}
+            rows = {
+                name: np.zeros((m, *row), dtype=dtype)
+                for name, (dtype, row) in layout.row_datasets().items()
+                if name != "samples/status"
+            }
             writer.write(BatchRows(start, np.ones(m, np.int8), rows, {key: acts}))
-            ds[start:start + m] = acts.transpose(1, 0, 2, 3)
+            ds[start : start + m] = acts.transpose(1, 0, 2, 3)
     writer.finish()
     layer_mb = n * pos * d * 2 / 2**20
     out: dict[str, Any] = {"layer_mb": layer_mb, "file_mb": path.stat().st_size / 2**20}
@@ -342,7 +412,11 @@ def bench_read(cfg: Config, tmp: Path) -> dict[str, Any]:
             began = time.perf_counter()
             store.get(key.split("@")[0], "image", samples=int(i))  # [layer, pos, d]
             sample_ms.append(1e3 * (time.perf_counter() - began))
-    out["contiguous"] = {"layer_cold_mb_s": cold, "layer_warm_mb_s": warm, "sample_all_layers_cold_ms": sample_ms}
+    out["contiguous"] = {
+        "layer_cold_mb_s": cold,
+        "layer_warm_mb_s": warm,
+        "sample_all_layers_cold_ms": sample_ms,
+    }
     with h5py.File(chunked, "r", rdcc_nbytes=0) as f:
         ds = f["x"]
         cold, sample_ms = [], []
@@ -369,17 +443,25 @@ def main(cfg: Config) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    result: dict[str, Any] = {"config": asdict(cfg), "torch_threads": torch.get_num_threads(),
-                              "cpu_count": os.cpu_count(), "load_average": os.getloadavg()}
+    result: dict[str, Any] = {
+        "config": asdict(cfg),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp_name:
         tmp = Path(tmp_name)
         if "time" in cfg.parts or "memory" in cfg.parts:
             bench = Bench(cfg)
             model_cfg = bench.model.cfg
-            result["model"] = {"source": cfg.model or f"random {cfg.size}", "llm_layers": model_cfg.llm.n_layers,
-                               "d_model": model_cfg.llm.d_model, "image_tokens": model_cfg.n_image_tokens,
-                               "positions": int(bench.prompt_ids.shape[1]) - 1 + model_cfg.n_image_tokens,
-                               "spec": str(bench.spec)}
+            result["model"] = {
+                "source": cfg.model or f"random {cfg.size}",
+                "llm_layers": model_cfg.llm.n_layers,
+                "d_model": model_cfg.llm.d_model,
+                "image_tokens": model_cfg.n_image_tokens,
+                "positions": int(bench.prompt_ids.shape[1]) - 1 + model_cfg.n_image_tokens,
+                "spec": str(bench.spec),
+            }
         if "time" in cfg.parts:
             result["time"] = bench_time(bench, cfg, tmp)
         if "memory" in cfg.parts:
@@ -398,26 +480,43 @@ def report(result: dict[str, Any]) -> None:
     console = Console(width=150)
     if "model" in result:
         m = result["model"]
-        console.print(f"model: {m['source']} ({m['llm_layers']} LLM layers, d {m['d_model']}, {m['positions']} "
-                      f"positions); spec: {m['spec']}; torch threads {result['torch_threads']}, "
-                      f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])}")
+        console.print(
+            f"model: {m['source']} ({m['llm_layers']} LLM layers, d {m['d_model']}, {m['positions']} "
+            f"positions); spec: {m['spec']}; torch threads {result['torch_threads']}, "
+            f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])}"
+        )
     if "time" in result:
         t = result["time"]
-        table = Table(title=f"time per batch of {result['config']['batch_size']} (same model, inputs and batches; "
-                            f"{result['config']['rounds']} rounds of {result['config']['n_batches']} batches, "
-                            "methods in rotated order)")
-        for col in ("method", "CPU s/batch median (min-max)", "CPU ratio to plain: median (min-max)",
-                    "wall s/batch median", "wall ratio: median (min-max)"):
+        table = Table(
+            title=f"time per batch of {result['config']['batch_size']} (same model, inputs and batches; "
+            f"{result['config']['rounds']} rounds of {result['config']['n_batches']} batches, "
+            "methods in rotated order)"
+        )
+        for col in (
+            "method",
+            "CPU s/batch median (min-max)",
+            "CPU ratio to plain: median (min-max)",
+            "wall s/batch median",
+            "wall ratio: median (min-max)",
+        ):
             table.add_column(col, justify="right" if col != "method" else "left")
         for method in METHODS:
             c, w = t[method]["cpu"], t[method]["wall"]
-            table.add_row(method, f"{c['median_s_per_batch']:.4f} ({c['min_s_per_batch']:.4f}-{c['max_s_per_batch']:.4f})",
-                          f"{c['median_ratio']:.3f}x ({c['min_ratio']:.3f}-{c['max_ratio']:.3f})",
-                          f"{w['median_s_per_batch']:.4f}",
-                          f"{w['median_ratio']:.3f}x ({w['min_ratio']:.3f}-{w['max_ratio']:.3f})")
+            table.add_row(
+                method,
+                f"{c['median_s_per_batch']:.4f} ({c['min_s_per_batch']:.4f}-{c['max_s_per_batch']:.4f})",
+                f"{c['median_ratio']:.3f}x ({c['min_ratio']:.3f}-{c['max_ratio']:.3f})",
+                f"{w['median_s_per_batch']:.4f}",
+                f"{w['median_ratio']:.3f}x ({w['min_ratio']:.3f}-{w['max_ratio']:.3f})",
+            )
         console.print(table)
-        console.print(f"store: {t['store_mb_per_sample']:.3f} MB per sample; agreement (max |diff|): "
-                      + ", ".join(f"{k} {v:.2g}" for k, v in t["agreement"].items()))
+        console.print(
+            f"recording's one-time setup per run: {t['record_setup_cpu_s'] * 1e3:.0f} ms CPU (included above)"
+        )
+        console.print(
+            f"store: {t['store_mb_per_sample']:.3f} MB per sample; agreement (max |diff|): "
+            + ", ".join(f"{k} {v:.2g}" for k, v in t["agreement"].items())
+        )
     if "memory" in result:
         mem = result["memory"]
         scales = list(next(iter(mem.values())))
@@ -431,15 +530,24 @@ def report(result: dict[str, Any]) -> None:
     if "read" in result:
         r = result["read"]
         table = Table(title=f"cold reads ({r['layer_mb']:.0f} MB per layer, file {r['file_mb']:.0f} MB)")
-        for col in ("layout", "one layer, all samples: MB/s median (min-max)", "one sample, all layers: ms median"):
+        for col in (
+            "layout",
+            "one layer, all samples: MB/s median (min-max)",
+            "one sample, all layers: ms median",
+        ):
             table.add_column(col)
         for name in ("contiguous", "chunked_1_1_pos_d"):
             x = r[name]
             c = x["layer_cold_mb_s"]
-            table.add_row(name, f"{statistics.median(c):.0f} ({min(c):.0f}-{max(c):.0f})",
-                          f"{statistics.median(x['sample_all_layers_cold_ms']):.1f}")
+            table.add_row(
+                name,
+                f"{statistics.median(c):.0f} ({min(c):.0f}-{max(c):.0f})",
+                f"{statistics.median(x['sample_all_layers_cold_ms']):.1f}",
+            )
         console.print(table)
-        console.print(f"warm re-read of one layer: {statistics.median(r['contiguous']['layer_warm_mb_s']):.0f} MB/s")
+        console.print(
+            f"warm re-read of one layer: {statistics.median(r['contiguous']['layer_warm_mb_s']):.0f} MB/s"
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -457,19 +565,35 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--read-layers", type=int, default=d.read_layers)
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--parts", default=",".join(d.parts), help="comma list of time, memory, read")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1; 0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="torch threads (default 1; 0: torch's default)"
+    )
     a = p.parse_args(argv)
-    return Config(model=a.model, size=a.size, batch_size=a.batch_size, n_batches=a.n_batches, rounds=a.rounds,
-                  memory_batches=a.memory_batches, scales=tuple(int(s) for s in a.scales.split(",")),
-                  read_samples=a.read_samples, read_layers=a.read_layers, out_dir=a.out_dir,
-                  parts=tuple(a.parts.split(",")), threads=a.threads or None)
+    return Config(
+        model=a.model,
+        size=a.size,
+        batch_size=a.batch_size,
+        n_batches=a.n_batches,
+        rounds=a.rounds,
+        memory_batches=a.memory_batches,
+        scales=tuple(int(s) for s in a.scales.split(",")),
+        read_samples=a.read_samples,
+        read_layers=a.read_layers,
+        out_dir=a.out_dir,
+        parts=tuple(a.parts.split(",")),
+        threads=a.threads or None,
+    )
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
         method, n_batches, path = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
-        config = Config(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in json.loads(sys.argv[sys.argv.index("--config-json") + 1]).items()})
+        config = Config(
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in json.loads(sys.argv[sys.argv.index("--config-json") + 1]).items()
+            }
+        )
         print(json.dumps(memory_child(config, method, n_batches, path)))
     else:
         report(main(parse_args()))
