@@ -46,6 +46,8 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from mechbiqa_hooks.nnsight_view import nnsight_view
+from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
 from mechbiqa.model import ModelConfig, MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
@@ -61,8 +63,6 @@ from mechbiqa.store import (
     StoreLayout,
     StoreWriter,
 )
-from mechbiqa_hooks.nnsight_view import nnsight_view
-from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("plain", "record", "transformer_lens", "nnsight")
@@ -111,7 +111,7 @@ class Config:
 class Bench:
     """The model, the inputs and the four methods."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config) -> None:  # noqa: D107
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -147,8 +147,8 @@ class Bench:
         self.image_pos = torch.from_numpy(roles.positions(Role.IMAGE))
         self.layers = range(self.model.cfg.llm.n_layers)
         self.hooks = (
-            {f"llm.blocks.{l}.hook_resid_post" for l in self.layers}
-            | {f"llm.blocks.{l}.attn.hook_pattern" for l in self.layers}
+            {f"llm.blocks.{i}.hook_resid_post" for i in self.layers}
+            | {f"llm.blocks.{i}.attn.hook_pattern" for i in self.layers}
             | {"llm.unembed.hook_out"}
         )
         size = self.model.cfg.vision.image_size
@@ -168,7 +168,7 @@ class Bench:
 
     # ------------------------------------------------------------ methods
     def run(self, method: str, n_batches: int, store_path: Path) -> tuple[float, float, Any]:
-        """Run one method over ``n_batches``; return (wall s, CPU s of this process, what it keeps in memory)."""
+        """Run one method over ``n_batches``; return (wall s, CPU s of this process, what it keeps)."""
         began, cpu = time.perf_counter(), time.process_time()
         held = getattr(self, f"_{method}")(n_batches, store_path)
         return time.perf_counter() - began, time.process_time() - cpu, held
@@ -251,7 +251,7 @@ def bench_time(bench: Bench, cfg: Config, tmp: Path) -> dict[str, Any]:
     for method in METHODS:
         out[method] = {}
         for clock, times in (("wall", wall), ("cpu", cpu)):
-            ratios = [t / p for t, p in zip(times[method], times["plain"])]
+            ratios = [t / p for t, p in zip(times[method], times["plain"], strict=True)]
             out[method][clock] = {
                 "median_s_per_batch": statistics.median(times[method]),
                 "min_s_per_batch": min(times[method]),
