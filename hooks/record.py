@@ -427,8 +427,15 @@ class Recorder:
             out[select] = table
         return out
 
-    def record(self, rows: _Rows, pixels: Tensor | None) -> tuple[dict[str, np.ndarray], Tensor]:
+    def record(
+        self, rows: _Rows, pixels: Tensor | None, selections: dict[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], Tensor]:
         """Run one recorded forward.
+
+        Args:
+            rows: The batch (left-padded ids, mask, roles of each row).
+            pixels: ``[batch, 3, S, S]`` images, one per row.
+            selections: `selections` of ``rows.roles`` when the caller has them already.
 
         Returns:
             ``({key: [layer, batch, *shape]}, logits [batch, pos, vocab])``.
@@ -441,7 +448,7 @@ class Recorder:
             raise ValueError(f"a sequence of {length} positions exceeds the store's max_pos {layout.max_pos}")
         pad = length - lengths  # [batch] left padding of each spliced row
         index, valid, all_valid = {}, {}, {}
-        for select, table in self.selections(rows.roles).items():
+        for select, table in (selections if selections is not None else self.selections(rows.roles)).items():
             t = torch.from_numpy(table).to(device).long()
             valid[select] = t >= 0  # [batch, cap]
             all_valid[select] = bool((table >= 0).all())
@@ -653,6 +660,7 @@ def record_dataset(
     recorder = Recorder(model, layout)
     load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
+    role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]] = {}
     n = len(samples)
     try:
         batches = list(iter_batches(n, run.batch_size, writer.first_pending)) if not writer.complete else []
@@ -673,6 +681,7 @@ def record_dataset(
                     run,
                     level_ids,
                     layout,
+                    role_cache,
                 )
                 writer.write(batch)
                 recorded += stop - start
@@ -696,6 +705,7 @@ def _record_batch(
     run: RunConfig,
     level_ids: list[int],
     layout: StoreLayout,
+    role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]],
 ) -> BatchRows:
     """Load, run and record one batch; failed images become error rows."""
     n = len(chunk)
@@ -711,41 +721,54 @@ def _record_batch(
         except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
             status[i], errors[i] = STATUS_FAILED, f"{type(error).__name__}: {error}"
     rows_out = _empty_rows(layout, n)
-    acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
+    acts: dict[str, np.ndarray] = {}
+    if len(ok) < n:
+        acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
     if ok:
         images = torch.stack(pixels)
         text_ids, answers = _texts(model, tokenizer, images, encoded, run, start, len(ok))
-        roles = []
-        for ids in text_ids:
-            quality = (
-                encoded.quality_index
-                if run.mode == "score"
-                else find_quality_index(ids, level_ids, response_start=encoded.response_start)
-            )
-            roles.append(
-                assign_roles(
+        roles, spliced = [], []
+        for ids in text_ids:  # in score mode every row is the same prompt: roles are computed once
+            key = tuple(ids)
+            if key not in role_cache:
+                quality = (
+                    encoded.quality_index
+                    if run.mode == "score"
+                    else find_quality_index(ids, level_ids, response_start=encoded.response_start)
+                )
+                r = assign_roles(
                     ids,
                     response_start=encoded.response_start,
                     quality_index=quality,
                     n_image_tokens=model.cfg.n_image_tokens,
                     bos_id=tokenizer.bos_id,
                 )
-            )
+                role_cache[key] = (r, _spliced_ids(ids, r))
+                if len(role_cache) > 4096:  # generated answers are all different: keep the cache small
+                    role_cache.pop(next(iter(role_cache)))
+            roles.append(role_cache[key][0])
+            spliced.append(role_cache[key][1])
         width = max(len(t) for t in text_ids)
-        input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ok), width), dtype=torch.long)
-        for b, ids in enumerate(text_ids):
-            input_ids[b, width - len(ids) :] = torch.tensor(ids)
-            mask[b, width - len(ids) :] = 1
-        recorded, _ = recorder.record(_Rows(input_ids, mask, roles, text_ids), images)
-        rows_ok = np.asarray(ok)
-        for key, value in recorded.items():
-            acts[key][:, rows_ok] = value
+        if all(len(t) == width for t in text_ids):
+            input_ids, mask = torch.tensor(text_ids), torch.ones((len(ok), width), dtype=torch.long)
+        else:  # left-pad the text ids; the model splices real tokens only
+            input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(ok), width), dtype=torch.long)
+            for b, ids in enumerate(text_ids):
+                input_ids[b, width - len(ids) :] = torch.tensor(ids)
+                mask[b, width - len(ids) :] = 1
         selections = recorder.selections(roles)
-        for b, (i, r, ids) in enumerate(zip(ok, roles, text_ids, strict=True)):
+        recorded, _ = recorder.record(_Rows(input_ids, mask, roles, text_ids), images, selections)
+        if len(ok) == n:
+            acts = recorded
+        else:
+            rows_ok = np.asarray(ok)
+            for key, value in recorded.items():
+                acts[key][:, rows_ok] = value
+        for b, (i, r, ids) in enumerate(zip(ok, roles, spliced, strict=True)):
             m = len(r)
             rows_out["samples/n_positions"][i] = m
-            rows_out["tokens/ids"][i, :m] = _spliced_ids(ids, r)
+            rows_out["tokens/ids"][i, :m] = ids
             rows_out["tokens/role"][i, :m] = r.role
             rows_out["tokens/image_index"][i, :m] = r.image_index
             rows_out["samples/answer"][i] = encode_text(answers[b], layout.answer_bytes)
