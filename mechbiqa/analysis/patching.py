@@ -15,9 +15,12 @@ zeros, a mean activation, or a source run's activation). `sweep` stacks every
 (configuration, clean input) pair along the batch axis, attaches **one** hook
 per hook name that applies each row's own edits with a single indexed write,
 and runs the stacked batch in chunks of ``batch_size`` rows: many
-configurations cost a few forwards, not one forward each. The images are
-encoded once per sweep (every row of a clean input shares its image), which is
-where most of the remaining per-row work would go.
+configurations cost a few forwards, not one forward each. Work that every row
+would repeat is done once: each image is encoded once per sweep, the clean run
+once, and a row that edits layer ``l`` from position ``p`` on starts from the
+clean run's residual there, with the clean keys and values of the positions
+before ``p`` (causal attention: nothing below ``l`` or before ``p`` can
+differ), so it computes only ``(n_layers - l) x (n_pos - p)`` of the grid.
 
 Positions are in the spliced sequence the model sees (select them by token
 role, `mechbiqa.model.roles`). All clean inputs of one sweep share one prompt
@@ -37,7 +40,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechbiqa.model.generation import KVCache
+from mechbiqa.model.llm import rotary_cos_sin
 from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -270,34 +276,44 @@ class SweepResult:
 
 
 # ----------------------------------------------------------------------------- the sweep
-def _forward(
-    model: MPLUGOwl2,
-    input_ids: Int[Tensor, "batch text_pos"],
-    image_tokens: Float[Tensor, "batch image_pos d_llm"] | None,
-    attention_mask: Tensor | None,
-) -> Tensor:
-    """`MPLUGOwl2.forward` from already-encoded image rows (splice, then the LLM).
+_KEY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # their axis 3 spans the cached keys too
 
-    The rows pass through ``hook_image_tokens`` here, once per batch row, so an edit of that
-    hook applies per configuration. Positions follow the model's rule (real tokens counted
-    from 0, left padding masked).
+
+def _key_axis(edit: Edit) -> bool:
+    """Whether an edit's positions index the key axis (absolute, cache included) rather than the new positions."""
+    return edit.pos_dim == 3 and edit.hook.endswith(_KEY_AXIS_HOOKS)
+
+
+def _start(config: Configuration, clean: int) -> tuple[int, int] | None:
+    """The (layer, position) before which a row equals the clean run; None if it edits outside the LLM blocks.
+
+    A row whose edits all sit in ``llm.blocks.{l}`` hooks at positions >= p computes, below
+    layer ``l`` and before position ``p``, exactly what the clean run computed (causal
+    attention: a position never reads later ones).
     """
-    if image_tokens is not None:
-        image_tokens = model.hook_image_tokens(image_tokens)
-    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits, _ = model.llm(embeds, modality, positions, mask)
-    return logits
+    if not config.edits:
+        return None
+    layers, positions = [], []
+    for edit in config.edits:
+        layer = names.layer_of(edit.hook)
+        if layer is None or not edit.hook.startswith("llm.blocks."):
+            return None
+        pos = edit.positions[clean] if edit.positions.ndim == 2 else edit.positions
+        layers.append(layer)
+        positions.append(int(pos.min()))
+    return min(layers), min(positions)
 
 
 def _row_hooks(
-    configurations: Sequence[Configuration], rows: Sequence[tuple[int, int]]
+    configurations: Sequence[Configuration], rows: Sequence[tuple[int, int]], shift: int = 0
 ) -> list[tuple[str, Any]]:
     """One hook per hook name that writes each row's own edits with one indexed assignment.
 
     Args:
         configurations: The sweep.
         rows: ``(configuration, clean input)`` of each batch row, in order.
+        shift: The first position the forward computes (positions along new-position axes are
+            moved by it; key axes of attention patterns are absolute).
     """
     # hook -> pos_dim -> lists of (batch rows, positions, values or None for zeros)
     plan: dict[str, dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]] = defaultdict(lambda: defaultdict(list))
@@ -305,6 +321,8 @@ def _row_hooks(
         for edit in configurations[c].edits:
             per_clean = edit.positions.ndim == 2
             pos = edit.positions[i] if per_clean else edit.positions
+            if not _key_axis(edit):
+                pos = pos - shift
             vals = edit.setter.values
             if vals is not None and per_clean:
                 vals = vals[i]
@@ -339,6 +357,87 @@ def _row_hooks(
     return [(name, make(entries)) for name, entries in plan.items()]
 
 
+@dataclass
+class _CleanRun:
+    """What the clean run computed, for rows that start from it: per layer, the residual entering
+    the layer and the keys/values of every position; and the spliced sequence's bookkeeping."""
+
+    resid: list[Tensor]  # per layer [clean, pos, d_model]
+    keys: list[Tensor]  # per layer [clean, kv_head, pos, d_head]
+    values: list[Tensor]
+    modality: Tensor  # [clean, pos]
+    positions: Tensor  # [clean, pos] RoPE position ids
+    mask: Tensor  # [clean, pos] bool
+    readout: Tensor  # [clean, vocab] logits at the quality position
+
+
+def _clean_run(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None, attention_mask: Tensor | None,
+               position: int) -> _CleanRun:
+    """The unedited forward (`MPLUGOwl2.forward` from encoded image rows), keeping its states."""
+    if image_tokens is not None:
+        image_tokens = model.hook_image_tokens(image_tokens)
+    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the model's rule: real tokens counted from 0
+    resid: dict[int, Tensor] = {}
+
+    def keep(activation: Tensor, hook: Any) -> None:
+        resid[int(names.layer_of(hook.name))] = activation  # type: ignore[arg-type]
+
+    cache = KVCache()
+    n_layers = len(model.llm.blocks)
+    with model.hooks(fwd_hooks=[(names.resid_pre(layer), keep) for layer in range(n_layers)]):
+        logits, _ = model.llm(embeds, modality, positions, mask, cache)
+    return _CleanRun([resid[layer] for layer in range(n_layers)], cache.keys, cache.values, modality, positions,
+                     mask, logits[:, position])
+
+
+def _run_full(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None, attention_mask: Tensor | None,
+              position: int) -> Tensor:
+    """The whole forward from the encoded image rows (for rows that edit outside the LLM blocks)."""
+    if image_tokens is not None:
+        image_tokens = model.hook_image_tokens(image_tokens)
+    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits, _ = model.llm(embeds, modality, positions, mask)
+    return logits[:, position]
+
+
+def _run_from(model: MPLUGOwl2, clean: _CleanRun, rows: Tensor, layer: int, start: int, position: int) -> Tensor:
+    """Layers ``layer..`` at positions ``start..`` only, reading the clean keys/values of positions before ``start``."""
+    x = clean.resid[layer][rows, start:]
+    cache = KVCache(keys=[k[rows, :, :start] for k in clean.keys], values=[v[rows, :, :start] for v in clean.values])
+    modality = clean.modality[rows, start:]
+    cfg = model.llm.cfg
+    cos, sin = rotary_cos_sin(clean.positions[rows, start:], cfg.d_head, cfg.rope_theta, x.dtype)
+    key_mask = clean.mask[rows]
+    for block in model.llm.blocks[layer:]:
+        x = block(x, modality, cos, sin, key_mask, cache)
+    return model.llm.unembed(model.llm.ln_final(x[:, position - start]))
+
+
+def _plan_chunks(firsts: Sequence[int], length: int, depth: int, batch_size: int,
+                 forward_cost: float) -> list[tuple[int, int]]:
+    """Cut rows sorted by first position into chunks ``[lo, hi)`` of at most ``batch_size`` rows.
+
+    A chunk costs ``forward_cost + rows x (length - firsts[lo]) x depth`` (a forward's fixed cost,
+    then one unit per row, position and layer computed); dynamic programming over the cut points
+    finds the cheapest plan.
+    """
+    n = len(firsts)
+    best = [0.0] + [float("inf")] * n  # best[j]: cheapest plan of rows [0, j)
+    cut = [0] * (n + 1)
+    for hi in range(1, n + 1):
+        for lo in range(max(0, hi - max(1, batch_size)), hi):
+            cost = best[lo] + forward_cost + (hi - lo) * (length - firsts[lo]) * depth
+            if cost < best[hi]:
+                best[hi], cut[hi] = cost, lo
+    plan, hi = [], n
+    while hi > 0:
+        plan.append((cut[hi], hi))
+        hi = cut[hi]
+    return plan[::-1]
+
+
 @torch.no_grad()
 def sweep(
     model: MPLUGOwl2,
@@ -349,13 +448,22 @@ def sweep(
     *,
     attention_mask: Int[Tensor, "clean text_pos"] | None = None,
     batch_size: int = 64,
+    share_prefix: bool = True,
+    forward_cost: float | None = None,
 ) -> SweepResult:
     """Run every configuration on every clean input, stacked along the batch axis.
 
     Row ``(c, i)`` of the stacked batch is clean input ``i`` with configuration ``c``'s edits.
-    Rows run ``batch_size`` at a time (round it to a multiple of the number of clean inputs
-    to keep configurations whole); ``batch_size = n_clean`` is one forward per configuration.
-    Each clean image is encoded once for the whole sweep.
+    Each clean image is encoded once for the whole sweep, and the clean run once. With
+    ``share_prefix``, a row whose edits all lie in LLM blocks (layer >= l, position >= p)
+    starts from the clean run's state there: layers below ``l`` and positions before ``p``
+    are not recomputed, because nothing there can differ (causal attention), and its
+    attention reads the clean keys and values of positions before ``p``. Rows that start at
+    the same layer run together, at most ``batch_size`` at a time, each chunk from the earliest
+    position among its rows (chunks cut where that saves more than ``forward_cost``); rows that
+    edit outside the LLM blocks (image tokens, embeddings) run the whole forward. The results equal
+    those of a full forward per configuration up to float rounding (tests and
+    ``studies/bench_patching.py`` check it).
 
     Args:
         model: The model (eval mode).
@@ -364,7 +472,14 @@ def sweep(
         configurations: The sweep.
         readout: Level-word ids and the quality column.
         attention_mask: For padded prompts (positions of edits are then in padded coordinates).
-        batch_size: Rows per forward.
+        batch_size: Rows per forward at most.
+        share_prefix: Start rows from the clean run's state (else every row runs the whole forward).
+        forward_cost: The fixed cost of one forward, in units of one row x position x layer of
+            compute. Larger merges rows into fewer forwards, smaller cuts chunks at more start
+            positions; the results do not depend on it. None: 128 on a CPU (measured on the
+            compact model, ``studies/bench_patching.py``: a forward's overhead is small next to
+            its arithmetic) and 1e6 on a GPU (a forward of a few rows is bound by kernel
+            launches, so fewer forwards win).
 
     Returns:
         A `SweepResult`.
@@ -386,32 +501,65 @@ def sweep(
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
     tokens = None if images is None else model.encode_images(images.to(device, model.dtype))
+    clean = _clean_run(model, input_ids, tokens, mask, readout.position)
+    length = clean.mask.shape[1]
+    quality = readout.position % length  # absolute column of the quality position
 
-    def run(rows: list[tuple[int, int]], hooks: list[tuple[str, Any]]) -> tuple[np.ndarray, ...]:
+    # rows grouped by where they start: None = the whole forward
+    groups: dict[tuple[int, int] | None, list[tuple[int, int]]] = defaultdict(list)
+    for c, config in enumerate(configurations):
+        for i in range(n_clean):
+            start = _start(config, i) if share_prefix else None
+            if start is not None:
+                start = (start[0], min(start[1], quality))  # an edit after the quality position cannot matter
+            groups[start].append((c, i))
+    n_rows = len(configurations) * n_clean
+    logits: list[Tensor | None] = [None] * n_rows
+    n_forwards = 1
+    # Rows that start at the same layer run together, each chunk from the earliest position among its
+    # rows. Where to cut a layer's rows (sorted by first position) into chunks is a trade-off: one chunk
+    # is one forward, but a row recomputes the positions between the chunk's start and its own.
+    # `_plan_chunks` picks the cuts that minimise (forwards x forward_cost + recomputed work).
+    by_layer: dict[int | None, list[tuple[tuple[int, int] | None, tuple[int, int]]]] = defaultdict(list)
+    for start, members in groups.items():
+        by_layer[None if start is None else start[0]] += [(start, m) for m in members]
+    n_layers = len(model.llm.blocks)
+    if forward_cost is None:
+        forward_cost = 128.0 if device.type == "cpu" else 1e6
+    chunks: list[tuple[tuple[int, int] | None, list[tuple[int, int]]]] = []
+    for layer, items in sorted(by_layer.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        if layer is None:
+            chunks += [(None, [row for _, row in items[i:i + max(1, batch_size)]])
+                       for i in range(0, len(items), max(1, batch_size))]
+            continue
+        items.sort(key=lambda item: item[0])  # type: ignore[arg-type, return-value]
+        firsts = [st[1] for st, _ in items]  # type: ignore[index]
+        for lo, hi in _plan_chunks(firsts, length, n_layers - layer, batch_size, forward_cost):
+            chunks.append(((layer, firsts[lo]), [row for _, row in items[lo:hi]]))
+    for start, rows in chunks:
         clean_rows = torch.tensor([i for _, i in rows], device=device)
-        with model.hooks(fwd_hooks=hooks):
-            logits = _forward(model, input_ids[clean_rows], None if tokens is None else tokens[clean_rows],
-                              None if mask is None else mask[clean_rows])
-        return read_quality(logits[:, readout.position], readout)
-
-    clean = run([(0, i) for i in range(n_clean)], [])
-    grid = [(c, i) for c in range(len(configurations)) for i in range(n_clean)]
-    parts, n_forwards = [], 1
-    for start in range(0, len(grid), max(1, batch_size)):
-        rows = grid[start:start + max(1, batch_size)]
-        parts.append(run(rows, _row_hooks(configurations, rows)))
+        with model.hooks(fwd_hooks=_row_hooks(configurations, rows, 0 if start is None else start[1])):
+            if start is None:
+                out = _run_full(model, input_ids[clean_rows], None if tokens is None else tokens[clean_rows],
+                                None if mask is None else mask[clean_rows], readout.position)
+            else:
+                out = _run_from(model, clean, clean_rows, start[0], start[1], quality)
         n_forwards += 1
+        for (c, i), row in zip(rows, out):
+            logits[c * n_clean + i] = row
+    clean_read = read_quality(clean.readout, readout)
     shape = (len(configurations), n_clean)
-    if parts:
-        score, diff, probs, answer = (np.concatenate(p) for p in zip(*parts))
+    if n_rows:
+        score, diff, probs, answer = read_quality(torch.stack(logits), readout)  # type: ignore[arg-type]
     else:
         score, diff, probs, answer = (np.zeros((0,)), np.zeros((0,)), np.zeros((0, len(LEVEL_WORDS))),
                                       np.zeros((0,), dtype=np.int64))
     return SweepResult(
         labels=tuple(c.label for c in configurations), tags=tuple(dict(c.tags) for c in configurations),
-        score=score.reshape(shape), logit_diff=diff.reshape(shape), level_probs=probs.reshape(*shape, len(LEVEL_WORDS)),
-        answer=answer.reshape(shape), clean_score=clean[0], clean_logit_diff=clean[1], clean_level_probs=clean[2],
-        clean_answer=clean[3], n_forwards=n_forwards,
+        score=score.reshape(shape), logit_diff=diff.reshape(shape),
+        level_probs=probs.reshape(*shape, len(LEVEL_WORDS)), answer=answer.reshape(shape),
+        clean_score=clean_read[0], clean_logit_diff=clean_read[1], clean_level_probs=clean_read[2],
+        clean_answer=clean_read[3], n_forwards=n_forwards,
     )
 
 

@@ -199,9 +199,13 @@ def test_batched_sweep_equals_one_forward_per_configuration(tiny_model, prompt):
     configs = image_token_grid(positions, selections, layers, sites=("resid", "kv"), image_acts=acts,
                                source_of=torch.tensor([2, 0, 1]))
     readout = Readout(LEVELS)
-    batched = sweep(tiny_model, ids, pixels, configs, readout, batch_size=1000)
-    single = sweep(tiny_model, ids, pixels, configs, readout, batch_size=3)
-    assert batched.n_forwards == 2 and single.n_forwards == len(configs) + 1
+    batched = sweep(tiny_model, ids, pixels, configs, readout, batch_size=1000, forward_cost=1e9)
+    single = sweep(tiny_model, ids, pixels, configs, readout, batch_size=3, share_prefix=False)
+    # rows start from the clean run at their layer: one forward per layer, and the clean run
+    assert batched.n_forwards == len(layers) + 1 and single.n_forwards == len(configs) + 1
+    split = sweep(tiny_model, ids, pixels, configs, readout, batch_size=5, forward_cost=0)  # a chunk per start
+    assert split.n_forwards > batched.n_forwards
+    np.testing.assert_allclose(split.score, single.score, atol=1e-6)
     np.testing.assert_allclose(batched.score, single.score, atol=1e-6)
     np.testing.assert_allclose(batched.logit_diff, single.logit_diff, atol=1e-5)
     assert (batched.answer == single.answer).all()
