@@ -32,8 +32,13 @@ __all__ = ["LEVEL_COLOURS", "ROLE_COLOURS", "attention_heatmap", "lens_trajector
 
 LEVEL_COLOURS = ("#1a9850", "#91cf60", "#fee08b", "#fc8d59", "#d73027")  # excellent .. bad
 ROLE_COLOURS = {  # by Role value
-    Role.BOS: "#000000", Role.INSTRUCTION: "#9e9e9e", Role.IMAGE: "#1f78b4", Role.DESCRIPTION: "#33a02c",
-    Role.QUALITY: "#e31a1c", Role.OTHER: "#ff7f00", Role.PAD: "#ffffff",
+    Role.BOS: "#000000",
+    Role.INSTRUCTION: "#9e9e9e",
+    Role.IMAGE: "#1f78b4",
+    Role.DESCRIPTION: "#33a02c",
+    Role.QUALITY: "#e31a1c",
+    Role.OTHER: "#ff7f00",
+    Role.PAD: "#ffffff",
 }
 
 
@@ -59,8 +64,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def lens_trajectories(result: LensResult, path: str | Path, title: str = "Logit lens at the quality position") -> Path:
-    """Level-word probabilities per layer (mean, and split by the final answer) and agreement with the final answer.
+def lens_trajectories(
+    result: LensResult, path: str | Path, title: str = "Logit lens at the quality position"
+) -> Path:
+    """Level-word probabilities per layer (mean, and by final answer) and agreement with the final answer.
 
     Top left: mean probability of each level word per layer; top right: the fraction of samples
     whose layer answer equals the final one, with the settle layer marked. Bottom: one panel per
@@ -79,14 +86,20 @@ def lens_trajectories(result: LensResult, path: str | Path, title: str = "Logit 
     ax.legend(fontsize=7, ncol=1)
     ax = fig.add_subplot(grid[0, n_bottom:])
     ax.plot(layers, result.agreement, marker="o", ms=3, color="black")
-    ax.axvline(result.median_settle, color="grey", ls="--", lw=1, label=f"median settle = {result.median_settle:g}")
+    ax.axvline(
+        result.median_settle, color="grey", ls="--", lw=1, label=f"median settle = {result.median_settle:g}"
+    )
     ax.set(xlabel="layer", ylabel="agreement with the final answer", ylim=(0, 1.02), title="agreement")
     ax.legend(fontsize=7)
     for slot, level in enumerate(present):
-        ax = fig.add_subplot(grid[1, 2 * slot:2 * slot + 2])
-        for k, word in enumerate(result.level_words):
+        ax = fig.add_subplot(grid[1, 2 * slot : 2 * slot + 2])
+        for k in range(len(result.level_words)):
             ax.plot(layers, result.by_answer[level][:, k], color=LEVEL_COLOURS[k], lw=1.5)
-        ax.set(xlabel="layer", ylim=(0, 1), title=f"final '{result.level_words[level]}' (n={result.n_by_answer[level]})")
+        ax.set(
+            xlabel="layer",
+            ylim=(0, 1),
+            title=f"final '{result.level_words[level]}' (n={result.n_by_answer[level]})",
+        )
         if slot == 0:
             ax.set_ylabel("p(level)")
     fig.suptitle(title)
@@ -108,8 +121,14 @@ def attention_heatmap(
     from matplotlib.colors import PowerNorm
 
     # a square-root colour scale: attention sinks (BOS) would otherwise leave the image tokens black
-    image = ax.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest", norm=PowerNorm(0.5, vmin=0),
-                      extent=(-0.5, width - 0.5, result.layers[-1] + 0.5, result.layers[0] - 0.5))
+    image = ax.imshow(
+        heat,
+        aspect="auto",
+        cmap="magma",
+        interpolation="nearest",
+        norm=PowerNorm(0.5, vmin=0),
+        extent=(-0.5, width - 0.5, result.layers[-1] + 0.5, result.layers[0] - 0.5),
+    )
     ax.set(ylabel="layer", title=f"{title} (mean over heads and {len(result.sample_ids)} samples)")
     ax.set_xticks([])
     step = max(1, len(result.layers) // 16)
@@ -119,20 +138,35 @@ def attention_heatmap(
     from matplotlib.colors import ListedColormap
 
     cmap = ListedColormap([ROLE_COLOURS[Role(v)] for v in range(len(Role))])
-    band.imshow(roles[None].astype(float), aspect="auto", cmap=cmap, vmin=-0.5, vmax=len(Role) - 0.5,
-                interpolation="nearest", extent=(-0.5, width - 0.5, 0, 1))
+    band.imshow(
+        roles[None].astype(float),
+        aspect="auto",
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=len(Role) - 0.5,
+        interpolation="nearest",
+        extent=(-0.5, width - 0.5, 0, 1),
+    )
     band.set_yticks([])
     band.set_xlabel("key position (0 = BOS)")
     from matplotlib.patches import Patch
 
     shown = sorted({int(r) for r in roles} - {int(Role.PAD)})
-    band.legend(handles=[Patch(color=ROLE_COLOURS[Role(r)], label=ROLE_LABELS[r]) for r in shown],
-                loc="upper center", bbox_to_anchor=(0.5, -0.9), ncol=len(shown), fontsize=7, frameon=False)
+    band.legend(
+        handles=[Patch(color=ROLE_COLOURS[Role(r)], label=ROLE_LABELS[r]) for r in shown],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.9),
+        ncol=len(shown),
+        fontsize=7,
+        frameon=False,
+    )
     return _save(fig, path)
 
 
 def patching_effects(
-    result: SweepResult, path: str | Path, selections: Sequence[str] | None = None,
+    result: SweepResult,
+    path: str | Path,
+    selections: Sequence[str] | None = None,
     title: str = "Patching the image tokens",
 ) -> Path:
     """Mean score change and answer flip rate per layer: one row pair per site, one column per setter.

@@ -77,7 +77,9 @@ def _num(x: float, digits: int = 3) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def lens_table(result: LensResult, title: str = "Logit lens at the quality position", top_k: int = 3) -> Table:
+def lens_table(
+    result: LensResult, title: str = "Logit lens at the quality position", top_k: int = 3
+) -> Table:
     """One row per layer: level distribution bars, answer, agreement, settled share, top tokens.
 
     The level distribution is the mean over samples; "agree" is the share of samples whose
@@ -92,20 +94,38 @@ def lens_table(result: LensResult, title: str = "Logit lens at the quality posit
     mean = result.mean_level_probs
     settled = [(result.settle <= layer).mean() for layer in result.layers]
     median = result.median_settle
-    caption = Text.assemble(level_legend(), f"\n{len(result.sample_ids)} samples; level probabilities are the "
-                            "softmax over the five level words; 'level mass' is their share of the full vocabulary")
+    caption = Text.assemble(
+        level_legend(),
+        f"\n{len(result.sample_ids)} samples; level probabilities are the "
+        "softmax over the five level words; 'level mass' is their share of the full vocabulary",
+    )
     table = Table(title=title, caption=caption)
-    for name, justify in (("layer", "right"), ("p(excellent..bad)", "left"), ("answer", "left"),
-                          ("agree", "right"), ("settled", "right"), ("lvl mass", "right"), ("top tokens", "left")):
+    for name, justify in (
+        ("layer", "right"),
+        ("p(excellent..bad)", "left"),
+        ("answer", "left"),
+        ("agree", "right"),
+        ("settled", "right"),
+        ("lvl mass", "right"),
+        ("top tokens", "left"),
+    ):
         table.add_column(name, justify=justify, no_wrap=name != "top tokens")
     for i, layer in enumerate(result.layers):
         k = int(np.argmax(mean[i]))
-        tokens = " ".join(f"{t.strip() or repr(t)}·{100 * p:.0f}%"
-                          for t, p in zip(result.top_tokens[i][:top_k], result.top_probs[i][:top_k]))
+        tokens = " ".join(
+            f"{t.strip() or repr(t)}·{100 * p:.0f}%"
+            for t, p in zip(result.top_tokens[i][:top_k], result.top_probs[i][:top_k], strict=True)
+        )
         marker = " ◀" if layer == int(np.ceil(median)) else ""
-        table.add_row(str(int(layer)), level_distribution(mean[i], width=15),
-                      Text(result.level_words[k], style=LEVEL_COLOURS[k]), _pct(result.agreement[i], 0),
-                      _pct(settled[i], 0) + marker, _pct(result.level_mass[i].mean(), 0), tokens or "—")
+        table.add_row(
+            str(int(layer)),
+            level_distribution(mean[i], width=15),
+            Text(result.level_words[k], style=LEVEL_COLOURS[k]),
+            _pct(result.agreement[i], 0),
+            _pct(settled[i], 0) + marker,
+            _pct(result.level_mass[i].mean(), 0),
+            tokens or "—",
+        )
     return table
 
 
@@ -119,13 +139,20 @@ def lens_answers_table(result: LensResult, title: str = "Trajectories by final a
         if not chosen.any():
             continue
         path = " ".join(f"{p:.2f}" for p in result.by_answer[k][:, k])
-        table.add_row(Text(word, style=LEVEL_COLOURS[k]), str(int(chosen.sum())),
-                      f"{np.median(result.settle[chosen]):g}", f"{result.n_changes[chosen].mean():.2f}", path)
+        table.add_row(
+            Text(word, style=LEVEL_COLOURS[k]),
+            str(int(chosen.sum())),
+            f"{np.median(result.settle[chosen]):g}",
+            f"{result.n_changes[chosen].mean():.2f}",
+            path,
+        )
     return table
 
 
-def attribution_table(result: AttributionResult, title: str = "Attention of the quality position by role") -> Table:
-    """One row per layer: attention mass per role (mean over heads and samples) and the head most on the image.
+def attribution_table(
+    result: AttributionResult, title: str = "Attention of the quality position by role"
+) -> Table:
+    """One row per layer: attention mass per role (mean over heads, samples) and the head most on the image.
 
     Args:
         result: A `mechbiqa.analysis.attribution.AttributionResult`.
@@ -133,10 +160,19 @@ def attribution_table(result: AttributionResult, title: str = "Attention of the 
     """
     from mechbiqa.model.roles import Role
 
-    short = {Role.BOS: "bos", Role.INSTRUCTION: "instr", Role.IMAGE: "image", Role.DESCRIPTION: "descr",
-             Role.QUALITY: "self", Role.OTHER: "other"}
-    table = Table(title=title, caption="mass per role sums to 1 per layer and head; 'self' = the quality position; "
-                                       "'image head' = the head that attends most to the image")
+    short = {
+        Role.BOS: "bos",
+        Role.INSTRUCTION: "instr",
+        Role.IMAGE: "image",
+        Role.DESCRIPTION: "descr",
+        Role.QUALITY: "self",
+        Role.OTHER: "other",
+    }
+    table = Table(
+        title=title,
+        caption="mass per role sums to 1 per layer and head; 'self' = the quality position; "
+        "'image head' = the head that attends most to the image",
+    )
     table.add_column("layer", justify="right")
     for role in short.values():
         table.add_column(role, justify="right")
@@ -145,28 +181,41 @@ def attribution_table(result: AttributionResult, title: str = "Attention of the 
     layer_mass = result.layer_mass()
     for i, layer in enumerate(result.layers):
         head = int(np.argmax(result.mass[i, :, Role.IMAGE]))
-        table.add_row(str(int(layer)), *[_pct(layer_mass[i, r], 0) for r in short],
-                      bar(layer_mass[i, Role.IMAGE], 10), f"h{head} {_pct(result.mass[i, head, Role.IMAGE], 0)}")
+        table.add_row(
+            str(int(layer)),
+            *[_pct(layer_mass[i, r], 0) for r in short],
+            bar(layer_mass[i, Role.IMAGE], 10),
+            f"h{head} {_pct(result.mass[i, head, Role.IMAGE], 0)}",
+        )
     return table
 
 
 def dominant_tokens_table(result: AttributionResult, title: str = "Dominant image tokens") -> Table:
     """The consensus top-k image tokens: how often each is in a sample's top-k, and its mean attention."""
     mean_score = result.token_score.mean(0)
-    caption = (f"top-{result.k} per sample by attention averaged over layers {list(result.score_layers)} and heads; "
-               f"mean pairwise Jaccard {result.jaccard:.2f} (chance {result.jaccard_chance:.2f}); "
-               f"the top-{result.k} take {_pct(float(result.top_share.mean()))} of the image attention")
+    caption = (
+        f"top-{result.k} per sample by attention averaged over layers {list(result.score_layers)} and heads; "
+        f"mean pairwise Jaccard {result.jaccard:.2f} (chance {result.jaccard_chance:.2f}); "
+        f"the top-{result.k} take {_pct(float(result.top_share.mean()))} of the image attention"
+    )
     table = Table(title=title, caption=caption)
     for name in ("rank", "image index", "in top-k of", "mean attention", ""):
         table.add_column(name, justify="right" if name != "" else "left", no_wrap=True)
     peak = float(mean_score.max()) if mean_score.size and mean_score.max() > 0 else 1.0
     for rank, index in enumerate(result.consensus):
-        table.add_row(str(rank + 1), str(int(index)), _pct(result.frequency[index]), f"{mean_score[index]:.4f}",
-                      bar(mean_score[index] / peak, 16))
+        table.add_row(
+            str(rank + 1),
+            str(int(index)),
+            _pct(result.frequency[index]),
+            f"{mean_score[index]:.4f}",
+            bar(mean_score[index] / peak, 16),
+        )
     return table
 
 
-def patching_table(result: SweepResult, title: str = "Patching the image tokens: score change / flip rate") -> Table:
+def patching_table(
+    result: SweepResult, title: str = "Patching the image tokens: score change / flip rate"
+) -> Table:
     """One row per (site, setter, selection), one column per layer: mean score change and answer flip rate.
 
     Args:
@@ -176,8 +225,10 @@ def patching_table(result: SweepResult, title: str = "Patching the image tokens:
     keys, layers, effect = result.grid("score_effect", rows=("site", "setter", "selection"))
     _, _, diff = result.grid("logit_diff_effect", rows=("site", "setter", "selection"))
     _, _, flips = result.grid("flip_rate", rows=("site", "setter", "selection"))
-    caption = (f"{result.score.shape[1]} image(s), {len(result.labels)} configurations in {result.n_forwards} "
-               f"forwards; clean score {result.clean_score.mean():.3f}; cell = Δscore / Δ(good−poor) / flips")
+    caption = (
+        f"{result.score.shape[1]} image(s), {len(result.labels)} configurations in {result.n_forwards} "
+        f"forwards; clean score {result.clean_score.mean():.3f}; cell = Δscore / Δ(good−poor) / flips"
+    )
     table = Table(title=title, caption=caption)
     for name in ("site", "setter", "tokens"):
         table.add_column(name)
@@ -205,22 +256,36 @@ def instability_table(result: InstabilityResult, title: str = "Instability of sa
     """
     n_sessions, n_images, n_answers = result.levels.shape
     counts = result.level_counts()
-    spread = ", ".join(f"{w} {c}" for w, c in zip([*LEVEL_WORDS, "none"], counts))
-    caption = (f"{n_images} images x {n_answers} answers per session; uniform random answers would give "
-               f"{_pct(result.expected_uniform)}; answers without a level word: {_pct(result.not_level_rate)}; "
-               "accuracy = answers at the label's level, majority = images whose most common level is it\n"
-               f"answers per level: {spread}")
+    spread = ", ".join(f"{w} {c}" for w, c in zip([*LEVEL_WORDS, "none"], counts, strict=True))
+    caption = (
+        f"{n_images} images x {n_answers} answers per session; uniform random answers would give "
+        f"{_pct(result.expected_uniform)}; answers without a level word: {_pct(result.not_level_rate)}; "
+        "accuracy = answers at the label's level, majority = images whose most common level is it\n"
+        f"answers per level: {spread}"
+    )
     table = Table(title=title, caption=caption)
     for name in ("session", "seed", "unstable", "", "accuracy", "majority"):
         table.add_column(name, justify="right" if name not in ("", "session") else "left", no_wrap=True)
     seeds = result.seeds or tuple(range(n_sessions))
     for s in range(n_sessions):
-        table.add_row(str(s), str(seeds[s]), _pct(result.ratio[s]), bar(result.ratio[s], 12, "red"),
-                      _pct(result.accuracy[s]), _pct(result.majority_accuracy[s]))
+        table.add_row(
+            str(s),
+            str(seeds[s]),
+            _pct(result.ratio[s]),
+            bar(result.ratio[s], 12, "red"),
+            _pct(result.accuracy[s]),
+            _pct(result.majority_accuracy[s]),
+        )
     mean, std = result.ratio_mean_std
     acc, acc_std = result.accuracy_mean_std
-    table.add_row(Text("mean±std", style="bold"), "", f"{_pct(mean)} ± {_pct(std)}", bar(mean, 12, "red"),
-                  f"{_pct(acc)} ± {_pct(acc_std)}" if np.isfinite(acc) else "—", "")
+    table.add_row(
+        Text("mean±std", style="bold"),
+        "",
+        f"{_pct(mean)} ± {_pct(std)}",
+        bar(mean, 12, "red"),
+        f"{_pct(acc)} ± {_pct(acc_std)}" if np.isfinite(acc) else "—",
+        "",
+    )
     return table
 
 
@@ -231,15 +296,29 @@ def evaluation_table(result: EvaluationResult, title: str = "Quality evaluation"
         result: A `mechbiqa.analysis.evaluation.EvaluationResult`.
         title: Table title.
     """
-    caption = (f"{result.checkpoint}\nSRCC/KRCC/PLCC on raw scores; * = after the {result.fit} fit (RMSE in "
-               "rating units); DMOS data sets negated so higher is better; n = rated/all images; ms/img = model time per image")
+    caption = (
+        f"{result.checkpoint}\nSRCC/KRCC/PLCC on raw scores; * = after the {result.fit} fit (RMSE in "
+        "rating units); DMOS data sets negated so higher is better; n = rated/all images; "
+        "ms/img = model time per image"
+    )
     table = Table(title=title, caption=caption)
     for name in ("data set", "n", "SRCC", "KRCC", "PLCC", "PLCC*", "RMSE*", "ms/img", "flags"):
-        table.add_column(name, justify="left" if name in ("data set", "flags") else "right", no_wrap=name != "flags")
+        table.add_column(
+            name, justify="left" if name in ("data set", "flags") else "right", no_wrap=name != "flags"
+        )
     for row in result.rows:
         m = row.metrics
-        table.add_row(row.name, f"{m.n}/{row.n}" if m.n != row.n else str(row.n), _num(m.srcc), _num(m.krcc), _num(m.plcc_raw), _num(m.plcc_fitted),
-                      _num(m.rmse_fitted), _num(1000 * row.seconds_per_image, 1), ", ".join(m.flags))
+        table.add_row(
+            row.name,
+            f"{m.n}/{row.n}" if m.n != row.n else str(row.n),
+            _num(m.srcc),
+            _num(m.krcc),
+            _num(m.plcc_raw),
+            _num(m.plcc_fitted),
+            _num(m.rmse_fitted),
+            _num(1000 * row.seconds_per_image, 1),
+            ", ".join(m.flags),
+        )
     return table
 
 
@@ -251,8 +330,11 @@ if TYPE_CHECKING:  # noqa: E402 (this section is appended; its types are only fo
     from mechbiqa.analysis.rouge import RougeResult
 
 
-def grounding_table(results: dict[str, GroundingResult], rouge: dict[str, RougeResult] | None = None,
-                    title: str = "Grounding: image path vs the model's own description (text only)") -> Table:
+def grounding_table(
+    results: dict[str, GroundingResult],
+    rouge: dict[str, RougeResult] | None = None,
+    title: str = "Grounding: image path vs the model's own description (text only)",
+) -> Table:
     """One row per checkpoint: contradiction rate, agreement, description-verdict conflicts, ROUGE-1.
 
     Args:
@@ -260,24 +342,44 @@ def grounding_table(results: dict[str, GroundingResult], rouge: dict[str, RougeR
         rouge: Checkpoint name -> `RougeResult` of its descriptions (optional).
         title: Table title.
     """
-    caption = ("contradiction: image- and text-path levels differ by >= 1 level; agreement: SRCC of the two "
-               "paths' scores; conflicts: severe description -> excellent/good, clean description -> "
-               "poor/bad "
-               "(share of all images; per class in brackets); ROUGE-1 F1 against the reference descriptions")
+    caption = (
+        "contradiction: image- and text-path levels differ by >= 1 level; agreement: SRCC of the two "
+        "paths' scores; conflicts: severe description -> excellent/good, clean description -> "
+        "poor/bad "
+        "(share of all images; per class in brackets); ROUGE-1 F1 against the reference descriptions"
+    )
     table = Table(title=title, caption=caption)
-    for name in ("checkpoint", "n", "contradiction", "", "agreement SRCC", "level gap", "conflicts",
-                 "severe→good", "clean→bad", "SRCC image", "SRCC text", "ROUGE-1"):
+    for name in (
+        "checkpoint",
+        "n",
+        "contradiction",
+        "",
+        "agreement SRCC",
+        "level gap",
+        "conflicts",
+        "severe→good",
+        "clean→bad",
+        "SRCC image",
+        "SRCC text",
+        "ROUGE-1",
+    ):
         table.add_column(name, justify="left" if name in ("checkpoint", "") else "right", no_wrap=True)
     for name, g in results.items():
         r = (rouge or {}).get(name)
         counts = g.severity_counts
         table.add_row(
-            name, str(g.n), _pct(g.contradiction_rate), bar(g.contradiction_rate, 10, "red"),
+            name,
+            str(g.n),
+            _pct(g.contradiction_rate),
+            bar(g.contradiction_rate, 10, "red"),
             _num(g.agreement_srcc),
-            _num(g.mean_level_gap, 2), _pct(g.conflict_rate),
+            _num(g.mean_level_gap, 2),
+            _pct(g.conflict_rate),
             f"{g.conflict.count('severe->good')}/{counts['severe']} ({_pct(g.severe_to_good_rate, 0)})",
             f"{g.conflict.count('clean->bad')}/{counts['clean']} ({_pct(g.clean_to_bad_rate, 0)})",
-            _num(g.srcc_image), _num(g.srcc_text), "—" if r is None else _num(r.mean_f1),
+            _num(g.srcc_image),
+            _num(g.srcc_text),
+            "—" if r is None else _num(r.mean_f1),
         )
     return table
 
@@ -299,16 +401,29 @@ def rouge_table(result: RougeResult, limit: int = 10, title: str = "ROUGE-1 per 
     for k, i in enumerate(shown):
         if result.n > 2 * limit and k == limit:
             table.add_row("…", "", "", "", "")
-        table.add_row(result.ids[i] or str(i), _num(result.f1[i]), bar(result.f1[i], 10),
-                      _num(result.precision[i]), _num(result.recall[i]))
-    table.add_row(Text("mean", style="bold"), _num(result.mean_f1), bar(result.mean_f1, 10),
-                  _num(result.mean_precision), _num(result.mean_recall))
+        table.add_row(
+            result.ids[i] or str(i),
+            _num(result.f1[i]),
+            bar(result.f1[i], 10),
+            _num(result.precision[i]),
+            _num(result.recall[i]),
+        )
+    table.add_row(
+        Text("mean", style="bold"),
+        _num(result.mean_f1),
+        bar(result.mean_f1, 10),
+        _num(result.mean_precision),
+        _num(result.mean_recall),
+    )
     return table
 
 
-def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None,
-                lens_agreement: np.ndarray | None = None,
-                title: str = "Linear probes vs logit lens at the quality position") -> Table:
+def probe_table(
+    curve: ProbeCurve,
+    lens_srcc: np.ndarray | None = None,
+    lens_agreement: np.ndarray | None = None,
+    title: str = "Linear probes vs logit lens at the quality position",
+) -> Table:
     """One row per layer: ridge-probe SRCC (and its shuffled-label control) beside the logit-lens curve.
 
     Args:
@@ -317,26 +432,32 @@ def probe_table(curve: ProbeCurve, lens_srcc: np.ndarray | None = None,
         lens_agreement: ``[layer]`` share of lens answers equal to the final one (optional).
         title: Table title.
     """
-    caption = (f"ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} photos, "
-               f"{curve.n_samples} samples), penalty by inner photo CV; SRCC within held-out folds; "
-               f"decodable = first layer at 90% of the best probe ({curve.decodable_layer()})")
+    caption = (
+        f"ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} photos, "
+        f"{curve.n_samples} samples), penalty by inner photo CV; SRCC within held-out folds; "
+        f"decodable = first layer at 90% of the best probe ({curve.decodable_layer()})"
+    )
     table = Table(title=title, caption=caption)
     for name in ("layer", "probe SRCC", "", "shuffled", "alpha (median)", "lens SRCC", "", "lens = final"):
         table.add_column(name, justify="left" if name in ("layer", "") else "right", no_wrap=True)
     for i, layer in enumerate(curve.layers):
         lens = np.nan if lens_srcc is None else float(lens_srcc[i])
         table.add_row(
-            str(layer), _num(curve.srcc[i]), bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
+            str(layer),
+            _num(curve.srcc[i]),
+            bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
             "—" if curve.control_srcc is None else _num(curve.control_srcc[i]),
             f"{np.median(curve.alphas[i]):.3g}",
-            _num(lens), bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
+            _num(lens),
+            bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
             "—" if lens_agreement is None else _pct(lens_agreement[i]),
         )
     return table
 
 
-def score_head_table(comparisons: dict[str, HeadComparison],
-                     title: str = "Level-word score vs regression on held-out photos") -> Table:
+def score_head_table(
+    comparisons: dict[str, HeadComparison], title: str = "Level-word score vs regression on held-out photos"
+) -> Table:
     """One row per (checkpoint, scorer): SRCC and PLCC of the level-word score, MLP head and ridge probe.
 
     Args:
@@ -352,7 +473,14 @@ def score_head_table(comparisons: dict[str, HeadComparison],
     for name, c in comparisons.items():
         for key, m in c.metrics.items():
             layer = "final" if key == "level_word" else str(c.layer)
-            table.add_row(name, labels.get(key, key), layer, f"{c.n_train} / {c.n_eval} ({c.eval_split})",
-                          _num(m["srcc"]), bar(max(m["srcc"], 0.0) if np.isfinite(m["srcc"]) else 0.0, 10),
-                          _num(m["plcc"]), _num(m["plcc_fitted"]))
+            table.add_row(
+                name,
+                labels.get(key, key),
+                layer,
+                f"{c.n_train} / {c.n_eval} ({c.eval_split})",
+                _num(m["srcc"]),
+                bar(max(m["srcc"], 0.0) if np.isfinite(m["srcc"]) else 0.0, 10),
+                _num(m["plcc"]),
+                _num(m["plcc_fitted"]),
+            )
     return table

@@ -115,10 +115,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
     p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.attention_attribution)")
     p.add_argument("--k", type=int, default=d.k, help="dominant image tokens per sample (default 5)")
-    p.add_argument("--score-layers", type=int, nargs="+", help="layers that rank the image tokens (default: all)")
+    p.add_argument(
+        "--score-layers", type=int, nargs="+", help="layers that rank the image tokens (default: all)"
+    )
     a = p.parse_args(argv)
-    return Config(store=a.store, out=a.out, k=a.k,
-                  score_layers=tuple(a.score_layers) if a.score_layers else None)
+    return Config(
+        store=a.store, out=a.out, k=a.k, score_layers=tuple(a.score_layers) if a.score_layers else None
+    )
 
 
 if __name__ == "__main__":

@@ -107,17 +107,32 @@ def main(cfg: Config) -> Result:
     ids[:, 0], ids[:, cfg.prompt_len // 2] = 1, IMAGE_TOKEN_INDEX
     size = model.cfg.vision.image_size
     pixels = torch.randn(cfg.images, 3, size, size, generator=g)
-    sampling = SamplingConfig(n_answers=cfg.n_answers, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature)
-    sample_answers(model, ids[:1], pixels[:1], SamplingConfig(n_answers=1, seeds=(0,), max_new_tokens=2))  # warm-up
+    sampling = SamplingConfig(
+        n_answers=cfg.n_answers,
+        seeds=cfg.seeds,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+    )
+    sample_answers(
+        model, ids[:1], pixels[:1], SamplingConfig(n_answers=1, seeds=(0,), max_new_tokens=2)
+    )  # warm-up
     shared_s, shared, alone_s, alone = _interleaved(
         lambda: sample_answers(model, ids, pixels, sampling),
-        lambda: sample_answers_independently(model, ids, pixels, sampling), cfg.repeats)
-    result = Result(n_answers_total=int(shared.shape[0] * shared.shape[1] * shared.shape[2]),
-                    shared_seconds=shared_s, independent_seconds=alone_s, speedup=alone_s / shared_s,
-                    tokens_equal=bool(torch.equal(shared, alone)), threads=torch.get_num_threads())
+        lambda: sample_answers_independently(model, ids, pixels, sampling),
+        cfg.repeats,
+    )
+    result = Result(
+        n_answers_total=int(shared.shape[0] * shared.shape[1] * shared.shape[2]),
+        shared_seconds=shared_s,
+        independent_seconds=alone_s,
+        speedup=alone_s / shared_s,
+        tokens_equal=bool(torch.equal(shared, alone)),
+        threads=torch.get_num_threads(),
+    )
     if not result.tokens_equal:
-        raise AssertionError(f"shared-prefill sampling drew other tokens than independent generations: {result}")
+        raise AssertionError(
+            f"shared-prefill sampling drew other tokens than independent generations: {result}"
+        )
     return result
 
 
@@ -138,6 +153,9 @@ if __name__ == "__main__":
     cfg = parse_args()
     r = main(cfg)
     print(json.dumps({"config": asdict(cfg), "result": asdict(r)}, indent=1))
-    print(f"{r.n_answers_total} answers of {cfg.max_new_tokens} tokens: shared prefill {r.shared_seconds:.2f} s vs "
-          f"independent generations {r.independent_seconds:.2f} s: {r.speedup:.1f}x faster; "
-          f"identical tokens: {r.tokens_equal}")
+    print(
+        f"{r.n_answers_total} answers of {cfg.max_new_tokens} tokens: "
+        f"shared prefill {r.shared_seconds:.2f} s vs "
+        f"independent generations {r.independent_seconds:.2f} s: {r.speedup:.1f}x faster; "
+        f"identical tokens: {r.tokens_equal}"
+    )

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from mechbiqa_hooks import names, patch
 
 from mechbiqa.analysis.patching import Readout, gather_activations, image_token_grid, read_quality, sweep
 from mechbiqa.model import ModelConfig, MPLUGOwl2
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX
-from mechbiqa_hooks import names, patch
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,9 @@ def _interleaved(a: Any, b: Any, repeats: int) -> tuple[float, Any, float, Any]:
     return best_a, out_a, best_b, out_b
 
 
-def one_forward_per_configuration(model: MPLUGOwl2, ids: torch.Tensor, pixels: torch.Tensor,
-                                  configurations: list, readout: Readout) -> tuple[np.ndarray, ...]:
+def one_forward_per_configuration(
+    model: MPLUGOwl2, ids: torch.Tensor, pixels: torch.Tensor, configurations: list, readout: Readout
+) -> tuple[np.ndarray, ...]:
     """The baseline: a full hooked forward per configuration, edits written by `mechbiqa_hooks.patch`."""
     parts = []
     for config in configurations:
@@ -119,6 +120,7 @@ def one_forward_per_configuration(model: MPLUGOwl2, ids: torch.Tensor, pixels: t
             if edit.setter.values is None:
                 hooks.append((edit.hook, patch.ablate_hook(pos, "zero", pos_dim=edit.pos_dim)))
             else:
+
                 def write(act, hook, pos=pos, values=edit.setter.values, dim=edit.pos_dim):  # noqa: ANN001
                     return patch.set_positions(act, pos, values, dim)
 
@@ -126,7 +128,9 @@ def one_forward_per_configuration(model: MPLUGOwl2, ids: torch.Tensor, pixels: t
         with torch.no_grad():
             logits = model.run_with_hooks(ids, images=pixels, fwd_hooks=hooks).logits[:, readout.position]
         parts.append(read_quality(logits, readout))
-    return tuple(np.stack(p) for p in zip(*parts))  # score, logit_diff, probs, answer: [config, clean]
+    return tuple(
+        np.stack(p) for p in zip(*parts, strict=True)
+    )  # score, logit_diff, probs, answer: [config, clean]
 
 
 def main(cfg: Config) -> Result:
@@ -149,22 +153,48 @@ def main(cfg: Config) -> Result:
     chosen = torch.linspace(0, n_image - 1, cfg.tokens).long()  # spread over the image
     configurations = []
     for token in chosen.tolist():
-        configurations += image_token_grid(positions, {f"token {token}": torch.full((cfg.images, 1), token)}, layers,
-                                           sites=("resid",), setters=("zero", "mean", "source"), image_acts=acts,
-                                           source_of=torch.arange(cfg.images).roll(1))
+        configurations += image_token_grid(
+            positions,
+            {f"token {token}": torch.full((cfg.images, 1), token)},
+            layers,
+            sites=("resid",),
+            setters=("zero", "mean", "source"),
+            image_acts=acts,
+            source_of=torch.arange(cfg.images).roll(1),
+        )
     readout = Readout(tuple(range(10, 15)))
     sweep(model, ids, pixels, configurations[:1], readout)  # warm-up: one-off allocation costs
     batched_s, batched, single_s, (score, diff, _, answer) = _interleaved(
-        lambda: sweep(model, ids, pixels, configurations, readout, batch_size=cfg.batch_size,
-                      share_prefix=cfg.share_prefix, forward_cost=cfg.forward_cost),
-        lambda: one_forward_per_configuration(model, ids, pixels, configurations, readout), cfg.repeats)
+        lambda: sweep(
+            model,
+            ids,
+            pixels,
+            configurations,
+            readout,
+            batch_size=cfg.batch_size,
+            share_prefix=cfg.share_prefix,
+            forward_cost=cfg.forward_cost,
+        ),
+        lambda: one_forward_per_configuration(model, ids, pixels, configurations, readout),
+        cfg.repeats,
+    )
     result = Result(
-        n_configurations=len(configurations), batched_seconds=batched_s, single_seconds=single_s,
-        speedup=single_s / batched_s, batched_forwards=batched.n_forwards, single_forwards=len(configurations),
+        n_configurations=len(configurations),
+        batched_seconds=batched_s,
+        single_seconds=single_s,
+        speedup=single_s / batched_s,
+        batched_forwards=batched.n_forwards,
+        single_forwards=len(configurations),
         max_score_difference=float(np.abs(batched.score - score).max()),
         max_logit_diff_difference=float(np.abs(batched.logit_diff - diff).max()),
-        answers_equal=bool((batched.answer == answer).all()), threads=torch.get_num_threads())
-    if not (result.answers_equal and result.max_score_difference < 1e-5 and result.max_logit_diff_difference < 1e-4):
+        answers_equal=bool((batched.answer == answer).all()),
+        threads=torch.get_num_threads(),
+    )
+    if not (
+        result.answers_equal
+        and result.max_score_difference < 1e-5
+        and result.max_logit_diff_difference < 1e-4
+    ):
         raise AssertionError(f"the batched sweep differs from one forward per configuration: {result}")
     return result
 
@@ -177,8 +207,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--forward-cost", type=float, help="sweep's fixed cost of a forward (default: by device)")
-    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
-                   help="time the sweep with stacking alone (every row runs the whole forward)")
+    p.add_argument(
+        "--no-share-prefix",
+        dest="share_prefix",
+        action="store_false",
+        help="time the sweep with stacking alone (every row runs the whole forward)",
+    )
     a = p.parse_args(argv)
     return Config(**{k: getattr(a, k) for k in asdict(d)})
 
@@ -187,7 +221,10 @@ if __name__ == "__main__":
     cfg = parse_args()
     r = main(cfg)
     print(json.dumps({"config": asdict(cfg), "result": asdict(r)}, indent=1))
-    print(f"{r.n_configurations} configurations x {cfg.images} image(s): batched {r.batched_seconds:.2f} s "
-          f"({r.batched_forwards} forwards) vs one forward per configuration {r.single_seconds:.2f} s "
-          f"({r.single_forwards} forwards): {r.speedup:.1f}x faster; max |Δscore| {r.max_score_difference:.1e}, "
-          f"answers equal: {r.answers_equal}")
+    print(
+        f"{r.n_configurations} configurations x {cfg.images} image(s): batched {r.batched_seconds:.2f} s "
+        f"({r.batched_forwards} forwards) vs one forward per configuration {r.single_seconds:.2f} s "
+        f"({r.single_forwards} forwards): {r.speedup:.1f}x faster; "
+        f"max |Δscore| {r.max_score_difference:.1e}, "
+        f"answers equal: {r.answers_equal}"
+    )

@@ -82,8 +82,14 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The tiny random model on ``tmp/images`` (unrated: metrics are NaN, flagged)."""
-        base = dict(tiny_random=True, datasets=(str(Path(tmp) / "images"),), split=None, limit=6, batch_size=4,
-                    out=str(Path(tmp) / NAME))
+        base = dict(
+            tiny_random=True,
+            datasets=(str(Path(tmp) / "images"),),
+            split=None,
+            limit=6,
+            batch_size=4,
+            out=str(Path(tmp) / NAME),
+        )
         return cls(**{**base, **overrides})
 
 
@@ -116,7 +122,9 @@ def _sibling(name: str) -> ModuleType:
 def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
     """``(rate(pixels) -> scores, processor, name)`` for the checkpoint the config names."""
     checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
-    if checkpoint is not None and ((checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()):
+    if checkpoint is not None and (
+        (checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()
+    ):
         from mechbiqa.pipeline import load_rater
 
         rater = load_rater(checkpoint, device=cfg.device)
@@ -126,8 +134,9 @@ def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
             return np.array([r.score for r in rater.rate(pixels, batch_size=cfg.batch_size)])
 
         return rate, processor, f"{checkpoint} ({rater.mode})"
-    model, tokenizer, processor, name = ca.load_model(ca.Config(model=cfg.model, tiny_random=cfg.tiny_random,
-                                                                seed=cfg.seed, device=cfg.device))
+    model, tokenizer, processor, name = ca.load_model(
+        ca.Config(model=cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device)
+    )
 
     def rate(pixels: torch.Tensor) -> np.ndarray:
         return rate_images(model, tokenizer, pixels, batch_size=cfg.batch_size).scores
@@ -148,7 +157,7 @@ def main(cfg: Config) -> Result:
         dataset = getattr(samples[0], "dataset", "") or Path(spec.split("=")[-1]).name or spec
         watch, parts = Stopwatch(), []
         for start in range(0, len(samples), cfg.batch_size):
-            pixels = processor([s.image_path for s in samples[start:start + cfg.batch_size]])
+            pixels = processor([s.image_path for s in samples[start : start + cfg.batch_size]])
             if not warm:  # the first forward pays one-off costs (allocation, kernel selection): not timed
                 rate(pixels[:1])
                 warm = True
@@ -157,21 +166,33 @@ def main(cfg: Config) -> Result:
         scores[dataset] = np.concatenate(parts)
         seconds[dataset] = watch.seconds
         all_scores.append(scores[dataset])
-        targets += [aligned_target(getattr(s, "score", None), getattr(s, "higher_is_better", True)) for s in samples]
+        targets += [
+            aligned_target(getattr(s, "score", None), getattr(s, "higher_is_better", True)) for s in samples
+        ]
         groups += [dataset] * len(samples)
         ids += [str(s.id) for s in samples]
-    evaluation = evaluate_by_dataset(np.concatenate(all_scores), targets, groups, seconds, checkpoint=name,
-                                     fit=cfg.fit)
+    evaluation = evaluate_by_dataset(
+        np.concatenate(all_scores), targets, groups, seconds, checkpoint=name, fit=cfg.fit
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     flat = np.concatenate(all_scores)
-    files["json"].write_text(json.dumps({
-        **evaluation.to_dict(),
-        "images": [{"id": i, "dataset": g, "score": float(s), "target": None if np.isnan(t) else t}
-                   for i, g, s, t in zip(ids, groups, flat, targets)],
-    }, indent=1, default=lambda x: None) + "\n")
+    files["json"].write_text(
+        json.dumps(
+            {
+                **evaluation.to_dict(),
+                "images": [
+                    {"id": i, "dataset": g, "score": float(s), "target": None if np.isnan(t) else t}
+                    for i, g, s, t in zip(ids, groups, flat, targets, strict=True)
+                ],
+            },
+            indent=1,
+            default=lambda x: None,
+        )
+        + "\n"
+    )
     return Result(evaluation=evaluation, scores=scores, files=files)
 
 
@@ -188,8 +209,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
     p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument("--dataset", nargs="+", default=list(d.datasets),
-                   help="data sets: 'builtin', image folders, .jsonl files, NAME=ROOT (default: builtin)")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=list(d.datasets),
+        help="data sets: 'builtin', image folders, .jsonl files, NAME=ROOT (default: builtin)",
+    )
     p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
     p.add_argument("--limit", type=int, help="first N images of each data set")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -197,9 +222,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--out", default=d.out)
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
-    return replace(d, model=a.model, tiny_random=a.tiny_random, datasets=tuple(a.dataset),
-                   split=None if a.split == "all" else a.split, limit=a.limit, batch_size=a.batch_size, fit=a.fit,
-                   out=a.out, device=a.device)
+    return replace(
+        d,
+        model=a.model,
+        tiny_random=a.tiny_random,
+        datasets=tuple(a.dataset),
+        split=None if a.split == "all" else a.split,
+        limit=a.limit,
+        batch_size=a.batch_size,
+        fit=a.fit,
+        out=a.out,
+        device=a.device,
+    )
 
 
 if __name__ == "__main__":

@@ -111,15 +111,27 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The tiny random model on ``tmp/images``: 4 images, short answers."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, max_new_tokens=6,
-                    out=str(Path(tmp) / NAME))
+        base = dict(
+            tiny_random=True,
+            dataset=str(Path(tmp) / "images"),
+            split=None,
+            limit=4,
+            max_new_tokens=6,
+            out=str(Path(tmp) / NAME),
+        )
         return cls(**{**base, **overrides})
 
     @property
     def sampling(self) -> SamplingConfig:  # noqa: D102
-        return SamplingConfig(n_answers=self.n_answers, seeds=self.seeds, max_new_tokens=self.max_new_tokens,
-                              do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p)
+        return SamplingConfig(
+            n_answers=self.n_answers,
+            seeds=self.seeds,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+        )
 
 
 @dataclass(frozen=True)
@@ -165,9 +177,18 @@ def main(cfg: Config) -> Result:
     """Sample, parse levels, summarise; write JSON and config."""
     ca = _sibling("cache_activations")
     checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
-    two_stage = checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
-    source_cfg = ca.Config(model=str(checkpoint / "stage1") if two_stage else cfg.model, tiny_random=cfg.tiny_random,
-                           dataset=cfg.dataset, split=cfg.split, limit=cfg.limit, seed=cfg.seed, device=cfg.device)
+    two_stage = (
+        checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
+    )
+    source_cfg = ca.Config(
+        model=str(checkpoint / "stage1") if two_stage else cfg.model,
+        tiny_random=cfg.tiny_random,
+        dataset=cfg.dataset,
+        split=cfg.split,
+        limit=cfg.limit,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
     model, tokenizer, processor, _ = ca.load_model(source_cfg)
     samples = ca.load_samples(source_cfg)
     stage2 = template = None
@@ -175,8 +196,11 @@ def main(cfg: Config) -> Result:
         from mechbiqa.model.prompts import get_template
         from mechbiqa.pipeline import expect_checkpoint, task_prompt
 
-        info = expect_checkpoint(checkpoint / "stage1", "two-stage", 1) if two_stage else \
-            expect_checkpoint(checkpoint, "one-stage")  # type: ignore[operator]
+        info = (
+            expect_checkpoint(checkpoint / "stage1", "two-stage", 1)
+            if two_stage
+            else expect_checkpoint(checkpoint, "one-stage")
+        )  # type: ignore[operator]
         template = get_template(info.template)
         mode = "two-stage" if two_stage else "one-stage"
         prompt = task_prompt(tokenizer, template, "stage1" if two_stage else "one-stage")
@@ -197,13 +221,20 @@ def main(cfg: Config) -> Result:
     texts: list[list[list[str]]] = []
     began = time.perf_counter()
     for start in range(0, n, cfg.batch_images):
-        chunk = samples[start:start + cfg.batch_images]
+        chunk = samples[start : start + cfg.batch_images]
         pixels = processor([s.image_path for s in chunk])
         ids = torch.tensor([prompt.ids] * len(chunk))
         numbers = list(range(start, start + len(chunk)))
         generators = session_generators(sampling, numbers, model.device)
-        tokens = sample_answers(model, ids, pixels, sampling, image_numbers=numbers, eos_token_id=tokenizer.eos_id,
-                                generators=generators)  # [session, image, answer, new]
+        tokens = sample_answers(
+            model,
+            ids,
+            pixels,
+            sampling,
+            image_numbers=numbers,
+            eos_token_id=tokenizer.eos_id,
+            generators=generators,
+        )  # [session, image, answer, new]
         if stage2 is not None:  # stage 2 rates each sampled description, text only, its stream continuing
             from mechbiqa.pipeline import task_prompt
 
@@ -214,17 +245,27 @@ def main(cfg: Config) -> Result:
             ids2 = torch.full((len(asks), width), stage2.tokenizer.pad_id, dtype=torch.long)
             mask2 = torch.zeros_like(ids2)
             for i, a in enumerate(asks):
-                ids2[i, :len(a)], mask2[i, :len(a)] = torch.tensor(a), 1
-            cache = stage2.model.prefill(ids2.to(stage2.model.device), attention_mask=mask2.to(stage2.model.device))
+                ids2[i, : len(a)], mask2[i, : len(a)] = torch.tensor(a), 1
+            cache = stage2.model.prefill(
+                ids2.to(stage2.model.device), attention_mask=mask2.to(stage2.model.device)
+            )
             answer = decode(stage2.model, cache, sampling, generators, eos_token_id=stage2.tokenizer.eos_id)
             tokens = answer.reshape(len(chunk), len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
         eos = final_tokenizer.eos_id
         flat = tokens.reshape(-1, tokens.shape[-1])
-        levels[:, start:start + len(chunk)] = answer_levels(flat, levels_of, eos).reshape(
-            len(sampling.seeds), len(chunk), sampling.n_answers)
+        levels[:, start : start + len(chunk)] = answer_levels(flat, levels_of, eos).reshape(
+            len(sampling.seeds), len(chunk), sampling.n_answers
+        )
         for i in range(min(len(chunk), max(0, N_TEXTS - start))):
-            texts.append([[final_tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
-                           for a in range(sampling.n_answers)] for s in range(len(sampling.seeds))])
+            texts.append(
+                [
+                    [
+                        final_tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
+                        for a in range(sampling.n_answers)
+                    ]
+                    for s in range(len(sampling.seeds))
+                ]
+            )
     seconds = time.perf_counter() - began
     result = summarise_instability(levels, np.array([_label_level(s) for s in samples]), sampling.seeds)
 
@@ -233,17 +274,29 @@ def main(cfg: Config) -> Result:
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     image_ids = tuple(str(s.id) for s in samples)
-    files["json"].write_text(json.dumps({
-        "mode": mode, "model": str(checkpoint) if checkpoint else f"tiny-random(seed={cfg.seed})",
-        "prompt": prompt.text, "seconds": seconds, "images": list(image_ids), **result.to_dict(),
-        "answers": {image_ids[i]: t for i, t in enumerate(texts)},
-    }, indent=1) + "\n")
+    files["json"].write_text(
+        json.dumps(
+            {
+                "mode": mode,
+                "model": str(checkpoint) if checkpoint else f"tiny-random(seed={cfg.seed})",
+                "prompt": prompt.text,
+                "seconds": seconds,
+                "images": list(image_ids),
+                **result.to_dict(),
+                "answers": {image_ids[i]: t for i, t in enumerate(texts)},
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     return Result(instability=result, mode=mode, image_ids=image_ids, seconds=seconds, files=files)
 
 
 def render(result: Result, console: Any) -> None:
     """Print the instability table."""
-    console.print(reports.instability_table(result.instability, title=f"Instability of sampled answers ({result.mode})"))
+    console.print(
+        reports.instability_table(result.instability, title=f"Instability of sampled answers ({result.mode})")
+    )
     console.print(f"{len(result.image_ids)} images sampled in {result.seconds:.1f} s")
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
@@ -255,7 +308,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
     p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument("--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
+    )
     p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
     p.add_argument("--limit", type=int, help="keep the first N images")
     p.add_argument("--n-answers", type=int, default=d.n_answers, help="answers per image per session")
@@ -269,11 +324,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--out", default=d.out)
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
-    return Config(model=a.model, tiny_random=a.tiny_random, dataset=a.dataset,
-                  split=None if a.split == "all" else a.split, limit=a.limit, n_answers=a.n_answers,
-                  seeds=tuple(a.seeds), max_new_tokens=a.max_new_tokens, do_sample=not a.greedy,
-                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, batch_images=a.batch_images, out=a.out,
-                  device=a.device)
+    return Config(
+        model=a.model,
+        tiny_random=a.tiny_random,
+        dataset=a.dataset,
+        split=None if a.split == "all" else a.split,
+        limit=a.limit,
+        n_answers=a.n_answers,
+        seeds=tuple(a.seeds),
+        max_new_tokens=a.max_new_tokens,
+        do_sample=not a.greedy,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        batch_images=a.batch_images,
+        out=a.out,
+        device=a.device,
+    )
 
 
 if __name__ == "__main__":

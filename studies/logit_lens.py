@@ -117,8 +117,10 @@ def load_lens(source: str) -> tuple[LogitLens, Any]:
         model, tokenizer, _ = _sibling("cache_activations").tiny_random_model(int(tiny.group(1)))
         return LogitLens.from_model(model), tokenizer
     if not source or not Path(source).is_dir():
-        raise SystemExit(f"the store names model {source!r}, which is not a checkpoint directory here; "
-                         "pass --model DIR (the checkpoint the store was recorded with)")
+        raise SystemExit(
+            f"the store names model {source!r}, which is not a checkpoint directory here; "
+            "pass --model DIR (the checkpoint the store was recorded with)"
+        )
     from mechbiqa.model.tokenizer import load_tokenizer
 
     return LogitLens.from_checkpoint(source), load_tokenizer(source)
@@ -135,8 +137,9 @@ def main(cfg: Config) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    files["json"].write_text(json.dumps({"store": str(store_path), "model": source, **result.to_dict()}, indent=1)
-                             + "\n")
+    files["json"].write_text(
+        json.dumps({"store": str(store_path), "model": source, **result.to_dict()}, indent=1) + "\n"
+    )
     files["figure"] = figures.lens_trajectories(result, out / f"{NAME}.png")
     return Result(lens=result, files=files, model=source)
 
@@ -146,9 +149,11 @@ def render(result: Result, console: Any) -> None:
     console.print(reports.lens_table(result.lens))
     console.print(reports.lens_answers_table(result.lens))
     lens = result.lens
-    console.print(f"answers settle by layer {lens.settle_layer} (median {lens.median_settle:g}); "
-                  f"{(lens.n_changes > 0).mean():.0%} of samples change their answer across layers"
-                  + (f"; {lens.n_excluded} samples without a quality position left out" if lens.n_excluded else ""))
+    console.print(
+        f"answers settle by layer {lens.settle_layer} (median {lens.median_settle:g}); "
+        f"{(lens.n_changes > 0).mean():.0%} of samples change their answer across layers"
+        + (f"; {lens.n_excluded} samples without a quality position left out" if lens.n_excluded else "")
+    )
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
 

@@ -46,15 +46,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from mechbiqa_hooks import names
 
 from mechbiqa import figures, reports
 from mechbiqa.analysis.attribution import attribute
-from mechbiqa.analysis.patching import SITES, Configuration, Edit, Readout, Setter, SweepResult, gather_activations, \
-    image_token_grid, sweep
+from mechbiqa.analysis.patching import (
+    SITES,
+    Configuration,
+    Edit,
+    Readout,
+    Setter,
+    SweepResult,
+    gather_activations,
+    image_token_grid,
+    sweep,
+)
 from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import TokenRoles, assign_roles
 from mechbiqa.scoring import level_ids
-from mechbiqa_hooks import names
 
 NAME = "patch_image_tokens"
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +113,14 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The tiny random model on ``tmp/images`` (4 images, k=2 of its 5 image tokens)."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2,
-                    out=str(Path(tmp) / NAME))
+        base = dict(
+            tiny_random=True,
+            dataset=str(Path(tmp) / "images"),
+            split=None,
+            limit=4,
+            k=2,
+            out=str(Path(tmp) / NAME),
+        )
         return cls(**{**base, **overrides})
 
 
@@ -139,8 +154,12 @@ def _sibling(name: str) -> ModuleType:
     return sys.modules[key]
 
 
-def scoring_prompts(model: Any, tokenizer: Any, checkpoint: str | None, pixels: torch.Tensor,
-                    ) -> tuple[list[EncodedPrompt], list[TokenRoles]]:
+def scoring_prompts(
+    model: Any,
+    tokenizer: Any,
+    checkpoint: str | None,
+    pixels: torch.Tensor,
+) -> tuple[list[EncodedPrompt], list[TokenRoles]]:
     """The prompt each image is rated with, and its token roles (see the module docstring)."""
     from mechbiqa_hooks.record import PromptConfig
 
@@ -150,23 +169,39 @@ def scoring_prompts(model: Any, tokenizer: Any, checkpoint: str | None, pixels: 
 
         info = read_info(checkpoint)
         if info.mode != "one-stage":
-            raise SystemExit(f"{checkpoint} is a {info.describe()} checkpoint: its quality position reads no image "
-                             "tokens; patch the one-stage checkpoint")
+            raise SystemExit(
+                f"{checkpoint} is a {info.describe()} checkpoint: its quality position reads no image "
+                "tokens; patch the one-stage checkpoint"
+            )
         ratings = OneStageRater(load_components(checkpoint, device=str(model.device))).rate(pixels)
         return [r.prompt for r in ratings], [r.roles for r in ratings]
     if checkpoint is not None and (Path(checkpoint) / "stage1").is_dir():
-        raise SystemExit(f"{checkpoint} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint")
+        raise SystemExit(
+            f"{checkpoint} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint"
+        )
     prompt = PromptConfig().encode(tokenizer, "score")
-    roles = assign_roles(prompt.ids, response_start=prompt.response_start, quality_index=prompt.quality_index,
-                         n_image_tokens=model.cfg.n_image_tokens, bos_id=tokenizer.bos_id)
+    roles = assign_roles(
+        prompt.ids,
+        response_start=prompt.response_start,
+        quality_index=prompt.quality_index,
+        n_image_tokens=model.cfg.n_image_tokens,
+        bos_id=tokenizer.bos_id,
+    )
     return [prompt] * len(pixels), [roles] * len(pixels)
 
 
 def main(cfg: Config) -> Result:
     """Load, rank the image tokens, sweep, write JSON, figure and config."""
     ca = _sibling("cache_activations")
-    source_cfg = ca.Config(model=cfg.model, tiny_random=cfg.tiny_random, dataset=cfg.dataset, split=cfg.split,
-                           limit=cfg.limit, seed=cfg.seed, device=cfg.device)
+    source_cfg = ca.Config(
+        model=cfg.model,
+        tiny_random=cfg.tiny_random,
+        dataset=cfg.dataset,
+        split=cfg.split,
+        limit=cfg.limit,
+        seed=cfg.seed,
+        device=cfg.device,
+    )
     model, tokenizer, processor, model_name = ca.load_model(source_cfg)
     samples = ca.load_samples(source_cfg)
     if len(samples) < 2:
@@ -179,30 +214,47 @@ def main(cfg: Config) -> Result:
         raise SystemExit(f"k={cfg.k} must be in 1..{n_image} (the model's image tokens)")
 
     # One batch of (possibly unequal) prompts: right-pad the ids; the model left-pads what it splices,
-    # so row i's spliced positions shift by (longest - its length) and the quality position is the last column.
+    # so row i's spliced positions shift by (longest - its length); the quality position is the last column.
     length = max(len(p.ids) for p in prompts)
     ids = torch.full((n, length), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, :len(p.ids)] = torch.tensor(p.ids)
-        mask[i, :len(p.ids)] = 1
+        ids[i, : len(p.ids)] = torch.tensor(p.ids)
+        mask[i, : len(p.ids)] = 1
     spliced = max(len(r) for r in roles)
     padded = [r.left_pad(spliced - len(r)) for r in roles]
-    image_positions = torch.from_numpy(np.stack([r.image_positions(0) for r in padded])).long()  # [image, n_image]
+    image_positions = torch.from_numpy(
+        np.stack([r.image_positions(0) for r in padded])
+    ).long()  # [image, n_image]
     if image_positions.shape[1] != n_image:
         raise SystemExit(f"the prompts hold {image_positions.shape[1]} image tokens, the model {n_image}")
     layers = tuple(range(model.cfg.llm.n_layers)) if cfg.layers is None else cfg.layers
 
     # Rank the image tokens by the quality row of every layer's attention (the attribution study's rule).
     quality = torch.full((n, 1), spliced - 1, dtype=torch.long)
-    rows = gather_activations(model, ids, pixels, [names.pattern(layer) for layer in range(model.cfg.llm.n_layers)],
-                              quality, attention_mask=mask, pos_dim=2)
+    rows = gather_activations(
+        model,
+        ids,
+        pixels,
+        [names.pattern(layer) for layer in range(model.cfg.llm.n_layers)],
+        quality,
+        attention_mask=mask,
+        pos_dim=2,
+    )
     pattern = torch.stack([rows[names.pattern(layer)][:, 0] for layer in range(model.cfg.llm.n_layers)], 1)
-    ranked = attribute(pattern.float().cpu().numpy(), np.stack([r.role for r in padded]),
-                       np.stack([r.image_index for r in padded]), n_image, k=cfg.k)
+    ranked = attribute(
+        pattern.float().cpu().numpy(),
+        np.stack([r.role for r in padded]),
+        np.stack([r.image_index for r in padded]),
+        n_image,
+        k=cfg.k,
+    )
     rng = np.random.default_rng(cfg.seed)
-    selections = {"dominant": ranked.top, "random": np.stack([rng.choice(n_image, cfg.k, replace=False)
-                                                              for _ in range(n)]), "least": ranked.least}
+    selections = {
+        "dominant": ranked.top,
+        "random": np.stack([rng.choice(n_image, cfg.k, replace=False) for _ in range(n)]),
+        "least": ranked.least,
+    }
 
     readout = Readout(tuple(level_ids(tokenizer)))
     clean = sweep(model, ids, pixels, [], readout, attention_mask=mask)
@@ -210,15 +262,30 @@ def main(cfg: Config) -> Result:
     # tokens carry the most different quality information the model itself perceives (labels may be absent).
     source_of = np.abs(clean.clean_score[:, None] - clean.clean_score[None]).argmax(1)
     hooks = [h.replace("{l}", str(layer)) for site in cfg.sites for layer in layers for h in SITES[site]]
-    image_acts = {} if set(cfg.setters) == {"zero"} else gather_activations(
-        model, ids, pixels, hooks, image_positions, attention_mask=mask)
+    image_acts = (
+        {}
+        if set(cfg.setters) == {"zero"}
+        else gather_activations(model, ids, pixels, hooks, image_positions, attention_mask=mask)
+    )
     configurations = image_token_grid(
-        image_positions, {k: torch.from_numpy(v) for k, v in selections.items()}, layers, sites=cfg.sites,
-        setters=cfg.setters, image_acts=image_acts, source_of=torch.from_numpy(source_of))  # type: ignore[arg-type]
-    configurations.append(Configuration(  # reference: the whole image removed before the first layer
-        "resid L0 all zero", (Edit(names.resid_pre(0), image_positions, Setter.zero()),),
-        {"site": "resid", "layer": 0, "selection": "all", "setter": "zero"}))
-    result = sweep(model, ids, pixels, configurations, readout, attention_mask=mask, batch_size=cfg.batch_size)
+        image_positions,
+        {k: torch.from_numpy(v) for k, v in selections.items()},
+        layers,
+        sites=cfg.sites,
+        setters=cfg.setters,
+        image_acts=image_acts,
+        source_of=torch.from_numpy(source_of),
+    )  # type: ignore[arg-type]
+    configurations.append(
+        Configuration(  # reference: the whole image removed before the first layer
+            "resid L0 all zero",
+            (Edit(names.resid_pre(0), image_positions, Setter.zero()),),
+            {"site": "resid", "layer": 0, "selection": "all", "setter": "zero"},
+        )
+    )
+    result = sweep(
+        model, ids, pixels, configurations, readout, attention_mask=mask, batch_size=cfg.batch_size
+    )
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,18 +293,31 @@ def main(cfg: Config) -> Result:
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     image_ids = tuple(str(s.id) for s in samples)
     summary = {
-        "model": model_name, "images": list(image_ids), "source_of": source_of.tolist(),
+        "model": model_name,
+        "images": list(image_ids),
+        "source_of": source_of.tolist(),
         "selections": {k: v.tolist() for k, v in selections.items()},
-        "grid": {metric: dict(zip(["keys", "layers", "values"],
-                                  [list(map(list, g[0])), g[1],
-                                   [[None if np.isnan(x) else x for x in row] for row in g[2].tolist()]]))
-                 for metric in ("score_effect", "logit_diff_effect", "flip_rate")
-                 for g in [result.grid(metric, rows=("site", "setter", "selection"))]},  # type: ignore[arg-type]
+        "grid": {
+            metric: dict(
+                zip(
+                    ["keys", "layers", "values"],
+                    [
+                        list(map(list, g[0])),
+                        g[1],
+                        [[None if np.isnan(x) else x for x in row] for row in g[2].tolist()],
+                    ],
+                    strict=True,
+                )
+            )
+            for metric in ("score_effect", "logit_diff_effect", "flip_rate")
+            for g in [result.grid(metric, rows=("site", "setter", "selection"))]
+        },  # type: ignore[arg-type]
         **result.to_dict(),
     }
     files["json"].write_text(json.dumps(summary, indent=1) + "\n")
-    files["figure"] = figures.patching_effects(result, out / f"{NAME}.png",
-                                               selections=("dominant", "random", "least", "all"))
+    files["figure"] = figures.patching_effects(
+        result, out / f"{NAME}.png", selections=("dominant", "random", "least", "all")
+    )
     return Result(sweep=result, image_ids=image_ids, selections=selections, source_of=source_of, files=files)
 
 
@@ -254,7 +334,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
     p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument("--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
+    )
     p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
     p.add_argument("--limit", type=int, default=d.limit, help="images to patch")
     p.add_argument("--k", type=int, default=d.k, help="image tokens per selection")
@@ -266,10 +348,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--out", default=d.out)
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
-    return Config(model=a.model, tiny_random=a.tiny_random, dataset=a.dataset,
-                  split=None if a.split == "all" else a.split, limit=a.limit, k=a.k,
-                  layers=tuple(a.layers) if a.layers else None, sites=tuple(a.sites), setters=tuple(a.setters),
-                  seed=a.seed, batch_size=a.batch_size, out=a.out, device=a.device)
+    return Config(
+        model=a.model,
+        tiny_random=a.tiny_random,
+        dataset=a.dataset,
+        split=None if a.split == "all" else a.split,
+        limit=a.limit,
+        k=a.k,
+        layers=tuple(a.layers) if a.layers else None,
+        sites=tuple(a.sites),
+        setters=tuple(a.setters),
+        seed=a.seed,
+        batch_size=a.batch_size,
+        out=a.out,
+        device=a.device,
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,16 @@ PATTERN = "llm.blocks.{l}.attn.hook_pattern"
 """What attribution reads from a store: the quality row of every layer's attention (``@quality``)."""
 
 __all__ = [
-    "PATTERN", "AttributionResult", "attribute_store", "attention_heatmap", "attribute", "expected_random_jaccard", "image_attention",
-    "mean_pairwise_jaccard", "role_mass", "top_image_tokens",
+    "PATTERN",
+    "AttributionResult",
+    "attribute_store",
+    "attention_heatmap",
+    "attribute",
+    "expected_random_jaccard",
+    "image_attention",
+    "mean_pairwise_jaccard",
+    "role_mass",
+    "top_image_tokens",
 ]
 
 
@@ -53,7 +61,9 @@ def role_mass(
     pattern = np.asarray(pattern, dtype=np.float64)
     roles = np.asarray(roles)
     if roles.shape != (pattern.shape[0], pattern.shape[-1]):
-        raise ValueError(f"roles {roles.shape} must be [sample, key_pos] = {(pattern.shape[0], pattern.shape[-1])}")
+        raise ValueError(
+            f"roles {roles.shape} must be [sample, key_pos] = {(pattern.shape[0], pattern.shape[-1])}"
+        )
     onehot = (roles[..., None] == np.arange(len(Role))).astype(np.float64)  # [sample, key, role]
     return np.einsum("slhk,skr->slhr", pattern, onehot)
 
@@ -84,7 +94,7 @@ def mean_pairwise_jaccard(sets: Int[np.ndarray, "sample k"]) -> float:
     sets = [set(map(int, row)) for row in np.asarray(sets)]
     if len(sets) < 2:
         return float("nan")
-    values = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    values = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
     return float(np.mean(values))
 
 
@@ -173,13 +183,22 @@ class AttributionResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         return {
-            "layers": self.layers.tolist(), "roles": list(self.role_labels),
-            "mass_by_layer": self.layer_mass().tolist(), "mass_by_layer_head": self.mass.tolist(),
-            "image_attention": self.image_attention.tolist(), "score_layers": list(self.score_layers), "k": self.k,
-            "consensus": self.consensus.tolist(), "frequency": self.frequency.tolist(), "jaccard": self.jaccard,
-            "jaccard_chance": self.jaccard_chance, "top_share_mean": float(self.top_share.mean()),
-            "samples": [{"id": s, "top": t.tolist(), "least": lo.tolist(), "top_share": float(sh)}
-                        for s, t, lo, sh in zip(self.sample_ids, self.top, self.least, self.top_share)],
+            "layers": self.layers.tolist(),
+            "roles": list(self.role_labels),
+            "mass_by_layer": self.layer_mass().tolist(),
+            "mass_by_layer_head": self.mass.tolist(),
+            "image_attention": self.image_attention.tolist(),
+            "score_layers": list(self.score_layers),
+            "k": self.k,
+            "consensus": self.consensus.tolist(),
+            "frequency": self.frequency.tolist(),
+            "jaccard": self.jaccard,
+            "jaccard_chance": self.jaccard_chance,
+            "top_share_mean": float(self.top_share.mean()),
+            "samples": [
+                {"id": s, "top": t.tolist(), "least": lo.tolist(), "top_share": float(sh)}
+                for s, t, lo, sh in zip(self.sample_ids, self.top, self.least, self.top_share, strict=True)
+            ],
         }
 
 
@@ -215,8 +234,10 @@ def attribute(
     """
     pattern = np.asarray(pattern)  # kept in its stored dtype; chunks are widened to float64 below
     if pattern.ndim != 4:
-        raise ValueError(f"pattern must be [sample, layer, head, key_pos]; got shape {pattern.shape} "
-                         "(squeeze the stored query axis of length 1)")
+        raise ValueError(
+            f"pattern must be [sample, layer, head, key_pos]; got shape {pattern.shape} "
+            "(squeeze the stored query axis of length 1)"
+        )
     n_samples, n_layers = pattern.shape[:2]
     if n_samples == 0:
         raise ValueError("attribute got no samples")
@@ -252,10 +273,22 @@ def attribute(
     top_share = np.take_along_axis(score, top, -1).sum(-1) / np.where(image_total > 0, image_total, 1.0)
     heatmap, heatmap_roles = _heatmap_from_sum(heat_sum, roles)
     return AttributionResult(
-        layers=layer_numbers, role_labels=ROLE_LABELS, mass=mass_sum / n_samples, mass_per_sample=mass_per_sample,
-        image_attention=token_sum / n_samples, token_score=score, score_layers=tuple(chosen), k=k, top=top,
-        least=least, frequency=frequency, consensus=order[:k], jaccard=mean_pairwise_jaccard(top),
-        jaccard_chance=expected_random_jaccard(n_image_tokens, k), top_share=top_share, heatmap=heatmap,
+        layers=layer_numbers,
+        role_labels=ROLE_LABELS,
+        mass=mass_sum / n_samples,
+        mass_per_sample=mass_per_sample,
+        image_attention=token_sum / n_samples,
+        token_score=score,
+        score_layers=tuple(chosen),
+        k=k,
+        top=top,
+        least=least,
+        frequency=frequency,
+        consensus=order[:k],
+        jaccard=mean_pairwise_jaccard(top),
+        jaccard_chance=expected_random_jaccard(n_image_tokens, k),
+        top_share=top_share,
+        heatmap=heatmap,
         heatmap_roles=heatmap_roles,
         sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(str(i) for i in range(n_samples)),
     )
@@ -275,20 +308,33 @@ def attribute_store(
     try:
         store.spec_of(PATTERN, "quality")
     except KeyError as error:
-        raise LookupError(f"attention attribution needs hook {PATTERN} at the quality position (the quality "
-                          f"token's attention row, every layer and head); {store.path} lacks it "
-                          f"({error.args[0]}); record it with studies/cache_activations.py --spec 'default'") from None
+        raise LookupError(
+            f"attention attribution needs hook {PATTERN} at the quality position (the quality "
+            f"token's attention row, every layer and head); {store.path} lacks it "
+            f"({error.args[0]}); record it with studies/cache_activations.py --spec 'default'"
+        ) from None
     valid = store.valid
     rows = valid[store.counts("quality") > 0]
     if not len(rows):
-        raise LookupError(f"no sample of {store.path} has a token with role 'quality'; score with a prompt that "
-                          "ends before the level word (--mode score), or generate answers that contain one")
+        raise LookupError(
+            f"no sample of {store.path} has a token with role 'quality'; score with a prompt that "
+            "ends before the level word (--mode score), or generate answers that contain one"
+        )
     roles = store.roles(rows)
     if not (roles == int(Role.IMAGE)).any():
-        raise LookupError(f"no sample of {store.path} has tokens with role 'image': attribution to the image needs "
-                          "prompts with an image")
+        raise LookupError(
+            f"no sample of {store.path} has tokens with role 'image': attribution to the image needs "
+            "prompts with an image"
+        )
     pattern = store.get(PATTERN, "quality", samples=rows)[:, :, :, 0]  # [sample, layer, head, key_pos]
     n_image_tokens = ModelConfig.from_dict(store.info.model_config).n_image_tokens
-    return attribute(pattern, roles, store.image_index(rows), n_image_tokens, k=k,
-                     layers=store.spec_of(PATTERN, "quality").layers, score_layers=score_layers,
-                     sample_ids=store.ids(rows))
+    return attribute(
+        pattern,
+        roles,
+        store.image_index(rows),
+        n_image_tokens,
+        k=k,
+        layers=store.spec_of(PATTERN, "quality").layers,
+        score_layers=score_layers,
+        sample_ids=store.ids(rows),
+    )

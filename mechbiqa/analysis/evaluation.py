@@ -20,7 +20,14 @@ import numpy as np
 
 from mechbiqa.metrics import IQAMetrics, iqa_metrics
 
-__all__ = ["ALL", "DatasetEvaluation", "EvaluationResult", "Stopwatch", "aligned_target", "evaluate_by_dataset"]
+__all__ = [
+    "ALL",
+    "DatasetEvaluation",
+    "EvaluationResult",
+    "Stopwatch",
+    "aligned_target",
+    "evaluate_by_dataset",
+]
 
 ALL = "all"
 """The name of the pooled row (every data set together)."""
@@ -77,8 +84,12 @@ class DatasetEvaluation:
     seconds_per_image: float
 
     def to_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"name": self.name, "n": self.n, "seconds_per_image": self.seconds_per_image,
-                **self.metrics.to_dict()}
+        return {
+            "name": self.name,
+            "n": self.n,
+            "seconds_per_image": self.seconds_per_image,
+            **self.metrics.to_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,9 @@ def evaluate_by_dataset(
     target = np.asarray(targets, dtype=np.float64)
     names = np.asarray(list(datasets), dtype=object)
     if not (len(pred) == len(target) == len(names)):
-        raise ValueError(f"scores ({len(pred)}), targets ({len(target)}) and datasets ({len(names)}) differ in length")
+        raise ValueError(
+            f"scores ({len(pred)}), targets ({len(target)}) and datasets ({len(names)}) differ in length"
+        )
     seconds = seconds or {}
     order = list(dict.fromkeys(names.tolist()))
     groups = [(name, names == name) for name in order]

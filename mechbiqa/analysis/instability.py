@@ -42,8 +42,18 @@ if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 
 __all__ = [
-    "NOT_A_LEVEL", "InstabilityResult", "SamplingConfig", "answer_levels", "decode", "expected_uniform_instability",
-    "instability_ratio", "row_seed", "sample_answers", "session_generators", "sample_answers_independently", "summarise_instability",
+    "NOT_A_LEVEL",
+    "InstabilityResult",
+    "SamplingConfig",
+    "answer_levels",
+    "decode",
+    "expected_uniform_instability",
+    "instability_ratio",
+    "row_seed",
+    "sample_answers",
+    "session_generators",
+    "sample_answers_independently",
+    "summarise_instability",
     "unstable_counts",
 ]
 
@@ -71,8 +81,10 @@ def instability_ratio(levels: Int[np.ndarray, "image answer"]) -> float:
     return float(unstable_counts(levels).sum() / levels.size)
 
 
-def expected_uniform_instability(n_answers: int, n_levels: int = len(LEVEL_WORDS), p_not_level: float = 0.0) -> float:
-    """Expected ratio when every answer is drawn independently: no level with ``p_not_level``, else a uniform level.
+def expected_uniform_instability(
+    n_answers: int, n_levels: int = len(LEVEL_WORDS), p_not_level: float = 0.0
+) -> float:
+    """Expected ratio when answers are independent: no level word with ``p_not_level``, else a uniform level.
 
     Exact: ``1 - E[max level count] / n``, the expectation over the multinomial outcomes of the
     ``n`` answers across ``n_levels + 1`` categories (the last = no level word).
@@ -87,8 +99,8 @@ def expected_uniform_instability(n_answers: int, n_levels: int = len(LEVEL_WORDS
             continue
         full = (*counts, rest)
         prob = factorial(n_answers)
-        for c, q in zip(full, p):
-            prob *= q ** c / factorial(c)
+        for c, q in zip(full, p, strict=True):
+            prob *= q**c / factorial(c)
         expected_max += prob * max(counts)
     return 1.0 - expected_max / n_answers
 
@@ -149,20 +161,37 @@ def row_seed(session_seed: int, image: int, answer: int) -> int:
     return int(np.random.SeedSequence([int(session_seed), int(image), int(answer)]).generate_state(1)[0])
 
 
-def session_generators(sampling: SamplingConfig, images: Sequence[int], device: torch.device | str = "cpu",
-                       ) -> list[torch.Generator]:
-    """One generator per (image, session, answer), in that nesting order (the rows `sample_answers` decodes)."""
-    return [torch.Generator(device=device).manual_seed(row_seed(seed, image, a))
-            for image in images for seed in sampling.seeds for a in range(sampling.n_answers)]
+def session_generators(
+    sampling: SamplingConfig,
+    images: Sequence[int],
+    device: torch.device | str = "cpu",
+) -> list[torch.Generator]:
+    """A generator per (image, session, answer), in that nesting order: `sample_answers`' rows."""
+    return [
+        torch.Generator(device=device).manual_seed(row_seed(seed, image, a))
+        for image in images
+        for seed in sampling.seeds
+        for a in range(sampling.n_answers)
+    ]
 
 
 def _select(logits: Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> Tensor:
     """Next token of each row, each row from its own generator (the rule of `MPLUGOwl2.generate`)."""
     if not sampling.do_sample:
         return select_next_token(logits, do_sample=False)
-    return torch.cat([select_next_token(logits[r:r + 1], do_sample=True, temperature=sampling.temperature,
-                                        top_k=sampling.top_k, top_p=sampling.top_p, generator=g)
-                      for r, g in enumerate(generators)])
+    return torch.cat(
+        [
+            select_next_token(
+                logits[r : r + 1],
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                generator=g,
+            )
+            for r, g in enumerate(generators)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -174,7 +203,7 @@ def decode(
     *,
     eos_token_id: int | None = None,
 ) -> Int[Tensor, "row new"]:
-    """Continue every row of a prefilled cache (`MPLUGOwl2.prefill`), row ``r`` drawing from ``generators[r]``.
+    """Continue each row of a prefill cache (`MPLUGOwl2.prefill`), row ``r`` drawing from ``generators[r]``.
 
     The loop of `MPLUGOwl2.generate` with one random stream per row instead of one per batch,
     so that a row's answer does not depend on the rows decoded beside it. The generators are
@@ -182,7 +211,9 @@ def decode(
     """
     logits = cache.last_logits
     if logits is None or logits.shape[0] != len(generators):
-        raise ValueError("decode needs a cache from prefill() (repeated per continuation) and one generator per row")
+        raise ValueError(
+            "decode needs a cache from prefill() (repeated per continuation) and one generator per row"
+        )
     device = logits.device
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     pad = model.cfg.llm.pad_token_id
@@ -258,12 +289,18 @@ def sample_answers_independently(
     rows = []
     for i in range(n_images):
         for _ in range(len(sampling.seeds) * sampling.n_answers):
-            out = model.generate(input_ids[i:i + 1].to(model.device),
-                                 images=None if images is None else images[i:i + 1].to(model.device, model.dtype),
-                                 max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-                                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                                 generator=next(generators), eos_token_id=eos_token_id)
-            rows.append(out[0, input_ids.shape[1]:].cpu())
+            out = model.generate(
+                input_ids[i : i + 1].to(model.device),
+                images=None if images is None else images[i : i + 1].to(model.device, model.dtype),
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=sampling.do_sample,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                generator=next(generators),
+                eos_token_id=eos_token_id,
+            )
+            rows.append(out[0, input_ids.shape[1] :].cpu())
     width = max(len(r) for r in rows)
     pad = model.cfg.llm.pad_token_id
     tokens = torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
@@ -319,7 +356,9 @@ class InstabilityResult:
     def level_counts(self) -> np.ndarray:
         """``[level + 1]`` answers per level over all sessions, the last entry = no level word."""
         flat = self.levels.ravel()
-        return np.array([(flat == lv).sum() for lv in range(len(LEVEL_WORDS))] + [(flat == NOT_A_LEVEL).sum()])
+        return np.array(
+            [(flat == lv).sum() for lv in range(len(LEVEL_WORDS))] + [(flat == NOT_A_LEVEL).sum()]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -327,12 +366,19 @@ class InstabilityResult:
         acc, acc_std = self.accuracy_mean_std
         nan = lambda x: None if not np.isfinite(x) else float(x)  # noqa: E731
         return {
-            "ratio": self.ratio.tolist(), "ratio_mean": mean, "ratio_std": std,
-            "accuracy": [nan(a) for a in self.accuracy], "accuracy_mean": nan(acc), "accuracy_std": nan(acc_std),
-            "majority_accuracy": [nan(a) for a in self.majority_accuracy], "not_level_rate": self.not_level_rate,
-            "expected_uniform": self.expected_uniform, "seeds": list(self.seeds),
-            "level_counts": dict(zip([*LEVEL_WORDS, "none"], self.level_counts().tolist())),
-            "levels": self.levels.tolist(), "label_levels": self.label_levels.tolist(),
+            "ratio": self.ratio.tolist(),
+            "ratio_mean": mean,
+            "ratio_std": std,
+            "accuracy": [nan(a) for a in self.accuracy],
+            "accuracy_mean": nan(acc),
+            "accuracy_std": nan(acc_std),
+            "majority_accuracy": [nan(a) for a in self.majority_accuracy],
+            "not_level_rate": self.not_level_rate,
+            "expected_uniform": self.expected_uniform,
+            "seeds": list(self.seeds),
+            "level_counts": dict(zip([*LEVEL_WORDS, "none"], self.level_counts().tolist(), strict=True)),
+            "levels": self.levels.tolist(),
+            "label_levels": self.label_levels.tolist(),
         }
 
 
@@ -350,9 +396,13 @@ def summarise_instability(
     """
     levels = np.asarray(levels, dtype=np.int64)
     if levels.ndim != 3 or levels.size == 0:
-        raise ValueError(f"levels must be a non-empty [session, image, answer] array; got shape {levels.shape}")
+        raise ValueError(
+            f"levels must be a non-empty [session, image, answer] array; got shape {levels.shape}"
+        )
     n_sessions, n_images, n_answers = levels.shape
-    labels = np.full(n_images, -1, dtype=np.int64) if label_levels is None else np.asarray(label_levels, np.int64)
+    labels = (
+        np.full(n_images, -1, dtype=np.int64) if label_levels is None else np.asarray(label_levels, np.int64)
+    )
     if labels.shape != (n_images,):
         raise ValueError(f"label_levels has shape {labels.shape}; expected ({n_images},)")
     known = labels >= 0
@@ -365,9 +415,13 @@ def summarise_instability(
             mode = np.where(counts.max(-1) > 0, counts.argmax(-1), NOT_A_LEVEL)
             majority[s] = (mode[known] == labels[known]).mean()
     return InstabilityResult(
-        levels=levels, label_levels=labels,
+        levels=levels,
+        label_levels=labels,
         ratio=np.array([instability_ratio(levels[s]) for s in range(n_sessions)]),
-        unstable=np.stack([unstable_counts(levels[s]) for s in range(n_sessions)]), accuracy=accuracy,
-        majority_accuracy=majority, not_level_rate=float((levels == NOT_A_LEVEL).mean()),
-        expected_uniform=expected_uniform_instability(n_answers), seeds=tuple(seeds) if seeds is not None else (),
+        unstable=np.stack([unstable_counts(levels[s]) for s in range(n_sessions)]),
+        accuracy=accuracy,
+        majority_accuracy=majority,
+        not_level_rate=float((levels == NOT_A_LEVEL).mean()),
+        expected_uniform=expected_uniform_instability(n_answers),
+        seeds=tuple(seeds) if seeds is not None else (),
     )

@@ -40,7 +40,16 @@ if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
     from mechbiqa.store import ActivationStore
 
-__all__ = ["RESID", "LOGITS", "Lens", "LogitLens", "LensResult", "analyse_lens", "lens_from_store", "settle_layers"]
+__all__ = [
+    "RESID",
+    "LOGITS",
+    "Lens",
+    "LogitLens",
+    "LensResult",
+    "analyse_lens",
+    "lens_from_store",
+    "settle_layers",
+]
 
 RESID = "llm.blocks.{l}.hook_resid_post"
 """What the lens reads from a store, at the ``quality`` selection, every layer."""
@@ -68,7 +77,7 @@ class LogitLens(Lens):
         unembed: The model's ``lm_head`` (``model.llm.unembed``).
     """
 
-    def __init__(self, ln_final: nn.Module, unembed: nn.Module) -> None:
+    def __init__(self, ln_final: nn.Module, unembed: nn.Module) -> None:  # noqa: D107 (documented on the class)
         self.ln_final = ln_final
         self.unembed = unembed
 
@@ -106,8 +115,10 @@ class LogitLens(Lens):
                 found.update({wanted[k]: t for k, t in iter_tensors([path]) if k in wanted})
         missing = sorted(set(wanted.values()) - set(found))
         if missing:
-            raise CheckpointError(f"{directory} has no {[k for k, v in wanted.items() if v in missing]}: the "
-                                  "logit lens needs the final norm and lm_head of the model that made the store")
+            raise CheckpointError(
+                f"{directory} has no {[k for k, v in wanted.items() if v in missing]}: the "
+                "logit lens needs the final norm and lm_head of the model that made the store"
+            )
         norm, unembed = RMSNorm(cfg.d_model, cfg.rms_norm_eps), Unembed(cfg.d_model, cfg.vocab_size)
         with torch.no_grad():
             norm.weight.copy_(found["norm"])
@@ -189,19 +200,41 @@ class LensResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (per-sample arrays included)."""
         return {
-            "layers": self.layers.tolist(), "level_words": list(self.level_words),
-            "mean_level_probs": self.mean_level_probs.tolist(), "level_mass": self.level_mass.mean(1).tolist(),
-            "agreement": self.agreement.tolist(), "settle_layer": self.settle_layer,
-            "median_settle": self.median_settle, "last_layer_error": self.last_layer_error,
+            "layers": self.layers.tolist(),
+            "level_words": list(self.level_words),
+            "mean_level_probs": self.mean_level_probs.tolist(),
+            "level_mass": self.level_mass.mean(1).tolist(),
+            "agreement": self.agreement.tolist(),
+            "settle_layer": self.settle_layer,
+            "median_settle": self.median_settle,
+            "last_layer_error": self.last_layer_error,
             "n_excluded": self.n_excluded,
-            "by_answer": {w: (None if n == 0 else self.by_answer[k].tolist())
-                          for k, (w, n) in enumerate(zip(self.level_words, self.n_by_answer))},
-            "n_by_answer": dict(zip(self.level_words, self.n_by_answer.tolist())),
-            "top_tokens": [list(t) for t in self.top_tokens], "top_probs": self.top_probs.tolist(),
-            "samples": [{"id": s, "label": None if np.isnan(lab) else float(lab), "final": self.level_words[f],
-                         "settle": int(st), "n_changes": int(c), "answers": [self.level_words[a] for a in ans]}
-                        for s, lab, f, st, c, ans in zip(self.sample_ids, self.labels, self.final, self.settle,
-                                                          self.n_changes, self.answer.T)],
+            "by_answer": {
+                w: (None if n == 0 else self.by_answer[k].tolist())
+                for k, (w, n) in enumerate(zip(self.level_words, self.n_by_answer, strict=True))
+            },
+            "n_by_answer": dict(zip(self.level_words, self.n_by_answer.tolist(), strict=True)),
+            "top_tokens": [list(t) for t in self.top_tokens],
+            "top_probs": self.top_probs.tolist(),
+            "samples": [
+                {
+                    "id": s,
+                    "label": None if np.isnan(lab) else float(lab),
+                    "final": self.level_words[f],
+                    "settle": int(st),
+                    "n_changes": int(c),
+                    "answers": [self.level_words[a] for a in ans],
+                }
+                for s, lab, f, st, c, ans in zip(
+                    self.sample_ids,
+                    self.labels,
+                    self.final,
+                    self.settle,
+                    self.n_changes,
+                    self.answer.T,
+                    strict=True,
+                )
+            ],
         }
 
 
@@ -261,7 +294,9 @@ def analyse_lens(
     if len(layer_numbers) != n_layers:
         raise ValueError(f"{len(layer_numbers)} layer numbers for {n_layers} layers of residuals")
     if len(level_ids) != len(LEVEL_WORDS):
-        raise ValueError(f"need the ids of the {len(LEVEL_WORDS)} level words {LEVEL_WORDS}; got {len(level_ids)}")
+        raise ValueError(
+            f"need the ids of the {len(LEVEL_WORDS)} level words {LEVEL_WORDS}; got {len(level_ids)}"
+        )
     ids = torch.as_tensor(list(level_ids), dtype=torch.long)
     level_probs = np.zeros((n_layers, n_samples, len(ids)))
     level_mass = np.zeros((n_layers, n_samples))
@@ -269,11 +304,11 @@ def analyse_lens(
     for li, layer in enumerate(layer_numbers):
         total = None
         for start in range(0, n_samples, chunk):
-            logits = lens(resid_t[li, start:start + chunk], int(layer)).double()  # [chunk, vocab]
+            logits = lens(resid_t[li, start : start + chunk], int(layer)).double()  # [chunk, vocab]
             full = logits.softmax(-1)
             level_logits = logits[:, ids.to(logits.device)]
-            level_probs[li, start:start + chunk] = level_logits.softmax(-1).cpu().numpy()
-            level_mass[li, start:start + chunk] = full[:, ids.to(full.device)].sum(-1).cpu().numpy()
+            level_probs[li, start : start + chunk] = level_logits.softmax(-1).cpu().numpy()
+            level_mass[li, start : start + chunk] = full[:, ids.to(full.device)].sum(-1).cpu().numpy()
             part = full.sum(0).cpu()
             total = part if total is None else total + part
         mean_probs.append(total / n_samples)  # type: ignore[operator]
@@ -295,9 +330,20 @@ def analyse_lens(
         if chosen.any():
             by_answer[level] = level_probs[:, chosen].mean(1)
     return LensResult(
-        layers=layer_numbers, level_words=tuple(LEVEL_WORDS), level_probs=level_probs, level_mass=level_mass,
-        answer=answer, final=final, settle=settle, n_changes=n_changes, agreement=agreement, by_answer=by_answer,
-        n_by_answer=n_by_answer, top_ids=top_ids, top_probs=top.values.numpy(), top_tokens=top_tokens,
+        layers=layer_numbers,
+        level_words=tuple(LEVEL_WORDS),
+        level_probs=level_probs,
+        level_mass=level_mass,
+        answer=answer,
+        final=final,
+        settle=settle,
+        n_changes=n_changes,
+        agreement=agreement,
+        by_answer=by_answer,
+        n_by_answer=n_by_answer,
+        top_ids=top_ids,
+        top_probs=top.values.numpy(),
+        top_tokens=top_tokens,
         sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(str(i) for i in range(n_samples)),
         labels=np.full(n_samples, np.nan) if labels is None else np.asarray(labels, dtype=float),
     )
@@ -335,37 +381,54 @@ def lens_from_store(
     """
     from mechbiqa.model.config import ModelConfig
 
-    fix = ("record it with studies/cache_activations.py --spec 'default' (or add "
-           f"'{RESID}@quality' to --spec)")
+    fix = f"record it with studies/cache_activations.py --spec 'default' (or add '{RESID}@quality' to --spec)"
     try:
         spec = store.spec_of(RESID, "quality")
     except KeyError as error:
-        raise LookupError(f"the logit lens needs hook {RESID} at the quality position, every layer; "
-                          f"{store.path} lacks it ({error.args[0]}); {fix}") from None
+        raise LookupError(
+            f"the logit lens needs hook {RESID} at the quality position, every layer; "
+            f"{store.path} lacks it ({error.args[0]}); {fix}"
+        ) from None
     n_layers = ModelConfig.from_dict(store.info.model_config).llm.n_layers
     if n_layers - 1 not in spec.layers:
-        raise LookupError(f"the logit lens needs {RESID.replace('{l}', str(n_layers - 1))} (the last layer, whose "
-                          f"answer is the model's) at the quality position; {store.path} holds layers "
-                          f"{list(spec.layers)}; {fix}")
+        raise LookupError(
+            f"the logit lens needs {RESID.replace('{l}', str(n_layers - 1))} (the last layer, whose "
+            f"answer is the model's) at the quality position; {store.path} holds layers "
+            f"{list(spec.layers)}; {fix}"
+        )
     counts = store.counts("quality")
     keep = np.flatnonzero(counts > 0)
     if not len(keep):
-        raise LookupError(f"no sample of {store.path} has a token with role 'quality' (the position whose logits "
-                          "choose the level word): score with a prompt that ends before the level word "
-                          "(--mode score), or generate answers that contain one")
+        raise LookupError(
+            f"no sample of {store.path} has a token with role 'quality' (the position whose logits "
+            "choose the level word): score with a prompt that ends before the level word "
+            "(--mode score), or generate answers that contain one"
+        )
     valid = store.valid
     rows = valid[keep]
     resid = store.get(RESID, "quality", samples=rows)[:, :, 0]  # [sample, layer, d_model]
-    resid_t = torch.from_numpy(np.ascontiguousarray(resid.transpose(1, 0, 2))).float()  # [layer, sample, d_model]
+    resid_t = torch.from_numpy(
+        np.ascontiguousarray(resid.transpose(1, 0, 2))
+    ).float()  # [layer, sample, d_model]
     error = None
     if LOGITS + "@quality" in store.keys:
         own = torch.from_numpy(store.get(LOGITS, "quality", samples=rows)[:, 0].astype(np.float32))
         mine = lens(resid_t[-1], int(spec.layers[-1])).float().cpu()
         error = float((mine - own).abs().max() / own.abs().max().clamp(min=1e-6))
         if error > tolerance:
-            raise ValueError(f"the lens does not reproduce the logits stored in {store.path} at the last layer "
-                             f"(relative difference {error:.3g} > {tolerance}): the store was recorded with another "
-                             "model; pass the checkpoint it was recorded from (--model)")
-    result = analyse_lens(lens, resid_t, level_ids, spec.layers, tokenizer=tokenizer, top_k=top_k,
-                          sample_ids=store.ids(rows), labels=store.labels(rows))
+            raise ValueError(
+                f"the lens does not reproduce the logits stored in {store.path} at the last layer "
+                f"(relative difference {error:.3g} > {tolerance}): the store was recorded with another "
+                "model; pass the checkpoint it was recorded from (--model)"
+            )
+    result = analyse_lens(
+        lens,
+        resid_t,
+        level_ids,
+        spec.layers,
+        tokenizer=tokenizer,
+        top_k=top_k,
+        sample_ids=store.ids(rows),
+        labels=store.labels(rows),
+    )
     return replace(result, last_layer_error=error, n_excluded=int(len(valid) - len(keep)))

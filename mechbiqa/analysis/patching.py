@@ -38,19 +38,28 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from mechbiqa_hooks import names
 from torch import Tensor
 
 from mechbiqa.model.generation import KVCache
 from mechbiqa.model.llm import rotary_cos_sin
 from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
-from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 
 __all__ = [
-    "SITES", "Configuration", "Edit", "Readout", "Setter", "SetterKind", "SweepResult", "gather_activations",
-    "image_token_grid", "read_quality", "sweep",
+    "SITES",
+    "Configuration",
+    "Edit",
+    "Readout",
+    "Setter",
+    "SetterKind",
+    "SweepResult",
+    "gather_activations",
+    "image_token_grid",
+    "read_quality",
+    "sweep",
 ]
 
 SetterKind = Literal["zero", "mean", "source"]
@@ -58,7 +67,8 @@ SetterKind = Literal["zero", "mean", "source"]
 SITES: dict[str, tuple[str, ...]] = {
     # Research choice: "resid" edits the residual stream entering layer l (hook_resid_pre), so layers l.. all
     # read the edited image tokens; "kv" edits only the keys and values layer l computes from those tokens, so
-    # the image rows themselves are untouched and only what later positions *read* from them at layer l changes.
+    # the image rows themselves are untouched and only what later positions *read* from them at layer l
+    # changes.
     "resid": ("llm.blocks.{l}.hook_resid_pre",),
     "kv": ("llm.blocks.{l}.attn.hook_k", "llm.blocks.{l}.attn.hook_v"),
 }
@@ -85,8 +95,11 @@ class Setter:
         if self.kind not in ("zero", "mean", "source"):
             raise ValueError(f"Setter kind must be 'zero', 'mean' or 'source'; got {self.kind!r}")
         if (self.kind == "zero") != (self.values is None):
-            raise ValueError(f"a {self.kind!r} setter needs values" if self.kind != "zero"
-                             else "a 'zero' setter takes no values")
+            raise ValueError(
+                f"a {self.kind!r} setter needs values"
+                if self.kind != "zero"
+                else "a 'zero' setter takes no values"
+            )
 
     @classmethod
     def zero(cls) -> Setter:  # noqa: D102
@@ -122,11 +135,15 @@ class Edit:
         positions = torch.as_tensor(self.positions, dtype=torch.long)
         object.__setattr__(self, "positions", positions)
         if positions.ndim not in (1, 2):
-            raise ValueError(f"Edit {self.hook}: positions must be [k] or [clean, k]; got shape {tuple(positions.shape)}")
+            raise ValueError(
+                f"Edit {self.hook}: positions must be [k] or [clean, k]; got shape {tuple(positions.shape)}"
+            )
         values = self.setter.values
         if values is not None and tuple(values.shape[: positions.ndim]) != tuple(positions.shape):
-            raise ValueError(f"Edit {self.hook}: setter values {tuple(values.shape)} must start with the positions' "
-                             f"shape {tuple(positions.shape)} ([k, *rest] or [clean, k, *rest])")
+            raise ValueError(
+                f"Edit {self.hook}: setter values {tuple(values.shape)} must start with the positions' "
+                f"shape {tuple(positions.shape)} ([k, *rest] or [clean, k, *rest])"
+            )
         if self.pos_dim < 1:
             raise ValueError(f"Edit {self.hook}: pos_dim={self.pos_dim}; axis 0 is the batch")
 
@@ -167,8 +184,10 @@ class Readout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "level_ids", tuple(int(i) for i in self.level_ids))
         if len(self.level_ids) != len(LEVEL_WORDS):
-            raise ValueError(f"Readout needs the ids of the {len(LEVEL_WORDS)} level words {LEVEL_WORDS}; "
-                             f"got {len(self.level_ids)}")
+            raise ValueError(
+                f"Readout needs the ids of the {len(LEVEL_WORDS)} level words {LEVEL_WORDS}; "
+                f"got {len(self.level_ids)}"
+            )
         for word in (self.positive, self.negative):
             if word not in LEVEL_WORDS:
                 raise ValueError(f"Readout: {word!r} is not a level word {LEVEL_WORDS}")
@@ -239,11 +258,15 @@ class SweepResult:
 
     def select(self, **tags: Any) -> np.ndarray:
         """Indices of the configurations whose tags match all of ``tags``."""
-        return np.array([i for i, t in enumerate(self.tags) if all(t.get(k) == v for k, v in tags.items())],
-                        dtype=np.int64)
+        return np.array(
+            [i for i, t in enumerate(self.tags) if all(t.get(k) == v for k, v in tags.items())],
+            dtype=np.int64,
+        )
 
     def grid(
-        self, metric: Literal["score_effect", "logit_diff_effect", "flip_rate"], rows: Sequence[str],
+        self,
+        metric: Literal["score_effect", "logit_diff_effect", "flip_rate"],
+        rows: Sequence[str],
         column: str = "layer",
     ) -> tuple[list[tuple[Any, ...]], list[Any], np.ndarray]:
         """Mean of a metric over clean inputs, pivoted to ``[row group, column value]``.
@@ -268,10 +291,15 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {
-            "labels": list(self.labels), "tags": [dict(t) for t in self.tags], "score": self.score.tolist(),
-            "logit_diff": self.logit_diff.tolist(), "answer": self.answer.tolist(),
-            "clean_score": self.clean_score.tolist(), "clean_logit_diff": self.clean_logit_diff.tolist(),
-            "clean_answer": self.clean_answer.tolist(), "n_forwards": self.n_forwards,
+            "labels": list(self.labels),
+            "tags": [dict(t) for t in self.tags],
+            "score": self.score.tolist(),
+            "logit_diff": self.logit_diff.tolist(),
+            "answer": self.answer.tolist(),
+            "clean_score": self.clean_score.tolist(),
+            "clean_logit_diff": self.clean_logit_diff.tolist(),
+            "clean_answer": self.clean_answer.tolist(),
+            "n_forwards": self.n_forwards,
         }
 
 
@@ -280,7 +308,7 @@ _KEY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # their axis 3
 
 
 def _key_axis(edit: Edit) -> bool:
-    """Whether an edit's positions index the key axis (absolute, cache included) rather than the new positions."""
+    """Whether an edit indexes the key axis (absolute, cache included) rather than the new positions."""
     return edit.pos_dim == 3 and edit.hook.endswith(_KEY_AXIS_HOOKS)
 
 
@@ -316,7 +344,9 @@ def _row_hooks(
             moved by it; key axes of attention patterns are absolute).
     """
     # hook -> pos_dim -> lists of (batch rows, positions, values or None for zeros)
-    plan: dict[str, dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]] = defaultdict(lambda: defaultdict(list))
+    plan: dict[str, dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for b, (c, i) in enumerate(rows):
         for edit in configurations[c].edits:
             per_clean = edit.positions.ndim == 2
@@ -333,12 +363,19 @@ def _row_hooks(
         for pos_dim, items in entries.items():
             zero = [(r, p) for r, p, v in items if v is None]
             full = [(r, p, v) for r, p, v in items if v is not None]
-            merged.append((
-                pos_dim,
-                (torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])) if zero else None,
-                (torch.cat([r for r, _, _ in full]), torch.cat([p for _, p, _ in full]),
-                 torch.cat([v for _, _, v in full])) if full else None,
-            ))
+            merged.append(
+                (
+                    pos_dim,
+                    (torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])) if zero else None,
+                    (
+                        torch.cat([r for r, _, _ in full]),
+                        torch.cat([p for _, p, _ in full]),
+                        torch.cat([v for _, _, v in full]),
+                    )
+                    if full
+                    else None,
+                )
+            )
 
         def hook(activation: Tensor, hook: Any) -> Tensor:
             out = activation.clone()
@@ -359,8 +396,11 @@ def _row_hooks(
 
 @dataclass
 class _CleanRun:
-    """What the clean run computed, for rows that start from it: per layer, the residual entering
-    the layer and the keys/values of every position; and the spliced sequence's bookkeeping."""
+    """What the clean run computed, for the rows that start from it.
+
+    Per layer, the residual entering
+    the layer and the keys/values of every position; and the spliced sequence's bookkeeping.
+    """
 
     resid: list[Tensor]  # per layer [clean, pos, d_model]
     keys: list[Tensor]  # per layer [clean, kv_head, pos, d_head]
@@ -371,8 +411,13 @@ class _CleanRun:
     readout: Tensor  # [clean, vocab] logits at the quality position
 
 
-def _clean_run(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None, attention_mask: Tensor | None,
-               position: int) -> _CleanRun:
+def _clean_run(
+    model: MPLUGOwl2,
+    input_ids: Tensor,
+    image_tokens: Tensor | None,
+    attention_mask: Tensor | None,
+    position: int,
+) -> _CleanRun:
     """The unedited forward (`MPLUGOwl2.forward` from encoded image rows), keeping its states."""
     if image_tokens is not None:
         image_tokens = model.hook_image_tokens(image_tokens)
@@ -387,12 +432,24 @@ def _clean_run(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None,
     n_layers = len(model.llm.blocks)
     with model.hooks(fwd_hooks=[(names.resid_pre(layer), keep) for layer in range(n_layers)]):
         logits, _ = model.llm(embeds, modality, positions, mask, cache)
-    return _CleanRun([resid[layer] for layer in range(n_layers)], cache.keys, cache.values, modality, positions,
-                     mask, logits[:, position])
+    return _CleanRun(
+        [resid[layer] for layer in range(n_layers)],
+        cache.keys,
+        cache.values,
+        modality,
+        positions,
+        mask,
+        logits[:, position],
+    )
 
 
-def _run_full(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None, attention_mask: Tensor | None,
-              position: int) -> Tensor:
+def _run_full(
+    model: MPLUGOwl2,
+    input_ids: Tensor,
+    image_tokens: Tensor | None,
+    attention_mask: Tensor | None,
+    position: int,
+) -> Tensor:
     """The whole forward from the encoded image rows (for rows that edit outside the LLM blocks)."""
     if image_tokens is not None:
         image_tokens = model.hook_image_tokens(image_tokens)
@@ -402,10 +459,14 @@ def _run_full(model: MPLUGOwl2, input_ids: Tensor, image_tokens: Tensor | None, 
     return logits[:, position]
 
 
-def _run_from(model: MPLUGOwl2, clean: _CleanRun, rows: Tensor, layer: int, start: int, position: int) -> Tensor:
-    """Layers ``layer..`` at positions ``start..`` only, reading the clean keys/values of positions before ``start``."""
+def _run_from(
+    model: MPLUGOwl2, clean: _CleanRun, rows: Tensor, layer: int, start: int, position: int
+) -> Tensor:
+    """Layers ``layer..`` at positions ``start..`` only; earlier keys/values come from the clean run."""
     x = clean.resid[layer][rows, start:]
-    cache = KVCache(keys=[k[rows, :, :start] for k in clean.keys], values=[v[rows, :, :start] for v in clean.values])
+    cache = KVCache(
+        keys=[k[rows, :, :start] for k in clean.keys], values=[v[rows, :, :start] for v in clean.values]
+    )
     modality = clean.modality[rows, start:]
     cfg = model.llm.cfg
     cos, sin = rotary_cos_sin(clean.positions[rows, start:], cfg.d_head, cfg.rope_theta, x.dtype)
@@ -415,8 +476,9 @@ def _run_from(model: MPLUGOwl2, clean: _CleanRun, rows: Tensor, layer: int, star
     return model.llm.unembed(model.llm.ln_final(x[:, position - start]))
 
 
-def _plan_chunks(firsts: Sequence[int], length: int, depth: int, batch_size: int,
-                 forward_cost: float) -> list[tuple[int, int]]:
+def _plan_chunks(
+    firsts: Sequence[int], length: int, depth: int, batch_size: int, forward_cost: float
+) -> list[tuple[int, int]]:
     """Cut rows sorted by first position into chunks ``[lo, hi)`` of at most ``batch_size`` rows.
 
     A chunk costs ``forward_cost + rows x (length - firsts[lo]) x depth`` (a forward's fixed cost,
@@ -486,17 +548,22 @@ def sweep(
     """
     n_clean = input_ids.shape[0]
     if images is not None and images.shape[0] != n_clean:
-        raise ValueError(f"sweep takes one image per clean prompt; got {images.shape[0]} images for "
-                         f"{n_clean} prompts")
+        raise ValueError(
+            f"sweep takes one image per clean prompt; got {images.shape[0]} images for {n_clean} prompts"
+        )
     known = set(model.hook_dict)
     for config in configurations:
         for edit in config.edits:
             if edit.hook not in known:
-                raise KeyError(f"configuration {config.label!r} edits {edit.hook!r}, which is not a hook of the "
-                               "model; build names with mechbiqa_hooks.names")
+                raise KeyError(
+                    f"configuration {config.label!r} edits {edit.hook!r}, which is not a hook of the "
+                    "model; build names with mechbiqa_hooks.names"
+                )
             if edit.positions.ndim == 2 and edit.positions.shape[0] != n_clean:
-                raise ValueError(f"configuration {config.label!r}: per-input positions have "
-                                 f"{edit.positions.shape[0]} rows for {n_clean} clean inputs")
+                raise ValueError(
+                    f"configuration {config.label!r}: per-input positions have "
+                    f"{edit.positions.shape[0]} rows for {n_clean} clean inputs"
+                )
     device = model.device
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
@@ -529,8 +596,10 @@ def sweep(
     chunks: list[tuple[tuple[int, int] | None, list[tuple[int, int]]]] = []
     for layer, items in sorted(by_layer.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
         if layer is None:
-            chunks += [(None, [row for _, row in items[i:i + max(1, batch_size)]])
-                       for i in range(0, len(items), max(1, batch_size))]
+            chunks += [
+                (None, [row for _, row in items[i : i + max(1, batch_size)]])
+                for i in range(0, len(items), max(1, batch_size))
+            ]
             continue
         items.sort(key=lambda item: item[0])  # type: ignore[arg-type, return-value]
         firsts = [st[1] for st, _ in items]  # type: ignore[index]
@@ -540,26 +609,41 @@ def sweep(
         clean_rows = torch.tensor([i for _, i in rows], device=device)
         with model.hooks(fwd_hooks=_row_hooks(configurations, rows, 0 if start is None else start[1])):
             if start is None:
-                out = _run_full(model, input_ids[clean_rows], None if tokens is None else tokens[clean_rows],
-                                None if mask is None else mask[clean_rows], readout.position)
+                out = _run_full(
+                    model,
+                    input_ids[clean_rows],
+                    None if tokens is None else tokens[clean_rows],
+                    None if mask is None else mask[clean_rows],
+                    readout.position,
+                )
             else:
                 out = _run_from(model, clean, clean_rows, start[0], start[1], quality)
         n_forwards += 1
-        for (c, i), row in zip(rows, out):
+        for (c, i), row in zip(rows, out, strict=True):
             logits[c * n_clean + i] = row
     clean_read = read_quality(clean.readout, readout)
     shape = (len(configurations), n_clean)
     if n_rows:
         score, diff, probs, answer = read_quality(torch.stack(logits), readout)  # type: ignore[arg-type]
     else:
-        score, diff, probs, answer = (np.zeros((0,)), np.zeros((0,)), np.zeros((0, len(LEVEL_WORDS))),
-                                      np.zeros((0,), dtype=np.int64))
+        score, diff, probs, answer = (
+            np.zeros((0,)),
+            np.zeros((0,)),
+            np.zeros((0, len(LEVEL_WORDS))),
+            np.zeros((0,), dtype=np.int64),
+        )
     return SweepResult(
-        labels=tuple(c.label for c in configurations), tags=tuple(dict(c.tags) for c in configurations),
-        score=score.reshape(shape), logit_diff=diff.reshape(shape),
-        level_probs=probs.reshape(*shape, len(LEVEL_WORDS)), answer=answer.reshape(shape),
-        clean_score=clean_read[0], clean_logit_diff=clean_read[1], clean_level_probs=clean_read[2],
-        clean_answer=clean_read[3], n_forwards=n_forwards,
+        labels=tuple(c.label for c in configurations),
+        tags=tuple(dict(c.tags) for c in configurations),
+        score=score.reshape(shape),
+        logit_diff=diff.reshape(shape),
+        level_probs=probs.reshape(*shape, len(LEVEL_WORDS)),
+        answer=answer.reshape(shape),
+        clean_score=clean_read[0],
+        clean_logit_diff=clean_read[1],
+        clean_level_probs=clean_read[2],
+        clean_answer=clean_read[3],
+        n_forwards=n_forwards,
     )
 
 
@@ -591,8 +675,11 @@ def gather_activations(
 
     wanted = list(dict.fromkeys(hooks))
     with model.hooks(fwd_hooks=[(h, keep) for h in wanted]):
-        model(input_ids.to(model.device), images=None if images is None else images.to(model.device, model.dtype),
-              attention_mask=None if attention_mask is None else attention_mask.to(model.device))
+        model(
+            input_ids.to(model.device),
+            images=None if images is None else images.to(model.device, model.dtype),
+            attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+        )
     missing = [h for h in wanted if h not in found]
     if missing:
         raise KeyError(f"hooks {missing} did not fire; check the names (mechbiqa_hooks.names)")
@@ -647,8 +734,10 @@ def image_token_grid(
                             setter = Setter.zero()
                         else:
                             if image_acts is None or hook not in image_acts:
-                                raise KeyError(f"setter {kind!r} needs the activations of {hook!r} at the image "
-                                               "positions (gather_activations)")
+                                raise KeyError(
+                                    f"setter {kind!r} needs the activations of {hook!r} at the image "
+                                    "positions (gather_activations)"
+                                )
                             acts = image_acts[hook]  # [clean, n_image, *rest]
                             if kind == "mean":
                                 base = acts.mean(0, keepdim=True).expand_as(acts)
@@ -657,8 +746,11 @@ def image_token_grid(
                             rows = torch.arange(acts.shape[0])[:, None]
                             setter = Setter(kind, base[rows, indices])
                         edits.append(Edit(hook, positions, setter))
-                    out.append(Configuration(
-                        label=f"{site} L{layer} {selection} {kind}", edits=tuple(edits),
-                        tags={"site": site, "layer": int(layer), "selection": selection, "setter": kind}))
+                    out.append(
+                        Configuration(
+                            label=f"{site} L{layer} {selection} {kind}",
+                            edits=tuple(edits),
+                            tags={"site": site, "layer": int(layer), "selection": selection, "setter": kind},
+                        )
+                    )
     return out
-

@@ -1,4 +1,7 @@
-"""mechbiqa.analysis on hand-made arrays and the tiny random model: lens, attribution, patching, instability, evaluation."""
+"""mechbiqa.analysis on hand-made arrays and the tiny random model.
+
+Lens, attribution, patching, instability, evaluation.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from mechbiqa_hooks import names
 
 from mechbiqa.analysis.attribution import (
     attention_heatmap,
@@ -41,7 +45,6 @@ from mechbiqa.analysis.patching import (
 )
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX
 from mechbiqa.model.roles import Role
-from mechbiqa_hooks import names
 
 LEVELS = (10, 11, 12, 13, 14)  # stand-in level-word ids of the tiny model's 128-token vocabulary
 IMAGE_AT = 3  # text index of the image placeholder in `prompt`
@@ -67,7 +70,9 @@ def test_logit_lens_at_the_last_layer_is_the_models_own_logits(tiny_model, promp
     ids, pixels = prompt
     out, cache = tiny_model.run_with_cache(ids, images=pixels)
     n_layers = tiny_model.cfg.llm.n_layers
-    resid = torch.stack([cache[names.resid_post(layer)][:, -1] for layer in range(n_layers)])  # [layer, sample, d]
+    resid = torch.stack(
+        [cache[names.resid_post(layer)][:, -1] for layer in range(n_layers)]
+    )  # [layer, sample, d]
     lens = LogitLens.from_model(tiny_model)
     torch.testing.assert_close(lens(resid[-1], n_layers - 1), out.logits[:, -1], atol=1e-5, rtol=1e-5)
     result = analyse_lens(lens, resid, LEVELS, tokenizer=None, top_k=3)
@@ -75,7 +80,9 @@ def test_logit_lens_at_the_last_layer_is_the_models_own_logits(tiny_model, promp
     np.testing.assert_allclose(result.level_probs[-1], own, atol=1e-5)
     assert (result.final == own.argmax(-1)).all() and result.agreement[-1] == 1.0
     assert result.level_probs.shape == (n_layers, 3, 5) and np.allclose(result.level_probs.sum(-1), 1)
-    assert result.top_ids.shape == (n_layers, 3) and (result.top_probs[:, :-1] >= result.top_probs[:, 1:]).all()
+    assert (
+        result.top_ids.shape == (n_layers, 3) and (result.top_probs[:, :-1] >= result.top_probs[:, 1:]).all()
+    )
 
 
 def test_logit_lens_from_checkpoint_reads_only_norm_and_head(tiny_model, prompt, tmp_path):
@@ -83,15 +90,13 @@ def test_logit_lens_from_checkpoint_reads_only_norm_and_head(tiny_model, prompt,
 
     save_pretrained(tiny_model, tmp_path / "ckpt")
     resid = torch.randn(4, tiny_model.cfg.llm.d_model)
-    torch.testing.assert_close(LogitLens.from_checkpoint(tmp_path / "ckpt")(resid, 0),
-                               LogitLens.from_model(tiny_model)(resid, 0))
+    torch.testing.assert_close(
+        LogitLens.from_checkpoint(tmp_path / "ckpt")(resid, 0), LogitLens.from_model(tiny_model)(resid, 0)
+    )
 
 
 def test_settle_layer_is_the_layer_after_the_last_change():
-    answer = np.array([[3, 1, 1, 0],
-                       [1, 1, 2, 0],
-                       [1, 3, 1, 0],
-                       [1, 1, 1, 0]])  # [layer, sample]
+    answer = np.array([[3, 1, 1, 0], [1, 1, 2, 0], [1, 3, 1, 0], [1, 1, 1, 0]])  # [layer, sample]
     settle, changes = settle_layers(answer, np.array([4, 5, 6, 7]))
     assert settle.tolist() == [5, 7, 6, 4] and changes.tolist() == [1, 2, 2, 0]
 
@@ -124,7 +129,9 @@ def _rows(rng, n_samples=4, n_layers=3, n_heads=2, n_keys=12):
 def test_attention_mass_per_role_sums_to_one_and_matches_a_loop():
     rng = np.random.default_rng(0)
     pattern = _rows(rng)
-    roles = np.array([Role.BOS, *[Role.INSTRUCTION] * 2, *[Role.IMAGE] * 5, *[Role.DESCRIPTION] * 3, Role.QUALITY])
+    roles = np.array(
+        [Role.BOS, *[Role.INSTRUCTION] * 2, *[Role.IMAGE] * 5, *[Role.DESCRIPTION] * 3, Role.QUALITY]
+    )
     roles = np.tile(roles, (4, 1))
     mass = role_mass(pattern, roles)
     np.testing.assert_allclose(mass.sum(-1), 1.0)
@@ -173,17 +180,31 @@ def test_clean_patch_changes_nothing_and_zeroing_the_image_changes_the_score(tin
     ids, pixels = prompt
     positions = image_positions(tiny_model, 3)
     layers = range(tiny_model.cfg.llm.n_layers)
-    hooks = [names.resid_pre(layer) for layer in layers] + [names.attn(layer, "k") for layer in layers] + \
-        [names.attn(layer, "v") for layer in layers]
+    hooks = (
+        [names.resid_pre(layer) for layer in layers]
+        + [names.attn(layer, "k") for layer in layers]
+        + [names.attn(layer, "v") for layer in layers]
+    )
     acts = gather_activations(tiny_model, ids, pixels, hooks, positions)
     all_tokens = {"all": torch.arange(tiny_model.cfg.n_image_tokens).expand(3, -1)}
-    clean_into_clean = image_token_grid(positions, all_tokens, layers, sites=("resid", "kv"), setters=("source",),
-                                        image_acts=acts, source_of=torch.arange(3))
+    clean_into_clean = image_token_grid(
+        positions,
+        all_tokens,
+        layers,
+        sites=("resid", "kv"),
+        setters=("source",),
+        image_acts=acts,
+        source_of=torch.arange(3),
+    )
     readout = Readout(LEVELS)
     result = sweep(tiny_model, ids, pixels, clean_into_clean, readout)
-    np.testing.assert_allclose(result.score, np.broadcast_to(result.clean_score, result.score.shape), atol=1e-6)
+    np.testing.assert_allclose(
+        result.score, np.broadcast_to(result.clean_score, result.score.shape), atol=1e-6
+    )
     assert not result.flipped.any()
-    zeroed = sweep(tiny_model, ids, pixels, image_token_grid(positions, all_tokens, [0], setters=("zero",)), readout)
+    zeroed = sweep(
+        tiny_model, ids, pixels, image_token_grid(positions, all_tokens, [0], setters=("zero",)), readout
+    )
     assert (np.abs(zeroed.score_effect) > 1e-4).all()
     assert not any(hp.fwd_hooks for hp in tiny_model.hook_dict.values())  # every hook removed
 
@@ -192,18 +213,29 @@ def test_batched_sweep_equals_one_forward_per_configuration(tiny_model, prompt):
     ids, pixels = prompt
     positions = image_positions(tiny_model, 3)
     layers = range(tiny_model.cfg.llm.n_layers)
-    hooks = [h.replace("{l}", str(layer)) for layer in layers
-             for h in ("llm.blocks.{l}.hook_resid_pre", "llm.blocks.{l}.attn.hook_k", "llm.blocks.{l}.attn.hook_v")]
+    hooks = [
+        h.replace("{l}", str(layer))
+        for layer in layers
+        for h in ("llm.blocks.{l}.hook_resid_pre", "llm.blocks.{l}.attn.hook_k", "llm.blocks.{l}.attn.hook_v")
+    ]
     acts = gather_activations(tiny_model, ids, pixels, hooks, positions)
     selections = {"first": torch.tensor([[0, 1]] * 3), "per_image": torch.tensor([[2, 4], [3, 0], [1, 2]])}
-    configs = image_token_grid(positions, selections, layers, sites=("resid", "kv"), image_acts=acts,
-                               source_of=torch.tensor([2, 0, 1]))
+    configs = image_token_grid(
+        positions,
+        selections,
+        layers,
+        sites=("resid", "kv"),
+        image_acts=acts,
+        source_of=torch.tensor([2, 0, 1]),
+    )
     readout = Readout(LEVELS)
     batched = sweep(tiny_model, ids, pixels, configs, readout, batch_size=1000, forward_cost=1e9)
     single = sweep(tiny_model, ids, pixels, configs, readout, batch_size=3, share_prefix=False)
     # rows start from the clean run at their layer: one forward per layer, and the clean run
     assert batched.n_forwards == len(layers) + 1 and single.n_forwards == len(configs) + 1
-    split = sweep(tiny_model, ids, pixels, configs, readout, batch_size=5, forward_cost=0)  # a chunk per start
+    split = sweep(
+        tiny_model, ids, pixels, configs, readout, batch_size=5, forward_cost=0
+    )  # a chunk per start
     assert split.n_forwards > batched.n_forwards
     np.testing.assert_allclose(split.score, single.score, atol=1e-6)
     np.testing.assert_allclose(batched.score, single.score, atol=1e-6)
@@ -227,7 +259,9 @@ def test_sweep_matches_a_plain_hooked_forward(tiny_model, prompt):
         activation[:, positions] = 0
         return activation
 
-    logits = tiny_model.run_with_hooks(ids, images=pixels, fwd_hooks=[(names.resid_pre(1), zero)]).logits[:, -1]
+    logits = tiny_model.run_with_hooks(ids, images=pixels, fwd_hooks=[(names.resid_pre(1), zero)]).logits[
+        :, -1
+    ]
     score, diff, _, answer = read_quality(logits.detach(), Readout(LEVELS))
     np.testing.assert_allclose(result.score[0], score, atol=1e-6)
     np.testing.assert_allclose(result.logit_diff[0], diff, atol=1e-5)
@@ -236,23 +270,36 @@ def test_sweep_matches_a_plain_hooked_forward(tiny_model, prompt):
 def test_patching_refuses_bad_configurations(tiny_model, prompt):
     ids, pixels = prompt
     with pytest.raises(KeyError, match="llm.blocks.9.hook_resid_pre"):
-        sweep(tiny_model, ids, pixels, [Configuration("x", (Edit("llm.blocks.9.hook_resid_pre", [3], Setter.zero()),))],
-              Readout(LEVELS))
+        sweep(
+            tiny_model,
+            ids,
+            pixels,
+            [Configuration("x", (Edit("llm.blocks.9.hook_resid_pre", [3], Setter.zero()),))],
+            Readout(LEVELS),
+        )
     with pytest.raises(ValueError, match="needs values"):
         Setter("mean")
     with pytest.raises(ValueError, match="must start with"):
         Edit(names.resid_pre(0), torch.tensor([3, 4]), Setter.mean(torch.zeros(3, 8)))
     with pytest.raises(ValueError, match="source_of"):
-        image_token_grid(image_positions(tiny_model, 3), {"a": torch.zeros(3, 1, dtype=torch.long)}, [0],
-                         setters=("source",))
+        image_token_grid(
+            image_positions(tiny_model, 3),
+            {"a": torch.zeros(3, 1, dtype=torch.long)},
+            [0],
+            setters=("source",),
+        )
 
 
 # ----------------------------------------------------------------------------- instability
 def test_instability_ratio_by_hand():
-    levels = np.array([[1, 1, 1, 1, 1],  # stable
-                       [1, 1, 3, 3, 1],  # two off the mode
-                       [0, 1, 2, 3, 4],  # four off (ties: any mode)
-                       [2, 2, NOT_A_LEVEL, 2, NOT_A_LEVEL]])  # no level word counts as unstable
+    levels = np.array(
+        [
+            [1, 1, 1, 1, 1],  # stable
+            [1, 1, 3, 3, 1],  # two off the mode
+            [0, 1, 2, 3, 4],  # four off (ties: any mode)
+            [2, 2, NOT_A_LEVEL, 2, NOT_A_LEVEL],
+        ]
+    )  # no level word counts as unstable
     assert unstable_counts(levels).tolist() == [0, 2, 4, 2]
     assert instability_ratio(levels) == pytest.approx(8 / 20)
     assert instability_ratio(np.full((3, 5), NOT_A_LEVEL)) == 1.0
@@ -265,7 +312,9 @@ def test_uniform_random_answers_match_the_expectation():
     for n_answers, p_none in ((5, 0.0), (3, 0.3)):
         draws = rng.integers(0, 5, (40000, n_answers))
         draws[rng.random(draws.shape) < p_none] = NOT_A_LEVEL
-        assert instability_ratio(draws) == pytest.approx(expected_uniform_instability(n_answers, 5, p_none), abs=0.01)
+        assert instability_ratio(draws) == pytest.approx(
+            expected_uniform_instability(n_answers, 5, p_none), abs=0.01
+        )
 
 
 def test_summary_accuracy_and_sessions():
@@ -279,14 +328,19 @@ def test_summary_accuracy_and_sessions():
 
 
 def test_answer_levels_take_the_last_level_word_before_eos():
-    tokens = np.array([[5, 11, 6, 13, 2, 10],  # good ... poor, EOS, then excellent after EOS
-                       [5, 6, 7, 8, 9, 9],
-                       [14, 2, 0, 0, 0, 0]])
+    tokens = np.array(
+        [
+            [5, 11, 6, 13, 2, 10],  # good ... poor, EOS, then excellent after EOS
+            [5, 6, 7, 8, 9, 9],
+            [14, 2, 0, 0, 0, 0],
+        ]
+    )
     assert answer_levels(tokens, LEVELS, eos_token_id=2).tolist() == [3, NOT_A_LEVEL, 4]
 
 
 def _forced(levels_only: bool, favourite: int = 11):
     """A logit hook: only the level words (all equal), or the favourite level word far ahead."""
+
     def hook(logits, hook):
         if levels_only:
             out = torch.full_like(logits, -1e4)
@@ -306,7 +360,9 @@ def test_greedy_decoding_is_stable_and_uniform_sampling_matches_its_expectation(
     ids[:, 0], ids[:, 2] = 1, IMAGE_TOKEN_INDEX
     pixels = torch.randn(16, 3, size, size, generator=g)
     with tiny_model.hooks(fwd_hooks=[(names.LOGITS, _forced(levels_only=False))]):
-        greedy = sample_answers(tiny_model, ids[:4], pixels[:4], SamplingConfig(max_new_tokens=2, do_sample=False))
+        greedy = sample_answers(
+            tiny_model, ids[:4], pixels[:4], SamplingConfig(max_new_tokens=2, do_sample=False)
+        )
     levels = answer_levels(greedy.reshape(-1, 2), LEVELS).reshape(3, 4, 5)
     assert summarise_instability(levels).ratio.tolist() == [0.0, 0.0, 0.0]
     with tiny_model.hooks(fwd_hooks=[(names.LOGITS, _forced(levels_only=True))]):
