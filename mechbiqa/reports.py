@@ -119,7 +119,7 @@ def lens_table(
         marker = " ◀" if layer == int(np.ceil(median)) else ""
         table.add_row(
             str(int(layer)),
-            level_distribution(mean[i], width=15),
+            level_distribution(mean[i].tolist(), width=15),
             Text(result.level_words[k], style=LEVEL_COLOURS[k]),
             _pct(result.agreement[i], 0),
             _pct(settled[i], 0) + marker,

@@ -129,7 +129,9 @@ class LogitLens(Lens):
     def logits(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch vocab"]:
         """Apply the final norm then the unembedding (``layer`` is not used: one read-out for all)."""
         weight = self.unembed.weight
-        return self.unembed(self.ln_final(resid.to(weight.device, weight.dtype)))
+        # the norm takes [batch, pos, d_model]: flatten the leading axes into batch
+        flat = resid.to(weight.device, weight.dtype).reshape(-1, 1, resid.shape[-1])
+        return self.unembed(self.ln_final(flat)).reshape(*resid.shape[:-1], -1)
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class Edit:
     """
 
     hook: str
-    positions: Tensor
+    positions: Tensor | Sequence[int] | np.ndarray  # stored as a long Tensor
     setter: Setter
     pos_dim: int = 1
 
@@ -473,7 +473,7 @@ def _run_from(
     key_mask = clean.mask[rows]
     for block in model.llm.blocks[layer:]:
         x = block(x, modality, cos, sin, key_mask, cache)
-    return model.llm.unembed(model.llm.ln_final(x[:, position - start]))
+    return model.llm.unembed(model.llm.ln_final(x[:, position - start : position - start + 1]))[:, 0]
 
 
 def _plan_chunks(

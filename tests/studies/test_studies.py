@@ -133,7 +133,7 @@ def test_evaluate_quality(tiny):
 
     files = sorted((tiny / "images").glob("*.png"))
     records = [
-        IQARecord(id=p.name, image_path=p, score=float(i), scale=(0, 10), dataset="toy")
+        IQARecord(id=p.name, image_path=p, score=float(i), scale=(0.0, 10.0), dataset="toy")
         for i, p in enumerate(files)
     ]
     records_to_jsonl(records, tiny / "toy.jsonl", relative_to=tiny)

@@ -234,7 +234,7 @@ def test_batched_sweep_equals_one_forward_per_configuration(tiny_model, prompt):
     # rows start from the clean run at their layer: one forward per layer, and the clean run
     assert batched.n_forwards == len(layers) + 1 and single.n_forwards == len(configs) + 1
     split = sweep(
-        tiny_model, ids, pixels, configs, readout, batch_size=5, forward_cost=0
+        tiny_model, ids, pixels, configs, readout, batch_size=5, forward_cost=0.0
     )  # a chunk per start
     assert split.n_forwards > batched.n_forwards
     np.testing.assert_allclose(split.score, single.score, atol=1e-6)
