@@ -202,6 +202,11 @@ def main(cfg: Config) -> Result:
         seed=cfg.seed,
         device=cfg.device,
     )
+    if cfg.model and (Path(cfg.model) / "stage1").is_dir():
+        raise SystemExit(
+            f"{cfg.model} is a two-stage pair: stage 2 reads text only, so no image token reaches its "
+            "quality position; patch the one-stage checkpoint"
+        )
     model, tokenizer, processor, model_name = ca.load_model(source_cfg)
     samples = ca.load_samples(source_cfg)
     if len(samples) < 2:
