@@ -1,0 +1,396 @@
+"""Train (or reuse) the one-stage and two-stage checkpoints, and measure both on held-out photos.
+
+Question: does tuning in two stages (stage 1: image -> description of visual
+attributes; stage 2: text only, description -> quality) give a quality answer
+as good as one-stage tuning (image -> description and quality in one answer),
+with the same total budget?
+
+Method: build (or reuse) the built-in benchmark; train a small BPE tokenizer
+on its training text; train the compact mPLUG-Owl2 from scratch in each mode
+with `mechbiqa.train` (label-smoothed NLL on answer tokens, AdamW (0.9, 0.98),
+warm-up + cosine); the two-stage pair gets stage budgets 2:1 and the
+one-stage baseline the same total number of steps. Then, on the held-out test
+photos, rate every image with `mechbiqa.pipeline` (one-stage: generate the
+answer, read the level logits after its description; two-stage: stage 1
+describes, stage 2 rates the description alone) and report SRCC/PLCC of the
+Q-Align score against the label, level accuracy, and how often the generated
+descriptions name the right distortion family.
+
+Output (``--out-dir``, default ``cache/pair``): ``one-stage/``,
+``two-stage/stage1/``, ``two-stage/stage2/`` (checkpoint directories in the
+original layout, each with ``mechbiqa.json``), ``tokenizer/`` and
+``results.json`` (the numbers printed). Finished checkpoints trained with the
+same settings are reused; an interrupted run resumes.
+
+    python studies/train_pair.py                      # the compact pair, on CPU
+    python studies/train_pair.py --init-from /models/mplug-owl2-llama2-7b --lora-rank 64 \\
+        --device cuda --precision bf16 --param-dtype bfloat16 --batch-size 8 --grad-accum 4 \\
+        --lr 2e-4 --total-steps 1500 --warmup-steps 50 --out-dir cache/pair-7b
+"""
+
+from __future__ import annotations
+
+import os
+
+# Research-irrelevant but decisive on a shared CPU: OpenMP threads that spin while
+# waiting burn the cores other processes need (we measured 10x slower steps on a loaded
+# 2-core machine). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mechbiqa import train as T  # noqa: E402
+from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
+from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
+from mechbiqa.model.tokenizer import load_tokenizer  # noqa: E402
+from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info  # noqa: E402
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """What to train and how to measure it.
+
+    Attributes:
+        out_dir: Where the checkpoints, tokenizer and ``results.json`` go.
+        benchmark_dir: The built-in benchmark (built there if absent).
+        image_size: Benchmark image side and vision-tower input (compact model).
+        total_steps: One-stage steps; the two-stage pair splits the same total 2:1.
+        batch_size: Examples per micro-batch.
+        grad_accum: Micro-batches per step.
+        lr: Peak learning rate.
+        warmup_steps: Warm-up steps (stage 2 uses a third of them).
+        label_smoothing: Eq. 2's epsilon.
+        vocab_size: Compact tokenizer size (BPE stops early once every word is one piece).
+        seed: Seed of initialisation and data order.
+        threads: torch CPU threads.
+        eval_every: Steps between held-out evaluations during training.
+        eval_samples: Validation images per evaluation.
+        test_samples: Test images rated at the end (0: all).
+        retrain: Train again even when finished checkpoints are there.
+        modes: Which checkpoints to train: ``one-stage``, ``two-stage`` or both.
+        init_from: Start from this checkpoint instead of a compact model from scratch (real models).
+        lora_rank: LoRA rank (real models; needs peft).
+        device: ``auto``, ``cpu``, ``cuda``.
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
+        param_dtype: Weight dtype (``bfloat16`` for 7B).
+        qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark.
+        qinstruct_json: Or a Q-Instruct conversation JSON.
+        image_root: Folder the JSON's image paths are relative to.
+        benchmark: Overrides of the benchmark config (tests pass a tiny one).
+    """
+
+    out_dir: Path = Path("cache/pair")
+    benchmark_dir: Path = Path("cache/benchmark")
+    image_size: int = 84
+    total_steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    label_smoothing: float = 0.1
+    vocab_size: int = 2048
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 200
+    eval_samples: int = 160
+    test_samples: int = 0
+    retrain: bool = False
+    modes: tuple[str, ...] = ("one-stage", "two-stage")
+    init_from: str | None = None
+    lora_rank: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    param_dtype: str = "float32"
+    qalign_json: Path | None = None
+    qinstruct_json: Path | None = None
+    image_root: Path | None = None
+    benchmark: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def tiny(cls, out_dir: Path) -> Config:
+        """A seconds-long end-to-end run (tests): tiny benchmark, a few steps."""
+        return cls(out_dir=out_dir / "pair", benchmark_dir=out_dir / "benchmark", image_size=28, total_steps=6,
+                   batch_size=4, warmup_steps=1, vocab_size=400, eval_every=0, eval_samples=4, test_samples=6,
+                   threads=1, benchmark={"photos": ("astronaut", "chelsea", "coffee", "rocket"), "crops_per_photo": 1,
+                                         "distortions": ("gaussian_blur", "white_noise", "jpeg"),
+                                         "split_fractions": (0.5, 0.25, 0.25)})
+
+    def train_config(self, mode: str, stage: int | None, steps: int) -> T.TrainConfig:
+        """The `TrainConfig` of one checkpoint."""
+        warmup = self.warmup_steps if stage != 2 else max(1, self.warmup_steps // 3)
+        return T.TrainConfig(
+            mode=mode, stage=stage, steps=steps, batch_size=self.batch_size, grad_accum=self.grad_accum, lr=self.lr,
+            warmup_steps=min(warmup, max(0, steps - 1)), label_smoothing=self.label_smoothing, seed=self.seed,
+            eval_every=self.eval_every, eval_samples=self.eval_samples, device=self.device,
+            precision=self.precision, param_dtype=self.param_dtype, lora_rank=self.lora_rank,
+            init_from=self.init_from if stage != 2 else None, max_new_tokens=48 if self.init_from is None else 128,
+            augment="dihedral" if self.init_from is None else "none", cache_images=self.init_from is None,
+        )  # fmt: skip
+
+
+@dataclass
+class PairResult:
+    """What the study found.
+
+    Attributes:
+        one_stage: Test metrics of the one-stage checkpoint (srcc, plcc, level_acc, family_rate, ...).
+        two_stage: Test metrics of the chained pair, plus the stage-1 description metrics.
+        train_seconds: Wall time of each training run (``one-stage``, ``stage1``, ``stage2``).
+        eval_seconds: Wall time of each test evaluation.
+        paths: Where the checkpoints are.
+        config: The study config.
+    """
+
+    one_stage: dict[str, Any] | None
+    two_stage: dict[str, Any] | None
+    train_seconds: dict[str, float]
+    eval_seconds: dict[str, float]
+    paths: dict[str, str]
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARecord], dict[str, Any]]:
+    """(train, val, test) records and a description of the data for mechbiqa.json."""
+    if cfg.qalign_json or cfg.qinstruct_json:
+        if cfg.image_root is None:
+            raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
+        path = cfg.qalign_json or cfg.qinstruct_json
+        loader = load_qalign_json if cfg.qalign_json else load_qinstruct_json
+        records = loader(path, cfg.image_root)
+        rng = np.random.default_rng(cfg.seed)
+        split = rng.permutation(len(records))
+        n_test = max(1, len(records) // 10)
+        test = [records[i] for i in split[:n_test]]
+        val = test[: cfg.eval_samples]
+        train = [records[i] for i in split[n_test:]]
+        return train, val, test, {"data": {"json": str(path), "image_root": str(cfg.image_root)}}
+    bench_cfg = BenchmarkConfig(image_size=cfg.image_size, **cfg.benchmark)
+    bench = build_benchmark(bench_cfg, cfg.benchmark_dir)
+    info = {"data": {"benchmark": str(cfg.benchmark_dir), "fingerprint": bench.fingerprint}}
+    return bench.split("train"), bench.split("val"), bench.split("test"), info
+
+
+def _tokenizer(cfg: Config, train: list[IQARecord]):
+    if cfg.init_from is not None:
+        return None
+    directory = cfg.out_dir / "tokenizer"
+    if directory.is_dir() and not cfg.retrain:
+        return load_tokenizer(directory)
+    tokenizer = T.compact_tokenizer(train, cfg.vocab_size)
+    tokenizer.save(directory)
+    return tokenizer
+
+
+def _finished(path: Path, tc: T.TrainConfig) -> bool:
+    try:
+        info = read_info(path)
+    except FileNotFoundError:
+        return False
+    return bool(info.data.get("finished")) and info.data.get("train_config") == tc.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _test_metrics(ratings, records: list[IQARecord], descriptions: list[str]) -> dict[str, Any]:
+    from mechbiqa.data import DISTORTIONS
+    from mechbiqa.metrics import iqa_metrics
+
+    scores = np.array([r.score for r in ratings])
+    mos = np.array([r.mos01 for r in records])
+    m = iqa_metrics(scores, mos, on_invalid="flag")
+    out: dict[str, Any] = {"n": len(records), "srcc": m.srcc, "plcc": m.plcc_raw, "plcc_fitted": m.plcc_fitted,
+                           "krcc": m.krcc, "level_acc": float(np.mean([r.level == x.level_word
+                                                                         for r, x in zip(ratings, records)]))}
+    if all(x.distortion for x in records):
+        fam = [match_description(d).family == ("pristine" if x.distortion == "pristine"
+                                               else DISTORTIONS[x.distortion].group)
+               for d, x in zip(descriptions, records)]
+        distorted = [f for f, x in zip(fam, records) if x.distortion != "pristine"]
+        out["family_rate"] = float(np.mean(fam))
+        out["family_rate_distorted"] = float(np.mean(distorted)) if distorted else float("nan")
+    out["examples"] = [{"id": x.id, "label": x.level_word, "description": d, "rated": r.level}
+                       for d, x, r in list(zip(descriptions, records, ratings))[:6]]
+    return out
+
+
+def _pick(records: list[IQARecord], n: int) -> list[IQARecord]:
+    if not n or n >= len(records):
+        return records
+    return [records[i] for i in sorted(np.random.default_rng(1).choice(len(records), n, replace=False))]
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(cfg: Config, progress=None) -> PairResult:
+    """Train or reuse both checkpoints, rate the test photos with each, write ``results.json``."""
+    torch.set_num_threads(cfg.threads)
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    train, val, test, data_info = _records(cfg)
+    tokenizer = _tokenizer(cfg, train)
+    test = _pick(test, cfg.test_samples)
+    train_seconds: dict[str, float] = {}
+    eval_seconds: dict[str, float] = {}
+    paths: dict[str, str] = {}
+
+    def model():
+        return None if tokenizer is None else T.build_compact_model(tokenizer, cfg.image_size, cfg.seed)
+
+    one_result = two_result = None
+    if "one-stage" in cfg.modes:
+        path = cfg.out_dir / "one-stage"
+        tc = cfg.train_config("one-stage", None, cfg.total_steps)
+        if cfg.retrain or not _finished(path, tc):
+            start = time.perf_counter()
+            T.train(tc, path, T.examples_from_records(train, "one-stage"), T.examples_from_records(val, "one-stage"),
+                    model=model(), tokenizer=tokenizer, progress=progress, extra_info=data_info)
+            train_seconds["one-stage"] = time.perf_counter() - start
+        else:
+            train_seconds["one-stage"] = read_info(path).data.get("elapsed_seconds", float("nan"))
+        paths["one-stage"] = str(path)
+        start = time.perf_counter()
+        ratings = OneStageRater.from_pretrained(path).rate([r.image_path for r in test])
+        one_result = _test_metrics(ratings, test, [r.description for r in ratings])
+        eval_seconds["one-stage"] = time.perf_counter() - start
+
+    if "two-stage" in cfg.modes:
+        parent = cfg.out_dir / "two-stage"
+        steps1, steps2 = T.split_budget(cfg.total_steps)
+        tc1, tc2 = cfg.train_config("two-stage", 1, steps1), cfg.train_config("two-stage", 2, steps2)
+        if cfg.retrain or not (_finished(parent / "stage1", tc1)
+                               and _finished(parent / "stage2", tc2.replace(init_from=str(parent / "stage1")))):
+            start = time.perf_counter()
+            first, second = T.train_two_stage(tc1, tc2, parent, train, val, model=model(), tokenizer=tokenizer,
+                                              progress=progress, extra_info=data_info)
+            train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
+            train_seconds["two-stage"] = time.perf_counter() - start
+        else:
+            for stage in ("stage1", "stage2"):
+                train_seconds[stage] = read_info(parent / stage).data.get("elapsed_seconds", float("nan"))
+            train_seconds["two-stage"] = train_seconds["stage1"] + train_seconds["stage2"]
+        paths["two-stage"] = str(parent)
+        start = time.perf_counter()
+        rater = TwoStageRater.from_pretrained(parent)
+        descriptions = rater.describe([r.image_path for r in test])
+        ratings = rater.rate_descriptions(descriptions)
+        two_result = _test_metrics(ratings, test, descriptions)
+        eval_seconds["two-stage"] = time.perf_counter() - start
+
+    result = PairResult(one_stage=one_result, two_stage=two_result, train_seconds=train_seconds,
+                        eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)))
+    (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+# ------------------------------------------------------------------------------------------------ display
+class Display:
+    """A rich progress display of the training runs (the only printing of this study)."""
+
+    def __init__(self) -> None:  # noqa: D107
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, event: T.TrainEvent) -> None:  # noqa: D102
+        if event.kind == "start":
+            if not self.progress.live.is_started:
+                self.progress.start()
+            self.tasks[event.label] = self.progress.add_task(event.label, total=event.steps, completed=event.step,
+                                                             status="")
+        task = self.tasks.get(event.label)
+        if task is None:
+            return
+        if event.kind == "step":
+            self.progress.update(task, completed=event.step,
+                                 status=f"loss {event.loss:.3f}  lr {event.lr:.1e}  |g| {event.grad_norm:.2f}")
+        elif event.kind == "eval" and event.metrics:
+            m = event.metrics
+            shown = "  ".join(f"{k} {m[k]:.3f}" for k in ("loss", "srcc", "level_acc", "family_rate") if k in m)
+            self.progress.console.print(f"[bold]{event.label}[/] step {event.step}: {shown}")
+        elif event.kind == "done":
+            self.progress.update(task, completed=event.step)
+
+    def stop(self) -> None:  # noqa: D102
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+    def report(self, result: PairResult) -> None:
+        """The final table."""
+        from rich.table import Table
+
+        table = Table(title="held-out test photos (Q-Align score vs label)")
+        for column in ("checkpoint", "train s", "eval s", "SRCC", "PLCC", "level acc", "family named"):
+            table.add_column(column, justify="right" if column != "checkpoint" else "left")
+        for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
+            if metrics is None:
+                continue
+            seconds = result.train_seconds.get(name, float("nan"))
+            table.add_row(name, f"{seconds:.0f}", f"{result.eval_seconds.get(name, float('nan')):.0f}",
+                          f"{metrics['srcc']:.3f}", f"{metrics['plcc']:.3f}", f"{metrics['level_acc']:.3f}",
+                          f"{metrics.get('family_rate', float('nan')):.3f}")
+        self.console.print(table)
+        if "stage1" in result.train_seconds:
+            self.console.print(f"two-stage: stage 1 {result.train_seconds['stage1']:.0f} s, "
+                               f"stage 2 {result.train_seconds['stage2']:.0f} s")
+        for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
+            for ex in (metrics or {}).get("examples", [])[:3]:
+                self.console.print(f"[dim]{name} {ex['id']} ({ex['label']} -> {ex['rated']}): {ex['description']}[/]")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command-line flags -> `Config` (one flag per field, same names with dashes)."""
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    for f in fields(Config):
+        if f.name == "benchmark":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=f"(default: {value})")
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, nargs="+", default=list(value), help=f"(default: {' '.join(value)})")
+        else:
+            kind = {"int": int, "float": float}.get(type(value).__name__, str)
+            if f.name in ("lora_rank",):
+                kind = int
+            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
+    args = vars(parser.parse_args(argv))
+    for name in ("out_dir", "benchmark_dir", "qalign_json", "qinstruct_json", "image_root"):
+        if args[name] is not None:
+            args[name] = Path(args[name])
+    args["modes"] = tuple(args["modes"])
+    unknown = set(args["modes"]) - {"one-stage", "two-stage"}
+    if unknown:
+        parser.error(f"--modes takes one-stage and/or two-stage, got {sorted(unknown)}")
+    return Config(**args)
+
+
+if __name__ == "__main__":
+    config = parse_args()
+    display = Display()
+    try:
+        outcome = main(config, progress=display)
+    finally:
+        display.stop()
+    display.report(outcome)
+    display.console.print(f"results: {config.out_dir / 'results.json'}")
