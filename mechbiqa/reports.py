@@ -484,3 +484,56 @@ def score_head_table(
                 _num(m["plcc_fitted"]),
             )
     return table
+
+
+# ----------------------------------------------------------------------------- replication (studies/replicate.py)
+def _value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(x, int | float) for x in v):
+        return f"{v[0]:.3f} ± {v[1]:.3f}"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, float]):
+    """One-stage vs two-stage side by side, then the paper's findings with held / did not hold."""
+    from rich.console import Group
+
+    one, two = metrics["one-stage"], metrics["two-stage"]
+    rows = [
+        ("SRCC, test split (Q-Align score vs label)", one.get("srcc"), two.get("srcc")),
+        ("PLCC, test split", one.get("plcc"), two.get("plcc")),
+        ("instability ratio (5 answers x 3 seeds)", one.get("instability"), two.get("instability")),
+        ("level accuracy of sampled answers", one.get("accuracy"), two.get("accuracy")),
+        ("quality-token attention on image tokens", one.get("image_mass"), two.get("image_mass")),
+        ("quality-token attention on the description", one.get("description_mass"), two.get("description_mass")),
+        ("share of image attention on the top-5 tokens", one.get("top5_share"), two.get("top5_share")),
+        ("logit lens: answer changes across layers", one.get("lens_changes"), two.get("lens_changes")),
+        ("logit lens: layer where the answer settles", one.get("lens_settle"), two.get("lens_settle")),
+    ]
+    for selection in ("dominant", "random", "least"):
+        p = one.get("patching", {}).get(selection)
+        if p:
+            rows.append((f"|Δ score| ablating {selection} 5 image tokens", p["abs_score_effect"], None))
+            rows.append((f"answer flips ablating {selection} 5 image tokens", p["flip_rate"], None))
+    for key, label in (("contradiction_rate", "contradiction rate (image vs own description)"),
+                       ("agreement_srcc", "agreement SRCC (image vs own description)"),
+                       ("rouge1_f1", "ROUGE-1 F1 of descriptions vs references")):
+        rows.append((label, one.get("grounding", {}).get(key), two.get("grounding", {}).get(key)))
+    table = Table(title="one-stage vs two-stage (mean ± std where a spread exists)")
+    table.add_column("metric")
+    table.add_column("one-stage", justify="right")
+    table.add_column("two-stage", justify="right")
+    for label, a, b in rows:
+        table.add_row(label, _value(a), _value(b))
+    verdicts = Table(title="the paper's findings on this run", show_lines=False)
+    verdicts.add_column("")
+    verdicts.add_column("finding")
+    verdicts.add_column("evidence")
+    for f in findings:
+        mark = Text("held", style="green") if f["held"] else Text("did not hold", style="red")
+        verdicts.add_row(mark, f["finding"], f["evidence"])
+    timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
+    return Group(table, verdicts, timing)

@@ -1,0 +1,297 @@
+"""The main job: a miniature replication of the reference paper, one-stage vs two-stage, on one command.
+
+Question: on this run, do the paper's findings hold? (1) one-stage tuning reads
+the quality word off a few image tokens, (2) its answer flips across layers and
+(3) under sampling, while (4) two-stage tuning (image -> description, then
+description -> quality, text only) grounds the answer in the description,
+steadies it and rates better.
+
+Method, in order (each step reuses what an earlier run left in ``cache/``):
+  1. build the built-in benchmark (``cache/benchmark``);
+  2. train or reuse the compact one-stage checkpoint and the two-stage pair
+     (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split;
+  3. rate ``n_images`` test images with each, capture the quality position's residuals
+     and attention rows of every layer, and write them to ``cache/replicate/<mode>.npz``;
+  4. logit lens and attention attribution on those captures;
+  5. patching of the five dominant image tokens (one-stage: the two-stage quality
+     position sees no image token), instability (5 answers x 3 seeds), quality evaluation,
+     grounding (image path vs own-description path, ROUGE-1);
+  6. one comparison report: each metric for both checkpoints, with its spread, and a
+     plain sentence per finding saying whether it held.
+
+Output: the report on the terminal, ``cache/replicate/summary.json``, the
+studies' JSON and PNG files under ``cache/replicate/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechbiqa.analysis.attribution import attribute
+from mechbiqa.analysis.capture import capture_quality
+from mechbiqa.analysis.lens import LogitLens, analyse_lens
+from mechbiqa.data import load_benchmark
+from mechbiqa.metrics import iqa_metrics
+from mechbiqa.model.roles import Role
+from mechbiqa.pipeline import OneStageRater, TwoStageRater, load_rater
+from mechbiqa.scoring import level_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _study(name: str) -> ModuleType:
+    """Another study script of this folder, imported once (the studies are scripts, not a package)."""
+    key = f"mechbiqa_study_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The replication's knobs; the defaults are the embedded default run.
+
+    Attributes:
+        cache: Where everything lands.
+        n_images: Test images for the lens, attribution and grounding (spread over the test photos).
+        n_patch: Test images for the patching sweep.
+        n_instability: Test images for the instability study (x 5 answers x 3 seeds).
+        threads: torch CPU threads.
+        retrain: Train the compact pair again even when finished checkpoints exist.
+        train: Overrides of ``studies/train_pair.py``'s Config (tests shrink it).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    cache: str = str(REPO / "cache")
+    n_images: int = 64
+    n_patch: int = 8
+    n_instability: int = 12
+    threads: int = 2
+    retrain: bool = False
+    train: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @classmethod
+    def tiny(cls, tmp: str | Path) -> Config:
+        """Seconds-long: the tiny benchmark and a few training steps."""
+        tp = _study("train_pair").Config.tiny(Path(tmp))
+        return cls(cache=str(tmp), n_images=4, n_patch=2, n_instability=2, threads=1,
+                   train={k: getattr(tp, k) for k in ("image_size", "total_steps", "batch_size", "warmup_steps",
+                                                       "vocab_size", "eval_every", "eval_samples", "test_samples",
+                                                       "benchmark")})
+
+
+@dataclass
+class Result:
+    """The comparison: ``metrics[name][mode]`` = (value, spread or None), and the findings."""
+
+    metrics: dict[str, dict[str, Any]]
+    findings: list[dict[str, Any]]
+    seconds: dict[str, float]
+    paths: dict[str, str]
+
+
+def _pick(records: list, n: int) -> list:
+    """``n`` records spread evenly over the list (the test split is ordered by photo)."""
+    if n >= len(records):
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
+
+
+def _scoring_parts(rater: OneStageRater | TwoStageRater):
+    """The components whose forward reads the quality word."""
+    return rater.components if isinstance(rater, OneStageRater) else rater.stage2
+
+
+def capture_and_analyse(rater, records: list, out: Path) -> dict[str, Any]:
+    """Rate, capture the quality position, run the lens and the attribution; save the arrays."""
+    parts = _scoring_parts(rater)
+    ratings = rater.rate([r.image_path for r in records])
+    pixels = parts.processor([r.image_path for r in records]) if isinstance(rater, OneStageRater) else None
+    cap = capture_quality(parts.model, [r.prompt for r in ratings], [r.roles for r in ratings], pixels,
+                          pad_id=parts.tokenizer.pad_id)
+    np.savez_compressed(out, resid=cap.resid, pattern=cap.pattern, roles=cap.roles, image_index=cap.image_index,
+                        scores=np.array([r.score for r in ratings]), mos=np.array([r.mos01 for r in records]))
+    ids = [r.id for r in records]
+    lens = analyse_lens(LogitLens.from_model(parts.model), cap.resid, level_ids(parts.tokenizer),
+                        tokenizer=parts.tokenizer, sample_ids=ids)
+    attr = attribute(cap.pattern, cap.roles, cap.image_index, parts.model.cfg.n_image_tokens, k=5, sample_ids=ids)
+    last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
+    overall = attr.mass.mean((0, 1))  # mean over layers and heads
+    role = {label: i for i, label in enumerate(attr.role_labels)}
+    has_image = bool(cap.roles.__eq__(int(Role.IMAGE)).any())
+    return {
+        "scores": [r.score for r in ratings], "mos": [r.mos01 for r in records],
+        "lens_changes": (float(lens.n_changes.mean()), float(lens.n_changes.std())),
+        "lens_settle": (float(lens.settle.mean()), float(lens.settle.std())),
+        "lens_agreement": lens.agreement.tolist(),
+        "image_mass": (float(overall[role["image"]]), float(attr.mass_per_sample[..., role["image"]].mean(1).std())),
+        "description_mass": (float(overall[role["description"]]),
+                             float(attr.mass_per_sample[..., role["description"]].mean(1).std())),
+        "image_mass_last_layer": float(last[role["image"]]),
+        "description_mass_last_layer": float(last[role["description"]]),
+        "top5_share": (float(attr.top_share.mean()), float(attr.top_share.std())) if has_image else None,
+        "top5_jaccard": (attr.jaccard, attr.jaccard_chance) if has_image else None,
+        "top5_consensus": attr.consensus.tolist() if has_image else None,
+    }
+
+
+def main(cfg: Config) -> Result:
+    """Run every step; write ``replicate/summary.json``."""
+    torch.set_num_threads(cfg.threads)
+    cache = Path(cfg.cache)
+    out = cache / "replicate"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
+    train_pair = _study("train_pair")
+    pair = train_pair.main(replace(train_pair.Config(out_dir=cache / "compact", benchmark_dir=cache / "benchmark",
+                                                     threads=cfg.threads, retrain=cfg.retrain), **cfg.train))
+    lap("benchmark + training")
+    paths = {"one-stage": pair.paths["one-stage"], "two-stage": pair.paths["two-stage"]}
+    bench = load_benchmark(cache / "benchmark")
+    test = _pick([r for r in bench.records if r.split == "test"], cfg.n_images)
+
+    metrics: dict[str, dict[str, Any]] = {}
+    for mode, path in paths.items():
+        rater = load_rater(path, device=cfg.device)
+        m = capture_and_analyse(rater, test, out / f"{mode}.npz")
+        m["srcc"] = pair.one_stage["srcc"] if mode == "one-stage" else pair.two_stage["srcc"]
+        m["plcc"] = pair.one_stage.get("plcc") if mode == "one-stage" else pair.two_stage.get("plcc")
+        m["level_acc"] = pair.one_stage.get("level_acc") if mode == "one-stage" else pair.two_stage.get("level_acc")
+        subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
+        m["srcc_subset"] = subset.srcc
+        metrics[mode] = m
+        lap(f"capture, lens, attribution ({mode})")
+
+    patch = _study("patch_image_tokens")
+    sweep = patch.main(replace(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
+                                            device=cfg.device), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    metrics["one-stage"]["patching"] = _patching_effects(sweep.sweep)
+    lap("patching")
+
+    inst = _study("instability")
+    for mode, path in paths.items():
+        r = inst.main(replace(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
+                                          device=cfg.device), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+        metrics[mode]["instability"] = r.instability.ratio_mean_std
+        metrics[mode]["accuracy"] = r.instability.accuracy_mean_std
+        lap(f"instability ({mode})")
+
+    grounding = _study("grounding")
+    g = grounding.main(replace(grounding.Config(checkpoints=(paths["one-stage"], paths["two-stage"]),
+                                                limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device),
+                               dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    for (mode, summary) in zip(paths, g.summary().values()):
+        metrics[mode]["grounding"] = summary
+    lap("grounding")
+
+    findings = judge(metrics)
+    result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths)
+    (out / "summary.json").write_text(json.dumps(_jsonable(asdict(result)), indent=2) + "\n")
+    return result
+
+
+def _patching_effects(sweep) -> dict[str, Any]:
+    """Mean |change of the Q-Align score| and flip rate per selection, over layers, sites and setters."""
+    out = {}
+    for selection in sorted({t["selection"] for t in sweep.tags}):
+        rows = [i for i, t in enumerate(sweep.tags) if t["selection"] == selection]
+        effect = np.abs(sweep.score_effect[rows])
+        flips = sweep.flipped[rows]
+        out[selection] = {"abs_score_effect": (float(effect.mean()), float(effect.std())),
+                          "flip_rate": float(flips.mean())}
+    return out
+
+
+def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One plain sentence per finding of the paper, and whether it held on this run."""
+    one, two = m["one-stage"], m["two-stage"]
+    out = []
+
+    def add(finding: str, held: bool | None, evidence: str) -> None:
+        out.append({"finding": finding, "held": held, "evidence": evidence})
+
+    add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
+        two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)")
+    ins1, ins2 = one.get("instability"), two.get("instability")
+    if ins1 and ins2:
+        add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", ins2[0] < ins1[0],
+            f"instability {100 * ins1[0]:.1f}% +- {100 * ins1[1]:.1f} vs {100 * ins2[0]:.1f}% +- {100 * ins2[1]:.1f}")
+    acc1, acc2 = one.get("accuracy"), two.get("accuracy")
+    if acc1 and acc2:
+        add("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).", acc2[0] > acc1[0],
+            f"level accuracy {100 * acc1[0]:.1f}% vs {100 * acc2[0]:.1f}%")
+    add("The one-stage quality token attends to image tokens; the two-stage one to the description.",
+        one["image_mass"][0] > two["image_mass"][0] and two["description_mass"][0] > one["description_mass"][0],
+        f"image mass {one['image_mass'][0]:.3f} vs {two['image_mass'][0]:.3f}; description mass "
+        f"{one['description_mass'][0]:.3f} vs {two['description_mass'][0]:.3f}")
+    if one.get("top5_jaccard"):
+        jac, chance = one["top5_jaccard"]
+        add("A few dominant image tokens recur across images (one-stage top-5 overlap above chance).", jac > 1.5 * chance,
+            f"mean pairwise Jaccard {jac:.3f} vs chance {chance:.3f}; top-5 take {100 * one['top5_share'][0]:.1f}% "
+            "of the image attention")
+    patching = one.get("patching", {})
+    if "dominant" in patching and "random" in patching:
+        top, rnd = patching["dominant"]["abs_score_effect"][0], patching["random"]["abs_score_effect"][0]
+        add("Ablating the five dominant image tokens moves the one-stage score more than five random ones.",
+            top > rnd, f"mean |delta score| {top:.4f} (top-5) vs {rnd:.4f} (random-5)")
+    add("One-stage answers flip more across intermediate layers (logit lens).",
+        one["lens_changes"][0] > two["lens_changes"][0],
+        f"answer changes across layers {one['lens_changes'][0]:.2f} vs {two['lens_changes'][0]:.2f}")
+    g1, g2 = one.get("grounding", {}), two.get("grounding", {})
+    if "contradiction_rate" in g1 and "contradiction_rate" in g2:
+        add("Two-stage answers contradict the model's own description less often.",
+            g2["contradiction_rate"] < g1["contradiction_rate"],
+            f"contradiction rate {g1['contradiction_rate']:.3f} vs {g2['contradiction_rate']:.3f}")
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x),
+                                 allow_nan=True).replace("NaN", "null"))
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default=Config.cache)
+    p.add_argument("--n-images", type=int, default=Config.n_images)
+    p.add_argument("--n-patch", type=int, default=Config.n_patch)
+    p.add_argument("--n-instability", type=int, default=Config.n_instability)
+    p.add_argument("--threads", type=int, default=Config.threads)
+    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--device", default=Config.device)
+    a = p.parse_args(argv)
+    return Config(cache=a.cache, n_images=a.n_images, n_patch=a.n_patch, n_instability=a.n_instability,
+                  threads=a.threads, retrain=a.retrain, device=a.device)
+
+
+if __name__ == "__main__":
+    from rich.console import Console
+
+    from mechbiqa.reports import comparison_report
+
+    result = main(parse_args())
+    Console().print(comparison_report(result.metrics, result.findings, result.seconds))
