@@ -14,6 +14,9 @@ model in place, and activations are identical by construction (a test checks).
 
 nnsight re-reads the source of the code inside a trace, so traces must live in a
 file (``python -c`` fails), and modules must be requested in the order they run.
+nnsight instruments the wrapped modules in place: plain forwards of the same model
+still give the same numbers but pass through its wrappers; wrap a copy
+(``copy.deepcopy(model)``) when timing plain forwards beside traces.
 """
 
 from __future__ import annotations
