@@ -39,28 +39,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, SampleSource, record_dataset
+from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
 
-from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa import sources
+from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
-from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
-from mechbiqa.model.tokenizer import Tokenizer, train_compact_tokenizer
+from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.store import ActivationStore, CacheSpec, join_stores
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
-DEFAULT_BENCHMARK = REPO / "cache" / "benchmark"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-# Text the toy tokenizer of --tiny-random is trained on: the prompts and some answers.
-_TOY_TEXT = (
-    QALIGN_SCORER_PROMPT.replace("<|image|>", ""),
-    "USER: Rate the quality of the image. ASSISTANT: The image is sharp and clear, the colours are vivid.",
-    "The image is blurry and noisy, with heavy compression artifacts and washed out colours.",
-    "The quality of the image is good. The quality of the image is poor. The quality of the image is fair.",
-    *LEVEL_WORDS,
-)
 
 
 @dataclass(frozen=True)
@@ -147,78 +134,22 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- pieces
-def tiny_random_model(seed: int = 0) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
-    """A random `ModelConfig.tiny` model with a toy tokenizer: same seed, same weights."""
-    tokenizer = train_compact_tokenizer(_TOY_TEXT, vocab_size=320)
-    cfg = ModelConfig.tiny()
-    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=tokenizer.vocab_size))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
-        torch.manual_seed(seed)
-        model = MPLUGOwl2(cfg)
-    with torch.no_grad():  # the default init leaves norms at 1 and some rows at 0: spread every weight
-        for _, p in sorted(model.named_parameters()):
-            p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    return model.eval(), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
-
-
 def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
     """The model, tokenizer and processor the config names, and a name for the store."""
-    dtype = getattr(torch, cfg.model_dtype)
-    if cfg.tiny_random:
-        model, tokenizer, processor = tiny_random_model(cfg.seed)
-        return model.to(cfg.device, dtype), tokenizer, processor, f"tiny-random(seed={cfg.seed})"
-    checkpoint = cfg.model or (
-        str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None
-    )
-    if checkpoint is None:
-        raise SystemExit(
-            f"no model: pass --model DIR (a checkpoint directory), train the compact default into "
-            f"{DEFAULT_CHECKPOINT}, or pass --tiny-random for a pipeline check"
+    try:
+        return sources.load_model(
+            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.model_dtype, device=cfg.device
         )
-    from mechbiqa.model.load import load_components
-
-    parts = load_components(checkpoint, dtype=dtype, device=cfg.device)
-    return parts.model, parts.tokenizer, parts.processor, str(Path(checkpoint).resolve())
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
 
 def load_samples(cfg: Config) -> list[Any]:
     """The records the config names (IQARecords, or SampleSources for a folder of images)."""
-    source = cfg.dataset
-    if source == "builtin":
-        from mechbiqa.data import BenchmarkConfig, build_benchmark, load_benchmark
-
-        if (DEFAULT_BENCHMARK / "manifest.jsonl").is_file():
-            records = list(load_benchmark(DEFAULT_BENCHMARK))
-        else:
-            records = list(build_benchmark(BenchmarkConfig(), DEFAULT_BENCHMARK))
-    elif "=" in source and not Path(source).exists():
-        from mechbiqa.data import load_dataset
-
-        name, root = source.split("=", 1)
-        records = load_dataset(name, root)
-    elif source.endswith(".jsonl"):
-        from mechbiqa.data.records import records_from_jsonl
-
-        path = Path(source)
-        records = records_from_jsonl(path, root=path.parent)
-    else:
-        folder = Path(source)
-        if not folder.is_dir():
-            raise SystemExit(
-                f"--dataset {source!r} is not 'builtin', a folder of images, a .jsonl file or NAME=ROOT"
-            )
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise SystemExit(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-        records = [SampleSource(id=str(p.relative_to(folder)), image_path=p) for p in files]
-    if cfg.split is not None:
-        records = [r for r in records if getattr(r, "split", None) == cfg.split]
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    if not records:
-        raise SystemExit(f"no samples in {source!r}" + (f" with split {cfg.split!r}" if cfg.split else ""))
-    return records
+    try:
+        return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def _distributed() -> tuple[int, int]:

@@ -30,12 +30,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -44,6 +41,7 @@ import torch
 from mechbiqa import reports
 from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, aligned_target, evaluate_by_dataset
 from mechbiqa.scoring import rate_images
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
 
 NAME = "evaluate_quality"
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +54,7 @@ class Config:
     Attributes:
         model: Checkpoint directory or two-stage pair folder; None with ``tiny_random``, else
             the compact one-stage default.
-        tiny_random: The tiny random model of ``studies/cache_activations.py``.
+        tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`).
         datasets: Data sets, each ``builtin``, a folder of images, a ``.jsonl`` of records or
             ``NAME=ROOT`` (a real data set `mechbiqa.data.load_dataset` knows).
         split: Keep one split of each data set (None: all).
@@ -108,20 +106,9 @@ class Result:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
+def _rater(cfg: Config) -> tuple[Any, Any, str]:
     """``(rate(pixels) -> scores, processor, name)`` for the checkpoint the config names."""
-    checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
+    checkpoint = None if cfg.tiny_random else Path(cfg.model or DEFAULT_CHECKPOINT)
     if checkpoint is not None and (
         (checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()
     ):
@@ -134,9 +121,12 @@ def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
             return np.array([r.score for r in rater.rate(pixels, batch_size=cfg.batch_size)])
 
         return rate, processor, f"{checkpoint} ({rater.mode})"
-    model, tokenizer, processor, name = ca.load_model(
-        ca.Config(model=cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device)
-    )
+    try:
+        model, tokenizer, processor, name = load_model(
+            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
+        )
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
     def rate(pixels: torch.Tensor) -> np.ndarray:
         return rate_images(model, tokenizer, pixels, batch_size=cfg.batch_size).scores
@@ -146,14 +136,16 @@ def _rater(cfg: Config, ca: ModuleType) -> tuple[Any, Any, str]:
 
 def main(cfg: Config) -> Result:
     """Rate every data set, time it, compute the metrics; write JSON and config."""
-    ca = _sibling("cache_activations")
-    rate, processor, name = _rater(cfg, ca)
+    rate, processor, name = _rater(cfg)
     scores: dict[str, np.ndarray] = {}
     all_scores, targets, groups, ids = [], [], [], []
     seconds: dict[str, float] = {}
     warm = False
     for spec in cfg.datasets:
-        samples = ca.load_samples(ca.Config(dataset=spec, split=cfg.split, limit=cfg.limit))
+        try:
+            samples = load_samples(spec, cfg.split, cfg.limit)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(str(error)) from None
         dataset = getattr(samples[0], "dataset", "") or Path(spec.split("=")[-1]).name or spec
         watch, parts = Stopwatch(), []
         for start in range(0, len(samples), cfg.batch_size):

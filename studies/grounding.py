@@ -36,18 +36,16 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
+from mechbiqa import sources
 from mechbiqa.analysis.grounding import (
     GroundingPaths,
     GroundingResult,
@@ -56,11 +54,10 @@ from mechbiqa.analysis.grounding import (
     rate_paths,
 )
 from mechbiqa.analysis.rouge import RougeResult, references_for, rouge1
+from mechbiqa.sources import tiny_raters
 
 NAME = "grounding"
 REPO = Path(__file__).resolve().parents[1]
-COMPACT = REPO / "cache" / "compact"
-DEFAULT_CHECKPOINTS = (f"one-stage={COMPACT / 'one-stage'}", f"two-stage={COMPACT / 'two-stage'}")
 
 
 @dataclass(frozen=True)
@@ -182,36 +179,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- raters and data
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the data and tiny-model loaders live in ``cache_activations.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-def tiny_raters(seed: int = 0, max_new_tokens: int = 6) -> dict[str, Any]:
-    """A random tiny one-stage rater and a random tiny two-stage pair (pipeline checks only)."""
-    from mechbiqa.model.load import Components
-    from mechbiqa.pipeline import OneStageRater, TwoStageRater
-
-    def components(s: int) -> Components:
-        model, tokenizer, processor = _sibling("cache_activations").tiny_random_model(s)
-        return Components(
-            model=model, tokenizer=tokenizer, processor=processor, path=Path(f"tiny-random-{s}")
-        )
-
-    return {
-        "one-stage": OneStageRater(components(seed), template="v1", max_new_tokens=max_new_tokens),
-        "two-stage": TwoStageRater(
-            components(seed + 1), components(seed + 2), template="v1", max_new_tokens=max_new_tokens
-        ),
-    }
-
-
 def load_raters(cfg: Config) -> dict[str, Any]:
     """Name -> rater for every checkpoint the config names (missing default ones are skipped).
 
@@ -220,49 +187,24 @@ def load_raters(cfg: Config) -> dict[str, Any]:
     """
     if cfg.tiny_random:
         return tiny_raters(cfg.seed, cfg.max_new_tokens)
-    from mechbiqa.model.load import load_components
-    from mechbiqa.pipeline import INFO_FILE, OneStageRater, load_rater
-
-    entries = cfg.checkpoints or DEFAULT_CHECKPOINTS
-    dtype = getattr(torch, cfg.dtype)
-    raters = {}
-    for entry in entries:
-        name, _, path = entry.rpartition("=")
-        path = Path(path)
-        name = name or path.name
-        is_pair = (path / "stage1").is_dir() and (path / "stage2").is_dir()
-        if not (path / "config.json").is_file() and not is_pair:
-            if cfg.checkpoints:
-                raise SystemExit(
-                    f"{path} is neither a checkpoint directory (config.json) nor a two-stage pair "
-                    "(stage1/, stage2/); pass one of those"
-                )
-            continue  # a default compact checkpoint not trained yet
-        if (path / INFO_FILE).is_file() or is_pair:
-            rater = load_rater(path, device=cfg.device)
-            components = (
-                [rater.components] if isinstance(rater, OneStageRater) else [rater.stage1, rater.stage2]
-            )
-            for c in components:
-                c.model.to(dtype)
-        else:  # a real checkpoint (Q-Instruct, One-Align): one answer with the image, its own eval template
-            rater = OneStageRater(
-                load_components(path, dtype=dtype, device=cfg.device), template=cfg.real_template
-            )
-        rater.max_new_tokens = cfg.max_new_tokens
-        raters[name] = (rater, str(path))
-    if not raters:
-        raise SystemExit(
-            f"no checkpoint: train the compact pair into {COMPACT} (studies/train_pair.py), pass "
-            "--checkpoint DIR, or --tiny-random for a pipeline check"
+    try:
+        return sources.load_raters(
+            cfg.checkpoints,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            max_new_tokens=cfg.max_new_tokens,
+            real_template=cfg.real_template,
         )
-    return raters
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
 
 def load_records(cfg: Config) -> list[Any]:
-    """The images to rate: `IQARecord`s (`SampleSource`s for a folder), read as ``cache_activations`` does."""
-    ca = _sibling("cache_activations")
-    return ca.load_samples(ca.Config(dataset=cfg.dataset, split=cfg.split, limit=cfg.limit))
+    """The images to rate: `IQARecord`s (`SampleSource`s for a folder), as every study reads them."""
+    try:
+        return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
 
 
 def load_references(cfg: Config, records: Sequence[Any]) -> list[str | Sequence[str]] | None:

@@ -37,13 +37,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -61,6 +58,7 @@ from mechbiqa.analysis.instability import (
 )
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
 
 NAME = "instability"
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +72,7 @@ class Config:
     Attributes:
         model: One-stage checkpoint, two-stage pair folder, or any checkpoint; None with
             ``tiny_random``, else the compact one-stage default.
-        tiny_random: The tiny random model of ``studies/cache_activations.py``.
+        tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
         split: Keep one split.
         limit: Images.
@@ -153,17 +151,6 @@ class Result:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
 def _label_level(sample: Any) -> int:
     word = getattr(sample, "level_word", None)
     return LEVEL_WORDS.index(word) if word in LEVEL_WORDS else -1
@@ -175,22 +162,23 @@ def _cut(tokens: list[int], eos: int) -> list[int]:
 
 def main(cfg: Config) -> Result:
     """Sample, parse levels, summarise; write JSON and config."""
-    ca = _sibling("cache_activations")
-    checkpoint = None if cfg.tiny_random else Path(cfg.model or ca.DEFAULT_CHECKPOINT)
+    checkpoint = None if cfg.tiny_random else Path(cfg.model or DEFAULT_CHECKPOINT)
     two_stage = (
         checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
     )
-    source_cfg = ca.Config(
-        model=str(checkpoint / "stage1") if two_stage else cfg.model,
-        tiny_random=cfg.tiny_random,
-        dataset=cfg.dataset,
-        split=cfg.split,
-        limit=cfg.limit,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
-    model, tokenizer, processor, _ = ca.load_model(source_cfg)
-    samples = ca.load_samples(source_cfg)
+    try:
+        model, tokenizer, processor, _ = load_model(
+            str(checkpoint / "stage1") if two_stage else cfg.model,
+            tiny_random=cfg.tiny_random,
+            seed=cfg.seed,
+            device=cfg.device,
+        )
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    try:
+        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
     stage2 = template = None
     if two_stage or (checkpoint is not None and (checkpoint / "mechbiqa.json").is_file()):
         from mechbiqa.model.prompts import get_template

@@ -28,20 +28,15 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import re
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import h5py
-
 from mechbiqa import figures, reports
-from mechbiqa.analysis.lens import LensResult, LogitLens, lens_from_store
+from mechbiqa.analysis.lens import LensResult, lens_from_store
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import load_lens, stored_model
 from mechbiqa.store import ActivationStore
 
 NAME = "logit_lens"
@@ -92,46 +87,15 @@ class Result:
     model: str = ""
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
-def stored_model(store: ActivationStore) -> str:
-    """The model a store was recorded with: a checkpoint path or ``tiny-random(seed=N)``."""
-    with h5py.File(store.path, "r") as f:
-        value = f.attrs.get("model", "")
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def load_lens(source: str) -> tuple[LogitLens, Any]:
-    """The lens and tokenizer of a checkpoint directory or of ``tiny-random(seed=N)``."""
-    tiny = re.fullmatch(r"tiny-random\(seed=(\d+)\)", source)
-    if tiny:
-        model, tokenizer, _ = _sibling("cache_activations").tiny_random_model(int(tiny.group(1)))
-        return LogitLens.from_model(model), tokenizer
-    if not source or not Path(source).is_dir():
-        raise SystemExit(
-            f"the store names model {source!r}, which is not a checkpoint directory here; "
-            "pass --model DIR (the checkpoint the store was recorded with)"
-        )
-    from mechbiqa.model.tokenizer import load_tokenizer
-
-    return LogitLens.from_checkpoint(source), load_tokenizer(source)
-
-
 def main(cfg: Config) -> Result:
     """Read the store, apply the lens, write JSON, figure and config."""
     store_path = Path(cfg.store)
     with ActivationStore.open(store_path) as store:
         source = cfg.model or stored_model(store)
-        lens, tokenizer = load_lens(source)
+        try:
+            lens, tokenizer = load_lens(source)
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from None
         result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -36,12 +36,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -64,6 +61,7 @@ from mechbiqa.analysis.patching import (
 from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import TokenRoles, assign_roles
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
 
 NAME = "patch_image_tokens"
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +73,7 @@ class Config:
 
     Attributes:
         model: Checkpoint directory; None with ``tiny_random``, else the compact one-stage default.
-        tiny_random: The tiny random model of ``studies/cache_activations.py`` (tests, pipeline checks).
+        tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`) (tests, pipeline checks).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
         split: Keep one split.
         limit: Images to patch (the sweep runs ``configurations x images`` rows).
@@ -143,17 +141,6 @@ class Result:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the model and data loaders live in ``cache_activations.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
 def scoring_prompts(
     model: Any,
     tokenizer: Any,
@@ -192,27 +179,25 @@ def scoring_prompts(
 
 def main(cfg: Config) -> Result:
     """Load, rank the image tokens, sweep, write JSON, figure and config."""
-    ca = _sibling("cache_activations")
-    source_cfg = ca.Config(
-        model=cfg.model,
-        tiny_random=cfg.tiny_random,
-        dataset=cfg.dataset,
-        split=cfg.split,
-        limit=cfg.limit,
-        seed=cfg.seed,
-        device=cfg.device,
-    )
     if cfg.model and (Path(cfg.model) / "stage1").is_dir():
         raise SystemExit(
             f"{cfg.model} is a two-stage pair: stage 2 reads text only, so no image token reaches its "
             "quality position; patch the one-stage checkpoint"
         )
-    model, tokenizer, processor, model_name = ca.load_model(source_cfg)
-    samples = ca.load_samples(source_cfg)
+    try:
+        model, tokenizer, processor, model_name = load_model(
+            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
+        )
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    try:
+        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(str(error)) from None
     if len(samples) < 2:
         raise SystemExit("patching needs at least 2 images (one is patched from another)")
     pixels = processor([s.image_path for s in samples])
-    checkpoint = None if cfg.tiny_random else (cfg.model or str(ca.DEFAULT_CHECKPOINT))
+    checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
     prompts, roles = scoring_prompts(model, tokenizer, checkpoint, pixels)
     n, n_image = len(samples), model.cfg.n_image_tokens
     if not 0 < cfg.k <= n_image:

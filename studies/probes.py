@@ -42,13 +42,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -66,6 +63,7 @@ from mechbiqa.analysis.probes import (
     lens_score_curve,
     probe_layers,
 )
+from mechbiqa.sources import load_lens, load_raters, load_samples, stored_model
 
 NAME = "probes"
 REPO = Path(__file__).resolve().parents[1]
@@ -272,17 +270,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- reading a store
-def _sibling(name: str) -> ModuleType:
-    """Another script of ``studies/`` (the lens loaders live in ``logit_lens.py``)."""
-    key = f"mechbiqa_studies_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
-
-
 def photo_of(record: dict[str, Any]) -> str:
     """The reference photo of a stored record: ``meta.photo``, else ``ref_id``, else the sample id.
 
@@ -326,12 +313,14 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
         source = str(store.path)
         lens_probs = agreement = settle = None
         if lens:
-            study = _sibling("logit_lens")
             from mechbiqa.analysis.lens import lens_from_store
             from mechbiqa.scoring import level_ids
 
-            name = model or study.stored_model(store)
-            read_out, tokenizer = study.load_lens(name)
+            name = model or stored_model(store)
+            try:
+                read_out, tokenizer = load_lens(name)
+            except FileNotFoundError as error:
+                raise SystemExit(str(error)) from None
             result = lens_from_store(store, read_out, level_ids(tokenizer))
             index = {s: i for i, s in enumerate(result.sample_ids)}
             order = [index[i] for i in ids]
@@ -507,20 +496,16 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
         data: Arrays to analyse instead of reading ``cfg.store`` (tests, callers with their own arrays).
     """
     if data is None and cfg.checkpoint:
-        grounding = _sibling("grounding")  # the same loaders of checkpoints and data sets
-        gcfg = grounding.Config(
-            checkpoints=(cfg.checkpoint,),
-            dataset=cfg.dataset,
-            split=None,
-            limit=cfg.limit,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            device=cfg.device,
-        )
-        ((rater, path),) = grounding.load_raters(gcfg).values()
-        data = data_from_rater(
-            rater, grounding.load_records(gcfg), batch_size=cfg.batch_size, source=f"live: {path}"
-        )
+        try:  # the same loaders of checkpoints and data sets as studies/grounding.py
+            raters = load_raters((cfg.checkpoint,), device=cfg.device, max_new_tokens=cfg.max_new_tokens)
+        except FileNotFoundError as error:
+            raise SystemExit(str(error)) from None
+        ((rater, path),) = raters.values()
+        try:
+            records = load_samples(cfg.dataset, None, cfg.limit)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(str(error)) from None
+        data = data_from_rater(rater, records, batch_size=cfg.batch_size, source=f"live: {path}")
     data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
     result = analyse(data, cfg)
     out = cfg.out_dir

@@ -14,6 +14,7 @@ from mechbiqa.data import BenchmarkConfig, build_benchmark, load_benchmark
 from mechbiqa.data.records import records_to_jsonl
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import tiny_random_model
 from mechbiqa.store import ActivationStore
 from studies import cache_activations, grounding, probes
 from tests.conftest import REPO
@@ -122,7 +123,7 @@ def test_probes_study_on_the_tiny_store_and_the_head_at_inference(tiny):
         stored = store.get(f"llm.blocks.{head.layer}.hook_resid_post", "quality", samples=list(range(6)))[
             :, 0
         ]
-    model, tokenizer, processor = cache_activations.tiny_random_model(0)
+    model, tokenizer, processor = tiny_random_model(0)
     prompt = cache_activations.PromptConfig().encode(tokenizer, "score")
     pixels = processor(paths)
     hidden = quality_hidden(model, tokenizer, [prompt] * 6, pixels, head.layer)

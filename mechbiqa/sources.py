@@ -1,0 +1,270 @@
+"""Where the studies' models and samples come from: checkpoints, the tiny random model, data sets.
+
+Every study script loads its model and images through this module, so that a
+``--model DIR`` or a ``--dataset SPEC`` means the same thing in each of them:
+
+* `load_model`: a checkpoint directory (`mechbiqa.model.load.load_components`),
+  the compact default `DEFAULT_CHECKPOINT`, or `tiny_random_model` (a random
+  ``ModelConfig.tiny()`` model with a toy tokenizer: pipeline checks and tests).
+* `load_samples`: the built-in benchmark (`DEFAULT_BENCHMARK`, built when
+  missing), a folder of images, a ``.jsonl`` of IQARecords, or ``NAME=ROOT``.
+* `load_raters` / `tiny_raters`: checkpoints as `mechbiqa.pipeline` raters
+  (one-stage, two-stage pair, or a real Q-Instruct / One-Align directory).
+* `stored_model` / `load_lens`: the model an activation store was recorded
+  with, and its logit lens read back from the checkpoint (or the tiny model).
+
+Errors are exceptions (`FileNotFoundError` for something missing, `ValueError`
+for a spec that names nothing usable) whose message says what to pass instead;
+the scripts turn them into exit messages.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.model.processor import ImageProcessor
+from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
+from mechbiqa.model.tokenizer import Tokenizer, train_compact_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+COMPACT = REPO / "cache" / "compact"
+DEFAULT_CHECKPOINT = COMPACT / "one-stage"
+DEFAULT_CHECKPOINTS = (f"one-stage={COMPACT / 'one-stage'}", f"two-stage={COMPACT / 'two-stage'}")
+DEFAULT_BENCHMARK = REPO / "cache" / "benchmark"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# Text the toy tokenizer of the tiny random model is trained on: the prompts and some answers.
+_TOY_TEXT = (
+    QALIGN_SCORER_PROMPT.replace("<|image|>", ""),
+    "USER: Rate the quality of the image. ASSISTANT: The image is sharp and clear, the colours are vivid.",
+    "The image is blurry and noisy, with heavy compression artifacts and washed out colours.",
+    "The quality of the image is good. The quality of the image is poor. The quality of the image is fair.",
+    *LEVEL_WORDS,
+)
+_TINY_NAME = re.compile(r"tiny-random\(seed=(\d+)\)")
+
+
+# ----------------------------------------------------------------------------- models
+def tiny_random_model(seed: int = 0) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
+    """A random `ModelConfig.tiny` model with a toy tokenizer: same seed, same weights."""
+    tokenizer = train_compact_tokenizer(_TOY_TEXT, vocab_size=320)
+    cfg = ModelConfig.tiny()
+    cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=tokenizer.vocab_size))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
+        torch.manual_seed(seed)
+        model = MPLUGOwl2(cfg)
+    with torch.no_grad():  # the default init leaves norms at 1 and some rows at 0: spread every weight
+        for _, p in sorted(model.named_parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model.eval(), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
+
+
+def tiny_random_name(seed: int) -> str:
+    """The name stores and reports give the tiny random model (`load_lens` reads it back)."""
+    return f"tiny-random(seed={seed})"
+
+
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    tiny_random: bool = False,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
+    """A model, its tokenizer and processor, and a name for stores and reports.
+
+    Args:
+        checkpoint: Checkpoint directory (config.json, weights, tokenizer); None: `DEFAULT_CHECKPOINT`.
+        tiny_random: The tiny random model of ``seed`` instead (``checkpoint`` is ignored).
+        seed: Seed of the tiny random model.
+        dtype: Model dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+
+    Raises:
+        FileNotFoundError: No checkpoint was named and the compact default is not trained.
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if tiny_random:
+        model, tokenizer, processor = tiny_random_model(seed)
+        return model.to(device, dtype), tokenizer, processor, tiny_random_name(seed)
+    if not checkpoint:
+        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+            raise FileNotFoundError(
+                f"no model: pass a checkpoint directory (--model DIR), train the compact default into "
+                f"{DEFAULT_CHECKPOINT}, or use the tiny random model (--tiny-random) for a pipeline check"
+            )
+        checkpoint = DEFAULT_CHECKPOINT
+    from mechbiqa.model.load import load_components
+
+    parts = load_components(str(checkpoint), dtype=dtype, device=device)
+    return parts.model, parts.tokenizer, parts.processor, str(Path(checkpoint).resolve())
+
+
+def tiny_raters(seed: int = 0, max_new_tokens: int = 6) -> dict[str, Any]:
+    """A random tiny one-stage rater and a random tiny two-stage pair (pipeline checks only).
+
+    The one-stage model is ``tiny_random_model(seed)``, the pair's stages ``seed + 1`` and ``seed + 2``.
+    """
+    from mechbiqa.model.load import Components
+    from mechbiqa.pipeline import OneStageRater, TwoStageRater
+
+    def components(s: int) -> Components:
+        model, tokenizer, processor = tiny_random_model(s)
+        return Components(
+            model=model, tokenizer=tokenizer, processor=processor, path=Path(f"tiny-random-{s}")
+        )
+
+    return {
+        "one-stage": OneStageRater(components(seed), template="v1", max_new_tokens=max_new_tokens),
+        "two-stage": TwoStageRater(
+            components(seed + 1), components(seed + 2), template="v1", max_new_tokens=max_new_tokens
+        ),
+    }
+
+
+def load_raters(
+    checkpoints: Sequence[str] = (),
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    max_new_tokens: int = 48,
+    real_template: str = "mplug_owl2",
+) -> dict[str, tuple[Any, str]]:
+    """Name -> ``(rater, path)`` for ``NAME=DIR`` or ``DIR`` entries.
+
+    An entry is a one-stage checkpoint, a two-stage parent (``stage1/``, ``stage2/``), or a real
+    checkpoint without ``mechbiqa.json`` (Q-Instruct, One-Align: rated as one-stage with
+    ``real_template``). No entries: `DEFAULT_CHECKPOINTS`, those that exist.
+
+    Raises:
+        FileNotFoundError: A named entry is not a checkpoint, or no checkpoint was found at all.
+    """
+    from mechbiqa.model.load import load_components
+    from mechbiqa.pipeline import INFO_FILE, OneStageRater, load_rater
+
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    raters = {}
+    for entry in checkpoints or DEFAULT_CHECKPOINTS:
+        name, _, where = entry.rpartition("=")
+        path = Path(where)
+        name = name or path.name
+        is_pair = (path / "stage1").is_dir() and (path / "stage2").is_dir()
+        if not (path / "config.json").is_file() and not is_pair:
+            if checkpoints:
+                raise FileNotFoundError(
+                    f"{path} is neither a checkpoint directory (config.json) nor a two-stage pair "
+                    "(stage1/, stage2/); pass one of those"
+                )
+            continue  # a default compact checkpoint not trained yet
+        if (path / INFO_FILE).is_file() or is_pair:
+            rater = load_rater(path, device=device)
+            components = (
+                [rater.components] if isinstance(rater, OneStageRater) else [rater.stage1, rater.stage2]
+            )
+            for c in components:
+                c.model.to(dtype)
+        else:  # a real checkpoint (Q-Instruct, One-Align): one answer with the image, its own eval template
+            rater = OneStageRater(load_components(path, dtype=dtype, device=device), template=real_template)
+        rater.max_new_tokens = max_new_tokens
+        raters[name] = (rater, str(path))
+    if not raters:
+        raise FileNotFoundError(
+            f"no checkpoint: train the compact pair into {COMPACT} (studies/train_pair.py), pass a "
+            "checkpoint directory (--checkpoint DIR), or use tiny random raters (--tiny-random) for a "
+            "pipeline check"
+        )
+    return raters
+
+
+# ----------------------------------------------------------------------------- stores and lenses
+def stored_model(store: Any) -> str:
+    """The model an `ActivationStore` was recorded with: a checkpoint path or ``tiny-random(seed=N)``."""
+    import h5py
+
+    with h5py.File(store.path, "r") as f:
+        value = f.attrs.get("model", "")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_lens(source: str) -> tuple[Any, Tokenizer]:
+    """The `LogitLens` and tokenizer of a checkpoint directory or of ``tiny-random(seed=N)``.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither (e.g. a store recorded on another machine).
+    """
+    from mechbiqa.analysis.lens import LogitLens
+
+    tiny = _TINY_NAME.fullmatch(source)
+    if tiny:
+        model, tokenizer, _ = tiny_random_model(int(tiny.group(1)))
+        return LogitLens.from_model(model), tokenizer
+    if not source or not Path(source).is_dir():
+        raise FileNotFoundError(
+            f"the store names model {source!r}, which is not a checkpoint directory here; "
+            "pass the checkpoint the store was recorded with (--model DIR)"
+        )
+    from mechbiqa.model.tokenizer import load_tokenizer
+
+    return LogitLens.from_checkpoint(source), load_tokenizer(source)
+
+
+# ----------------------------------------------------------------------------- samples
+def load_samples(dataset: str = "builtin", split: str | None = None, limit: int | None = None) -> list[Any]:
+    """The records a data set spec names (IQARecords, or `SampleSource`s for a folder of images).
+
+    Args:
+        dataset: ``builtin`` (`DEFAULT_BENCHMARK`, built if missing), a folder of images, a ``.jsonl``
+            of IQARecords, or ``NAME=ROOT`` for a real data set `mechbiqa.data.load_dataset` knows
+            (``koniq10k=/data/koniq``).
+        split: Keep only records of this split (``train``/``val``/``test``).
+        limit: Keep only the first N samples.
+
+    Raises:
+        FileNotFoundError: The spec is none of the above, or the folder holds no images.
+        ValueError: No sample is left (after ``split``).
+    """
+    if dataset == "builtin":
+        from mechbiqa.data import BenchmarkConfig, build_benchmark, load_benchmark
+
+        if (DEFAULT_BENCHMARK / "manifest.jsonl").is_file():
+            records = list(load_benchmark(DEFAULT_BENCHMARK))
+        else:
+            records = list(build_benchmark(BenchmarkConfig(), DEFAULT_BENCHMARK))
+    elif "=" in dataset and not Path(dataset).exists():
+        from mechbiqa.data import load_dataset
+
+        name, root = dataset.split("=", 1)
+        records = load_dataset(name, root)
+    elif dataset.endswith(".jsonl"):
+        from mechbiqa.data.records import records_from_jsonl
+
+        path = Path(dataset)
+        records = records_from_jsonl(path, root=path.parent)
+    else:
+        from mechbiqa_hooks.record import SampleSource
+
+        folder = Path(dataset)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--dataset {dataset!r} is not 'builtin', a folder of images, a .jsonl file or NAME=ROOT"
+            )
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        records = [SampleSource(id=str(p.relative_to(folder)), image_path=p) for p in files]
+    if split is not None:
+        records = [r for r in records if getattr(r, "split", None) == split]
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"no samples in {dataset!r}" + (f" with split {split!r}" if split else ""))
+    return records
