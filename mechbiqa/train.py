@@ -486,40 +486,52 @@ def dct_patch_basis(patch: int, n_filters: int) -> Tensor:
     return out.float()
 
 
-def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "normal"] = "dct") -> MPLUGOwl2:
-    """Initialise a model for training from scratch (GPT-2 style).
+def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "normal"] = "dct",
+                 scheme: Literal["fan_in", "gpt2"] = "fan_in") -> MPLUGOwl2:
+    """Initialise a model for training from scratch.
 
-    Matrices and embeddings ~ N(0, 0.02), the output projection of every
-    residual branch scaled by ``1/sqrt(2 n_layers)``, biases 0, norms 1. The
-    learned class token, positions and ``vit_eos`` get N(0, 0.02) too.
+    Weight matrices ~ N(0, 1/fan_in) (``scheme="fan_in"``; ``"gpt2"``: N(0, 0.02)),
+    the output projection of every residual branch scaled by ``1/sqrt(2 L)``
+    (L the layers of its tower), token embeddings, ``lm_head``, class token,
+    positions and ``vit_eos`` N(0, 0.02), biases 0, norms 1.
 
-    Research choice: the abstractor's ``query_embeds`` start at **zero**. Its
-    first layer normalises the queries and starts its residual from them; a
-    random start makes that residual a per-query constant that swamps the image
-    (we measured 0.01% of the image tokens' variance coming from the image), so
-    the LLM first learns to ignore the image. From zero, ``LayerNorm(0) = 0``,
-    the residual is what the queries read from the image (65% of the variance),
-    and the 64 queries still differ through their sin-cos positions.
+    Research choices, each measured with a probe (vision tower + abstractor +
+    linear heads predicting distortion type and severity, 600 steps, held-out photos):
 
-    Research choice (``patch_init="dct"``): the patch embedding starts as an
-    orthonormal colour x DCT filter bank (:func:`dct_patch_basis`), so from
-    the first step every vision token separates brightness, colour and each
-    spatial frequency -- what blur, noise, compression and colour distortions
-    change. It is only an initialisation (the filters train like any weight);
-    in a probe it learned distortion types and severity faster than N(0, 0.02).
+    * ``fan_in``: at the compact widths (128-192) GPT-2's 0.02 leaves every
+      pre-activation so small that the network starts almost linear and
+      attention uniform; N(0, 1/fan_in) reached SRCC 0.43 in 200 steps where
+      0.02 needed 400+ steps for 0.34.
+    * The abstractor's ``query_embeds`` start at **zero**. Its first layer
+      normalises the queries and starts its residual from them; a random start
+      makes that residual a per-query constant that swamps the image (0.01% of
+      the image tokens' variance came from the image), so the LLM first learns
+      to ignore the image. From zero, ``LayerNorm(0) = 0``, the residual is
+      what the queries read from the image (65% of the variance), and the 64
+      queries still differ through their sin-cos positions.
+    * ``patch_init="dct"``: the patch embedding starts as an orthonormal
+      colour x DCT filter bank (:func:`dct_patch_basis`), so every vision token
+      separates brightness, colour and each spatial frequency from the first
+      step -- what blur, noise, compression and colour distortions change (a
+      ridge regression on LayerNorm-ed DCT patch statistics alone reaches
+      held-out SRCC 0.69 at 64 px). It is only an initialisation.
     """
     g = torch.Generator().manual_seed(seed)
     residual_out = ("attn.out.weight", "mlp.fc2.weight", "out_proj.weight", "mlp.w2.weight",
                     "attn.o_proj.weight", "mlp.down_proj.weight")
+    small = ("cls_token", "position_embedding", "vit_eos", "llm.embed.weight", "llm.unembed.weight")
+    depth = {"vision": model.cfg.vision.n_layers, "abstractor": model.cfg.abstractor.n_layers,
+             "llm": model.cfg.llm.n_layers}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("query_embeds"):
                 p.zero_()
-            elif p.ndim >= 2 or name.endswith(("cls_token", "position_embedding", "vit_eos")):
-                std = 0.02
+            elif name.endswith(small) or (p.ndim >= 2 and scheme == "gpt2"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            elif p.ndim >= 2:
+                std = p[0].numel() ** -0.5
                 if name.endswith(residual_out):
-                    layers = model.cfg.llm.n_layers if name.startswith("llm.") else model.cfg.vision.n_layers
-                    std /= math.sqrt(2 * layers)
+                    std /= math.sqrt(2 * depth[name.split(".")[0]])
                 p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name.endswith("bias"):
                 p.zero_()
@@ -530,6 +542,8 @@ def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "no
             weight.copy_(dct_patch_basis(model.cfg.vision.patch_size, weight.shape[0]))
         elif patch_init != "normal":
             raise ValueError(f"patch_init must be 'dct' or 'normal', got {patch_init!r}")
+        if scheme not in ("fan_in", "gpt2"):
+            raise ValueError(f"scheme must be 'fan_in' or 'gpt2', got {scheme!r}")
     return model
 
 
