@@ -165,11 +165,9 @@ def main(cfg: Config) -> Result:
         seconds[name] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    train_pair = _study("train_pair")
-    pair = train_pair.main(replace(train_pair.Config(out_dir=cache / "compact", benchmark_dir=cache / "benchmark",
-                                                     threads=cfg.threads, retrain=cfg.retrain), **cfg.train))
+    pair = train_or_reuse(cfg, cache)
     lap("benchmark + training")
-    paths = {"one-stage": pair.paths["one-stage"], "two-stage": pair.paths["two-stage"]}
+    paths = {"one-stage": pair["paths"]["one-stage"], "two-stage": pair["paths"]["two-stage"]}
     bench = load_benchmark(cache / "benchmark")
     test = _pick([r for r in bench.records if r.split == "test"], cfg.n_images)
 
@@ -177,9 +175,8 @@ def main(cfg: Config) -> Result:
     for mode, path in paths.items():
         rater = load_rater(path, device=cfg.device)
         m = capture_and_analyse(rater, test, out / f"{mode}.npz")
-        m["srcc"] = pair.one_stage["srcc"] if mode == "one-stage" else pair.two_stage["srcc"]
-        m["plcc"] = pair.one_stage.get("plcc") if mode == "one-stage" else pair.two_stage.get("plcc")
-        m["level_acc"] = pair.one_stage.get("level_acc") if mode == "one-stage" else pair.two_stage.get("level_acc")
+        held_out = pair["one_stage" if mode == "one-stage" else "two_stage"]
+        m["srcc"], m["plcc"], m["level_acc"] = held_out["srcc"], held_out.get("plcc"), held_out.get("level_acc")
         subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
         m["srcc_subset"] = subset.srcc
         metrics[mode] = m
@@ -211,6 +208,27 @@ def main(cfg: Config) -> Result:
     result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths)
     (out / "summary.json").write_text(json.dumps(_jsonable(asdict(result)), indent=2) + "\n")
     return result
+
+
+def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
+    """``studies/train_pair.py``'s results: read back when both checkpoints and their test ratings exist.
+
+    Rating the whole test split takes minutes; a second replication reuses it (``--retrain`` redoes all).
+    """
+    train_pair = _study("train_pair")
+    tp = replace(train_pair.Config(out_dir=cache / "compact", benchmark_dir=cache / "benchmark",
+                                   threads=cfg.threads, retrain=cfg.retrain), **cfg.train)
+    results = tp.out_dir / "results.json"
+    if not cfg.retrain and results.is_file():
+        saved = json.loads(results.read_text())
+        steps1, steps2 = train_pair.T.split_budget(tp.total_steps)
+        finished = (
+            train_pair._finished(tp.out_dir / "one-stage", tp.train_config("one-stage", None, tp.total_steps))
+            and train_pair._finished(tp.out_dir / "two-stage" / "stage1", tp.train_config("two-stage", 1, steps1))
+        )
+        if finished and saved.get("config") == train_pair._jsonable(asdict(tp)) and saved.get("two_stage"):
+            return saved
+    return train_pair.main(tp).to_dict()
 
 
 def _patching_effects(sweep) -> dict[str, Any]:

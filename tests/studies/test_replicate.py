@@ -34,3 +34,9 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
     assert "patching" in summary["metrics"]["one-stage"]
     assert {f["finding"] for f in result.findings}
     assert (tmp_path / "replicate" / "one-stage.npz").is_file()
+    # a second run reuses the checkpoints and their test ratings instead of training and rating again
+    results = tmp_path / "compact" / "results.json"
+    before = results.stat().st_mtime_ns
+    again = replicate.main(replicate.Config.tiny(tmp_path))
+    assert results.stat().st_mtime_ns == before
+    assert again.metrics["one-stage"]["srcc"] == result.metrics["one-stage"]["srcc"]
