@@ -533,7 +533,8 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
     verdicts.add_column("finding")
     verdicts.add_column("evidence")
     for f in findings:
-        mark = Text("held", style="green") if f["held"] else Text("did not hold", style="red")
+        mark = (Text("inconclusive", style="yellow") if f["held"] is None
+                else Text("held", style="green") if f["held"] else Text("did not hold", style="red"))
         verdicts.add_row(mark, f["finding"], f["evidence"])
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
     return Group(table, verdicts, timing)

@@ -248,11 +248,15 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     one, two = m["one-stage"], m["two-stage"]
     out = []
 
-    def add(finding: str, held: bool | None, evidence: str) -> None:
-        out.append({"finding": finding, "held": held, "evidence": evidence})
+    def add(finding: str, held: bool | None, evidence: str, *values: float) -> None:
+        # NaN anywhere (e.g. a checkpoint that never names a level) leaves the finding undecided
+        if any(not np.isfinite(v) for v in values):
+            held = None
+        out.append({"finding": finding, "held": None if held is None else bool(held), "evidence": evidence})
 
     add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
-        two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)")
+        two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)",
+        one["srcc"], two["srcc"])
     ins1, ins2 = one.get("instability"), two.get("instability")
     if ins1 and ins2:
         add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", ins2[0] < ins1[0],
@@ -273,8 +277,10 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     patching = one.get("patching", {})
     if "dominant" in patching and "random" in patching:
         top, rnd = patching["dominant"]["abs_score_effect"][0], patching["random"]["abs_score_effect"][0]
+        # below 0.01 on the 0-1 score neither ablation does anything worth ranking
         add("Ablating the five dominant image tokens moves the one-stage score more than five random ones.",
-            top > rnd, f"mean |delta score| {top:.4f} (top-5) vs {rnd:.4f} (random-5)")
+            (top > rnd) if max(top, rnd) >= 0.01 else None,
+            f"mean |delta score| {top:.4f} (top-5) vs {rnd:.4f} (random-5)", top, rnd)
     add("One-stage answers flip more across intermediate layers (logit lens).",
         one["lens_changes"][0] > two["lens_changes"][0],
         f"answer changes across layers {one['lens_changes'][0]:.2f} vs {two['lens_changes'][0]:.2f}")

@@ -40,3 +40,18 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
     again = replicate.main(replicate.Config.tiny(tmp_path))
     assert results.stat().st_mtime_ns == before
     assert again.metrics["one-stage"]["srcc"] == result.metrics["one-stage"]["srcc"]
+
+
+def test_findings_follow_the_numbers():
+    judge = load("replicate").judge
+    base = {"srcc": 0.5, "image_mass": (0.6, 0.1), "description_mass": (0.1, 0.0), "lens_changes": (2.0, 1.0),
+            "instability": (0.22, 0.02), "accuracy": (0.525, 0.01),
+            "patching": {"dominant": {"abs_score_effect": (0.2, 0.1)}, "random": {"abs_score_effect": (0.05, 0.0)}}}
+    two = {"srcc": 0.7, "image_mass": (0.0, 0.0), "description_mass": (0.4, 0.0), "lens_changes": (0.5, 0.5),
+           "instability": (0.12, 0.01), "accuracy": (0.612, 0.01)}
+    held = {f["finding"]: f["held"] for f in judge({"one-stage": base, "two-stage": two})}
+    assert all(held.values()), held
+    flipped = {f["finding"]: f["held"] for f in judge({"one-stage": two | {"patching": {}}, "two-stage": base})}
+    assert not any(flipped.values()), flipped
+    undecided = judge({"one-stage": base, "two-stage": two | {"srcc": float("nan")}})
+    assert undecided[0]["held"] is None
