@@ -16,7 +16,7 @@ describes, stage 2 rates the description alone) and report SRCC/PLCC of the
 Q-Align score against the label, level accuracy, and how often the generated
 descriptions name the right distortion family.
 
-Output (``--out-dir``, default ``cache/pair``): ``one-stage/``,
+Output (``--out-dir``, default ``cache/compact``): ``one-stage/``,
 ``two-stage/stage1/``, ``two-stage/stage2/`` (checkpoint directories in the
 original layout, each with ``mechbiqa.json``), ``tokenizer/`` and
 ``results.json`` (the numbers printed). Finished checkpoints trained with the
@@ -87,8 +87,8 @@ class Config:
         benchmark: Overrides of the benchmark config (tests pass a tiny one).
     """
 
-    out_dir: Path = Path("cache/pair")
-    benchmark_dir: Path = Path("cache/benchmark")
+    out_dir: Path = Path(__file__).resolve().parents[1] / "cache" / "compact"  # where the studies look for the pair
+    benchmark_dir: Path = Path(__file__).resolve().parents[1] / "cache" / "benchmark"
     image_size: int = 84
     total_steps: int = 600
     batch_size: int = 16
