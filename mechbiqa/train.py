@@ -108,6 +108,7 @@ __all__ = [
     "compact_tokenizer",
     "build_compact_model",
     "init_weights",
+    "cpu_has_bf16",
     "dct_patch_basis",
     "State",
     "TrainEvent",
@@ -145,6 +146,7 @@ class TrainConfig:
         batch_size: Examples per micro-batch.
         grad_accum: Micro-batches per optimizer step.
         lr: Peak learning rate.
+        visual_lr_scale: Learning-rate multiplier of the vision tower and abstractor.
         min_lr_ratio: Final learning rate as a fraction of ``lr`` (cosine decay).
         warmup_steps: Linear warm-up steps.
         weight_decay: AdamW weight decay (matrices only; norms, biases and embeddings get none).
@@ -153,7 +155,8 @@ class TrainConfig:
         label_smoothing: Eq. 2's epsilon (the paper's default 0.1).
         clip_norm: Gradient-norm clip (0: none).
         precision: ``"auto"`` (bf16 autocast on a GPU that has it, fp16 with a scaler on
-            one that does not, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+            one that does not; on CPU bf16 where it is native, see :func:`cpu_has_bf16`, else
+            fp32), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         param_dtype: dtype of the weights (``"bfloat16"`` for 7B LoRA on a GPU).
         augment: Image augmentation: ``"none"``, ``"flip"`` (horizontal) or ``"dihedral"``
             (the 8 flips and quarter turns; they keep every benchmark distortion's type and level).
@@ -179,6 +182,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
+    visual_lr_scale: float = 1.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.05
@@ -865,14 +869,28 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> tuple[Callable[[], Any]
     """The autocast context for the configured precision, and whether a GradScaler is needed."""
     precision = cfg.precision
     if precision == "auto":
-        if device.type != "cuda":
-            precision = "fp32"
-        else:
+        if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_bf16() else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext, False
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return (lambda: torch.autocast(device.type, dtype=dtype)), precision == "fp16"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX).
+
+    Where it does, autocast to bf16 about halves the compact model's step time
+    (measured: 2.0 s -> 1.0 s per step of 16 on one core of an AMD EPYC with
+    avx512_bf16); elsewhere bf16 is emulated and slower than fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def _add_lora(model: MPLUGOwl2, cfg: TrainConfig) -> MPLUGOwl2:
@@ -1054,11 +1072,16 @@ def train(
 
     # ---------------------------------------------------------------- optimizer
     torch.manual_seed(cfg.seed)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim < 2 or "embed" in n)]
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            visual = n.startswith(("vision.", "abstractor."))
+            decays = p.ndim >= 2 and "embed" not in n
+            groups.setdefault((visual, decays), []).append(p)
     use_fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+          "lr_scale": cfg.visual_lr_scale if visual else 1.0} for (visual, decays), ps in sorted(groups.items())],
         lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, **({"fused": True} if use_fused else {}),
     )
     autocast, needs_scaler = _autocast(cfg, device)
@@ -1114,7 +1137,7 @@ def train(
     while step < last:
         lr = learning_rate(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
