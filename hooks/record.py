@@ -9,7 +9,7 @@ forward or generation, then `mechbiqa.store.StoreWriter.write` once per batch,
 so memory stays flat in the number of samples. `studies/cache_activations.py`
 is its command line; `mechbiqa.store.ActivationStore` reads the result.
 
-Two modes:
+Two modes of `record_dataset`, where every sample is asked one shared prompt:
 
 * ``score``: one prompted forward per batch on a prompt that ends right before
   the level word (Q-Align's scorer prompt by default); the quality position is
@@ -23,6 +23,16 @@ Two modes:
   quality) from a single pass, identical in maths to what decoding computed;
   recording inside the decode loop would need the quality position before it
   is known.
+
+`record_prompts` records samples that each carry their own scoring prompt
+(`PromptedSample`): prompts of any length, with one image or none (the
+text-only stage-2 prompt of a two-stage pair records zero image tokens), and
+their own token roles (e.g. `mechbiqa.pipeline.Rating.roles`, where the
+description in a stage-2 user turn has the ``description`` role). The store's
+shapes are planned from the longest prompt and the largest count of each role
+over all samples; a digest of every prompt and its roles joins the identity a
+resumed run must match. `mechbiqa.analysis.capture.record_rater` builds the
+prompts from a rater (`mechbiqa.pipeline`) and calls it.
 
 Positions are stored in unpadded sequence coordinates (0 = BOS): the
 recorder undoes the model's left padding, for the position axis and for the
@@ -75,6 +85,7 @@ from mechbiqa.store import (
 
 __all__ = [
     "PromptConfig",
+    "PromptedSample",
     "RecordResult",
     "Recorder",
     "RunConfig",
@@ -82,6 +93,7 @@ __all__ = [
     "model_identity",
     "plan_layout",
     "record_dataset",
+    "record_prompts",
     "tokenizer_identity",
 ]
 
@@ -175,6 +187,31 @@ class SampleSource:
     image_path: str | Path
     label: float | None = None
     record: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptedSample:
+    """One sample with its own prompt (`record_prompts`).
+
+    Attributes:
+        id: Unique id.
+        prompt: The text-space prompt, with one image placeholder or none; for a scoring prompt
+            ``prompt.quality_index`` is its last id (the position whose logits choose the level word).
+        image_path: The image. Loaded only when the prompt has a placeholder; for a text-only
+            prompt it is provenance (the image a stage-1 model described), or None.
+        roles: Spliced token roles of the prompt; None: `assign_roles` from ``prompt``'s indices.
+        label: The 0-1 rating, or None.
+        record: Extra fields stored as JSON with the sample (the rating, the description ...).
+        answer: Generated text kept in ``samples/answer`` (e.g. the description).
+    """
+
+    id: str
+    prompt: EncodedPrompt
+    image_path: str | Path | None = None
+    roles: TokenRoles | None = None
+    label: float | None = None
+    record: Mapping[str, Any] | None = None
+    answer: str = ""
 
 
 # ----------------------------------------------------------------------------- identity
@@ -282,11 +319,18 @@ def _image_features(model: MPLUGOwl2, hooks: Sequence[str]) -> dict[str, tuple[i
     return {h: shapes[h.replace("{l}", "0")] for h in hooks}
 
 
-def capacities(prompt_roles: TokenRoles, run: RunConfig) -> dict[str, int]:
-    """Positions each selection may hold, from the prompt's roles and the longest answer."""
-    counts = prompt_roles.counts()
+def capacities(prompt_roles: TokenRoles | Sequence[TokenRoles], run: RunConfig) -> dict[str, int]:
+    """Positions each selection may hold, from the prompts' roles and the longest answer.
+
+    With several prompts (one per sample) each role gets the largest count any prompt has.
+    """
+    many = [prompt_roles] if isinstance(prompt_roles, TokenRoles) else list(prompt_roles)
+    if not many:
+        raise ValueError("capacities needs the roles of at least one prompt")
+    per_prompt = [r.counts() for r in many]
+    counts = {label: max(c[label] for c in per_prompt) for label in per_prompt[0]}
     grow = run.max_new_tokens if run.mode == "generate" else 0
-    max_pos = len(prompt_roles) + grow
+    max_pos = max(len(r) for r in many) + grow
     cap = {"all": max_pos, "last": 1, "quality": 1, "bos": 1}
     for role in Role:
         label = role.label
@@ -299,7 +343,7 @@ def capacities(prompt_roles: TokenRoles, run: RunConfig) -> dict[str, int]:
 def plan_layout(
     model: MPLUGOwl2,
     spec: CacheSpec,
-    prompt_roles: TokenRoles,
+    prompt_roles: TokenRoles | Sequence[TokenRoles],
     n_samples: int,
     run: RunConfig = RunConfig(),
 ) -> StoreLayout:
@@ -308,7 +352,7 @@ def plan_layout(
     Args:
         model: The model (its config gives widths and layer counts).
         spec: What to cache.
-        prompt_roles: Roles of the prompt's spliced sequence.
+        prompt_roles: Roles of the prompt's spliced sequence, or of every sample's own prompt.
         n_samples: Rows of the store.
         run: The run (generation lengthens sequences by ``max_new_tokens``).
     """
@@ -367,6 +411,7 @@ class _BatchState:
     key_index: Tensor  # [batch, key] padded column of each unpadded key
     key_valid: Tensor  # [batch, key] bool
     captured: dict[str, list[Tensor | None]]  # key -> one tensor per layer slot
+    image_rows: Tensor | None = None  # [image] row of each image when not every row has one
 
 
 class Recorder:
@@ -428,14 +473,21 @@ class Recorder:
         return out
 
     def record(
-        self, rows: _Rows, pixels: Tensor | None, selections: dict[str, np.ndarray] | None = None
+        self,
+        rows: _Rows,
+        pixels: Tensor | None,
+        selections: dict[str, np.ndarray] | None = None,
+        image_rows: Sequence[int] | None = None,
     ) -> tuple[dict[str, np.ndarray], Tensor]:
         """Run one recorded forward.
 
         Args:
             rows: The batch (left-padded ids, mask, roles of each row).
-            pixels: ``[batch, 3, S, S]`` images, one per row.
+            pixels: ``[image, 3, S, S]`` images in placeholder order: one per row, or one per
+                row of ``image_rows``; None when no row has an image.
             selections: `selections` of ``rows.roles`` when the caller has them already.
+            image_rows: The rows that hold an image, when not all do (text-only rows get zeros
+                in image-side arrays).
 
         Returns:
             ``({key: [layer, batch, *shape]}, logits [batch, pos, vocab])``.
@@ -463,8 +515,11 @@ class Recorder:
             key_index=(pad[:, None] + torch.arange(length, device=device)).clamp(max=length - 1),
             key_valid=torch.arange(length, device=device)[None, :] < lengths[:, None],
             captured={a.key: [None] * a.n_layer_slots for a in layout.arrays},
+            image_rows=None
+            if image_rows is None
+            else torch.as_tensor(list(image_rows), device=device).long(),
         )
-        images = None if pixels is None else pixels.to(device, model.dtype)
+        images = None if pixels is None or not len(pixels) else pixels.to(device, model.dtype)
         try:
             with torch.inference_mode(), self.attached():
                 out = model(
@@ -473,6 +528,11 @@ class Recorder:
             captured = self._state.captured
         finally:
             self._state = None
+        if images is None:  # no image in the batch: the image-side hooks had nothing to see
+            for a in layout.arrays:
+                if is_image_space(a.hook):
+                    empty = torch.zeros((len(rows.roles), *a.shape), dtype=self.torch_dtype)
+                    captured[a.key] = [empty] * a.n_layer_slots
         missing = [k for k, v in captured.items() if any(x is None for x in v)]
         if missing:
             raise RuntimeError(f"hooks for {missing} did not fire; are the hook names right for this model?")
@@ -484,8 +544,15 @@ class Recorder:
         if is_image_space(spec.hook):
 
             def keep_image(x: Tensor, hook: Any) -> None:
-                if self._state is not None:
-                    self._state.captured[key][slot] = x.detach().to(dtype)
+                state = self._state
+                if state is None:
+                    return
+                x = x.detach().to(dtype)
+                if state.image_rows is not None:  # text-only rows keep zeros
+                    out = torch.zeros((len(state.arange), *x.shape[1:]), dtype=dtype, device=x.device)
+                    out[state.image_rows] = x
+                    x = out
+                state.captured[key][slot] = x
 
             return keep_image
         if spec.dims[:1] == ("head",):  # attention pattern / scores [batch, head, q, k]
@@ -649,14 +716,7 @@ def record_dataset(
     }
     infos = [_sample_info(s, encoded.text) for s in samples]
     writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
-    stored_env = writer.stored_attrs.get("environment")
-    if stored_env is not None and stored_env != attrs["environment"] and not writer.complete:
-        warnings.warn(
-            f"resuming {path} in another environment ({stored_env} -> {attrs['environment']}): the "
-            "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
-            "(matmul results depend on the thread count and hardware)",
-            stacklevel=2,
-        )
+    _warn_environment(writer, attrs, path)
     recorder = Recorder(model, layout)
     load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
@@ -694,6 +754,271 @@ def record_dataset(
     return RecordResult(Path(final), n, recorded, failed, resumed_from, time.perf_counter() - began)
 
 
+def prompted_roles(sample: PromptedSample, n_image_tokens: int, bos_id: int) -> TokenRoles:
+    """The spliced roles of a `PromptedSample` (its own, or `assign_roles` of its prompt), checked.
+
+    Raises:
+        ValueError: The prompt holds more than one image, or the roles do not fit the prompt.
+    """
+    prompt = sample.prompt
+    if prompt.n_images > 1:
+        raise ValueError(
+            f"sample {sample.id!r}: its prompt holds {prompt.n_images} images; record_prompts takes "
+            "one image per prompt, or none (text only)"
+        )
+    roles = sample.roles
+    if roles is None:
+        roles = assign_roles(
+            prompt.ids,
+            response_start=prompt.response_start,
+            quality_index=prompt.quality_index,
+            n_image_tokens=n_image_tokens,
+            bos_id=bos_id,
+        )
+    spliced = len(prompt.ids) + prompt.n_images * (n_image_tokens - 1)
+    if len(roles) != spliced or roles.n_images != prompt.n_images:
+        raise ValueError(
+            f"sample {sample.id!r}: {len(roles)} roles with {roles.n_images} image(s) for a prompt of "
+            f"{spliced} spliced positions with {prompt.n_images}; pass the roles of this prompt "
+            f"({n_image_tokens} tokens per image), or none"
+        )
+    return roles
+
+
+def prompts_digest(samples: Sequence[PromptedSample], roles: Sequence[TokenRoles]) -> str:
+    """SHA-256 over every sample's prompt ids and roles: what a resumed `record_prompts` must match."""
+    sha = hashlib.sha256()
+    for sample, r in zip(samples, roles, strict=True):
+        sha.update(np.asarray(sample.prompt.ids, dtype="<i8").tobytes() + b"|")
+        sha.update(np.asarray(r.role, dtype="i1").tobytes() + b"|")
+        sha.update(np.asarray(r.image_index, dtype="<i2").tobytes() + b"\x00")
+    return sha.hexdigest()
+
+
+def record_prompts(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor | None,
+    samples: Sequence[PromptedSample],
+    spec: CacheSpec,
+    path: str | Path,
+    *,
+    batch_size: int = 8,
+    model_name: str = "",
+    shard: Mapping[str, int] | None = None,
+    overwrite: bool = False,
+    fsync: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    load_image: Callable[[Any], Tensor] | None = None,
+) -> RecordResult:
+    """Record samples that each carry their own prompt; resume the store if it was interrupted.
+
+    One teacher-forced forward per batch over the given prompts (nothing is generated): a
+    one-stage model's scoring prompt (image, its own description, "The quality of the image
+    is"), or a two-stage pair's text-only stage-2 prompt (zero image tokens; the image-side
+    arrays of such a sample are zero and ``samples/n_images`` is 0). Batches may mix both.
+
+    Args:
+        model: The model whose prompts these are.
+        tokenizer: Its tokenizer (pad id, identity).
+        processor: Its image processor; None when no prompt holds an image (or with ``load_image``).
+        samples: One `PromptedSample` per row.
+        spec: What to cache (positions by role: ``quality`` is each prompt's own quality position).
+        path: The store file.
+        batch_size: Samples per batch (the commit unit).
+        model_name: Where the model came from (a checkpoint directory: studies read the lens from it).
+        shard: ``{"rank", "world_size", "start", "stop"}`` when this is one rank's part.
+        overwrite: Start again even if a store exists.
+        fsync: Flush each batch to disk before committing it.
+        progress: Called with ``(samples done, total)`` after each batch.
+        load_image: ``sample -> [3, S, S]`` pixels instead of ``processor.preprocess(sample.image_path)``.
+
+    Returns:
+        A `RecordResult`.
+
+    Raises:
+        ValueError: A prompt with several images, roles that do not fit their prompt, or an image
+            prompt without an image to load (each named by sample id).
+        mechbiqa.store.StoreMismatchError: The existing store holds other prompts or another model.
+    """
+    began = time.perf_counter()
+    if not samples:
+        raise ValueError("record_prompts got no samples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    n_image_tokens = model.cfg.n_image_tokens
+    roles = [prompted_roles(s, n_image_tokens, tokenizer.bos_id) for s in samples]
+    with_image = [s for s in samples if s.prompt.n_images]
+    if with_image and load_image is None:
+        if processor is None:
+            raise ValueError(
+                f"sample {with_image[0].id!r} has an image in its prompt, but no processor "
+                "(or load_image) was given"
+            )
+        lost = [s.id for s in with_image if s.image_path is None]
+        if lost:
+            raise ValueError(f"samples {lost[:5]} have an image in their prompt but no image_path")
+    run = RunConfig(mode="score", batch_size=batch_size)
+    layout = plan_layout(model, spec, roles, len(samples), run)
+    answer_bytes = max([len(s.answer.encode("utf-8")) for s in samples] + [1])
+    layout = StoreLayout(
+        layout.n_samples, layout.max_pos, layout.capacities, layout.arrays, answer_bytes, layout.dtype
+    )
+    run_dict = {"mode": "prompts", "batch_size": batch_size} | ({"shard": dict(shard)} if shard else {})
+    attrs = {
+        "model": model_name,
+        "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+        "model_identity": json.dumps(model_identity(model), sort_keys=True),
+        "tokenizer": json.dumps(tokenizer_identity(tokenizer), sort_keys=True),
+        "prompt": json.dumps(
+            {
+                "per_sample": True,
+                "digest": prompts_digest(samples, roles),
+                "n_text_only": len(samples) - len(with_image),
+                "image_processor": None if processor is None else asdict(processor),
+            },
+            sort_keys=True,
+        ),
+        "run": json.dumps(run_dict, sort_keys=True),
+        "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "environment": json.dumps(environment(model), sort_keys=True),
+    }
+    infos = [
+        SampleInfo(
+            id=str(s.id),
+            image_path="" if s.image_path is None else str(s.image_path),
+            prompt=s.prompt.text,
+            label=None if s.label is None else float(s.label),
+            record=dict(s.record or {}),
+        )
+        for s in samples
+    ]
+    writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
+    _warn_environment(writer, attrs, path)
+    recorder = Recorder(model, layout)
+    def load_from_path(sample: PromptedSample) -> Tensor:
+        return torch.from_numpy(processor.preprocess(Path(sample.image_path)))  # type: ignore[union-attr]
+
+    load = load_image or load_from_path
+    n = len(samples)
+    try:
+        batches = list(iter_batches(n, batch_size, writer.first_pending)) if not writer.complete else []
+        resumed_from = batches[0][0] if batches else n
+        if progress is not None:
+            progress(resumed_from, n)
+        recorded = 0
+        with recorder.attached():
+            for lo, hi in batches:
+                writer.write(
+                    _record_prompt_batch(tokenizer, load, recorder, samples[lo:hi], roles[lo:hi], lo, layout)
+                )
+                recorded += hi - lo
+                if progress is not None:
+                    progress(hi, n)
+        failed = int((writer.status == STATUS_FAILED).sum())
+        final = writer.finish()
+    finally:
+        writer.close()
+    return RecordResult(Path(final), n, recorded, failed, resumed_from, time.perf_counter() - began)
+
+
+def _load_pixels(
+    load: Callable[[Any], Tensor], chunk: Sequence[Any], needs_image: Sequence[bool] | None = None
+) -> tuple[np.ndarray, list[str], list[Tensor]]:
+    """Load the images of a batch: status and error per sample, pixels of the loaded ones in order.
+
+    Samples that need no image (``needs_image`` False) count as loaded without being read.
+    """
+    n = len(chunk)
+    status = np.full(n, STATUS_OK, dtype=np.int8)
+    errors = [""] * n
+    pixels = []
+    for i, sample in enumerate(chunk):
+        if needs_image is not None and not needs_image[i]:
+            continue
+        try:
+            pixels.append(load(sample))
+        except ImageLoadError as error:
+            status[i], errors[i] = STATUS_FAILED, error.reason
+        except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
+            status[i], errors[i] = STATUS_FAILED, f"{type(error).__name__}: {error}"
+    return status, errors, pixels
+
+
+def _record_rows(
+    tokenizer: Tokenizer,
+    recorder: Recorder,
+    layout: StoreLayout,
+    n: int,
+    ok: Sequence[int],
+    text_ids: Sequence[Sequence[int]],
+    roles: Sequence[TokenRoles],
+    spliced: Sequence[np.ndarray],
+    answers: Sequence[str],
+    images: Tensor | None,
+    rows_out: dict[str, np.ndarray],
+    image_rows: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Left-pad the rows that loaded, run the recorded forward, fill their rows of the tables.
+
+    Args:
+        n: Samples in the batch (``ok`` are the rows recorded; the others stay zero).
+        images: Pixels in placeholder order (one per row of ``image_rows``, or per row).
+        image_rows: Rows (indices into ``ok``) that hold an image, when not all do.
+
+    Returns:
+        ``{key: [layer, n, *shape]}``.
+    """
+    acts: dict[str, np.ndarray] = {}
+    if len(ok) < n:
+        acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
+    if not ok:
+        return acts
+    width = max(len(t) for t in text_ids)
+    if all(len(t) == width for t in text_ids):
+        input_ids = torch.tensor([list(t) for t in text_ids])
+        mask = torch.ones((len(ok), width), dtype=torch.long)
+    else:  # left-pad the text ids; the model splices real tokens only
+        input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ok), width), dtype=torch.long)
+        for b, ids in enumerate(text_ids):
+            input_ids[b, width - len(ids) :] = torch.tensor(list(ids))
+            mask[b, width - len(ids) :] = 1
+    selections = recorder.selections(roles)
+    recorded, _ = recorder.record(
+        _Rows(input_ids, mask, list(roles), [list(t) for t in text_ids]), images, selections, image_rows
+    )
+    if len(ok) == n:
+        acts = recorded
+    else:
+        rows_ok = np.asarray(ok)
+        for key, value in recorded.items():
+            acts[key][:, rows_ok] = value
+    for b, (i, r, ids) in enumerate(zip(ok, roles, spliced, strict=True)):
+        m = len(r)
+        rows_out["samples/n_positions"][i] = m
+        rows_out["samples/n_images"][i] = r.n_images
+        rows_out["tokens/ids"][i, :m] = ids
+        rows_out["tokens/role"][i, :m] = r.role
+        rows_out["tokens/image_index"][i, :m] = r.image_index
+        rows_out["samples/answer"][i] = encode_text(answers[b], layout.answer_bytes)
+        for select, table in selections.items():
+            rows_out[f"select/{select}/positions"][i] = table[b]
+            rows_out[f"select/{select}/count"][i] = int((table[b] >= 0).sum())
+    return acts
+
+
+def _warn_environment(writer: StoreWriter, attrs: Mapping[str, Any], path: str | Path) -> None:
+    stored_env = writer.stored_attrs.get("environment")
+    if stored_env is not None and stored_env != attrs["environment"] and not writer.complete:
+        warnings.warn(
+            f"resuming {path} in another environment ({stored_env} -> {attrs['environment']}): the "
+            "rows recorded now equal an uninterrupted run up to float rounding, not bit for bit "
+            "(matmul results depend on the thread count and hardware)",
+            stacklevel=3,
+        )
+
+
 def _record_batch(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
@@ -707,23 +1032,12 @@ def _record_batch(
     layout: StoreLayout,
     role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]],
 ) -> BatchRows:
-    """Load, run and record one batch; failed images become error rows."""
+    """Load, run and record one batch of the shared prompt; failed images become error rows."""
     n = len(chunk)
-    status = np.full(n, STATUS_OK, dtype=np.int8)
-    errors = [""] * n
-    pixels, ok = [], []
-    for i, sample in enumerate(chunk):
-        try:
-            pixels.append(load(sample))
-            ok.append(i)
-        except ImageLoadError as error:
-            status[i], errors[i] = STATUS_FAILED, error.reason
-        except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
-            status[i], errors[i] = STATUS_FAILED, f"{type(error).__name__}: {error}"
+    status, errors, pixels = _load_pixels(load, chunk)
+    ok = [i for i in range(n) if status[i] == STATUS_OK]
     rows_out = _empty_rows(layout, n)
     acts: dict[str, np.ndarray] = {}
-    if len(ok) < n:
-        acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
     if ok:
         images = torch.stack(pixels)
         text_ids, answers = _texts(model, tokenizer, images, encoded, run, start, len(ok))
@@ -748,33 +1062,48 @@ def _record_batch(
                     role_cache.pop(next(iter(role_cache)))
             roles.append(role_cache[key][0])
             spliced.append(role_cache[key][1])
-        width = max(len(t) for t in text_ids)
-        if all(len(t) == width for t in text_ids):
-            input_ids, mask = torch.tensor(text_ids), torch.ones((len(ok), width), dtype=torch.long)
-        else:  # left-pad the text ids; the model splices real tokens only
-            input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(ok), width), dtype=torch.long)
-            for b, ids in enumerate(text_ids):
-                input_ids[b, width - len(ids) :] = torch.tensor(ids)
-                mask[b, width - len(ids) :] = 1
-        selections = recorder.selections(roles)
-        recorded, _ = recorder.record(_Rows(input_ids, mask, roles, text_ids), images, selections)
-        if len(ok) == n:
-            acts = recorded
-        else:
-            rows_ok = np.asarray(ok)
-            for key, value in recorded.items():
-                acts[key][:, rows_ok] = value
-        for b, (i, r, ids) in enumerate(zip(ok, roles, spliced, strict=True)):
-            m = len(r)
-            rows_out["samples/n_positions"][i] = m
-            rows_out["tokens/ids"][i, :m] = ids
-            rows_out["tokens/role"][i, :m] = r.role
-            rows_out["tokens/image_index"][i, :m] = r.image_index
-            rows_out["samples/answer"][i] = encode_text(answers[b], layout.answer_bytes)
-            for select, table in selections.items():
-                rows_out[f"select/{select}/positions"][i] = table[b]
-                rows_out[f"select/{select}/count"][i] = int((table[b] >= 0).sum())
+        acts = _record_rows(
+            tokenizer, recorder, layout, n, ok, text_ids, roles, spliced, answers, images, rows_out
+        )
+    else:
+        acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
+    for i, reason in enumerate(errors):
+        rows_out["samples/error"][i] = encode_text(reason, ERROR_BYTES)
+    return BatchRows(start=start, status=status, rows=rows_out, acts=acts)
+
+
+def _record_prompt_batch(
+    tokenizer: Tokenizer,
+    load: Callable[[Any], Tensor],
+    recorder: Recorder,
+    chunk: Sequence[PromptedSample],
+    roles: Sequence[TokenRoles],
+    start: int,
+    layout: StoreLayout,
+) -> BatchRows:
+    """Load the images that the batch's prompts hold, run and record; failed images become error rows."""
+    n = len(chunk)
+    needs = [s.prompt.n_images > 0 for s in chunk]
+    status, errors, pixels = _load_pixels(load, chunk, needs)
+    ok = [i for i in range(n) if status[i] == STATUS_OK]
+    rows_out = _empty_rows(layout, n)
+    text_ids = [list(chunk[i].prompt.ids) for i in ok]
+    kept = [roles[i] for i in ok]
+    image_rows = [b for b, i in enumerate(ok) if needs[i]]
+    acts = _record_rows(
+        tokenizer,
+        recorder,
+        layout,
+        n,
+        ok,
+        text_ids,
+        kept,
+        [_spliced_ids(t, r) for t, r in zip(text_ids, kept, strict=True)],
+        [chunk[i].answer for i in ok],
+        torch.stack(pixels) if pixels else None,
+        rows_out,
+        None if len(image_rows) == len(ok) else image_rows,
+    )
     for i, reason in enumerate(errors):
         rows_out["samples/error"][i] = encode_text(reason, ERROR_BYTES)
     return BatchRows(start=start, status=status, rows=rows_out, acts=acts)

@@ -520,8 +520,16 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
             rows.append((f"answer flips ablating {selection} 5 image tokens", p["flip_rate"], None))
     for key, label in (("contradiction_rate", "contradiction rate (image vs own description)"),
                        ("agreement_srcc", "agreement SRCC (image vs own description)"),
+                       ("conflict_rate", "descriptions contradicting the final word"),
                        ("rouge1_f1", "ROUGE-1 F1 of descriptions vs references")):
         rows.append((label, one.get("grounding", {}).get(key), two.get("grounding", {}).get(key)))
+    p1, p2 = one.get("probes") or {}, two.get("probes") or {}
+    for scorer, label in (("level_word", "level words (Q-Align)"), ("mlp_head", "MLP score head"),
+                          ("ridge", "ridge probe")):
+        rows.append((f"SRCC on held-out photos: {label}", _head_metric(p1, scorer), _head_metric(p2, scorer)))
+    rows.append(("probes: best layer", p1.get("probe_best_layer"), p2.get("probe_best_layer")))
+    rows.append(("probes: quality linearly decodable from layer", p1.get("probe_decodable_layer"),
+                 p2.get("probe_decodable_layer")))
     table = Table(title="one-stage vs two-stage (mean ± std where a spread exists)")
     table.add_column("metric")
     table.add_column("one-stage", justify="right")
@@ -537,4 +545,57 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
                 else Text("held", style="green") if f["held"] else Text("did not hold", style="red"))
         verdicts.add_row(mark, f["finding"], f["evidence"])
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
-    return Group(table, verdicts, timing)
+    curves = probe_lens_curves_table(metrics)
+    return Group(table, *([curves] if curves is not None else []), verdicts, timing)
+
+
+def _head_metric(probes: dict, scorer: str, key: str = "srcc") -> float | None:
+    value = ((probes.get("score_head") or {}).get("metrics") or {}).get(scorer, {}).get(key)
+    return None if value is None else float(value)
+
+
+def probe_lens_curves_table(
+    metrics: dict, title: str = "Where quality is decodable (probes) vs where the words settle (logit lens)"
+) -> Table | None:
+    """One row per layer: for each checkpoint, ridge-probe SRCC beside the lens's SRCC, agreement, P(final).
+
+    Args:
+        metrics: ``studies/replicate.py``'s metrics; each checkpoint's ``probes`` section
+            (``layers``, ``probe_srcc``, ``lens_srcc``, ``lens_agreement``, ``lens_final_prob``).
+        title: Table title.
+
+    Returns:
+        The table, or None when no checkpoint has probe curves.
+    """
+    modes = [m for m, v in metrics.items() if (v.get("probes") or {}).get("layers")]
+    if not modes:
+        return None
+    layers = sorted({int(x) for m in modes for x in metrics[m]["probes"]["layers"]})
+    caption = ("probe SRCC: ridge on the residual at the quality position, CV by reference photo; lens SRCC: "
+               "Q-Align score read through the lens, same folds; agree: lens answer = final answer; "
+               "P(final): lens probability of the final level")
+    table = Table(title=title, caption=caption)
+    table.add_column("layer", justify="right")
+    for m in modes:
+        for name in ("probe SRCC", "", "lens SRCC", "agree", "P(final)"):
+            header = f"{m}\n{name}" if name else ""
+            table.add_column(header, justify="right" if name else "left", no_wrap=True)
+
+    def at(values: list | None, i: int) -> float:
+        return float("nan") if values is None or i >= len(values) or values[i] is None else float(values[i])
+
+    for layer in layers:
+        cells = [str(layer)]
+        for m in modes:
+            pr = metrics[m]["probes"]
+            i = [int(x) for x in pr["layers"]].index(layer) if layer in pr["layers"] else len(pr["layers"])
+            probe = at(pr.get("probe_srcc"), i)
+            cells += [
+                _num(probe),
+                bar(max(probe, 0.0) if np.isfinite(probe) else 0.0, 10, "cyan"),
+                _num(at(pr.get("lens_srcc"), i)),
+                _pct(at(pr.get("lens_agreement"), i), 0),
+                _num(at(pr.get("lens_final_prob"), i), 2),
+            ]
+        table.add_row(*cells)
+    return table

@@ -23,12 +23,20 @@ File layout (schema version `SCHEMA_VERSION`)::
     samples/error            [sample]  S256, why a sample failed (the errors table)
     samples/answer           [sample]  S<n>, the generated answer (UTF-8; empty when scoring)
     samples/n_positions      [sample]  int32, length of the spliced sequence
+    samples/n_images         [sample]  int8, images in the recorded prompt (0: text only, e.g. a
+                             two-stage pair's stage-2 prompt; image_path then names the image the
+                             description came from, which the recorded forward never saw)
     tokens/ids|role|image_index  [sample, max_pos]  spliced ids (-200 image, -1 pad), Role, index in image
     select/<sel>/positions   [sample, capacity]  int32 positions of the selection, -1 where unused
     select/<sel>/count       [sample]  int32 number of selected positions
     acts/<hook>@<sel>        [layer, sample, *shape]  e.g. [layer, sample, pos, d_model]
 
-Ragged rows are padded, with a length array beside them: positions are
+Every sample carries its own prompt (``samples/prompt``, ``tokens/*``): one
+shared prompt (`mechbiqa_hooks.record.record_dataset`) or one per sample, of
+any length, with or without an image (`mechbiqa_hooks.record.record_prompts`,
+e.g. a one-stage model's own description followed by the quality sentence, or
+the text-only stage-2 prompt of a two-stage pair). Ragged rows are padded,
+with a length array beside them: positions are
 unpadded sequence coordinates (0 = BOS) everywhere, a selection is padded to
 its capacity (1 for ``quality``, n_image_tokens for ``image``, the longest
 possible otherwise) with ``select/<sel>/count`` valid entries, and the key
@@ -110,8 +118,11 @@ __all__ = [
     "partial_path",
 ]
 
-SCHEMA_VERSION = 1
-"""Bumped whenever the file layout changes; readers refuse other versions by name."""
+SCHEMA_VERSION = 2
+"""Bumped whenever the file layout changes; readers refuse other versions by name.
+
+History: 1 = one prompt with one image per sample; 2 adds ``samples/n_images`` (per-sample
+prompts, text-only samples with zero image tokens)."""
 
 SELECTIONS: tuple[str, ...] = tuple(r for r in ROLE_LABELS if r != "pad") + ("all", "last")
 """Position selections: a role label, ``"all"`` positions, or the ``"last"`` real one."""
@@ -439,6 +450,7 @@ class StoreLayout:
             "samples/error": (f"S{ERROR_BYTES}", ()),
             "samples/answer": (f"S{self.answer_bytes}", ()),
             "samples/n_positions": ("<i4", ()),
+            "samples/n_images": ("i1", ()),
             "tokens/ids": ("<i4", (self.max_pos,)),
             "tokens/role": ("i1", (self.max_pos,)),
             "tokens/image_index": ("<i2", (self.max_pos,)),
@@ -607,10 +619,12 @@ def _check_schema(path: Path, attrs: Mapping[str, Any]) -> int:
             f"{path} is an HDF5 file but not a mechbiqa activation store (no schema_version attribute)"
         )
     if int(version) != SCHEMA_VERSION:
+        age = "an older" if int(version) < SCHEMA_VERSION else "a newer"
         raise SchemaVersionError(
             f"{path} has store schema version {int(version)}, but this mechbiqa ({_package_version()}) reads "
-            f"version {SCHEMA_VERSION}: read it with the mechbiqa that wrote it "
-            f"(mechbiqa_version={attrs.get('mechbiqa_version')!r}), or record it again"
+            f"version {SCHEMA_VERSION} ({age} layout): read it with the mechbiqa that wrote it "
+            f"(mechbiqa_version={attrs.get('mechbiqa_version')!r}), or record it again "
+            "(studies/cache_activations.py --overwrite)"
         )
     return int(version)
 
@@ -1123,6 +1137,10 @@ class ActivationStore:
     def n_positions(self, samples: SampleSelector = None) -> np.ndarray:
         """``[sample]`` length of each spliced sequence."""
         return self._rows("samples/n_positions", samples)
+
+    def n_images(self, samples: SampleSelector = None) -> np.ndarray:
+        """``[sample]`` images in each recorded prompt (0 for a text-only prompt)."""
+        return self._rows("samples/n_images", samples)
 
     def roles(self, samples: SampleSelector = None) -> np.ndarray:
         """``[sample, max_pos]`` `Role` values (PAD beyond each sequence)."""

@@ -23,14 +23,17 @@ Method: read every layer's residual at the quality position
   ``test``, beside a ridge probe on the same layer and split and the Q-Align
   level-word score of the same test images (SRCC/PLCC, `mechbiqa.metrics`).
 
-Without a store (``--checkpoint DIR``), the same residuals are computed live
-from a checkpoint's own scoring prompts over a data set (`data_from_rater`):
-the route for a two-stage pair, whose quality position lies in the text-only
-stage-2 prompt that the recorder does not cache.
+With ``--checkpoint DIR`` instead of a store, the checkpoint first rates a
+data set and its own scoring prompts are recorded into ``<out>/rated.h5``
+(`data_from_rater`, `mechbiqa.analysis.capture.record_rater`; what
+``studies/cache_activations.py --mode rated`` writes): a one-stage model's
+image + own description, or a two-stage pair's text-only stage-2 prompt,
+whose quality position sees no image token. The study then reads that store.
 
 Output (in ``--out``, default ``<store dir>/<store stem>.probes/``):
 ``config.json``, ``probes.json`` (curves, comparison, per-layer alphas),
-``score_head/`` (the head with its config JSON); tables when run as a script.
+``score_head/`` (the head with its config JSON), ``rated.h5`` with ``--checkpoint``;
+tables when run as a script.
 
 Example::
 
@@ -49,7 +52,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mechbiqa.analysis.probes import (
     DEFAULT_ALPHAS,
@@ -64,6 +66,7 @@ from mechbiqa.analysis.probes import (
     probe_layers,
 )
 from mechbiqa.sources import load_lens, load_raters, load_samples, stored_model
+from mechbiqa.store import CacheSpec
 
 NAME = "probes"
 REPO = Path(__file__).resolve().parents[1]
@@ -280,10 +283,19 @@ def photo_of(record: dict[str, Any]) -> str:
     return str(meta.get("photo") or record.get("ref_id") or record.get("id"))
 
 
-def data_from_store(store_path: str | Path, model: str | None = None, *, lens: bool = True) -> ProbeData:
+def data_from_store(
+    store_path: str | Path, model: str | None = None, *, lens: bool = True, read_out: Any = None
+) -> ProbeData:
     """Read residuals, labels, photos and splits from a store, and the lens when asked for.
 
     Samples without a quality position or a label are left out (the lens keeps the same ones).
+
+    Args:
+        store_path: The store.
+        model: Checkpoint directory of the lens; None: the model the store names.
+        lens: Compute the logit-lens curves (`mechbiqa.analysis.lens.lens_from_store`).
+        read_out: ``(Lens, tokenizer)`` to use instead of loading ``model`` (a model already in
+            memory; the lens still has to reproduce the store's logits at the last layer).
 
     Raises:
         LookupError: The store lacks ``llm.blocks.{l}.hook_resid_post`` at ``quality``.
@@ -317,11 +329,13 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
             from mechbiqa.scoring import level_ids
 
             name = model or stored_model(store)
-            try:
-                read_out, tokenizer = load_lens(name)
-            except FileNotFoundError as error:
-                raise SystemExit(str(error)) from None
-            result = lens_from_store(store, read_out, level_ids(tokenizer))
+            if read_out is None:
+                try:
+                    read_out = load_lens(name)
+                except FileNotFoundError as error:
+                    raise SystemExit(str(error)) from None
+            lens_map, tokenizer = read_out
+            result = lens_from_store(store, lens_map, level_ids(tokenizer))
             index = {s: i for i, s in enumerate(result.sample_ids)}
             order = [index[i] for i in ids]
             lens_probs = np.asarray(result.level_probs)[:, order]
@@ -343,77 +357,46 @@ def data_from_store(store_path: str | Path, model: str | None = None, *, lens: b
 
 
 def data_from_rater(
-    rater: Any, records: Sequence[Any], *, batch_size: int = 32, chunk: int = 256, source: str = ""
+    rater: Any,
+    records: Sequence[Any],
+    *,
+    store: str | Path | None = None,
+    batch_size: int = 32,
+    source: str = "",
 ) -> ProbeData:
-    """Residuals at the quality position computed live from a rater's own scoring prompts.
+    """Record a rater's own scoring prompts into a store, then read it like any other (`data_from_store`).
 
     Each image is described and rated by the rater (`mechbiqa.pipeline`); its scoring prompt
     (one-stage: image + own description + "The quality of the image is"; two-stage: the
-    stage-2 text-only prompt) is run once more with hooks on every block
-    (`mechbiqa.analysis.probes.quality_states`), and the logit lens of the same model reads
-    the same states (`mechbiqa.analysis.lens.analyse_lens`).
+    stage-2 text-only prompt) is recorded with every layer's residual at the quality position
+    (`mechbiqa.analysis.capture.record_rater`), and the logit lens of the same model reads the
+    same states.
 
     Args:
         rater: A `OneStageRater` or `TwoStageRater`.
         records: Rated records (`IQARecord`s with ``mos01``; unrated ones are left out).
+        store: Where the store goes; None: a temporary file, deleted after reading.
         batch_size: Images per forward.
-        chunk: Images preprocessed at a time.
         source: Recorded in the result.
     """
-    from mechbiqa.analysis.lens import LogitLens, analyse_lens
-    from mechbiqa.analysis.probes import quality_states
-    from mechbiqa.pipeline import OneStageRater
-    from mechbiqa.scoring import level_ids
+    import tempfile
+
+    from mechbiqa.analysis.capture import record_rater, scoring_components
+    from mechbiqa.analysis.lens import LogitLens
 
     records = [r for r in records if getattr(r, "mos01", None) is not None]
     if len(records) < 3:
         raise ValueError(f"{len(records)} rated records; the probes need images with ratings")
-    one_stage = isinstance(rater, OneStageRater)
-    reader = rater.components if one_stage else rater.stage2  # the model whose quality position is read
-    processor = rater.components.processor if one_stage else rater.stage1.processor
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(records), chunk):
-            pixels = processor([r.image_path for r in records[start : start + chunk]])
-            prompts = [r.prompt for r in rater.rate(pixels, batch_size=batch_size)]
-            parts.append(
-                quality_states(
-                    reader.model,
-                    reader.tokenizer,
-                    prompts,
-                    pixels if one_stage else None,
-                    batch_size=batch_size,
-                )
-            )
-    resid = np.concatenate(parts)
-    layers = tuple(range(resid.shape[1]))
-    mos = np.asarray([r.mos01 for r in records], dtype=np.float64)
-    ids = tuple(str(r.id) for r in records)
-    lens = analyse_lens(
-        LogitLens.from_model(reader.model),
-        torch.from_numpy(resid.transpose(1, 0, 2).copy()),
-        level_ids(reader.tokenizer),
-        layers,
-        sample_ids=ids,
-        labels=mos,
-    )
-    answer, final = np.asarray(lens.answer), np.asarray(lens.final)
-    return ProbeData(
-        resid=resid,
-        mos=mos,
-        groups=np.asarray([photo_of(_record_dict(r)) for r in records]),
-        splits=tuple(getattr(r, "split", None) for r in records),
-        ids=ids,
-        layers=layers,
-        lens_probs=np.asarray(lens.level_probs),
-        lens_agreement=(answer == final).mean(1),
-        lens_settle=float(np.median(lens.settle)),
-        source=source or f"live ({rater.mode})",
-    )
-
-
-def _record_dict(record: Any) -> dict[str, Any]:
-    return record.to_dict() if hasattr(record, "to_dict") else dict(vars(record))
+    reader = scoring_components(rater)  # the model whose quality position is read
+    read_out = (LogitLens.from_model(reader.model), reader.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(store) if store is not None else Path(tmp) / "rated.h5"
+        spec = CacheSpec.parse(f"{RESID}@quality; llm.unembed.hook_out@quality", dtype="float32")
+        record_rater(
+            rater, records, path, spec, batch_size=batch_size, rate_batch_size=batch_size, overwrite=True
+        )
+        data = data_from_store(path, str(reader.path), read_out=read_out)
+    return replace(data, source=source or f"{path} ({type(rater).__name__})")
 
 
 # ----------------------------------------------------------------------------- the score head
@@ -505,7 +488,13 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
             records = load_samples(cfg.dataset, None, cfg.limit)
         except (FileNotFoundError, ValueError) as error:
             raise SystemExit(str(error)) from None
-        data = data_from_rater(rater, records, batch_size=cfg.batch_size, source=f"live: {path}")
+        data = data_from_rater(
+            rater,
+            records,
+            store=cfg.out_dir / "rated.h5",
+            batch_size=cfg.batch_size,
+            source=f"{cfg.out_dir / 'rated.h5'} (recorded from {path})",
+        )
     data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
     result = analyse(data, cfg)
     out = cfg.out_dir

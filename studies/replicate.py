@@ -10,17 +10,25 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
   1. build the built-in benchmark (``cache/benchmark``);
   2. train or reuse the compact one-stage checkpoint and the two-stage pair
      (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split;
-  3. rate ``n_images`` test images with each, capture the quality position's residuals
-     and attention rows of every layer, and write them to ``cache/replicate/<mode>.npz``;
-  4. logit lens and attention attribution on those captures;
+  3. rate ``n_images`` test images with each and record every rating's own scoring
+     prompt into one activation store per checkpoint, ``cache/replicate/<mode>.h5``
+     (`mechbiqa.analysis.capture.record_rater`): the one-stage model's image + own
+     description + "The quality of the image is", the two-stage pair's text-only stage-2
+     prompt (no image tokens) recorded from the stage-2 model. Every layer's residual and
+     attention row at the quality position, the image tokens' residuals and the logits.
+     A later run reuses a finished store of the same model and images; a killed one resumes;
+  4. offline from those stores: logit lens (`lens_from_store`), attention attribution
+     (`attribute_store`), and the probes (`studies/probes.py`: ridge probes per layer with
+     cross-validation by reference photo, an MLP score head vs the Q-Align level-word score,
+     the probe curve beside the lens curve);
   5. patching of the five dominant image tokens (one-stage: the two-stage quality
      position sees no image token), instability (5 answers x 3 seeds), quality evaluation,
-     grounding (image path vs own-description path, ROUGE-1);
-  6. one comparison report: each metric for both checkpoints, with its spread, and a
-     plain sentence per finding saying whether it held.
+     grounding (image path vs own-description path, contradiction rates, ROUGE-1);
+  6. one comparison report: each metric for both checkpoints, with its spread, the
+     probe-vs-lens layer curves, and a plain sentence per finding saying whether it held.
 
 Output: the report on the terminal, ``cache/replicate/summary.json``, the
-studies' JSON and PNG files under ``cache/replicate/``.
+stores and the studies' JSON and PNG files under ``cache/replicate/``.
 """
 
 from __future__ import annotations
@@ -38,14 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechbiqa.analysis.attribution import attribute
-from mechbiqa.analysis.capture import capture_quality
-from mechbiqa.analysis.lens import LogitLens, analyse_lens
+from mechbiqa.analysis.attribution import attribute_store
+from mechbiqa.analysis.capture import record_rater, scoring_components
+from mechbiqa.analysis.lens import LogitLens, lens_from_store
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
-from mechbiqa.model.roles import Role
 from mechbiqa.pipeline import OneStageRater, TwoStageRater, load_rater
 from mechbiqa.scoring import level_ids
+from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +82,10 @@ class Config:
         retrain: Train the compact pair again even when finished checkpoints exist.
         train: Overrides of ``studies/train_pair.py``'s Config (tests shrink it).
         device: ``cpu`` or ``cuda``.
+        store_dtype: Activation dtype of the stores (float32: the compact model's stores are small).
+        probe_splits: Outer folds (by reference photo) of the ridge probes, at most one per photo.
+        probe_shuffles: Shuffled-label fits per layer (the probes' chance curve).
+        head_epochs: Training epochs of the MLP score head.
     """
 
     cache: str = str(REPO / "cache")
@@ -84,12 +96,17 @@ class Config:
     retrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    store_dtype: str = "float32"
+    probe_splits: int = 5
+    probe_shuffles: int = 1
+    head_epochs: int = 200
 
     @classmethod
     def tiny(cls, tmp: str | Path) -> Config:
         """Seconds-long: the tiny benchmark and a few training steps."""
         tp = _study("train_pair").Config.tiny(Path(tmp))
-        return cls(cache=str(tmp), n_images=4, n_patch=2, n_instability=2, threads=1,
+        return cls(cache=str(tmp), n_images=8, n_patch=2, n_instability=2, threads=1, probe_splits=2,
+                   head_epochs=20,
                    train={k: getattr(tp, k) for k in ("image_size", "total_steps", "batch_size", "warmup_steps",
                                                        "vocab_size", "eval_every", "eval_samples", "test_samples",
                                                        "benchmark")})
@@ -112,33 +129,55 @@ def _pick(records: list, n: int) -> list:
     return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
 
 
-def _scoring_parts(rater: OneStageRater | TwoStageRater):
-    """The components whose forward reads the quality word."""
-    return rater.components if isinstance(rater, OneStageRater) else rater.stage2
+def _rated_store(rater: OneStageRater | TwoStageRater, records: list, path: Path, cfg: Config) -> Path:
+    """The checkpoint's store of ``records``: reused when finished for the same model and images.
+
+    Otherwise the images are rated and their scoring prompts recorded; an interrupted store
+    (``.partial``) resumes when the ratings give the same prompts, and a store made by another
+    model, other images or an older schema is recorded again.
+    """
+    from mechbiqa_hooks.record import model_identity
+
+    model = scoring_components(rater).model
+    spec = CacheSpec.default(cfg.store_dtype)
+    try:
+        with ActivationStore.open(path) as store:
+            store.check_identity(model_identity(model))
+            if store.complete and store.ids("all") == [str(r.id) for r in records] and store.info.spec == spec:
+                return path
+    except (FileNotFoundError, StoreError):
+        pass
+    try:
+        return record_rater(rater, records, path, spec).path
+    except StoreError:  # another model, images or schema: start again
+        return record_rater(rater, records, path, spec, overwrite=True).path
 
 
-def capture_and_analyse(rater, records: list, out: Path) -> dict[str, Any]:
-    """Rate, capture the quality position, run the lens and the attribution; save the arrays."""
-    parts = _scoring_parts(rater)
-    ratings = rater.rate([r.image_path for r in records])
-    pixels = parts.processor([r.image_path for r in records]) if isinstance(rater, OneStageRater) else None
-    cap = capture_quality(parts.model, [r.prompt for r in ratings], [r.roles for r in ratings], pixels,
-                          pad_id=parts.tokenizer.pad_id)
-    np.savez_compressed(out, resid=cap.resid, pattern=cap.pattern, roles=cap.roles, image_index=cap.image_index,
-                        scores=np.array([r.score for r in ratings]), mos=np.array([r.mos01 for r in records]))
-    ids = [r.id for r in records]
-    lens = analyse_lens(LogitLens.from_model(parts.model), cap.resid, level_ids(parts.tokenizer),
-                        tokenizer=parts.tokenizer, sample_ids=ids)
-    attr = attribute(cap.pattern, cap.roles, cap.image_index, parts.model.cfg.n_image_tokens, k=5, sample_ids=ids)
+def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config, out: Path) -> dict[str, Any]:
+    """Logit lens, attention attribution and probes of one checkpoint's store (offline: no forward pass).
+
+    The lens reads the scoring model's final norm and lm_head, and must reproduce the logits
+    the store holds at the last layer.
+    """
+    parts = scoring_components(rater)
+    lens_map = LogitLens.from_model(parts.model)
+    with ActivationStore.open(path) as store:
+        lens = lens_from_store(store, lens_map, level_ids(parts.tokenizer), tokenizer=parts.tokenizer)
+        # the two-stage store is text only: its role masses are measured, its image tokens are none
+        attr = attribute_store(store, k=5, require_image=False)
+        rows = store.valid[store.counts("quality") > 0]
+        has_image = bool((store.n_images(rows) > 0).any())
+        scores = [r["rating"]["score"] for r in store.records(rows)]
+        mos = store.labels(rows).tolist()
     last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
     overall = attr.mass.mean((0, 1))  # mean over layers and heads
     role = {label: i for i, label in enumerate(attr.role_labels)}
-    has_image = bool(cap.roles.__eq__(int(Role.IMAGE)).any())
     return {
-        "scores": [r.score for r in ratings], "mos": [r.mos01 for r in records],
+        "store": str(path), "scores": scores, "mos": mos,
         "lens_changes": (float(lens.n_changes.mean()), float(lens.n_changes.std())),
         "lens_settle": (float(lens.settle.mean()), float(lens.settle.std())),
         "lens_agreement": lens.agreement.tolist(),
+        "lens_last_layer_error": lens.last_layer_error,
         "image_mass": (float(overall[role["image"]]), float(attr.mass_per_sample[..., role["image"]].mean(1).std())),
         "description_mass": (float(overall[role["description"]]),
                              float(attr.mass_per_sample[..., role["description"]].mean(1).std())),
@@ -147,6 +186,36 @@ def capture_and_analyse(rater, records: list, out: Path) -> dict[str, Any]:
         "top5_share": (float(attr.top_share.mean()), float(attr.top_share.std())) if has_image else None,
         "top5_jaccard": (attr.jaccard, attr.jaccard_chance) if has_image else None,
         "top5_consensus": attr.consensus.tolist() if has_image else None,
+        "probes": probe_section(path, (lens_map, parts.tokenizer), str(parts.path), cfg, out),
+    }
+
+
+def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path) -> dict[str, Any]:
+    """`studies/probes.py` on a store: probe and lens curves per layer, MLP head vs level words.
+
+    Research choice: folds group the crops of one reference photo; with fewer than 3 photos
+    among the stored images (the tiny benchmark) there is nothing to hold out by photo, and
+    each image is its own group (the JSON says which: ``grouping``).
+    """
+    probes = _study("probes")
+    data = probes.data_from_store(path, model, read_out=read_out)
+    grouping = "photo"
+    if len(np.unique(data.groups.astype(str))) < 3:
+        data, grouping = replace(data, groups=np.asarray(data.ids)), "image (fewer than 3 photos)"
+    n_groups = len(np.unique(data.groups.astype(str)))
+    if n_groups < 3:
+        return {"skipped": f"{n_groups} labelled images: the probes need at least 3"}
+    pcfg = probes.Config(store=str(path), out=str(out), n_splits=min(cfg.probe_splits, n_groups),
+                         inner_splits=min(3, n_groups - 1), n_shuffles=cfg.probe_shuffles,
+                         head_epochs=cfg.head_epochs, device=cfg.device)
+    result = probes.main(pcfg, data=data)
+    probs = np.asarray(data.lens_probs)  # [layer, sample, level]
+    final = probs[-1].argmax(-1)
+    return result.summary() | {
+        "grouping": grouping, "n_groups": n_groups, "n_samples": len(data.ids),
+        "lens_level_probs": probs.mean(1).tolist(),  # [layer, level] excellent .. bad
+        "lens_final_prob": np.take_along_axis(probs, final[None, :, None], 2)[..., 0].mean(1).tolist(),
+        "files": {k: str(v) for k, v in result.files.items()},
     }
 
 
@@ -174,13 +243,15 @@ def main(cfg: Config) -> Result:
     metrics: dict[str, dict[str, Any]] = {}
     for mode, path in paths.items():
         rater = load_rater(path, device=cfg.device)
-        m = capture_and_analyse(rater, test, out / f"{mode}.npz")
+        store = _rated_store(rater, test, out / f"{mode}.h5", cfg)
+        lap(f"rate + record store ({mode})")
+        m = analyse_store(store, rater, cfg, out / f"probes-{mode}")
         held_out = pair["one_stage" if mode == "one-stage" else "two_stage"]
         m["srcc"], m["plcc"], m["level_acc"] = held_out["srcc"], held_out.get("plcc"), held_out.get("level_acc")
         subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
         m["srcc_subset"] = subset.srcc
         metrics[mode] = m
-        lap(f"capture, lens, attribution ({mode})")
+        lap(f"lens, attribution, probes from the store ({mode})")
 
     patch = _study("patch_image_tokens")
     sweep = patch.main(replace(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
@@ -197,10 +268,10 @@ def main(cfg: Config) -> Result:
         lap(f"instability ({mode})")
 
     grounding = _study("grounding")
-    g = grounding.main(replace(grounding.Config(checkpoints=(paths["one-stage"], paths["two-stage"]),
+    g = grounding.main(replace(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
                                                 limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device),
                                dataset=str(cache / "benchmark" / "manifest.jsonl")))
-    for (mode, summary) in zip(paths, g.summary().values()):
+    for mode, summary in g.summary().items():
         metrics[mode]["grounding"] = summary
     lap("grounding")
 
@@ -289,7 +360,31 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         add("Two-stage answers contradict the model's own description less often.",
             g2["contradiction_rate"] < g1["contradiction_rate"],
             f"contradiction rate {g1['contradiction_rate']:.3f} vs {g2['contradiction_rate']:.3f}")
+    # the companion papers' questions, from the probes of each checkpoint's store
+    heads = {mode: _head_srcc(m) for mode, m in (("one-stage", one), ("two-stage", two))}
+    if all(h is not None for h in heads.values()):
+        (h1, w1), (h2, w2) = heads["one-stage"], heads["two-stage"]
+        add("A regression head on the quality position's hidden state rates better than the level words "
+            "(Q-Scorer), for both checkpoints.", h1 > w1 and h2 > w2,
+            f"SRCC MLP head vs level words on held-out photos: {h1:.3f} vs {w1:.3f} (one-stage), "
+            f"{h2:.3f} vs {w2:.3f} (two-stage)", h1, w1, h2, w2)
+    p1 = one.get("probes") or {}
+    if p1.get("probe_decodable_layer") is not None and p1.get("lens_settle_median") is not None:
+        dec, settle = p1["probe_decodable_layer"], p1["lens_settle_median"]
+        add("In the one-stage model quality is linearly decodable at an earlier layer than the one where "
+            "its answer settles (probes vs logit lens).", dec < settle,
+            f"probe reaches 90% of its best SRCC at layer {dec}; the lens answer settles at median layer {settle:g}",
+            float(dec), float(settle))
     return out
+
+
+def _head_srcc(m: dict[str, Any]) -> tuple[float, float] | None:
+    """(MLP head SRCC, level-word SRCC) on the same held-out images, or None without probes."""
+    metrics = ((m.get("probes") or {}).get("score_head") or {}).get("metrics") or {}
+    if "mlp_head" not in metrics or "level_word" not in metrics:
+        return None
+    as_float = lambda v: float("nan") if v is None else float(v)  # noqa: E731  (JSON null = NaN)
+    return as_float(metrics["mlp_head"]["srcc"]), as_float(metrics["level_word"]["srcc"])
 
 
 def _jsonable(value: Any) -> Any:
@@ -307,9 +402,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--threads", type=int, default=Config.threads)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--device", default=Config.device)
+    p.add_argument("--store-dtype", choices=["float16", "float32"], default=Config.store_dtype,
+                   help="activation dtype of the per-checkpoint stores")
+    p.add_argument("--probe-splits", type=int, default=Config.probe_splits,
+                   help="outer folds (by reference photo) of the ridge probes")
+    p.add_argument("--probe-shuffles", type=int, default=Config.probe_shuffles,
+                   help="shuffled-label fits per layer (the probes' chance curve)")
+    p.add_argument("--head-epochs", type=int, default=Config.head_epochs, help="epochs of the MLP score head")
     a = p.parse_args(argv)
     return Config(cache=a.cache, n_images=a.n_images, n_patch=a.n_patch, n_instability=a.n_instability,
-                  threads=a.threads, retrain=a.retrain, device=a.device)
+                  threads=a.threads, retrain=a.retrain, device=a.device, store_dtype=a.store_dtype,
+                  probe_splits=a.probe_splits, probe_shuffles=a.probe_shuffles, head_epochs=a.head_epochs)
 
 
 if __name__ == "__main__":
@@ -317,5 +420,7 @@ if __name__ == "__main__":
 
     from mechbiqa.reports import comparison_report
 
-    result = main(parse_args())
+    config = parse_args()
+    result = main(config)
     Console().print(comparison_report(result.metrics, result.findings, result.seconds))
+    Console().print(f"summary: {Path(config.cache) / 'replicate' / 'summary.json'}")

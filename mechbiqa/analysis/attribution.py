@@ -295,13 +295,25 @@ def attribute(
 
 
 def attribute_store(
-    store: ActivationStore, *, k: int = 5, score_layers: Sequence[int] | None = None
+    store: ActivationStore,
+    *,
+    k: int = 5,
+    score_layers: Sequence[int] | None = None,
+    require_image: bool = True,
 ) -> AttributionResult:
     """`attribute` over every sample of a store that has a quality position (offline).
 
+    Args:
+        store: An open store holding `PATTERN` at ``quality``.
+        k: Dominant image tokens per sample.
+        score_layers: Layers that rank the image tokens (default: all).
+        require_image: Refuse a store without image tokens. Pass False for a text-only store
+            (a two-stage pair's stage-2 prompts): the mass per role is still measured (the
+            image's is 0), but the dominant-token fields (``top``, ``jaccard`` ...) mean nothing.
+
     Raises:
         LookupError: The store lacks `PATTERN` at ``quality``, or no sample has the role
-            ``quality`` or ``image`` (the message names it and the fix).
+            ``quality`` or (with ``require_image``) ``image`` (the message names it and the fix).
     """
     from mechbiqa.model.config import ModelConfig
 
@@ -321,10 +333,10 @@ def attribute_store(
             "ends before the level word (--mode score), or generate answers that contain one"
         )
     roles = store.roles(rows)
-    if not (roles == int(Role.IMAGE)).any():
+    if require_image and not (roles == int(Role.IMAGE)).any():
         raise LookupError(
             f"no sample of {store.path} has tokens with role 'image': attribution to the image needs "
-            "prompts with an image"
+            "prompts with an image (pass require_image=False to measure a text-only store's role mass)"
         )
     pattern = store.get(PATTERN, "quality", samples=rows)[:, :, :, 0]  # [sample, layer, head, key_pos]
     n_image_tokens = ModelConfig.from_dict(store.info.model_config).n_image_tokens

@@ -1,99 +1,262 @@
-"""Capture the quality position's residuals and attention rows for a set of scoring prompts, live.
+"""The quality position of per-sample scoring prompts: recorded into a store, or captured live.
 
-This is the in-memory twin of an activation store for prompts that differ per
-sample (a one-stage model's own description, a stage-2 prompt holding the
-stage-1 description): the recorder of `mechbiqa_hooks.record` streams one
-shared prompt to disk; this function runs each sample's own prompt (as
-`mechbiqa.pipeline` scored it) and returns the arrays `lens.analyse_lens` and
-`attribution.attribute` read. Prompts must end at their quality position; the
-model left-pads spliced rows, so the last column is every sample's quality
-position and the roles are left-padded to match.
+Where it sits: a rater of `mechbiqa.pipeline` reads the quality word after a
+prompt of its own for every image (one-stage: the image, the model's own
+description, "The quality of the image is"; two-stage: the stage-2 model's
+text-only prompt holding the stage-1 description), and every `Rating` carries
+that prompt and its token roles. Two routes lead from there to the studies:
+
+* `record_rater` (the route of `studies/replicate.py` and
+  ``studies/cache_activations.py --mode rated``): rate the images, turn each
+  rating into a `mechbiqa_hooks.record.PromptedSample` (`rated_samples`) and
+  record them with `mechbiqa_hooks.record.record_prompts` into an activation
+  store (`mechbiqa.store`): one store per checkpoint, which the logit lens,
+  the attention attribution and the probes read offline.
+* `capture_quality` (a few prompts, no store): one batched forward per chunk
+  of prompts with hooks on the quality position's residual (and, if asked,
+  attention row) of the chosen layers. The one padding loop for live
+  captures: `mechbiqa.analysis.probes.quality_states` (a `ScoreHead` at
+  inference) is a call of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.prompts import EncodedPrompt
-from mechbiqa.model.roles import TokenRoles
-from mechbiqa_hooks import names
+
+if TYPE_CHECKING:
+    from mechbiqa_hooks.record import PromptedSample, RecordResult
+
+    from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+    from mechbiqa.pipeline import OneStageRater, Rating, TwoStageRater
+    from mechbiqa.store import CacheSpec
+
+__all__ = ["QualityCapture", "capture_quality", "rated_samples", "record_rater", "scoring_components"]
 
 
+# ----------------------------------------------------------------------------- into a store
+def scoring_components(rater: OneStageRater | TwoStageRater) -> Any:
+    """The `Components` whose forward reads the quality word (a two-stage pair: stage 2)."""
+    from mechbiqa.pipeline import OneStageRater
+
+    return rater.components if isinstance(rater, OneStageRater) else rater.stage2
+
+
+def _record_fields(source: Any) -> dict[str, Any]:
+    to_dict = getattr(source, "to_dict", None)
+    if callable(to_dict):
+        return dict(to_dict())
+    return dict(getattr(source, "record", None) or {})
+
+
+def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) -> list[PromptedSample]:
+    """One `PromptedSample` per rating: its scoring prompt and roles, the image, label and rating.
+
+    Args:
+        records: The rated records (``id``, ``image_path``, a label as ``label`` or ``mos01``).
+        ratings: ``rater.rate(...)`` of those records, in order.
+        mode: ``"one-stage"`` or ``"two-stage"`` (kept in each sample's record).
+
+    The stored record is the source record plus ``rating`` (score, level, description,
+    level probabilities), so a store answers "what did the model say" without the model.
+    """
+    from mechbiqa_hooks.record import PromptedSample
+
+    if len(records) != len(ratings):
+        raise ValueError(f"{len(records)} records but {len(ratings)} ratings")
+    out = []
+    for source, rating in zip(records, ratings, strict=True):
+        label = getattr(source, "label", None)
+        if label is None:
+            label = getattr(source, "mos01", None)
+        extra = {
+            "rating": {
+                "mode": mode,
+                "score": float(rating.score),
+                "level": rating.level,
+                "description": rating.description,
+                "level_probs": [float(x) for x in rating.level_probs],
+            }
+        }
+        out.append(
+            PromptedSample(
+                id=str(source.id),
+                prompt=rating.prompt,
+                image_path=getattr(source, "image_path", None),
+                roles=rating.roles,
+                label=None if label is None else float(label),
+                record=_record_fields(source) | extra,
+                answer=rating.answer,
+            )
+        )
+    return out
+
+
+def record_rater(
+    rater: OneStageRater | TwoStageRater,
+    records: Sequence[Any],
+    path: str | Path,
+    spec: CacheSpec | None = None,
+    *,
+    batch_size: int = 8,
+    rate_batch_size: int = 64,
+    overwrite: bool = False,
+    shard: dict[str, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    model_name: str | None = None,
+) -> RecordResult:
+    """Rate the records and record every rating's scoring prompt into a store (one per checkpoint).
+
+    The store holds the model that reads the quality word: a one-stage checkpoint with its
+    image, or the stage-2 model of a two-stage pair with its text-only prompt (no image
+    tokens; ``samples/n_images`` is 0 and ``image_path`` names the image stage 1 described).
+    Its ``model`` attribute is that checkpoint's directory, from which the offline studies
+    read the logit lens.
+
+    Args:
+        rater: A `OneStageRater` or `TwoStageRater`.
+        records: Records with ``id``, ``image_path`` and a label (``IQARecord``s).
+        path: The store file.
+        spec: What to cache (default `CacheSpec.default()`: residuals at the quality and image
+            positions, the quality attention row, the quality logits; float16).
+        batch_size: Samples per recorded forward.
+        rate_batch_size: Images per forward while rating.
+        overwrite: Record again even if a store exists.
+        shard: One torchrun rank's part (`mechbiqa_hooks.record.record_prompts`).
+        progress: ``(done, total)`` after each recorded batch.
+        model_name: The store's ``model`` attribute (default: the scoring checkpoint's directory).
+    """
+    from mechbiqa_hooks.record import record_prompts
+
+    from mechbiqa.pipeline import OneStageRater
+    from mechbiqa.store import CacheSpec
+
+    one_stage = isinstance(rater, OneStageRater)
+    parts = scoring_components(rater)
+    ratings = rater.rate([r.image_path for r in records], batch_size=rate_batch_size)
+    samples = rated_samples(records, ratings, "one-stage" if one_stage else "two-stage")
+    return record_prompts(
+        parts.model,
+        parts.tokenizer,
+        parts.processor if one_stage else None,
+        samples,
+        spec or CacheSpec.default(),
+        path,
+        batch_size=batch_size,
+        model_name=str(parts.path) if model_name is None else model_name,
+        shard=shard,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+# ----------------------------------------------------------------------------- live
 @dataclass(frozen=True)
 class QualityCapture:
-    """What the quality position saw, for every sample.
+    """What the quality position saw, for every prompt (live, not stored).
 
     Attributes:
-        resid: ``[layer, sample, d_model]`` ``hook_resid_post`` of every layer at the quality position.
-        pattern: ``[sample, layer, head, key_pos]`` the quality position's attention row, left-padded.
-        roles: ``[sample, key_pos]`` role of each key position (PAD where padded).
-        image_index: ``[sample, key_pos]`` index inside the image, -1 elsewhere.
+        layers: The layer numbers of the layer axes.
+        resid: ``[prompt, layer, d_model]`` ``hook_resid_post`` at the quality position (the
+            store's ``llm.blocks.{l}.hook_resid_post@quality`` without its pos axis).
+        pattern: ``[prompt, layer, head, key_pos]`` the quality position's attention row over the
+            prompt's own positions (0 = BOS, zero beyond its length), or None when not asked for.
     """
 
+    layers: tuple[int, ...]
     resid: np.ndarray
-    pattern: np.ndarray
-    roles: np.ndarray
-    image_index: np.ndarray
+    pattern: np.ndarray | None = None
 
 
 @torch.no_grad()
 def capture_quality(
     model: MPLUGOwl2,
     prompts: Sequence[EncodedPrompt],
-    roles: Sequence[TokenRoles],
     pixels: Tensor | None,
     pad_id: int,
+    *,
+    layers: Sequence[int] | None = None,
+    pattern: bool = False,
     batch_size: int = 32,
 ) -> QualityCapture:
-    """Run each prompt once with hooks on every layer's residual and attention pattern.
+    """Run each prompt once with hooks at its quality position (its last id) on the chosen layers.
 
     Args:
-        model: The model that scored the prompts.
-        prompts: Scoring prompts ending at the quality position.
-        roles: Their spliced token roles (one `TokenRoles` per prompt, unpadded).
+        model: The model.
+        prompts: Prompts that end at their quality position (``EncodedPrompt.quality_index`` is the
+            last id: `mechbiqa.pipeline.scoring_prompt`, or ``encode_prompt(..., answer_prefix=...)``).
         pixels: ``[image, 3, S, S]``: one per placeholder, in prompt order; None for text only.
         pad_id: Id used for padding (masked; never attended).
+        layers: The blocks to read (default: all).
+        pattern: Also keep the quality position's attention row of each layer and head.
         batch_size: Prompts per forward.
+
+    Raises:
+        ValueError: A prompt does not end at its quality position, or a layer does not exist.
     """
-    if any(p.quality_index != len(p.ids) - 1 for p in prompts):
-        raise ValueError("every prompt must end at its quality position (build it with mechbiqa.pipeline.scoring_prompt)")
+    bad = [i for i, p in enumerate(prompts) if p.quality_index != len(p.ids) - 1]
+    if bad:
+        raise ValueError(
+            f"prompts {bad[:5]} do not end at their quality position; build them with "
+            "mechbiqa.pipeline.scoring_prompt or encode_prompt(..., answer_prefix=...)"
+        )
     n_layers = model.cfg.llm.n_layers
-    length = max(len(r.role) for r in roles)
+    layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
+    resid_names = [f"llm.blocks.{layer}.hook_resid_post" for layer in layers]
+    pattern_names = [f"llm.blocks.{layer}.attn.hook_pattern" for layer in layers] if pattern else []
+    missing = [n for n in resid_names if n not in model.hook_dict]
+    if missing:
+        raise ValueError(f"the model has no hook {missing[0]!r} (it has {n_layers} LLM layers)")
     image_at = np.cumsum([0] + [p.n_images for p in prompts])
-    resid, pattern = [], []
+    n_tokens = model.cfg.n_image_tokens
+    lengths = [len(p.ids) + p.n_images * (n_tokens - 1) for p in prompts]  # spliced lengths
+    width = max(lengths, default=1)
+    resid: list[Tensor] = []
+    rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p.ids) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        chunk = prompts[start : start + batch_size]
+        length = max(len(p.ids) for p in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.long)
         for i, p in enumerate(chunk):
-            ids[i, :len(p.ids)] = torch.tensor(p.ids)
-            mask[i, :len(p.ids)] = 1
+            ids[i, : len(p.ids)] = torch.tensor(p.ids)
+            mask[i, : len(p.ids)] = 1
         images = None
         if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start]:image_at[start + len(chunk)]].to(model.device, model.dtype)
+            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
         grabbed: dict[str, Tensor] = {}
 
-        def keep(act: Tensor, hook) -> None:
-            grabbed[hook.name] = act[..., -1, :].float().cpu() if "pattern" in hook.name else act[:, -1].float().cpu()
+        def grab(activation: Tensor, hook: Any, into: dict[str, Tensor] = grabbed) -> None:
+            # The model left-pads spliced rows: the last column is every row's quality position
+            # (a pattern's last query row; its keys stay left-padded until unpadded below).
+            row = activation[:, :, -1] if "pattern" in hook.name else activation[:, -1]
+            into[hook.name] = row.float().cpu()
 
-        hooks = [(names.resid_post(layer), keep) for layer in range(n_layers)]
-        hooks += [(names.pattern(layer), keep) for layer in range(n_layers)]
-        with model.hooks(fwd_hooks=hooks):
-            model(ids.to(model.device), images=images, attention_mask=mask.to(model.device))
-        resid.append(torch.stack([grabbed[names.resid_post(layer)] for layer in range(n_layers)]))
-        rows = torch.stack([grabbed[names.pattern(layer)] for layer in range(n_layers)], dim=1)  # [b, layer, head, key]
-        pattern.append(torch.nn.functional.pad(rows, (length - rows.shape[-1], 0)))  # left-pad keys to one width
-    padded = [r.left_pad(length - len(r.role)) for r in roles]
+        model.run_with_hooks(
+            ids.to(model.device),
+            images=images,
+            attention_mask=mask.to(model.device),
+            fwd_hooks=[(name, grab) for name in resid_names + pattern_names],
+        )
+        resid.append(torch.stack([grabbed[name] for name in resid_names], dim=1))
+        if pattern:
+            block = torch.stack([grabbed[name] for name in pattern_names], dim=1)  # [b, layer, head, key]
+            out = torch.zeros((*block.shape[:3], width))
+            for i in range(len(chunk)):  # unpad the keys: position 0 = BOS, as in a store
+                n = lengths[start + i]
+                out[i, ..., :n] = block[i, ..., block.shape[-1] - n :]
+            rows.append(out)
+    d_model = model.cfg.llm.d_model
     return QualityCapture(
-        resid=torch.cat(resid, dim=1).numpy(),
-        pattern=torch.cat(pattern).numpy(),
-        roles=np.stack([r.role for r in padded]).astype(np.int8),
-        image_index=np.stack([r.image_index for r in padded]).astype(np.int16),
+        layers=layers,
+        resid=torch.cat(resid).numpy() if resid else np.zeros((0, len(layers), d_model), dtype=np.float32),
+        pattern=(torch.cat(rows).numpy() if rows else None) if pattern else None,
     )

@@ -894,9 +894,9 @@ def quality_states(
 ) -> np.ndarray:
     """``[prompt, layer, d_model]`` residual after each block at each prompt's last (quality) position.
 
-    What the store holds as ``llm.blocks.{l}.hook_resid_post@quality``, computed live: for
-    raters whose quality position the recorder cannot reach (the text-only stage-2 prompt of a
-    two-stage pair), and for a score head at inference.
+    What the store holds as ``llm.blocks.{l}.hook_resid_post@quality``, computed live (one
+    `mechbiqa.analysis.capture.capture_quality` call): for a score head at inference, or a few
+    prompts without a store.
 
     Args:
         model: The model.
@@ -907,46 +907,10 @@ def quality_states(
         layers: The blocks to read (default: all).
         batch_size: Prompts per forward.
     """
-    bad = [i for i, p in enumerate(prompts) if p.quality_index != len(p.ids) - 1]
-    if bad:
-        raise ValueError(
-            f"prompts {bad[:5]} do not end at their quality position; build them with "
-            "mechbiqa.pipeline.scoring_prompt or encode_prompt(..., answer_prefix=...)"
-        )
-    layers = list(range(model.cfg.llm.n_layers)) if layers is None else [int(x) for x in layers]
-    names = [f"llm.blocks.{layer}.hook_resid_post" for layer in layers]
-    missing = [n for n in names if n not in model.hook_dict]
-    if missing:
-        raise ValueError(f"the model has no hook {missing[0]!r} (it has {model.cfg.llm.n_layers} LLM layers)")
-    image_at = np.cumsum([0] + [p.n_images for p in prompts])
-    rows: list[Tensor] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        length = max(len(p.ids) for p in chunk)
-        ids = torch.full((len(chunk), length), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, : len(p.ids)] = torch.tensor(p.ids)
-            mask[i, : len(p.ids)] = 1
-        images = None
-        if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
-        grabbed: dict[str, Tensor] = {}
+    from mechbiqa.analysis.capture import capture_quality
 
-        def grab(activation: Tensor, hook: Any, into: dict[str, Tensor] = grabbed) -> None:
-            # The model left-pads spliced rows: the last column is every row's last real token.
-            into[hook.name] = activation[:, -1].float().cpu()
-
-        model.run_with_hooks(
-            ids.to(model.device),
-            images=images,
-            attention_mask=mask.to(model.device),
-            fwd_hooks=[(name, grab) for name in names],
-        )
-        rows.append(torch.stack([grabbed[name] for name in names], dim=1))
-    if not rows:
-        return np.zeros((0, len(layers), model.cfg.llm.d_model), dtype=np.float32)
-    return torch.cat(rows).numpy()
+    captured = capture_quality(model, prompts, pixels, tokenizer.pad_id, layers=layers, batch_size=batch_size)
+    return captured.resid
 
 
 def quality_hidden(

@@ -275,3 +275,153 @@ def test_plan_layout_refuses_unknown_hooks_and_layers(parts):
         plan_layout(model, CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality:7"), roles, 1)
     with pytest.raises(ValueError, match="cannot cache hook"):
         plan_layout(model, CacheSpec.parse("llm.embed_tokens@quality"), roles, 1)
+
+
+# ----------------------------------------------------------------------------- per-sample prompts
+def prompted(tokenizer, n_img):
+    """Ragged prompts: with an image (two lengths) or text only (one with its own roles)."""
+    from mechbiqa.model.prompts import EncodedPrompt
+
+    base = PromptConfig().encode(tokenizer, "score")
+    ids = list(base.ids)
+    longer = ids[:-1] + tokenizer.encode(" sharp and clear") + ids[-1:]
+    text = [i for i in ids if i != IMAGE_TOKEN_INDEX]  # the same question without the image: stage-2 like
+    text_long = text[:-1] + tokenizer.encode(" blurry blurry and noisy") + text[-1:]
+
+    def enc(t, response_start):
+        return EncodedPrompt(tokenizer.decode(t), tuple(t), response_start, len(t) - 1)
+
+    a, b = enc(ids, base.response_start), enc(longer, base.response_start)
+    c, d = enc(text, base.response_start - 1), enc(text_long, base.response_start - 1)
+    own = assign_roles(
+        d.ids, response_start=d.response_start, quality_index=d.quality_index, n_image_tokens=n_img
+    )
+    role = own.role.copy()
+    role[3:6] = int(Role.DESCRIPTION)  # roles given by the caller (pipeline: the description in a user turn)
+    own = replace(own, role=role)
+    return [("c", c, None), ("d", d, own), ("a", a, None), ("c2", c, None), ("b", b, None)]
+
+
+def test_per_sample_prompts_round_trip_equals_live_forwards(parts, images, tmp_path):
+    from mechbiqa_hooks.record import PromptedSample, record_prompts
+
+    from mechbiqa.analysis.capture import capture_quality
+    from mechbiqa.analysis.lens import LogitLens, lens_from_store
+    from mechbiqa.scoring import level_ids
+
+    model, tokenizer, processor = parts
+    n_img = model.cfg.n_image_tokens
+    samples = [
+        PromptedSample(sid, prompt, images[i].image_path, roles, label=i / 5, answer=f"answer {sid}")
+        for i, (sid, prompt, roles) in enumerate(prompted(tokenizer, n_img))
+    ]
+    spec = CacheSpec.parse(
+        "default; abstractor.hook_out@all; llm.blocks.{l}.attn.hook_pattern@all:1", "float32"
+    )
+    # batches of 2: text only, then image + text (mixed), then an image alone
+    result = record_prompts(model, tokenizer, processor, samples, spec, tmp_path / "p.h5", batch_size=2)
+    assert (result.n_recorded, result.n_failed) == (5, 0)
+    with ActivationStore.open(result.path) as store:
+        assert store.n_images().tolist() == [0, 0, 1, 0, 1]
+        assert store.prompts() == [s.prompt.text for s in samples] and store.answers()[1] == "answer d"
+        assert len(set(store.n_positions().tolist())) == 4  # ragged
+        for i, s in enumerate(samples):
+            n = int(store.n_positions(samples=i))
+            roles = store.roles(samples=i)
+            assert (roles[n:] == int(Role.PAD)).all()
+            if s.roles is not None:
+                np.testing.assert_array_equal(roles[:n], s.roles.role)  # the caller's roles are stored
+            pixels = processor([s.image_path])[0] if s.prompt.n_images else None
+            assert text_ids(store.token_ids(samples=i), n) == list(s.prompt.ids)
+            with torch.no_grad():
+                _, cache = model.run_with_cache(
+                    torch.tensor([s.prompt.ids]), images=None if pixels is None else pixels[None]
+                )
+            q = n - 1
+            assert int(store.positions("quality", samples=i)[0]) == q
+            assert not (roles[:n] == int(Role.IMAGE)).any() if pixels is None else True
+            for layer in range(model.cfg.llm.n_layers):
+                np.testing.assert_allclose(
+                    store.get(f"llm.blocks.{layer}.hook_resid_post", samples=i)[0],
+                    cache[f"llm.blocks.{layer}.hook_resid_post"][0, q],
+                    atol=1e-5,
+                )
+                row = store.get(f"llm.blocks.{layer}.attn.hook_pattern", samples=i)[:, 0]  # [head, key_pos]
+                own_row = cache[f"llm.blocks.{layer}.attn.hook_pattern"][0, :, q]
+                np.testing.assert_allclose(row[:, :n], own_row, atol=1e-6)
+                assert not row[:, n:].any()
+            full = store.get("llm.blocks.1.attn.hook_pattern", "all", samples=i)
+            np.testing.assert_allclose(full[:, :n, :n], cache["llm.blocks.1.attn.hook_pattern"][0], atol=1e-6)
+            image_side = store.get("abstractor.hook_out", "all", samples=i)
+            if pixels is None:
+                assert not image_side.any()  # a text-only sample has no image tokens to keep
+            else:
+                np.testing.assert_allclose(image_side, cache["abstractor.hook_out"][0], atol=1e-5)
+                image = np.flatnonzero(roles == int(Role.IMAGE))
+                assert len(image) == n_img
+                np.testing.assert_allclose(
+                    store.get("llm.blocks.0.hook_resid_post", "image", samples=i),
+                    cache["llm.blocks.0.hook_resid_post"][0, image],
+                    atol=1e-5,
+                )
+            # the lens at the last layer, applied to the stored residual, is the model's own logits
+            lens = LogitLens.from_model(model)
+            last = model.cfg.llm.n_layers - 1
+            resid = torch.from_numpy(store.get(f"llm.blocks.{last}.hook_resid_post", samples=i)[0])
+            logits = lens(resid, last)
+            np.testing.assert_allclose(logits.numpy(), cache["llm.unembed.hook_out"][0, q], atol=1e-4)
+        lens_result = lens_from_store(store, LogitLens.from_model(model), level_ids(tokenizer))
+        assert lens_result.last_layer_error < 1e-5 and (lens_result.agreement[-1] == 1.0)
+        # the live capture (one padding loop for in-memory studies) sees the same rows
+        prompts = [s.prompt for s in samples]
+        pixels = processor([s.image_path for s in samples if s.prompt.n_images])
+        live = capture_quality(model, prompts, pixels, tokenizer.pad_id, pattern=True, batch_size=3)
+        stored = store.get("llm.blocks.{l}.hook_resid_post", "quality")[:, :, 0]
+        np.testing.assert_allclose(live.resid, stored, atol=1e-5)
+        width = store.layout.max_pos
+        np.testing.assert_allclose(
+            live.pattern[..., :width],
+            store.get("llm.blocks.{l}.attn.hook_pattern", "quality")[:, :, :, 0],
+            atol=1e-6,
+        )
+
+
+def test_per_sample_prompts_resume_and_refuse_other_prompts(parts, images, tmp_path):
+    from mechbiqa_hooks.record import PromptedSample, record_prompts
+
+    from mechbiqa.store import StoreMismatchError, partial_path
+
+    model, tokenizer, processor = parts
+    samples = [
+        PromptedSample(sid, prompt, images[i].image_path, roles, label=i / 5)
+        for i, (sid, prompt, roles) in enumerate(prompted(tokenizer, model.cfg.n_image_tokens))
+    ]
+    spec = CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality; llm.unembed.hook_out@quality", "float32")
+    whole = record_prompts(model, tokenizer, processor, samples, spec, tmp_path / "whole.h5", batch_size=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_batch(done, total):
+        if done == 2:
+            raise Killed
+
+    path = tmp_path / "resumed.h5"
+    with pytest.raises(Killed):
+        record_prompts(
+            model, tokenizer, processor, samples, spec, path, batch_size=2, progress=kill_after_first_batch
+        )
+    assert partial_path(path).exists() and not path.exists()
+    other = [replace(samples[0], prompt=samples[1].prompt, roles=None), *samples[1:]]
+    with pytest.raises(StoreMismatchError, match="prompt"):  # other prompts never append to it
+        record_prompts(model, tokenizer, processor, other, spec, path, batch_size=2)
+    resumed = record_prompts(model, tokenizer, processor, samples, spec, path, batch_size=2)
+    assert (resumed.resumed_from, resumed.n_recorded) == (2, 3)
+    with ActivationStore.open(whole.path) as a, ActivationStore.open(resumed.path) as b:
+        assert a.digest() == b.digest()
+    with pytest.raises(ValueError, match="one image per prompt"):
+        two = replace(samples[2].prompt, ids=samples[2].prompt.ids + samples[2].prompt.ids)
+        record_prompts(model, tokenizer, processor, [replace(samples[2], prompt=two)], spec, tmp_path / "x")
+    with pytest.raises(ValueError, match="roles"):
+        wrong = [replace(samples[2], roles=samples[1].roles)]  # a text-only prompt's roles
+        record_prompts(model, tokenizer, processor, wrong, spec, tmp_path / "y.h5")

@@ -171,7 +171,7 @@ def test_probes_study_on_arrays_finds_the_planted_layer(tmp_path):
 def test_probes_study_computes_the_states_live_from_a_rater(tiny, tmp_path, mode):
     records = grounding.load_records(grounding.Config(dataset=str(tiny / "set.jsonl"), split=None))[::4]
     rater = grounding.tiny_raters(max_new_tokens=3)[mode]
-    data = probes.data_from_rater(rater, records, batch_size=32)
+    data = probes.data_from_rater(rater, records, store=tmp_path / "rated.h5", batch_size=32)
     assert data.resid.shape[:2] == (len(records), 2) and data.layers == (0, 1)
     assert data.lens_probs.shape == (2, len(records), 5) and data.lens_agreement[-1] == 1.0
     assert set(data.splits) == {"train", "val", "test"} and len(set(data.groups)) == 4

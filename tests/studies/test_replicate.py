@@ -7,6 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+from rich.console import Console
+
+from mechbiqa.model.roles import Role
+from mechbiqa.reports import comparison_report
+from mechbiqa.sources import stored_model
+from mechbiqa.store import ActivationStore
+
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
@@ -33,13 +41,40 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
     assert summary["metrics"]["two-stage"]["image_mass"][0] == 0.0
     assert "patching" in summary["metrics"]["one-stage"]
     assert {f["finding"] for f in result.findings}
-    assert (tmp_path / "replicate" / "one-stage.npz").is_file()
+    # the lens, attribution and probes read one store per checkpoint; the two-stage one is text only
+    with ActivationStore.open(tmp_path / "replicate" / "one-stage.h5") as one, \
+            ActivationStore.open(tmp_path / "replicate" / "two-stage.h5") as two:
+        assert one.complete and (one.n_images() == 1).all() and (two.n_images() == 0).all()
+        assert not (two.roles() == int(Role.IMAGE)).any() and (two.roles() == int(Role.DESCRIPTION)).any()
+        assert two.ids() == one.ids() and len(one.ids()) == 8
+        assert Path(stored_model(two)).name == "stage2"  # recorded from the stage-2 model
+    for mode in ("one-stage", "two-stage"):
+        m = summary["metrics"][mode]
+        assert m["store"].endswith(f"{mode}.h5") and m["lens_last_layer_error"] < 1e-3
+        probes = m["probes"]
+        n_layers = len(probes["layers"])
+        for key in ("probe_srcc", "lens_srcc", "lens_agreement", "lens_final_prob", "lens_level_probs"):
+            assert len(probes[key]) == n_layers, (mode, key)
+        assert probes["lens_agreement"][-1] == 1.0
+        assert set(probes["score_head"]["metrics"]) == {"level_word", "mlp_head", "ridge"}
+        assert probes["grouping"].startswith("image")  # the tiny benchmark's test split is one photo
+        assert "contradiction_rate" in m["grounding"] and "rouge1_f1" in m["grounding"]
+    # the level-word score of the probes is the rating's own Q-Align score (the lens's last layer)
+    rendered = Console(record=True, width=200)
+    rendered.print(comparison_report(result.metrics, result.findings, result.seconds))
+    text = rendered.export_text()
+    assert "probe SRCC" in text and "MLP score head" in text and "contradiction rate" in text
     # a second run reuses the checkpoints and their test ratings instead of training and rating again
     results = tmp_path / "compact" / "results.json"
     before = results.stat().st_mtime_ns
+    store = tmp_path / "replicate" / "two-stage.h5"
+    stored = store.stat().st_mtime_ns
     again = replicate.main(replicate.Config.tiny(tmp_path))
-    assert results.stat().st_mtime_ns == before
+    assert results.stat().st_mtime_ns == before and store.stat().st_mtime_ns == stored  # stores reused too
     assert again.metrics["one-stage"]["srcc"] == result.metrics["one-stage"]["srcc"]
+    for mode in ("one-stage", "two-stage"):  # the same store, the same curves (NaN where a fold is constant)
+        curve = again.metrics[mode]["probes"]["probe_srcc"]
+        np.testing.assert_equal(curve, result.metrics[mode]["probes"]["probe_srcc"])
 
 
 def test_findings_follow_the_numbers():

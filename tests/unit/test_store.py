@@ -316,10 +316,36 @@ def test_other_schema_version_is_named_on_read(tmp_path):
     write_store(path)
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 99
-    with pytest.raises(SchemaVersionError, match="schema version 99.*reads version 1"):
+    with pytest.raises(SchemaVersionError, match="schema version 99.*reads version 2"):
         ActivationStore.open(path)
     with pytest.raises(SchemaVersionError):
         StoreWriter.open(path, make_layout(), ATTRS, samples())
+
+
+def test_store_of_the_older_layout_is_refused_by_name(tmp_path):
+    # schema 1 stores (one shared prompt, no samples/n_images) are neither read nor resumed
+    path = tmp_path / "old.h5"
+    write_store(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 1
+        del f["samples/n_images"]
+    with pytest.raises(SchemaVersionError, match=r"old\.h5 has store schema version 1.*older layout.*record it again"):
+        ActivationStore.open(path)
+    with pytest.raises(SchemaVersionError, match="old.h5"):
+        StoreWriter.open(path, make_layout(), ATTRS, samples())
+    with pytest.raises(SchemaVersionError, match="old.h5"):
+        join_stores([path], tmp_path / "joined.h5")
+
+
+def test_n_images_round_trips(tmp_path):
+    layout = make_layout(4)
+    writer = StoreWriter.open(tmp_path / "s.h5", layout, ATTRS, samples(4))
+    rows = batch(layout, 0, 4)
+    rows.rows["samples/n_images"][:] = [1, 0, 1, 0]  # text-only samples beside image ones
+    writer.write(rows)
+    writer.finish()
+    with ActivationStore.open(tmp_path / "s.h5") as store:
+        assert store.n_images().tolist() == [1, 0, 1, 0] and store.n_images([1, 2]).tolist() == [0, 1]
 
 
 def test_check_identity_names_the_model(tmp_path):
