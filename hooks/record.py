@@ -203,15 +203,25 @@ class PromptedSample:
         label: The 0-1 rating, or None.
         record: Extra fields stored as JSON with the sample (the rating, the description ...).
         answer: Generated text kept in ``samples/answer`` (e.g. the description).
+        error: Why the sample has no prompt (e.g. its image could not be read to rate it): it is
+            stored as a failed sample with this reason (``ActivationStore.errors``); ``prompt`` is None.
     """
 
     id: str
-    prompt: EncodedPrompt
+    prompt: EncodedPrompt | None
     image_path: str | Path | None = None
     roles: TokenRoles | None = None
     label: float | None = None
     record: Mapping[str, Any] | None = None
     answer: str = ""
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        """A sample has a prompt, or an error saying why not."""
+        if (self.prompt is None) == (not self.error):
+            raise ValueError(
+                f"PromptedSample {self.id!r}: give a prompt, or prompt=None with the error that explains why"
+            )
 
 
 # ----------------------------------------------------------------------------- identity
@@ -754,13 +764,17 @@ def record_dataset(
     return RecordResult(Path(final), n, recorded, failed, resumed_from, time.perf_counter() - began)
 
 
-def prompted_roles(sample: PromptedSample, n_image_tokens: int, bos_id: int) -> TokenRoles:
+def prompted_roles(sample: PromptedSample, n_image_tokens: int, bos_id: int) -> TokenRoles | None:
     """The spliced roles of a `PromptedSample` (its own, or `assign_roles` of its prompt), checked.
+
+    Returns None for a sample without a prompt (an error row).
 
     Raises:
         ValueError: The prompt holds more than one image, or the roles do not fit the prompt.
     """
     prompt = sample.prompt
+    if prompt is None:
+        return None
     if prompt.n_images > 1:
         raise ValueError(
             f"sample {sample.id!r}: its prompt holds {prompt.n_images} images; record_prompts takes "
@@ -785,10 +799,13 @@ def prompted_roles(sample: PromptedSample, n_image_tokens: int, bos_id: int) -> 
     return roles
 
 
-def prompts_digest(samples: Sequence[PromptedSample], roles: Sequence[TokenRoles]) -> str:
+def prompts_digest(samples: Sequence[PromptedSample], roles: Sequence[TokenRoles | None]) -> str:
     """SHA-256 over every sample's prompt ids and roles: what a resumed `record_prompts` must match."""
     sha = hashlib.sha256()
     for sample, r in zip(samples, roles, strict=True):
+        if sample.prompt is None or r is None:
+            sha.update(b"error:" + sample.error.encode("utf-8") + b"\x00")
+            continue
         sha.update(np.asarray(sample.prompt.ids, dtype="<i8").tobytes() + b"|")
         sha.update(np.asarray(r.role, dtype="i1").tobytes() + b"|")
         sha.update(np.asarray(r.image_index, dtype="<i2").tobytes() + b"\x00")
@@ -848,7 +865,10 @@ def record_prompts(
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     n_image_tokens = model.cfg.n_image_tokens
     roles = [prompted_roles(s, n_image_tokens, tokenizer.bos_id) for s in samples]
-    with_image = [s for s in samples if s.prompt.n_images]
+    known = [r for r in roles if r is not None]
+    if not known:
+        raise ValueError(f"none of the {len(samples)} samples has a prompt; first error: {samples[0].error}")
+    with_image = [s for s in samples if s.prompt is not None and s.prompt.n_images]
     if with_image and load_image is None:
         if processor is None:
             raise ValueError(
@@ -859,7 +879,7 @@ def record_prompts(
         if lost:
             raise ValueError(f"samples {lost[:5]} have an image in their prompt but no image_path")
     run = RunConfig(mode="score", batch_size=batch_size)
-    layout = plan_layout(model, spec, roles, len(samples), run)
+    layout = plan_layout(model, spec, known, len(samples), run)
     answer_bytes = max([len(s.answer.encode("utf-8")) for s in samples] + [1])
     layout = StoreLayout(
         layout.n_samples, layout.max_pos, layout.capacities, layout.arrays, answer_bytes, layout.dtype
@@ -874,7 +894,7 @@ def record_prompts(
             {
                 "per_sample": True,
                 "digest": prompts_digest(samples, roles),
-                "n_text_only": len(samples) - len(with_image),
+                "n_text_only": len(known) - len(with_image),
                 "image_processor": None if processor is None else asdict(processor),
             },
             sort_keys=True,
@@ -887,7 +907,7 @@ def record_prompts(
         SampleInfo(
             id=str(s.id),
             image_path="" if s.image_path is None else str(s.image_path),
-            prompt=s.prompt.text,
+            prompt="" if s.prompt is None else s.prompt.text,
             label=None if s.label is None else float(s.label),
             record=dict(s.record or {}),
         )
@@ -1077,14 +1097,17 @@ def _record_prompt_batch(
     load: Callable[[Any], Tensor],
     recorder: Recorder,
     chunk: Sequence[PromptedSample],
-    roles: Sequence[TokenRoles],
+    roles: Sequence[TokenRoles | None],
     start: int,
     layout: StoreLayout,
 ) -> BatchRows:
     """Load the images that the batch's prompts hold, run and record; failed images become error rows."""
     n = len(chunk)
-    needs = [s.prompt.n_images > 0 for s in chunk]
+    needs = [s.prompt is not None and s.prompt.n_images > 0 for s in chunk]
     status, errors, pixels = _load_pixels(load, chunk, needs)
+    for i, sample in enumerate(chunk):
+        if sample.prompt is None:  # failed before recording (e.g. its image could not be rated)
+            status[i], errors[i] = STATUS_FAILED, sample.error
     ok = [i for i in range(n) if status[i] == STATUS_OK]
     rows_out = _empty_rows(layout, n)
     text_ids = [list(chunk[i].prompt.ids) for i in ok]

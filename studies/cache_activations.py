@@ -3,7 +3,8 @@
 Question: what does the model compute at the quality position, the image tokens
 and the quality token's attention row, for every image of a data set?
 Method: run the model batch by batch (Q-Align's scorer prompt, or generate the
-answer and re-run it) with recording hooks (`mechbiqa_hooks.record`) that
+answer and re-run it, or let a checkpoint rate each image and re-run its own
+scoring prompt) with recording hooks (`mechbiqa_hooks.record`) that
 stream the cache spec's activations into ``cache/<name>.h5``
 (`mechbiqa.store`), memory flat in the number of images. Rerun the same
 command after an interruption (even ``kill -9``) and it resumes where it
@@ -16,11 +17,22 @@ Examples::
     python studies/cache_activations.py --tiny-random --dataset path/to/images --out cache/tiny.h5
     python studies/cache_activations.py --model ckpt/ --dataset builtin --split test --spec quality
     python studies/cache_activations.py --model ckpt/ --mode generate --max-new-tokens 64 --sample --seed 1
+    python studies/cache_activations.py --model cache/compact/two-stage --mode rated --out cache/pair.h5
     torchrun --nproc_per_node=2 studies/cache_activations.py --model ckpt/ --out cache/acts.h5
 
 Under torchrun each rank records a contiguous part of the data set into
 ``<out>.shards/rank<r>-of-<n>.h5`` and rank 0 joins them into ``<out>``, a file
 of HDF5 virtual datasets (move the folder as a whole).
+
+Mode ``rated`` (one store per checkpoint, what ``studies/replicate.py``
+writes): ``--model`` is a one-stage checkpoint or a two-stage pair's folder
+(``stage1/``, ``stage2/``); each image is rated as `mechbiqa.pipeline` rates
+it and the prompt the quality word was read after is recorded, each sample
+with its own prompt and roles (`mechbiqa.analysis.capture.record_rater`): the
+one-stage model's image + own description + "The quality of the image is",
+or the stage-2 model's text-only prompt (no image tokens; the store is the
+stage-2 model's, and names its directory for the lens). With
+``--tiny-random`` the tiny random one-stage rater is used.
 
 Spec: a preset (``default``: residuals at the quality and image positions,
 the quality attention row, the quality logits; ``quality``: the same without
@@ -42,6 +54,7 @@ from typing import Any
 from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
 
 from mechbiqa import sources
+from mechbiqa.analysis.capture import record_rater
 from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.tokenizer import Tokenizer
@@ -69,7 +82,8 @@ class Config:
         dtype: Stored activation dtype (``float16`` or ``float32``).
         model_dtype: Model dtype (``float32``, ``bfloat16``, ``float16``).
         device: ``cpu``, ``cuda``, ``cuda:1`` ... (under torchrun, cuda means the rank's GPU).
-        mode: ``score`` (prompted forward) or ``generate`` (answer, then recorded re-run).
+        mode: ``score`` (prompted forward), ``generate`` (answer, then recorded re-run) or ``rated``
+            (the checkpoint rates each image; its own scoring prompt is recorded).
         max_new_tokens: Longest generated answer.
         do_sample: Sample the answer instead of greedy decoding.
         temperature: Sampling temperature.
@@ -144,6 +158,24 @@ def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
         raise SystemExit(str(error)) from None
 
 
+def load_rater(cfg: Config) -> tuple[Any, str | None]:
+    """The rater of ``--mode rated`` and the store's model name (None: the scoring checkpoint's folder)."""
+    if cfg.tiny_random:
+        rater = sources.tiny_raters(cfg.seed, cfg.max_new_tokens)["one-stage"]
+        return rater, sources.tiny_random_name(cfg.seed)  # its weights are tiny_random_model(seed)'s
+    try:
+        raters = sources.load_raters(
+            (str(cfg.model or sources.DEFAULT_CHECKPOINT),),
+            dtype=cfg.model_dtype,
+            device=cfg.device,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    ((rater, _),) = raters.values()
+    return rater, None
+
+
 def load_samples(cfg: Config) -> list[Any]:
     """The records the config names (IQARecords, or SampleSources for a folder of images)."""
     try:
@@ -184,11 +216,14 @@ def main(cfg: Config, progress: Any = None) -> Result:
     if world > 1 and device.startswith("cuda") and ":" not in device:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     cfg_run = replace(cfg, device=device)
-    model, tokenizer, processor, name = load_model(cfg_run)
+    if cfg.mode == "rated":
+        rater, name = load_rater(cfg_run)
+    else:
+        model, tokenizer, processor, name = load_model(cfg_run)
     samples = load_samples(cfg)
     spec = CacheSpec.parse(cfg.spec, dtype=cfg.dtype)
     run = RunConfig(
-        mode=cfg.mode,
+        mode="score" if cfg.mode == "rated" else cfg.mode,
         batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         do_sample=cfg.do_sample,
@@ -205,21 +240,35 @@ def main(cfg: Config, progress: Any = None) -> Result:
         path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         Path(str(out) + ".config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    result = record_dataset(
-        model,
-        tokenizer,
-        processor,
-        samples,
-        spec,
-        path,
-        prompt=PromptConfig(),
-        run=run,
-        model_name=name,
-        shard=shard,
-        overwrite=cfg.overwrite,
-        fsync=cfg.fsync,
-        progress=progress,
-    )
+    if cfg.mode == "rated":
+        result = record_rater(
+            rater,
+            samples,
+            path,
+            spec,
+            batch_size=cfg.batch_size,
+            overwrite=cfg.overwrite,
+            shard=shard,
+            progress=progress,
+            model_name=name,
+            fsync=cfg.fsync,
+        )
+    else:
+        result = record_dataset(
+            model,
+            tokenizer,
+            processor,
+            samples,
+            spec,
+            path,
+            prompt=PromptConfig(),
+            run=run,
+            model_name=name,
+            shard=shard,
+            overwrite=cfg.overwrite,
+            fsync=cfg.fsync,
+            progress=progress,
+        )
     if world > 1:
         import torch.distributed as dist
 
@@ -264,9 +313,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
     what.add_argument(
         "--mode",
-        choices=["score", "generate"],
+        choices=["score", "generate", "rated"],
         default=d.mode,
-        help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run",
+        help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run; rated: the "
+        "checkpoint (one-stage, or a two-stage pair's folder) rates each image and its own scoring prompt "
+        "is recorded",
     )
     what.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     what.add_argument(

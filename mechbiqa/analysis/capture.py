@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mechbiqa.model.processor import ImageLoadError
 from mechbiqa.model.prompts import EncodedPrompt
 
 if TYPE_CHECKING:
@@ -39,7 +40,15 @@ if TYPE_CHECKING:
     from mechbiqa.pipeline import OneStageRater, Rating, TwoStageRater
     from mechbiqa.store import CacheSpec
 
-__all__ = ["QualityCapture", "capture_quality", "rated_samples", "record_rater", "scoring_components"]
+__all__ = [
+    "QualityCapture",
+    "capture_quality",
+    "rated_samples",
+    "rater_mode",
+    "record_rater",
+    "scoring_components",
+    "unrated_sample",
+]
 
 
 # ----------------------------------------------------------------------------- into a store
@@ -55,6 +64,34 @@ def _record_fields(source: Any) -> dict[str, Any]:
     if callable(to_dict):
         return dict(to_dict())
     return dict(getattr(source, "record", None) or {})
+
+
+def rater_mode(rater: OneStageRater | TwoStageRater) -> str:
+    """``"one-stage"`` or ``"two-stage"``."""
+    from mechbiqa.pipeline import OneStageRater
+
+    return "one-stage" if isinstance(rater, OneStageRater) else "two-stage"
+
+
+def _label(source: Any) -> float | None:
+    label = getattr(source, "label", None)
+    if label is None:
+        label = getattr(source, "mos01", None)
+    return None if label is None else float(label)
+
+
+def unrated_sample(source: Any, reason: str) -> PromptedSample:
+    """A record that could not be rated, as an error row of the store."""
+    from mechbiqa_hooks.record import PromptedSample
+
+    return PromptedSample(
+        id=str(source.id),
+        prompt=None,
+        image_path=getattr(source, "image_path", None),
+        label=_label(source),
+        record=_record_fields(source),
+        error=reason,
+    )
 
 
 def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) -> list[PromptedSample]:
@@ -74,9 +111,6 @@ def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) 
         raise ValueError(f"{len(records)} records but {len(ratings)} ratings")
     out = []
     for source, rating in zip(records, ratings, strict=True):
-        label = getattr(source, "label", None)
-        if label is None:
-            label = getattr(source, "mos01", None)
         extra = {
             "rating": {
                 "mode": mode,
@@ -92,7 +126,7 @@ def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) 
                 prompt=rating.prompt,
                 image_path=getattr(source, "image_path", None),
                 roles=rating.roles,
-                label=None if label is None else float(label),
+                label=_label(source),
                 record=_record_fields(source) | extra,
                 answer=rating.answer,
             )
@@ -108,10 +142,12 @@ def record_rater(
     *,
     batch_size: int = 8,
     rate_batch_size: int = 64,
+    rate_chunk: int = 256,
     overwrite: bool = False,
     shard: dict[str, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     model_name: str | None = None,
+    fsync: bool = False,
 ) -> RecordResult:
     """Rate the records and record every rating's scoring prompt into a store (one per checkpoint).
 
@@ -129,10 +165,15 @@ def record_rater(
             positions, the quality attention row, the quality logits; float16).
         batch_size: Samples per recorded forward.
         rate_batch_size: Images per forward while rating.
+        rate_chunk: Images preprocessed and rated at a time (memory).
         overwrite: Record again even if a store exists.
         shard: One torchrun rank's part (`mechbiqa_hooks.record.record_prompts`).
         progress: ``(done, total)`` after each recorded batch.
         model_name: The store's ``model`` attribute (default: the scoring checkpoint's directory).
+        fsync: Flush each batch to disk before committing it.
+
+    An image that cannot be read is not rated; it is stored as a failed sample with the
+    reason (``ActivationStore.errors``), as the shared-prompt recorder does.
     """
     from mechbiqa_hooks.record import record_prompts
 
@@ -141,8 +182,28 @@ def record_rater(
 
     one_stage = isinstance(rater, OneStageRater)
     parts = scoring_components(rater)
-    ratings = rater.rate([r.image_path for r in records], batch_size=rate_batch_size)
-    samples = rated_samples(records, ratings, "one-stage" if one_stage else "two-stage")
+    processor = rater.components.processor if one_stage else rater.stage1.processor
+    readable: list[int] = []
+    errors: dict[int, str] = {}
+    ratings: list[Rating] = []
+    for start in range(0, len(records), rate_chunk):  # pixels of one chunk in memory at a time
+        pixels = []
+        for i in range(start, min(len(records), start + rate_chunk)):
+            try:
+                pixels.append(torch.from_numpy(processor.preprocess(Path(records[i].image_path))))
+                readable.append(i)
+            except ImageLoadError as error:
+                errors[i] = error.reason
+            except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
+                errors[i] = f"{type(error).__name__}: {error}"
+        if pixels:
+            ratings += rater.rate(torch.stack(pixels), batch_size=rate_batch_size)
+    good = rated_samples([records[i] for i in readable], ratings, rater_mode(rater))
+    rated = dict(zip(readable, good, strict=True))
+    samples = [
+        rated[i] if i in rated else unrated_sample(record, f"cannot rate it: {errors[i]}")
+        for i, record in enumerate(records)
+    ]
     return record_prompts(
         parts.model,
         parts.tokenizer,
@@ -154,6 +215,7 @@ def record_rater(
         model_name=str(parts.path) if model_name is None else model_name,
         shard=shard,
         overwrite=overwrite,
+        fsync=fsync,
         progress=progress,
     )
 

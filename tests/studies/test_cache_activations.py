@@ -274,3 +274,29 @@ def test_torchrun_two_gloo_ranks_write_shards_and_a_joined_store(tmp_path):
             hook, select = key.split("@")
             np.testing.assert_allclose(joined.get(hook, select), one.get(hook, select), atol=1e-3)
         np.testing.assert_array_equal(joined.roles(), one.roles())
+
+
+def test_rated_mode_records_each_images_own_scoring_prompt(tmp_path):
+    from mechbiqa.model.roles import Role
+    from studies import logit_lens
+
+    make_images(tmp_path / "images", 5)
+    cfg = study.Config.tiny(tmp_path, mode="rated", dtype="float32", max_new_tokens=6)
+    result = study.main(cfg)
+    assert {e[0] for e in result.errors} == {"corrupt.png", "truncated.png"}  # not rated: error rows
+    with ActivationStore.open(result.store) as store:
+        assert store.info.prompt["per_sample"] and store.info.run["mode"] == "prompts"
+        assert len(store.valid) == 7 and (store.n_images(store.valid) == 1).all()
+        ratings = [r["rating"] for r in store.records()]
+        assert all(r["mode"] == "one-stage" for r in ratings)
+        for i in store.valid:  # each prompt ends at its own quality position, after its own description
+            n = int(store.n_positions(samples=int(i)))
+            roles = store.roles(samples=int(i))
+            assert roles[n - 1] == int(Role.QUALITY) and (roles[:n] == int(Role.IMAGE)).sum() == 5
+            assert store.prompts(samples=int(i))[0].endswith("The quality of the image is")
+    lens = logit_lens.main(logit_lens.Config.tiny(tmp_path))  # offline, from the lens of tiny-random(seed=0)
+    assert lens.lens.last_layer_error < 1e-5 and lens.lens.agreement[-1] == 1.0
+    # the lens's last layer is the rating's own answer
+    with ActivationStore.open(result.store) as store:
+        levels = [r["rating"]["level"] for r in store.records()]
+    assert [lens.lens.level_words[k] for k in lens.lens.final] == levels
