@@ -28,7 +28,14 @@ if TYPE_CHECKING:
     from mechbiqa.analysis.lens import LensResult
     from mechbiqa.analysis.patching import SweepResult
 
-__all__ = ["LEVEL_COLOURS", "ROLE_COLOURS", "attention_heatmap", "lens_trajectories", "patching_effects"]
+__all__ = [
+    "LEVEL_COLOURS",
+    "ROLE_COLOURS",
+    "attention_heatmap",
+    "lens_trajectories",
+    "patching_effects",
+    "probe_lens_curves",
+]
 
 LEVEL_COLOURS = ("#1a9850", "#91cf60", "#fee08b", "#fc8d59", "#d73027")  # excellent .. bad
 ROLE_COLOURS = {  # by Role value
@@ -204,4 +211,45 @@ def patching_effects(
             if r == 0 and c == 0:
                 top.legend(fontsize=7)
     fig.suptitle(f"{title} ({result.score.shape[1]} images; mean over images)")
+    return _save(fig, path)
+
+
+def probe_lens_curves(
+    curves: dict[str, dict],
+    path: str | Path,
+    title: str = "Where quality is decodable (probes) vs where the words settle (logit lens)",
+) -> Path:
+    """One panel per checkpoint: ridge-probe SRCC per layer beside the logit lens's curves.
+
+    Args:
+        curves: Checkpoint name -> the probes section of ``studies/replicate.py``'s summary
+            (``layers``, ``probe_srcc``, ``probe_control_srcc``, ``lens_srcc``, ``lens_agreement``,
+            ``lens_final_prob``; missing or None curves are left out).
+        path: The PNG.
+        title: Figure title.
+    """
+    names = [n for n, c in curves.items() if c.get("layers")]
+    fig = _figure(4.2 * max(len(names), 1), 3.4)
+    styles = (
+        ("probe_srcc", "probe SRCC (ridge, CV by photo)", dict(color="#1f78b4", marker="o")),
+        ("probe_control_srcc", "probe, shuffled labels", dict(color="#1f78b4", ls=":", lw=1)),
+        ("lens_srcc", "lens SRCC (Q-Align score)", dict(color="#e7298a", marker="s")),
+        ("lens_agreement", "lens answer = final", dict(color="black", ls="--", lw=1)),
+        ("lens_final_prob", "lens P(final level)", dict(color="grey", lw=1)),
+    )
+    for slot, name in enumerate(names):
+        c = curves[name]
+        ax = fig.add_subplot(1, max(len(names), 1), slot + 1)
+        for key, label, style in styles:
+            values = c.get(key)
+            if values is None:
+                continue
+            ys = np.array([np.nan if v is None else float(v) for v in values])
+            ax.plot(c["layers"], ys, ms=3, label=label, **style)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="layer", ylim=(-1.02, 1.02), title=name)
+        if slot == 0:
+            ax.set_ylabel("SRCC / share / probability")
+            ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(title)
     return _save(fig, path)

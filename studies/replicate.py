@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechbiqa import figures
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
@@ -169,6 +170,11 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
         has_image = bool((store.n_images(rows) > 0).any())
         scores = [r["rating"]["score"] for r in store.records(rows)]
         mos = store.labels(rows).tolist()
+    # figures beside the store: <mode>.lens.png, <mode>.attention.png (one-stage: the two-stage row has no image)
+    figures.lens_trajectories(lens, path.with_suffix(".lens.png"), title=f"Logit lens ({path.stem})")
+    if has_image:
+        figures.attention_heatmap(attr, path.with_suffix(".attention.png"),
+                                  title=f"Attention of the quality position ({path.stem})")
     last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
     overall = attr.mass.mean((0, 1))  # mean over layers and heads
     role = {label: i for i, label in enumerate(attr.role_labels)}
@@ -275,6 +281,9 @@ def main(cfg: Config) -> Result:
         metrics[mode]["grounding"] = summary
     lap("grounding")
 
+    curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}
+    if curves:
+        figures.probe_lens_curves(curves, out / "probe_lens_curves.png")
     findings = judge(metrics)
     result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths)
     (out / "summary.json").write_text(json.dumps(_jsonable(asdict(result)), indent=2) + "\n")

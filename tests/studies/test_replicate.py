@@ -59,7 +59,8 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
         assert set(probes["score_head"]["metrics"]) == {"level_word", "mlp_head", "ridge"}
         assert probes["grouping"].startswith("image")  # the tiny benchmark's test split is one photo
         assert "contradiction_rate" in m["grounding"] and "rouge1_f1" in m["grounding"]
-    # the level-word score of the probes is the rating's own Q-Align score (the lens's last layer)
+    for name in ("one-stage.lens.png", "two-stage.lens.png", "one-stage.attention.png", "probe_lens_curves.png"):
+        assert (tmp_path / "replicate" / name).stat().st_size > 0, name
     rendered = Console(record=True, width=200)
     rendered.print(comparison_report(result.metrics, result.findings, result.seconds))
     text = rendered.export_text()
