@@ -491,7 +491,8 @@ def dct_patch_basis(patch: int, n_filters: int) -> Tensor:
 
 
 def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "normal"] = "dct",
-                 scheme: Literal["fan_in", "gpt2"] = "fan_in") -> MPLUGOwl2:
+                 scheme: Literal["fan_in", "gpt2"] = "fan_in", energy_gain: float | None = 4.0,
+                 pool_queries: bool = True) -> MPLUGOwl2:
     """Initialise a model for training from scratch.
 
     Weight matrices ~ N(0, 1/fan_in) (``scheme="fan_in"``; ``"gpt2"``: N(0, 0.02)),
@@ -519,6 +520,23 @@ def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "no
       step -- what blur, noise, compression and colour distortions change (a
       ridge regression on LayerNorm-ed DCT patch statistics alone reaches
       held-out SRCC 0.69 at 64 px). It is only an initialisation.
+    * ``energy_gain`` (with ``"dct"``): the first vision block's MLP starts as a
+      rectifier bank that replaces each DCT coefficient by its magnitude:
+      hidden units ``k`` and ``d + k`` read ``+gain * x_k`` and ``-gain * x_k``,
+      and ``fc2`` writes ``2 / gain * quick_gelu(-gain * x_k) ~ 2 relu(-x_k)``
+      back to channel ``k``, so the stream leaves the block as ``|x_k|``, the
+      local energy of every colour x frequency (the other hidden units start
+      silent, ``fc2`` zero, and learn). Blur, noise, blocking and banding change
+      these energies, not the coefficients' mean, and only a nonlinearity
+      before pooling keeps them: a ridge regression from the untrained vision
+      tower's mean output to the labels reaches held-out SRCC 0.65 with it,
+      0.50 without.
+    * ``pool_queries``: the abstractor's query projections start at zero, so
+      every query attends uniformly and the 64 queries start as the image's
+      average energies; a ridge on the abstractor's output reaches 0.59 (0.51
+      with random query projections). Trained one-stage for 1,200 steps with
+      ``visual_lr_scale=0.1`` the compact model reached held-out SRCC 0.63 where
+      the random-projection variant of this bank reached 0.36.
     """
     g = torch.Generator().manual_seed(seed)
     residual_out = ("attn.out.weight", "mlp.fc2.weight", "out_proj.weight", "mlp.w2.weight",
@@ -544,8 +562,20 @@ def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "no
         if patch_init == "dct":
             weight = model.vision.embed.patch_embed.weight
             weight.copy_(dct_patch_basis(model.cfg.vision.patch_size, weight.shape[0]))
+            if energy_gain and model.cfg.vision.d_mlp >= 2 * model.cfg.vision.d_model:
+                d = model.cfg.vision.d_model
+                mlp = model.vision.blocks[0].mlp
+                eye = torch.eye(d)
+                mlp.fc1.weight[:d] = eye * energy_gain
+                mlp.fc1.weight[d : 2 * d] = -eye * energy_gain
+                mlp.fc1.bias.zero_()
+                mlp.fc2.weight.zero_()
+                mlp.fc2.weight[:, d : 2 * d] = eye * (2 / energy_gain)  # x + 2 relu(-x) = |x|
         elif patch_init != "normal":
             raise ValueError(f"patch_init must be 'dct' or 'normal', got {patch_init!r}")
+        if pool_queries:
+            for block in model.abstractor.blocks:
+                block.query.weight.zero_()
         if scheme not in ("fan_in", "gpt2"):
             raise ValueError(f"scheme must be 'fan_in' or 'gpt2', got {scheme!r}")
     return model

@@ -143,18 +143,19 @@ class ModelConfig:
         ``studies/train_pair.py`` train it from scratch on 2 CPU cores): 64 px
         images in 8 px patches (an 8 x 8 grid: fine detail reaches the vision
         tower, and linear statistics of such patches already predict the labels
-        better than at 84 px), a 4-layer width-128 vision tower, a 2-layer
+        better than at 84 px), a 2-layer width-128 vision tower and a 1-layer
         abstractor with the real model's 64 queries (+ ``vit_eos`` = 65 image
-        tokens), and a 4-layer width-192 LLM. Other sizes take the largest patch
+        tokens) -- shallow towers learned distortions as well as 4 + 2 layers in
+        a probe, at half the cost -- and a 4-layer width-192 LLM. Other sizes take the largest patch
         of 8, 7, 6, 4 that divides them.
         """
         patch = next((p for p in (8, 7, 6, 4) if image_size % p == 0), None)
         if patch is None:
             raise ValueError(f"compact image_size must be divisible by 8, 7, 6 or 4; got {image_size}")
         return cls(
-            vision=VisionConfig(image_size=image_size, patch_size=patch, d_model=128, n_layers=4, n_heads=4,
+            vision=VisionConfig(image_size=image_size, patch_size=patch, d_model=128, n_layers=2, n_heads=4,
                                 d_mlp=512),
-            abstractor=AbstractorConfig(n_queries=64, d_model=128, n_layers=2, n_heads=4, d_mlp=352,
+            abstractor=AbstractorConfig(n_queries=64, d_model=128, n_layers=1, n_heads=4, d_mlp=352,
                                         grid_size=image_size // patch),
             llm=LLMConfig(vocab_size=vocab_size, d_model=192, n_layers=4, n_heads=6, n_kv_heads=6, d_mlp=512,
                           max_position_embeddings=512),

@@ -122,6 +122,33 @@ def test_schedule_and_budget():
     assert T.TrainConfig().label_smoothing == 0.1
 
 
+# ------------------------------------------------------------------------------------------ initialisation
+def test_init_makes_the_first_vision_block_a_dct_energy_bank_and_the_queries_pool():
+    cfg = ModelConfig.compact(vocab_size=64)
+    model = T.init_weights(MPLUGOwl2(cfg), seed=0)
+    block, d = model.vision.blocks[0], cfg.vision.d_model
+    # The patch embedding is the orthonormal colour x DCT bank: W W^T = I over the filters.
+    w = model.vision.embed.patch_embed.weight.flatten(1)
+    torch.testing.assert_close(w @ w.T, torch.eye(d), atol=1e-5, rtol=0)
+    # The block's MLP maps a normalised token to |token| - token, so the stream leaves it as |token|.
+    x = torch.nn.functional.layer_norm(torch.randn(5, 7, d), (d,))
+    with torch.no_grad():
+        out = x + block.mlp(block.ln2(x))
+    # quick_gelu is a soft rectifier: the error is 2|x| sigmoid(-1.702 * 4 |x|), at most 0.083 (|x| = 0.18).
+    u = torch.linspace(0, 3, 3001)
+    bound = (2 * u * torch.sigmoid(-1.702 * 4 * u)).max()
+    assert 0.08 < bound < 0.085
+    assert (out - x.abs()).abs().max() <= bound + 1e-4
+    # Zero query projections: every query attends uniformly over the keys.
+    patterns = {}
+    handle = model.abstractor.blocks[0].hook_pattern.add_hook(lambda t, hook: patterns.setdefault("p", t))
+    with torch.no_grad():
+        model.abstractor(torch.randn(2, cfg.vision.n_tokens, d))
+    model.reset_hooks()
+    p = patterns["p"]
+    torch.testing.assert_close(p, torch.full_like(p, 1.0 / p.shape[-1]))
+
+
 # ------------------------------------------------------------------------------------------ runs
 def test_resumed_run_equals_uninterrupted(tok, bench, tmp_path):
     ex = T.examples_from_records(bench.split("train"), "one-stage")
