@@ -581,7 +581,7 @@ def init_weights(model: MPLUGOwl2, seed: int = 0, patch_init: Literal["dct", "no
     return model
 
 
-def build_compact_model(tokenizer: Tokenizer, image_size: int = 84, seed: int = 0) -> MPLUGOwl2:
+def build_compact_model(tokenizer: Tokenizer, image_size: int = 64, seed: int = 0) -> MPLUGOwl2:
     """A from-scratch compact model for a tokenizer (:meth:`ModelConfig.compact`, 65 image tokens)."""
     return init_weights(MPLUGOwl2(ModelConfig.compact(vocab_size=tokenizer.vocab_size, image_size=image_size)),
                         seed)

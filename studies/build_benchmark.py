@@ -54,8 +54,8 @@ class Config:
     """
 
     out_dir: Path = Path("cache/benchmark")
-    image_size: int = 84
-    crops_per_photo: int = 5
+    image_size: int = 64
+    crops_per_photo: int = 12
     distortions: tuple[str, ...] = DEFAULT_DISTORTIONS
     photos: tuple[str, ...] | None = None
     seed: int = 0

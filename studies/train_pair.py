@@ -97,7 +97,7 @@ class Config:
     benchmark_dir: Path | None = None
     image_size: int = 64
     crops_per_photo: int = 12
-    total_steps: int = 1500
+    total_steps: int = 1200
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 1e-3
@@ -107,9 +107,9 @@ class Config:
     vocab_size: int = 2048
     seed: int = 0
     threads: int = 2
-    eval_every: int = 200
+    eval_every: int = 400
     eval_samples: int = 160
-    test_samples: int = 0
+    test_samples: int = 960
     retrain: bool = False
     modes: tuple[str, ...] = ("one-stage", "two-stage")
     init_from: str | None = None

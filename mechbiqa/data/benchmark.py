@@ -105,7 +105,7 @@ class BenchmarkMismatchError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class BenchmarkConfig:
-    """What to build. The defaults give about 3,800 images of 84 px in well under two minutes.
+    """What to build. The defaults give 16,128 images of 64 px (the compact model's input) in about a minute.
 
     Attributes:
         image_size: Side of the square images in pixels.
@@ -123,8 +123,8 @@ class BenchmarkConfig:
         seed: Seed of every random choice.
     """
 
-    image_size: int = 84
-    crops_per_photo: int = 5
+    image_size: int = 64
+    crops_per_photo: int = 12
     distortions: tuple[str, ...] = DEFAULT_DISTORTIONS
     include_pristine: bool = True
     photo_sources: tuple[str, ...] = DEFAULT_SOURCES
