@@ -545,8 +545,7 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
                 else Text("held", style="green") if f["held"] else Text("did not hold", style="red"))
         verdicts.add_row(mark, f["finding"], f["evidence"])
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
-    curves = probe_lens_curves_table(metrics)
-    return Group(table, *([curves] if curves is not None else []), verdicts, timing)
+    return Group(table, *probe_lens_curves_tables(metrics), verdicts, timing)
 
 
 def _head_metric(probes: dict, scorer: str, key: str = "srcc") -> float | None:
@@ -554,48 +553,38 @@ def _head_metric(probes: dict, scorer: str, key: str = "srcc") -> float | None:
     return None if value is None else float(value)
 
 
-def probe_lens_curves_table(
-    metrics: dict, title: str = "Where quality is decodable (probes) vs where the words settle (logit lens)"
-) -> Table | None:
-    """One row per layer: for each checkpoint, ridge-probe SRCC beside the lens's SRCC, agreement, P(final).
+def probe_lens_curves_tables(metrics: dict) -> list[Table]:
+    """Per checkpoint, one row per layer: ridge-probe SRCC beside the lens's SRCC, agreement and P(final).
+
+    One narrow table per checkpoint (they stack in an 80-column terminal).
 
     Args:
         metrics: ``studies/replicate.py``'s metrics; each checkpoint's ``probes`` section
             (``layers``, ``probe_srcc``, ``lens_srcc``, ``lens_agreement``, ``lens_final_prob``).
-        title: Table title.
 
     Returns:
-        The table, or None when no checkpoint has probe curves.
+        The tables, none for a checkpoint without probe curves.
     """
-    modes = [m for m, v in metrics.items() if (v.get("probes") or {}).get("layers")]
-    if not modes:
-        return None
-    layers = sorted({int(x) for m in modes for x in metrics[m]["probes"]["layers"]})
     caption = ("probe SRCC: ridge on the residual at the quality position, CV by reference photo; lens SRCC: "
                "Q-Align score read through the lens, same folds; agree: lens answer = final answer; "
                "P(final): lens probability of the final level")
-    table = Table(title=title, caption=caption)
-    table.add_column("layer", justify="right")
-    for m in modes:
-        for name in ("probe SRCC", "", "lens SRCC", "agree", "P(final)"):
-            header = f"{m}\n{name}" if name else ""
-            table.add_column(header, justify="right" if name else "left", no_wrap=True)
 
     def at(values: list | None, i: int) -> float:
         return float("nan") if values is None or i >= len(values) or values[i] is None else float(values[i])
 
-    for layer in layers:
-        cells = [str(layer)]
-        for m in modes:
-            pr = metrics[m]["probes"]
-            i = [int(x) for x in pr["layers"]].index(layer) if layer in pr["layers"] else len(pr["layers"])
+    tables = []
+    modes = [m for m, v in metrics.items() if (v.get("probes") or {}).get("layers")]
+    for k, m in enumerate(modes):
+        pr = metrics[m]["probes"]
+        table = Table(title=f"{m}: where quality is decodable (probes) vs where the words settle (logit lens)",
+                      caption=caption if k == len(modes) - 1 else None)
+        for name, justify in (("layer", "right"), ("probe SRCC", "right"), ("", "left"), ("lens SRCC", "right"),
+                              ("agree", "right"), ("P(final)", "right")):
+            table.add_column(name, justify=justify, no_wrap=True)
+        for i, layer in enumerate(int(x) for x in pr["layers"]):
             probe = at(pr.get("probe_srcc"), i)
-            cells += [
-                _num(probe),
-                bar(max(probe, 0.0) if np.isfinite(probe) else 0.0, 10, "cyan"),
-                _num(at(pr.get("lens_srcc"), i)),
-                _pct(at(pr.get("lens_agreement"), i), 0),
-                _num(at(pr.get("lens_final_prob"), i), 2),
-            ]
-        table.add_row(*cells)
-    return table
+            table.add_row(str(layer), _num(probe), bar(max(probe, 0.0) if np.isfinite(probe) else 0.0, 20, "cyan"),
+                          _num(at(pr.get("lens_srcc"), i)), _pct(at(pr.get("lens_agreement"), i), 0),
+                          _num(at(pr.get("lens_final_prob"), i), 2))
+        tables.append(table)
+    return tables

@@ -90,9 +90,9 @@ class Config:
     """
 
     cache: str = str(REPO / "cache")
-    n_images: int = 64
-    n_patch: int = 8
-    n_instability: int = 12
+    n_images: int = 256
+    n_patch: int = 32
+    n_instability: int = 48
     threads: int = 2
     retrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)
