@@ -65,6 +65,35 @@ def srcc(pred, mos) -> float:
     return float(stats.spearmanr(*_pair(pred, mos))[0])
 
 
+def srcc_difference(pred_a, pred_b, mos, bootstrap: int = 2000, ci_level: float = 0.95,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """SRCC(b) - SRCC(a) on the same images, with a paired percentile bootstrap interval.
+
+    Both predictors are resampled with the same image indices, so the interval
+    reflects how much the *difference* depends on which images were drawn (a
+    two-stage vs one-stage comparison on one test split).
+
+    Returns:
+        ``(difference, low, high)``.
+    """
+    a, y = _pair(pred_a, mos)
+    b, _ = _pair(pred_b, mos)
+    rng = np.random.default_rng(seed)
+    draws = []
+    with warnings.catch_warnings():  # a constant predictor (or resample) has no SRCC: NaN, dropped below
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        diff = srcc(b, y) - srcc(a, y)
+        for _ in range(bootstrap):
+            i = rng.integers(0, y.size, y.size)
+            draws.append(srcc(b[i], y[i]) - srcc(a[i], y[i]))
+    draws = np.asarray(draws)
+    draws = draws[np.isfinite(draws)]
+    if not draws.size:
+        return diff, float("nan"), float("nan")
+    tail = 100 * (1 - ci_level) / 2
+    return diff, float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+
+
 def krcc(pred, mos) -> float:
     """Kendall tau-b (no validity checks; see `iqa_metrics`)."""
     return float(stats.kendalltau(*_pair(pred, mos))[0])

@@ -256,6 +256,8 @@ def main(cfg: Config) -> Result:
         m["srcc"], m["plcc"], m["level_acc"] = held_out["srcc"], held_out.get("plcc"), held_out.get("level_acc")
         subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
         m["srcc_subset"] = subset.srcc
+        if mode == "two-stage" and (pair.get("comparison") or {}).get("ci95"):
+            m["srcc_diff_ci"] = pair["comparison"]["ci95"]
         metrics[mode] = m
         lap(f"lens, attribution, probes from the store ({mode})")
 
@@ -334,9 +336,17 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             held = None
         out.append({"finding": finding, "held": None if held is None else bool(held), "evidence": evidence})
 
-    add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
-        two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)",
-        one["srcc"], two["srcc"])
+    ci = two.get("srcc_diff_ci")  # paired bootstrap 95% interval of SRCC(two) - SRCC(one)
+    if ci:
+        # held only when the interval excludes zero; an interval around zero is no evidence either way
+        held = True if ci[0] > 0 else False if ci[1] < 0 else None
+        add("Two-stage tuning rates better than one-stage (SRCC on the test split).", held,
+            f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage); difference 95% CI "
+            f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", one["srcc"], two["srcc"], *ci)
+    else:
+        add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
+            two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)",
+            one["srcc"], two["srcc"])
     ins1, ins2 = one.get("instability"), two.get("instability")
     if ins1 and ins2:
         add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", ins2[0] < ins1[0],

@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from mechbiqa import train as T  # noqa: E402
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
 from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
+from mechbiqa.metrics import srcc_difference  # noqa: E402
 from mechbiqa.model.tokenizer import load_tokenizer  # noqa: E402
 from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info  # noqa: E402
 
@@ -156,6 +157,8 @@ class PairResult:
         eval_seconds: Wall time of each test evaluation.
         paths: Where the checkpoints are.
         config: The study config.
+        comparison: Two-stage minus one-stage test SRCC on the same images, with a paired bootstrap 95%
+            interval (``srcc_two_minus_one``, ``ci95``, ``n``); None unless both were rated.
     """
 
     one_stage: dict[str, Any] | None
@@ -164,6 +167,7 @@ class PairResult:
     eval_seconds: dict[str, float]
     paths: dict[str, str]
     config: dict[str, Any]
+    comparison: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:  # noqa: D102
         return asdict(self)
@@ -237,6 +241,9 @@ def _test_metrics(ratings, records: list[IQARecord], descriptions: list[str]) ->
         out["family_rate_distorted"] = float(np.mean(distorted)) if distorted else float("nan")
     out["examples"] = [{"id": x.id, "label": x.level_word, "description": d, "rated": r.level}
                        for d, x, r in list(zip(descriptions, records, ratings))[:6]]
+    out["ids"] = [x.id for x in records]
+    out["scores"] = scores.tolist()
+    out["labels"] = mos.tolist()
     return out
 
 
@@ -301,8 +308,12 @@ def main(cfg: Config, progress=None) -> PairResult:
         two_result = _test_metrics(ratings, test, descriptions)
         eval_seconds["two-stage"] = time.perf_counter() - start
 
+    comparison = None
+    if one_result is not None and two_result is not None:
+        diff, low, high = srcc_difference(one_result["scores"], two_result["scores"], one_result["labels"])
+        comparison = {"srcc_two_minus_one": diff, "ci95": [low, high], "n": len(test)}
     result = PairResult(one_stage=one_result, two_stage=two_result, train_seconds=train_seconds,
-                        eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)))
+                        eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)), comparison=comparison)
     (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
 
@@ -362,6 +373,10 @@ class Display:
                           f"{metrics['srcc']:.3f}", f"{metrics['plcc']:.3f}", f"{metrics['level_acc']:.3f}",
                           f"{metrics.get('family_rate', float('nan')):.3f}")
         self.console.print(table)
+        if result.comparison:
+            c = result.comparison
+            self.console.print(f"two-stage minus one-stage SRCC: {c['srcc_two_minus_one']:+.3f}, paired bootstrap 95% "
+                               f"interval [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] over {c['n']} test images")
         if "stage1" in result.train_seconds:
             self.console.print(f"two-stage: stage 1 {result.train_seconds['stage1']:.0f} s, "
                                f"stage 2 {result.train_seconds['stage2']:.0f} s")

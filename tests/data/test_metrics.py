@@ -129,3 +129,19 @@ def test_ssim_matches_scikit_image():
         channel_axis=-1,
     )
     assert ssim(ref, dist) == pytest.approx(expected, abs=1e-12)
+
+
+def test_srcc_difference_is_paired_and_its_interval_tracks_the_evidence():
+    from mechbiqa.metrics import srcc_difference
+
+    rng = np.random.default_rng(0)
+    mos = rng.normal(size=400)
+    good = mos + 0.3 * rng.normal(size=400)
+    bad = mos + 3.0 * rng.normal(size=400)
+    diff, low, high = srcc_difference(bad, good, mos, bootstrap=500)
+    assert diff == pytest.approx(stats.spearmanr(good, mos)[0] - stats.spearmanr(bad, mos)[0])
+    assert 0 < low < diff < high  # a clear improvement: the interval excludes zero
+    same, lo, hi = srcc_difference(good, good, mos, bootstrap=200)
+    assert same == 0 and lo == 0 and hi == 0  # paired: identical predictors differ by exactly 0 in every draw
+    _, lo2, hi2 = srcc_difference(good, good + 0.05 * rng.normal(size=400), mos, bootstrap=500)
+    assert lo2 < 0 < hi2  # a negligible change: the interval spans zero

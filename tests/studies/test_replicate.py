@@ -91,3 +91,7 @@ def test_findings_follow_the_numbers():
     assert not any(flipped.values()), flipped
     undecided = judge({"one-stage": base, "two-stage": two | {"srcc": float("nan")}})
     assert undecided[0]["held"] is None
+    # with a paired bootstrap interval of the SRCC difference, only an interval clear of zero decides
+    verdict = {ci: judge({"one-stage": base, "two-stage": two | {"srcc_diff_ci": ci}})[0]["held"]
+               for ci in ((0.05, 0.3), (-0.02, 0.3), (-0.3, -0.01))}
+    assert verdict == {(0.05, 0.3): True, (-0.02, 0.3): None, (-0.3, -0.01): False}
