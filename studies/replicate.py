@@ -273,6 +273,7 @@ def main(cfg: Config) -> Result:
                                           device=cfg.device), dataset=str(cache / "benchmark" / "manifest.jsonl")))
         metrics[mode]["instability"] = r.instability.ratio_mean_std
         metrics[mode]["accuracy"] = r.instability.accuracy_mean_std
+        metrics[mode]["sessions"] = len(r.instability.ratio)
         lap(f"instability ({mode})")
 
     grounding = _study("grounding")
@@ -347,14 +348,23 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
             two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)",
             one["srcc"], two["srcc"])
+    def beyond_noise(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        # session means +- their spread: decided only when the difference of the means exceeds two standard
+        # errors; a mean over n sessions has standard error std / sqrt(n)
+        n = min(one.get("sessions", 3), two.get("sessions", 3))
+        return abs(b[0] - a[0]) > 2 * np.sqrt((a[1] ** 2 + b[1] ** 2) / max(n, 1))
+
     ins1, ins2 = one.get("instability"), two.get("instability")
     if ins1 and ins2:
-        add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", ins2[0] < ins1[0],
+        add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).",
+            (ins2[0] < ins1[0]) if beyond_noise(ins1, ins2) else None,
             f"instability {100 * ins1[0]:.1f}% +- {100 * ins1[1]:.1f} vs {100 * ins2[0]:.1f}% +- {100 * ins2[1]:.1f}")
     acc1, acc2 = one.get("accuracy"), two.get("accuracy")
     if acc1 and acc2:
-        add("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).", acc2[0] > acc1[0],
-            f"level accuracy {100 * acc1[0]:.1f}% vs {100 * acc2[0]:.1f}%")
+        add("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).",
+            (acc2[0] > acc1[0]) if beyond_noise(acc1, acc2) else None,
+            f"level accuracy {100 * acc1[0]:.1f}% +- {100 * acc1[1]:.1f} vs {100 * acc2[0]:.1f}% +- "
+            f"{100 * acc2[1]:.1f}")
     add("The one-stage quality token attends to image tokens; the two-stage one to the description.",
         one["image_mass"][0] > two["image_mass"][0] and two["description_mass"][0] > one["description_mass"][0],
         f"image mass {one['image_mass'][0]:.3f} vs {two['image_mass'][0]:.3f}; description mass "

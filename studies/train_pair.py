@@ -99,7 +99,7 @@ class Config:
     image_size: int = 64
     crops_per_photo: int = 12
     total_steps: int = 1200
-    batch_size: int = 16
+    batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
     visual_lr_scale: float = 0.1
@@ -108,7 +108,7 @@ class Config:
     vocab_size: int = 2048
     seed: int = 0
     threads: int = 2
-    eval_every: int = 400
+    eval_every: int = 600
     eval_samples: int = 160
     test_samples: int = 960
     retrain: bool = False

@@ -95,3 +95,9 @@ def test_findings_follow_the_numbers():
     verdict = {ci: judge({"one-stage": base, "two-stage": two | {"srcc_diff_ci": ci}})[0]["held"]
                for ci in ((0.05, 0.3), (-0.02, 0.3), (-0.3, -0.01))}
     assert verdict == {(0.05, 0.3): True, (-0.02, 0.3): None, (-0.3, -0.01): False}
+    # session spreads: a difference within two standard errors of the session means decides nothing
+    noisy = {"instability": (0.53, 0.02), "accuracy": (0.27, 0.03), "sessions": 3}
+    close = judge({"one-stage": base | noisy, "two-stage": two | {"instability": (0.52, 0.01), "accuracy": (0.29, 0.02)}})
+    by_name = {f["finding"].split(" (")[0]: f["held"] for f in close}
+    assert by_name["Two-stage answers are more stable under sampling"] is None
+    assert by_name["Two-stage answers hit the label's level more often"] is None
