@@ -710,58 +710,21 @@ def record_dataset(
     )
     layout = plan_layout(model, spec, prompt_roles, len(samples), run)
     run_dict = asdict(run) | ({"shard": dict(shard)} if shard else {})
-    attrs = {
-        "model": model_name,
-        "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
-        "model_identity": json.dumps(model_identity(model), sort_keys=True),
-        "tokenizer": json.dumps(tokenizer_identity(tokenizer), sort_keys=True),
-        "prompt": json.dumps(
-            asdict(prompt)
-            | {"text": encoded.text, "ids": list(encoded.ids), "image_processor": asdict(processor)},
-            sort_keys=True,
-        ),
-        "run": json.dumps(run_dict, sort_keys=True),
-        "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
-        "environment": json.dumps(environment(model), sort_keys=True),
-    }
+    attrs = _store_attrs(
+        model, tokenizer, model_name, spec, run_dict,
+        asdict(prompt) | {"text": encoded.text, "ids": list(encoded.ids), "image_processor": asdict(processor)},
+    )  # fmt: skip
     infos = [_sample_info(s, encoded.text) for s in samples]
-    writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
-    _warn_environment(writer, attrs, path)
-    recorder = Recorder(model, layout)
     load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
     role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]] = {}
-    n = len(samples)
-    try:
-        batches = list(iter_batches(n, run.batch_size, writer.first_pending)) if not writer.complete else []
-        resumed_from = batches[0][0] if batches else n
-        if progress is not None:
-            progress(resumed_from, n)
-        recorded = 0
-        with recorder.attached():
-            for start, stop in batches:
-                batch = _record_batch(
-                    model,
-                    tokenizer,
-                    load,
-                    recorder,
-                    samples[start:stop],
-                    start,
-                    encoded,
-                    run,
-                    level_ids,
-                    layout,
-                    role_cache,
-                )
-                writer.write(batch)
-                recorded += stop - start
-                if progress is not None:
-                    progress(stop, n)
-        failed = int((writer.status == STATUS_FAILED).sum())
-        final = writer.finish()
-    finally:
-        writer.close()
-    return RecordResult(Path(final), n, recorded, failed, resumed_from, time.perf_counter() - began)
+
+    def record_batch(recorder: Recorder, start: int, stop: int) -> Any:
+        return _record_batch(model, tokenizer, load, recorder, samples[start:stop], start, encoded, run, level_ids,
+                             layout, role_cache)  # fmt: skip
+
+    return _write_store(model, path, layout, attrs, infos, run.batch_size, record_batch,
+                        overwrite=overwrite, fsync=fsync, progress=progress, began=began)  # fmt: skip
 
 
 def prompted_roles(sample: PromptedSample, n_image_tokens: int, bos_id: int) -> TokenRoles | None:
@@ -885,24 +848,11 @@ def record_prompts(
         layout.n_samples, layout.max_pos, layout.capacities, layout.arrays, answer_bytes, layout.dtype
     )
     run_dict = {"mode": "prompts", "batch_size": batch_size} | ({"shard": dict(shard)} if shard else {})
-    attrs = {
-        "model": model_name,
-        "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
-        "model_identity": json.dumps(model_identity(model), sort_keys=True),
-        "tokenizer": json.dumps(tokenizer_identity(tokenizer), sort_keys=True),
-        "prompt": json.dumps(
-            {
-                "per_sample": True,
-                "digest": prompts_digest(samples, roles),
-                "n_text_only": len(known) - len(with_image),
-                "image_processor": None if processor is None else asdict(processor),
-            },
-            sort_keys=True,
-        ),
-        "run": json.dumps(run_dict, sort_keys=True),
-        "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
-        "environment": json.dumps(environment(model), sort_keys=True),
-    }
+    attrs = _store_attrs(
+        model, tokenizer, model_name, spec, run_dict,
+        {"per_sample": True, "digest": prompts_digest(samples, roles), "n_text_only": len(known) - len(with_image),
+         "image_processor": None if processor is None else asdict(processor)},
+    )  # fmt: skip
     infos = [
         SampleInfo(
             id=str(s.id),
@@ -913,14 +863,58 @@ def record_prompts(
         )
         for s in samples
     ]
-    writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
-    _warn_environment(writer, attrs, path)
-    recorder = Recorder(model, layout)
     def load_from_path(sample: PromptedSample) -> Tensor:
         return torch.from_numpy(processor.preprocess(Path(sample.image_path)))  # type: ignore[union-attr]
 
     load = load_image or load_from_path
-    n = len(samples)
+
+    def record_batch(recorder: Recorder, lo: int, hi: int) -> Any:
+        return _record_prompt_batch(tokenizer, load, recorder, samples[lo:hi], roles[lo:hi], lo, layout)
+
+    return _write_store(model, path, layout, attrs, infos, batch_size, record_batch,
+                        overwrite=overwrite, fsync=fsync, progress=progress, began=began)  # fmt: skip
+
+
+def _store_attrs(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    model_name: str,
+    spec: CacheSpec,
+    run: dict[str, Any],
+    prompt: dict[str, Any],
+) -> dict[str, str]:
+    """The store's provenance attributes (compared on resume; ``model`` and ``environment`` are not)."""
+    return {
+        "model": model_name,
+        "model_config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+        "model_identity": json.dumps(model_identity(model), sort_keys=True),
+        "tokenizer": json.dumps(tokenizer_identity(tokenizer), sort_keys=True),
+        "prompt": json.dumps(prompt, sort_keys=True),
+        "run": json.dumps(run, sort_keys=True),
+        "cache_spec": json.dumps(spec.to_dict(), sort_keys=True),
+        "environment": json.dumps(environment(model), sort_keys=True),
+    }
+
+
+def _write_store(
+    model: MPLUGOwl2,
+    path: str | Path,
+    layout: StoreLayout,
+    attrs: dict[str, str],
+    infos: list[SampleInfo],
+    batch_size: int,
+    record_batch: Callable[[Recorder, int, int], Any],
+    *,
+    overwrite: bool,
+    fsync: bool,
+    progress: Callable[[int, int], None] | None,
+    began: float,
+) -> RecordResult:
+    """Open (or resume) the store and write ``record_batch(recorder, lo, hi)`` for every pending batch."""
+    writer = StoreWriter.open(path, layout, attrs, infos, overwrite=overwrite, fsync=fsync)
+    _warn_environment(writer, attrs, path)
+    recorder = Recorder(model, layout)
+    n = len(infos)
     try:
         batches = list(iter_batches(n, batch_size, writer.first_pending)) if not writer.complete else []
         resumed_from = batches[0][0] if batches else n
@@ -929,9 +923,7 @@ def record_prompts(
         recorded = 0
         with recorder.attached():
             for lo, hi in batches:
-                writer.write(
-                    _record_prompt_batch(tokenizer, load, recorder, samples[lo:hi], roles[lo:hi], lo, layout)
-                )
+                writer.write(record_batch(recorder, lo, hi))
                 recorded += hi - lo
                 if progress is not None:
                     progress(hi, n)
