@@ -52,15 +52,20 @@ _TINY_NAME = re.compile(r"tiny-random\(seed=(\d+)\)")
 
 
 # ----------------------------------------------------------------------------- models
+def seeded_model(cfg: ModelConfig, seed: int = 0) -> MPLUGOwl2:
+    """A model with PyTorch's default initialisation under ``seed``, without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MPLUGOwl2(cfg).eval()
+
+
 def tiny_random_model(seed: int = 0) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
     """A random `ModelConfig.tiny` model with a toy tokenizer: same seed, same weights."""
     tokenizer = train_compact_tokenizer(_TOY_TEXT, vocab_size=320)
     cfg = ModelConfig.tiny()
     cfg = replace(cfg, llm=replace(cfg.llm, vocab_size=tokenizer.vocab_size))
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random state
-        torch.manual_seed(seed)
-        model = MPLUGOwl2(cfg)
+    model = seeded_model(cfg, seed)
     with torch.no_grad():  # the default init leaves norms at 1 and some rows at 0: spread every weight
         for _, p in sorted(model.named_parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=generator))

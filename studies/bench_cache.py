@@ -49,11 +49,12 @@ import torch
 from mechbiqa_hooks.nnsight_view import nnsight_view
 from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
-from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.model import ModelConfig
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.roles import Role, assign_roles
 from mechbiqa.model.tokenizer import train_compact_tokenizer
+from mechbiqa.sources import seeded_model
 from mechbiqa.store import (
     ActivationStore,
     ArraySpec,
@@ -130,9 +131,7 @@ class Bench:
                     model_cfg,
                     llm=replace(model_cfg.llm, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376),
                 )
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                self.model = MPLUGOwl2(model_cfg).eval()
+            self.model = seeded_model(model_cfg, 0)
             self.processor = ImageProcessor(image_size=model_cfg.vision.image_size)
         self.spec = CacheSpec.default()
         encoded = PromptConfig().encode(self.tokenizer, "score")

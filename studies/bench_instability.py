@@ -22,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
 from mechbiqa.analysis.instability import SamplingConfig, sample_answers, sample_answers_independently
-from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.benchmarking import interleaved_best
+from mechbiqa.model import ModelConfig
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX
+from mechbiqa.sources import seeded_model
 
 
 @dataclass(frozen=True)
@@ -81,28 +81,12 @@ class Result:
     threads: int
 
 
-def _interleaved(a: Any, b: Any, repeats: int) -> tuple[float, Any, float, Any]:
-    """Best wall time of each of two functions, run alternately (a shared machine's load hits both alike)."""
-    best_a = best_b = float("inf")
-    out_a = out_b = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out_a = a()
-        best_a = min(best_a, time.perf_counter() - start)
-        start = time.perf_counter()
-        out_b = b()
-        best_b = min(best_b, time.perf_counter() - start)
-    return best_a, out_a, best_b, out_b
-
-
 def main(cfg: Config) -> Result:
     """Build the model, sample both ways, compare."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = MPLUGOwl2(ModelConfig.compact()).eval()
+    model = seeded_model(ModelConfig.compact(), cfg.seed)
     ids = torch.randint(3, model.cfg.llm.vocab_size, (cfg.images, cfg.prompt_len), generator=g)
     ids[:, 0], ids[:, cfg.prompt_len // 2] = 1, IMAGE_TOKEN_INDEX
     size = model.cfg.vision.image_size
@@ -116,7 +100,7 @@ def main(cfg: Config) -> Result:
     sample_answers(
         model, ids[:1], pixels[:1], SamplingConfig(n_answers=1, seeds=(0,), max_new_tokens=2)
     )  # warm-up
-    shared_s, shared, alone_s, alone = _interleaved(
+    shared_s, shared, alone_s, alone = interleaved_best(
         lambda: sample_answers(model, ids, pixels, sampling),
         lambda: sample_answers_independently(model, ids, pixels, sampling),
         cfg.repeats,

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from mechbiqa_hooks import names, patch
 
 from mechbiqa.analysis.patching import Readout, gather_activations, image_token_grid, read_quality, sweep
+from mechbiqa.benchmarking import interleaved_best
 from mechbiqa.model import ModelConfig, MPLUGOwl2
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX
+from mechbiqa.sources import seeded_model
 
 
 @dataclass(frozen=True)
@@ -94,20 +94,6 @@ class Result:
     threads: int
 
 
-def _interleaved(a: Any, b: Any, repeats: int) -> tuple[float, Any, float, Any]:
-    """Best wall time of each of two functions, run alternately (a shared machine's load hits both alike)."""
-    best_a = best_b = float("inf")
-    out_a = out_b = None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out_a = a()
-        best_a = min(best_a, time.perf_counter() - start)
-        start = time.perf_counter()
-        out_b = b()
-        best_b = min(best_b, time.perf_counter() - start)
-    return best_a, out_a, best_b, out_b
-
-
 def one_forward_per_configuration(
     model: MPLUGOwl2, ids: torch.Tensor, pixels: torch.Tensor, configurations: list, readout: Readout
 ) -> tuple[np.ndarray, ...]:
@@ -138,9 +124,7 @@ def main(cfg: Config) -> Result:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     g = torch.Generator().manual_seed(cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = MPLUGOwl2(ModelConfig.compact()).eval()
+    model = seeded_model(ModelConfig.compact(), cfg.seed)
     ids = torch.randint(3, model.cfg.llm.vocab_size, (1, cfg.prompt_len), generator=g)
     ids[0, 0], ids[0, cfg.prompt_len // 2] = 1, IMAGE_TOKEN_INDEX
     ids = ids.expand(cfg.images, -1)
@@ -164,7 +148,7 @@ def main(cfg: Config) -> Result:
         )
     readout = Readout(tuple(range(10, 15)))
     sweep(model, ids, pixels, configurations[:1], readout)  # warm-up: one-off allocation costs
-    batched_s, batched, single_s, (score, diff, _, answer) = _interleaved(
+    batched_s, batched, single_s, (score, diff, _, answer) = interleaved_best(
         lambda: sweep(
             model,
             ids,

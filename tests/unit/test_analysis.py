@@ -401,3 +401,14 @@ def test_evaluation_per_dataset_and_pooled():
     few = evaluate_by_dataset([0.1, 0.2], [1.0, 2.0], ["c", "c"])
     assert "too_few" in few.rows[0].metrics.flags and len(few.rows) == 1
     assert aligned_target(3.0, False) == -3.0 and np.isnan(aligned_target(None, True))
+
+
+def test_benchmark_timer_alternates_the_two_methods_and_keeps_their_outputs():
+    from mechbiqa.benchmarking import interleaved_best
+
+    calls: list[str] = []
+    seconds_a, out_a, seconds_b, out_b = interleaved_best(
+        lambda: calls.append("a") or "A", lambda: calls.append("b") or "B", repeats=3
+    )
+    assert calls == ["a", "b"] * 3  # alternating: a load spike hits both alike
+    assert (out_a, out_b) == ("A", "B") and 0 <= seconds_a < 1 and 0 <= seconds_b < 1
