@@ -9,6 +9,7 @@ import sys
 import warnings
 
 import pytest
+from scipy import stats
 
 from mechbiqa.model import load_pretrained
 from mechbiqa.pipeline import read_info
@@ -39,6 +40,18 @@ def test_train_pair_tiny_end_to_end(tmp_path):
         metrics = saved[mode]
         assert metrics["n"] == cfg.test_samples
         assert {"srcc", "plcc", "level_acc", "family_rate"} <= set(metrics)
+        assert len(metrics["scores"]) == len(metrics["labels"]) == len(metrics["ids"]) == cfg.test_samples
+    # the comparison is SRCC(two) - SRCC(one) over the same stored images, its interval around it
+    one, two = saved["one_stage"], saved["two_stage"]
+    assert one["ids"] == two["ids"] and one["labels"] == two["labels"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant tiny-model score has no SRCC (NaN)
+        expected = stats.spearmanr(two["scores"], two["labels"])[0] - stats.spearmanr(one["scores"], one["labels"])[0]
+    comparison = saved["comparison"]
+    assert comparison["n"] == cfg.test_samples
+    assert comparison["srcc_two_minus_one"] == pytest.approx(expected, nan_ok=True)
+    low, high = comparison["ci95"]
+    assert (low != low and high != high) or low <= comparison["srcc_two_minus_one"] <= high
     assert read_info(out / "one-stage").task == "one-stage" and read_info(out / "one-stage").step == 6
     assert read_info(out / "two-stage" / "stage1").step == 4 and read_info(out / "two-stage" / "stage2").step == 2
     for path in (out / "one-stage", out / "two-stage" / "stage1", out / "two-stage" / "stage2"):
