@@ -513,7 +513,8 @@ def _build_or_reuse(
             raise BenchmarkMismatchError(
                 f"{root} holds a benchmark built from another configuration "
                 f"({_config_diff(old.get('config', {}), cfg.to_dict())}). "
-                "Build into a different directory, or pass overwrite=True to replace it."
+                "Build into a different directory, pass overwrite=True, or delete the directory to replace "
+                "it (it is rebuilt from the packaged photos)."
             )
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(

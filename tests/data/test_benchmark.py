@@ -129,8 +129,10 @@ def test_reuse_mismatch_and_overwrite(tiny_dir):
     first = load_benchmark(tiny_dir)
     again = build_benchmark(BenchmarkConfig.tiny(), tiny_dir)
     assert again.reused and again.fingerprint == first.fingerprint and again.records == first.records
-    with pytest.raises(BenchmarkMismatchError, match="image_size: 32 -> 40"):
+    with pytest.raises(BenchmarkMismatchError, match="image_size: 32 -> 40") as refused:
         build_benchmark(BenchmarkConfig.tiny(image_size=40), tiny_dir)
+    assert "delete the directory" in str(refused.value)  # the fix is named, and the old build is kept
+    assert load_benchmark(tiny_dir).records == first.records
 
 
 def test_overwrite_rebuilds_and_refuses_foreign_dirs(tmp_path):
