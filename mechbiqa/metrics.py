@@ -197,7 +197,8 @@ class IQAMetrics:
         srcc: Spearman rank correlation, raw scores.
         krcc: Kendall tau-b, raw scores.
         plcc_raw: Pearson correlation of the raw predictions.
-        rmse_raw: RMSE of the raw predictions (meaningful only if they are on the MOS scale).
+        rmse_raw: RMSE of the raw predictions (meaningful only if they are on the MOS scale: the
+            evaluation passes 0-1 targets, the scale of the Q-Align score).
         plcc_fitted: Pearson correlation after ``fit``.
         rmse_fitted: RMSE after ``fit``, in MOS units.
         fit: The map used for the fitted values (its ``kind`` says which), or None if none was possible.

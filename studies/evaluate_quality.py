@@ -11,9 +11,10 @@ Method: rate every image (the Q-Align score, DESIGN.md "Score"):
 * any other checkpoint, and the tiny random model: Q-Align's scorer prompt
   (`mechbiqa.scoring.rate_images`).
 
-Compare with the data set's ratings, oriented so that higher is better (DMOS
-negated): SRCC and KRCC raw; PLCC and RMSE raw and after the 4-parameter
-logistic fit (`mechbiqa.metrics.iqa_metrics` via
+Compare with the data set's ratings normalised to 0-1 from each data set's
+own scale, higher is better (DMOS flipped; `mechbiqa.data.scales`), so the
+pooled row compares images, not score scales: SRCC and KRCC raw; PLCC and
+RMSE raw and after the 4-parameter logistic fit (`mechbiqa.metrics.iqa_metrics` via
 `mechbiqa.analysis.evaluation.evaluate_by_dataset`), per data set and pooled.
 Time per image is the model's wall time (image decoding and preprocessing
 excluded) after one warm-up batch, at the given batch size.
@@ -25,6 +26,7 @@ Example::
 
     python studies/evaluate_quality.py --model cache/compact/one-stage --dataset builtin --split test
     python studies/evaluate_quality.py --model /ckpt/one-align --dataset koniq10k=/data/koniq spaq=/data/spaq
+    python studies/evaluate_quality.py --model /ckpt/one-align --dataset test_jsons/test_kadid.json=data/
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ import numpy as np
 import torch
 
 from mechbiqa import reports
-from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, aligned_target, evaluate_by_dataset
+from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, evaluate_by_dataset, normalised_target
+from mechbiqa.data.loaders import load_qalign_json, parse_scale
 from mechbiqa.scoring import rate_images
 from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
 
@@ -55,9 +58,11 @@ class Config:
         model: Checkpoint directory or two-stage pair folder; None with ``tiny_random``, else
             the compact one-stage default.
         tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`).
-        datasets: Data sets, each ``builtin``, a folder of images, a ``.jsonl`` of records or
-            ``NAME=ROOT`` (a real data set `mechbiqa.data.load_dataset` knows).
-        split: Keep one split of each data set (None: all).
+        datasets: Data sets, each ``builtin``, a folder of images, a ``.jsonl`` of records,
+            ``NAME=ROOT`` (a real data set `mechbiqa.data.load_dataset` knows) or a Q-Align
+            JSON ``FILE.json[=IMAGE_ROOT]``.
+        split: Keep one split of each data set (None: all); a data set without splits is refused.
+        scales: ``NAME=LOW,HIGH[,lower]`` score scales of Q-Align JSON sources mechbiqa does not know.
         limit: Keep the first N images of each data set.
         batch_size: Images per forward.
         seed: Seed of the tiny random model.
@@ -70,6 +75,7 @@ class Config:
     tiny_random: bool = False
     datasets: tuple[str, ...] = ("builtin",)
     split: str | None = "test"
+    scales: tuple[str, ...] = ()
     limit: int | None = None
     batch_size: int = 16
     seed: int = 0
@@ -134,19 +140,54 @@ def _rater(cfg: Config) -> tuple[Any, Any, str]:
     return rate, processor, f"{name} (Q-Align scorer prompt)"
 
 
+def _samples(spec: str, cfg: Config) -> list[Any]:
+    """The samples of one ``--dataset`` spec after ``--split`` and ``--limit``; SystemExit (one line) if none.
+
+    A ``.json`` spec (``FILE.json`` or ``FILE.json=IMAGE_ROOT``; the image root defaults to the
+    file's folder) is a Q-Align JSON, each entry rated on its own source's scale.
+    """
+    file, _, root = spec.partition("=")
+    try:
+        if file.endswith(".json"):
+            scales = dict(parse_scale(s) for s in cfg.scales)
+            samples = load_qalign_json(file, root or Path(file).parent, scales=scales)
+        else:
+            samples = load_samples(spec)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--dataset {spec}: {error}") from None
+    if cfg.split is not None:
+        splits = sorted({s for s in (getattr(x, "split", None) for x in samples) if s is not None})
+        if not splits:
+            raise SystemExit(
+                f"--dataset {spec}: this data set has no official split (no image carries one), so "
+                f"--split {cfg.split} keeps nothing; pass --split all to evaluate every image"
+            )
+        samples = [x for x in samples if getattr(x, "split", None) == cfg.split]
+        if not samples:
+            raise SystemExit(
+                f"--dataset {spec}: no image in split {cfg.split!r}; its splits are {splits}: pass one of "
+                "them, or --split all"
+            )
+    return samples[: cfg.limit] if cfg.limit is not None else samples
+
+
 def main(cfg: Config) -> Result:
-    """Rate every data set, time it, compute the metrics; write JSON and config."""
+    """Rate every data set, time it, compute the metrics on the 0-1 scale; write JSON and config."""
+    for spec in cfg.scales:  # a malformed --scale fails before the model loads
+        try:
+            parse_scale(spec)
+        except ValueError as error:
+            raise SystemExit(f"--scale: {error}") from None
+    loaded = [(spec, _samples(spec, cfg)) for spec in cfg.datasets]
     rate, processor, name = _rater(cfg)
-    scores: dict[str, np.ndarray] = {}
+    scores: dict[str, list[np.ndarray]] = {}
     all_scores, targets, groups, ids = [], [], [], []
     seconds: dict[str, float] = {}
     warm = False
-    for spec in cfg.datasets:
-        try:
-            samples = load_samples(spec, cfg.split, cfg.limit)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(str(error)) from None
-        dataset = getattr(samples[0], "dataset", "") or Path(spec.split("=")[-1]).name or spec
+    for spec, samples in loaded:
+        default = Path(spec.split("=")[-1]).name or spec
+        # A Q-Align JSON may mix sources: each image counts under its own data set.
+        names = [getattr(s, "dataset", "") or default for s in samples]
         watch, parts = Stopwatch(), []
         for start in range(0, len(samples), cfg.batch_size):
             pixels = processor([s.image_path for s in samples[start : start + cfg.batch_size]])
@@ -155,17 +196,21 @@ def main(cfg: Config) -> Result:
                 warm = True
             with watch:
                 parts.append(rate(pixels))
-        scores[dataset] = np.concatenate(parts)
-        seconds[dataset] = watch.seconds
-        all_scores.append(scores[dataset])
-        targets += [
-            aligned_target(getattr(s, "score", None), getattr(s, "higher_is_better", True)) for s in samples
-        ]
-        groups += [dataset] * len(samples)
+        rated = np.concatenate(parts)
+        for dataset in dict.fromkeys(names):
+            chosen = np.array([n == dataset for n in names])
+            scores.setdefault(dataset, []).append(rated[chosen])
+            seconds[dataset] = seconds.get(dataset, 0.0) + watch.seconds * chosen.mean()
+        all_scores.append(rated)
+        targets += [normalised_target(s) for s in samples]
+        groups += names
         ids += [str(s.id) for s in samples]
-    evaluation = evaluate_by_dataset(
-        np.concatenate(all_scores), targets, groups, seconds, checkpoint=name, fit=cfg.fit
-    )
+    try:
+        evaluation = evaluate_by_dataset(
+            np.concatenate(all_scores), targets, groups, seconds, checkpoint=name, fit=cfg.fit
+        )
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
@@ -175,6 +220,7 @@ def main(cfg: Config) -> Result:
         json.dumps(
             {
                 **evaluation.to_dict(),
+                "target_scale": "0-1, higher is better (each data set's own scale normalised)",
                 "images": [
                     {"id": i, "dataset": g, "score": float(s), "target": None if np.isnan(t) else t}
                     for i, g, s, t in zip(ids, groups, flat, targets, strict=True)
@@ -185,7 +231,9 @@ def main(cfg: Config) -> Result:
         )
         + "\n"
     )
-    return Result(evaluation=evaluation, scores=scores, files=files)
+    return Result(
+        evaluation=evaluation, scores={k: np.concatenate(v) for k, v in scores.items()}, files=files
+    )
 
 
 def render(result: Result, console: Any) -> None:
@@ -208,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="data sets: 'builtin', image folders, .jsonl files, NAME=ROOT (default: builtin)",
     )
     p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
+    p.add_argument("--scale", nargs="+", default=list(d.scales), metavar="NAME=LOW,HIGH",
+                   help="score scale of a Q-Align JSON source not in the table (append ,lower for DMOS)")
     p.add_argument("--limit", type=int, help="first N images of each data set")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--fit", choices=["logistic4", "linear"], default=d.fit)
@@ -220,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tiny_random=a.tiny_random,
         datasets=tuple(a.dataset),
         split=None if a.split == "all" else a.split,
+        scales=tuple(a.scale),
         limit=a.limit,
         batch_size=a.batch_size,
         fit=a.fit,

@@ -7,6 +7,14 @@ names to `evaluate_by_dataset`, which applies DESIGN.md's IQA protocol
 (`mechbiqa.metrics.iqa_metrics`: SRCC and KRCC raw; PLCC and RMSE raw and
 after the 4-parameter logistic fit) to each data set and to all together.
 `mechbiqa.reports.evaluation_table` renders the result (the paper's Table 2).
+
+Every row is computed on one scale: the rating normalised to 0-1, higher
+is better (`normalised_target`, from each record's own score scale; the
+table is `mechbiqa.data.scales.DATASET_SCALES`). Per data set this changes
+no correlation (the map is affine); for the pooled row it is what makes the
+numbers mean anything: KonIQ's 0-100 and KADID's 1-5 pooled raw rank every
+KonIQ image above every KADID one. `evaluate_by_dataset` refuses targets that
+are plainly not on the 0-1 scale when it pools.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ __all__ = [
     "Stopwatch",
     "aligned_target",
     "evaluate_by_dataset",
+    "normalised_target",
 ]
 
 ALL = "all"
@@ -56,7 +65,10 @@ class Stopwatch:
 
 
 def aligned_target(score: float | None, higher_is_better: bool) -> float:
-    """A rating oriented so that higher is better (DMOS is negated), NaN when unrated.
+    """A rating on its own scale, oriented so that higher is better (DMOS negated), NaN when unrated.
+
+    Only for a single data set: ratings of different data sets are on different
+    scales, so pooled rows use `normalised_target` instead.
 
     Research choice: correlations of a quality score with DMOS are negative by construction;
     negating DMOS keeps every SRCC/PLCC in the table "higher is better" (fitted RMSE is then
@@ -65,6 +77,31 @@ def aligned_target(score: float | None, higher_is_better: bool) -> float:
     if score is None:
         return float("nan")
     return float(score) if higher_is_better else -float(score)
+
+
+def normalised_target(sample: Any) -> float:
+    """A sample's rating on the common 0-1 scale, higher is better; NaN when it has none.
+
+    ``(score - low) / (high - low)`` over the record's own ``scale``, flipped for
+    DMOS, as `IQARecord.mos01` but not clipped, so ratings a data set places just
+    outside its nominal range keep their order.
+
+    Args:
+        sample: An `IQARecord` (or anything with ``score``, ``scale`` and
+            ``higher_is_better``); a sample without a score (a folder of images) gives NaN.
+    """
+    from mechbiqa.data.scales import DatasetScale
+
+    score = getattr(sample, "score", None)
+    if score is None:
+        return float("nan")
+    low, high = sample.scale
+    return DatasetScale(low, high, getattr(sample, "higher_is_better", True)).normalise(score, clip=False)
+
+
+#: How far outside [0, 1] a pooled target may lie (scores a data set places beyond its
+#: nominal range, e.g. LIVE's realigned DMOS) before it is taken for an unnormalised rating.
+_POOL_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -130,7 +167,9 @@ def evaluate_by_dataset(
 
     Args:
         scores: ``[image]`` predicted quality (the Q-Align score).
-        targets: ``[image]`` ratings oriented higher-is-better (`aligned_target`); NaN rows are left out.
+        targets: ``[image]`` ratings on the 0-1 scale, higher is better (`normalised_target`); NaN
+            rows are left out. The pooled row needs them on that one scale; a single data set's
+            rows would be the same on any affine rescaling.
         datasets: ``[image]`` data-set name of each image.
         seconds: Model seconds spent per data set (for the per-image time).
         checkpoint: What was evaluated (for the record).
@@ -139,6 +178,10 @@ def evaluate_by_dataset(
     Returns:
         An `EvaluationResult`; metrics that cannot be computed (e.g. fewer than 3 rated
         images) are NaN with a flag saying why, never an error.
+
+    Raises:
+        ValueError: If several data sets are pooled and a target lies far outside [0, 1]
+            (raw MOS of different scales); the message names the data sets.
     """
     pred = np.asarray(scores, dtype=np.float64)
     target = np.asarray(targets, dtype=np.float64)
@@ -151,6 +194,7 @@ def evaluate_by_dataset(
     order = list(dict.fromkeys(names.tolist()))
     groups = [(name, names == name) for name in order]
     if len(order) > 1:
+        _check_one_scale(target, names, order)
         groups.append((ALL, np.ones(len(pred), dtype=bool)))
     rows = []
     for name, chosen in groups:
@@ -159,3 +203,18 @@ def evaluate_by_dataset(
         total = sum(seconds.values()) if name == ALL else seconds.get(name, float("nan"))
         rows.append(DatasetEvaluation(name, int(chosen.sum()), metrics, total / max(int(chosen.sum()), 1)))
     return EvaluationResult(rows=tuple(rows), fit=fit, checkpoint=checkpoint)
+
+
+def _check_one_scale(target: np.ndarray, names: np.ndarray, order: list[str]) -> None:
+    """Refuse to pool targets that are not on the 0-1 scale (they would rank data sets, not images)."""
+    off = []
+    for name in order:
+        values = target[(names == name) & np.isfinite(target)]
+        if values.size and (values.min() < -_POOL_TOLERANCE or values.max() > 1 + _POOL_TOLERANCE):
+            off.append(f"{name} ({values.min():.3g}..{values.max():.3g})")
+    if off:
+        raise ValueError(
+            f"cannot pool data sets whose targets are not on the 0-1 scale: {', '.join(off)}; "
+            "pass each rating normalised (normalised_target(record), or mechbiqa.data.normalise(score, "
+            "dataset)), so that the pooled row compares images, not score scales"
+        )

@@ -7,6 +7,8 @@ Everything here produces `IQARecord`s (`records.py`), so the rest of mechbiqa
   `photos.py` (reference photos shipped inside installed packages),
   `distortions.py` (KADID-style distortions and their KADID ratings) and
   `descriptions.py` (Q-Pathway-style text).
+- `scales.py` holds each dataset's score scale (`DATASET_SCALES`) and
+  `normalise(score, dataset)`, the one map to the common 0-1 rating.
 - `loaders.py` reads a user's local copy of KonIQ-10k, SPAQ, LIVE Challenge,
   CSIQ, KADID-10k, AGIQA-3k and Q-Align / Q-Instruct JSON files.
 
@@ -28,16 +30,20 @@ from mechbiqa.data.distortions import DEFAULT_DISTORTIONS, DISTORTIONS, apply_di
 from mechbiqa.data.loaders import DatasetFormatError, load_dataset
 from mechbiqa.data.photos import find_photos, load_photo
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
+from mechbiqa.data.scales import DATASET_SCALES, DatasetScale, UnknownDatasetError, normalise
 
 __all__ = [
+    "DATASET_SCALES",
     "Benchmark",
     "BenchmarkConfig",
     "BenchmarkMismatchError",
     "DEFAULT_DISTORTIONS",
     "DISTORTIONS",
     "DatasetFormatError",
+    "DatasetScale",
     "IQARecord",
     "LEVEL_WORDS",
+    "UnknownDatasetError",
     "apply_distortion",
     "build_benchmark",
     "describe",
@@ -48,4 +54,5 @@ __all__ = [
     "load_benchmark",
     "load_dataset",
     "load_photo",
+    "normalise",
 ]

@@ -251,9 +251,10 @@ class Benchmark:
 
     @staticmethod
     def load_image(record: IQARecord) -> np.ndarray:
-        """The image of a record as uint8 RGB ``[H, W, 3]``."""
-        with Image.open(record.image_path) as im:
-            return np.asarray(im.convert("RGB"))
+        """The image of a record as uint8 RGB ``[H, W, 3]`` (`mechbiqa.model.processor.load_image`)."""
+        from mechbiqa.model.processor import load_image
+
+        return np.asarray(load_image(record.image_path))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ A missing file, column, sheet, variable or image folder raises
 Missing image files are reported (count and examples) unless
 ``check_images=False``.
 
+Score scales come from one table, `mechbiqa.data.scales.DATASET_SCALES`
+(re-exported here with `normalise`); the Q-Align JSON reader takes each
+entry's scale from the entry's own source, so mixed files are rated right.
+
 Excel files (SPAQ, CSIQ) are read with a small reader of the OOXML format
 (`read_xlsx`), so no spreadsheet package is needed.
 """
@@ -23,16 +27,30 @@ import csv
 import json
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.etree import ElementTree
 
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord
+from mechbiqa.data.scales import (
+    DATASET_ALIASES,
+    DATASET_SCALES,
+    DatasetScale,
+    UnknownDatasetError,
+    normalise,
+    parse_scale,
+    resolve,
+)
 
 __all__ = [
+    "DATASET_SCALES",
     "DatasetFormatError",
+    "DatasetScale",
     "DATASETS",
+    "UnknownDatasetError",
+    "normalise",
+    "parse_scale",
     "load_dataset",
     "load_koniq10k",
     "load_spaq",
@@ -288,10 +306,11 @@ def load_koniq10k(
             splits[row["image_name"]] = split_map[row["set"]]
     if scores.is_file():
         rows = _read_csv(scores, ["image_name", score_column], name)
-        scale = (0.0, 100.0) if score_column == "MOS_zscore" else (1.0, 5.0)
+        # MOS_zscore is the dataset's usual (and Q-Align's) score; the 1-5 MOS column is another one.
+        scale = DATASET_SCALES["koniq10k"].range if score_column == "MOS_zscore" else (1.0, 5.0)
         source, column = scores, score_column
     elif sets is not None:
-        rows, scale, source, column = set_rows, (0.0, 100.0), sets, "MOS"
+        rows, scale, source, column = set_rows, DATASET_SCALES["koniq10k"].range, sets, "MOS"
     else:
         raise DatasetFormatError(
             f"{name}: expected {scores.name} (or koniq10k_distributions_sets.csv) in {root}; "
@@ -330,7 +349,7 @@ def load_spaq(root: Path | str, *, check_images: bool = True) -> list[IQARecord]
             id=_name(row["Image name"]),
             image_path=images / _name(row["Image name"]),
             score=_float(row["MOS"], name, f"{sheet.name} MOS of {row['Image name']}"),
-            scale=(0.0, 100.0),
+            scale=DATASET_SCALES["spaq"].range,
             dataset="spaq",
             meta={a: row[a] for a in attributes if row.get(a) is not None},
         )
@@ -391,7 +410,7 @@ def load_livec(root: Path | str, *, drop_training: bool = True, check_images: bo
                 id=str(img),
                 image_path=path,
                 score=float(score),
-                scale=(0.0, 100.0),
+                scale=DATASET_SCALES["livec"].range,
                 dataset="livec",
                 meta=meta,
             )
@@ -444,8 +463,8 @@ def load_csiq(root: Path | str, *, check_images: bool = True) -> list[IQARecord]
                 id=file,
                 image_path=folders[folder](file),
                 score=_float(row["dmos"], name, f"{book.name} dmos of {file}"),
-                scale=(0.0, 1.0),
-                higher_is_better=False,
+                scale=DATASET_SCALES["csiq"].range,
+                higher_is_better=DATASET_SCALES["csiq"].higher_is_better,
                 dataset="csiq",
                 ref_id=image,
                 distortion=folder,
@@ -488,7 +507,7 @@ def load_kadid10k(root: Path | str, *, check_images: bool = True) -> list[IQARec
                 id=row["dist_img"],
                 image_path=images / row["dist_img"],
                 score=_float(row["dmos"], name, f"{table.name} row {i + 2} column dmos"),
-                scale=(1.0, 5.0),
+                scale=DATASET_SCALES["kadid10k"].range,
                 dataset="kadid10k",
                 ref_id=Path(row["ref_img"]).stem,
                 distortion=kind,
@@ -522,7 +541,7 @@ def load_tid2013(root: Path | str, *, check_images: bool = True) -> list[IQAReco
                 id=file.lower(),
                 image_path=images(file),
                 score=score,
-                scale=(0.0, 9.0),
+                scale=DATASET_SCALES["tid2013"].range,
                 dataset="tid2013",
                 ref_id=f"i{match.group(1)}" if match else None,
                 distortion=f"tid{int(match.group(2)):02d}" if match else None,
@@ -564,7 +583,7 @@ def load_agiqa3k(
             id=row["name"],
             image_path=images / row["name"],
             score=_float(row["mos_quality"], name, f"{table.name} row {i + 2} column mos_quality"),
-            scale=(0.0, 5.0),
+            scale=DATASET_SCALES["agiqa3k"].range,
             dataset="agiqa3k",
             meta={k: row[k] for k in meta_keys if k in row},
         )
@@ -577,14 +596,6 @@ def load_agiqa3k(
 # Q-Align / Q-Instruct JSON
 # ---------------------------------------------------------------------------------------------------------
 
-#: Native score scales of the Q-Align JSON files, by a token of the file name.
-QALIGN_SCALES: dict[str, tuple[float, float]] = {
-    "koniq": (0.0, 100.0),
-    "spaq": (0.0, 100.0),
-    "livec": (0.0, 100.0),
-    "kadid": (1.0, 5.0),
-    "agi": (0.0, 5.0),
-}
 _WORD_RE = re.compile(r"\b(" + "|".join(LEVEL_WORDS) + r")\b", re.IGNORECASE)
 _PLACEHOLDERS = ("<|image|>", "<image>")
 
@@ -613,10 +624,44 @@ def _gpt_turns(conversations: Any, path: Path, index: int, dataset: str) -> list
     return [t["value"] for t in conversations if t.get("from") in ("gpt", "assistant")]
 
 
+#: Q-Align's folders of test and training files -> the split of their entries.
+_SPLIT_FOLDERS = {"test_jsons": "test", "training_sft": "train"}
+
+
+def _entry_source(entry: dict[str, Any], image: str, extra: Mapping[str, DatasetScale]) -> str | None:
+    """The dataset an entry comes from: an explicit field, else a folder of its image path."""
+    for field in ("dataset", "source"):
+        if isinstance(entry.get(field), str):
+            found = resolve(entry[field], extra)
+            if found is not None:
+                return found
+    for folder in PurePosixPath(str(image).replace("\\", "/")).parts[:-1]:
+        found = resolve(folder, extra)
+        if found is not None:
+            return found
+    return None
+
+
+def _file_source(path: Path, extra: Mapping[str, DatasetScale]) -> str | None:
+    """The one dataset a JSON file's name (or, failing that, its folder's name) names, else None.
+
+    ``test_koniq.json`` and ``ft/agi/train_split_1.json`` name one; a mixed file
+    such as ``train_koniq_spaq_kadid.json`` names several, so none is chosen.
+    """
+    for text in (path.stem, path.parent.name):
+        found = {resolve(token, extra) for token in re.split(r"[_\-.\s]+", text)} - {None}
+        if len(found) == 1:
+            return found.pop()
+        if len(found) > 1:
+            return None
+    return None
+
+
 def load_qalign_json(
     path: Path | str,
     image_root: Path | str,
     *,
+    scales: Mapping[str, DatasetScale | tuple[float, float]] | None = None,
     scale: tuple[float, float] | None = None,
     higher_is_better: bool = True,
     split: str | None = None,
@@ -631,39 +676,67 @@ def load_qalign_json(
     - ``{"img_path", "gt_score"}`` (livec, agi; agi's ``gt_score`` is a string).
     - ``{"image", "gt_score"}`` (live, csiq, ava).
 
+    Each entry is rated on the scale of its own source, so a file that mixes
+    datasets (Q-Align's KonIQ + SPAQ + KADID training mix) gives every entry the
+    right ``mos01``. The source is, first found: the entry's ``dataset`` /
+    ``source`` field; a folder of its image path (``koniq/``, ``spaq/``,
+    ``kadid10k/``, ``livec/``, ``agi-cgi/``, ``csiq/``, any name or alias of
+    `DATASET_SCALES`, or a key of ``scales``); ``dataset``; the one dataset the
+    file name or its folder names (``test_koniq.json``, ``ft/agi/...``); and
+    last ``scale``. Entries left without a source are refused, named.
+
     Args:
         path: The JSON file.
         image_root: Folder the ``image`` / ``img_path`` values are relative to.
-        scale: Score range; inferred from the file name for koniq, spaq, livec,
-            kadid and agi, else required.
-        higher_is_better: Direction of the scores.
-        split: Split of every record; inferred as train/test from a ``train``/``test``
-            prefix of the file name if None.
-        dataset: Name stored in the records (default: the file stem).
+        scales: Scales of further sources, or overrides, by name (an image folder
+            name or a dataset name): ``{"cgi": (0, 5)}`` or `DatasetScale` values
+            (``--scale cgi=0,5`` on the command line, read with `parse_scale`).
+        scale: ``(low, high)`` for entries whose source cannot be told otherwise
+            (with ``higher_is_better``).
+        higher_is_better: Direction of ``scale``.
+        split: Split of every record; if None, ``train`` / ``test`` from a prefix of
+            the file name (``test_koniq.json``, ``train_split_1.json``), else from
+            Q-Align's folder (``test_jsons/``, ``training_sft/``).
+        dataset: The source of entries that name none in their image path; if
+            not a known name, it only names the records (with ``scale``).
         check_images: Verify that every image exists.
+
+    Raises:
+        DatasetFormatError: If the file is malformed, or some entries' source (and
+            so scale) cannot be told: the message names them and the fix.
     """
     path = Path(path)
     label = f"Q-Align JSON {path.name}"
     entries = _read_json_list(path, label)
-    stem = path.stem.lower()
-    if scale is None:
-        token = next((t for t in QALIGN_SCALES if t in stem), None)
-        if token is None:
-            raise DatasetFormatError(
-                f"{label}: cannot infer the score scale from the file name; "
-                f"pass scale=(low, high) (known: {QALIGN_SCALES})"
-            )
-        scale = QALIGN_SCALES[token]
+    extra: dict[str, DatasetScale] = {  # a known dataset's alias overrides that dataset
+        resolve(name) or name: value if isinstance(value, DatasetScale) else DatasetScale(*value)
+        for name, value in (scales or {}).items()
+    }
+    given = resolve(dataset, extra) if dataset is not None else None
+    fallback = given or _file_source(path, extra)
+
+    def scale_for(source: str | None) -> DatasetScale | None:
+        if source is None:
+            return DatasetScale(*scale, higher_is_better=higher_is_better) if scale is not None else None
+        return extra.get(source) or DATASET_SCALES[source]
+
     if split is None:
+        stem = path.stem.lower()
         split = "train" if stem.startswith("train") else "test" if stem.startswith("test") else None
+        split = split or _SPLIT_FOLDERS.get(path.parent.name.lower())
     image_root = Path(image_root)
-    records = []
+    records, unresolved = [], []
     for i, entry in enumerate(entries):
         image = entry.get("image", entry.get("img_path"))
         if image is None:
             raise DatasetFormatError(
                 f"{label}: entry {i} has neither 'image' nor 'img_path' (keys {sorted(entry)})"
             )
+        source = _entry_source(entry, image, extra) or fallback
+        entry_scale = scale_for(source)
+        if entry_scale is None:
+            unresolved.append(str(image))
+            continue
         if "gt_score" in entry:
             score = _float(entry["gt_score"], label, f"entry {i} gt_score")
         elif "->" in str(entry.get("id", "")):
@@ -683,13 +756,23 @@ def load_qalign_json(
                 id=str(entry.get("id", image)).split("->")[0],
                 image_path=image_root / image,
                 score=score,
-                scale=scale,
-                higher_is_better=higher_is_better,
-                dataset=dataset or path.stem,
+                scale=entry_scale.range,
+                higher_is_better=entry_scale.higher_is_better,
+                dataset=source or dataset or path.stem,
                 split=split,
                 level_word=word,
                 meta={"answer": answer} if answer is not None else {},
             )
+        )
+    if unresolved:
+        folders = sorted({PurePosixPath(u).parts[0] for u in unresolved if len(PurePosixPath(u).parts) > 1})
+        name = folders[0] if folders else "NAME"
+        raise DatasetFormatError(
+            f"{label}: cannot infer the score scale of {len(unresolved)} of {len(entries)} entries, "
+            f"e.g. {unresolved[:3]}: neither an entry field 'dataset', a folder of the image path "
+            f"(folders {folders or 'none'}) nor the file name names a known dataset "
+            f"({sorted(DATASET_SCALES)}). Give the scale of that source: --scale {name}=LOW,HIGH "
+            f"(scales={{{name!r}: (low, high)}}), or scale=(low, high) for every such entry"
         )
     return _check_images(records, label, check_images)
 
@@ -752,23 +835,19 @@ DATASETS: dict[str, Callable[..., list[IQARecord]]] = {
 
 
 def load_dataset(name: str, root: Path | str, **kwargs: Any) -> list[IQARecord]:
-    """Load a dataset by name (a key of `DATASETS`) from its folder ``root``.
+    """Load a dataset by name (a key of `DATASETS` or an alias such as ``koniq``) from its folder ``root``.
 
     For Q-Align / Q-Instruct JSON files use `load_qalign_json` / `load_qinstruct_json`.
+
+    Raises:
+        UnknownDatasetError: If the name is not known (a `ValueError` and a `KeyError`; the
+            message lists the known names).
     """
-    key = name.lower().replace("-", "").replace("_", "")
-    aliases = {
-        "koniq": "koniq10k",
-        "kadid": "kadid10k",
-        "agiqa": "agiqa3k",
-        "livechallenge": "livec",
-        "clive": "livec",
-        "tid": "tid2013",
-    }
-    key = aliases.get(key, key)
+    key = resolve(name)
     if key not in DATASETS:
-        raise KeyError(
-            f"unknown dataset {name!r}; known: {sorted(DATASETS)} (JSON: load_qalign_json, "
-            "load_qinstruct_json)"
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}; known: {sorted(DATASETS)} (also spelt "
+            f"{sorted(a for a, k in DATASET_ALIASES.items() if k in DATASETS)}); for a Q-Align JSON file "
+            "give the .json path (load_qalign_json)"
         )
     return DATASETS[key](root, **kwargs)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 __all__ = ["PhotoInfo", "KNOWN_PHOTOS", "DEFAULT_SOURCES", "find_photos", "load_photo", "photo_sha256"]
 
@@ -142,11 +141,16 @@ def _pip_name(package: str) -> str:
 
 
 def load_photo(info: PhotoInfo) -> np.ndarray:
-    """Read a found photo as uint8 RGB ``[H, W, 3]``."""
+    """Read a found photo as uint8 RGB ``[H, W, 3]`` (`mechbiqa.model.processor.load_image`).
+
+    Raises:
+        ImageLoadError: If the file is missing, unreadable or of a refused mode (named).
+    """
+    from mechbiqa.model.processor import load_image
+
     if info.path is None:
         raise ValueError(f"photo {info.id!r} has no path; get it from find_photos()")
-    with Image.open(info.path) as im:
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(load_image(info.path))
 
 
 def photo_sha256(info: PhotoInfo) -> str:

@@ -31,6 +31,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mechbiqa.model.abstractor import Abstractor
+from mechbiqa.model.checks import check_pixels, check_token_ids
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX, ModelConfig
 from mechbiqa.model.generation import KVCache, select_next_token
 from mechbiqa.model.llm import LLM
@@ -82,6 +83,7 @@ class MPLUGOwl2(HookedRootModule):
     # ------------------------------------------------------------------ parts
     def encode_images(self, pixels: Float[Tensor, "image 3 S S"]) -> Float[Tensor, "image image_pos d_llm"]:
         """Vision tower then abstractor: ``n_queries + 1`` LLM-width rows per image."""
+        check_pixels(pixels)
         tokens, _ = self.vision(pixels)
         return self.hook_image_tokens(self.abstractor(tokens))
 
@@ -99,6 +101,7 @@ class MPLUGOwl2(HookedRootModule):
             ``inputs_embeds [batch, pos, d]``, ``modality [batch, pos]`` (long),
             ``mask [batch, pos]`` (bool, True at real positions).
         """
+        check_token_ids(input_ids, self.cfg.llm.vocab_size)
         n_placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         n_images = 0 if image_tokens is None else image_tokens.shape[0]
         if n_placeholders != n_images:
@@ -162,6 +165,7 @@ class MPLUGOwl2(HookedRootModule):
         if cache is not None and len(cache) > 0:
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("image placeholders after the prefill are not supported: put images in the prompt")
+            check_token_ids(input_ids, self.cfg.llm.vocab_size)
             embeds = self.llm.embed(input_ids)
             modality = torch.zeros_like(input_ids)
             new = input_ids.shape[1]

@@ -4,7 +4,9 @@ The first step of the data path (DESIGN.md): an image file becomes a
 ``[3, S, S]`` float tensor, exactly as the original mPLUG-Owl2 / Q-Align /
 Q-Instruct code prepares it (fact sheet §9):
 
-1. open and convert to RGB (``Image.open(path).convert("RGB")``);
+1. open and convert to RGB (``Image.open(path).convert("RGB")``; `to_rgb`
+   does the same for 8-bit modes and scales 16-bit and float images, which the
+   original clips, or refuses a mode by name);
 2. Q-Align / training: pad to a square of the mean colour (``expand2square``),
    then PIL bicubic resize to ``S x S``; Q-Instruct's scorer instead resizes
    the shortest edge to ``S`` and centre-crops (``pad_to_square=False``);
@@ -15,6 +17,11 @@ depending on transformers. The vision tower (``mechbiqa.model.vision``) takes
 the result; the original casts it to fp16 at inference, which is the caller's
 choice here. Checkpoint directories carry a ``preprocessor_config.json`` in the
 CLIPImageProcessor format, read by :meth:`ImageProcessor.from_pretrained`.
+
+Batch callers use `load_images`, which keeps the files that load and returns
+the others as `ImageFailure`s (path and reason), so one bad file does not stop a
+run. NaN pixels in a tensor handed to the model are refused there
+(`mechbiqa.model.checks.check_pixels`).
 """
 
 from __future__ import annotations
@@ -74,11 +81,12 @@ def load_image(path: str | Path) -> Image.Image:
         path: An image file in any format PIL reads.
 
     Returns:
-        The RGB image (as the original ``load_image`` returns it).
+        The RGB image (as the original ``load_image`` returns it, with 16-bit and
+        float images scaled rather than clipped: `to_rgb`).
 
     Raises:
-        ImageLoadError: If the file is missing, not a file, not an image, or
-            cannot be decoded.
+        ImageLoadError: If the file is missing, not a file, not an image, cannot be
+            decoded, or has a mode or values `to_rgb` refuses.
     """
     path = Path(path)
     if not path.exists():
@@ -95,23 +103,128 @@ def load_image(path: str | Path) -> Image.Image:
         ) from None
     except Image.DecompressionBombError as error:
         raise ImageLoadError(path, f"too many pixels ({error}); downscale it first") from None
+    except UnsupportedImageError as error:
+        raise ImageLoadError(path, str(error)) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(path, f"corrupt or truncated ({error}); re-download or remove it") from None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """PIL's ``convert("RGB")``, as the original does for every mode.
+#: Modes PIL's own ``convert("RGB")`` handles as the original does: grayscale replicated,
+#: palette looked up, alpha dropped (not composited), CMYK / YCbCr / LAB / HSV converted.
+_PIL_CONVERTED = frozenset({"1", "L", "P", "LA", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_SIXTEEN_BIT = 65535
 
-    Grayscale is replicated, alpha is dropped (not composited), palette images
-    are looked up, CMYK uses PIL's plain conversion.
+
+class UnsupportedImageError(ValueError):
+    """A PIL image whose mode or values have no 8-bit RGB reading (the message says why)."""
+
+
+def _gray8_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(gray.astype(np.uint8), mode="L").convert("RGB")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFailure:
+    """An image that could not be loaded, and why.
+
+    Attributes:
+        path: The file.
+        reason: What went wrong and the fix (`ImageLoadError.reason`).
     """
-    if image.mode == "RGB":
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        """``<path>: <reason>``, one line for a report."""
+        return f"{self.path}: {self.reason}"
+
+
+def load_images(paths: Sequence[str | Path]) -> tuple[list[tuple[Path, Image.Image]], list[ImageFailure]]:
+    """Load many files, keeping the good ones when some cannot be read.
+
+    For batch callers (``studies/score_images.py``): rate what loaded, report every
+    failure by name and reason, and exit non-zero when there was any.
+
+    Args:
+        paths: Image files.
+
+    Returns:
+        ``(images, failures)``: ``(path, RGB image)`` of every file that loaded, in input
+        order, and one `ImageFailure` per file that did not.
+    """
+    images, failures = [], []
+    for path in paths:
+        try:
+            images.append((Path(path), load_image(path)))
+        except ImageLoadError as error:
+            failures.append(ImageFailure(error.path, error.reason))
+    return images, failures
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The 8-bit RGB image the model reads, from a PIL image of any mode.
+
+    Modes with 8-bit channels go through PIL's ``convert("RGB")``, exactly as
+    the original's ``Image.open(path).convert("RGB")``: grayscale is replicated,
+    palettes are looked up, alpha is dropped (not composited: the colour under a
+    transparent pixel is kept, as the model saw it in training), CMYK, YCbCr, LAB
+    and HSV use PIL's conversion. The original clips wider modes at 255, so a
+    16-bit grayscale PNG turned almost white; here they are scaled instead:
+
+    - ``I;16`` (16-bit grayscale PNG/TIFF) and ``I`` (32-bit integers, read as
+      16-bit: 0..65535, else refused): ``round(v * 255 / 65535)``;
+    - ``F`` (32-bit float, PIL's 0-255 convention of ``L``): rounded; NaN or
+      infinite values, values outside 0..255, and an image entirely within 0..1
+      (a 0-1 float image, whose scale cannot be told) are refused.
+
+    Raises:
+        UnsupportedImageError: For a mode PIL cannot convert or values that have
+            no 8-bit reading (named, with the fix).
+    """
+    mode = image.mode
+    if mode == "RGB":
         return image.copy()
-    if image.mode == "P" and "transparency" in image.info:
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > _SIXTEEN_BIT):
+            raise UnsupportedImageError(
+                f"mode {mode!r} image with values {values.min()}..{values.max()}: read as 16-bit, it must "
+                f"lie in 0..{_SIXTEEN_BIT}; rescale it to 8 bits (mode 'L' or 'RGB') first"
+            )
+        return _gray8_to_rgb(np.rint(values * (255.0 / _SIXTEEN_BIT)))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise UnsupportedImageError(
+                f"mode 'F' image holds {int(np.isnan(values).sum())} NaN and "
+                f"{int(bad.sum() - np.isnan(values).sum())} infinite value(s); replace them before rating"
+            )
+        if values.size and (values.min() < 0 or values.max() > 255):
+            raise UnsupportedImageError(
+                f"mode 'F' image with values {values.min():g}..{values.max():g}: PIL's float mode is on the "
+                "0..255 scale of 'L'; rescale it to 0..255 (or convert to 'L') first"
+            )
+        if values.size and values.max() <= 1.0 and values.max() > values.min():
+            raise UnsupportedImageError(
+                f"mode 'F' image with all values in 0..1 ({values.min():g}..{values.max():g}): a 0-1 "
+                "float image cannot be told from a nearly black 0-255 one; multiply it by 255 (or convert "
+                "to 'L') first"
+            )
+        return _gray8_to_rgb(np.rint(values))
+    if mode == "La":  # premultiplied: PIL converts it to RGB only through LA
+        return image.convert("LA").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
         # Going through RGBA gives the same RGB values and avoids PIL's warning
         # about palette transparency.
         return image.convert("RGBA").convert("RGB")
-    return image.convert("RGB")
+    if mode in _PIL_CONVERTED:
+        return image.convert("RGB")
+    raise UnsupportedImageError(
+        f"image mode {mode!r} is not supported (supported: RGB, I;16, I, F, "
+        f"{', '.join(sorted(_PIL_CONVERTED))}); convert the image to RGB first"
+    )
 
 
 def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:

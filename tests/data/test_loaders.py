@@ -412,10 +412,17 @@ def test_qalign_training_and_test_shapes(tmp_path):
 
     _image(tmp_path / "csiq" / "a.png")
     (tmp_path / "csiq.json").write_text(json.dumps([{"image": "csiq/a.png", "gt_score": 0.2}]))
-    with pytest.raises(DatasetFormatError, match="cannot infer the score scale"):
-        load_qalign_json(tmp_path / "csiq.json", tmp_path)
     csiq = load_qalign_json(tmp_path / "csiq.json", tmp_path, scale=(0, 1), higher_is_better=False)
     assert csiq[0].mos01 == pytest.approx(0.8)
+    # CSIQ's DMOS scale (0-1, lower is better) is known, so it need not be given
+    assert load_qalign_json(tmp_path / "csiq.json", tmp_path)[0].mos01 == pytest.approx(0.8)
+
+    _image(tmp_path / "cgi" / "b.png")  # a source with no known scale
+    (tmp_path / "cgi.json").write_text(json.dumps([{"image": "cgi/b.png", "gt_score": 0.2}]))
+    with pytest.raises(DatasetFormatError, match=r"cannot infer the score scale.*cgi/b\.png.*--scale cgi="):
+        load_qalign_json(tmp_path / "cgi.json", tmp_path)
+    cgi = load_qalign_json(tmp_path / "cgi.json", tmp_path, scale=(0, 1), higher_is_better=False)
+    assert cgi[0].mos01 == pytest.approx(0.8)
 
 
 def test_qalign_broken(tmp_path):

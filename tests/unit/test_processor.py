@@ -13,10 +13,14 @@ from PIL import Image
 from mechbiqa.model.processor import (
     CLIP_MEAN,
     CLIP_STD,
+    ImageFailure,
     ImageLoadError,
     ImageProcessor,
+    UnsupportedImageError,
     expand2square,
     load_image,
+    load_images,
+    to_rgb,
 )
 
 SIZE = 32  # small outputs keep the tests fast; the geometry is the same at 448
@@ -165,6 +169,117 @@ def test_load_image_from_jpeg_cmyk(tmp_path: Path) -> None:
     path = tmp_path / "cmyk.jpg"
     random_image(16, 16, mode="CMYK").save(path)
     assert load_image(path).mode == "RGB"
+
+
+# ----------------------------------------------------------------------------- wide and unusual modes
+def gray16(width: int = 40, height: int = 24, seed: int = 0) -> np.ndarray:
+    """A 16-bit grayscale image using the whole range (a mid-grey mean, like a real photo)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 65536, (height, width), dtype=np.uint16)
+
+
+def by_hand_16_to_8(values: np.ndarray) -> Image.Image:
+    """16 to 8 bits by hand: v * 255 / 65535, rounded, replicated to RGB."""
+    gray = np.round(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grayscale_file_is_scaled_not_clipped(tmp_path: Path, suffix: str) -> None:
+    values = gray16()
+    path = tmp_path / f"deep{suffix}"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"  # how PIL reads a 16-bit grayscale file
+        clipped = np.asarray(opened.convert("RGB"))  # the original's conversion
+    expected = by_hand_16_to_8(values)
+    loaded = load_image(path)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(expected))
+    assert abs(np.asarray(loaded).mean() - 127.5) < 3 and clipped.mean() > 250  # clipping made it white
+    out = ImageProcessor(image_size=SIZE)([path])[0].numpy()
+    np.testing.assert_array_equal(out, reference_pixels(expected, SIZE, pad=True))
+
+
+def test_big_endian_16_bit_and_32_bit_integer_images() -> None:
+    values = gray16(seed=1)
+    big = Image.fromarray(values.astype(">u2"))
+    assert big.mode == "I;16B"
+    np.testing.assert_array_equal(np.asarray(to_rgb(big)), np.asarray(by_hand_16_to_8(values)))
+    wide = Image.fromarray(values.astype(np.int32))
+    assert wide.mode == "I"
+    np.testing.assert_array_equal(np.asarray(to_rgb(wide)), np.asarray(by_hand_16_to_8(values)))
+    for bad in (-1, 70000):
+        with pytest.raises(UnsupportedImageError, match=rf"mode 'I' image with values .*{bad}.*0\.\.65535"):
+            to_rgb(Image.fromarray(np.array([[0, bad]], dtype=np.int32)))
+
+
+def test_float_images_are_rounded_or_refused() -> None:
+    values = np.random.default_rng(2).uniform(0, 255, (12, 20)).astype(np.float32)
+    expected = np.repeat(np.rint(values.astype(np.float64)).astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(values))), expected)
+    nan = values.copy()
+    nan[3, 4], nan[0, 0] = np.nan, np.inf
+    with pytest.raises(UnsupportedImageError, match=r"1 NaN and 1 infinite"):
+        to_rgb(Image.fromarray(nan))
+    with pytest.raises(UnsupportedImageError, match=r"0\.\.255"):
+        to_rgb(Image.fromarray(values * 2))
+    with pytest.raises(UnsupportedImageError, match=r"0-1 float image.*multiply it by 255"):
+        to_rgb(Image.fromarray(values / 255))
+
+
+@pytest.mark.parametrize(
+    "mode", ["1", "L", "LA", "PA", "RGBA", "RGBa", "RGBX", "YCbCr", "LAB", "HSV", "CMYK"]
+)
+def test_8_bit_modes_convert_as_the_original(mode: str) -> None:
+    """Every 8-bit mode gives what ``Image.convert("RGB")`` (the original) gives; alpha is dropped."""
+    rgb = random_image(20, 12, seed=5)
+    image = rgb.convert("P").convert("PA") if mode == "PA" else rgb.convert(mode)
+    np.testing.assert_array_equal(np.asarray(to_rgb(image)), np.asarray(image.convert("RGB")))
+    if mode in ("LA", "RGBA"):  # alpha ignored: the same colours under any alpha
+        alpha = Image.fromarray(np.random.default_rng(6).integers(0, 256, (12, 20), dtype=np.uint8))
+        image.putalpha(alpha)
+        np.testing.assert_array_equal(
+            np.asarray(to_rgb(image)), np.asarray(rgb.convert(mode[:-1]).convert("RGB"))
+        )
+
+
+def test_premultiplied_la_and_unknown_modes() -> None:
+    la = random_image(8, 6, seed=7).convert("LA")
+    premultiplied = la.convert("La")
+    np.testing.assert_array_equal(
+        np.asarray(to_rgb(premultiplied)), np.asarray(premultiplied.convert("LA").convert("RGB"))
+    )
+    odd = Image.new("L", (2, 2))
+    odd._mode = "BGR;15"  # an old PIL mode, standing in for any mode PIL cannot convert
+    with pytest.raises(
+        UnsupportedImageError, match=r"image mode 'BGR;15' is not supported.*convert the image"
+    ):
+        to_rgb(odd)
+
+
+def test_refused_mode_in_a_file_is_an_image_load_error(tmp_path: Path) -> None:
+    path = tmp_path / "signed.tif"
+    Image.fromarray(np.array([[-5, 100], [3, 9]], dtype=np.int32)).save(path)
+    with pytest.raises(ImageLoadError, match=r"signed\.tif.*mode 'I' image with values -5\.\.100"):
+        load_image(path)
+
+
+# ----------------------------------------------------------------------------- partial success
+def test_load_images_keeps_the_good_files_and_names_the_bad(tmp_path: Path) -> None:
+    good = [tmp_path / "a.png", tmp_path / "deep.png", tmp_path / "c.jpg"]
+    random_image(30, 20, seed=1).save(good[0])
+    Image.fromarray(gray16()).save(good[1])
+    random_image(20, 30, seed=2).save(good[2])
+    missing, broken = tmp_path / "gone.png", tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images, failures = load_images([good[0], missing, good[1], broken, good[2]])
+    assert [p for p, _ in images] == good
+    assert [f.path for f in failures] == [missing, broken]
+    assert "no such file" in failures[0].reason and "not a recognised image" in failures[1].reason
+    assert str(failures[1]).startswith(f"{broken}: ") and isinstance(failures[0], ImageFailure)
+    processor = ImageProcessor(image_size=SIZE)
+    torch.testing.assert_close(processor([im for _, im in images]), processor(good), rtol=0, atol=0)
+    assert load_images([]) == ([], [])
 
 
 # ----------------------------------------------------------------------------- refused files
