@@ -1,4 +1,4 @@
-"""Writing checkpoints of models fine-tuned outside :mod:`mechbiqa.train`: RL (:mod:`mechbiqa.rl`) and Q-Scorer.
+"""Checkpoints of models fine-tuned outside :mod:`mechbiqa.train`: RL (:mod:`mechbiqa.rl`) and Q-Scorer.
 
 Both start from a one-stage checkpoint and write one back in the same layout
 (``config.json`` + ``model.safetensors`` in the original key names, tokenizer,
@@ -36,13 +36,13 @@ def core_model(model: nn.Module) -> MPLUGOwl2:
 
 
 def lora_layers(model: nn.Module) -> list[nn.Module]:
-    """peft's LoRA layers inside a model (empty when it has no adapters)."""
+    """Peft's LoRA layers inside a model (empty when it has no adapters)."""
     return [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")]
 
 
 @torch.no_grad()
 def merged_model(model: nn.Module) -> MPLUGOwl2:
-    """A plain `MPLUGOwl2` with every active LoRA delta added to its base weight (the model itself without adapters)."""
+    """A plain `MPLUGOwl2` with each active LoRA delta added to its base weight (itself without adapters)."""
     core = core_model(model)
     names = {m: n for n, m in core.named_modules()}
     layers = lora_layers(core)
@@ -58,8 +58,13 @@ def merged_model(model: nn.Module) -> MPLUGOwl2:
     return plain.eval()
 
 
-def write_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor,
-                     info: dict[str, Any]) -> Path:
+def write_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    info: dict[str, Any],
+) -> Path:
     """Write a loadable one-stage checkpoint directory.
 
     Args:
@@ -78,6 +83,7 @@ def write_checkpoint(directory: str | Path, model: nn.Module, tokenizer: Tokeniz
     save_pretrained(merged_model(model), directory)
     tokenizer.save(directory)
     processor.save_pretrained(directory)
-    (directory / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n",
-                                       encoding="utf-8")
+    (directory / INFO_FILE).write_text(
+        json.dumps(info, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8"
+    )
     return directory

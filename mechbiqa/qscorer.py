@@ -168,7 +168,9 @@ def add_score_tokens(tokenizer: Tokenizer, spec: ScoreTokenSpec) -> Tokenizer:
     """
     present = [p for p in spec.pieces if tokenizer.piece_to_id(p) != tokenizer.unk_id]
     if present:
-        raise ValueError(f"the tokenizer already has {present}; pass the one-stage checkpoint's own tokenizer")
+        raise ValueError(
+            f"the tokenizer already has {present}; pass the one-stage checkpoint's own tokenizer"
+        )
     if isinstance(tokenizer, SentencePieceTokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -221,7 +223,11 @@ def extend_vocab(model: MPLUGOwl2, tokenizer: Tokenizer, spec: ScoreTokenSpec) -
     state = dict(model.state_dict())
     for key in ("llm.embed.weight", "llm.unembed.weight"):
         weight = state[key]
-        grown = torch.cat([weight, weight.new_zeros(vocab - old, weight.shape[1])]) if vocab > old else weight.clone()
+        grown = (
+            torch.cat([weight, weight.new_zeros(vocab - old, weight.shape[1])])
+            if vocab > old
+            else weight.clone()
+        )
         for k, i in enumerate(ids):
             grown[i] = weight[tokenizer.word_id(bin_level(k, spec.n_bins))]
         state[key] = grown
@@ -254,8 +260,9 @@ def qscorer_answer(description: str, level: str, mos01: float, n_bins: int) -> s
     return f"{answer_text('one-stage', description, level)}<score_{score_bin(mos01, n_bins)}>"
 
 
-def encode_qscorer_example(tokenizer: Tokenizer, template_name: str, example: Example,
-                           spec: ScoreTokenSpec) -> EncodedExample:
+def encode_qscorer_example(
+    tokenizer: Tokenizer, template_name: str, example: Example, spec: ScoreTokenSpec
+) -> EncodedExample:
     """The one-stage prompt and the Q-Scorer answer (labels on the answer only, ``</s>`` included).
 
     Raises:
@@ -264,10 +271,14 @@ def encode_qscorer_example(tokenizer: Tokenizer, template_name: str, example: Ex
     if example.score is None or example.level is None or not example.description:
         raise ValueError(f"example {example.id!r} needs a score (MOS 0-1), a level word and a description")
     prompt = task_prompt(tokenizer, get_template(template_name), "one-stage")
-    answer = encode_answer(tokenizer, qscorer_answer(example.description, example.level, example.score,
-                                                     spec.n_bins))
-    return EncodedExample(ids=prompt.ids + tuple(answer), labels=(IGNORE_INDEX,) * len(prompt.ids) + tuple(answer),
-                          n_images=prompt.n_images)
+    answer = encode_answer(
+        tokenizer, qscorer_answer(example.description, example.level, example.score, spec.n_bins)
+    )
+    return EncodedExample(
+        ids=prompt.ids + tuple(answer),
+        labels=(IGNORE_INDEX,) * len(prompt.ids) + tuple(answer),
+        n_images=prompt.n_images,
+    )
 
 
 def qscorer_loss(
@@ -296,9 +307,17 @@ def qscorer_loss(
     return ce + lam * mse, {"ce": float(ce.detach()), "mse": float(mse.detach())}
 
 
-def train_qscorer(model: nn.Module, head: ScoreHead, tokenizer: Tokenizer, processor: ImageProcessor,
-                  examples: Sequence[Example], spec: ScoreTokenSpec, cfg: QScorerTrainConfig, *,
-                  progress: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+def train_qscorer(
+    model: nn.Module,
+    head: ScoreHead,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    examples: Sequence[Example],
+    spec: ScoreTokenSpec,
+    cfg: QScorerTrainConfig,
+    *,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
     """Fine-tune a model with score tokens and its head, in place (trainable: ``requires_grad`` parameters).
 
     Args:
@@ -322,9 +341,12 @@ def train_qscorer(model: nn.Module, head: ScoreHead, tokenizer: Tokenizer, proce
     pixels = processor([e.image for e in examples])
     ids_of_scores = score_token_ids(tokenizer, spec)
     body = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": cfg.lr},
-                                   {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}],
-                                  betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr or cfg.lr}],
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.0,
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     history = []
@@ -335,15 +357,29 @@ def train_qscorer(model: nn.Module, head: ScoreHead, tokenizer: Tokenizer, proce
             order += torch.randperm(len(encoded), generator=generator).tolist()
         index, order = order[: cfg.batch_size], order[cfg.batch_size :]
         ids, mask, labels = collate([encoded[i] for i in index], tokenizer.pad_id, core.cfg.n_image_tokens)
-        loss, parts = qscorer_loss(core, head, ids.to(device), mask.to(device), labels.to(device),
-                                   pixels[index].to(device, core.dtype), targets[index].to(device), ids_of_scores,
-                                   spec.lam, cfg.label_smoothing)
+        loss, parts = qscorer_loss(
+            core,
+            head,
+            ids.to(device),
+            mask.to(device),
+            labels.to(device),
+            pixels[index].to(device, core.dtype),
+            targets[index].to(device),
+            ids_of_scores,
+            spec.lam,
+            cfg.label_smoothing,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(body + list(head.parameters()), cfg.clip_norm)
         optimizer.step()
-        record = {"step": step + 1, "loss": float(loss.detach()), **parts, "seconds": time.perf_counter() - t0}
+        record = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            **parts,
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(record)
         if progress is not None:
             progress(record)
@@ -352,18 +388,39 @@ def train_qscorer(model: nn.Module, head: ScoreHead, tokenizer: Tokenizer, proce
 
 
 # --------------------------------------------------------------------------------------------- checkpoint
-def save_qscorer(directory: str | Path, model: nn.Module, head: ScoreHead, tokenizer: Tokenizer,
-                 processor: ImageProcessor, spec: ScoreTokenSpec, template: str = "v1",
-                 extra_info: dict[str, Any] | None = None) -> Path:
-    """Write a one-stage checkpoint with score tokens, plus ``score_head.safetensors`` and its ``mechbiqa.json`` field."""
+def save_qscorer(
+    directory: str | Path,
+    model: nn.Module,
+    head: ScoreHead,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    spec: ScoreTokenSpec,
+    template: str = "v1",
+    extra_info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a one-stage checkpoint with score tokens, ``score_head.safetensors`` and a ``mechbiqa.json`` field."""
     core = core_model(model)
-    info = {"format": 1, "mode": "one-stage", "stage": None, "task": "one-stage", "template": template,
-            INFO_KEY: {**asdict(spec), "file": SCORE_HEAD_FILE, "d_model": core.cfg.llm.d_model,
-                       "pieces": list(spec.pieces), "ids": score_token_ids(tokenizer, spec)},
-            **(extra_info or {})}
+    info = {
+        "format": 1,
+        "mode": "one-stage",
+        "stage": None,
+        "task": "one-stage",
+        "template": template,
+        INFO_KEY: {
+            **asdict(spec),
+            "file": SCORE_HEAD_FILE,
+            "d_model": core.cfg.llm.d_model,
+            "pieces": list(spec.pieces),
+            "ids": score_token_ids(tokenizer, spec),
+        },
+        **(extra_info or {}),
+    }
     directory = write_checkpoint(directory, model, tokenizer, processor, info)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
-              str(directory / SCORE_HEAD_FILE), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()},
+        str(directory / SCORE_HEAD_FILE),
+        metadata={"format": "pt"},
+    )
     return directory
 
 
@@ -421,8 +478,9 @@ class QScorer:
             px = pixels[start : start + batch_size].to(model.device, model.dtype)
             n = len(px)
             ids = torch.tensor([prompt] * n, device=model.device)
-            new = model.generate(ids, images=px, max_new_tokens=self.max_new_tokens,
-                                 eos_token_id=tok.eos_id)[:, len(prompt):].tolist()
+            new = model.generate(ids, images=px, max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_id)[
+                :, len(prompt) :
+            ].tolist()
             answers, emitted = [], []
             for row in new:
                 cut = next((i for i, t in enumerate(row) if t in score_ids or t == tok.eos_id), len(row))
@@ -430,21 +488,31 @@ class QScorer:
                 answers.append(row[:cut])
             before = self._last(model, prompt, answers, px, hidden=False)  # [n, vocab] where the token goes
             probs = before[:, score_ids].float().softmax(-1).cpu()
-            chosen = [row[len(a)] if e else score_ids[int(p.argmax())]
-                      for row, a, e, p in zip(new, answers, emitted, probs)]
-            hidden = self._last(model, prompt, [a + [t] for a, t in zip(answers, chosen)], px, hidden=True)
+            chosen = [
+                row[len(a)] if e else score_ids[int(p.argmax())]
+                for row, a, e, p in zip(new, answers, emitted, probs, strict=True)
+            ]
+            hidden = self._last(model, prompt, [a + [t] for a, t in zip(answers, chosen, strict=True)], px, hidden=True)
             regressed = self.head(hidden).cpu()
             for i in range(n):
                 k = score_ids.index(chosen[i])
-                out.append(QScore(answer=tok.decode(answers[i] + [chosen[i]]).strip(), token=self.spec.pieces[k],
-                                  bin=k, token_score=bin_value(k, self.spec.n_bins),
-                                  token_expected=float(probs[i] @ values), regressed=float(regressed[i]),
-                                  emitted=bool(emitted[i])))
+                out.append(
+                    QScore(
+                        answer=tok.decode(answers[i] + [chosen[i]]).strip(),
+                        token=self.spec.pieces[k],
+                        bin=k,
+                        token_score=bin_value(k, self.spec.n_bins),
+                        token_expected=float(probs[i] @ values),
+                        regressed=float(regressed[i]),
+                        emitted=bool(emitted[i]),
+                    )
+                )
         return out
 
     @staticmethod
-    def _last(model: MPLUGOwl2, prompt: list[int], answers: Sequence[list[int]], pixels: Tensor,
-              hidden: bool) -> Tensor:
+    def _last(
+        model: MPLUGOwl2, prompt: list[int], answers: Sequence[list[int]], pixels: Tensor, hidden: bool
+    ) -> Tensor:
         """Logits ``[n, vocab]`` or the last hidden state ``[n, d]`` at each row's last real token."""
         rows = [prompt + a for a in answers]
         width = max(len(r) for r in rows)
@@ -453,13 +521,21 @@ class QScorer:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
-        out = model(ids.to(model.device), images=pixels, attention_mask=mask.to(model.device),
-                    output_hidden_states=hidden)
+        out = model(
+            ids.to(model.device),
+            images=pixels,
+            attention_mask=mask.to(model.device),
+            output_hidden_states=hidden,
+        )
         return out.hidden_states[-1][:, -1] if hidden else out.logits[:, -1]  # last column = last real token
 
 
-def load_qscorer(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 max_new_tokens: int = 48) -> QScorer:
+def load_qscorer(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_new_tokens: int = 48,
+) -> QScorer:
     """Load a Q-Scorer checkpoint: :func:`~mechbiqa.model.load.load_components` plus the head.
 
     Raises:
@@ -468,20 +544,33 @@ def load_qscorer(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     path = Path(path)
     info = read_info(path)
     if INFO_KEY not in info.data:
-        raise ValueError(f"{path} is not a Q-Scorer checkpoint (no {INFO_KEY!r} in mechbiqa.json); "
-                         "train one with mechbiqa.qscorer.train_qscorer and save_qscorer")
+        raise ValueError(
+            f"{path} is not a Q-Scorer checkpoint (no {INFO_KEY!r} in mechbiqa.json); "
+            "train one with mechbiqa.qscorer.train_qscorer and save_qscorer"
+        )
     spec = ScoreTokenSpec.from_dict(info.data[INFO_KEY])
     comps = load_components(path, dtype=dtype, device=device)
     head = ScoreHead(comps.model.cfg.llm.d_model, spec.d_hidden)
     head.load_state_dict(load_file(str(path / info.data[INFO_KEY].get("file", SCORE_HEAD_FILE))))
     head.to(device).eval()
-    return QScorer(components=comps, head=head, spec=spec, template=info.template, max_new_tokens=max_new_tokens,
-                   info=info.data)
+    return QScorer(
+        components=comps,
+        head=head,
+        spec=spec,
+        template=info.template,
+        max_new_tokens=max_new_tokens,
+        info=info.data,
+    )
 
 
-def qscorer_from_checkpoint(path: str | Path, spec: ScoreTokenSpec, seed: int = 0, dtype: torch.dtype = torch.float32,
-                            device: str | torch.device = "cpu") -> tuple[MPLUGOwl2, ScoreHead, Tokenizer, ImageProcessor]:
-    """A one-stage checkpoint made ready for :func:`train_qscorer`: score tokens added, vocab grown, a fresh head."""
+def qscorer_from_checkpoint(
+    path: str | Path,
+    spec: ScoreTokenSpec,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[MPLUGOwl2, ScoreHead, Tokenizer, ImageProcessor]:
+    """A one-stage checkpoint made ready for :func:`train_qscorer`: score tokens, grown vocab, a fresh head."""
     comps = load_components(path, dtype=dtype, device=device)
     tokenizer = add_score_tokens(comps.tokenizer, spec)
     model = extend_vocab(comps.model, tokenizer, spec)
@@ -492,3 +581,47 @@ def qscorer_from_checkpoint(path: str | Path, spec: ScoreTokenSpec, seed: int = 
 
 
 __all__ += ["qscorer_from_checkpoint"]
+
+
+def finetune_qscorer(
+    init_from: str | Path,
+    out_dir: str | Path,
+    examples: Sequence[Example],
+    spec: ScoreTokenSpec,
+    cfg: QScorerTrainConfig,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """A Q-Scorer from a one-stage checkpoint directory: add tokens, train, and write it to ``out_dir``.
+
+    Returns:
+        The per-step history (also written into ``mechbiqa.json`` as ``qscorer_history``).
+    """
+    from mechbiqa.pipeline import expect_checkpoint
+
+    info = expect_checkpoint(init_from, "one-stage")
+    model, head, tokenizer, processor = qscorer_from_checkpoint(
+        init_from, spec, seed=cfg.seed, dtype=dtype, device=device
+    )
+    history = train_qscorer(model, head, tokenizer, processor, examples, spec, cfg, progress=progress)
+    save_qscorer(
+        out_dir,
+        model,
+        head,
+        tokenizer,
+        processor,
+        spec,
+        template=info.template,
+        extra_info={
+            "parent": str(init_from),
+            "step": cfg.steps,
+            "qscorer_config": asdict(cfg),
+            "qscorer_history": history,
+        },
+    )
+    return history
+
+
+__all__ += ["finetune_qscorer"]

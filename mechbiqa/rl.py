@@ -51,11 +51,12 @@ reuses the samples with a frozen ``logp_old``.
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,9 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.group_size < 2:
-            raise ValueError(f"group_size must be at least 2 (advantages compare answers), got {self.group_size}")
+            raise ValueError(
+                f"group_size must be at least 2 (advantages compare answers), got {self.group_size}"
+            )
         if self.lr <= 0 or self.clip_eps <= 0 or self.kl_beta < 0 or self.temperature <= 0:
             raise ValueError("need lr > 0, clip_eps > 0, kl_beta >= 0 and temperature > 0")
         if self.autocast not in (None, "bfloat16", "float16"):
@@ -176,10 +179,14 @@ class RLConfig:
 
 
 # --------------------------------------------------------------------------------------------- arithmetic
-def group_advantages(rewards: Float[Tensor, "group sample"], eps: float = 1e-4) -> Float[Tensor, "group sample"]:
+def group_advantages(
+    rewards: Float[Tensor, "group sample"], eps: float = 1e-4
+) -> Float[Tensor, "group sample"]:
     """``(r - mean) / (std + eps)`` within each group (row); std is the unbiased sample std."""
     if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [group, sample] with at least 2 samples, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must be [group, sample] with at least 2 samples, got {tuple(rewards.shape)}"
+        )
     mean = rewards.mean(dim=1, keepdim=True)
     std = rewards.std(dim=1, keepdim=True, unbiased=True)
     return (rewards - mean) / (std + eps)
@@ -203,7 +210,7 @@ def clipped_surrogate(
 
 
 def kl_k3(logp: Float[Tensor, "*shape"], logp_ref: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
-    """k3 estimator of KL(policy || reference) per sampled token: ``exp(d) - d - 1``, ``d = logp_ref - logp``."""
+    """k3 estimator of KL(policy || reference) per token: ``exp(d) - d - 1``, ``d = logp_ref - logp``."""
     d = logp_ref - logp
     return torch.exp(d) - d - 1.0
 
@@ -228,8 +235,11 @@ def grpo_loss(
     per_answer = ((surrogate + beta * kl) * m).sum(1) / m.sum(1).clamp(min=1.0)
     n = m.sum().clamp(min=1.0)
     kl_d, m_d = kl.detach(), m.detach()
-    stats = {"kl": float((kl_d * m_d).sum() / n), "clip_frac": float((clipped.to(m.dtype) * m_d).sum() / n),
-             "surrogate": float((surrogate.detach() * m_d).sum() / n)}
+    stats = {
+        "kl": float((kl_d * m_d).sum() / n),
+        "clip_frac": float((clipped.to(m.dtype) * m_d).sum() / n),
+        "surrogate": float((surrogate.detach() * m_d).sum() / n),
+    }
     return per_answer.mean(), stats
 
 
@@ -256,12 +266,12 @@ def answer_logprobs(
     attention = torch.zeros_like(ids)
     targets = torch.zeros((len(rows), longest), dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.bool)
-    for i, (row, answer) in enumerate(zip(rows, answers)):
+    for i, (row, answer) in enumerate(zip(rows, answers, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         attention[i, : len(row)] = 1
         if answer:
-            targets[i, longest - len(answer):] = torch.tensor(list(answer))
-            mask[i, longest - len(answer):] = True
+            targets[i, longest - len(answer) :] = torch.tensor(list(answer))
+            mask[i, longest - len(answer) :] = True
     device = model.device
     images = None if pixels is None else pixels.to(device, model.dtype).expand(len(rows), -1, -1, -1)
     logits = model(ids.to(device), images=images, attention_mask=attention.to(device)).logits
@@ -287,10 +297,18 @@ def sample_answers(
     ids = torch.tensor([list(prompt_ids)], device=model.device)
     images = None if pixels is None else pixels.to(model.device, model.dtype)
     cache = model.prefill(ids, images=images).repeat_interleave(n)
-    out = model.generate(ids.repeat(n, 1), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=True,
-                         temperature=temperature, top_k=top_k, generator=generator, eos_token_id=eos_id)
+    out = model.generate(
+        ids.repeat(n, 1),
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        generator=generator,
+        eos_token_id=eos_id,
+    )
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1] :].tolist():
         answers.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     return answers
 
@@ -319,7 +337,7 @@ def level_hit(level: str | None, label: str | None) -> float:
 
 
 def mos_closeness(level: str | None, mos01: float | None) -> float:
-    """``1 - |value(level) - MOS|`` on 0-1 (Q-Align's level values 1, .75, .5, .25, 0); 0 without a level or MOS."""
+    """``1 - |value(level) - MOS|`` on 0-1 (Q-Align's values 1, .75, .5, .25, 0); 0 without a level or MOS."""
     if level is None or mos01 is None:
         return 0.0
     return 1.0 - abs(LEVEL_WEIGHTS[LEVEL_WORDS.index(level)] - float(mos01))
@@ -333,27 +351,40 @@ def rouge_rewards(descriptions: Sequence[str], reference: str | None) -> list[fl
 
 
 @torch.no_grad()
-def text_path_levels(model: MPLUGOwl2, tokenizer: Tokenizer, template: ConversationTemplate,
-                     descriptions: Sequence[str]) -> list[str]:
+def text_path_levels(
+    model: MPLUGOwl2, tokenizer: Tokenizer, template: ConversationTemplate, descriptions: Sequence[str]
+) -> list[str]:
     """The level word the model gives each description read as text only (the stage-2 prompt, no image)."""
     prompts = [scoring_prompt(tokenizer, template, "stage2", d) for d in descriptions]
     logits = score_prompts(model, tokenizer, prompts, None)
     return [LEVEL_WORDS[int(i)] for i in logits.argmax(1)]
 
 
-def self_consistency(model: MPLUGOwl2, tokenizer: Tokenizer, template: ConversationTemplate,
-                     answers: Sequence[Sampled], label: str | None) -> tuple[list[float], list[float]]:
-    """Whether the text-only rating of each answer's own description agrees with the answer, and with the label.
+def self_consistency(
+    model: MPLUGOwl2,
+    tokenizer: Tokenizer,
+    template: ConversationTemplate,
+    answers: Sequence[Sampled],
+    label: str | None,
+) -> tuple[list[float], list[float]]:
+    """Whether the text-only rating of each answer's own description agrees with the answer and the label.
 
     Returns:
         ``(vs_answer, vs_label)``: 1.0 / 0.0 per answer (an answer without a level word never agrees).
     """
     text = text_path_levels(model, tokenizer, template, [a.description for a in answers])
-    return ([level_hit(t, a.level) for t, a in zip(text, answers)], [level_hit(t, label) for t in text])
+    return ([level_hit(t, a.level) for t, a in zip(text, answers, strict=True)], [level_hit(t, label) for t in text])
 
 
-def paper_rewards(model: MPLUGOwl2, answers: Sequence[Sampled], example: Example, *, tokenizer: Tokenizer,
-                  template: ConversationTemplate, weights: RewardWeights) -> tuple[list[float], dict[str, list[float]]]:
+def paper_rewards(
+    model: MPLUGOwl2,
+    answers: Sequence[Sampled],
+    example: Example,
+    *,
+    tokenizer: Tokenizer,
+    template: ConversationTemplate,
+    weights: RewardWeights,
+) -> tuple[list[float], dict[str, list[float]]]:
     """The weighted sum of the paper's rewards for one group, and each part (only those with weight > 0).
 
     ``example.level`` is the label's level word, ``example.score`` its MOS on 0-1,
@@ -368,7 +399,8 @@ def paper_rewards(model: MPLUGOwl2, answers: Sequence[Sampled], example: Example
         parts["rouge"] = rouge_rewards([a.description for a in answers], example.description)
     if weights.consistency_answer or weights.consistency_label:
         parts["consistency_answer"], parts["consistency_label"] = self_consistency(
-            model, tokenizer, template, answers, example.level)
+            model, tokenizer, template, answers, example.level
+        )
     total = np.zeros(len(answers))
     for name, values in parts.items():
         total += getattr(weights, name) * np.asarray(values)
@@ -417,9 +449,17 @@ def _adapters_off(model: nn.Module) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
-def train_rl(model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor, examples: Sequence[Example],
-             cfg: RLConfig, *, reference: MPLUGOwl2 | None = None, reward_fn: RewardFn | None = None,
-             progress: Callable[[RLStep], None] | None = None) -> RLResult:
+def train_rl(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    processor: ImageProcessor,
+    examples: Sequence[Example],
+    cfg: RLConfig,
+    *,
+    reference: MPLUGOwl2 | None = None,
+    reward_fn: RewardFn | None = None,
+    progress: Callable[[RLStep], None] | None = None,
+) -> RLResult:
     """GRPO on one-stage answers, in place (trainable parameters: those with ``requires_grad``).
 
     Args:
@@ -439,16 +479,23 @@ def train_rl(model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor, 
     template = get_template(cfg.template)
     if reference is None and not lora_layers(core):
         reference = copy.deepcopy(core).requires_grad_(False)
-    reward_fn = reward_fn or (lambda m, a, e: paper_rewards(m, a, e, tokenizer=tokenizer, template=template,
-                                                             weights=cfg.weights))
+    reward_fn = reward_fn or (
+        lambda m, a, e: paper_rewards(m, a, e, tokenizer=tokenizer, template=template, weights=cfg.weights)
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (requires_grad); unfreeze them or add adapters")
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad); unfreeze them or add adapters"
+        )
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     device = core.device
 
     def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)) if cfg.autocast else contextlib.nullcontext()
+        return (
+            torch.autocast(device.type, dtype=getattr(torch, cfg.autocast))
+            if cfg.autocast
+            else contextlib.nullcontext()
+        )
 
     prompt = task_prompt(tokenizer, template, "one-stage").ids
     pixels = processor([e.image for e in examples])
@@ -462,9 +509,17 @@ def train_rl(model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor, 
         for i in picks:
             image = pixels[i : i + 1]
             with autocast():
-                ids = sample_answers(core, prompt, image, cfg.group_size, generator=generator,
-                                     eos_id=tokenizer.eos_id, max_new_tokens=cfg.max_new_tokens,
-                                     temperature=cfg.temperature, top_k=cfg.top_k)
+                ids = sample_answers(
+                    core,
+                    prompt,
+                    image,
+                    cfg.group_size,
+                    generator=generator,
+                    eos_id=tokenizer.eos_id,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                )
                 answers = [Sampled.from_ids(a, tokenizer) for a in ids]
                 total, part = reward_fn(core, answers, examples[i])
             groups.append((image, ids))
@@ -474,9 +529,17 @@ def train_rl(model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor, 
         advantages = group_advantages(torch.tensor(rewards, dtype=torch.float32), cfg.adv_eps).to(device)
         with torch.no_grad(), autocast():
             with _adapters_off(core) if reference is None else contextlib.nullcontext():
-                refs = [answer_logprobs(core if reference is None else reference, prompt, im, a, tokenizer.pad_id)[0] for im, a in groups]
-            olds = ([answer_logprobs(core, prompt, im, a, tokenizer.pad_id)[0] for im, a in groups]
-                    if cfg.inner_steps > 1 else None)
+                refs = [
+                    answer_logprobs(
+                        core if reference is None else reference, prompt, im, a, tokenizer.pad_id
+                    )[0]
+                    for im, a in groups
+                ]
+            olds = (
+                [answer_logprobs(core, prompt, im, a, tokenizer.pad_id)[0] for im, a in groups]
+                if cfg.inner_steps > 1
+                else None
+            )
         for _ in range(cfg.inner_steps):
             optimizer.zero_grad(set_to_none=True)
             loss_sum, stats = 0.0, {"kl": 0.0, "clip_frac": 0.0}
@@ -492,9 +555,15 @@ def train_rl(model: nn.Module, tokenizer: Tokenizer, processor: ImageProcessor, 
             if cfg.clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
             optimizer.step()
-        record = RLStep(step=step + 1, reward=float(np.mean(rewards)),
-                        parts={k: float(np.mean(v)) for k, v in parts.items()}, loss=loss_sum, kl=stats["kl"],
-                        clip_frac=stats["clip_frac"], seconds=time.perf_counter() - t0)
+        record = RLStep(
+            step=step + 1,
+            reward=float(np.mean(rewards)),
+            parts={k: float(np.mean(v)) for k, v in parts.items()},
+            loss=loss_sum,
+            kl=stats["kl"],
+            clip_frac=stats["clip_frac"],
+            seconds=time.perf_counter() - t0,
+        )
         result.history.append(record)
         if progress is not None:
             progress(record)
@@ -506,9 +575,70 @@ def rl_info(cfg: RLConfig, result: RLResult, parent: str | None, template: str) 
     """``mechbiqa.json`` of an RL checkpoint: a one-stage checkpoint with its RL provenance."""
     from dataclasses import asdict
 
-    return {"format": 1, "mode": "one-stage", "stage": None, "task": "one-stage", "template": template,
-            "step": len(result.history), "parent": parent, "rl_config": asdict(cfg),
-            "rl_history": [asdict(h) for h in result.history]}
+    return {
+        "format": 1,
+        "mode": "one-stage",
+        "stage": None,
+        "task": "one-stage",
+        "template": template,
+        "step": len(result.history),
+        "parent": parent,
+        "rl_config": asdict(cfg),
+        "rl_history": [asdict(h) for h in result.history],
+    }
 
 
 __all__ += ["rl_info", "RewardFn"]
+
+
+def finetune_checkpoint(
+    init_from: str | Path,
+    out_dir: str | Path,
+    examples: Sequence[Example],
+    cfg: RLConfig,
+    *,
+    lora_rank: int | None = None,
+    lora_targets: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[RLStep], None] | None = None,
+) -> RLResult:
+    """GRPO from a one-stage checkpoint directory into ``out_dir`` (a one-stage checkpoint again).
+
+    Args:
+        init_from: The one-stage checkpoint (refused if it is of another mode).
+        out_dir: Where the fine-tuned checkpoint is written (LoRA merged).
+        examples: Images with labels (``mechbiqa.train.examples_from_records(records, "one-stage")``).
+        cfg: The run.
+        lora_rank: LoRA rank on the LLM's projections (peft); None: full fine-tuning.
+        lora_targets: Regex of module names that get adapters (default: mechbiqa.train's).
+        device: Where to train.
+        dtype: Parameter dtype (``torch.bfloat16`` for 7B with LoRA on a GPU).
+        progress: Called with each step.
+    """
+    from mechbiqa.finetune_io import write_checkpoint
+    from mechbiqa.model.load import load_components
+    from mechbiqa.pipeline import expect_checkpoint
+
+    info = expect_checkpoint(init_from, "one-stage")
+    comps = load_components(init_from, dtype=dtype, device=device)
+    model: nn.Module = comps.model
+    if lora_rank is not None:
+        import peft
+
+        from mechbiqa.train import TrainConfig
+
+        targets = lora_targets or TrainConfig().lora_targets
+        model = peft.inject_adapter_in_model(
+            peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), model
+        )
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    result = train_rl(model, comps.tokenizer, comps.processor, examples, cfg, progress=progress)
+    write_checkpoint(
+        out_dir, model, comps.tokenizer, comps.processor, rl_info(cfg, result, str(init_from), info.template)
+    )
+    return result
+
+
+__all__ += ["finetune_checkpoint"]

@@ -80,8 +80,16 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The tiny random rater on ``tmp/rated.jsonl``."""
-        return cls(**{"tiny_random": True, "dataset": str(Path(tmp) / "rated.jsonl"), "split": None,
-                      "max_new_tokens": 4, "out": str(Path(tmp) / NAME), **overrides})
+        return cls(
+            **{
+                "tiny_random": True,
+                "dataset": str(Path(tmp) / "rated.jsonl"),
+                "split": None,
+                "max_new_tokens": 4,
+                "out": str(Path(tmp) / NAME),
+                **overrides,
+            }
+        )
 
     @property
     def out_dir(self) -> Path:
@@ -103,7 +111,9 @@ def main(cfg: Config) -> Result:
     from mechbiqa.pipeline import load_rater
     from mechbiqa.qscorer import load_qscorer
 
-    records = [r for r in load_samples(cfg.dataset, cfg.split, cfg.limit) if getattr(r, "mos01", None) is not None]
+    records = [
+        r for r in load_samples(cfg.dataset, cfg.split, cfg.limit) if getattr(r, "mos01", None) is not None
+    ]
     if not records:
         raise ValueError(f"no image of {cfg.dataset!r} has a MOS; the conversion error needs rated images")
     images = [r.image_path for r in records]
@@ -126,8 +136,14 @@ def main(cfg: Config) -> Result:
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    payload = {"model": source, "qscorer": cfg.qscorer, "dataset": cfg.dataset, "split": cfg.split,
-               "ids": [r.id for r in records], **result.to_dict()}
+    payload = {
+        "model": source,
+        "qscorer": cfg.qscorer,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "ids": [r.id for r in records],
+        **result.to_dict(),
+    }
     files["json"].write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
     files["figure"] = figures.conversion_staircase(result, out / f"{NAME}.png")
     return Result(conversion=result, files=files, model=source)
@@ -141,8 +157,11 @@ def render(result: Result, console: Any) -> None:
     table = Table(title=f"Conversion error on 0-1 ({c.label_approximation.n} images, restore={c.restore})")
     for column in ("", "RMSE", "SRCC", "PLCC"):
         table.add_column(column, justify="right" if column else "left")
-    for name, stats in (("label approximation (floor)", c.label_approximation), ("Q-Align score", c.restoration),
-                        ("score-token regressor", c.score_token)):
+    for name, stats in (
+        ("label approximation (floor)", c.label_approximation),
+        ("Q-Align score", c.restoration),
+        ("score-token regressor", c.score_token),
+    ):
         if stats is not None:
             table.add_row(name, f"{stats.rmse:.4f}", f"{stats.srcc:.3f}", f"{stats.plcc:.3f}")
     console.print(table)
@@ -162,15 +181,27 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--dataset", default=d.dataset, help="builtin, a .jsonl of IQARecords, or NAME=ROOT")
     p.add_argument("--split", default=d.split, help="split to keep ('' for all)")
     p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument("--restore", default=d.restore, choices=("qalign", "centre"), help="restored score of a bin")
+    p.add_argument(
+        "--restore", default=d.restore, choices=("qalign", "centre"), help="restored score of a bin"
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--device", default=d.device)
     p.add_argument("--out", help="output folder (default: cache/conversion_error)")
     a = p.parse_args(argv)
-    return Config(model=a.model, tiny_random=a.tiny_random, qscorer=a.qscorer, dataset=a.dataset,
-                  split=a.split or None, limit=a.limit, restore=a.restore, batch_size=a.batch_size,
-                  max_new_tokens=a.max_new_tokens, device=a.device, out=a.out)
+    return Config(
+        model=a.model,
+        tiny_random=a.tiny_random,
+        qscorer=a.qscorer,
+        dataset=a.dataset,
+        split=a.split or None,
+        limit=a.limit,
+        restore=a.restore,
+        batch_size=a.batch_size,
+        max_new_tokens=a.max_new_tokens,
+        device=a.device,
+        out=a.out,
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ def level_bins(mos01: Float[np.ndarray, " image"], n_bins: int = 5) -> np.ndarra
     return np.minimum(n_bins - 1, np.floor(mos * n_bins)).astype(np.int64)
 
 
-def restored_scores(bins: np.ndarray, n_bins: int = 5, restore: Literal["qalign", "centre"] = "qalign") -> np.ndarray:
-    """The score a bin is restored to: Q-Align's level value ``k / (n - 1)``, or the bin's centre ``(k + .5) / n``."""
+def restored_scores(
+    bins: np.ndarray, n_bins: int = 5, restore: Literal["qalign", "centre"] = "qalign"
+) -> np.ndarray:
+    """The score a bin is restored to: Q-Align's level value ``k / (n - 1)``, or the centre ``(k + .5) / n``."""
     bins = np.asarray(bins, dtype=np.float64)
     if restore == "qalign":
         return bins / (n_bins - 1)
@@ -93,12 +95,17 @@ def error_stats(pred: np.ndarray, mos01: np.ndarray) -> ErrorStats:
     if pred.shape != mos.shape or pred.ndim != 1:
         raise ValueError(f"pred and MOS must be 1-D of one length, got {pred.shape} and {mos.shape}")
     varied = len(pred) > 2 and np.ptp(pred) > 0 and np.ptp(mos) > 0
-    return ErrorStats(rmse=rmse(pred, mos), srcc=srcc(pred, mos) if varied else float("nan"),
-                      plcc=plcc(pred, mos) if varied else float("nan"), n=len(pred))
+    return ErrorStats(
+        rmse=rmse(pred, mos),
+        srcc=srcc(pred, mos) if varied else float("nan"),
+        plcc=plcc(pred, mos) if varied else float("nan"),
+        n=len(pred),
+    )
 
 
-def label_approximation(mos01: np.ndarray, n_bins: int = 5,
-                        restore: Literal["qalign", "centre"] = "qalign") -> tuple[ErrorStats, np.ndarray]:
+def label_approximation(
+    mos01: np.ndarray, n_bins: int = 5, restore: Literal["qalign", "centre"] = "qalign"
+) -> tuple[ErrorStats, np.ndarray]:
     """The floor: MOS -> bin -> restored score, against MOS. Returns the stats and the restored scores."""
     restored = restored_scores(level_bins(mos01, n_bins), n_bins, restore)
     return error_stats(restored, mos01), restored
@@ -142,18 +149,28 @@ class ConversionResult:
         """JSON-ready: the named errors, the excess over the floor, and the per-image arrays."""
         as_list = lambda a: None if a is None else [float(x) for x in a]  # noqa: E731
         return {
-            "scale": "0-1", "restore": self.restore, "n": int(len(self.mos)),
+            "scale": "0-1",
+            "restore": self.restore,
+            "n": int(len(self.mos)),
             "label_approximation": asdict(self.label_approximation),
             "restoration": None if self.restoration is None else asdict(self.restoration),
             "score_token": None if self.score_token is None else asdict(self.score_token),
             "restoration_beyond_floor_rmse": self.beyond_floor,
-            "per_image": {"mos": as_list(self.mos), "restored": as_list(self.restored),
-                          "qalign": as_list(self.qalign), "regressed": as_list(self.regressed)},
+            "per_image": {
+                "mos": as_list(self.mos),
+                "restored": as_list(self.restored),
+                "qalign": as_list(self.qalign),
+                "regressed": as_list(self.regressed),
+            },
         }
 
 
-def conversion_error(mos01: np.ndarray, qalign: np.ndarray | None = None, regressed: np.ndarray | None = None,
-                     restore: Literal["qalign", "centre"] = "qalign") -> ConversionResult:
+def conversion_error(
+    mos01: np.ndarray,
+    qalign: np.ndarray | None = None,
+    regressed: np.ndarray | None = None,
+    restore: Literal["qalign", "centre"] = "qalign",
+) -> ConversionResult:
     """All three errors for one data set.
 
     Args:
@@ -168,7 +185,8 @@ def conversion_error(mos01: np.ndarray, qalign: np.ndarray | None = None, regres
         label_approximation=floor,
         restoration=None if qalign is None else restoration_error(qalign, mos),
         score_token=None if regressed is None else restoration_error(regressed, mos),
-        mos=mos, restored=restored,
+        mos=mos,
+        restored=restored,
         qalign=None if qalign is None else np.asarray(qalign, dtype=np.float64),
         regressed=None if regressed is None else np.asarray(regressed, dtype=np.float64),
         restore=restore,

@@ -64,7 +64,9 @@ def one_stage(tmp_path_factory):
         path = root / f"im{i}.png"
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
         level = ["bad", "poor", "fair", "good", "excellent"][score_bin(mos, 5)]
-        examples.append(Example(id=str(i), image=path, description="The image is sharp.", level=level, score=mos))
+        examples.append(
+            Example(id=str(i), image=path, description="The image is sharp.", level=level, score=mos)
+        )
     return root, examples
 
 
@@ -98,7 +100,9 @@ def test_train_save_reload_gives_equal_outputs(one_stage, tmp_path):
     ids = torch.tensor([[1, 5, 300, *score_token_ids(tok, spec)]])
     pixels = proc([examples[0].image])
     ids = torch.cat([ids[:, :1], torch.tensor([[-200]]), ids[:, 1:]], dim=1)
-    assert torch.allclose(reloaded(ids, images=pixels).logits, model.eval()(ids, images=pixels).logits, atol=1e-6)
+    assert torch.allclose(
+        reloaded(ids, images=pixels).logits, model.eval()(ids, images=pixels).logits, atol=1e-6
+    )
 
     scorer = load_qscorer(out, max_new_tokens=4)
     assert scorer.components.tokenizer.encode("good.<score_2>") == tok.encode("good.<score_2>")

@@ -24,7 +24,6 @@ from mechbiqa.rl import (
     level_hit,
     mos_closeness,
     paper_rewards,
-    sample_answers,
     self_consistency,
     train_rl,
 )
@@ -59,7 +58,8 @@ def test_clipped_surrogate_by_hand():
 
 def test_k3_by_hand_and_unbiased_for_exact_kl():
     assert float(kl_k3(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25)))) == pytest.approx(
-        0.5 + math.log(2) - 1)
+        0.5 + math.log(2) - 1
+    )
     g = torch.Generator().manual_seed(0)
     p = torch.randn(7, generator=g).double().softmax(0)
     q = torch.randn(7, generator=g).double().softmax(0)
@@ -83,7 +83,9 @@ def test_grpo_loss_averages_answer_tokens_only():
 
 
 def test_level_and_mos_rewards():
-    assert level_hit("good", "good") == 1.0 and level_hit("good", "bad") == 0.0 and level_hit(None, None) == 0.0
+    assert (
+        level_hit("good", "good") == 1.0 and level_hit("good", "bad") == 0.0 and level_hit(None, None) == 0.0
+    )
     assert mos_closeness("good", 0.7) == pytest.approx(0.95)
     assert mos_closeness("bad", 0.9) == pytest.approx(0.1)
     assert mos_closeness(None, 0.5) == 0.0
@@ -103,15 +105,22 @@ def _examples(folder: Path, n: int = 2) -> list[Example]:
     for i in range(n):
         path = folder / f"im{i}.png"
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
-        out.append(Example(id=str(i), image=path, description="The image is sharp and clear.", level="good",
-                           score=0.7))
+        out.append(
+            Example(
+                id=str(i), image=path, description="The image is sharp and clear.", level="good", score=0.7
+            )
+        )
     return out
 
 
 def test_answer_logprobs_match_a_plain_forward(tiny):
     model, tok, proc = tiny
     prompt = task_prompt(tok, get_template("v1"), "one-stage").ids
-    pixels = torch.randn(1, 3, 16, 16) if proc.image_size == 16 else torch.randn(1, 3, proc.image_size, proc.image_size)
+    pixels = (
+        torch.randn(1, 3, 16, 16)
+        if proc.image_size == 16
+        else torch.randn(1, 3, proc.image_size, proc.image_size)
+    )
     answers = [[5, 300, 2], [301]]
     logp, mask = answer_logprobs(model, prompt, pixels, answers, tok.pad_id)
     assert mask.tolist() == [[True, True, True], [False, False, True]]
@@ -125,8 +134,10 @@ def test_answer_logprobs_match_a_plain_forward(tiny):
 def test_self_consistency_is_one_when_text_agrees_and_zero_when_forced_apart(tiny):
     model, tok, _ = tiny
     template = get_template("v1")
-    answers = [Sampled(ids=(), text="", description="The image is sharp.", level="good"),
-               Sampled(ids=(), text="", description="Blurry and noisy.", level="good")]
+    answers = [
+        Sampled(ids=(), text="", description="The image is sharp.", level="good"),
+        Sampled(ids=(), text="", description="Blurry and noisy.", level="good"),
+    ]
     image_calls = []
 
     def force(word):
@@ -135,6 +146,7 @@ def test_self_consistency_is_one_when_text_agrees_and_zero_when_forced_apart(tin
         def hook(logits, hook):  # [batch, pos, vocab]
             logits[..., index] += 100.0
             return logits
+
         return hook
 
     hooks = [("hook_image_tokens", lambda x, hook: image_calls.append(1))]  # [image, image_pos, d_llm]
@@ -158,8 +170,17 @@ def _target_probability(model, prompt, pixels, token):
 
 def test_a_reward_that_prefers_one_answer_raises_its_probability(tmp_path):
     examples = _examples(tmp_path / "img", n=1)
-    cfg = RLConfig(steps=4, images_per_step=1, group_size=8, lr=3e-2, kl_beta=0.04, top_k=4, max_new_tokens=1,
-                   clip_norm=0.0, seed=0)
+    cfg = RLConfig(
+        steps=4,
+        images_per_step=1,
+        group_size=8,
+        lr=3e-2,
+        kl_beta=0.04,
+        top_k=4,
+        max_new_tokens=1,
+        clip_norm=0.0,
+        seed=0,
+    )
     rises, starts = {}, {}
     for name, steps in (("prefers", 4), ("indifferent", 2)):
         model, tok, proc = tiny_random_model(0)
@@ -173,7 +194,9 @@ def test_a_reward_that_prefers_one_answer_raises_its_probability(tmp_path):
             values = [float(name == "prefers" and a.ids[0] == target) for a in answers]
             return values, {"hit": values}
 
-        train_rl(model, tok, proc, examples, cfg.__class__(**{**_fields(cfg), "steps": steps}), reward_fn=reward)
+        train_rl(
+            model, tok, proc, examples, cfg.__class__(**{**_fields(cfg), "steps": steps}), reward_fn=reward
+        )
         rises[name] = _target_probability(model, prompt, pixels, target) - before
     # the near-uniform tiny model starts at ~0.015 over 341 tokens; 4 steps of 8 answers reach ~0.16
     assert rises["prefers"] > 0.05 and rises["prefers"] > 3 * starts["prefers"], (rises, starts)
@@ -185,7 +208,9 @@ def test_lora_policy_with_paper_rewards_keeps_the_base_and_disables_adapters_for
 
     model, tok, proc = tiny_random_model(1)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*llm\.blocks\.\d+\.mlp\.(up_proj|down_proj)")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*llm\.blocks\.\d+\.mlp\.(up_proj|down_proj)"
+    )
     model = peft.inject_adapter_in_model(config, model)
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
@@ -194,9 +219,10 @@ def test_lora_policy_with_paper_rewards_keeps_the_base_and_disables_adapters_for
     cfg = RLConfig(steps=2, group_size=3, lr=1e-2, max_new_tokens=6, weights=RewardWeights(mos=1.0), seed=1)
 
     def reward(m, answers, example):  # the paper's rewards, plus the first token so that a group never ties
-        total, parts = paper_rewards(m, answers, example, tokenizer=tok, template=get_template("v1"),
-                                     weights=cfg.weights)
-        return [t + 1e-3 * a.ids[0] for t, a in zip(total, answers)], parts
+        total, parts = paper_rewards(
+            m, answers, example, tokenizer=tok, template=get_template("v1"), weights=cfg.weights
+        )
+        return [t + 1e-3 * a.ids[0] for t, a in zip(total, answers, strict=True)], parts
 
     result = train_rl(model, tok, proc, examples, cfg, reward_fn=reward, progress=steps.append)
     assert len(result.history) == 2 and steps == result.history
@@ -211,11 +237,17 @@ def test_lora_policy_with_paper_rewards_keeps_the_base_and_disables_adapters_for
 
 def test_paper_rewards_weighted_sum(tiny):
     model, tok, _ = tiny
-    answers = [Sampled(ids=(), text="", description="The image is sharp and clear.", level="good"),
-               Sampled(ids=(), text="", description="", level=None)]
-    example = Example(id="x", image=None, description="The image is sharp and clear.", level="good", score=0.7)
+    answers = [
+        Sampled(ids=(), text="", description="The image is sharp and clear.", level="good"),
+        Sampled(ids=(), text="", description="", level=None),
+    ]
+    example = Example(
+        id="x", image=None, description="The image is sharp and clear.", level="good", score=0.7
+    )
     weights = RewardWeights(level=1.0, mos=2.0, rouge=0.5, consistency_answer=0.0, consistency_label=0.0)
-    total, parts = paper_rewards(model, answers, example, tokenizer=tok, template=get_template("v1"), weights=weights)
+    total, parts = paper_rewards(
+        model, answers, example, tokenizer=tok, template=get_template("v1"), weights=weights
+    )
     assert parts["level"] == [1.0, 0.0] and parts["rouge"] == [pytest.approx(1.0), 0.0]
     assert total == pytest.approx([1.0 + 2 * 0.95 + 0.5, 0.0])
     assert set(parts) == {"level", "mos", "rouge"} and LEVEL_WORDS
