@@ -398,7 +398,7 @@ def save_qscorer(
     template: str = "v1",
     extra_info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a one-stage checkpoint with score tokens, ``score_head.safetensors`` and a ``mechbiqa.json`` field."""
+    """Write a one-stage checkpoint with score tokens, ``score_head.safetensors``, a ``mechbiqa.json`` field."""
     core = core_model(model)
     info = {
         "format": 1,
@@ -492,7 +492,8 @@ class QScorer:
                 row[len(a)] if e else score_ids[int(p.argmax())]
                 for row, a, e, p in zip(new, answers, emitted, probs, strict=True)
             ]
-            hidden = self._last(model, prompt, [a + [t] for a, t in zip(answers, chosen, strict=True)], px, hidden=True)
+            rows = [a + [t] for a, t in zip(answers, chosen, strict=True)]
+            hidden = self._last(model, prompt, rows, px, hidden=True)
             regressed = self.head(hidden).cpu()
             for i in range(n):
                 k = score_ids.index(chosen[i])
@@ -570,7 +571,7 @@ def qscorer_from_checkpoint(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> tuple[MPLUGOwl2, ScoreHead, Tokenizer, ImageProcessor]:
-    """A one-stage checkpoint made ready for :func:`train_qscorer`: score tokens, grown vocab, a fresh head."""
+    """A one-stage checkpoint made ready for :func:`train_qscorer`: score tokens, vocab grown, new head."""
     comps = load_components(path, dtype=dtype, device=device)
     tokenizer = add_score_tokens(comps.tokenizer, spec)
     model = extend_vocab(comps.model, tokenizer, spec)

@@ -373,7 +373,8 @@ def self_consistency(
         ``(vs_answer, vs_label)``: 1.0 / 0.0 per answer (an answer without a level word never agrees).
     """
     text = text_path_levels(model, tokenizer, template, [a.description for a in answers])
-    return ([level_hit(t, a.level) for t, a in zip(text, answers, strict=True)], [level_hit(t, label) for t in text])
+    vs_answer = [level_hit(t, a.level) for t, a in zip(text, answers, strict=True)]
+    return vs_answer, [level_hit(t, label) for t in text]
 
 
 def paper_rewards(

@@ -63,7 +63,7 @@ def level_bins(mos01: Float[np.ndarray, " image"], n_bins: int = 5) -> np.ndarra
 def restored_scores(
     bins: np.ndarray, n_bins: int = 5, restore: Literal["qalign", "centre"] = "qalign"
 ) -> np.ndarray:
-    """The score a bin is restored to: Q-Align's level value ``k / (n - 1)``, or the centre ``(k + .5) / n``."""
+    """The score a bin is restored to: Q-Align's value ``k / (n - 1)``, or the centre ``(k + .5) / n``."""
     bins = np.asarray(bins, dtype=np.float64)
     if restore == "qalign":
         return bins / (n_bins - 1)
