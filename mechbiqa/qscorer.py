@@ -398,7 +398,7 @@ def save_qscorer(
     template: str = "v1",
     extra_info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a one-stage checkpoint with score tokens, ``score_head.safetensors``, a ``mechbiqa.json`` field."""
+    """Write a one-stage checkpoint with score tokens, ``score_head.safetensors`` and its JSON field."""
     core = core_model(model)
     info = {
         "format": 1,

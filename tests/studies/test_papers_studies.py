@@ -1,4 +1,4 @@
-"""studies/conversion_error.py end to end on the tiny random rater, with an untrained Q-Scorer beside it."""
+"""studies/train_rl.py, train_qscorer.py and conversion_error.py end to end on the tiny random model."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from PIL import Image
 from mechbiqa.analysis.conversion import label_approximation
 from mechbiqa.data.records import IQARecord, records_to_jsonl
 from mechbiqa.finetune_io import write_checkpoint
-from mechbiqa.qscorer import ScoreTokenSpec, qscorer_from_checkpoint, save_qscorer
+from mechbiqa.pipeline import read_info
+from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
+from mechbiqa.rl import RLConfig
 from mechbiqa.sources import tiny_random_model
-from studies import conversion_error
+from studies import conversion_error, train_qscorer, train_rl
 
 
 def test_conversion_error_study(tmp_path):
@@ -23,12 +25,23 @@ def test_conversion_error_study(tmp_path):
     for i, mos in enumerate((1.2, 2.0, 3.1, 3.9, 4.8)):
         path = tmp_path / f"im{i}.png"
         Image.fromarray(rng.integers(0, 255, (30, 32, 3), dtype=np.uint8)).save(path)
-        records.append(IQARecord(id=f"im{i}", image_path=path, score=mos, scale=(1.0, 5.0)))
+        records.append(IQARecord(id=f"im{i}", image_path=path, score=mos, scale=(1.0, 5.0), level_word="fair",
+                                 description="The image is sharp."))
     records_to_jsonl(records, tmp_path / "rated.jsonl", relative_to=tmp_path)
     model, tok, proc = tiny_random_model(0)
     write_checkpoint(tmp_path / "one", model, tok, proc, {"mode": "one-stage", "template": "v1"})
-    spec = ScoreTokenSpec(n_bins=5, d_hidden=8)
-    save_qscorer(tmp_path / "qs", *qscorer_from_checkpoint(tmp_path / "one", spec), spec)  # untrained
+    dataset = str(tmp_path / "rated.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rl = train_rl.main(train_rl.Config(init_from=str(tmp_path / "one"), out=str(tmp_path / "rl"),
+                                           dataset=dataset, split=None,
+                                           rl=RLConfig(steps=1, group_size=2, max_new_tokens=3)))
+        history = train_qscorer.main(train_qscorer.Config(
+            init_from=str(tmp_path / "one"), out=str(tmp_path / "qs"), dataset=dataset, split=None,
+            spec=ScoreTokenSpec(n_bins=5, d_hidden=8), train=QScorerTrainConfig(steps=1, batch_size=2)))
+    assert len(rl.history) == 1 and len(history) == 1
+    assert read_info(tmp_path / "rl").data["rl_history"][0]["step"] == 1
+    assert read_info(tmp_path / "qs").data["score_head"]["n_bins"] == 5
 
     cfg = conversion_error.Config.tiny(tmp_path, qscorer=str(tmp_path / "qs"))
     with warnings.catch_warnings():
