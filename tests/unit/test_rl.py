@@ -232,7 +232,7 @@ def test_lora_policy_with_paper_rewards_keeps_the_base_and_disables_adapters_for
     for k, v in base.items():
         key = k if k in state else k.replace(".weight", ".base_layer.weight")
         assert torch.equal(state[key], v), k
-    assert any(float(v.abs().sum()) > 0 for k, v in state.items() if "lora_B" in k)
+    assert any(float(v.detach().abs().sum()) > 0 for k, v in state.items() if "lora_B" in k)
 
 
 def test_paper_rewards_weighted_sum(tiny):
@@ -251,3 +251,24 @@ def test_paper_rewards_weighted_sum(tiny):
     assert parts["level"] == [1.0, 0.0] and parts["rouge"] == [pytest.approx(1.0), 0.0]
     assert total == pytest.approx([1.0 + 2 * 0.95 + 0.5, 0.0])
     assert set(parts) == {"level", "mos", "rouge"} and LEVEL_WORDS
+
+
+def test_a_bfloat16_lora_policy_runs_and_returns_float32_logprobs(tmp_path):
+    import peft
+
+    model, tok, proc = tiny_random_model(2)
+    model = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=2, target_modules=r".*llm\.blocks\.\d+\.mlp\.up_proj"), model.to(torch.bfloat16)
+    )
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    examples = _examples(tmp_path / "img", n=1)
+    prompt = task_prompt(tok, get_template("v1"), "one-stage").ids
+    logp, _ = answer_logprobs(model, prompt, proc([examples[0].image]), [[5, 6]], tok.pad_id)
+    assert logp.dtype == torch.float32
+    cfg = RLConfig(steps=1, images_per_step=1, group_size=3, max_new_tokens=3)
+    result = train_rl(model, tok, proc, examples, cfg, reward_fn=lambda m, a, e: ([0.0, 1.0, 2.0], {}))
+    assert result.history[0].kl == pytest.approx(0.0, abs=1e-6)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.dtype == torch.bfloat16 for p in lora_b)
+    assert any(float(p.detach().abs().sum()) > 0 for p in lora_b)
