@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -116,11 +117,7 @@ def _examples(folder: Path, n: int = 2) -> list[Example]:
 def test_answer_logprobs_match_a_plain_forward(tiny):
     model, tok, proc = tiny
     prompt = task_prompt(tok, get_template("v1"), "one-stage").ids
-    pixels = (
-        torch.randn(1, 3, 16, 16)
-        if proc.image_size == 16
-        else torch.randn(1, 3, proc.image_size, proc.image_size)
-    )
+    pixels = torch.randn(1, 3, proc.image_size, proc.image_size)
     answers = [[5, 300, 2], [301]]
     logp, mask = answer_logprobs(model, prompt, pixels, answers, tok.pad_id)
     assert mask.tolist() == [[True, True, True], [False, False, True]]
@@ -159,10 +156,6 @@ def test_self_consistency_is_one_when_text_agrees_and_zero_when_forced_apart(tin
     assert not image_calls  # the text path never sees the image
 
 
-def _fields(cfg):
-    return {name: getattr(cfg, name) for name in cfg.__slots__}
-
-
 def _target_probability(model, prompt, pixels, token):
     with torch.no_grad():
         return float(model(torch.tensor([list(prompt)]), images=pixels).logits[0, -1].softmax(-1)[token])
@@ -195,7 +188,7 @@ def test_a_reward_that_prefers_one_answer_raises_its_probability(tmp_path):
             return values, {"hit": values}
 
         train_rl(
-            model, tok, proc, examples, cfg.__class__(**{**_fields(cfg), "steps": steps}), reward_fn=reward
+            model, tok, proc, examples, dataclasses.replace(cfg, steps=steps), reward_fn=reward
         )
         rises[name] = _target_probability(model, prompt, pixels, target) - before
     # the near-uniform tiny model starts at ~0.015 over 341 tokens; 4 steps of 8 answers reach ~0.16
