@@ -12,7 +12,7 @@ from PIL import Image
 from mechbiqa.analysis.conversion import label_approximation
 from mechbiqa.data.records import IQARecord, records_to_jsonl
 from mechbiqa.finetune_io import write_checkpoint
-from mechbiqa.pipeline import read_info
+from mechbiqa.pipeline import OneStageRater, load_rater, read_info
 from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
 from mechbiqa.rl import RLConfig
 from mechbiqa.sources import tiny_random_model
@@ -42,6 +42,8 @@ def test_conversion_error_study(tmp_path):
     assert len(rl.history) == 1 and len(history) == 1
     assert read_info(tmp_path / "rl").data["rl_history"][0]["step"] == 1
     assert read_info(tmp_path / "qs").data["score_head"]["n_bins"] == 5
+    assert isinstance(load_rater(tmp_path / "qs"), OneStageRater)  # a Q-Scorer is a one-stage checkpoint too
+    assert isinstance(load_rater(tmp_path / "rl"), OneStageRater)
 
     cfg = conversion_error.Config.tiny(tmp_path, qscorer=str(tmp_path / "qs"))
     with warnings.catch_warnings():
