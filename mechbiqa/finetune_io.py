@@ -24,7 +24,7 @@ from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.pipeline import INFO_FILE
 
-__all__ = ["core_model", "lora_layers", "merged_model", "write_checkpoint"]
+__all__ = ["add_lora", "core_model", "lora_layers", "merged_model", "write_checkpoint"]
 
 
 def core_model(model: nn.Module) -> MPLUGOwl2:
@@ -38,6 +38,31 @@ def core_model(model: nn.Module) -> MPLUGOwl2:
 def lora_layers(model: nn.Module) -> list[nn.Module]:
     """Peft's LoRA layers inside a model (empty when it has no adapters)."""
     return [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")]
+
+
+def add_lora(
+    model: MPLUGOwl2, rank: int, targets: str | None = None, also_train: tuple[str, ...] = ()
+) -> MPLUGOwl2:
+    """Inject peft LoRA adapters (alpha = 2 * rank) and freeze everything else but ``also_train``.
+
+    Args:
+        model: The model (adapters are injected in place).
+        rank: LoRA rank.
+        targets: Regex of module names that get adapters (default: `mechbiqa.train.TrainConfig`'s,
+            the LLM's attention and MLP projections).
+        also_train: Parameter names that stay trainable in full (e.g. the embeddings of new tokens).
+    """
+    import peft
+
+    from mechbiqa.train import TrainConfig
+
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules=targets or TrainConfig().lora_targets
+    )
+    model = peft.inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name in also_train)
+    return model
 
 
 @torch.no_grad()

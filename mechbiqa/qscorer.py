@@ -44,7 +44,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mechbiqa.finetune_io import core_model, write_checkpoint
+from mechbiqa.finetune_io import add_lora, core_model, write_checkpoint
 from mechbiqa.model.load import Components, load_components
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
@@ -591,11 +591,15 @@ def finetune_qscorer(
     spec: ScoreTokenSpec,
     cfg: QScorerTrainConfig,
     *,
+    lora_rank: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """A Q-Scorer from a one-stage checkpoint directory: add tokens, train, and write it to ``out_dir``.
+
+    With ``lora_rank`` (7B on a GPU) the LLM gets LoRA adapters and the embedding and ``lm_head``
+    stay trainable in full, so the score tokens' rows learn; the written weights are merged.
 
     Returns:
         The per-step history (also written into ``mechbiqa.json`` as ``qscorer_history``).
@@ -606,6 +610,8 @@ def finetune_qscorer(
     model, head, tokenizer, processor = qscorer_from_checkpoint(
         init_from, spec, seed=cfg.seed, dtype=dtype, device=device
     )
+    if lora_rank is not None:
+        model = add_lora(model, lora_rank, also_train=("llm.embed.weight", "llm.unembed.weight"))
     history = train_qscorer(model, head, tokenizer, processor, examples, spec, cfg, progress=progress)
     save_qscorer(
         out_dir,

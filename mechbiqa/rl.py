@@ -617,7 +617,7 @@ def finetune_checkpoint(
         dtype: Parameter dtype (``torch.bfloat16`` for 7B with LoRA on a GPU).
         progress: Called with each step.
     """
-    from mechbiqa.finetune_io import write_checkpoint
+    from mechbiqa.finetune_io import add_lora, write_checkpoint
     from mechbiqa.model.load import load_components
     from mechbiqa.pipeline import expect_checkpoint
 
@@ -625,16 +625,7 @@ def finetune_checkpoint(
     comps = load_components(init_from, dtype=dtype, device=device)
     model: nn.Module = comps.model
     if lora_rank is not None:
-        import peft
-
-        from mechbiqa.train import TrainConfig
-
-        targets = lora_targets or TrainConfig().lora_targets
-        model = peft.inject_adapter_in_model(
-            peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets), model
-        )
-        for name, p in model.named_parameters():
-            p.requires_grad_("lora_" in name)
+        model = add_lora(model, lora_rank, lora_targets)
     result = train_rl(model, comps.tokenizer, comps.processor, examples, cfg, progress=progress)
     write_checkpoint(
         out_dir, model, comps.tokenizer, comps.processor, rl_info(cfg, result, str(init_from), info.template)

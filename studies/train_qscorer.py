@@ -46,6 +46,7 @@ class Config:
     limit: int | None = None
     spec: ScoreTokenSpec = field(default_factory=ScoreTokenSpec)
     train: QScorerTrainConfig = field(default_factory=QScorerTrainConfig)
+    lora_rank: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -60,6 +61,7 @@ def main(cfg: Config, progress: Any = None) -> list[dict[str, float]]:
         examples,
         cfg.spec,
         cfg.train,
+        lora_rank=cfg.lora_rank,
         device=cfg.device,
         dtype=getattr(torch, cfg.dtype),
         progress=progress,
@@ -82,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--lora-rank", type=int, help="LoRA on the LLM (embeddings stay trainable); None: full")
     p.add_argument("--device", default=d.device)
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     a = p.parse_args(argv)
@@ -93,6 +96,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         limit=a.limit,
         spec=ScoreTokenSpec(n_bins=a.n_bins, d_hidden=a.d_hidden, lam=a.lam),
         train=QScorerTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed),
+        lora_rank=a.lora_rank,
         device=a.device,
         dtype=a.dtype,
     )

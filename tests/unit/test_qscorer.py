@@ -18,6 +18,7 @@ from mechbiqa.qscorer import (
     add_score_tokens,
     bin_level,
     bin_value,
+    finetune_qscorer,
     load_qscorer,
     qscorer_answer,
     qscorer_from_checkpoint,
@@ -115,3 +116,19 @@ def test_train_save_reload_gives_equal_outputs(one_stage, tmp_path):
     assert [(q.token, q.answer, q.emitted) for q in again] == [(q.token, q.answer, q.emitted) for q in before]
     assert [q.regressed for q in again] == pytest.approx([q.regressed for q in before], abs=1e-5)
     assert all(q.token == spec.pieces[q.bin] and q.token_score == bin_value(q.bin, 5) for q in again)
+
+
+def test_lora_qscorer_trains_the_new_rows_and_writes_merged_weights(one_stage, tmp_path):
+    root, examples = one_stage
+    spec = ScoreTokenSpec(n_bins=5, d_hidden=8)
+    cfg = QScorerTrainConfig(steps=2, batch_size=2, lr=1e-2)
+    history = finetune_qscorer(root / "one-stage", tmp_path / "qs", examples, spec, cfg, lora_rank=2)
+    assert len(history) == 2
+    start, _, tok, _ = qscorer_from_checkpoint(root / "one-stage", spec)
+    trained = load_pretrained(tmp_path / "qs")  # merged: no adapter keys, the plain loader reads it
+    ids = score_token_ids(tok, spec)
+    assert not torch.equal(trained.llm.embed.weight[ids], start.llm.embed.weight[ids])
+    block = "llm.blocks.0.mlp.up_proj.weight"
+    assert not torch.equal(trained.state_dict()[block], start.state_dict()[block])  # the LoRA delta, merged
+    # the vision tower is frozen under LoRA
+    assert torch.equal(trained.vision.embed.patch_embed.weight, start.vision.embed.patch_embed.weight)
