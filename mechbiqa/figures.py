@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from mechbiqa.analysis.attribution import AttributionResult
+    from mechbiqa.analysis.conversion import ConversionResult
     from mechbiqa.analysis.lens import LensResult
     from mechbiqa.analysis.patching import SweepResult
 
@@ -32,6 +33,7 @@ __all__ = [
     "LEVEL_COLOURS",
     "ROLE_COLOURS",
     "attention_heatmap",
+    "conversion_staircase",
     "lens_trajectories",
     "patching_effects",
     "probe_lens_curves",
@@ -252,4 +254,35 @@ def probe_lens_curves(
             ax.set_ylabel("SRCC / share / probability")
             ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def conversion_staircase(
+    result: ConversionResult, path: str | Path, title: str = "Conversion error: MOS vs restored score"
+) -> Path:
+    """MOS (x) against the restored scores (y): the label staircase, the Q-Align score, the regressor.
+
+    Args:
+        result: A `mechbiqa.analysis.conversion.ConversionResult`.
+        path: The PNG.
+        title: Figure title.
+    """
+    fig = _figure(4.6, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    grid = np.linspace(0, 1, 501)
+    steps = np.minimum(4, np.floor(grid * 5))
+    stair = steps / 4 if result.restore == "qalign" else (steps + 0.5) / 5
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="identity")
+    label = f"label approximation (RMSE {result.label_approximation.rmse:.3f})"
+    ax.plot(grid, stair, color="black", lw=1.4, drawstyle="steps-post", label=label)
+    if result.qalign is not None and result.restoration is not None:
+        ax.scatter(result.mos, result.qalign, s=9, alpha=0.6, color="#e7298a",
+                   label=f"Q-Align score (RMSE {result.restoration.rmse:.3f})")
+    if result.regressed is not None and result.score_token is not None:
+        ax.scatter(result.mos, result.regressed, s=9, alpha=0.6, marker="^", color="#1f78b4",
+                   label=f"score-token regressor (RMSE {result.score_token.rmse:.3f})")
+    for edge in (0.2, 0.4, 0.6, 0.8):
+        ax.axvline(edge, color="grey", lw=0.4)
+    ax.set(xlabel="MOS (0-1)", ylabel="restored score (0-1)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
+    ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
