@@ -357,6 +357,8 @@ def parser(cls: type, description: str | None = None, prog: str | None = None) -
         kwargs: dict[str, Any] = {"type": _converter(o), "help": text, "metavar": metavar}
         if o.nargs is not None:
             kwargs["nargs"] = o.nargs
+            if o.nargs == "*" and not o.positional:
+                kwargs["action"] = "extend"  # a repeated option adds values: --model a --model b
         if o.positional:
             if o.nargs is None and o.default is not dataclasses.MISSING:
                 kwargs["nargs"] = "?"
