@@ -252,17 +252,26 @@ def options(cls: type) -> tuple[Option, ...]:
             continue
         if _skipped(tp):
             continue
-        out.append(_leaf((f.name,), hints[f.name], _default(f), attribute_docs(cls).get(f.name, ""), info, None,
-                         f.name))
+        doc = attribute_docs(cls).get(f.name, "")
+        out.append(_leaf((f.name,), hints[f.name], _default(f), doc, info, None, f.name))
     flags = [name for o in out for name in (o.flag, *o.aliases)]
     repeated = {n for n in flags if flags.count(n) > 1}
     if repeated:
-        raise TypeError(f"{cls.__name__}: options {sorted(repeated)} are declared twice; rename one with cli.meta")
+        raise TypeError(
+            f"{cls.__name__}: options {sorted(repeated)} are declared twice; "
+            "rename one with cli.meta(flag=...)"
+        )
     return tuple(out)
 
 
 def _leaf(
-    path: tuple[str, ...], hint: Any, default: Any, doc: str, info: dict[str, Any], group: str | None, name: str
+    path: tuple[str, ...],
+    hint: Any,
+    default: Any,
+    doc: str,
+    info: dict[str, Any],
+    group: str | None,
+    name: str,
 ) -> Option:
     tp, optional = _unwrap_optional(hint)
     flag = info.get("flag") or ("--" + name.replace("_", "-"))
@@ -352,7 +361,9 @@ def parser(cls: type, description: str | None = None, prog: str | None = None) -
         if o.choices is not None:
             metavar = "{" + ",".join(map(str, o.choices)) + ("," + o.none if o.optional else "") + "}"
         if o.boolean:
-            target.add_argument(o.flag, *o.aliases, dest=o.dest, action=argparse.BooleanOptionalAction, help=text)
+            target.add_argument(
+                o.flag, *o.aliases, dest=o.dest, action=argparse.BooleanOptionalAction, help=text
+            )
             continue
         kwargs: dict[str, Any] = {"type": _converter(o), "help": text, "metavar": metavar}
         if o.nargs is not None:
@@ -386,7 +397,8 @@ def parse(cls: type[C], argv: Sequence[str] | None = None, description: str | No
         if o.dest in namespace:
             value = namespace[o.dest]
             if o.container is not None and value is not None:
-                value = None if o.optional and [str(v).lower() for v in value] == [o.none] else o.container(value)
+                spelled_none = o.optional and [str(v).lower() for v in value] == [o.none]
+                value = None if spelled_none else o.container(value)
             given[o.path] = value
     return _instance(cls, given)
 

@@ -34,7 +34,8 @@ def is_expected(error: BaseException) -> bool:
 
     if isinstance(error, IndexError):
         return False
-    return isinstance(error, UserError | ValueError | LookupError | OSError | StoreError | BenchmarkMismatchError)
+    expected = UserError | ValueError | LookupError | OSError | StoreError | BenchmarkMismatchError
+    return isinstance(error, expected)
 
 
 def one_line(error: BaseException) -> str:

@@ -57,6 +57,7 @@ class Config:
     score_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.k < 1:
             raise ValueError(f"--k {self.k}: ask for at least one dominant token")

@@ -48,14 +48,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
-
 from mechbiqa import cli, outputs, sources
 from mechbiqa.analysis.capture import record_rater
 from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.store import ActivationStore, CacheSpec, join_stores
+from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +110,7 @@ class Config:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {self.max_new_tokens}: pass at least 1")

@@ -78,9 +78,12 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if not self.datasets:
-            raise ValueError("--dataset: name at least one data set ('builtin', a folder, a .jsonl or NAME=ROOT)")
+            raise ValueError(
+                "--dataset: name at least one data set ('builtin', a folder, a .jsonl or NAME=ROOT)"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:

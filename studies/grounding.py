@@ -30,8 +30,8 @@ when run as a script.
 Example::
 
     python studies/grounding.py --split test                    # the compact pair in cache/compact/
-    python studies/grounding.py --model qinstruct=/models/q-instruct --dtype bfloat16 --device cuda \\
-        --dataset koniq10k=/data/koniq
+    python studies/grounding.py --model qinstruct=/models/q-instruct --dataset koniq10k=/data/koniq
+    python studies/grounding.py --model /models/one-align --dtype bfloat16 --device cuda --split test
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ class Config:
         out: Output folder.
     """
 
-    checkpoints: tuple[str, ...] = field(default=(), metadata=cli.meta(flag="--model", aliases=("--checkpoint",)))
+    checkpoints: tuple[str, ...] = field(
+        default=(), metadata=cli.meta(flag="--model", aliases=("--checkpoint",))
+    )
     tiny_random: bool = False
     dataset: str = "builtin"
     split: str | None = "test"
@@ -105,6 +107,7 @@ class Config:
     out: str = str(REPO / "cache" / NAME)
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.max_new_tokens < 1 or self.chunk < 1:
             raise ValueError(

@@ -97,6 +97,7 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.batch_images < 1:
             raise ValueError(f"--batch-images {self.batch_images}: pass at least 1")

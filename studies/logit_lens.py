@@ -59,6 +59,7 @@ class Config:
     top_k: int = 5
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.top_k < 1:
             raise ValueError(f"--top-k {self.top_k}: show at least 1 token per layer")
@@ -98,9 +99,10 @@ def main(cfg: Config) -> Result:
         lens, tokenizer = load_lens(source)
         result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
     out = cfg.out_dir
+    summary = {"store": str(store_path), "model": source, **result.to_dict()}
     files = {
         "config": outputs.write_config(out, cfg),
-        "json": outputs.write_json(out / f"{NAME}.json", {"store": str(store_path), "model": source, **result.to_dict()}),
+        "json": outputs.write_json(out / f"{NAME}.json", summary),
     }
     files["figure"] = figures.lens_trajectories(result, out / f"{NAME}.png")
     return Result(lens=result, files=files, model=source)

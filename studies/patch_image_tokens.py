@@ -41,7 +41,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from mechbiqa_hooks import names
 
 from mechbiqa import cli, figures, outputs, reports
 from mechbiqa.analysis.attribution import attribute
@@ -60,6 +59,7 @@ from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import TokenRoles, assign_roles
 from mechbiqa.scoring import level_ids
 from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
+from mechbiqa_hooks import names
 
 NAME = "patch_image_tokens"
 REPO = Path(__file__).resolve().parents[1]
@@ -102,9 +102,12 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.limit is not None and self.limit < 2:
-            raise ValueError(f"--limit {self.limit}: patching needs at least 2 images (one is patched from another)")
+            raise ValueError(
+                f"--limit {self.limit}: patching needs at least 2 images (one is patched from another)"
+            )
         if self.k < 1:
             raise ValueError(f"--k {self.k}: select at least 1 image token")
         if self.layers is not None and min(self.layers, default=0) < 0:

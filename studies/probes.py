@@ -121,11 +121,12 @@ class Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if self.n_shuffles < 0 or self.max_new_tokens < 1:
             raise ValueError(
-                f"--n-shuffles {self.n_shuffles}, --max-new-tokens {self.max_new_tokens}: pass n_shuffles >= 0 "
-                "and max_new_tokens >= 1"
+                f"--n-shuffles {self.n_shuffles}, --max-new-tokens {self.max_new_tokens}: "
+                "pass n_shuffles >= 0 and max_new_tokens >= 1"
             )
 
     @classmethod

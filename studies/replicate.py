@@ -50,12 +50,12 @@ from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
+from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
-from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
 from mechbiqa.pipeline import OneStageRater, TwoStageRater
-from mechbiqa.sources import load_rater
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import load_rater
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,7 @@ class Config:
     head_epochs: int = 200
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         for name in ("n_images", "n_instability", "threads", "head_epochs"):
             if getattr(self, name) < 1:
@@ -290,25 +291,25 @@ def main(cfg: Config) -> Result:
         lap(f"lens, attribution, probes from the store ({mode})")
 
     patch = _study("patch_image_tokens")
-    sweep = patch.main(replace(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
-                                            device=cfg.device, dtype=cfg.dtype), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    manifest = str(cache / "benchmark" / "manifest.jsonl")
+    sweep = patch.main(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
+                                    device=cfg.device, dtype=cfg.dtype, dataset=manifest))
     metrics["one-stage"]["patching"] = _patching_effects(sweep.sweep)
     lap("patching")
 
     inst = _study("instability")
     for mode, path in paths.items():
-        r = inst.main(replace(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
-                                          device=cfg.device, dtype=cfg.dtype), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+        r = inst.main(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
+                                  device=cfg.device, dtype=cfg.dtype, dataset=manifest))
         metrics[mode]["instability"] = r.instability.ratio_mean_std
         metrics[mode]["accuracy"] = r.instability.accuracy_mean_std
         metrics[mode]["sessions"] = len(r.instability.ratio)
         lap(f"instability ({mode})")
 
     grounding = _study("grounding")
-    g = grounding.main(replace(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
-                                                limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device,
-                                                dtype=cfg.dtype),
-                               dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    g = grounding.main(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
+                                        limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device,
+                                        dtype=cfg.dtype, dataset=manifest))
     for mode, summary in g.summary().items():
         metrics[mode]["grounding"] = summary
     lap("grounding")

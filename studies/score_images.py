@@ -60,6 +60,7 @@ class Config:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         missing = [p for p in self.images if not Path(p).is_file()]
         if missing:

@@ -82,7 +82,8 @@ class Config:
         test_samples: Test images rated at the end (0: all).
         retrain: Train again even when finished checkpoints are there.
         modes: Which checkpoints to train: ``one-stage``, ``two-stage`` or both.
-        init_from: Start from this checkpoint (``--model``) instead of a compact model from scratch (real models).
+        init_from: Start from this checkpoint (``--model``) instead of a compact model from scratch
+            (real models).
         lora_rank: LoRA rank (real models; needs peft).
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
@@ -94,7 +95,8 @@ class Config:
     """
 
     out_dir: Path = field(  # where the studies look for the pair
-        default=Path(__file__).resolve().parents[1] / "cache" / "compact", metadata=cli.meta(flag="--out", aliases=("--out-dir",))
+        default=Path(__file__).resolve().parents[1] / "cache" / "compact",
+        metadata=cli.meta(flag="--out", aliases=("--out-dir",)),
     )
     benchmark_dir: Path | None = None
     image_size: int = 64
@@ -125,11 +127,14 @@ class Config:
     benchmark: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
         if not self.modes:
             raise ValueError("--modes: train one-stage and/or two-stage")
         if self.total_steps < 1 or self.grad_accum < 1:
-            raise ValueError(f"--total-steps {self.total_steps}, --grad-accum {self.grad_accum}: pass at least 1")
+            raise ValueError(
+                f"--total-steps {self.total_steps}, --grad-accum {self.grad_accum}: pass at least 1 each"
+            )
         if (self.qalign_json or self.qinstruct_json) and self.image_root is None:
             raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
 
