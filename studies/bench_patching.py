@@ -202,7 +202,8 @@ def render(result: Result, console: Any) -> None:
         f"{result.n_configurations} configurations x {result.config.images} image(s): batched "
         f"{result.batched_seconds:.2f} s ({result.batched_forwards} forwards) vs one forward per "
         f"configuration {result.single_seconds:.2f} s ({result.single_forwards} forwards): "
-        f"{result.speedup:.1f}x faster; max |Δscore| {result.max_score_difference:.1e}, answers equal: {result.answers_equal}"
+        f"{result.speedup:.1f}x faster; max |Δscore| {result.max_score_difference:.1e}, "
+        f"answers equal: {result.answers_equal}"
     )
 
 
