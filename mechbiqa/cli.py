@@ -397,8 +397,9 @@ def parse(cls: type[C], argv: Sequence[str] | None = None, description: str | No
         if o.dest in namespace:
             value = namespace[o.dest]
             if o.container is not None and value is not None:
-                spelled_none = o.optional and [str(v).lower() for v in value] == [o.none]
-                value = None if spelled_none else o.container(value)
+                if None in value and value != [None]:  # the converter turned the none word into None
+                    raise UsageError(f"{o.flag}: pass either {o.none!r} alone or values, not both")
+                value = None if value == [None] else o.container(value)
             given[o.path] = value
     return _instance(cls, given)
 

@@ -16,7 +16,7 @@ describes, stage 2 rates the description alone) and report SRCC/PLCC of the
 Q-Align score against the label, level accuracy, and how often the generated
 descriptions name the right distortion family.
 
-Output (``--out-dir``, default ``cache/compact``): ``one-stage/``,
+Output (``--out``, default ``cache/compact``): ``one-stage/``,
 ``two-stage/stage1/``, ``two-stage/stage2/`` (checkpoint directories in the
 original layout, each with ``mechbiqa.json``), ``tokenizer/`` and
 ``results.json`` (the numbers printed). Finished checkpoints trained with the
