@@ -10,16 +10,16 @@ Every study script loads its model and images through this module, so that a
   missing), a folder of images, a ``.jsonl`` of IQARecords, or ``NAME=ROOT``.
 * `load_rater` / `load_raters` / `tiny_raters`: checkpoints as `mechbiqa.pipeline`
   raters (one-stage, two-stage pair, or a real Q-Instruct / One-Align directory).
+* `stored_model` / `load_lens`: the model an activation store was recorded
+  with, and its logit lens read back from the checkpoint (or the tiny model).
 
 Every loader takes ``dtype`` and ``device`` and casts each weight as it is read
 (`mechbiqa.model.load.load_pretrained`): a 7B checkpoint asked for in bfloat16
 on cuda never exists as a float32 copy.
-* `stored_model` / `load_lens`: the model an activation store was recorded
-  with, and its logit lens read back from the checkpoint (or the tiny model).
 
 Errors are exceptions (`FileNotFoundError` for something missing, `ValueError`
 for a spec that names nothing usable) whose message says what to pass instead;
-the scripts turn them into exit messages.
+`mechbiqa.cli.run` turns them into one line on stderr.
 """
 
 from __future__ import annotations
