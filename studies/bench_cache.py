@@ -45,6 +45,8 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 import torch
+from mechbiqa_hooks.nnsight_view import nnsight_view
+from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
 from mechbiqa import cli, outputs
 from mechbiqa.model import ModelConfig
@@ -62,8 +64,6 @@ from mechbiqa.store import (
     StoreLayout,
     StoreWriter,
 )
-from mechbiqa_hooks.nnsight_view import nnsight_view
-from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("plain", "record", "transformer_lens", "nnsight")

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mechbiqa_hooks import names, patch
 
 from mechbiqa import cli, outputs
 from mechbiqa.analysis.patching import Readout, gather_activations, image_token_grid, read_quality, sweep
@@ -35,7 +36,6 @@ from mechbiqa.benchmarking import interleaved_best
 from mechbiqa.model import ModelConfig, MPLUGOwl2
 from mechbiqa.model.config import IMAGE_TOKEN_INDEX
 from mechbiqa.sources import seeded_model
-from mechbiqa_hooks import names, patch
 
 
 @dataclass(frozen=True)

@@ -48,13 +48,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
+
 from mechbiqa import cli, outputs, sources
 from mechbiqa.analysis.capture import record_rater
 from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.store import ActivationStore, CacheSpec, join_stores
-from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

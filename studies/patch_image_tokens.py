@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from mechbiqa_hooks import names
 
 from mechbiqa import cli, figures, outputs, reports
 from mechbiqa.analysis.attribution import attribute
@@ -59,7 +60,6 @@ from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import TokenRoles, assign_roles
 from mechbiqa.scoring import level_ids
 from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
-from mechbiqa_hooks import names
 
 NAME = "patch_image_tokens"
 REPO = Path(__file__).resolve().parents[1]
