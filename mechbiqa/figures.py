@@ -20,6 +20,7 @@ import numpy as np
 
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.model.roles import ROLE_LABELS, Role
+from mechbiqa.outputs import write_figure
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,10 +68,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     for ax in fig.axes:  # layers and positions are whole numbers
         if ax.get_xlabel() in ("layer",):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    return write_figure(path, fig)
 
 
 def lens_trajectories(

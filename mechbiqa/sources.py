@@ -8,14 +8,18 @@ Every study script loads its model and images through this module, so that a
   ``ModelConfig.tiny()`` model with a toy tokenizer: pipeline checks and tests).
 * `load_samples`: the built-in benchmark (`DEFAULT_BENCHMARK`, built when
   missing), a folder of images, a ``.jsonl`` of IQARecords, or ``NAME=ROOT``.
-* `load_raters` / `tiny_raters`: checkpoints as `mechbiqa.pipeline` raters
-  (one-stage, two-stage pair, or a real Q-Instruct / One-Align directory).
+* `load_rater` / `load_raters` / `tiny_raters`: checkpoints as `mechbiqa.pipeline`
+  raters (one-stage, two-stage pair, or a real Q-Instruct / One-Align directory).
 * `stored_model` / `load_lens`: the model an activation store was recorded
   with, and its logit lens read back from the checkpoint (or the tiny model).
 
+Every loader takes ``dtype`` and ``device`` and casts each weight as it is read
+(`mechbiqa.model.load.load_pretrained`): a 7B checkpoint asked for in bfloat16
+on cuda never exists as a float32 copy.
+
 Errors are exceptions (`FileNotFoundError` for something missing, `ValueError`
 for a spec that names nothing usable) whose message says what to pass instead;
-the scripts turn them into exit messages.
+`mechbiqa.cli.run` turns them into one line on stderr.
 """
 
 from __future__ import annotations
@@ -77,6 +81,19 @@ def tiny_random_name(seed: int) -> str:
     return f"tiny-random(seed={seed})"
 
 
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (a torch dtype passes through).
+
+    Raises:
+        ValueError: A name that is not float32, bfloat16 or float16.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {dtype!r}: choose float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
 def load_model(
     checkpoint: str | Path | None = None,
     *,
@@ -97,7 +114,7 @@ def load_model(
     Raises:
         FileNotFoundError: No checkpoint was named and the compact default is not trained.
     """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     if tiny_random:
         model, tokenizer, processor = tiny_random_model(seed)
         return model.to(device, dtype), tokenizer, processor, tiny_random_name(seed)
@@ -136,6 +153,39 @@ def tiny_raters(seed: int = 0, max_new_tokens: int = 6) -> dict[str, Any]:
     }
 
 
+def load_rater(
+    path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu", **kwargs: Any
+) -> Any:
+    """A one-stage checkpoint or a two-stage pair (``stage1/``, ``stage2/``) as a `mechbiqa.pipeline` rater.
+
+    `mechbiqa.pipeline.load_rater` in ``dtype`` on ``device``: each model's weights are cast as they
+    are read; the checkpoints' modes are checked the same way.
+
+    Args:
+        path: The checkpoint directory or the pair's folder.
+        dtype: Model dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype).
+        device: ``cpu``, ``cuda`` ...
+        **kwargs: ``template``, ``max_new_tokens`` of the rater.
+
+    Raises:
+        FileNotFoundError: ``path`` holds neither a checkpoint nor a pair.
+        CheckpointModeError: A checkpoint of another mode or stage.
+    """
+    from mechbiqa.model.load import load_components
+    from mechbiqa.pipeline import INFO_FILE, OneStageRater, TwoStageRater, expect_checkpoint
+
+    dtype, path = torch_dtype(dtype), Path(path)
+    if (path / INFO_FILE).is_file():
+        info = expect_checkpoint(path, "one-stage")
+        components = load_components(path, dtype=dtype, device=device)
+        return OneStageRater(components, template=kwargs.pop("template", info.template), **kwargs)
+    info = expect_checkpoint(path / "stage1", "two-stage", 1)
+    expect_checkpoint(path / "stage2", "two-stage", 2)
+    stage1 = load_components(path / "stage1", dtype=dtype, device=device)
+    stage2 = load_components(path / "stage2", dtype=dtype, device=device)
+    return TwoStageRater(stage1, stage2, template=kwargs.pop("template", info.template), **kwargs)
+
+
 def load_raters(
     checkpoints: Sequence[str] = (),
     *,
@@ -154,9 +204,9 @@ def load_raters(
         FileNotFoundError: A named entry is not a checkpoint, or no checkpoint was found at all.
     """
     from mechbiqa.model.load import load_components
-    from mechbiqa.pipeline import INFO_FILE, OneStageRater, load_rater
+    from mechbiqa.pipeline import INFO_FILE, OneStageRater
 
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     raters = {}
     for entry in checkpoints or DEFAULT_CHECKPOINTS:
         name, _, where = entry.rpartition("=")
@@ -171,12 +221,7 @@ def load_raters(
                 )
             continue  # a default compact checkpoint not trained yet
         if (path / INFO_FILE).is_file() or is_pair:
-            rater = load_rater(path, device=device)
-            components = (
-                [rater.components] if isinstance(rater, OneStageRater) else [rater.stage1, rater.stage2]
-            )
-            for c in components:
-                c.model.to(dtype)
+            rater = load_rater(path, dtype=dtype, device=device)
         else:  # a real checkpoint (Q-Instruct, One-Align): one answer with the image, its own eval template
             rater = OneStageRater(load_components(path, dtype=dtype, device=device), template=real_template)
         rater.max_new_tokens = max_new_tokens
@@ -184,7 +229,7 @@ def load_raters(
     if not raters:
         raise FileNotFoundError(
             f"no checkpoint: train the compact pair into {COMPACT} (studies/train_pair.py), pass a "
-            "checkpoint directory (--checkpoint DIR), or use tiny random raters (--tiny-random) for a "
+            "checkpoint directory (--model DIR), or use tiny random raters (--tiny-random) for a "
             "pipeline check"
         )
     return raters

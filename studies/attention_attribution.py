@@ -28,13 +28,11 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechbiqa import figures, reports
+from mechbiqa import cli, figures, outputs, reports
 from mechbiqa.analysis.attribution import AttributionResult, attribute_store
 from mechbiqa.store import ActivationStore
 
@@ -59,8 +57,10 @@ class Config:
     score_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
         if self.k < 1:
-            raise ValueError(f"k={self.k}: ask for at least one dominant token")
+            raise ValueError(f"--k {self.k}: ask for at least one dominant token")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -92,10 +92,10 @@ def main(cfg: Config) -> Result:
     with ActivationStore.open(cfg.store) as store:
         result = attribute_store(store, k=cfg.k, score_layers=cfg.score_layers)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    files["json"].write_text(json.dumps({"store": str(cfg.store), **result.to_dict()}, indent=1) + "\n")
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", {"store": str(cfg.store), **result.to_dict()}),
+    }
     files["figure"] = figures.attention_heatmap(result, out / f"{NAME}.png")
     return Result(attribution=result, files=files)
 
@@ -109,22 +109,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
-    p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.attention_attribution)")
-    p.add_argument("--k", type=int, default=d.k, help="dominant image tokens per sample (default 5)")
-    p.add_argument(
-        "--score-layers", type=int, nargs="+", help="layers that rank the image tokens (default: all)"
-    )
-    a = p.parse_args(argv)
-    return Config(
-        store=a.store, out=a.out, k=a.k, score_layers=tuple(a.score_layers) if a.score_layers else None
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

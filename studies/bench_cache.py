@@ -22,14 +22,13 @@ pre-processed images, batches of ``--batch-size``):
   of all layers (ms), and the same two reads from an HDF5 file chunked
   (1, 1, pos, d) for comparison.
 
-Output: rich tables and ``bench_cache.json`` in ``--out-dir``. Goals (issue 4):
+Output: rich tables and ``bench_cache.json`` in ``--out``. Goals (issue 4):
 recording <= 1.10x plain forward; peak memory flat in the number of samples;
 cold read of one layer >= 300 MB/s.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -39,9 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -49,6 +48,7 @@ import torch
 from mechbiqa_hooks.nnsight_view import nnsight_view
 from mechbiqa_hooks.record import PromptConfig, RunConfig, SampleSource, record_dataset
 
+from mechbiqa import cli, outputs
 from mechbiqa.model import ModelConfig
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
@@ -75,6 +75,7 @@ class Config:
 
     Attributes:
         model: A checkpoint directory; None: a random model of ``size``.
+        dtype: Dtype of the model (a checkpoint's weights are cast as they are read).
         size: ``compact`` (the embedded default's shapes: 65 image tokens, d 192, 4 layers)
             or ``wide`` (d 512, 8 layers: closer to a 7B's compute per stored byte).
         batch_size: Images per batch.
@@ -86,14 +87,15 @@ class Config:
         read_layers: Layers in the read test's store.
         read_pos: Positions per sample per layer (65: the image tokens).
         read_d: Width (4096: LLaMA-2 7B).
-        out_dir: Where the JSON and the temporary stores go.
+        out_dir: Where the JSON and the temporary stores go (``--out``).
         parts: Which of ``time``, ``memory``, ``read`` to run.
         threads: torch threads (None: torch's default). One by default: on a shared
             machine CPU time is then the work done, and no thread waits on another.
     """
 
     model: str | None = None
-    size: str = "compact"
+    dtype: str = "float32"
+    size: Literal["compact", "wide"] = "compact"
     batch_size: int = 8
     n_batches: int = 24
     rounds: int = 5
@@ -103,9 +105,20 @@ class Config:
     read_layers: int = 4
     read_pos: int = 65
     read_d: int = 4096
-    out_dir: str = str(REPO / "cache" / "bench")
-    parts: tuple[str, ...] = ("time", "memory", "read")
+    out_dir: str = field(
+        default=str(REPO / "cache" / "bench"), metadata=cli.meta(flag="--out", aliases=("--out-dir",))
+    )
+    parts: tuple[Literal["time", "memory", "read"], ...] = ("time", "memory", "read")
     threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        counts = ("n_batches", "rounds", "memory_batches", "read_samples", "read_layers", "read_pos")
+        counts += ("read_d",)
+        low = [f"--{n.replace('_', '-')} {getattr(self, n)}" for n in counts if getattr(self, n) < 1]
+        if low or not self.scales or min(self.scales) < 1:
+            raise ValueError(f"{', '.join(low) or '--scales'}: pass positive counts and scales")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -119,7 +132,7 @@ class Bench:
         if cfg.model:
             from mechbiqa.model.load import load_components
 
-            parts = load_components(cfg.model)
+            parts = load_components(cfg.model, dtype=getattr(torch, cfg.dtype))
             self.model, self.tokenizer, self.processor = parts.model, parts.tokenizer, parts.processor
         else:
             self.tokenizer = train_compact_tokenizer(
@@ -131,7 +144,7 @@ class Bench:
                     model_cfg,
                     llm=replace(model_cfg.llm, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376),
                 )
-            self.model = seeded_model(model_cfg, 0)
+            self.model = seeded_model(model_cfg, 0).to(getattr(torch, cfg.dtype))
             self.processor = ImageProcessor(image_size=model_cfg.vision.image_size)
         self.spec = CacheSpec.default()
         encoded = PromptConfig().encode(self.tokenizer, "score")
@@ -329,8 +342,7 @@ def bench_memory(cfg: Config, tmp: Path) -> dict[str, Any]:
                 method,
                 str(n_batches),
                 str(tmp / f"mem-{method}.h5"),
-                "--config-json",
-                json.dumps(asdict(cfg)),
+                *cli.to_argv(cfg),
             ]
             done = subprocess.run(
                 command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
@@ -443,7 +455,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     result: dict[str, Any] = {
-        "config": asdict(cfg),
+        "config": outputs.jsonable(cfg),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(),
@@ -467,16 +479,16 @@ def main(cfg: Config) -> dict[str, Any]:
             result["memory"] = bench_memory(cfg, tmp)
         if "read" in cfg.parts:
             result["read"] = bench_read(cfg, tmp)
-    (out_dir / "bench_cache.json").write_text(json.dumps(result, indent=2) + "\n")
+    outputs.write_json(out_dir / "bench_cache.json", result, indent=2)
     return result
 
 
-def report(result: dict[str, Any]) -> None:
+def report(result: dict[str, Any], console: Any = None) -> None:
     """Rich tables of the numbers (the only printing)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=150)
+    console = console or Console(width=150)
     if "model" in result:
         m = result["model"]
         console.print(
@@ -549,50 +561,19 @@ def report(result: dict[str, Any]) -> None:
         )
 
 
+def render(result: dict[str, Any], console: Any) -> None:
+    """The tables of `report`."""
+    report(result, console)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint directory (default: a random model of --size)")
-    p.add_argument("--size", choices=["compact", "wide"], default=d.size)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--n-batches", type=int, default=d.n_batches)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--memory-batches", type=int, default=d.memory_batches)
-    p.add_argument("--scales", default=",".join(map(str, d.scales)))
-    p.add_argument("--read-samples", type=int, default=d.read_samples)
-    p.add_argument("--read-layers", type=int, default=d.read_layers)
-    p.add_argument("--out-dir", default=d.out_dir)
-    p.add_argument("--parts", default=",".join(d.parts), help="comma list of time, memory, read")
-    p.add_argument(
-        "--threads", type=int, default=d.threads, help="torch threads (default 1; 0: torch's default)"
-    )
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        size=a.size,
-        batch_size=a.batch_size,
-        n_batches=a.n_batches,
-        rounds=a.rounds,
-        memory_batches=a.memory_batches,
-        scales=tuple(int(s) for s in a.scales.split(",")),
-        read_samples=a.read_samples,
-        read_layers=a.read_layers,
-        out_dir=a.out_dir,
-        parts=tuple(a.parts.split(",")),
-        threads=a.threads or None,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":  # bench_memory's fresh process
         method, n_batches, path = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
-        config = Config(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in json.loads(sys.argv[sys.argv.index("--config-json") + 1]).items()
-            }
-        )
-        print(json.dumps(memory_child(config, method, n_batches, path)))
+        print(outputs.dumps(memory_child(parse_args(sys.argv[5:]), method, n_batches, path), indent=None))
     else:
-        report(main(parse_args()))
+        cli.run(main, Config, render)

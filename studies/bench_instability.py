@@ -20,12 +20,12 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from mechbiqa import cli, outputs
 from mechbiqa.analysis.instability import SamplingConfig, sample_answers, sample_answers_independently
 from mechbiqa.benchmarking import interleaved_best
 from mechbiqa.model import ModelConfig
@@ -39,25 +39,29 @@ class Config:
 
     Attributes:
         images: Images (each gets sessions x answers continuations).
-        n_answers: Answers per session (5).
-        seeds: Session seeds (3 sessions).
-        max_new_tokens: Tokens per answer (no EOS: every answer runs to the end).
+        sampling: Answers per session (5), session seeds (3 sessions), tokens per answer (no EOS:
+            every answer runs to the end), temperature ... (`SamplingConfig`).
         prompt_len: Text tokens of the prompt (the image adds 65).
-        temperature: Sampling temperature.
         repeats: Alternating runs per method; the best time counts.
         threads: torch CPU threads (None: leave as is).
         seed: Seed of the weights, prompts and images.
     """
 
     images: int = 2
-    n_answers: int = 5
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_new_tokens: int = 32
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=32)
     prompt_len: int = 30
-    temperature: float = 1.0
     repeats: int = 2
     threads: int | None = None
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.images < 1 or self.repeats < 1 or self.prompt_len < 2:
+            raise ValueError(
+                f"--images {self.images}, --repeats {self.repeats}, --prompt-len {self.prompt_len}: "
+                "pass at least 1 image, 1 repeat and 2 prompt tokens"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Result:
         speedup: ``independent / shared``.
         tokens_equal: Whether every generated token agrees.
         threads: torch threads used.
+        config: The run.
     """
 
     n_answers_total: int
@@ -79,6 +84,7 @@ class Result:
     speedup: float
     tokens_equal: bool
     threads: int
+    config: Config = field(default_factory=Config)
 
 
 def main(cfg: Config) -> Result:
@@ -91,12 +97,7 @@ def main(cfg: Config) -> Result:
     ids[:, 0], ids[:, cfg.prompt_len // 2] = 1, IMAGE_TOKEN_INDEX
     size = model.cfg.vision.image_size
     pixels = torch.randn(cfg.images, 3, size, size, generator=g)
-    sampling = SamplingConfig(
-        n_answers=cfg.n_answers,
-        seeds=cfg.seeds,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-    )
+    sampling = cfg.sampling
     sample_answers(
         model, ids[:1], pixels[:1], SamplingConfig(n_answers=1, seeds=(0,), max_new_tokens=2)
     )  # warm-up
@@ -112,6 +113,7 @@ def main(cfg: Config) -> Result:
         speedup=alone_s / shared_s,
         tokens_equal=bool(torch.equal(shared, alone)),
         threads=torch.get_num_threads(),
+        config=cfg,
     )
     if not result.tokens_equal:
         raise AssertionError(
@@ -120,26 +122,21 @@ def main(cfg: Config) -> Result:
     return result
 
 
+def render(result: Result, console: Any) -> None:
+    """The numbers as JSON on stdout, then one sentence."""
+    console.out(outputs.dumps({"config": result.config, "result": result}), highlight=False)
+    console.print(
+        f"{result.n_answers_total} answers of {result.config.sampling.max_new_tokens} tokens: "
+        f"shared prefill {result.shared_seconds:.2f} s vs "
+        f"independent generations {result.independent_seconds:.2f} s: {result.speedup:.1f}x faster; "
+        f"identical tokens: {result.tokens_equal}"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    for name in ("images", "n_answers", "max_new_tokens", "prompt_len", "repeats", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    a = p.parse_args(argv)
-    return Config(**{**{k: getattr(a, k) for k in asdict(d)}, "seeds": tuple(a.seeds)})
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    cfg = parse_args()
-    r = main(cfg)
-    print(json.dumps({"config": asdict(cfg), "result": asdict(r)}, indent=1))
-    print(
-        f"{r.n_answers_total} answers of {cfg.max_new_tokens} tokens: "
-        f"shared prefill {r.shared_seconds:.2f} s vs "
-        f"independent generations {r.independent_seconds:.2f} s: {r.speedup:.1f}x faster; "
-        f"identical tokens: {r.tokens_equal}"
-    )
+    cli.run(main, Config, render)

@@ -23,14 +23,14 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from mechbiqa_hooks import names, patch
 
+from mechbiqa import cli, outputs
 from mechbiqa.analysis.patching import Readout, gather_activations, image_token_grid, read_quality, sweep
 from mechbiqa.benchmarking import interleaved_best
 from mechbiqa.model import ModelConfig, MPLUGOwl2
@@ -64,6 +64,15 @@ class Config:
     share_prefix: bool = True
     forward_cost: float | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.images < 1 or self.tokens < 1 or self.repeats < 1 or self.prompt_len < 2:
+            raise ValueError(
+                f"--images {self.images}, --tokens {self.tokens}, --repeats {self.repeats}, --prompt-len "
+                f"{self.prompt_len}: pass at least 1 image, token and repeat, and 2 prompt tokens"
+            )
+
 
 @dataclass(frozen=True)
 class Result:
@@ -80,6 +89,7 @@ class Result:
         max_logit_diff_difference: Largest |logit-difference difference|.
         answers_equal: Whether every answer agrees.
         threads: torch threads used.
+        config: The run.
     """
 
     n_configurations: int
@@ -92,6 +102,7 @@ class Result:
     max_logit_diff_difference: float
     answers_equal: bool
     threads: int
+    config: Config = field(default_factory=Config)
 
 
 def one_forward_per_configuration(
@@ -173,6 +184,7 @@ def main(cfg: Config) -> Result:
         max_logit_diff_difference=float(np.abs(batched.logit_diff - diff).max()),
         answers_equal=bool((batched.answer == answer).all()),
         threads=torch.get_num_threads(),
+        config=cfg,
     )
     if not (
         result.answers_equal
@@ -183,32 +195,22 @@ def main(cfg: Config) -> Result:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    for name in ("images", "tokens", "prompt_len", "batch_size", "repeats", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--forward-cost", type=float, help="sweep's fixed cost of a forward (default: by device)")
-    p.add_argument(
-        "--no-share-prefix",
-        dest="share_prefix",
-        action="store_false",
-        help="time the sweep with stacking alone (every row runs the whole forward)",
+def render(result: Result, console: Any) -> None:
+    """The numbers as JSON on stdout, then one sentence."""
+    console.out(outputs.dumps({"config": result.config, "result": result}), highlight=False)
+    console.print(
+        f"{result.n_configurations} configurations x {result.config.images} image(s): batched "
+        f"{result.batched_seconds:.2f} s ({result.batched_forwards} forwards) vs one forward per "
+        f"configuration {result.single_seconds:.2f} s ({result.single_forwards} forwards): "
+        f"{result.speedup:.1f}x faster; max |Δscore| {result.max_score_difference:.1e}, "
+        f"answers equal: {result.answers_equal}"
     )
-    a = p.parse_args(argv)
-    return Config(**{k: getattr(a, k) for k in asdict(d)})
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    cfg = parse_args()
-    r = main(cfg)
-    print(json.dumps({"config": asdict(cfg), "result": asdict(r)}, indent=1))
-    print(
-        f"{r.n_configurations} configurations x {cfg.images} image(s): batched {r.batched_seconds:.2f} s "
-        f"({r.batched_forwards} forwards) vs one forward per configuration {r.single_seconds:.2f} s "
-        f"({r.single_forwards} forwards): {r.speedup:.1f}x faster; "
-        f"max |Δscore| {r.max_score_difference:.1e}, "
-        f"answers equal: {r.answers_equal}"
-    )
+    cli.run(main, Config, render)

@@ -10,21 +10,20 @@ intervals. Output: ``<out_dir>/summary.json``, ``<out_dir>/contact_sheet.png``
 (one test-split crop under every type and level, with labels) and a rich
 summary in the terminal.
 
-    python studies/build_benchmark.py --out-dir cache/benchmark
+    python studies/build_benchmark.py --out cache/benchmark
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from mechbiqa import cli, outputs
 from mechbiqa.data import (
     DEFAULT_DISTORTIONS,
     Benchmark,
@@ -40,7 +39,7 @@ class Config:
     """What to build and how to check it.
 
     Attributes:
-        out_dir: The benchmark directory (summary and contact sheet are written into it too).
+        out_dir: The benchmark directory (summary and contact sheet are written into it too; ``--out``).
         image_size: Image side in pixels.
         crops_per_photo: Crops per reference photo.
         distortions: Distortion types.
@@ -53,17 +52,31 @@ class Config:
         examples: Example descriptions to show.
     """
 
-    out_dir: Path = Path("cache/benchmark")
+    out_dir: Path = field(
+        default=Path("cache/benchmark"), metadata=cli.meta(flag="--out", aliases=("--out-dir",))
+    )
     image_size: int = 64
     crops_per_photo: int = 12
     distortions: tuple[str, ...] = DEFAULT_DISTORTIONS
     photos: tuple[str, ...] | None = None
     seed: int = 0
     overwrite: bool = False
-    check_measure: str = "gmsd"
-    check_split: str = "test"
+    check_measure: Literal["gmsd", "psnr", "ssim"] = "gmsd"
+    check_split: Literal["train", "val", "test"] = "test"
     bootstrap: int = 200
     examples: int = 8
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.image_size < 8 or self.crops_per_photo < 1 or self.bootstrap < 0 or self.examples < 0:
+            raise ValueError(
+                f"--image-size {self.image_size}, --crops-per-photo {self.crops_per_photo}, --bootstrap "
+                f"{self.bootstrap}, --examples {self.examples}: pass an image side of at least 8 px, "
+                "at least one crop, and no negative counts"
+            )
+        if not self.distortions:
+            raise ValueError("--distortions: name at least one distortion type")
 
     @classmethod
     def tiny(cls, out_dir: Path) -> Config:
@@ -247,7 +260,7 @@ def main(cfg: Config) -> BuildResult:
         label_measure=bench.config.label_measure,
         **stats,
     )
-    result.summary_json.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    outputs.write_json(result.summary_json, result.to_dict(), indent=2)
     return result
 
 
@@ -324,39 +337,9 @@ def render(result: BuildResult, console=None) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command-line flags -> `Config`."""
-    d = Config()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--out-dir", type=Path, default=d.out_dir, help="benchmark directory (default %(default)s)"
-    )
-    p.add_argument(
-        "--image-size", type=int, default=d.image_size, help="image side in px (default %(default)s)"
-    )
-    p.add_argument("--crops-per-photo", type=int, default=d.crops_per_photo, help="default %(default)s")
-    p.add_argument("--distortions", nargs="+", default=list(d.distortions), help="distortion types")
-    p.add_argument("--photos", nargs="+", default=None, help="photo ids (default: all packaged photos found)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--overwrite", action="store_true", help="rebuild a directory built from another config")
-    p.add_argument("--check-measure", default=d.check_measure, choices=["gmsd", "psnr", "ssim"])
-    p.add_argument("--check-split", default=d.check_split, choices=["train", "val", "test"])
-    p.add_argument("--bootstrap", type=int, default=d.bootstrap)
-    p.add_argument("--examples", type=int, default=d.examples)
-    a = p.parse_args(argv)
-    return Config(
-        out_dir=a.out_dir,
-        image_size=a.image_size,
-        crops_per_photo=a.crops_per_photo,
-        distortions=tuple(a.distortions),
-        photos=tuple(a.photos) if a.photos else None,
-        seed=a.seed,
-        overwrite=a.overwrite,
-        check_measure=a.check_measure,
-        check_split=a.check_split,
-        bootstrap=a.bootstrap,
-        examples=a.examples,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    render(main(parse_args()))
+    cli.run(main, Config, render)

@@ -43,17 +43,14 @@ image residuals, for 7B runs; ``full-attention``) and/or sites
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
 
-from mechbiqa import sources
+from mechbiqa import cli, outputs, sources
 from mechbiqa.analysis.capture import record_rater
 from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
@@ -79,8 +76,8 @@ class Config:
         spec: Cache spec (preset names and/or sites).
         out: The store file.
         batch_size: Samples per batch.
-        dtype: Stored activation dtype (``float16`` or ``float32``).
-        model_dtype: Model dtype (``float32``, ``bfloat16``, ``float16``).
+        store_dtype: Stored activation dtype (``float16`` or ``float32``).
+        dtype: Model dtype (``float32``, ``bfloat16``, ``float16``; weights cast as they are read).
         device: ``cpu``, ``cuda``, ``cuda:1`` ... (under torchrun, cuda means the rank's GPU).
         mode: ``score`` (prompted forward), ``generate`` (answer, then recorded re-run) or ``rated``
             (the checkpoint rates each image; its own scoring prompt is recorded).
@@ -101,17 +98,26 @@ class Config:
     spec: str = "default"
     out: str = str(REPO / "cache" / "activations.h5")
     batch_size: int = 8
-    dtype: str = "float16"
-    model_dtype: str = "float32"
+    store_dtype: Literal["float16", "float32"] = "float16"
+    dtype: str = "float32"
     device: str = "cpu"
-    mode: str = "score"
+    mode: Literal["score", "generate", "rated"] = "score"
     max_new_tokens: int = 48
-    do_sample: bool = False
+    do_sample: bool = field(default=False, metadata=cli.meta(aliases=("--sample",)))
     temperature: float = 1.0
     seed: int = 0
     overwrite: bool = False
     fsync: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: pass at least 1")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature {self.temperature}: pass a positive temperature")
+        CacheSpec.parse(self.spec, dtype=self.store_dtype)  # a bad spec is refused before any model loads
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -150,12 +156,9 @@ class Result:
 # ----------------------------------------------------------------------------- pieces
 def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
     """The model, tokenizer and processor the config names, and a name for the store."""
-    try:
-        return sources.load_model(
-            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.model_dtype, device=cfg.device
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+    return sources.load_model(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
+    )
 
 
 def load_rater(cfg: Config) -> tuple[Any, str | None]:
@@ -163,25 +166,19 @@ def load_rater(cfg: Config) -> tuple[Any, str | None]:
     if cfg.tiny_random:
         rater = sources.tiny_raters(cfg.seed, cfg.max_new_tokens)["one-stage"]
         return rater, sources.tiny_random_name(cfg.seed)  # its weights are tiny_random_model(seed)'s
-    try:
-        raters = sources.load_raters(
-            (str(cfg.model or sources.DEFAULT_CHECKPOINT),),
-            dtype=cfg.model_dtype,
-            device=cfg.device,
-            max_new_tokens=cfg.max_new_tokens,
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+    raters = sources.load_raters(
+        (str(cfg.model or sources.DEFAULT_CHECKPOINT),),
+        dtype=cfg.dtype,
+        device=cfg.device,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     ((rater, _),) = raters.values()
     return rater, None
 
 
 def load_samples(cfg: Config) -> list[Any]:
     """The records the config names (IQARecords, or SampleSources for a folder of images)."""
-    try:
-        return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
 
 
 def _distributed() -> tuple[int, int]:
@@ -221,7 +218,7 @@ def main(cfg: Config, progress: Any = None) -> Result:
     else:
         model, tokenizer, processor, name = load_model(cfg_run)
     samples = load_samples(cfg)
-    spec = CacheSpec.parse(cfg.spec, dtype=cfg.dtype)
+    spec = CacheSpec.parse(cfg.spec, dtype=cfg.store_dtype)
     run = RunConfig(
         mode="score" if cfg.mode == "rated" else cfg.mode,
         batch_size=cfg.batch_size,
@@ -239,7 +236,7 @@ def main(cfg: Config, progress: Any = None) -> Result:
         samples, path = samples[lo:hi], shard_path(out, rank, world)
         path.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        Path(str(out) + ".config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        outputs.write_config(Path(str(out) + ".config.json"), cfg)
     if cfg.mode == "rated":
         result = record_rater(
             rater,
@@ -290,79 +287,14 @@ def main(cfg: Config, progress: Any = None) -> Result:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    src = p.add_argument_group("model and data")
-    src.add_argument(
-        "--model", help="checkpoint directory (default: the compact checkpoint in cache/compact/one-stage)"
-    )
-    src.add_argument(
-        "--tiny-random", action="store_true", help="a random tiny model and toy tokenizer (pipeline check)"
-    )
-    src.add_argument(
-        "--dataset",
-        default=d.dataset,
-        help="'builtin', a folder of images, a .jsonl of records, or NAME=ROOT (default: builtin)",
-    )
-    src.add_argument("--split", choices=["train", "val", "test"], help="keep one split of the data set")
-    src.add_argument("--limit", type=int, help="keep the first N samples")
-    what = p.add_argument_group("what to record")
-    what.add_argument(
-        "--spec", default=d.spec, help="cache spec: presets and/or HOOK@SELECT[:LAYERS] sites (see above)"
-    )
-    what.add_argument(
-        "--mode",
-        choices=["score", "generate", "rated"],
-        default=d.mode,
-        help="score: Q-Align prompt, one forward; generate: answer, then a recorded re-run; rated: the "
-        "checkpoint (one-stage, or a two-stage pair's folder) rates each image and its own scoring prompt "
-        "is recorded",
-    )
-    what.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    what.add_argument(
-        "--sample", action="store_true", help="sample answers (seeded) instead of greedy decoding"
-    )
-    what.add_argument("--temperature", type=float, default=d.temperature)
-    what.add_argument("--seed", type=int, default=d.seed)
-    how = p.add_argument_group("output and execution")
-    how.add_argument("--out", default=d.out, help="the store file (default: cache/activations.h5)")
-    how.add_argument("--batch-size", type=int, default=d.batch_size)
-    how.add_argument(
-        "--dtype", choices=["float16", "float32"], default=d.dtype, help="stored activation dtype"
-    )
-    how.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default=d.model_dtype)
-    how.add_argument("--device", default=d.device)
-    how.add_argument(
-        "--overwrite", action="store_true", help="start again instead of resuming an existing store"
-    )
-    how.add_argument("--fsync", action="store_true", help="flush each batch to disk before committing it")
-    how.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=a.split,
-        limit=a.limit,
-        spec=a.spec,
-        out=a.out,
-        batch_size=a.batch_size,
-        dtype=a.dtype,
-        model_dtype=a.model_dtype,
-        device=a.device,
-        mode=a.mode,
-        max_new_tokens=a.max_new_tokens,
-        do_sample=a.sample,
-        temperature=a.temperature,
-        seed=a.seed,
-        overwrite=a.overwrite,
-        fsync=a.fsync,
-        progress=not a.no_progress,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
-def _run_cli(argv: list[str] | None = None) -> Result:
+def main_with_progress(cfg: Config) -> Result:
+    """`main` under a rich progress bar on stderr (rank 0 only; ``--no-progress``: none)."""
+    import time
+
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -373,10 +305,7 @@ def _run_cli(argv: list[str] | None = None) -> Result:
         TimeRemainingColumn,
     )
 
-    cfg = parse_args(argv)
-    console = Console(stderr=True)
-    rank = int(os.environ.get("RANK", "0"))
-    show = cfg.progress and rank == 0
+    show = cfg.progress and int(os.environ.get("RANK", "0")) == 0
     columns = (
         TextColumn("[bold]caching[/]"),
         BarColumn(),
@@ -386,13 +315,11 @@ def _run_cli(argv: list[str] | None = None) -> Result:
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, disable=not show) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task("cache", total=None, rate="")
         state: dict[str, float] = {}
 
         def update(done: int, total: int) -> None:
-            import time
-
             now = time.perf_counter()
             if "t0" not in state:
                 state.update(t0=now, d0=done)
@@ -401,34 +328,39 @@ def _run_cli(argv: list[str] | None = None) -> Result:
                 task, total=total, completed=done, rate=f"{rate:.1f} img/s" if done > state["d0"] else ""
             )
 
-        result = main(cfg, progress=update)
-    if rank == 0:
-        r = result.record
-        how = (
-            "already complete"
-            if r.n_recorded == 0
-            else (
-                f"recorded {r.n_recorded} samples in {r.seconds:.1f} s "
-                f"({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
-                + (f", resumed at sample {r.resumed_from}" if r.resumed_from else "")
-            )
+        return main(cfg, progress=update)
+
+
+def render(result: Result, console: Any) -> None:
+    """What was recorded, and the failed samples (rank 0 only)."""
+    if result.rank != 0:
+        return
+    r = result.record
+    how = (
+        "already complete"
+        if r.n_recorded == 0
+        else (
+            f"recorded {r.n_recorded} samples in {r.seconds:.1f} s "
+            f"({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
+            + (f", resumed at sample {r.resumed_from}" if r.resumed_from else "")
         )
-        console.print(
-            f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
-            + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
-        )
-        for sample_id, reason in result.errors[:20]:
-            console.print(f"  [yellow]failed[/] {sample_id}: {reason}")
-        if len(result.errors) > 20:
-            console.print(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
-    return result
+    )
+    console.print(
+        f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
+        + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
+    )
+    for sample_id, reason in result.errors[:20]:
+        console.print(f"  [yellow]failed[/] {sample_id}: {reason}")
+    if len(result.errors) > 20:
+        console.print(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
 
 
 if __name__ == "__main__":
-    _run_cli()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
+    try:
+        cli.run(main_with_progress, Config, render)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    sys.exit(0)
+            if dist.is_initialized():
+                dist.destroy_process_group()

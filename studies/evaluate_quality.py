@@ -31,20 +31,19 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from mechbiqa import reports
+from mechbiqa import cli, outputs, reports
 from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, evaluate_by_dataset, normalised_target
 from mechbiqa.data.loaders import load_qalign_json, parse_scale
+from mechbiqa.errors import UserError
 from mechbiqa.scoring import rate_images
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_rater, load_samples
 
 NAME = "evaluate_quality"
 REPO = Path(__file__).resolve().parents[1]
@@ -68,20 +67,30 @@ class Config:
         seed: Seed of the tiny random model.
         fit: ``logistic4`` or ``linear`` (the "fitted" PLCC/RMSE).
         out: Output folder.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (the weights are cast as they are read).
     """
 
     model: str | None = None
     tiny_random: bool = False
-    datasets: tuple[str, ...] = ("builtin",)
+    datasets: tuple[str, ...] = field(default=("builtin",), metadata=cli.meta(flag="--dataset"))
     split: str | None = "test"
-    scales: tuple[str, ...] = ()
+    scales: tuple[str, ...] = field(default=(), metadata=cli.meta(flag="--scale"))
     limit: int | None = None
     batch_size: int = 16
     seed: int = 0
-    fit: str = "logistic4"
+    fit: Literal["logistic4", "linear"] = "logistic4"
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if not self.datasets:
+            raise ValueError(
+                "--dataset: name at least one data set ('builtin', a folder, a .jsonl or NAME=ROOT)"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -118,21 +127,16 @@ def _rater(cfg: Config) -> tuple[Any, Any, str]:
     if checkpoint is not None and (
         (checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()
     ):
-        from mechbiqa.pipeline import load_rater
-
-        rater = load_rater(checkpoint, device=cfg.device)
+        rater = load_rater(checkpoint, dtype=cfg.dtype, device=cfg.device)
         processor = rater.components.processor if hasattr(rater, "components") else rater.stage1.processor
 
         def rate(pixels: torch.Tensor) -> np.ndarray:
             return np.array([r.score for r in rater.rate(pixels, batch_size=cfg.batch_size)])
 
         return rate, processor, f"{checkpoint} ({rater.mode})"
-    try:
-        model, tokenizer, processor, name = load_model(
-            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+    model, tokenizer, processor, name = load_model(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
+    )
 
     def rate(pixels: torch.Tensor) -> np.ndarray:
         return rate_images(model, tokenizer, pixels, batch_size=cfg.batch_size).scores
@@ -141,7 +145,7 @@ def _rater(cfg: Config) -> tuple[Any, Any, str]:
 
 
 def _samples(spec: str, cfg: Config) -> list[Any]:
-    """The samples of one ``--dataset`` spec after ``--split`` and ``--limit``; SystemExit (one line) if none.
+    """The samples of one ``--dataset`` spec after ``--split`` and ``--limit``; a `UserError` if none.
 
     A ``.json`` spec (``FILE.json`` or ``FILE.json=IMAGE_ROOT``; the image root defaults to the
     file's folder) is a Q-Align JSON, each entry rated on its own source's scale.
@@ -154,17 +158,17 @@ def _samples(spec: str, cfg: Config) -> list[Any]:
         else:
             samples = load_samples(spec)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"--dataset {spec}: {error}") from None
+        raise UserError(f"--dataset {spec}: {error}") from None
     if cfg.split is not None:
         splits = sorted({s for s in (getattr(x, "split", None) for x in samples) if s is not None})
         if not splits:
-            raise SystemExit(
+            raise UserError(
                 f"--dataset {spec}: this data set has no official split (no image carries one), so "
                 f"--split {cfg.split} keeps nothing; pass --split all to evaluate every image"
             )
         samples = [x for x in samples if getattr(x, "split", None) == cfg.split]
         if not samples:
-            raise SystemExit(
+            raise UserError(
                 f"--dataset {spec}: no image in split {cfg.split!r}; its splits are {splits}: pass one of "
                 "them, or --split all"
             )
@@ -177,7 +181,7 @@ def main(cfg: Config) -> Result:
         try:
             parse_scale(spec)
         except ValueError as error:
-            raise SystemExit(f"--scale: {error}") from None
+            raise UserError(f"--scale: {error}") from None
     loaded = [(spec, _samples(spec, cfg)) for spec in cfg.datasets]
     rate, processor, name = _rater(cfg)
     scores: dict[str, list[np.ndarray]] = {}
@@ -210,27 +214,23 @@ def main(cfg: Config) -> Result:
             np.concatenate(all_scores), targets, groups, seconds, checkpoint=name, fit=cfg.fit
         )
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        raise UserError(str(error)) from None
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     flat = np.concatenate(all_scores)
-    files["json"].write_text(
-        json.dumps(
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(
+            out / f"{NAME}.json",
             {
                 **evaluation.to_dict(),
                 "target_scale": "0-1, higher is better (each data set's own scale normalised)",
                 "images": [
-                    {"id": i, "dataset": g, "score": float(s), "target": None if np.isnan(t) else t}
+                    {"id": i, "dataset": g, "score": s, "target": t}
                     for i, g, s, t in zip(ids, groups, flat, targets, strict=True)
                 ],
             },
-            indent=1,
-            default=lambda x: None,
-        )
-        + "\n"
-    )
+        ),
+    }
     return Result(
         evaluation=evaluation, scores={k: np.concatenate(v) for k, v in scores.items()}, files=files
     )
@@ -244,42 +244,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument(
-        "--dataset",
-        nargs="+",
-        default=list(d.datasets),
-        help="data sets: 'builtin', image folders, .jsonl files, NAME=ROOT (default: builtin)",
-    )
-    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
-    p.add_argument("--scale", nargs="+", default=list(d.scales), metavar="NAME=LOW,HIGH",
-                   help="score scale of a Q-Align JSON source not in the table (append ,lower for DMOS)")
-    p.add_argument("--limit", type=int, help="first N images of each data set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--fit", choices=["logistic4", "linear"], default=d.fit)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--device", default=d.device)
-    a = p.parse_args(argv)
-    return replace(
-        d,
-        model=a.model,
-        tiny_random=a.tiny_random,
-        datasets=tuple(a.dataset),
-        split=None if a.split == "all" else a.split,
-        scales=tuple(a.scale),
-        limit=a.limit,
-        batch_size=a.batch_size,
-        fit=a.fit,
-        out=a.out,
-        device=a.device,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

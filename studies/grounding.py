@@ -30,22 +30,22 @@ when run as a script.
 Example::
 
     python studies/grounding.py --split test                    # the compact pair in cache/compact/
-    python studies/grounding.py --checkpoint qinstruct=/models/q-instruct --dataset koniq10k=/data/koniq
+    python studies/grounding.py --model qinstruct=/models/q-instruct --dataset koniq10k=/data/koniq
+    python studies/grounding.py --model /models/one-align --dtype bfloat16 --device cuda --split test
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mechbiqa import sources
+from mechbiqa import cli, outputs, sources
 from mechbiqa.analysis.grounding import (
     GroundingPaths,
     GroundingResult,
@@ -65,7 +65,7 @@ class Config:
     """A grounding run.
 
     Attributes:
-        checkpoints: ``NAME=DIR`` or ``DIR`` entries: a one-stage checkpoint, a two-stage parent
+        checkpoints: ``NAME=DIR`` or ``DIR`` entries (``--model``): a one-stage checkpoint, a two-stage parent
             (``stage1/``, ``stage2/``) or a real checkpoint (no ``mechbiqa.json``: rated as one-stage).
             Empty: the compact pair in ``cache/compact/`` (those that exist).
         tiny_random: Rate with a random tiny one-stage model and a random tiny two-stage pair
@@ -82,13 +82,15 @@ class Config:
         batch_size: Images per forward.
         chunk: Images preprocessed at a time (memory of the pixels).
         use_stemmer: Porter stemming in ROUGE-1.
-        device: ``cpu`` or ``cuda``.
-        dtype: Model dtype (``float32``, ``bfloat16``).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (``float32``, ``bfloat16``, ``float16``; weights cast as they are read).
         seed: Seed of ``tiny_random``.
         out: Output folder.
     """
 
-    checkpoints: tuple[str, ...] = ()
+    checkpoints: tuple[str, ...] = field(
+        default=(), metadata=cli.meta(flag="--model", aliases=("--checkpoint",))
+    )
     tiny_random: bool = False
     dataset: str = "builtin"
     split: str | None = "test"
@@ -98,11 +100,22 @@ class Config:
     max_new_tokens: int = 48
     batch_size: int = 32
     chunk: int = 256
-    use_stemmer: bool = True
+    use_stemmer: bool = field(default=True, metadata=cli.meta(aliases=("--stemmer",)))
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.max_new_tokens < 1 or self.chunk < 1:
+            raise ValueError(
+                f"--max-new-tokens {self.max_new_tokens}, --chunk {self.chunk}: pass at least 1 for each"
+            )
+        if self.references is not None and not Path(self.references).is_file():
+            raise FileNotFoundError(f"--references {self.references}: no such file; pass a JSON file of "
+                                    "{image id: text or [texts]}")
 
     @classmethod
     def tiny(cls, tmp: str | Path, dataset: str | Path, **overrides: Any) -> Config:
@@ -183,28 +196,22 @@ def load_raters(cfg: Config) -> dict[str, Any]:
     """Name -> rater for every checkpoint the config names (missing default ones are skipped).
 
     Raises:
-        SystemExit: If no checkpoint is found (the message says how to get one).
+        FileNotFoundError: If no checkpoint is found (the message says how to get one).
     """
     if cfg.tiny_random:
         return tiny_raters(cfg.seed, cfg.max_new_tokens)
-    try:
-        return sources.load_raters(
-            cfg.checkpoints,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            max_new_tokens=cfg.max_new_tokens,
-            real_template=cfg.real_template,
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+    return sources.load_raters(
+        cfg.checkpoints,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        max_new_tokens=cfg.max_new_tokens,
+        real_template=cfg.real_template,
+    )
 
 
 def load_records(cfg: Config) -> list[Any]:
     """The images to rate: `IQARecord`s (`SampleSource`s for a folder), as every study reads them."""
-    try:
-        return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
 
 
 def load_references(cfg: Config, records: Sequence[Any]) -> list[str | Sequence[str]] | None:
@@ -280,31 +287,14 @@ def main(
                 name=name, path=path, mode=paths.mode, grounding=result, rouge=rouge, paths=paths
             )
     folder = Path(cfg.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {"config": folder / "config.json", "json": folder / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    files = {"config": outputs.write_config(folder, cfg)}
     payload = {
         "n_images": len(records),
         "summary": {k: c.summary() for k, c in out.items()},
         "checkpoints": {k: c.to_dict() for k, c in out.items()},
     }
-    files["json"].write_text(json.dumps(_json_ready(payload), indent=1, allow_nan=False) + "\n")
+    files["json"] = outputs.write_json(folder / f"{NAME}.json", payload)
     return Result(checkpoints=out, n_images=len(records), files=files)
-
-
-def _json_ready(value: Any) -> Any:
-    """Arrays to lists, numpy scalars to Python, NaN/inf to None (strict JSON for other readers)."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def render(result: Result, console: Any) -> None:
@@ -325,51 +315,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument(
-        "--checkpoint",
-        action="append",
-        default=[],
-        metavar="[NAME=]DIR",
-        help="a checkpoint or two-stage pair (repeat; default: the compact pair in cache/compact)",
-    )
-    p.add_argument("--tiny-random", action="store_true", help="random tiny raters (pipeline check)")
-    p.add_argument(
-        "--dataset", default=d.dataset, help="'builtin', a .jsonl of records, NAME=ROOT, or a folder"
-    )
-    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' for every image)")
-    p.add_argument("--limit", type=int, help="keep the first N images")
-    p.add_argument("--references", help="JSON {image id: text or [texts]} of reference descriptions")
-    p.add_argument("--real-template", default=d.real_template, help="template of real checkpoints")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--no-stemmer", action="store_true", help="ROUGE-1 without Porter stemming")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="output folder (default: cache/grounding)")
-    a = p.parse_args(argv)
-    return Config(
-        checkpoints=tuple(a.checkpoint),
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=None if a.split == "all" else a.split,
-        limit=a.limit,
-        references=a.references,
-        real_template=a.real_template,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=a.batch_size,
-        use_stemmer=not a.no_stemmer,
-        device=a.device,
-        dtype=a.dtype,
-        seed=a.seed,
-        out=a.out,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

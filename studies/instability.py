@@ -32,21 +32,20 @@ Example::
 
     python studies/instability.py --model cache/compact/one-stage --split test
     python studies/instability.py --model cache/compact/two-stage --split test
+    python studies/instability.py --model ckpt/ --dtype bfloat16 --device cuda --n-answers 5 --seeds 0 1 2
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mechbiqa import reports
+from mechbiqa import cli, outputs, reports
 from mechbiqa.analysis.instability import (
     InstabilityResult,
     SamplingConfig,
@@ -58,7 +57,7 @@ from mechbiqa.analysis.instability import (
 )
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.scoring import level_ids
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples, torch_dtype
 
 NAME = "instability"
 REPO = Path(__file__).resolve().parents[1]
@@ -74,19 +73,15 @@ class Config:
             ``tiny_random``, else the compact one-stage default.
         tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
-        split: Keep one split.
+        split: Keep one split (None: every split).
         limit: Images.
-        n_answers: Answers per image per session (5).
-        seeds: One seed per session (3 sessions).
-        max_new_tokens: Longest answer (each stage).
-        do_sample: Sample (False: greedy, instability 0 by construction).
-        temperature: Sampling temperature.
-        top_k: Keep the k most likely tokens.
-        top_p: Nucleus threshold.
+        sampling: How answers are drawn (`SamplingConfig`: answers per session, session seeds,
+            longest answer (each stage), sampling or greedy decoding, temperature, top-k, top-p).
         batch_images: Images prefilled together (each then decodes sessions x answers rows).
         seed: Seed of the tiny random model.
         out: Output folder.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (the weights are cast as they are read).
     """
 
     model: str | None = None
@@ -94,42 +89,36 @@ class Config:
     dataset: str = "builtin"
     split: str | None = "test"
     limit: int | None = None
-    n_answers: int = 5
-    seeds: tuple[int, ...] = (0, 1, 2)
-    max_new_tokens: int = 64
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64)
     batch_images: int = 8
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.batch_images < 1:
+            raise ValueError(f"--batch-images {self.batch_images}: pass at least 1")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
-        """The tiny random model on ``tmp/images``: 4 images, short answers."""
+        """The tiny random model on ``tmp/images``: 4 images, short answers.
+
+        ``overrides`` may name `SamplingConfig` fields (``do_sample=False``) as well as this Config's.
+        """
+        names = {f.name for f in fields(SamplingConfig)}
+        sampling = {k: overrides.pop(k) for k in list(overrides) if k in names}
         base = dict(
             tiny_random=True,
             dataset=str(Path(tmp) / "images"),
             split=None,
             limit=4,
-            max_new_tokens=6,
+            sampling=replace(cls.sampling, **{"max_new_tokens": 6, **sampling}),
             out=str(Path(tmp) / NAME),
         )
         return cls(**{**base, **overrides})
-
-    @property
-    def sampling(self) -> SamplingConfig:  # noqa: D102
-        return SamplingConfig(
-            n_answers=self.n_answers,
-            seeds=self.seeds,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-        )
 
 
 @dataclass(frozen=True)
@@ -166,19 +155,14 @@ def main(cfg: Config) -> Result:
     two_stage = (
         checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
     )
-    try:
-        model, tokenizer, processor, _ = load_model(
-            str(checkpoint / "stage1") if two_stage else cfg.model,
-            tiny_random=cfg.tiny_random,
-            seed=cfg.seed,
-            device=cfg.device,
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
-    try:
-        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    model, tokenizer, processor, _ = load_model(
+        str(checkpoint / "stage1") if two_stage else cfg.model,
+        tiny_random=cfg.tiny_random,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        device=cfg.device,
+    )
+    samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
     stage2 = template = None
     if two_stage or (checkpoint is not None and (checkpoint / "mechbiqa.json").is_file()):
         from mechbiqa.model.prompts import get_template
@@ -196,7 +180,9 @@ def main(cfg: Config) -> Result:
             from mechbiqa.model.load import load_components
 
             expect_checkpoint(checkpoint / "stage2", "two-stage", 2)  # type: ignore[operator]
-            stage2 = load_components(checkpoint / "stage2", device=cfg.device)  # type: ignore[operator]
+            stage2 = load_components(
+                checkpoint / "stage2", dtype=torch_dtype(cfg.dtype), device=cfg.device  # type: ignore[operator]
+            )
     else:
         from mechbiqa_hooks.record import PromptConfig
 
@@ -258,24 +244,19 @@ def main(cfg: Config) -> Result:
     result = summarise_instability(levels, np.array([_label_level(s) for s in samples]), sampling.seeds)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    files = {"config": outputs.write_config(out, cfg), "json": out / f"{NAME}.json"}
     image_ids = tuple(str(s.id) for s in samples)
-    files["json"].write_text(
-        json.dumps(
-            {
-                "mode": mode,
-                "model": str(checkpoint) if checkpoint else f"tiny-random(seed={cfg.seed})",
-                "prompt": prompt.text,
-                "seconds": seconds,
-                "images": list(image_ids),
-                **result.to_dict(),
-                "answers": {image_ids[i]: t for i, t in enumerate(texts)},
-            },
-            indent=1,
-        )
-        + "\n"
+    outputs.write_json(
+        files["json"],
+        {
+            "mode": mode,
+            "model": str(checkpoint) if checkpoint else f"tiny-random(seed={cfg.seed})",
+            "prompt": prompt.text,
+            "seconds": seconds,
+            "images": list(image_ids),
+            **result.to_dict(),
+            "answers": {image_ids[i]: t for i, t in enumerate(texts)},
+        },
     )
     return Result(instability=result, mode=mode, image_ids=image_ids, seconds=seconds, files=files)
 
@@ -291,47 +272,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint or two-stage pair folder (default: cache/compact/one-stage)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument(
-        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
-    )
-    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
-    p.add_argument("--limit", type=int, help="keep the first N images")
-    p.add_argument("--n-answers", type=int, default=d.n_answers, help="answers per image per session")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="one seed per session")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (instability 0 by construction)")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--batch-images", type=int, default=d.batch_images)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--device", default=d.device)
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=None if a.split == "all" else a.split,
-        limit=a.limit,
-        n_answers=a.n_answers,
-        seeds=tuple(a.seeds),
-        max_new_tokens=a.max_new_tokens,
-        do_sample=not a.greedy,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        batch_images=a.batch_images,
-        out=a.out,
-        device=a.device,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

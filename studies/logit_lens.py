@@ -27,13 +27,11 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mechbiqa import figures, reports
+from mechbiqa import cli, figures, outputs, reports
 from mechbiqa.analysis.lens import LensResult, lens_from_store
 from mechbiqa.scoring import level_ids
 from mechbiqa.sources import load_lens, stored_model
@@ -59,6 +57,12 @@ class Config:
     model: str | None = None
     out: str | None = None
     top_k: int = 5
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.top_k < 1:
+            raise ValueError(f"--top-k {self.top_k}: show at least 1 token per layer")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -92,18 +96,14 @@ def main(cfg: Config) -> Result:
     store_path = Path(cfg.store)
     with ActivationStore.open(store_path) as store:
         source = cfg.model or stored_model(store)
-        try:
-            lens, tokenizer = load_lens(source)
-        except FileNotFoundError as error:
-            raise SystemExit(str(error)) from None
+        lens, tokenizer = load_lens(source)
         result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    files["json"].write_text(
-        json.dumps({"store": str(store_path), "model": source, **result.to_dict()}, indent=1) + "\n"
-    )
+    summary = {"store": str(store_path), "model": source, **result.to_dict()}
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", summary),
+    }
     files["figure"] = figures.lens_trajectories(result, out / f"{NAME}.png")
     return Result(lens=result, files=files, model=source)
 
@@ -123,18 +123,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
-    p.add_argument("--model", help="checkpoint directory of the lens (default: the model the store names)")
-    p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.logit_lens)")
-    p.add_argument("--top-k", type=int, default=d.top_k, help="top tokens per layer")
-    a = p.parse_args(argv)
-    return Config(store=a.store, model=a.model, out=a.out, top_k=a.top_k)
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

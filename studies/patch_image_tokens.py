@@ -35,17 +35,15 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from mechbiqa_hooks import names
 
-from mechbiqa import figures, reports
+from mechbiqa import cli, figures, outputs, reports
 from mechbiqa.analysis.attribution import attribute
 from mechbiqa.analysis.patching import (
     SITES,
@@ -75,7 +73,7 @@ class Config:
         model: Checkpoint directory; None with ``tiny_random``, else the compact one-stage default.
         tiny_random: The tiny random model (`mechbiqa.sources.tiny_random_model`) (tests, pipeline checks).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
-        split: Keep one split.
+        split: Keep one split (None: every split).
         limit: Images to patch (the sweep runs ``configurations x images`` rows).
         k: Image tokens per selection (the paper's five).
         layers: LLM layers to edit; None: every layer.
@@ -84,7 +82,8 @@ class Config:
         seed: Seed of the random-token control (and of ``tiny_random``).
         batch_size: Rows per stacked forward.
         out: Output folder.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (the weights are cast as they are read).
     """
 
     model: str | None = None
@@ -95,18 +94,36 @@ class Config:
     k: int = 5
     layers: tuple[int, ...] | None = None
     sites: tuple[str, ...] = ("resid", "kv")
-    setters: tuple[str, ...] = ("zero", "mean", "source")
+    setters: tuple[Literal["zero", "mean", "source"], ...] = ("zero", "mean", "source")
     seed: int = 0
     batch_size: int = 64
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(
+                f"--limit {self.limit}: patching needs at least 2 images (one is patched from another)"
+            )
+        if self.k < 1:
+            raise ValueError(f"--k {self.k}: select at least 1 image token")
+        if self.layers is not None and min(self.layers, default=0) < 0:
+            raise ValueError(f"--layers {' '.join(map(str, self.layers))}: layers are numbered from 0")
         unknown = [s for s in self.sites if s not in SITES]
         if unknown:
-            raise ValueError(f"unknown sites {unknown}; choose from {sorted(SITES)}")
+            raise ValueError(f"--sites: unknown sites {unknown}; choose from {', '.join(sorted(SITES))}")
+        if not self.sites or not self.setters:
+            raise ValueError("--sites and --setters need at least one value each")
         if set(self.setters) - {"zero", "mean", "source"}:
-            raise ValueError(f"setters must be among zero, mean, source; got {self.setters}")
+            raise ValueError(f"--setters must be among zero, mean, source; got {self.setters}")
+        if self.model and (Path(self.model) / "stage1").is_dir():
+            raise ValueError(
+                f"{self.model} is a two-stage pair: stage 2 reads text only, so no image token reaches its "
+                "quality position; patch the one-stage checkpoint"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -156,14 +173,15 @@ def scoring_prompts(
 
         info = read_info(checkpoint)
         if info.mode != "one-stage":
-            raise SystemExit(
+            raise ValueError(
                 f"{checkpoint} is a {info.describe()} checkpoint: its quality position reads no image "
                 "tokens; patch the one-stage checkpoint"
             )
-        ratings = OneStageRater(load_components(checkpoint, device=str(model.device))).rate(pixels)
+        parts = load_components(checkpoint, dtype=next(model.parameters()).dtype, device=str(model.device))
+        ratings = OneStageRater(parts).rate(pixels)
         return [r.prompt for r in ratings], [r.roles for r in ratings]
     if checkpoint is not None and (Path(checkpoint) / "stage1").is_dir():
-        raise SystemExit(
+        raise ValueError(
             f"{checkpoint} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint"
         )
     prompt = PromptConfig().encode(tokenizer, "score")
@@ -179,29 +197,18 @@ def scoring_prompts(
 
 def main(cfg: Config) -> Result:
     """Load, rank the image tokens, sweep, write JSON, figure and config."""
-    if cfg.model and (Path(cfg.model) / "stage1").is_dir():
-        raise SystemExit(
-            f"{cfg.model} is a two-stage pair: stage 2 reads text only, so no image token reaches its "
-            "quality position; patch the one-stage checkpoint"
-        )
-    try:
-        model, tokenizer, processor, model_name = load_model(
-            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
-    try:
-        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    model, tokenizer, processor, model_name = load_model(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
+    )
+    samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
     if len(samples) < 2:
-        raise SystemExit("patching needs at least 2 images (one is patched from another)")
+        raise ValueError(f"{len(samples)} image: patching needs at least 2 (one is patched from another)")
     pixels = processor([s.image_path for s in samples])
     checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
     prompts, roles = scoring_prompts(model, tokenizer, checkpoint, pixels)
     n, n_image = len(samples), model.cfg.n_image_tokens
     if not 0 < cfg.k <= n_image:
-        raise SystemExit(f"k={cfg.k} must be in 1..{n_image} (the model's image tokens)")
+        raise ValueError(f"--k {cfg.k}: pass 1..{n_image} (the model's image tokens)")
 
     # One batch of (possibly unequal) prompts: right-pad the ids; the model left-pads what it splices,
     # so row i's spliced positions shift by (longest - its length); the quality position is the last column.
@@ -217,7 +224,7 @@ def main(cfg: Config) -> Result:
         np.stack([r.image_positions(0) for r in padded])
     ).long()  # [image, n_image]
     if image_positions.shape[1] != n_image:
-        raise SystemExit(f"the prompts hold {image_positions.shape[1]} image tokens, the model {n_image}")
+        raise ValueError(f"the prompts hold {image_positions.shape[1]} image tokens, the model {n_image}")
     layers = tuple(range(model.cfg.llm.n_layers)) if cfg.layers is None else cfg.layers
 
     # Rank the image tokens by the quality row of every layer's attention (the attribution study's rule).
@@ -278,9 +285,7 @@ def main(cfg: Config) -> Result:
     )
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    files = {"config": outputs.write_config(out, cfg), "json": out / f"{NAME}.json"}
     image_ids = tuple(str(s.id) for s in samples)
     summary = {
         "model": model_name,
@@ -291,11 +296,7 @@ def main(cfg: Config) -> Result:
             metric: dict(
                 zip(
                     ["keys", "layers", "values"],
-                    [
-                        list(map(list, g[0])),
-                        g[1],
-                        [[None if np.isnan(x) else x for x in row] for row in g[2].tolist()],
-                    ],
+                    [list(map(list, g[0])), g[1], g[2]],
                     strict=True,
                 )
             )
@@ -304,7 +305,7 @@ def main(cfg: Config) -> Result:
         },  # type: ignore[arg-type]
         **result.to_dict(),
     }
-    files["json"].write_text(json.dumps(summary, indent=1) + "\n")
+    outputs.write_json(files["json"], summary)
     files["figure"] = figures.patching_effects(
         result, out / f"{NAME}.png", selections=("dominant", "random", "least", "all")
     )
@@ -319,43 +320,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument(
-        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
-    )
-    p.add_argument("--split", default=d.split, help="keep one split (default: test; 'all' keeps every split)")
-    p.add_argument("--limit", type=int, default=d.limit, help="images to patch")
-    p.add_argument("--k", type=int, default=d.k, help="image tokens per selection")
-    p.add_argument("--layers", type=int, nargs="+", help="LLM layers to edit (default: all)")
-    p.add_argument("--sites", nargs="+", default=list(d.sites), choices=sorted(SITES))
-    p.add_argument("--setters", nargs="+", default=list(d.setters), choices=["zero", "mean", "source"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per stacked forward")
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--device", default=d.device)
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=None if a.split == "all" else a.split,
-        limit=a.limit,
-        k=a.k,
-        layers=tuple(a.layers) if a.layers else None,
-        sites=tuple(a.sites),
-        setters=tuple(a.setters),
-        seed=a.seed,
-        batch_size=a.batch_size,
-        out=a.out,
-        device=a.device,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

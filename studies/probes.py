@@ -44,17 +44,15 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mechbiqa import cli, outputs
 from mechbiqa.analysis.probes import (
-    DEFAULT_ALPHAS,
     HeadComparison,
     ProbeCurve,
     RidgeConfig,
@@ -84,21 +82,14 @@ class Config:
             None: the model the store names.
         lens: Compute the logit-lens curve and the level-word score (needs the model's read-out).
         out: Output folder; None: ``<store dir>/<store stem>.probes``.
-        n_splits: Outer photo folds of the ridge probes.
-        inner_splits: Inner photo folds that choose the penalty.
+        ridge: The ridge probes' penalty grid and photo folds (`RidgeConfig`).
         n_shuffles: Shuffled-label fits per layer (the chance curve); 0: none.
-        head_layer: Layer the score head reads (None: the last layer).
-        head_hidden: Hidden width of the head.
-        head_epochs: Training epochs (the best validation epoch is kept).
-        head_lr: AdamW learning rate.
-        head_weight_decay: AdamW weight decay.
-        head_dropout: Dropout of the hidden layer.
-        head_batch_size: Samples per step.
+        head: The score head and its training (`ScoreHeadConfig`; options ``--head-*``).
         train_split: Records of this split train the head.
         val_split: ... choose its epoch (none present: the last epoch).
         eval_split: ... score it against the level-word score.
-        seed: Seeds the head and the shuffles.
-        device: Where the ridge algebra runs (``cuda`` for 7B stores).
+        seed: Seeds the shuffles (the head has its own, ``--head-seed``).
+        device: Where the ridge algebra runs (``cuda`` for 7B stores), and where ``checkpoint`` loads.
         save_head: Write the trained head to ``<out>/score_head``.
         checkpoint: Compute the residuals live from this checkpoint (one-stage, two-stage pair or
             real) over ``dataset`` instead of reading ``store``.
@@ -106,22 +97,16 @@ class Config:
         limit: With ``checkpoint``: keep the first N images.
         max_new_tokens: With ``checkpoint``: longest generated description.
         batch_size: With ``checkpoint``: images per forward.
+        dtype: With ``checkpoint``: model dtype (the weights are cast as they are read).
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
     model: str | None = None
     lens: bool = True
     out: str | None = None
-    n_splits: int = 5
-    inner_splits: int = 3
+    ridge: RidgeConfig = RidgeConfig()
     n_shuffles: int = 1
-    head_layer: int | None = None
-    head_hidden: int = 64
-    head_epochs: int = 200
-    head_lr: float = 1e-3
-    head_weight_decay: float = 1e-2
-    head_dropout: float = 0.1
-    head_batch_size: int = 64
+    head: ScoreHeadConfig = field(default=ScoreHeadConfig(), metadata=cli.meta(prefix="head"))
     train_split: str = "train"
     val_split: str = "val"
     eval_split: str = "test"
@@ -133,6 +118,16 @@ class Config:
     limit: int | None = None
     max_new_tokens: int = 48
     batch_size: int = 32
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.n_shuffles < 0 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"--n-shuffles {self.n_shuffles}, --max-new-tokens {self.max_new_tokens}: "
+                "pass n_shuffles >= 0 and max_new_tokens >= 1"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -140,10 +135,8 @@ class Config:
         base = dict(
             store=str(Path(tmp) / "tiny.h5"),
             out=str(Path(tmp) / NAME),
-            n_splits=2,
-            inner_splits=2,
-            head_epochs=20,
-            head_hidden=16,
+            ridge=RidgeConfig(n_splits=2, inner_splits=2),
+            head=ScoreHeadConfig(epochs=20, hidden=16),
         )
         return cls(**{**base, **overrides})
 
@@ -156,25 +149,6 @@ class Config:
             return REPO / "cache" / NAME / Path(self.checkpoint).name
         store = Path(self.store)
         return store.parent / f"{store.stem}.{NAME}"
-
-    @property
-    def ridge(self) -> RidgeConfig:
-        """The ridge probes' settings."""
-        return RidgeConfig(alphas=DEFAULT_ALPHAS, n_splits=self.n_splits, inner_splits=self.inner_splits)
-
-    @property
-    def head(self) -> ScoreHeadConfig:
-        """The score head's settings."""
-        return ScoreHeadConfig(
-            layer=self.head_layer,
-            hidden=self.head_hidden,
-            dropout=self.head_dropout,
-            lr=self.head_lr,
-            weight_decay=self.head_weight_decay,
-            epochs=self.head_epochs,
-            batch_size=self.head_batch_size,
-            seed=self.seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -330,10 +304,7 @@ def data_from_store(
 
             name = model or stored_model(store)
             if read_out is None:
-                try:
-                    read_out = load_lens(name)
-                except FileNotFoundError as error:
-                    raise SystemExit(str(error)) from None
+                read_out = load_lens(name)
             lens_map, tokenizer = read_out
             result = lens_from_store(store, lens_map, level_ids(tokenizer))
             index = {s: i for i, s in enumerate(result.sample_ids)}
@@ -419,9 +390,9 @@ def _split_masks(data: ProbeData, cfg: Config) -> tuple[np.ndarray, np.ndarray, 
 
 def compare_heads(data: ProbeData, cfg: Config) -> tuple[HeadComparison, ScoreHead]:
     """The score-head comparison of the study: `compare_scorers` on the configured layer and splits."""
-    layer = data.layers[-1] if cfg.head_layer is None else cfg.head_layer
+    layer = data.layers[-1] if cfg.head.layer is None else cfg.head.layer
     if layer not in data.layers:
-        raise ValueError(f"head_layer {layer} is not stored; stored layers: {list(data.layers)}")
+        raise ValueError(f"--head-layer {layer} is not stored; stored layers: {list(data.layers)}")
     train, val, test, name = _split_masks(data, cfg)
     # The last layer's lens is the model's own read-out: its Q-Align score is the level-word score.
     level_word = None if data.lens_probs is None else data.lens_probs[-1] @ _QALIGN
@@ -458,7 +429,7 @@ def analyse(data: ProbeData, cfg: Config) -> Result:
     )
     lens_srcc = None
     if data.lens_probs is not None:
-        lens_srcc = lens_score_curve(data.lens_probs, data.mos, data.groups, cfg.n_splits)
+        lens_srcc = lens_score_curve(data.lens_probs, data.mos, data.groups, cfg.ridge.n_splits)
     comparison, head = compare_heads(data, cfg)
     return Result(
         curve=curve,
@@ -479,15 +450,11 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
         data: Arrays to analyse instead of reading ``cfg.store`` (tests, callers with their own arrays).
     """
     if data is None and cfg.checkpoint:
-        try:  # the same loaders of checkpoints and data sets as studies/grounding.py
-            raters = load_raters((cfg.checkpoint,), device=cfg.device, max_new_tokens=cfg.max_new_tokens)
-        except FileNotFoundError as error:
-            raise SystemExit(str(error)) from None
+        raters = load_raters(  # the same loaders of checkpoints and data sets as studies/grounding.py
+            (cfg.checkpoint,), dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens
+        )
         ((rater, path),) = raters.values()
-        try:
-            records = load_samples(cfg.dataset, None, cfg.limit)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(str(error)) from None
+        records = load_samples(cfg.dataset, None, cfg.limit)
         data = data_from_rater(
             rater,
             records,
@@ -498,28 +465,13 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
     data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
     result = analyse(data, cfg)
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    files["json"].write_text(json.dumps(_json_ready(result.to_dict()), indent=1, allow_nan=False) + "\n")
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", result.to_dict()),
+    }
     if cfg.save_head:
         files["head"] = result.head.save(out / "score_head")
     return replace(result, files=files)
-
-
-def _json_ready(value: Any) -> Any:
-    """Arrays to lists, numpy scalars to Python, NaN/inf to None (strict JSON for other readers)."""
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def render(result: Result, console: Any) -> None:
@@ -543,74 +495,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
-    p.add_argument("--model", help="checkpoint of the logit lens (default: the model the store names)")
-    p.add_argument(
-        "--no-lens", action="store_true", help="skip the logit-lens curve and the level-word score"
-    )
-    p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.probes)")
-    p.add_argument("--n-splits", type=int, default=d.n_splits, help="outer photo folds of the ridge probes")
-    p.add_argument(
-        "--inner-splits", type=int, default=d.inner_splits, help="inner folds choosing the penalty"
-    )
-    p.add_argument(
-        "--n-shuffles", type=int, default=d.n_shuffles, help="shuffled-label fits per layer (chance)"
-    )
-    p.add_argument("--head-layer", type=int, help="layer the score head reads (default: the last)")
-    p.add_argument("--head-hidden", type=int, default=d.head_hidden)
-    p.add_argument("--head-epochs", type=int, default=d.head_epochs)
-    p.add_argument("--head-lr", type=float, default=d.head_lr)
-    p.add_argument("--head-weight-decay", type=float, default=d.head_weight_decay)
-    p.add_argument("--head-dropout", type=float, default=d.head_dropout)
-    p.add_argument("--head-batch-size", type=int, default=d.head_batch_size)
-    p.add_argument("--train-split", default=d.train_split)
-    p.add_argument("--val-split", default=d.val_split)
-    p.add_argument("--eval-split", default=d.eval_split)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="where the ridge algebra runs (cuda for 7B stores)")
-    p.add_argument("--no-save-head", action="store_true", help="do not write the trained head")
-    live = p.add_argument_group("without a store: residuals computed live from a checkpoint")
-    live.add_argument(
-        "--checkpoint", help="one-stage checkpoint, two-stage pair (stage1/, stage2/) or real one"
-    )
-    live.add_argument("--dataset", default=d.dataset, help="'builtin', a .jsonl of records, or NAME=ROOT")
-    live.add_argument("--limit", type=int, help="keep the first N images")
-    live.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    live.add_argument("--batch-size", type=int, default=d.batch_size)
-    a = p.parse_args(argv)
-    return Config(
-        store=a.store,
-        model=a.model,
-        lens=not a.no_lens,
-        out=a.out,
-        n_splits=a.n_splits,
-        inner_splits=a.inner_splits,
-        n_shuffles=a.n_shuffles,
-        head_layer=a.head_layer,
-        head_hidden=a.head_hidden,
-        head_epochs=a.head_epochs,
-        head_lr=a.head_lr,
-        head_weight_decay=a.head_weight_decay,
-        head_dropout=a.head_dropout,
-        head_batch_size=a.head_batch_size,
-        train_split=a.train_split,
-        val_split=a.val_split,
-        eval_split=a.eval_split,
-        seed=a.seed,
-        device=a.device,
-        save_head=not a.no_save_head,
-        checkpoint=a.checkpoint,
-        dataset=a.dataset,
-        limit=a.limit,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=a.batch_size,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

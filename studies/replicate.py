@@ -33,27 +33,29 @@ stores and the studies' JSON and PNG files under ``cache/replicate/``.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from mechbiqa import figures
+from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
+from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
-from mechbiqa.pipeline import OneStageRater, TwoStageRater, load_rater
+from mechbiqa.pipeline import OneStageRater, TwoStageRater
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import load_rater
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +84,11 @@ class Config:
         threads: torch CPU threads.
         retrain: Train the compact pair again even when finished checkpoints exist.
         train: Overrides of ``studies/train_pair.py``'s Config (tests shrink it).
-        device: ``cpu`` or ``cuda``.
+        model: Folder of the compact pair (``studies/train_pair.py --out``: ``one-stage/``,
+            ``two-stage/``): reused when trained with the same settings, else trained there;
+            None: ``<cache>/compact``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Dtype the checkpoints are loaded in for rating, patching, sampling and grounding.
         store_dtype: Activation dtype of the stores (float32: the compact model's stores are small).
         probe_splits: Outer folds (by reference photo) of the ridge probes, at most one per photo.
         probe_shuffles: Shuffled-label fits per layer (the probes' chance curve).
@@ -96,11 +102,25 @@ class Config:
     threads: int = 2
     retrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)
+    model: str | None = field(default=None, metadata=cli.meta(check=False))
     device: str = "cpu"
-    store_dtype: str = "float32"
+    dtype: str = "float32"
+    store_dtype: Literal["float16", "float32"] = "float32"
     probe_splits: int = 5
     probe_shuffles: int = 1
     head_epochs: int = 200
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        for name in ("n_images", "n_instability", "threads", "head_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
+        if self.n_patch < 2:
+            raise ValueError(f"--n-patch {self.n_patch}: patching needs at least 2 images")
+        if self.probe_splits < 2 or self.probe_shuffles < 0:
+            raise ValueError(f"--probe-splits {self.probe_splits}, --probe-shuffles {self.probe_shuffles}: "
+                             "pass at least 2 folds and 0 or more shuffles")
 
     @classmethod
     def tiny(cls, tmp: str | Path) -> Config:
@@ -115,12 +135,21 @@ class Config:
 
 @dataclass
 class Result:
-    """The comparison: ``metrics[name][mode]`` = (value, spread or None), and the findings."""
+    """The comparison: ``metrics[name][mode]`` = (value, spread or None), and the findings.
+
+    Attributes:
+        metrics: Metric name -> mode -> value.
+        findings: One dict per finding (sentence, held, evidence).
+        seconds: Wall time per step.
+        paths: Mode -> checkpoint path.
+        summary: Where ``summary.json`` was written.
+    """
 
     metrics: dict[str, dict[str, Any]]
     findings: list[dict[str, Any]]
     seconds: dict[str, float]
     paths: dict[str, str]
+    summary: str = ""
 
 
 def _pick(records: list, n: int) -> list:
@@ -211,9 +240,9 @@ def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path)
     n_groups = len(np.unique(data.groups.astype(str)))
     if n_groups < 3:
         return {"skipped": f"{n_groups} labelled images: the probes need at least 3"}
-    pcfg = probes.Config(store=str(path), out=str(out), n_splits=min(cfg.probe_splits, n_groups),
-                         inner_splits=min(3, n_groups - 1), n_shuffles=cfg.probe_shuffles,
-                         head_epochs=cfg.head_epochs, device=cfg.device)
+    pcfg = probes.Config(store=str(path), out=str(out), n_shuffles=cfg.probe_shuffles, device=cfg.device,
+                         ridge=RidgeConfig(n_splits=min(cfg.probe_splits, n_groups), inner_splits=min(3, n_groups - 1)),
+                         head=ScoreHeadConfig(epochs=cfg.head_epochs))
     result = probes.main(pcfg, data=data)
     probs = np.asarray(data.lens_probs)  # [layer, sample, level]
     final = probs[-1].argmax(-1)
@@ -231,7 +260,7 @@ def main(cfg: Config) -> Result:
     cache = Path(cfg.cache)
     out = cache / "replicate"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+    outputs.write_config(out, cfg)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -248,7 +277,7 @@ def main(cfg: Config) -> Result:
 
     metrics: dict[str, dict[str, Any]] = {}
     for mode, path in paths.items():
-        rater = load_rater(path, device=cfg.device)
+        rater = load_rater(path, dtype=cfg.dtype, device=cfg.device)
         store = _rated_store(rater, test, out / f"{mode}.h5", cfg)
         lap(f"rate + record store ({mode})")
         m = analyse_store(store, rater, cfg, out / f"probes-{mode}")
@@ -262,24 +291,25 @@ def main(cfg: Config) -> Result:
         lap(f"lens, attribution, probes from the store ({mode})")
 
     patch = _study("patch_image_tokens")
-    sweep = patch.main(replace(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
-                                            device=cfg.device), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    manifest = str(cache / "benchmark" / "manifest.jsonl")
+    sweep = patch.main(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
+                                    device=cfg.device, dtype=cfg.dtype, dataset=manifest))
     metrics["one-stage"]["patching"] = _patching_effects(sweep.sweep)
     lap("patching")
 
     inst = _study("instability")
     for mode, path in paths.items():
-        r = inst.main(replace(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
-                                          device=cfg.device), dataset=str(cache / "benchmark" / "manifest.jsonl")))
+        r = inst.main(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
+                                  device=cfg.device, dtype=cfg.dtype, dataset=manifest))
         metrics[mode]["instability"] = r.instability.ratio_mean_std
         metrics[mode]["accuracy"] = r.instability.accuracy_mean_std
         metrics[mode]["sessions"] = len(r.instability.ratio)
         lap(f"instability ({mode})")
 
     grounding = _study("grounding")
-    g = grounding.main(replace(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
-                                                limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device),
-                               dataset=str(cache / "benchmark" / "manifest.jsonl")))
+    g = grounding.main(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
+                                        limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device,
+                                        dtype=cfg.dtype, dataset=manifest))
     for mode, summary in g.summary().items():
         metrics[mode]["grounding"] = summary
     lap("grounding")
@@ -288,8 +318,9 @@ def main(cfg: Config) -> Result:
     if curves:
         figures.probe_lens_curves(curves, out / "probe_lens_curves.png")
     findings = judge(metrics)
-    result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths)
-    (out / "summary.json").write_text(json.dumps(_jsonable(asdict(result)), indent=2) + "\n")
+    result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths,
+                    summary=str(out / "summary.json"))
+    outputs.write_json(out / "summary.json", result, indent=2)
     return result
 
 
@@ -299,11 +330,12 @@ def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
     Rating the whole test split takes minutes; a second replication reuses it (``--retrain`` redoes all).
     """
     train_pair = _study("train_pair")
-    tp = replace(train_pair.Config(out_dir=cache / "compact", benchmark_dir=cache / "benchmark",
+    pair = Path(cfg.model) if cfg.model else cache / "compact"
+    tp = replace(train_pair.Config(out_dir=pair, benchmark_dir=cache / "benchmark",
                                    threads=cfg.threads, retrain=cfg.retrain), **cfg.train)
     results = tp.out_dir / "results.json"
     if not cfg.retrain and results.is_file():
-        saved = json.loads(results.read_text())
+        saved = _nan_for_null(json.loads(results.read_text()))
         steps1, steps2 = train_pair.T.split_budget(tp.total_steps)
         finished = (
             train_pair._finished(tp.out_dir / "one-stage", tp.train_config("one-stage", None, tp.total_steps))
@@ -312,6 +344,19 @@ def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
         if finished and saved.get("config") == train_pair._jsonable(asdict(tp)) and saved.get("two_stage"):
             return saved
     return train_pair.main(tp).to_dict()
+
+
+def _nan_for_null(saved: dict[str, Any]) -> dict[str, Any]:
+    """results.json writes NaN metrics as null (strict JSON); read them back as NaN."""
+    for key in ("one_stage", "two_stage"):
+        metrics = saved.get(key) or {}
+        for name in ("srcc", "plcc", "plcc_fitted", "krcc", "level_acc", "family_rate", "family_rate_distorted"):
+            if name in metrics and metrics[name] is None:
+                metrics[name] = math.nan
+    comparison = saved.get("comparison") or {}
+    if comparison.get("ci95"):
+        comparison["ci95"] = [math.nan if v is None else v for v in comparison["ci95"]]
+    return saved
 
 
 def _patching_effects(sweep) -> dict[str, Any]:
@@ -416,40 +461,18 @@ def _head_srcc(m: dict[str, Any]) -> tuple[float, float] | None:
     return as_float(metrics["mlp_head"]["srcc"]), as_float(metrics["level_word"]["srcc"])
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x),
-                                 allow_nan=True).replace("NaN", "null"))
+def render(result: Result, console: Any) -> None:
+    """The comparison report and where the summary is."""
+    from mechbiqa.reports import comparison_report
+
+    console.print(comparison_report(result.metrics, result.findings, result.seconds))
+    console.print(f"summary: {result.summary}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default=Config.cache)
-    p.add_argument("--n-images", type=int, default=Config.n_images)
-    p.add_argument("--n-patch", type=int, default=Config.n_patch)
-    p.add_argument("--n-instability", type=int, default=Config.n_instability)
-    p.add_argument("--threads", type=int, default=Config.threads)
-    p.add_argument("--retrain", action="store_true")
-    p.add_argument("--device", default=Config.device)
-    p.add_argument("--store-dtype", choices=["float16", "float32"], default=Config.store_dtype,
-                   help="activation dtype of the per-checkpoint stores")
-    p.add_argument("--probe-splits", type=int, default=Config.probe_splits,
-                   help="outer folds (by reference photo) of the ridge probes")
-    p.add_argument("--probe-shuffles", type=int, default=Config.probe_shuffles,
-                   help="shuffled-label fits per layer (the probes' chance curve)")
-    p.add_argument("--head-epochs", type=int, default=Config.head_epochs, help="epochs of the MLP score head")
-    a = p.parse_args(argv)
-    return Config(cache=a.cache, n_images=a.n_images, n_patch=a.n_patch, n_instability=a.n_instability,
-                  threads=a.threads, retrain=a.retrain, device=a.device, store_dtype=a.store_dtype,
-                  probe_splits=a.probe_splits, probe_shuffles=a.probe_shuffles, head_epochs=a.head_epochs)
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    from mechbiqa.reports import comparison_report
-
-    config = parse_args()
-    result = main(config)
-    Console().print(comparison_report(result.metrics, result.findings, result.seconds))
-    Console().print(f"summary: {Path(config.cache) / 'replicate' / 'summary.json'}")
+    cli.run(main, Config, render)

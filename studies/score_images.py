@@ -14,9 +14,7 @@ pipeline). With no images it rates packaged photos, clean and distorted.
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +22,15 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from mechbiqa import cli, outputs
 from mechbiqa.data import apply_distortion, find_photos, load_photo
 from mechbiqa.model import ModelConfig, MPLUGOwl2
-from mechbiqa.model.load import load_components
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.tokenizer import train_compact_tokenizer
 from mechbiqa.reports import ratings_table
 from mechbiqa.scoring import Ratings, rate_images
+from mechbiqa.sources import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
@@ -39,15 +38,33 @@ DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
 
 @dataclass(frozen=True)
 class Config:
-    """What to score and with which checkpoint."""
+    """What to score and with which checkpoint.
 
-    model: str | None = None  # checkpoint directory; None: the compact one-stage checkpoint, else a random one
-    images: tuple[str, ...] = ()  # image files; empty: packaged photos, clean and distorted
-    out_dir: str = str(REPO / "cache" / "score_images")
+    Attributes:
+        images: Image files; none given: packaged photos, clean and distorted.
+        model: Checkpoint directory in the original layout (config.json + weights + tokenizer);
+            None: the compact one-stage checkpoint, or a random compact model until one is trained.
+        out: Output folder (``ratings.json``, ``config.json``, the demo images).
+        dtype: Model dtype (the weights are cast as they are read).
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        batch_size: Images per forward.
+        seed: Seed of the demo distortions and of the random model.
+    """
+
+    images: tuple[str, ...] = field(default=(), metadata=cli.meta(positional=True))
+    model: str | None = None
+    out: str = field(default=str(REPO / "cache" / "score_images"), metadata=cli.meta(aliases=("--out-dir",)))
     dtype: str = "float32"
     device: str = "cpu"
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        missing = [p for p in self.images if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no such image file: {', '.join(missing)}; pass existing image files")
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,7 @@ class Result:
     names: list[str]
     ratings: Ratings
     checkpoint: str
+    file: Path | None = None
 
 
 def demo_images(out_dir: Path, seed: int) -> list[Path]:
@@ -84,48 +102,38 @@ def random_compact(seed: int):
 
 def main(cfg: Config) -> Result:
     """Rate the images; write ``ratings.json`` and ``config.json``."""
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = getattr(torch, cfg.dtype)
     checkpoint = cfg.model or (str(DEFAULT_CHECKPOINT) if (DEFAULT_CHECKPOINT / "config.json").is_file() else None)
     if checkpoint is None:
         model, tokenizer, processor = random_compact(cfg.seed)
-        model = model.to(cfg.device, dtype)
+        model = model.to(cfg.device, getattr(torch, cfg.dtype))
         checkpoint = "random compact model (untrained: run studies/train_pair.py for a trained one)"
     else:
-        parts = load_components(checkpoint, dtype=dtype, device=cfg.device)
-        model, tokenizer, processor = parts.model, parts.tokenizer, parts.processor
+        model, tokenizer, processor, _ = load_model(checkpoint, dtype=cfg.dtype, device=cfg.device)
     paths = [Path(p) for p in cfg.images] or demo_images(out_dir, cfg.seed)
     ratings = rate_images(model, tokenizer, processor(paths), batch_size=cfg.batch_size)
     names = [p.name for p in paths]
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    (out_dir / "ratings.json").write_text(json.dumps({
+    outputs.write_config(out_dir, cfg)
+    file = outputs.write_json(out_dir / "ratings.json", {
         "checkpoint": checkpoint, "prompt": ratings.prompt, "level_words": list(LEVEL_WORDS),
-        "images": [{"image": str(p), "score_0to1": float(s), "level": lv, "level_probs": pr.tolist()}
+        "images": [{"image": str(p), "score_0to1": float(s), "level": lv, "level_probs": pr}
                    for p, s, lv, pr in zip(paths, ratings.scores, ratings.levels, ratings.level_probs)],
-    }, indent=2) + "\n")
-    return Result(names=names, ratings=ratings, checkpoint=checkpoint)
+    }, indent=2)
+    return Result(names=names, ratings=ratings, checkpoint=checkpoint, file=file)
+
+
+def render(result: Result, console: Console) -> None:
+    """Print the ratings table and where they were written."""
+    console.print(ratings_table(result.names, result.ratings.scores, result.ratings.level_probs,
+                                title=f"Q-Align ratings - {result.checkpoint}"))
+    console.print(f"written to {result.file}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="*", help="image files (default: packaged photos, clean and distorted)")
-    p.add_argument("--model", help="checkpoint directory in the original layout (config.json + weights + tokenizer)")
-    p.add_argument("--out-dir", default=Config.out_dir)
-    p.add_argument("--dtype", default=Config.dtype, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=Config.device)
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--seed", type=int, default=Config.seed)
-    a = p.parse_args(argv)
-    return Config(model=a.model, images=tuple(a.images), out_dir=a.out_dir, dtype=a.dtype, device=a.device,
-                  batch_size=a.batch_size, seed=a.seed)
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    result = main(config)
-    console = Console()
-    console.print(ratings_table(result.names, result.ratings.scores, result.ratings.level_probs,
-                                title=f"Q-Align ratings - {result.checkpoint}"))
-    console.print(f"written to {config.out_dir}/ratings.json")
+    cli.run(main, Config, render)

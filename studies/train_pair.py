@@ -16,16 +16,16 @@ describes, stage 2 rates the description alone) and report SRCC/PLCC of the
 Q-Align score against the label, level accuracy, and how often the generated
 descriptions name the right distortion family.
 
-Output (``--out-dir``, default ``cache/compact``): ``one-stage/``,
+Output (``--out``, default ``cache/compact``): ``one-stage/``,
 ``two-stage/stage1/``, ``two-stage/stage2/`` (checkpoint directories in the
 original layout, each with ``mechbiqa.json``), ``tokenizer/`` and
 ``results.json`` (the numbers printed). Finished checkpoints trained with the
 same settings are reused; an interrupted run resumes.
 
     python studies/train_pair.py                      # the compact pair, on CPU
-    python studies/train_pair.py --init-from /models/mplug-owl2-llama2-7b --lora-rank 64 \\
-        --device cuda --precision bf16 --param-dtype bfloat16 --batch-size 8 --grad-accum 4 \\
-        --lr 2e-4 --total-steps 1500 --warmup-steps 50 --out-dir cache/pair-7b
+    python studies/train_pair.py --model /models/mplug-owl2-llama2-7b --lora-rank 64 \\
+        --device cuda --precision bf16 --dtype bfloat16 --batch-size 8 --grad-accum 4 \\
+        --lr 2e-4 --total-steps 1500 --warmup-steps 50 --out cache/pair-7b
 """
 
 from __future__ import annotations
@@ -37,16 +37,15 @@ import os
 # 2-core machine). Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Literal  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mechbiqa import cli, outputs  # noqa: E402
 from mechbiqa import train as T  # noqa: E402
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
 from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
@@ -60,7 +59,7 @@ class Config:
     """What to train and how to measure it.
 
     Attributes:
-        out_dir: Where the checkpoints, tokenizer and ``results.json`` go.
+        out_dir: Where the checkpoints, tokenizer and ``results.json`` go (``--out``).
         benchmark_dir: The built-in benchmark (built there if absent); None: ``cache/benchmark`` when
             the benchmark config is the default one, else ``cache/benchmark-<size>px-<crops>c``.
         image_size: Benchmark image side and vision-tower input (compact model).
@@ -83,18 +82,22 @@ class Config:
         test_samples: Test images rated at the end (0: all).
         retrain: Train again even when finished checkpoints are there.
         modes: Which checkpoints to train: ``one-stage``, ``two-stage`` or both.
-        init_from: Start from this checkpoint instead of a compact model from scratch (real models).
+        init_from: Start from this checkpoint (``--model``) instead of a compact model from scratch
+            (real models).
         lora_rank: LoRA rank (real models; needs peft).
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
-        param_dtype: Weight dtype (``bfloat16`` for 7B).
+        param_dtype: Weight dtype (``--dtype``; ``bfloat16`` for 7B).
         qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark.
         qinstruct_json: Or a Q-Instruct conversation JSON.
         image_root: Folder the JSON's image paths are relative to.
         benchmark: Overrides of the benchmark config (tests pass a tiny one).
     """
 
-    out_dir: Path = Path(__file__).resolve().parents[1] / "cache" / "compact"  # where the studies look for the pair
+    out_dir: Path = field(  # where the studies look for the pair
+        default=Path(__file__).resolve().parents[1] / "cache" / "compact",
+        metadata=cli.meta(flag="--out", aliases=("--out-dir",)),
+    )
     benchmark_dir: Path | None = None
     image_size: int = 64
     crops_per_photo: int = 12
@@ -112,16 +115,28 @@ class Config:
     eval_samples: int = 160
     test_samples: int = 960
     retrain: bool = False
-    modes: tuple[str, ...] = ("one-stage", "two-stage")
-    init_from: str | None = None
+    modes: tuple[Literal["one-stage", "two-stage"], ...] = ("one-stage", "two-stage")
+    init_from: str | None = field(default=None, metadata=cli.meta(flag="--model", aliases=("--init-from",)))
     lora_rank: int | None = None
     device: str = "auto"
-    precision: str = "auto"
-    param_dtype: str = "float32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    param_dtype: str = field(default="float32", metadata=cli.meta(flag="--dtype", aliases=("--param-dtype",)))
     qalign_json: Path | None = None
     qinstruct_json: Path | None = None
     image_root: Path | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if not self.modes:
+            raise ValueError("--modes: train one-stage and/or two-stage")
+        if self.total_steps < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"--total-steps {self.total_steps}, --grad-accum {self.grad_accum}: pass at least 1 each"
+            )
+        if (self.qalign_json or self.qinstruct_json) and self.image_root is None:
+            raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
 
     @classmethod
     def tiny(cls, out_dir: Path) -> Config:
@@ -314,12 +329,12 @@ def main(cfg: Config, progress=None) -> PairResult:
         comparison = {"srcc_two_minus_one": diff, "ci95": [low, high], "n": len(test)}
     result = PairResult(one_stage=one_result, two_stage=two_result, train_seconds=train_seconds,
                         eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)), comparison=comparison)
-    (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    outputs.write_json(cfg.out_dir / "results.json", result.to_dict(), indent=2)
     return result
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=str))
+    return outputs.jsonable(d)
 
 
 # ------------------------------------------------------------------------------------------------ display
@@ -360,68 +375,51 @@ class Display:
 
     def report(self, result: PairResult) -> None:
         """The final table."""
-        from rich.table import Table
+        render(result, self.console)
 
-        table = Table(title="held-out test photos (Q-Align score vs label)")
-        for column in ("checkpoint", "train s", "eval s", "SRCC", "PLCC", "level acc", "family named"):
-            table.add_column(column, justify="right" if column != "checkpoint" else "left")
-        for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
-            if metrics is None:
-                continue
-            seconds = result.train_seconds.get(name, float("nan"))
-            table.add_row(name, f"{seconds:.0f}", f"{result.eval_seconds.get(name, float('nan')):.0f}",
-                          f"{metrics['srcc']:.3f}", f"{metrics['plcc']:.3f}", f"{metrics['level_acc']:.3f}",
-                          f"{metrics.get('family_rate', float('nan')):.3f}")
-        self.console.print(table)
-        if result.comparison:
-            c = result.comparison
-            self.console.print(f"two-stage minus one-stage SRCC: {c['srcc_two_minus_one']:+.3f}, paired bootstrap 95% "
-                               f"interval [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] over {c['n']} test images")
-        if "stage1" in result.train_seconds:
-            self.console.print(f"two-stage: stage 1 {result.train_seconds['stage1']:.0f} s, "
-                               f"stage 2 {result.train_seconds['stage2']:.0f} s")
-        for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
-            for ex in (metrics or {}).get("examples", [])[:3]:
-                self.console.print(f"[dim]{name} {ex['id']} ({ex['label']} -> {ex['rated']}): {ex['description']}[/]")
+
+def render(result: PairResult, console: Any) -> None:
+    """The final table: test metrics of each checkpoint, the SRCC difference, example descriptions."""
+    from rich.table import Table
+
+    table = Table(title="held-out test photos (Q-Align score vs label)")
+    for column in ("checkpoint", "train s", "eval s", "SRCC", "PLCC", "level acc", "family named"):
+        table.add_column(column, justify="right" if column != "checkpoint" else "left")
+    for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
+        if metrics is None:
+            continue
+        seconds = result.train_seconds.get(name, float("nan"))
+        table.add_row(name, f"{seconds:.0f}", f"{result.eval_seconds.get(name, float('nan')):.0f}",
+                      f"{metrics['srcc']:.3f}", f"{metrics['plcc']:.3f}", f"{metrics['level_acc']:.3f}",
+                      f"{metrics.get('family_rate', float('nan')):.3f}")
+    console.print(table)
+    if result.comparison:
+        c = result.comparison
+        console.print(f"two-stage minus one-stage SRCC: {c['srcc_two_minus_one']:+.3f}, paired bootstrap 95% "
+                      f"interval [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] over {c['n']} test images")
+    if "stage1" in result.train_seconds:
+        console.print(f"two-stage: stage 1 {result.train_seconds['stage1']:.0f} s, "
+                      f"stage 2 {result.train_seconds['stage2']:.0f} s")
+    for name, metrics in (("one-stage", result.one_stage), ("two-stage", result.two_stage)):
+        for ex in (metrics or {}).get("examples", [])[:3]:
+            console.print(f"[dim]{name} {ex['id']} ({ex['label']} -> {ex['rated']}): {ex['description']}[/]")
+    console.print(f"results: {Path(result.config['out_dir']) / 'results.json'}")
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command-line flags -> `Config` (one flag per field, same names with dashes)."""
-    defaults = Config()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    for f in fields(Config):
-        if f.name == "benchmark":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help=f"(default: {value})")
-        elif isinstance(value, tuple):
-            parser.add_argument(flag, nargs="+", default=list(value), help=f"(default: {' '.join(value)})")
-        else:
-            kind = {"int": int, "float": float}.get(type(value).__name__, str)
-            if f.name in ("lora_rank",):
-                kind = int
-            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
-    args = vars(parser.parse_args(argv))
-    for name in ("out_dir", "benchmark_dir", "qalign_json", "qinstruct_json", "image_root"):
-        if args[name] is not None:
-            args[name] = Path(args[name])
-    args["modes"] = tuple(args["modes"])
-    unknown = set(args["modes"]) - {"one-stage", "two-stage"}
-    if unknown:
-        parser.error(f"--modes takes one-stage and/or two-stage, got {sorted(unknown)}")
-    return Config(**args)
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
+
+
+def main_with_display(cfg: Config) -> PairResult:
+    """`main` with a rich progress display of the training runs."""
+    display = Display()
+    try:
+        return main(cfg, progress=display)
+    finally:
+        display.stop()
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    display = Display()
-    try:
-        outcome = main(config, progress=display)
-    finally:
-        display.stop()
-    display.report(outcome)
-    display.console.print(f"results: {config.out_dir / 'results.json'}")
+    cli.run(main_with_display, Config, render)

@@ -281,7 +281,7 @@ def test_rated_mode_records_each_images_own_scoring_prompt(tmp_path):
     from studies import logit_lens
 
     make_images(tmp_path / "images", 5)
-    cfg = study.Config.tiny(tmp_path, mode="rated", dtype="float32", max_new_tokens=6)
+    cfg = study.Config.tiny(tmp_path, mode="rated", store_dtype="float32", max_new_tokens=6)
     result = study.main(cfg)
     assert {e[0] for e in result.errors} == {"corrupt.png", "truncated.png"}  # not rated: error rows
     with ActivationStore.open(result.store) as store:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mechbiqa.analysis.probes import ScoreHead, head_scores, quality_hidden
+from mechbiqa.analysis.probes import RidgeConfig, ScoreHead, ScoreHeadConfig, head_scores, quality_hidden
 from mechbiqa.data import BenchmarkConfig, build_benchmark, load_benchmark
 from mechbiqa.data.records import records_to_jsonl
 from mechbiqa.model.prompts import LEVEL_WORDS
@@ -100,7 +100,7 @@ def test_grounding_cli_help_and_missing_checkpoints(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         grounding.parse_args(["--help"])
     assert exit_info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="neither a checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory"):
         grounding.load_raters(grounding.Config(checkpoints=(str(tmp_path),)))
 
 
@@ -158,13 +158,16 @@ def test_probes_study_on_arrays_finds_the_planted_layer(tmp_path):
         source="arrays",
     )
     result = probes.main(
-        probes.Config(out=str(tmp_path), n_splits=5, head_epochs=60, head_layer=1), data=data
+        probes.Config(
+            out=str(tmp_path), ridge=RidgeConfig(n_splits=5), head=ScoreHeadConfig(epochs=60, layer=1)
+        ),
+        data=data,
     )
     assert result.curve.best_layer == 1 and result.curve.srcc[1] > 0.9 and result.lens_srcc is None
     assert result.comparison.metrics["ridge"]["srcc"] > 0.9 and result.comparison.n_eval == 48
     assert (tmp_path / "score_head" / "score_head.safetensors").is_file()
-    with pytest.raises(ValueError, match="head_layer 5 is not stored"):
-        probes.analyse(data, probes.Config(head_layer=5, n_splits=5))
+    with pytest.raises(ValueError, match="head-layer 5 is not stored"):
+        probes.analyse(data, probes.Config(head=ScoreHeadConfig(layer=5), ridge=RidgeConfig(n_splits=5)))
 
 
 @pytest.mark.parametrize("mode", ["one-stage", "two-stage"])
@@ -226,7 +229,7 @@ def test_score_head_beats_chance_on_held_out_photos_of_the_compact_store(tmp_pat
         probes.Config(
             store=str(tmp_path / "compact.h5"),
             model=str(COMPACT),
-            n_splits=3,
+            ridge=RidgeConfig(n_splits=3),
             n_shuffles=0,
             out=str(tmp_path / "out"),
         )

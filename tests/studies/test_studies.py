@@ -29,7 +29,7 @@ STUDIES = {
     ),
     "instability": (
         instability,
-        ("--model", "--tiny-random", "--n-answers", "--seeds", "--greedy", "--temperature"),
+        ("--model", "--tiny-random", "--n-answers", "--seeds", "--no-do-sample", "--temperature"),
     ),
     "evaluate_quality": (evaluate_quality, ("--model", "--tiny-random", "--dataset", "--split", "--fit")),
 }

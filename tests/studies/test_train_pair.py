@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -35,7 +36,7 @@ def test_train_pair_tiny_end_to_end(tmp_path):
         warnings.filterwarnings("ignore", category=FutureWarning)
         result = study.main(cfg)
     out = cfg.out_dir
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "results.json").read_text(), parse_constant=pytest.fail)  # no NaN/Infinity
     for mode in ("one_stage", "two_stage"):
         metrics = saved[mode]
         assert metrics["n"] == cfg.test_samples
@@ -47,11 +48,13 @@ def test_train_pair_tiny_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant tiny-model score has no SRCC (NaN)
         expected = stats.spearmanr(two["scores"], two["labels"])[0] - stats.spearmanr(one["scores"], one["labels"])[0]
-    comparison = saved["comparison"]
+    comparison = saved["comparison"]  # strict JSON: a NaN is written as null
     assert comparison["n"] == cfg.test_samples
-    assert comparison["srcc_two_minus_one"] == pytest.approx(expected, nan_ok=True)
+    diff = comparison["srcc_two_minus_one"]
+    assert (diff is None) == math.isnan(expected)
+    assert diff is None or diff == pytest.approx(expected)
     low, high = comparison["ci95"]
-    assert (low != low and high != high) or low <= comparison["srcc_two_minus_one"] <= high
+    assert (low is None and high is None) or low <= diff <= high
     assert read_info(out / "one-stage").task == "one-stage" and read_info(out / "one-stage").step == 6
     assert read_info(out / "two-stage" / "stage1").step == 4 and read_info(out / "two-stage" / "stage2").step == 2
     for path in (out / "one-stage", out / "two-stage" / "stage1", out / "two-stage" / "stage2"):
