@@ -61,7 +61,9 @@ def dla_figure(result: DLAResult, path: str | Path) -> Path:
         for r, role in enumerate(SOURCE_ROLES):
             v = by[:, r]
             base = np.where(v >= 0, pos, neg)
-            ax.bar(layers, v, bottom=base, color=ROLE_COLOURS[role], label=role.label, edgecolor="white", lw=0.3)
+            ax.bar(
+                layers, v, bottom=base, color=ROLE_COLOURS[role], label=role.label, edgecolor="white", lw=0.3
+            )
             pos, neg = pos + np.clip(v, 0, None), neg + np.clip(v, None, 0)
         ax.axhline(0, color="k", lw=0.5)
         ax.set(xlabel="layer", title="Attention, by source role (mean)")
@@ -96,24 +98,30 @@ def attribution_patching_map(
     actual: Mapping[str, np.ndarray] | None = None,
     sites: Sequence[str] | None = None,
 ) -> Path:
-    """Per site: the layer x image-position map of the estimate (mean over images), and its scatter
-    against activation patching when given."""
+    """Per site: the layer x image-position map of the estimate (mean over images).
+
+    With ``actual`` (activation patching of the same grid), a scatter of the estimate against it beside.
+    """
     sites = list(estimate.sites) if sites is None else list(sites)
     cols = 2 if actual else 1
     fig = _figure(5.0 * cols, 2.6 * len(sites))
-    axes = np.atleast_2d(fig.subplots(len(sites), cols))
+    axes = np.asarray(fig.subplots(len(sites), cols, squeeze=False))
     for row, site in enumerate(sites):
         grid = estimate.site(site).mean(0)  # [layer, position]
         lim = float(np.abs(grid).max()) or 1.0
         ax = axes[row, 0]
         im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower")
-        ax.set(xlabel="image token", ylabel="layer", title=f"{site}: attribution patching ({estimate.reference})")
+        ax.set(
+            xlabel="image token", ylabel="layer", title=f"{site}: attribution patching ({estimate.reference})"
+        )
         fig.colorbar(im, ax=ax, shrink=0.8)
         if actual:
             ax = axes[row, 1]
             ax.scatter(actual[site].ravel(), estimate.site(site).ravel(), s=4, alpha=0.5)
             ax.axline((0, 0), slope=1, color="k", lw=0.6)
-            ax.set(xlabel="activation patching", ylabel="estimate", title=f"{site}: effect on {estimate.metric}")
+            ax.set(
+                xlabel="activation patching", ylabel="estimate", title=f"{site}: effect on {estimate.metric}"
+            )
     return _save(fig, path)
 
 
@@ -133,8 +141,11 @@ def attribution_patching_table(
         layer, token = np.unravel_index(np.abs(grid).argmax(), grid.shape)
         r = corr.get(site)
         table.add_row(
-            site, f"{abs(grid[layer, token]):.3g}", str(estimate.layers[layer] if grid.shape[0] > 1 else "-"),
-            str(token), "-" if r is None else f"{r:.3f}",
+            site,
+            f"{abs(grid[layer, token]):.3g}",
+            str(estimate.layers[layer] if grid.shape[0] > 1 else "-"),
+            str(token),
+            "-" if r is None else f"{r:.3f}",
         )
     table.caption = f"top tokens shared with the most attended: {overlap:.0%} (chance {chance:.0%})"
     return table
@@ -172,6 +183,6 @@ def tuned_lens_table(
         table.add_column(f"agree {name}", justify="right")
     for i, layer in enumerate(layers):
         table.add_row(
-            str(layer), *[f"{v[i]:.4f}" for v in kl.values()], *[f"{v[i]:.0%}" for v in agreement.values()]
+            str(layer), *[f"{v[i]:.3g}" for v in kl.values()], *[f"{v[i]:.0%}" for v in agreement.values()]
         )
     return table

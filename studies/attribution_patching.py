@@ -38,14 +38,14 @@ import numpy as np
 import torch
 
 from mechbiqa import figures_attribution as fa
-from mechbiqa.analysis.attribution import attribute
 from mechbiqa.analysis.attribution_patching import (
     AttributionPatchingResult,
     activation_patching_grid,
     attribution_patching,
+    compare_with_attention,
     correlation,
+    farthest_reference,
     metric_of,
-    top_overlap,
 )
 from mechbiqa.analysis.patching import SITES, Readout
 from mechbiqa.analysis.scoring_batch import scoring_batch
@@ -94,9 +94,14 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.metric not in ("logit_diff", "score") or self.reference not in ("source", "zero"):
-            raise ValueError(f"metric must be logit_diff/score and reference source/zero; got {self.metric}, {self.reference}")
+            raise ValueError(
+                f"metric must be logit_diff or score, reference source or zero; "
+                f"got {self.metric}, {self.reference}"
+            )
         if set(self.sites) - set(SITES):
-            raise ValueError(f"unknown sites {sorted(set(self.sites) - set(SITES))}; choose from {sorted(SITES)}")
+            raise ValueError(
+                f"unknown sites {sorted(set(self.sites) - set(SITES))}; choose from {sorted(SITES)}"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -121,7 +126,9 @@ class Result:
 def main(cfg: Config) -> Result:
     """Estimate, validate, compare with attention, write JSON, figure and config."""
     try:
-        model, tokenizer, processor, name = load_model(cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device)
+        model, tokenizer, processor, name = load_model(
+            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
+        )
         samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
@@ -135,39 +142,53 @@ def main(cfg: Config) -> Result:
     readout = Readout(tuple(level_ids(tokenizer)))
     args = (model, batch.input_ids, batch.pixels, batch.image_positions, readout)
     source_of = None
-    if cfg.reference == "source":  # the reference run: each image is patched from the one rated most differently
+    if cfg.reference == "source":  # the reference run: a plain forward gives every image's clean metric
         with torch.no_grad():
             logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits
-        clean = metric_of(logits[:, readout.position], readout, cfg.metric).cpu().numpy()  # type: ignore[arg-type]
-        source_of = torch.from_numpy(np.abs(clean[:, None] - clean[None]).argmax(1))
+        clean = metric_of(logits[:, readout.position], readout, cfg.metric)  # type: ignore[arg-type]
+        source_of = torch.from_numpy(farthest_reference(clean.cpu().numpy()))
     estimate = attribution_patching(
-        *args, metric=cfg.metric, reference=cfg.reference, source_of=source_of, sites=cfg.sites,  # type: ignore[arg-type]
-        attention_mask=batch.attention_mask, keep_pattern=True,
+        *args,
+        metric=cfg.metric,
+        reference=cfg.reference,
+        source_of=source_of,
+        sites=cfg.sites,  # type: ignore[arg-type]
+        attention_mask=batch.attention_mask,
+        keep_pattern=True,
     )
     actual: dict[str, np.ndarray] = {}
     if cfg.validate_layers != ():
         actual = activation_patching_grid(
-            *args, estimate, layers=cfg.validate_layers, attention_mask=batch.attention_mask, batch_size=cfg.batch_size
+            *args,
+            estimate,
+            layers=cfg.validate_layers,
+            attention_mask=batch.attention_mask,
+            batch_size=cfg.batch_size,
         )
     corr = {site: correlation(estimate.site(site), grid) for site, grid in actual.items()}
     n_image = model.cfg.n_image_tokens
-    attended = attribute(estimate.pattern, batch.role_array, batch.image_index, n_image, k=cfg.k).top
-    top = np.argsort(-estimate.importance(cfg.sites[0]), axis=-1, kind="stable")[:, : cfg.k]
-    overlap = top_overlap(top, attended)
-
+    top, attended, overlap = compare_with_attention(
+        estimate, batch.role_array, batch.image_index, n_image, cfg.k, cfg.sites[0]
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     image_ids = tuple(str(s.id) for s in samples)
     summary = {
-        "model": name, "images": list(image_ids), "metric": cfg.metric, "reference": cfg.reference,
-        "source_of": None if source_of is None else source_of.tolist(), "layers": estimate.layers.tolist(),
+        "model": name,
+        "images": list(image_ids),
+        "metric": cfg.metric,
+        "reference": cfg.reference,
+        "source_of": None if source_of is None else source_of.tolist(),
+        "layers": estimate.layers.tolist(),
         "checks": {"corr_with_activation_patching": corr},
         "clean_metric": estimate.clean_metric.tolist(),
         "mean_effect": {s: estimate.site(s).mean(0).tolist() for s in estimate.sites},
-        "top_tokens": top.tolist(), "most_attended": attended.tolist(),
-        "overlap_with_most_attended": float(overlap.mean()), "overlap_chance": cfg.k / n_image,
+        "top_tokens": top.tolist(),
+        "most_attended": attended.tolist(),
+        "overlap_with_most_attended": float(overlap.mean()),
+        "overlap_chance": cfg.k / n_image,
         "activation_patching": {s: np.nan_to_num(g.mean(0), nan=0.0).tolist() for s, g in actual.items()},
     }
     files["json"].write_text(json.dumps(summary, indent=1) + "\n")
@@ -177,7 +198,11 @@ def main(cfg: Config) -> Result:
 
 def render(result: Result, console: Any) -> None:
     """Print the per-site table."""
-    console.print(fa.attribution_patching_table(result.estimate, result.corr, float(result.overlap.mean()), result.chance))
+    console.print(
+        fa.attribution_patching_table(
+            result.estimate, result.corr, float(result.overlap.mean()), result.chance
+        )
+    )
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
 
@@ -188,25 +213,41 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
     p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument("--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
+    )
     p.add_argument("--split", default=d.split, help="keep one split ('all' keeps every split)")
     p.add_argument("--limit", type=int, default=d.limit, help="images")
     p.add_argument("--metric", default=d.metric, choices=["logit_diff", "score"])
     p.add_argument("--reference", default=d.reference, choices=["source", "zero"])
     p.add_argument("--sites", nargs="+", default=list(d.sites), choices=sorted(SITES))
     p.add_argument("--k", type=int, default=d.k, help="tokens compared with the k most attended")
-    p.add_argument("--validate-layers", type=int, nargs="*", help="layers of the activation-patching check "
-                   "(default: all; give none to skip it)")
+    p.add_argument(
+        "--validate-layers",
+        type=int,
+        nargs="*",
+        help="layers of the activation-patching check (default: all; give none to skip it)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out)
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
     return Config(
-        model=a.model, tiny_random=a.tiny_random, dataset=a.dataset, split=None if a.split == "all" else a.split,
-        limit=a.limit, metric=a.metric, reference=a.reference, sites=tuple(a.sites), k=a.k,
+        model=a.model,
+        tiny_random=a.tiny_random,
+        dataset=a.dataset,
+        split=None if a.split == "all" else a.split,
+        limit=a.limit,
+        metric=a.metric,
+        reference=a.reference,
+        sites=tuple(a.sites),
+        k=a.k,
         validate_layers=None if a.validate_layers is None else tuple(a.validate_layers),
-        batch_size=a.batch_size, seed=a.seed, out=a.out, device=a.device,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        out=a.out,
+        device=a.device,
     )
 
 

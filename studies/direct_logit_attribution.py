@@ -104,9 +104,8 @@ def main(cfg: Config) -> Result:
         raise SystemExit(str(error)) from None
     ids = level_ids(tokenizer)
     if cfg.store:
-        from mechbiqa_hooks.record import model_identity
-
         from mechbiqa.store import ActivationStore
+        from mechbiqa_hooks.record import model_identity
 
         with ActivationStore.open(cfg.store) as store:
             store.check_identity(model_identity(model))
@@ -121,10 +120,15 @@ def main(cfg: Config) -> Result:
             batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
         except ValueError as error:
             raise SystemExit(str(error)) from None
-        labels = [getattr(s, "label", None) if getattr(s, "label", None) is not None else getattr(s, "mos01", None)
-                  for s in samples]
+        labels = [
+            getattr(s, "label", None) if getattr(s, "label", None) is not None else getattr(s, "mos01", None)
+            for s in samples
+        ]
         result = dla_live(
-            model, batch, ids, cfg.direction,  # type: ignore[arg-type]
+            model,
+            batch,
+            ids,
+            cfg.direction,  # type: ignore[arg-type]
             sample_ids=[str(s.id) for s in samples],
             labels=[float("nan") if x is None else float(x) for x in labels],
         )
@@ -133,7 +137,13 @@ def main(cfg: Config) -> Result:
     files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
     files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     checks = {"sum_error": result.sum_error, "split_error": result.split_error}
-    summary = {"model": name, "source": cfg.store or "live", "spec": DLA_SPEC, "checks": checks, **result.to_dict(cfg.k)}
+    summary = {
+        "model": name,
+        "source": cfg.store or "live",
+        "spec": DLA_SPEC,
+        "checks": checks,
+        **result.to_dict(cfg.k),
+    }
     files["json"].write_text(json.dumps(summary, indent=1) + "\n")
     files["figure"] = fa.dla_figure(result, out / f"{NAME}.png")
     return Result(dla=result, files=files, model=name)
@@ -152,7 +162,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
     p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument("--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
+    )
     p.add_argument("--split", default=d.split, help="keep one split ('all' keeps every split)")
     p.add_argument("--limit", type=int, default=d.limit, help="images")
     p.add_argument("--store", help=f"a store recorded with --spec '{DLA_SPEC}' (instead of images)")
@@ -163,8 +175,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--device", default=d.device)
     a = p.parse_args(argv)
     return Config(
-        model=a.model, tiny_random=a.tiny_random, dataset=a.dataset, split=None if a.split == "all" else a.split,
-        limit=a.limit, store=a.store, direction=a.direction, k=a.k, seed=a.seed, out=a.out, device=a.device,
+        model=a.model,
+        tiny_random=a.tiny_random,
+        dataset=a.dataset,
+        split=None if a.split == "all" else a.split,
+        limit=a.limit,
+        store=a.store,
+        direction=a.direction,
+        k=a.k,
+        seed=a.seed,
+        out=a.out,
+        device=a.device,
     )
 
 

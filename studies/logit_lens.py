@@ -53,12 +53,15 @@ class Config:
             None: the model the store names (its checkpoint path, or the tiny random model).
         out: Output folder; None: ``<store dir>/<store stem>.logit_lens``.
         top_k: Top tokens per layer in the report.
+        tuned_lens: A tuned lens folder (``studies/tuned_lens.py``) to read the layers with
+            instead of the plain logit lens; None: the logit lens.
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
     model: str | None = None
     out: str | None = None
     top_k: int = 5
+    tuned_lens: str | None = None
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -96,6 +99,10 @@ def main(cfg: Config) -> Result:
             lens, tokenizer = load_lens(source)
         except FileNotFoundError as error:
             raise SystemExit(str(error)) from None
+        if cfg.tuned_lens:
+            from mechbiqa.analysis.lens import TunedLens
+
+            lens = TunedLens.load(cfg.tuned_lens, lens)
         result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +137,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--model", help="checkpoint directory of the lens (default: the model the store names)")
     p.add_argument("--out", help="output folder (default: <store dir>/<store stem>.logit_lens)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="top tokens per layer")
+    p.add_argument("--tuned-lens", help="a tuned lens folder (studies/tuned_lens.py) instead of the logit lens")
     a = p.parse_args(argv)
-    return Config(store=a.store, model=a.model, out=a.out, top_k=a.top_k)
+    return Config(store=a.store, model=a.model, out=a.out, top_k=a.top_k, tuned_lens=a.tuned_lens)
 
 
 if __name__ == "__main__":

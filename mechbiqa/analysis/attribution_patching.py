@@ -1,4 +1,4 @@
-"""Attribution patching: the first-order estimate of activation patching, every image position x layer at once.
+"""Attribution patching: first-order activation patching of every image position x layer at once.
 
 Where it sits: `mechbiqa.analysis.patching` runs activation patching, one
 forward per edited (site, layer, positions); attention weights
@@ -53,7 +53,9 @@ __all__ = [
     "AttributionPatchingResult",
     "activation_patching_grid",
     "attribution_patching",
+    "compare_with_attention",
     "correlation",
+    "farthest_reference",
     "metric_of",
     "top_overlap",
 ]
@@ -65,7 +67,7 @@ _PATTERN = "llm.blocks.{l}.attn.hook_pattern"
 def metric_of(
     logits: Float[Tensor, "batch vocab"], readout: Readout, metric: Metric
 ) -> Float[Tensor, " batch"]:
-    """The metric at the quality position (differentiable): logit(positive) - logit(negative), or the score."""
+    """The metric at the quality position (differentiable): logit(positive) - logit(negative) or the score."""
     level = logits[:, torch.as_tensor(readout.level_ids, device=logits.device)].double()
     if metric == "logit_diff":
         return level[:, LEVEL_WORDS.index(readout.positive)] - level[:, LEVEL_WORDS.index(readout.negative)]
@@ -160,9 +162,11 @@ def attribution_patching(
         raise ValueError("reference='source' needs source_of: the image each one is patched from")
     if reference not in ("zero", "source"):
         raise ValueError(f"reference must be 'zero' or 'source'; got {reference!r}")
-    site_map = {s: SITES[s] for s in sites} if not isinstance(sites, Mapping) else {
-        k: tuple(v) for k, v in sites.items()
-    }
+    site_map = (
+        {s: SITES[s] for s in sites}
+        if not isinstance(sites, Mapping)
+        else {k: tuple(v) for k, v in sites.items()}
+    )
     unknown = [s for s in site_map if not site_map[s]]
     if unknown:
         raise KeyError(f"sites {unknown} name no hooks")
@@ -258,7 +262,9 @@ def activation_patching_grid(
     values: dict[str, Tensor] = {}
     if estimate.reference == "source":
         hooks = [h for s in chosen for t in estimate.sites[s] for h in _hook_names(t, layers)]
-        gathered = gather_activations(model, input_ids, images, hooks, positions, attention_mask=attention_mask)
+        gathered = gather_activations(
+            model, input_ids, images, hooks, positions, attention_mask=attention_mask
+        )
         source = torch.as_tensor(estimate.source_of, dtype=torch.long)
         values = {h: a[source.to(a.device)].cpu() for h, a in gathered.items()}
     configurations = []
@@ -268,13 +274,25 @@ def activation_patching_grid(
                 edits = []
                 for template in estimate.sites[site]:
                     hook = _hook_names(template, [layer])[0]
-                    setter = Setter.zero() if estimate.reference == "zero" else Setter.source(values[hook][:, m : m + 1])
+                    setter = (
+                        Setter.zero()
+                        if estimate.reference == "zero"
+                        else Setter.source(values[hook][:, m : m + 1])
+                    )
                     edits.append(Edit(hook, positions[:, m : m + 1], setter))
                 configurations.append(
-                    Configuration(f"{site} L{layer} p{m}", tuple(edits), {"site": site, "layer": layer, "k": m})
+                    Configuration(
+                        f"{site} L{layer} p{m}", tuple(edits), {"site": site, "layer": layer, "k": m}
+                    )
                 )
     result = sweep(
-        model, input_ids, images, configurations, readout, attention_mask=attention_mask, batch_size=batch_size
+        model,
+        input_ids,
+        images,
+        configurations,
+        readout,
+        attention_mask=attention_mask,
+        batch_size=batch_size,
     )
     effect = result.logit_diff_effect if estimate.metric == "logit_diff" else result.score_effect
     out = {}
@@ -282,7 +300,9 @@ def activation_patching_grid(
         grid = np.full((n_clean, len(all_layers), k), np.nan)
         for c in result.select(site=site):
             tags = result.tags[c]
-            grid[:, all_layers.index(tags["layer"]) if tags["layer"] in all_layers else 0, tags["k"]] = effect[c]
+            grid[:, all_layers.index(tags["layer"]) if tags["layer"] in all_layers else 0, tags["k"]] = (
+                effect[c]
+            )
         out[site] = grid
     return out
 
@@ -299,3 +319,40 @@ def correlation(estimate: np.ndarray, actual: np.ndarray) -> float:
 def top_overlap(first: Int[np.ndarray, "clean k"], second: Int[np.ndarray, "clean k"]) -> np.ndarray:
     """``[clean]`` fraction of the first set's indices also in the second (per row)."""
     return np.array([len(set(a) & set(b)) / max(1, len(a)) for a, b in zip(first, second, strict=True)])
+
+
+def farthest_reference(clean: Float[np.ndarray, " clean"]) -> np.ndarray:
+    """``[clean]`` each image's reference: the image whose clean metric differs most from its own.
+
+    Research choice (as `studies/patch_image_tokens.py`): the patched activations then carry the
+    most different quality information the model itself perceives, without needing labels.
+    """
+    clean = np.asarray(clean, dtype=float)
+    return np.abs(clean[:, None] - clean[None]).argmax(1)
+
+
+def compare_with_attention(
+    estimate: AttributionPatchingResult,
+    roles: Int[np.ndarray, "clean key_pos"],
+    image_index: Int[np.ndarray, "clean key_pos"],
+    n_image: int,
+    k: int = 5,
+    site: str = "resid",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k most important image tokens (`AttributionPatchingResult.importance`) vs the k most attended.
+
+    The attention ranking is `mechbiqa.analysis.attribution.attribute`'s (every layer and head) on the
+    quality rows the estimate kept (``keep_pattern=True``).
+
+    Returns:
+        ``top [clean, k]``, ``attended [clean, k]`` (image indices) and ``overlap [clean]``.
+    """
+    from mechbiqa.analysis.attribution import attribute
+
+    if estimate.pattern is None:
+        raise ValueError(
+            "the estimate kept no attention rows: run attribution_patching(..., keep_pattern=True)"
+        )
+    attended = attribute(estimate.pattern, roles, image_index, n_image, k=k).top
+    top = np.argsort(-estimate.importance(site), axis=-1, kind="stable")[:, :k]
+    return top, attended, top_overlap(top, attended)

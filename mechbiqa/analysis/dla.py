@@ -1,4 +1,4 @@
-"""Direct logit attribution at the quality position: which layer, head, MLP and source token writes the decision.
+"""Direct logit attribution at the quality position: which layer, head, MLP and source writes the decision.
 
 Where it sits: the model (`mechbiqa.model.llm`) builds the final residual at
 the quality position as a sum, embeddings + every layer's attention output +
@@ -73,7 +73,14 @@ __all__ = [
 Direction = Literal["logit_diff", "score", "score_gradient"]
 DIRECTIONS: tuple[str, ...] = ("logit_diff", "score", "score_gradient")
 
-SOURCE_ROLES: tuple[Role, ...] = (Role.BOS, Role.INSTRUCTION, Role.IMAGE, Role.DESCRIPTION, Role.QUALITY, Role.OTHER)
+SOURCE_ROLES: tuple[Role, ...] = (
+    Role.BOS,
+    Role.INSTRUCTION,
+    Role.IMAGE,
+    Role.DESCRIPTION,
+    Role.QUALITY,
+    Role.OTHER,
+)
 """The roles a head's write is split by (padding receives no attention)."""
 
 _EMBED = "llm.blocks.{l}.hook_resid_pre"  # layer 0 at the quality position: the embedding
@@ -146,7 +153,9 @@ class ReadoutWeights:
             w_o=w_o.reshape(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head),
             ln_final=model.llm.ln_final.weight.detach().double().cpu(),
             eps=float(model.llm.ln_final.eps),
-            w_levels=model.llm.unembed.weight.detach()[ids.to(model.llm.unembed.weight.device)].double().cpu(),
+            w_levels=model.llm.unembed.weight.detach()[ids.to(model.llm.unembed.weight.device)]
+            .double()
+            .cpu(),
             n_kv_heads=cfg.n_kv_heads,
             level_ids=tuple(int(i) for i in level_ids),
         )
@@ -386,7 +395,9 @@ def dla_from_store(
         if need not in keys:
             raise LookupError(f"direct logit attribution needs {need}; {store.path} lacks it; {fix}")
     if 0 not in store.spec_of(_EMBED, "quality").layers:
-        raise LookupError(f"direct logit attribution needs {_EMBED.format(l=0)}@quality (the embedding); {fix}")
+        raise LookupError(
+            f"direct logit attribution needs {_EMBED.format(l=0)}@quality (the embedding); {fix}"
+        )
     rows = store.valid[store.counts("quality")[store.valid] > 0]
     if not len(rows):
         raise LookupError(f"no sample of {store.path} has a quality position")

@@ -27,9 +27,9 @@ own logits (a test checks this); applying ``ln_final`` to transformers'
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -484,14 +484,18 @@ class TunedLens(Lens):
             linear.requires_grad_(layer != self.last_layer)
             self.translators[str(layer)] = linear
 
-    def translate(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch d_model"]:
+    def translate(
+        self, resid: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
         """``A_l resid + b_l`` (float32; differentiable)."""
         if str(int(layer)) not in self.translators:
             raise KeyError(f"the tuned lens has no translator for layer {layer}; it has {list(self.layers)}")
         translator = self.translators[str(int(layer))]
         return translator(resid.to(translator.weight.device, torch.float32))
 
-    def forward_logits(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch vocab"]:
+    def forward_logits(
+        self, resid: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch vocab"]:
         """The lens's logits with gradients to the translators (training)."""
         weight = self.base.unembed.weight
         h = self.translate(resid, layer).reshape(-1, 1, resid.shape[-1]).to(weight.dtype)
@@ -515,7 +519,8 @@ class TunedLens(Lens):
             "last_layer": self.last_layer,
             **info,
         }
-        torch.save({k: v.detach().cpu() for k, v in self.translators.state_dict().items()}, directory / TUNED_LENS_PARAMS)
+        state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
+        torch.save(state, directory / TUNED_LENS_PARAMS)
         (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         return directory
 
@@ -569,7 +574,9 @@ class TunedLensTraining:
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout < 1:
-            raise ValueError(f"holdout={self.holdout} must be in (0, 1): the KL is reported on held-out samples")
+            raise ValueError(
+                f"holdout={self.holdout} must be in (0, 1): the KL is reported on held-out samples"
+            )
 
 
 @dataclass(frozen=True)
@@ -659,12 +666,11 @@ def train_tuned_lens(
             rows = train_t[torch.randperm(len(train_t), generator=g)[:batch]]
             with torch.enable_grad():
                 p_final = target[rows]
-                loss = torch.stack([
-                    (p_final.exp() * (p_final - lens.forward_logits(resid32[i, rows], layer).float().log_softmax(-1)))
-                    .sum(-1)
-                    .mean()
-                    for i, layer in trained
-                ]).mean()
+                kls = []
+                for i, layer in trained:
+                    mine = lens.forward_logits(resid32[i, rows], layer).float().log_softmax(-1)
+                    kls.append((p_final.exp() * (p_final - mine)).sum(-1).mean())
+                loss = torch.stack(kls).mean()
                 optimiser.zero_grad()
                 loss.backward()
             optimiser.step()

@@ -87,7 +87,9 @@ def scoring_batch(
 
     ckpt = None if checkpoint is None else Path(checkpoint)
     if ckpt is not None and (ckpt / "stage1").is_dir():
-        raise ValueError(f"{ckpt} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint")
+        raise ValueError(
+            f"{ckpt} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint"
+        )
     if ckpt is not None and (ckpt / "mechbiqa.json").is_file():
         from mechbiqa.model.load import Components
         from mechbiqa.pipeline import OneStageRater, read_info
@@ -118,7 +120,9 @@ def scoring_batch(
     padded = tuple(r.left_pad(spliced - len(r)) for r in roles)
     quality = [r.quality_position for r in padded]
     if any(q is None for q in quality):
-        raise ValueError("a scoring prompt has no quality position; end the prompt right before the level word")
+        raise ValueError(
+            "a scoring prompt has no quality position; end the prompt right before the level word"
+        )
     return ScoringBatch(ids, mask, pixels, padded, torch.tensor(quality, dtype=torch.long))
 
 
@@ -126,6 +130,9 @@ def rows(batch: ScoringBatch, index: Sequence[int]) -> ScoringBatch:
     """A sub-batch (same padding)."""
     i = torch.as_tensor(list(index), dtype=torch.long)
     return ScoringBatch(
-        batch.input_ids[i], batch.attention_mask[i], batch.pixels[i],
-        tuple(batch.roles[j] for j in i.tolist()), batch.quality[i],
+        batch.input_ids[i],
+        batch.attention_mask[i],
+        batch.pixels[i],
+        tuple(batch.roles[j] for j in i.tolist()),
+        batch.quality[i],
     )

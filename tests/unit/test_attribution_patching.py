@@ -1,4 +1,4 @@
-"""Attribution patching against activation patching (`mechbiqa.analysis.patching.sweep`) on the tiny random model."""
+"""Attribution patching against activation patching (the patching sweep) on the tiny random model."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from mechbiqa.analysis.attribution_patching import (
     activation_patching_grid,
     attribution_patching,
     correlation,
+    farthest_reference,
     metric_of,
     top_overlap,
 )
@@ -32,10 +33,22 @@ def setup():
 
 def _both(model, batch, readout, positions, **kwargs):
     estimate = attribution_patching(
-        model, batch.input_ids, batch.pixels, positions, readout, attention_mask=batch.attention_mask, **kwargs
+        model,
+        batch.input_ids,
+        batch.pixels,
+        positions,
+        readout,
+        attention_mask=batch.attention_mask,
+        **kwargs,
     )
     actual = activation_patching_grid(
-        model, batch.input_ids, batch.pixels, positions, readout, estimate, attention_mask=batch.attention_mask
+        model,
+        batch.input_ids,
+        batch.pixels,
+        positions,
+        readout,
+        estimate,
+        attention_mask=batch.attention_mask,
     )
     return estimate, actual
 
@@ -45,8 +58,14 @@ def test_exact_where_the_metric_is_linear_in_the_patched_activation(setup, refer
     """The logits are linear in the final norm's output: patching it there, the estimate is the effect."""
     model, batch, readout = setup
     estimate, actual = _both(
-        model, batch, readout, batch.quality[:, None], reference=reference, source_of=SOURCE,
-        sites={"final": ("llm.ln_final.hook_normalized",)}, layers=[0],
+        model,
+        batch,
+        readout,
+        batch.quality[:, None],
+        reference=reference,
+        source_of=SOURCE,
+        sites={"final": ("llm.ln_final.hook_normalized",)},
+        layers=[0],
     )
     assert np.abs(actual["final"]).max() > 1e-3  # the patch does something
     np.testing.assert_allclose(estimate.site("final"), actual["final"], rtol=1e-4, atol=1e-6)
@@ -57,11 +76,17 @@ def test_exact_where_the_metric_is_linear_in_the_patched_activation(setup, refer
     [  # measured on this model and these images: resid / kv correlations
         ("source", "logit_diff", {"resid": 0.9, "kv": 0.95}),  # measured 0.974 / 0.996
         ("source", "score", {"resid": 0.95, "kv": 0.95}),  # measured 0.992 / 0.997
-        ("zero", "logit_diff", {"resid": 0.3, "kv": 0.9}),  # measured 0.447 / 0.964: zeroing a residual is far
+        (
+            "zero",
+            "logit_diff",
+            {"resid": 0.3, "kv": 0.9},
+        ),  # measured 0.447 / 0.964: zeroing a residual is far
         ("zero", "score", {"resid": 0.6, "kv": 0.8}),  # measured 0.783 / 0.883
     ],
 )
-def test_correlates_with_activation_patching_over_every_image_position_and_layer(setup, reference, metric, bars):
+def test_correlates_with_activation_patching_over_every_image_position_and_layer(
+    setup, reference, metric, bars
+):
     model, batch, readout = setup
     estimate, actual = _both(
         model, batch, readout, batch.image_positions, reference=reference, metric=metric, source_of=SOURCE
@@ -71,14 +96,21 @@ def test_correlates_with_activation_patching_over_every_image_position_and_layer
         assert correlation(estimate.site(site), actual[site]) > bar, site
     # the clean metric is what the model reads
     with torch.no_grad():
-        logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits[:, -1]
+        logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits[
+            :, -1
+        ]
     np.testing.assert_allclose(estimate.clean_metric, metric_of(logits, readout, metric).numpy(), rtol=1e-6)
 
 
 def test_pattern_rows_and_kv_terms(setup):
     model, batch, readout = setup
     estimate = attribution_patching(
-        model, batch.input_ids, batch.pixels, batch.image_positions, readout, keep_pattern=True,
+        model,
+        batch.input_ids,
+        batch.pixels,
+        batch.image_positions,
+        readout,
+        keep_pattern=True,
         attention_mask=batch.attention_mask,
     )
     assert estimate.pattern.shape[:3] == (4, 2, 4)
@@ -94,9 +126,13 @@ def test_helpers_and_refusals(setup):
         np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1]
     )
     assert np.isnan(correlation(np.ones(3), np.arange(3.0)))
-    np.testing.assert_allclose(top_overlap(np.array([[0, 1], [2, 3]]), np.array([[1, 5], [4, 6]])), [0.5, 0.0])
+    np.testing.assert_allclose(
+        top_overlap(np.array([[0, 1], [2, 3]]), np.array([[1, 5], [4, 6]])), [0.5, 0.0]
+    )
     with pytest.raises(ValueError, match="source_of"):
-        attribution_patching(model, batch.input_ids, batch.pixels, batch.image_positions, readout, reference="source")
+        attribution_patching(
+            model, batch.input_ids, batch.pixels, batch.image_positions, readout, reference="source"
+        )
     with pytest.raises(KeyError, match="not hooks"):
         attribution_patching(
             model, batch.input_ids, batch.pixels, batch.image_positions, readout, sites={"x": ("llm.nope",)}

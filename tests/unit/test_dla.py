@@ -1,4 +1,4 @@
-"""Direct logit attribution on tiny random models: the parts sum to the decision, the split by source to a head."""
+"""Direct logit attribution on tiny models: parts sum to the decision, a head's source split to the head."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from mechbiqa_hooks import names
 
 from mechbiqa.analysis.dla import (
     SOURCE_ROLES,
@@ -22,6 +21,7 @@ from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
 from mechbiqa.model.roles import Role
 from mechbiqa.scoring import level_ids
 from mechbiqa.sources import seeded_model, tiny_random_model
+from mechbiqa_hooks import names
 from tests.conftest import randomize_
 
 
@@ -83,14 +83,20 @@ def test_source_split_of_one_head_sums_to_that_heads_output(setup):
     def keep(x, hook):
         kept[hook.name] = x
 
-    hooks = [(names.attn(layer, "z"), only_head), (names.attn_out(layer), keep), ("llm.ln_final.hook_scale", keep)]
+    hooks = [
+        (names.attn(layer, "z"), only_head),
+        (names.attn_out(layer), keep),
+        ("llm.ln_final.hook_scale", keep),
+    ]
     with torch.no_grad():
         model.run_with_hooks(
             batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask, fwd_hooks=hooks
         )
     # the scale of the clean run (frozen): recompute it from a clean forward
     _, cache = model.run_with_cache(
-        batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask,
+        batch.input_ids,
+        images=batch.pixels,
+        attention_mask=batch.attention_mask,
         names_filter=lambda n: n == "llm.ln_final.hook_scale",
     )
     rows = torch.arange(3)
@@ -121,9 +127,17 @@ def test_decompose_by_hand():
     v = torch.tensor([[[[[1.0, 0.0]], [[0.0, 2.0]]]]], dtype=torch.float64)  # [sample, layer, key, kv, d]
     z = torch.einsum("slhk,slkhe->slhe", pattern, v)
     out = decompose(
-        weights, c, torch.tensor([[1.0, 1.0]]), z, torch.tensor([[[0.5, 0.0]]]), torch.tensor([0.5]),
-        pattern=pattern, v=v, roles=np.array([[int(Role.BOS), int(Role.IMAGE)]]),
-        image_index=np.array([[-1, 0]]), n_image=1,
+        weights,
+        c,
+        torch.tensor([[1.0, 1.0]]),
+        z,
+        torch.tensor([[[0.5, 0.0]]]),
+        torch.tensor([0.5]),
+        pattern=pattern,
+        v=v,
+        roles=np.array([[int(Role.BOS), int(Role.IMAGE)]]),
+        image_index=np.array([[-1, 0]]),
+        n_image=1,
     )
     # u = (1, -1) * (2, 1) * 0.5 = (1, -0.5)
     assert out["embed"][0] == pytest.approx(0.5)

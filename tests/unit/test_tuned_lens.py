@@ -30,8 +30,12 @@ def planted(n: int = 96, d: int = 32, seed: int = 0) -> torch.Tensor:
     """
     g = torch.Generator().manual_seed(seed)
     final = torch.randn(n, d, generator=g) * 3
-    rows = [final @ (torch.eye(d) + 0.8 * torch.randn(d, d, generator=g) / d**0.5) + torch.randn(d, generator=g)
-            + 0.05 * torch.randn(n, d, generator=g) for _ in range(2)]
+    rows = [
+        final @ (torch.eye(d) + 0.8 * torch.randn(d, d, generator=g) / d**0.5)
+        + torch.randn(d, generator=g)
+        + 0.05 * torch.randn(n, d, generator=g)
+        for _ in range(2)
+    ]
     return torch.stack([*rows, final])
 
 
