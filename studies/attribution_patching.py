@@ -71,6 +71,7 @@ class Config:
         sites: ``resid`` and/or ``kv``.
         k: Tokens compared with the k most attended.
         validate_layers: Layers of the activation-patching check (None: all; () skips it).
+        chunk: Images per forward/backward of the estimate.
         batch_size: Rows per forward of the check.
         seed: Seed of ``tiny_random``.
         out: Output folder.
@@ -87,6 +88,7 @@ class Config:
     sites: tuple[str, ...] = ("resid", "kv")
     k: int = 5
     validate_layers: tuple[int, ...] | None = None
+    chunk: int = 8
     batch_size: int = 64
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
@@ -105,8 +107,8 @@ class Config:
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
-        """The tiny random model on ``tmp/images`` (4 images, k=2 of its 5 image tokens)."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2)
+        """The tiny random model on ``tmp/images`` (4 images in chunks of 3, k=2 of its 5 image tokens)."""
+        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2, chunk=3)
         return cls(**{**base, "out": str(Path(tmp) / NAME), **overrides})
 
 
@@ -155,6 +157,7 @@ def main(cfg: Config) -> Result:
         sites=cfg.sites,  # type: ignore[arg-type]
         attention_mask=batch.attention_mask,
         keep_pattern=True,
+        chunk=cfg.chunk,
     )
     actual: dict[str, np.ndarray] = {}
     if cfg.validate_layers != ():
@@ -222,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--reference", default=d.reference, choices=["source", "zero"])
     p.add_argument("--sites", nargs="+", default=list(d.sites), choices=sorted(SITES))
     p.add_argument("--k", type=int, default=d.k, help="tokens compared with the k most attended")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="images per forward/backward")
     p.add_argument(
         "--validate-layers",
         type=int,
@@ -243,6 +247,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         reference=a.reference,
         sites=tuple(a.sites),
         k=a.k,
+        chunk=a.chunk,
         validate_layers=None if a.validate_layers is None else tuple(a.validate_layers),
         batch_size=a.batch_size,
         seed=a.seed,

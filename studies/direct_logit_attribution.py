@@ -57,6 +57,7 @@ class Config:
         store: Read a store recorded with `DLA_SPEC` instead of running the model on images.
         direction: ``logit_diff``, ``score`` or ``score_gradient``.
         k: Top image tokens per sample in the JSON.
+        chunk: Images per forward (live).
         seed: Seed of ``tiny_random``.
         out: Output folder.
         device: ``cpu`` or ``cuda``.
@@ -70,6 +71,7 @@ class Config:
     store: str | None = None
     direction: str = "logit_diff"
     k: int = 5
+    chunk: int = 8
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
@@ -80,8 +82,8 @@ class Config:
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
-        """The tiny random model on ``tmp/images`` (4 images)."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2)
+        """The tiny random model on ``tmp/images`` (4 images in chunks of 3)."""
+        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2, chunk=3)
         return cls(**{**base, "out": str(Path(tmp) / NAME), **overrides})
 
 
@@ -131,6 +133,7 @@ def main(cfg: Config) -> Result:
             cfg.direction,  # type: ignore[arg-type]
             sample_ids=[str(s.id) for s in samples],
             labels=[float("nan") if x is None else float(x) for x in labels],
+            chunk=cfg.chunk,
         )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--store", help=f"a store recorded with --spec '{DLA_SPEC}' (instead of images)")
     p.add_argument("--direction", default=d.direction, choices=DIRECTIONS)
     p.add_argument("--k", type=int, default=d.k, help="top image tokens per sample")
+    p.add_argument("--chunk", type=int, default=d.chunk, help="images per forward (live)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out)
     p.add_argument("--device", default=d.device)
@@ -183,6 +187,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         store=a.store,
         direction=a.direction,
         k=a.k,
+        chunk=a.chunk,
         seed=a.seed,
         out=a.out,
         device=a.device,

@@ -28,7 +28,10 @@ themselves (non-leaf tensors of one forward); a hook on ``hook_image_tokens``
 makes the spliced image rows a leaf that requires grad, so parameters need
 not require grad and the vision tower stays out of the backward. The batch is
 one row per image, and a row's metric depends only on its own row, so the
-gradient of the summed metric is each row's own gradient.
+gradient of the summed metric is each row's own gradient. Images run in chunks
+of ``chunk`` (memory: a backward keeps every layer's activations); the
+``source`` reference of an image in another chunk comes from one extra no-grad
+forward, the reference run (`mechbiqa.analysis.patching.gather_activations`).
 """
 
 from __future__ import annotations
@@ -134,6 +137,7 @@ def attribution_patching(
     layers: Sequence[int] | None = None,
     attention_mask: Int[Tensor, "clean text_pos"] | None = None,
     keep_pattern: bool = False,
+    chunk: int | None = None,
 ) -> AttributionPatchingResult:
     """Gradient x (reference - clean) at every (site, layer, position), one forward and one backward.
 
@@ -154,6 +158,8 @@ def attribution_patching(
         layers: Layers (default: all).
         attention_mask: For padded prompts.
         keep_pattern: Also return the quality row of every layer's attention.
+        chunk: Images per forward/backward (None: all at once). With ``source`` and several
+            chunks, the reference activations come from one extra no-grad run (the reference run).
 
     Returns:
         An `AttributionPatchingResult`.
@@ -180,7 +186,78 @@ def attribution_patching(
         raise KeyError(f"hooks {missing} are not hooks of the model; build names with mechbiqa_hooks.names")
     device = model.device
     positions = torch.as_tensor(positions, dtype=torch.long, device=device)
-    rows = torch.arange(input_ids.shape[0], device=device)[:, None]
+    order = [h for hs in hook_names.values() for h in hs]
+    source = None if source_of is None else torch.as_tensor(source_of, dtype=torch.long, device=device)
+    n = input_ids.shape[0]
+    size = n if chunk is None else max(1, int(chunk))
+    take = lambda t, lo, hi: None if t is None else t[lo:hi].to(device)  # noqa: E731
+    reference_acts: dict[str, Tensor] | None = None
+    if reference == "source" and size < n:  # the reference run: the other images' activations, no grad
+        parts = [
+            gather_activations(
+                model,
+                input_ids[lo : lo + size],
+                take(images, lo, lo + size),
+                order,
+                positions[lo : lo + size],
+                attention_mask=take(attention_mask, lo, lo + size),
+            )
+            for lo in range(0, n, size)
+        ]
+        reference_acts = {h: torch.cat([part[h] for part in parts]) for h in order}
+    effects: dict[str, list[Tensor]] = {t: [] for t in hook_names}
+    values, patterns = [], []
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        acts, grads, value, pattern = _forward_backward(
+            model,
+            input_ids[lo:hi],
+            take(images, lo, hi),
+            take(attention_mask, lo, hi),
+            readout,
+            metric,
+            order,
+            n_layers if keep_pattern else 0,
+        )
+        rows = torch.arange(hi - lo, device=device)[:, None]
+        for template, names_ in hook_names.items():
+            per_layer = []
+            for name in names_:
+                a = acts[name][rows, positions[lo:hi]]  # [chunk, k, *rest]
+                g = torch.zeros_like(a) if grads[name] is None else grads[name][rows, positions[lo:hi]]
+                if reference == "zero":
+                    ref = torch.zeros_like(a)
+                elif reference_acts is None:  # one chunk: the reference images are rows of this forward
+                    ref = a[source]  # type: ignore[index]
+                else:
+                    ref = reference_acts[name][source[lo:hi]]  # type: ignore[index]
+                per_layer.append(((ref - a).double() * g.double()).flatten(2).sum(-1))  # [chunk, k]
+            effects[template].append(torch.stack(per_layer, 1).cpu())
+        values.append(value)
+        patterns.append(pattern)
+    return AttributionPatchingResult(
+        metric=metric,
+        reference=reference,
+        sites=site_map,
+        layers=np.asarray(layers),
+        effects={t: torch.cat(e).numpy() for t, e in effects.items()},
+        clean_metric=np.concatenate(values),
+        source_of=None if source is None else source.cpu().numpy(),
+        pattern=np.concatenate(patterns) if keep_pattern else None,
+    )
+
+
+def _forward_backward(
+    model: MPLUGOwl2,
+    input_ids: Tensor,
+    images: Tensor | None,
+    attention_mask: Tensor | None,
+    readout: Readout,
+    metric: Metric,
+    hooks: Sequence[str],
+    n_pattern_layers: int,
+) -> tuple[dict[str, Tensor], dict[str, Tensor | None], np.ndarray, np.ndarray | None]:
+    """One forward and one backward: the hooked activations, the metric's gradient at each, the metric."""
     acts: dict[str, Tensor] = {}
     patterns: dict[int, Tensor] = {}
 
@@ -193,41 +270,24 @@ def attribution_patching(
     def keep_row(x: Tensor, hook: Any) -> None:  # [batch, head, query_pos, key_pos]
         patterns[int(hook.name.split(".")[2])] = x[:, :, readout.position].detach()
 
-    fwd = [("hook_image_tokens", leaf)] + [(h, keep) for hs in hook_names.values() for h in hs]
-    if keep_pattern:
-        fwd += [(_PATTERN.format(l=layer), keep_row) for layer in range(n_layers)]
+    fwd = [("hook_image_tokens", leaf)] + [(h, keep) for h in hooks]
+    fwd += [(_PATTERN.format(l=layer), keep_row) for layer in range(n_pattern_layers)]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
         out = model(
-            input_ids.to(device),
-            images=None if images is None else images.to(device, model.dtype),
-            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            input_ids.to(model.device),
+            images=None if images is None else images.to(model.device, model.dtype),
+            attention_mask=None if attention_mask is None else attention_mask.to(model.device),
         )
         value = metric_of(out.logits[:, readout.position], readout, metric)
-        order = [h for hs in hook_names.values() for h in hs]
-        grads = torch.autograd.grad(value.sum(), [acts[h] for h in order], allow_unused=True)
-    grad_of = dict(zip(order, grads, strict=True))
-    source = None if source_of is None else torch.as_tensor(source_of, dtype=torch.long, device=device)
-    effects: dict[str, np.ndarray] = {}
-    for template, names_ in hook_names.items():
-        per_layer = []
-        for name in names_:
-            a = acts[name].detach()[rows, positions]  # [clean, k, *rest]
-            g = grad_of[name]
-            g = torch.zeros_like(a) if g is None else g[rows, positions]
-            ref = torch.zeros_like(a) if reference == "zero" else a[source]  # type: ignore[index]
-            per_layer.append(((ref - a).double() * g.double()).flatten(2).sum(-1))  # [clean, k]
-        effects[template] = torch.stack(per_layer, 1).cpu().numpy()
-    return AttributionPatchingResult(
-        metric=metric,
-        reference=reference,
-        sites=site_map,
-        layers=np.asarray(layers),
-        effects=effects,
-        clean_metric=value.detach().cpu().numpy(),
-        source_of=None if source is None else source.cpu().numpy(),
-        pattern=torch.stack([patterns[x] for x in range(n_layers)], 1).float().cpu().numpy()
-        if keep_pattern
-        else None,
+        grads = torch.autograd.grad(value.sum(), [acts[h] for h in hooks], allow_unused=True)
+    pattern = None
+    if n_pattern_layers:
+        pattern = torch.stack([patterns[x] for x in range(n_pattern_layers)], 1).float().cpu().numpy()
+    return (
+        {h: acts[h].detach() for h in hooks},
+        dict(zip(hooks, grads, strict=True)),
+        value.detach().cpu().numpy(),
+        pattern,
     )
 
 

@@ -319,8 +319,9 @@ def dla_live(
     *,
     sample_ids: Sequence[str] | None = None,
     labels: np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> DLAResult:
-    """Direct logit attribution from one hooked forward of a batch of scoring prompts.
+    """Direct logit attribution from hooked forwards of a batch of scoring prompts.
 
     Args:
         model: The model (eval mode).
@@ -329,7 +330,31 @@ def dla_live(
         direction: The decision (`DIRECTIONS`).
         sample_ids: Names of the samples.
         labels: ``[sample]`` ratings.
+        chunk: Images per forward (None: all at once; the cache keeps every layer's values).
     """
+    size = len(batch) if chunk is None else max(1, int(chunk))
+    weights = ReadoutWeights.from_model(model, level_ids)
+    pieces = [
+        _live_parts(model, batch.select(slice(lo, lo + size)), weights, direction)
+        for lo in range(0, len(batch), size)
+    ]
+    parts: dict[str, Any] = {
+        k: np.concatenate([p[k] for p in pieces]) for k in pieces[0] if k != "split_error"
+    }
+    if "split_error" in pieces[0]:
+        parts["split_error"] = max(p["split_error"] for p in pieces)
+    n_layers, n = len(model.llm.blocks), len(batch)
+    return DLAResult(
+        direction=direction,
+        layers=np.arange(n_layers),
+        sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(map(str, range(n))),
+        labels=np.full(n, np.nan) if labels is None else np.asarray(labels, dtype=float),
+        **parts,
+    )
+
+
+def _live_parts(model: MPLUGOwl2, batch: ScoringBatch, weights: ReadoutWeights, direction: Direction) -> dict:
+    """`decompose` of one hooked forward, with the decision read from the model's logits (``target``)."""
     n_layers = len(model.llm.blocks)
     wanted = {_SCALE, _LOGITS, _EMBED.format(l=0)} | {
         t.format(l=layer) for t in (_Z, _MLP, _PATTERN, _V) for layer in range(n_layers)
@@ -341,14 +366,14 @@ def dla_live(
             attention_mask=batch.attention_mask.to(model.device),
             names_filter=lambda name: name in wanted,
         )
-    rows = torch.arange(len(batch.quality))
-    q = batch.quality.to(cache[_LOGITS].device)
+    device = cache[_LOGITS].device
+    rows, q = torch.arange(len(batch), device=device), batch.quality.to(device)
     at_q = lambda name: cache[name][rows, q]  # noqa: E731  [batch, ...] at the quality column
     per_layer = lambda t: torch.stack([at_q(t.format(l=x)) for x in range(n_layers)], 1)  # noqa: E731
-    level_logits = at_q(_LOGITS)[:, torch.as_tensor(list(level_ids))]
+    level_logits = at_q(_LOGITS)[:, torch.as_tensor(weights.level_ids, device=device)]
     coefficients = direction_coefficients(direction, level_logits)
     parts = decompose(
-        ReadoutWeights.from_model(model, level_ids),
+        weights,
         coefficients,
         at_q(_EMBED.format(l=0)),
         per_layer(_Z),
@@ -360,15 +385,7 @@ def dla_live(
         image_index=batch.image_index,
         n_image=model.cfg.n_image_tokens,
     )
-    n = len(rows)
-    return DLAResult(
-        direction=direction,
-        layers=np.arange(n_layers),
-        target=_target(coefficients, level_logits, n),
-        sample_ids=tuple(sample_ids) if sample_ids is not None else tuple(map(str, range(n))),
-        labels=np.full(n, np.nan) if labels is None else np.asarray(labels, dtype=float),
-        **parts,
-    )
+    return {**parts, "target": _target(coefficients, level_logits, len(batch))}
 
 
 # ----------------------------------------------------------------------------- store

@@ -51,6 +51,22 @@ class ScoringBatch:
     roles: tuple[TokenRoles, ...]
     quality: Tensor
 
+    def __len__(self) -> int:
+        """Rows (images)."""
+        return len(self.roles)
+
+    def select(self, index: Sequence[int] | slice) -> ScoringBatch:
+        """A sub-batch (the same padding: roles and quality columns stay valid)."""
+        picked = list(range(len(self)))[index] if isinstance(index, slice) else [int(j) for j in index]
+        i = torch.as_tensor(picked, dtype=torch.long)
+        return ScoringBatch(
+            self.input_ids[i],
+            self.attention_mask[i],
+            self.pixels[i],
+            tuple(self.roles[j] for j in picked),
+            self.quality[i],
+        )
+
     @property
     def role_array(self) -> np.ndarray:
         """``[batch, pos]`` `Role` values (``PAD`` at padding)."""
@@ -124,15 +140,3 @@ def scoring_batch(
             "a scoring prompt has no quality position; end the prompt right before the level word"
         )
     return ScoringBatch(ids, mask, pixels, padded, torch.tensor(quality, dtype=torch.long))
-
-
-def rows(batch: ScoringBatch, index: Sequence[int]) -> ScoringBatch:
-    """A sub-batch (same padding)."""
-    i = torch.as_tensor(list(index), dtype=torch.long)
-    return ScoringBatch(
-        batch.input_ids[i],
-        batch.attention_mask[i],
-        batch.pixels[i],
-        tuple(batch.roles[j] for j in i.tolist()),
-        batch.quality[i],
-    )

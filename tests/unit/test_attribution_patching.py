@@ -137,3 +137,22 @@ def test_helpers_and_refusals(setup):
         attribution_patching(
             model, batch.input_ids, batch.pixels, batch.image_positions, readout, sites={"x": ("llm.nope",)}
         )
+
+
+@pytest.mark.parametrize("reference", ["zero", "source"])
+def test_chunks_give_the_same_estimate(setup, reference):
+    """One image per forward/backward (the source images then come from a separate reference run)."""
+    model, batch, readout = setup
+    kwargs = dict(
+        reference=reference, source_of=SOURCE, attention_mask=batch.attention_mask, keep_pattern=True
+    )
+    whole = attribution_patching(
+        model, batch.input_ids, batch.pixels, batch.image_positions, readout, **kwargs
+    )
+    parts = attribution_patching(
+        model, batch.input_ids, batch.pixels, batch.image_positions, readout, chunk=3, **kwargs
+    )
+    for template, grid in whole.effects.items():
+        np.testing.assert_allclose(parts.effects[template], grid, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(parts.clean_metric, whole.clean_metric, rtol=1e-6)
+    np.testing.assert_allclose(parts.pattern, whole.pattern, atol=1e-6)

@@ -152,3 +152,15 @@ def test_unknown_direction_is_refused():
     with pytest.raises((ValueError, TypeError), match="logit_diff"):  # TypeError: under jaxtyping checks
         direction_coefficients("up", torch.zeros(1, 5))  # type: ignore[arg-type]
     assert ModelConfig.tiny().llm.n_heads == 4
+
+
+def test_chunks_give_the_same_attribution(setup):
+    model, tokenizer, batch = setup
+    ids = level_ids(tokenizer)
+    whole, parts = dla_live(model, batch, ids), dla_live(model, batch, ids, chunk=2)
+    for name in ("embed", "heads", "mlp", "target", "by_role", "image"):
+        np.testing.assert_allclose(getattr(parts, name), getattr(whole, name), atol=1e-5)  # fp32 kernels
+    assert (
+        len(batch.select([2, 0])) == 2
+        and batch.select(slice(1, None)).quality.tolist() == batch.quality[1:].tolist()
+    )
