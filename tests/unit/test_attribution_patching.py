@@ -126,6 +126,7 @@ def test_helpers_and_refusals(setup):
         np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1]
     )
     assert np.isnan(correlation(np.ones(3), np.arange(3.0)))
+    np.testing.assert_array_equal(farthest_reference(np.array([0.1, 0.5, 0.9, 0.2])), [2, 0, 0, 2])
     np.testing.assert_allclose(
         top_overlap(np.array([[0, 1], [2, 3]]), np.array([[1, 5], [4, 6]])), [0.5, 0.0]
     )
