@@ -123,7 +123,7 @@ def main(cfg: Config) -> Result:
             raise LookupError(
                 f"the tuned lens needs {RESID}@quality, every layer; {cfg.store} lacks it"
             ) from None
-        rows = store.valid[store.counts("quality")[store.valid] > 0]
+        rows = store.valid[store.counts("quality") > 0]
         resid = torch.from_numpy(
             np.ascontiguousarray(store.get(RESID, "quality", samples=rows)[:, :, 0].transpose(1, 0, 2))
         ).float()

@@ -415,7 +415,7 @@ def dla_from_store(
         raise LookupError(
             f"direct logit attribution needs {_EMBED.format(l=0)}@quality (the embedding); {fix}"
         )
-    rows = store.valid[store.counts("quality")[store.valid] > 0]
+    rows = store.valid[store.counts("quality") > 0]
     if not len(rows):
         raise LookupError(f"no sample of {store.path} has a quality position")
     as_t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))  # noqa: E731
