@@ -163,7 +163,7 @@ def tuned_lens_figure(
     left, right = fig.subplots(1, 2)
     for name, values in kl.items():
         left.plot(layers, values, marker="o", label=name)
-    left.set(xlabel="layer", ylabel="KL(final || lens), nats", title="Held-out KL", yscale="symlog")
+    left.set(xlabel="layer", ylabel="KL(final || lens), nats", title="Held-out KL")
     for name, values in agreement.items():
         right.plot(layers, values, marker="o", label=name)
     right.set(xlabel="layer", ylabel="fraction", title="Agreement with the final answer", ylim=(-0.02, 1.02))
