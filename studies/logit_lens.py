@@ -51,12 +51,15 @@ class Config:
             None: the model the store names (its checkpoint path, or the tiny random model).
         out: Output folder; None: ``<store dir>/<store stem>.logit_lens``.
         top_k: Top tokens per layer in the report.
+        tuned_lens: A tuned lens folder (``studies/tuned_lens.py``) to read the layers with
+            instead of the plain logit lens; None: the logit lens.
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
     model: str | None = None
     out: str | None = None
     top_k: int = 5
+    tuned_lens: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is loaded (the message names the option)."""
@@ -97,6 +100,10 @@ def main(cfg: Config) -> Result:
     with ActivationStore.open(store_path) as store:
         source = cfg.model or stored_model(store)
         lens, tokenizer = load_lens(source)
+        if cfg.tuned_lens:
+            from mechbiqa.analysis.lens import TunedLens
+
+            lens = TunedLens.load(cfg.tuned_lens, lens)
         result = lens_from_store(store, lens, level_ids(tokenizer), tokenizer=tokenizer, top_k=cfg.top_k)
     out = cfg.out_dir
     summary = {"store": str(store_path), "model": source, **result.to_dict()}

@@ -13,7 +13,11 @@ final answer. `mechbiqa.reports.lens_table` and
 The lens follows tuned-lens's design: a `Lens` maps a layer's residual to
 vocabulary logits; `LogitLens`, the trivial case, applies the model's own
 final norm and unembedding (nostalgebraist 2020). A trained (tuned) lens would
-subclass `Lens` with a per-layer translator in front of the same read-out.
+subclass `Lens` with a per-layer translator in front of the same read-out:
+`TunedLens` (Belrose et al. 2023), trained by `train_tuned_lens` on a store's
+quality-position residuals (`studies/tuned_lens.py`) and saved as a
+tuned-lens-style artefact (``config.json`` + ``params.pt``) that the lens
+studies load with ``--tuned-lens``.
 
 Note on the last layer: ``hook_resid_post`` of the last block is the residual
 *before* ``ln_final``, so the lens of the last layer is exactly the model's
@@ -23,9 +27,10 @@ own logits (a test checks this); applying ``ln_final`` to transformers'
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +54,12 @@ __all__ = [
     "analyse_lens",
     "lens_from_store",
     "settle_layers",
+    "TUNED_LENS_PARAMS",
+    "TunedLens",
+    "TunedLensFit",
+    "TunedLensTraining",
+    "kl_to_final",
+    "train_tuned_lens",
 ]
 
 RESID = "llm.blocks.{l}.hook_resid_post"
@@ -434,3 +445,235 @@ def lens_from_store(
         labels=store.labels(rows),
     )
     return replace(result, last_layer_error=error, n_excluded=int(len(valid) - len(keep)))
+
+
+# ----------------------------------------------------------------------------- tuned lens
+TUNED_LENS_PARAMS = "params.pt"
+"""The translators' weights in a tuned-lens directory (beside ``config.json``)."""
+
+
+class TunedLens(Lens):
+    """``unembed(ln_final(A_l h + b_l))``: a learned affine translator per layer before the model's read-out.
+
+    Belrose et al. (2023): the logit lens misreads early and middle layers because their
+    residuals live in a basis the final norm and unembedding were not trained on; a per-layer
+    affine map, trained to make the lens's distribution match the model's final one, corrects
+    for that. Translators start at the identity (``A = I``, ``b = 0``), where the tuned lens *is*
+    the logit lens. The last layer's translator stays the identity: its residual is what the
+    model reads, so the lens there must reproduce the model's own logits (and
+    `lens_from_store` checks it does).
+
+    Args:
+        base: The logit lens whose norm and unembedding follow the translators (frozen).
+        layers: The layer numbers with a translator.
+        last_layer: The model's last layer (kept the identity); None: ``max(layers)``.
+    """
+
+    def __init__(self, base: LogitLens, layers: Sequence[int], last_layer: int | None = None) -> None:  # noqa: D107
+        self.base = base
+        self.layers = tuple(int(x) for x in layers)
+        self.last_layer = max(self.layers) if last_layer is None else int(last_layer)
+        d_model = base.unembed.weight.shape[1]
+        weight = base.unembed.weight
+        self.translators = nn.ModuleDict()
+        for layer in self.layers:
+            linear = nn.Linear(d_model, d_model, bias=True, device=weight.device, dtype=torch.float32)
+            with torch.no_grad():
+                linear.weight.copy_(torch.eye(d_model))
+                linear.bias.zero_()
+            linear.requires_grad_(layer != self.last_layer)
+            self.translators[str(layer)] = linear
+
+    def translate(
+        self, resid: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch d_model"]:
+        """``A_l resid + b_l`` (float32; differentiable)."""
+        if str(int(layer)) not in self.translators:
+            raise KeyError(f"the tuned lens has no translator for layer {layer}; it has {list(self.layers)}")
+        translator = self.translators[str(int(layer))]
+        return translator(resid.to(translator.weight.device, torch.float32))
+
+    def forward_logits(
+        self, resid: Float[Tensor, "*batch d_model"], layer: int
+    ) -> Float[Tensor, "*batch vocab"]:
+        """The lens's logits with gradients to the translators (training)."""
+        weight = self.base.unembed.weight
+        h = self.translate(resid, layer).reshape(-1, 1, resid.shape[-1]).to(weight.dtype)
+        return self.base.unembed(self.base.ln_final(h)).reshape(*resid.shape[:-1], -1)
+
+    @torch.no_grad()
+    def logits(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch vocab"]:
+        """Translate, then the final norm and the unembedding."""
+        return self.forward_logits(resid, layer)
+
+    def save(self, directory: str | Path, **info: Any) -> Path:
+        """Write ``config.json`` (layers, widths and ``info``) and `TUNED_LENS_PARAMS`; return the folder."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weight = self.base.unembed.weight
+        config = {
+            "kind": "tuned_lens",
+            "d_model": int(weight.shape[1]),
+            "vocab_size": int(weight.shape[0]),
+            "layers": list(self.layers),
+            "last_layer": self.last_layer,
+            **info,
+        }
+        state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
+        torch.save(state, directory / TUNED_LENS_PARAMS)
+        (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, base: LogitLens) -> TunedLens:
+        """Read a saved tuned lens onto the read-out of the model it was trained for.
+
+        Raises:
+            FileNotFoundError: The folder lacks ``config.json`` or the parameters.
+            ValueError: The lens was trained for a model of other widths.
+        """
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / TUNED_LENS_PARAMS).is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a tuned lens (no config.json + {TUNED_LENS_PARAMS}); "
+                "train one with studies/tuned_lens.py --store STORE"
+            )
+        config = json.loads((directory / "config.json").read_text())
+        weight = base.unembed.weight
+        if (config["d_model"], config["vocab_size"]) != (weight.shape[1], weight.shape[0]):
+            raise ValueError(
+                f"the tuned lens in {directory} was trained for d_model={config['d_model']}, vocab="
+                f"{config['vocab_size']}; this model has {weight.shape[1]}, {weight.shape[0]}: "
+                "pass the model it was trained with"
+            )
+        lens = cls(base, config["layers"], config["last_layer"])
+        state = torch.load(directory / TUNED_LENS_PARAMS, map_location=weight.device, weights_only=True)
+        lens.translators.load_state_dict(state)
+        return lens
+
+
+@dataclass(frozen=True)
+class TunedLensTraining:
+    """How a tuned lens is trained (full-batch AdamW on the store's quality-position residuals).
+
+    Attributes:
+        steps: Optimiser steps.
+        lr: Learning rate.
+        weight_decay: AdamW decay (pulls ``A`` and ``b`` toward zero; 0: none).
+        batch_size: Samples per step (None: all training samples).
+        holdout: Fraction of the samples held out for the reported KL (at least one sample).
+        seed: Seed of the hold-out split and the batches.
+    """
+
+    steps: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int | None = 256
+    holdout: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout < 1:
+            raise ValueError(
+                f"holdout={self.holdout} must be in (0, 1): the KL is reported on held-out samples"
+            )
+
+
+@dataclass(frozen=True)
+class TunedLensFit:
+    """A trained tuned lens and its losses.
+
+    Attributes:
+        lens: The `TunedLens`.
+        train: ``[sample]`` indices (into the residuals given) it was trained on.
+        heldout: ``[sample]`` the held-out indices.
+        loss: ``[step]`` mean training KL per step.
+    """
+
+    lens: TunedLens
+    train: np.ndarray
+    heldout: np.ndarray
+    loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def kl_to_final(
+    lens: Lens,
+    resid: Float[Tensor, "layer sample d_model"],
+    layers: Sequence[int],
+    *,
+    chunk: int = 256,
+) -> np.ndarray:
+    """``[layer]`` mean over samples of KL(final || lens at the layer), full vocabulary, nats.
+
+    The final distribution is the lens of the last row of ``resid`` (for `LogitLens` and
+    `TunedLens`, the model's own logits).
+    """
+    out = np.zeros(len(layers))
+    n = resid.shape[1]
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            part = resid[:, start : start + chunk]
+            final = lens(part[-1], int(layers[-1])).double().log_softmax(-1)
+            for i, layer in enumerate(layers):
+                mine = lens(part[i], int(layer)).double().log_softmax(-1)
+                out[i] += float((final.exp() * (final - mine)).sum(-1).sum())
+    return out / n
+
+
+def train_tuned_lens(
+    base: LogitLens,
+    resid: Float[Tensor, "layer sample d_model"],
+    layers: Sequence[int],
+    config: TunedLensTraining = TunedLensTraining(),
+    *,
+    last_layer: int | None = None,
+) -> TunedLensFit:
+    """Train per-layer translators to minimise KL(final || tuned lens) on part of the samples.
+
+    Args:
+        base: The model's logit lens (final norm and unembedding, kept frozen).
+        resid: ``[layer, sample, d_model]`` residuals at the quality position (``hook_resid_post``).
+        layers: The layer number of each row of ``resid``; the last row is the model's output.
+        config: Steps, learning rate, hold-out.
+        last_layer: The model's last layer (default: ``layers[-1]``).
+
+    Returns:
+        A `TunedLensFit` (the held-out samples are for the reported KL; see `kl_to_final`).
+    """
+    layers = [int(x) for x in layers]
+    n = resid.shape[1]
+    if n < 2:
+        raise ValueError(f"training a tuned lens needs at least 2 samples (one held out); got {n}")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    n_held = min(n - 1, max(1, round(config.holdout * n)))
+    heldout, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    lens = TunedLens(base, layers, last_layer if last_layer is not None else layers[-1])
+    for p in list(base.ln_final.parameters()) + list(base.unembed.parameters()):
+        p.requires_grad_(False)  # the read-out is the model's own
+    params = [p for p in lens.translators.parameters() if p.requires_grad]
+    resid32 = resid.float()
+    with torch.no_grad():
+        target = lens.forward_logits(resid32[-1], layers[-1]).float().log_softmax(-1)  # [sample, vocab]
+    losses: list[float] = []
+    if params:
+        optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        batch = len(train) if config.batch_size is None else min(config.batch_size, len(train))
+        g = torch.Generator().manual_seed(config.seed)
+        train_t = torch.from_numpy(train)
+        trained = [(i, layer) for i, layer in enumerate(layers) if layer != lens.last_layer]
+        for _ in range(config.steps):
+            rows = train_t[torch.randperm(len(train_t), generator=g)[:batch]]
+            with torch.enable_grad():
+                p_final = target[rows]
+                kls = []
+                for i, layer in trained:
+                    mine = lens.forward_logits(resid32[i, rows], layer).float().log_softmax(-1)
+                    kls.append((p_final.exp() * (p_final - mine)).sum(-1).mean())
+                loss = torch.stack(kls).mean()
+                optimiser.zero_grad()
+                loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+    return TunedLensFit(lens=lens, train=train, heldout=heldout, loss=np.asarray(losses))
+

@@ -1,0 +1,418 @@
+"""Attribution patching: first-order activation patching of every image position x layer at once.
+
+Where it sits: `mechbiqa.analysis.patching` runs activation patching, one
+forward per edited (site, layer, positions); attention weights
+(`mechbiqa.analysis.attribution`) rank image tokens by where the quality
+position looks, not by what they change. This module estimates the effect of
+patching *every* image position at *every* layer from one forward and one
+backward per image (DESIGN.md, "Attribution patching"; Nanda 2023, Syed et
+al. 2023):
+
+    effect(site, layer, p) ~= (a_ref - a_clean)[p] . d metric / d a[p]
+
+where ``a`` is the activation of the site's hook at layer ``l`` (the residual
+entering the layer, ``resid``; or the keys and values the layer computes,
+``kv``, the two terms summed, as `mechbiqa.analysis.patching.SITES` patches
+them together), ``a_ref`` is the reference (zeros, or the activation of another
+image at the same image index, the ``source`` setter of the patching sweep),
+and the metric is read at the quality position (the good-minus-poor logit
+difference or the Q-Align score). The estimate is exact when the metric is
+linear in the patched activation, and the further a patch moves the model,
+the worse it gets: `activation_patching_grid` runs the same grid with
+`mechbiqa.analysis.patching.sweep` for validation (`correlation`).
+`studies/attribution_patching.py` runs both and draws the layer x position map
+(`mechbiqa.figures_attribution`).
+
+Gradients are taken with ``torch.autograd.grad`` on the hooked activations
+themselves (non-leaf tensors of one forward); a hook on ``hook_image_tokens``
+makes the spliced image rows a leaf that requires grad, so parameters need
+not require grad and the vision tower stays out of the backward. The batch is
+one row per image, and a row's metric depends only on its own row, so the
+gradient of the summed metric is each row's own gradient. Images run in chunks
+of ``chunk`` (memory: a backward keeps every layer's activations); the
+``source`` reference of an image in another chunk comes from one extra no-grad
+forward, the reference run (`mechbiqa.analysis.patching.gather_activations`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mechbiqa.analysis.patching import SITES, Configuration, Edit, Readout, Setter, gather_activations, sweep
+from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
+
+if TYPE_CHECKING:
+    from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+
+__all__ = [
+    "Metric",
+    "AttributionPatchingResult",
+    "activation_patching_grid",
+    "attribution_patching",
+    "compare_with_attention",
+    "correlation",
+    "farthest_reference",
+    "metric_of",
+    "top_overlap",
+]
+
+Metric = Literal["logit_diff", "score"]
+_PATTERN = "llm.blocks.{l}.attn.hook_pattern"
+
+
+def metric_of(
+    logits: Float[Tensor, "batch vocab"], readout: Readout, metric: Metric
+) -> Float[Tensor, " batch"]:
+    """The metric at the quality position (differentiable): logit(positive) - logit(negative) or the score."""
+    level = logits[:, torch.as_tensor(readout.level_ids, device=logits.device)].double()
+    if metric == "logit_diff":
+        return level[:, LEVEL_WORDS.index(readout.positive)] - level[:, LEVEL_WORDS.index(readout.negative)]
+    if metric == "score":
+        return level.softmax(-1) @ torch.tensor(LEVEL_WEIGHTS, dtype=torch.float64, device=logits.device)
+    raise ValueError(f"unknown metric {metric!r}; choose 'logit_diff' or 'score'")
+
+
+@dataclass(frozen=True)
+class AttributionPatchingResult:
+    """Estimated patching effects on the metric.
+
+    Attributes:
+        metric: ``logit_diff`` or ``score``.
+        reference: ``zero`` or ``source``.
+        sites: Site name -> hook templates (`mechbiqa.analysis.patching.SITES` or given).
+        layers: ``[layer]`` the layers of the per-layer templates.
+        effects: Hook template -> ``[clean, layer, k]`` estimated effect of patching position ``k``
+            (``[clean, 1, k]`` for a hook without layers).
+        clean_metric: ``[clean]`` the metric of the unpatched run.
+        source_of: ``[clean]`` the reference image of each one (None for ``zero``).
+        pattern: ``[clean, layer, head, key_pos]`` the quality row of every layer's attention in
+            the same forward (padded coordinates), when asked.
+    """
+
+    metric: str
+    reference: str
+    sites: Mapping[str, tuple[str, ...]]
+    layers: np.ndarray
+    effects: Mapping[str, np.ndarray]
+    clean_metric: np.ndarray
+    source_of: np.ndarray | None = None
+    pattern: np.ndarray | None = None
+
+    def site(self, name: str) -> np.ndarray:
+        """``[clean, layer, k]`` the estimate of patching a site (its hooks' terms summed)."""
+        return sum(self.effects[h] for h in self.sites[name])  # type: ignore[return-value]
+
+    def importance(self, name: str = "resid") -> np.ndarray:
+        """``[clean, k]`` each position's largest |estimated effect| over layers.
+
+        Research choice: patching the residual at layer l acts on every later layer, so the
+        per-layer effects are not additive; the largest one says how much the position can matter.
+        """
+        return np.abs(self.site(name)).max(1)
+
+
+# ----------------------------------------------------------------------------- the estimate
+def _hook_names(template: str, layers: Sequence[int]) -> list[str]:
+    return [template.format(l=layer) for layer in layers] if "{l}" in template else [template]
+
+
+def attribution_patching(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "clean text_pos"],
+    images: Float[Tensor, "clean 3 S S"] | None,
+    positions: Int[Tensor, "clean k"],
+    readout: Readout,
+    *,
+    metric: Metric = "logit_diff",
+    reference: Literal["zero", "source"] = "zero",
+    source_of: Int[Tensor, " clean"] | None = None,
+    sites: Sequence[str] | Mapping[str, Sequence[str]] = ("resid", "kv"),
+    layers: Sequence[int] | None = None,
+    attention_mask: Int[Tensor, "clean text_pos"] | None = None,
+    keep_pattern: bool = False,
+    chunk: int | None = None,
+) -> AttributionPatchingResult:
+    """Gradient x (reference - clean) at every (site, layer, position), one forward and one backward.
+
+    Args:
+        model: The model (eval mode).
+        input_ids: ``[clean, text_pos]`` prompts with one image each.
+        images: ``[clean, 3, S, S]`` their images.
+        positions: ``[clean, k]`` the positions to estimate (e.g. every image token), in the
+            spliced (left-padded) coordinates the model computes in.
+        readout: Level-word ids and the quality column.
+        metric: ``logit_diff`` or ``score`` (read with `metric_of`).
+        reference: ``zero`` (zero ablation) or ``source`` (the activation of image
+            ``source_of[i]`` at the same index of ``positions``: the other image's run is the
+            same batch's row, so it costs no extra forward).
+        source_of: The reference image of each clean image (``source``).
+        sites: Names of `mechbiqa.analysis.patching.SITES`, or name -> hook templates (``{l}`` for
+            the layer; a hook without ``{l}`` gets one layer slot) whose position axis is 1.
+        layers: Layers (default: all).
+        attention_mask: For padded prompts.
+        keep_pattern: Also return the quality row of every layer's attention.
+        chunk: Images per forward/backward (None: all at once). With ``source`` and several
+            chunks, the reference activations come from one extra no-grad run (the reference run).
+
+    Returns:
+        An `AttributionPatchingResult`.
+    """
+    if reference == "source" and source_of is None:
+        raise ValueError("reference='source' needs source_of: the image each one is patched from")
+    if reference not in ("zero", "source"):
+        raise ValueError(f"reference must be 'zero' or 'source'; got {reference!r}")
+    site_map = (
+        {s: SITES[s] for s in sites}
+        if not isinstance(sites, Mapping)
+        else {k: tuple(v) for k, v in sites.items()}
+    )
+    unknown = [s for s in site_map if not site_map[s]]
+    if unknown:
+        raise KeyError(f"sites {unknown} name no hooks")
+    n_layers = len(model.llm.blocks)
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    templates = list(dict.fromkeys(t for ts in site_map.values() for t in ts))
+    hook_names = {t: _hook_names(t, layers) for t in templates}
+    known = set(model.hook_dict)
+    missing = [h for hs in hook_names.values() for h in hs if h not in known]
+    if missing:
+        raise KeyError(f"hooks {missing} are not hooks of the model; build names with mechbiqa_hooks.names")
+    device = model.device
+    positions = torch.as_tensor(positions, dtype=torch.long, device=device)
+    order = [h for hs in hook_names.values() for h in hs]
+    source = None if source_of is None else torch.as_tensor(source_of, dtype=torch.long, device=device)
+    n = input_ids.shape[0]
+    size = n if chunk is None else max(1, int(chunk))
+    take = lambda t, lo, hi: None if t is None else t[lo:hi].to(device)  # noqa: E731
+    reference_acts: dict[str, Tensor] | None = None
+    if reference == "source" and size < n:  # the reference run: the other images' activations, no grad
+        parts = [
+            gather_activations(
+                model,
+                input_ids[lo : lo + size],
+                take(images, lo, lo + size),
+                order,
+                positions[lo : lo + size],
+                attention_mask=take(attention_mask, lo, lo + size),
+            )
+            for lo in range(0, n, size)
+        ]
+        reference_acts = {h: torch.cat([part[h] for part in parts]) for h in order}
+    effects: dict[str, list[Tensor]] = {t: [] for t in hook_names}
+    values, patterns = [], []
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        acts, grads, value, pattern = _forward_backward(
+            model,
+            input_ids[lo:hi],
+            take(images, lo, hi),
+            take(attention_mask, lo, hi),
+            readout,
+            metric,
+            order,
+            n_layers if keep_pattern else 0,
+        )
+        rows = torch.arange(hi - lo, device=device)[:, None]
+        for template, names_ in hook_names.items():
+            per_layer = []
+            for name in names_:
+                a = acts[name][rows, positions[lo:hi]]  # [chunk, k, *rest]
+                g = torch.zeros_like(a) if grads[name] is None else grads[name][rows, positions[lo:hi]]
+                if reference == "zero":
+                    ref = torch.zeros_like(a)
+                elif reference_acts is None:  # one chunk: the reference images are rows of this forward
+                    ref = a[source]  # type: ignore[index]
+                else:
+                    ref = reference_acts[name][source[lo:hi]]  # type: ignore[index]
+                per_layer.append(((ref - a).double() * g.double()).flatten(2).sum(-1))  # [chunk, k]
+            effects[template].append(torch.stack(per_layer, 1).cpu())
+        values.append(value)
+        patterns.append(pattern)
+    return AttributionPatchingResult(
+        metric=metric,
+        reference=reference,
+        sites=site_map,
+        layers=np.asarray(layers),
+        effects={t: torch.cat(e).numpy() for t, e in effects.items()},
+        clean_metric=np.concatenate(values),
+        source_of=None if source is None else source.cpu().numpy(),
+        pattern=np.concatenate(patterns) if keep_pattern else None,
+    )
+
+
+def _forward_backward(
+    model: MPLUGOwl2,
+    input_ids: Tensor,
+    images: Tensor | None,
+    attention_mask: Tensor | None,
+    readout: Readout,
+    metric: Metric,
+    hooks: Sequence[str],
+    n_pattern_layers: int,
+) -> tuple[dict[str, Tensor], dict[str, Tensor | None], np.ndarray, np.ndarray | None]:
+    """One forward and one backward: the hooked activations, the metric's gradient at each, the metric."""
+    acts: dict[str, Tensor] = {}
+    patterns: dict[int, Tensor] = {}
+
+    def leaf(x: Tensor, hook: Any) -> Tensor:  # [image, image_pos, d_llm]: where the graph starts
+        return x.detach().requires_grad_(True)
+
+    def keep(x: Tensor, hook: Any) -> None:  # [batch, pos, ...]
+        acts[hook.name] = x
+
+    def keep_row(x: Tensor, hook: Any) -> None:  # [batch, head, query_pos, key_pos]
+        patterns[int(hook.name.split(".")[2])] = x[:, :, readout.position].detach()
+
+    fwd = [("hook_image_tokens", leaf)] + [(h, keep) for h in hooks]
+    fwd += [(_PATTERN.format(l=layer), keep_row) for layer in range(n_pattern_layers)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+        out = model(
+            input_ids.to(model.device),
+            images=None if images is None else images.to(model.device, model.dtype),
+            attention_mask=None if attention_mask is None else attention_mask.to(model.device),
+        )
+        value = metric_of(out.logits[:, readout.position], readout, metric)
+        grads = torch.autograd.grad(value.sum(), [acts[h] for h in hooks], allow_unused=True)
+    pattern = None
+    if n_pattern_layers:
+        pattern = torch.stack([patterns[x] for x in range(n_pattern_layers)], 1).float().cpu().numpy()
+    return (
+        {h: acts[h].detach() for h in hooks},
+        dict(zip(hooks, grads, strict=True)),
+        value.detach().cpu().numpy(),
+        pattern,
+    )
+
+
+# ----------------------------------------------------------------------------- validation
+def activation_patching_grid(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "clean text_pos"],
+    images: Float[Tensor, "clean 3 S S"] | None,
+    positions: Int[Tensor, "clean k"],
+    readout: Readout,
+    estimate: AttributionPatchingResult,
+    *,
+    site_names: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+    attention_mask: Int[Tensor, "clean text_pos"] | None = None,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """The same grid by activation patching (`mechbiqa.analysis.patching.sweep`), one position at a time.
+
+    Each configuration patches one site at one layer at one position, with the estimate's
+    reference (zeros, or the source image's activation at the same index).
+
+    Returns:
+        Site name -> ``[clean, layer, k]`` actual effect on the estimate's metric (``layers`` of
+        the estimate, or the subset given; NaN elsewhere).
+    """
+    chosen = list(estimate.sites) if site_names is None else list(site_names)
+    all_layers = [int(x) for x in estimate.layers]
+    layers = all_layers if layers is None else [int(x) for x in layers]
+    positions = torch.as_tensor(positions, dtype=torch.long)
+    n_clean, k = positions.shape
+    values: dict[str, Tensor] = {}
+    if estimate.reference == "source":
+        hooks = [h for s in chosen for t in estimate.sites[s] for h in _hook_names(t, layers)]
+        gathered = gather_activations(
+            model, input_ids, images, hooks, positions, attention_mask=attention_mask
+        )
+        source = torch.as_tensor(estimate.source_of, dtype=torch.long)
+        values = {h: a[source.to(a.device)].cpu() for h, a in gathered.items()}
+    configurations = []
+    for site in chosen:
+        for layer in layers:
+            for m in range(k):
+                edits = []
+                for template in estimate.sites[site]:
+                    hook = _hook_names(template, [layer])[0]
+                    setter = (
+                        Setter.zero()
+                        if estimate.reference == "zero"
+                        else Setter.source(values[hook][:, m : m + 1])
+                    )
+                    edits.append(Edit(hook, positions[:, m : m + 1], setter))
+                configurations.append(
+                    Configuration(
+                        f"{site} L{layer} p{m}", tuple(edits), {"site": site, "layer": layer, "k": m}
+                    )
+                )
+    result = sweep(
+        model,
+        input_ids,
+        images,
+        configurations,
+        readout,
+        attention_mask=attention_mask,
+        batch_size=batch_size,
+    )
+    effect = result.logit_diff_effect if estimate.metric == "logit_diff" else result.score_effect
+    out = {}
+    for site in chosen:
+        grid = np.full((n_clean, len(all_layers), k), np.nan)
+        for c in result.select(site=site):
+            tags = result.tags[c]
+            grid[:, all_layers.index(tags["layer"]) if tags["layer"] in all_layers else 0, tags["k"]] = (
+                effect[c]
+            )
+        out[site] = grid
+    return out
+
+
+def correlation(estimate: np.ndarray, actual: np.ndarray) -> float:
+    """Pearson correlation over the finite entries of two grids (NaN when either is constant)."""
+    a, b = np.ravel(estimate), np.ravel(actual)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return float("nan")
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def top_overlap(first: Int[np.ndarray, "clean k"], second: Int[np.ndarray, "clean k"]) -> np.ndarray:
+    """``[clean]`` fraction of the first set's indices also in the second (per row)."""
+    return np.array([len(set(a) & set(b)) / max(1, len(a)) for a, b in zip(first, second, strict=True)])
+
+
+def farthest_reference(clean: Float[np.ndarray, " clean"]) -> np.ndarray:
+    """``[clean]`` each image's reference: the image whose clean metric differs most from its own.
+
+    Research choice (as `studies/patch_image_tokens.py`): the patched activations then carry the
+    most different quality information the model itself perceives, without needing labels.
+    """
+    clean = np.asarray(clean, dtype=float)
+    return np.abs(clean[:, None] - clean[None]).argmax(1)
+
+
+def compare_with_attention(
+    estimate: AttributionPatchingResult,
+    roles: Int[np.ndarray, "clean key_pos"],
+    image_index: Int[np.ndarray, "clean key_pos"],
+    n_image: int,
+    k: int = 5,
+    site: str = "resid",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The k most important image tokens (`AttributionPatchingResult.importance`) vs the k most attended.
+
+    The attention ranking is `mechbiqa.analysis.attribution.attribute`'s (every layer and head) on the
+    quality rows the estimate kept (``keep_pattern=True``).
+
+    Returns:
+        ``top [clean, k]``, ``attended [clean, k]`` (image indices) and ``overlap [clean]``.
+    """
+    from mechbiqa.analysis.attribution import attribute
+
+    if estimate.pattern is None:
+        raise ValueError(
+            "the estimate kept no attention rows: run attribution_patching(..., keep_pattern=True)"
+        )
+    attended = attribute(estimate.pattern, roles, image_index, n_image, k=k).top
+    top = np.argsort(-estimate.importance(site), axis=-1, kind="stable")[:, :k]
+    return top, attended, top_overlap(top, attended)
