@@ -76,9 +76,13 @@ class Finding:
         return {"held": True, "did not hold": False}.get(self.verdict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form: claim, verdict, held, evidence and the test's fields (``test``, ``p_value``, ``ci`` ...)."""
-        out: dict[str, Any] = {"finding": self.claim, "verdict": self.verdict, "held": self.held,
-                               "evidence": self.evidence}
+        """JSON: claim, verdict, held, evidence and the test's fields (``test``, ``p_value``, ``ci`` ...)."""
+        out: dict[str, Any] = {
+            "finding": self.claim,
+            "verdict": self.verdict,
+            "held": self.held,
+            "evidence": self.evidence,
+        }
         if self.result is not None:
             out.update(asdict(self.result))
             out["ci"] = list(self.result.ci)
@@ -94,7 +98,13 @@ def _paired(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def paired_permutation(
-    a: Any, b: Any, *, units: str = "", n_resamples: int = 10_000, exact_max: int = 16, ci_level: float = 0.95,
+    a: Any,
+    b: Any,
+    *,
+    units: str = "",
+    n_resamples: int = 10_000,
+    exact_max: int = 16,
+    ci_level: float = 0.95,
     seed: int = 0,
 ) -> TestResult:
     """Sign-flip permutation test of the mean per-image difference ``b - a`` (pairs with a NaN are dropped).
@@ -126,7 +136,7 @@ def paired_permutation(
 
 
 def srcc_rows(pred: np.ndarray, label: np.ndarray) -> np.ndarray | np.floating:
-    """Spearman correlation of each row of ``pred`` with the same row of ``label`` (average ranks for ties)."""
+    """Spearman correlation of each row of ``pred`` with the same row of ``label`` (ties: average ranks)."""
     rp, rl = stats.rankdata(pred, axis=-1), stats.rankdata(label, axis=-1)
     rp, rl = rp - rp.mean(-1, keepdims=True), rl - rl.mean(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -134,8 +144,16 @@ def srcc_rows(pred: np.ndarray, label: np.ndarray) -> np.ndarray | np.floating:
 
 
 def paired_bootstrap(
-    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray], a: Any, b: Any, label: Any, *, units: str = "",
-    n_resamples: int = 2000, ci_level: float = 0.95, seed: int = 0, name: str = "paired bootstrap over images",
+    statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    a: Any,
+    b: Any,
+    label: Any,
+    *,
+    units: str = "",
+    n_resamples: int = 2000,
+    ci_level: float = 0.95,
+    seed: int = 0,
+    name: str = "paired bootstrap over images",
 ) -> TestResult:
     """``statistic(b, label) - statistic(a, label)`` with images resampled together for both predictors.
 
@@ -146,7 +164,9 @@ def paired_bootstrap(
     """
     a, b, y = (np.asarray(x, dtype=float).ravel() for x in (a, b, label))
     if not a.size == b.size == y.size:
-        raise ValueError(f"one value per image for both predictors and the label: got {a.size}, {b.size}, {y.size}")
+        raise ValueError(
+            f"one value per image for both predictors and the label: got {a.size}, {b.size}, {y.size}"
+        )
     keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(y)
     a, b, y = a[keep], b[keep], y[keep]
     n = y.size
@@ -167,7 +187,11 @@ def paired_bootstrap(
 
 
 def decide(
-    claim: str, result: TestResult | None, direction: Literal["greater", "less"], *, alpha: float = 0.05,
+    claim: str,
+    result: TestResult | None,
+    direction: Literal["greater", "less"],
+    *,
+    alpha: float = 0.05,
     evidence: str = "",
 ) -> Finding:
     """The verdict on ``claim`` that ``b - a`` is ``direction`` than 0, from a two-sided test at ``alpha``."""
@@ -181,6 +205,8 @@ def decide(
         verdict = "did not hold"
     if not evidence:
         ci = f"{100 * result.ci_level:g}% CI [{result.ci[0]:+.3g}, {result.ci[1]:+.3g}]"
-        evidence = f"difference {result.effect:+.3g} {result.units}".rstrip() + f", {ci}, p = {result.p_value:.3g}" \
+        evidence = (
+            f"difference {result.effect:+.3g} {result.units}".rstrip() + f", {ci}, p = {result.p_value:.3g}"
             f", n = {result.n} ({result.test})"
+        )
     return Finding(claim, verdict, result, evidence)
