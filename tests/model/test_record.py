@@ -8,15 +8,7 @@ import numpy as np
 import pytest
 import torch
 from mechbiqa_hooks.cache import to_activation_cache
-from mechbiqa_hooks.record import (
-    PromptConfig,
-    Recorder,
-    RunConfig,
-    SampleSource,
-    _Rows,
-    plan_layout,
-    record_dataset,
-)
+from mechbiqa_hooks.record import PaddedRows, Recorder
 from PIL import Image
 
 from mechbiqa.model import ModelConfig, MPLUGOwl2
@@ -26,6 +18,8 @@ from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.roles import Role, assign_roles
 from mechbiqa.model.tokenizer import train_compact_tokenizer
 from mechbiqa.store import ActivationStore, CacheSpec
+from mechbiqa.store.plan import plan_layout
+from mechbiqa.store.record import PromptConfig, RunConfig, SampleSource, record_dataset
 from tests.conftest import randomize_
 
 SPEC = (
@@ -179,7 +173,7 @@ def test_left_padding_is_undone_for_positions_and_keys(parts, images):
         input_ids[b, width - len(ids) :] = torch.tensor(ids)
         mask[b, width - len(ids) :] = 1
     pixels = processor([images[0].image_path, images[1].image_path])
-    arrays, _ = Recorder(model, layout).record(_Rows(input_ids, mask, roles, [short, longer]), pixels)
+    arrays, _ = Recorder(model, layout).record(PaddedRows(input_ids, mask, roles, [short, longer]), pixels)
     for b, ids in enumerate((short, longer)):
         cache = reference(model, ids, pixels[b])
         n = len(roles[b])
@@ -258,7 +252,7 @@ def test_hooks_are_removed_even_when_the_forward_fails(parts):
     layout = plan_layout(model, CacheSpec.default(), roles, 1)
     ids = torch.tensor([prompt.ids])
     with pytest.raises(ValueError, match="placeholder"):
-        Recorder(model, layout).record(_Rows(ids, torch.ones_like(ids), [roles], [list(prompt.ids)]), None)
+        Recorder(model, layout).record(PaddedRows(ids, torch.ones_like(ids), [roles], [list(prompt.ids)]), None)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
@@ -303,7 +297,7 @@ def prompted(tokenizer, n_img):
 
 
 def test_per_sample_prompts_round_trip_equals_live_forwards(parts, images, tmp_path):
-    from mechbiqa_hooks.record import PromptedSample, record_prompts
+    from mechbiqa.store.record import PromptedSample, record_prompts
 
     from mechbiqa.analysis.capture import capture_quality
     from mechbiqa.analysis.lens import LogitLens, lens_from_store
@@ -387,7 +381,7 @@ def test_per_sample_prompts_round_trip_equals_live_forwards(parts, images, tmp_p
 
 
 def test_per_sample_prompts_resume_and_refuse_other_prompts(parts, images, tmp_path):
-    from mechbiqa_hooks.record import PromptedSample, record_prompts
+    from mechbiqa.store.record import PromptedSample, record_prompts
 
     from mechbiqa.store import StoreMismatchError, partial_path
 
