@@ -47,6 +47,7 @@ __all__ = [
     "LogitLens",
     "LensResult",
     "analyse_lens",
+    "check_lens",
     "lens_from_store",
     "settle_layers",
 ]
@@ -68,6 +69,15 @@ class Lens(ABC):
         """Alias of `logits`."""
         return self.logits(resid, layer)
 
+    def readout_fingerprint(self, dtype: torch.dtype) -> str | None:
+        """`mechbiqa.store.identity.readout_fingerprint` of the model this lens reads out with.
+
+        A store holds its model's (``model_identity["readout"]``), so `lens_from_store` refuses
+        a lens of another model even when the store has no logits to compare. None: unknown
+        (no check).
+        """
+        return None
+
 
 class LogitLens(Lens):
     """``unembed(ln_final(resid))``: the model's own read-out applied to every layer.
@@ -77,14 +87,21 @@ class LogitLens(Lens):
         unembed: The model's ``lm_head`` (``model.llm.unembed``).
     """
 
-    def __init__(self, ln_final: nn.Module, unembed: nn.Module) -> None:  # noqa: D107 (documented on the class)
+    def __init__(self, ln_final: nn.Module, unembed: nn.Module, source: str = "") -> None:  # noqa: D107 (documented on the class)
         self.ln_final = ln_final
         self.unembed = unembed
+        self.source = source  # where the read-out came from (named in errors)
 
     @classmethod
-    def from_model(cls, model: MPLUGOwl2) -> LogitLens:
-        """The lens of a model (its modules, shared, not copied)."""
-        return cls(model.llm.ln_final, model.llm.unembed)
+    def from_model(cls, model: MPLUGOwl2, source: str = "") -> LogitLens:
+        """The lens of a model (its modules, shared, not copied); ``source`` names it in errors."""
+        return cls(model.llm.ln_final, model.llm.unembed, source)
+
+    def readout_fingerprint(self, dtype: torch.dtype) -> str:
+        """The fingerprint of the final norm and unembedding, cast to ``dtype`` (see `Lens`)."""
+        from mechbiqa.store.identity import readout_fingerprint
+
+        return readout_fingerprint(self.ln_final.weight, self.unembed.weight, dtype)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> LogitLens:
@@ -123,7 +140,7 @@ class LogitLens(Lens):
         with torch.no_grad():
             norm.weight.copy_(found["norm"])
             unembed.weight.copy_(found["unembed"])
-        return cls(norm.to(dtype).eval(), unembed.to(dtype).eval())
+        return cls(norm.to(dtype).eval(), unembed.to(dtype).eval(), str(directory))
 
     @torch.no_grad()
     def logits(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch vocab"]:
@@ -351,6 +368,29 @@ def analyse_lens(
     )
 
 
+def check_lens(store: ActivationStore, lens: Lens) -> None:
+    """Refuse a lens whose read-out is not the one of the model the store was recorded from.
+
+    Raises:
+        mechbiqa.store.StoreMismatchError: One line naming the store, both models and the fix.
+    """
+    from mechbiqa.store import StoreMismatchError
+
+    identity = store.info.model_identity
+    stored = identity.get("readout")
+    if not stored:  # a store written before read-out fingerprints: the logits check remains
+        return
+    mine = lens.readout_fingerprint(getattr(torch, identity.get("dtype", "float32")))
+    if mine is not None and mine != stored:
+        given = getattr(lens, "source", "") or "the given model"
+        recorded = store.info.model or "?"
+        raise StoreMismatchError(
+            f"{store.path} was recorded from model {recorded}, but the lens comes from {given}, another "
+            f"model (read-out fingerprint {mine}, the store's {stored}): pass the checkpoint the store "
+            f"was recorded from (--model {recorded}), or record the store again with this model"
+        )
+
+
 def lens_from_store(
     store: ActivationStore,
     lens: Lens,
@@ -364,8 +404,9 @@ def lens_from_store(
 
     Reads `RESID` at the ``quality`` selection for every stored layer; samples without a
     quality position (a generated answer without a level word) are left out and counted.
-    When the store also holds the model's logits (`LOGITS` at ``quality``), the lens of the
-    last layer must reproduce them: a store recorded by another model is refused.
+    A lens of another model than the store's is refused: by the read-out fingerprint the
+    store holds (`Lens.readout_fingerprint`), and, when the store also holds the model's
+    logits (`LOGITS` at ``quality``), by the lens of the last layer reproducing them.
 
     Args:
         store: An open `mechbiqa.store.ActivationStore`.
@@ -379,9 +420,13 @@ def lens_from_store(
     Raises:
         LookupError: The store lacks `RESID` at ``quality``, its last layer, or any sample
             with a quality position (the message names the hook or role and the fix).
+        mechbiqa.store.StoreMismatchError: The lens reads out with another model than the
+            store was recorded from.
         ValueError: The lens does not reproduce the stored logits.
     """
     from mechbiqa.model.config import ModelConfig
+
+    check_lens(store, lens)
 
     fix = f"record it with studies/cache_activations.py --spec 'default' (or add '{RESID}@quality' to --spec)"
     try:
