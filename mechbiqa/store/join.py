@@ -109,7 +109,7 @@ def join_stores(shards: Sequence[str | Path], out: str | Path) -> Path:
         f.attrs["layout"] = dumps(layout.to_dict())
         run = json.loads(first.get("run", "{}"))
         run.pop("shard", None)
-        f.attrs["run"] = dumps(run)
+        f.attrs["run"] = json.dumps(run, sort_keys=True)  # the form store_attrs writes
         ranges, start = [], 0
         for path, n in zip(rel, counts, strict=True):
             ranges.append({"path": path, "start": start, "stop": start + n})

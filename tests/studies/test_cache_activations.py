@@ -361,10 +361,39 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mode):
         assert joined.answers("all") == one.answers("all") and joined.errors() == one.errors()
         np.testing.assert_array_equal(joined.roles("all"), one.roles("all"))
         np.testing.assert_array_equal(joined.token_ids("all"), one.token_ids("all"))
-        if mode == "rated":  # the shards' prompts differ in length: one agreed layout
-            assert len(set(one.n_positions().tolist())) > 1
     config = json.loads((tmp_path / "joined.h5.config.json").read_text())
     assert config["mode"] == mode
+
+
+def test_torchrun_ranks_agree_one_layout_for_ragged_prompts(tmp_path):
+    """Each rank's prompts would plan another layout; the joined store equals one process's."""
+    images = make_images(tmp_path / "images", 7, bad=False)
+    script = Path(__file__).with_name("sharded_prompts.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    done = subprocess.run([*command, str(images), str(tmp_path / "joined.h5")], env=ENV, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script), str(images), str(tmp_path / "one.h5")], env=ENV,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    shards = sorted((tmp_path / "joined.h5.shards").glob("*.h5"))
+    with ActivationStore.open(shards[0]) as first, ActivationStore.open(shards[1]) as second:
+        # rank 0 alone would plan a shorter max_pos, rank 1 a narrower answer: both got the union
+        assert first.layout.max_pos == second.layout.max_pos > int(first.n_positions().max())
+        assert first.layout.answer_bytes == second.layout.answer_bytes > len(second.answers()[0])
+    assert_same_store(tmp_path / "joined.h5", tmp_path / "one.h5", atol=1e-5)
+    with ActivationStore.open(tmp_path / "joined.h5") as joined:
+        assert (
+            joined.n_images().tolist() == [1, 1, 1, 1, 0, 1, 1]
+            and len(set(joined.n_positions().tolist())) == 5
+        )
 
 
 # ----------------------------------------------------------------------------- reliability
