@@ -1,14 +1,15 @@
 """Logit lens on the quality position: which level word each LLM layer would answer.
 
-Where it sits: the recorder (`mechbiqa_hooks.record`) stores every layer's
+Where it sits: the recorder (`mechbiqa.store.record`) stores every layer's
 residual at the quality position (``llm.blocks.{l}.hook_resid_post@quality``)
 in an activation store (`mechbiqa.store`); `studies/logit_lens.py` reads them
 as ``[layer, sample, d_model]`` and hands them to a `Lens`, and this module
 turns the lens's logits into the quantities of DESIGN.md ("Logit lens"):
 level-word probabilities per layer, the layer where the answer settles, the
 agreement of each layer with the final answer, and trajectories split by the
-final answer. `mechbiqa.reports.lens_table` and
-`mechbiqa.figures.lens_trajectories` render the `LensResult`.
+final answer. A lens of another model than the store's is refused (`check_lens`,
+by the read-out fingerprint the store holds). `mechbiqa.reports.lens_table`
+and `mechbiqa.figures.lens_trajectories` render the `LensResult`.
 
 The lens follows tuned-lens's design: a `Lens` maps a layer's residual to
 vocabulary logits; `LogitLens`, the trivial case, applies the model's own

@@ -341,6 +341,7 @@ def assert_same_store(a: Path, b: Path, atol: float) -> None:
             assert fa.attrs[key] == fb.attrs[key], key
 
 
+@pytest.mark.slow  # ~50 s on 2 shared cores (two torch imports per run)
 @pytest.mark.parametrize("mode", ["rated", "generate"])
 def test_torchrun_two_ranks_equal_one_process(tmp_path, mode):
     """Rated mode (each image's own prompt, layouts differ per shard) and generate mode under torchrun."""
@@ -365,6 +366,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mode):
     assert config["mode"] == mode
 
 
+@pytest.mark.slow  # ~90 s on 2 shared cores
 def test_torchrun_ranks_agree_one_layout_for_ragged_prompts(tmp_path):
     """Each rank's prompts would plan another layout; the joined store equals one process's."""
     images = make_images(tmp_path / "images", 7, bad=False)
