@@ -104,11 +104,12 @@ class RankGroup:
 
             dist.barrier()
 
-    def together(self, what: str, step: Callable[[], T]) -> T:
+    def together(self, what: str, step: Callable[[], T], undo: Callable[[T], Any] | None = None) -> T:
         """Run ``step`` on every rank; if it raised on any, raise on all of them.
 
-        A rank re-raises its own exception; the others raise a `StoreError` naming the
-        first rank that failed and its one-line message.
+        A rank re-raises its own exception; the others call ``undo`` on what their step
+        returned (e.g. close a writer) and raise a `StoreError` naming the first rank that
+        failed and its one-line message. ``step`` must not itself use the group.
         """
         try:
             value, error = step(), None
@@ -119,6 +120,8 @@ class RankGroup:
             raise error
         failed = [(r, report) for r, report in enumerate(reports) if report is not None]
         if failed:
+            if undo is not None:
+                undo(value)  # type: ignore[arg-type]
             rank, report = failed[0]
             raise StoreError(f"rank {rank} of {self.world_size} could not {what}: {report}")
         return value  # type: ignore[return-value]
@@ -159,9 +162,8 @@ def _shared(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k != "environment"}
 
 
-def _agree(group: RankGroup, attrs: Mapping[str, Any]) -> None:
+def _agree(every: Sequence[Mapping[str, Any]]) -> None:
     """Refuse ranks that would record shards that cannot be joined (another model, spec, run ...)."""
-    every = group.gather(_shared(attrs))
     for rank, other in enumerate(every[1:], start=1):
         difference = shard_difference(every[0], other)
         if difference is not None:
@@ -220,25 +222,32 @@ def record_sharded(
         part, path = samples[lo:hi], shard_path(out, group.rank, group.world_size)
     path.parent.mkdir(parents=True, exist_ok=True)
 
+    # Each step runs locally inside `together` (no collective inside a step, so that a rank
+    # failing half-way cannot leave the others in a mismatched collective).
     if attrs is not None:  # 1. before the costly part
+        mine = group.together("describe its store", lambda: attrs(shard))
+        every = group.gather(_shared(mine))
 
         def check_early() -> None:
-            mine = attrs(shard)
-            _agree(group, mine)
+            _agree(every)
             if not overwrite:
                 check_resumable(path, mine, ids=[str(s.id) for s in part])
 
         group.together("agree on the store before recording", check_early)
     plan = group.together("plan its part", lambda: prepare(part, path, shard))  # 2.
     if attrs is None:
-        group.together("agree on the store before recording", lambda: _agree(group, plan.attrs))
+        every = group.gather(_shared(plan.attrs))
+        group.together("agree on the store before recording", lambda: _agree(every))
     layouts = group.gather(plan.layout)  # 3. one layout for all shards
     plan = group.together("agree on the layout", lambda: plan.widen(layouts[0].union(*layouts[1:])))
     writer: StoreWriter = group.together(  # 4.
-        "open its store", lambda: plan.open(overwrite=overwrite, fsync=fsync, retry_failed=retry_failed)
+        "open its store",
+        lambda: plan.open(overwrite=overwrite, fsync=fsync, retry_failed=retry_failed),
+        undo=lambda w: w.close(),
     )
-    try:
-        opened = group.gather(writer.layout.with_samples(0))  # a resumed shard keeps its own layout
+    opened = group.gather(writer.layout.with_samples(0))  # a resumed shard keeps its own layout
+
+    def accept() -> None:
         if any(layout != opened[0] for layout in opened):
             raise StoreMismatchError(
                 f"the existing shards in {shard_path(out, 0, group.world_size).parent} were planned with "
@@ -247,6 +256,9 @@ def record_sharded(
             )
         if on_open is not None and group.rank == 0:
             on_open()
+
+    try:
+        group.together("accept the run", accept)
     except BaseException:
         writer.close()
         raise

@@ -398,6 +398,23 @@ def test_torchrun_ranks_agree_one_layout_for_ragged_prompts(tmp_path):
         )
 
 
+@pytest.mark.slow  # ~40 s on 2 shared cores
+def test_torchrun_ranks_refuse_together_before_any_work(tmp_path):
+    """Rank 1's shard was recorded with another spec: both ranks stop before rating, with one message."""
+    from mechbiqa.store.shards import shard_path
+
+    images = make_images(tmp_path / "images", 4, bad=False)
+    out = tmp_path / "joined.h5"
+    theirs = shard_path(out, 1, 2)
+    study.main(study.Config.tiny(tmp_path, out=str(theirs), spec="quality", mode="rated", max_new_tokens=2))
+    done = torchrun(tmp_path, images, out, "--mode", "rated", "--max-new-tokens", "2")
+    assert done.returncode != 0
+    assert "cannot append to it" in done.stderr and "cache_spec differs" in done.stderr
+    assert "rank 1 of 2 could not agree on the store before recording" in done.stderr  # rank 0's error
+    assert not shard_path(out, 0, 2).exists() and not partial_path(shard_path(out, 0, 2)).exists()
+    assert not out.exists() and not (tmp_path / "joined.h5.config.json").exists()
+
+
 # ----------------------------------------------------------------------------- reliability
 def test_a_refused_run_leaves_the_config_sidecar_alone(tmp_path):
     make_images(tmp_path / "images", 2, bad=False)
