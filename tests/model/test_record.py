@@ -502,7 +502,9 @@ def test_a_store_refuses_the_lens_and_identity_of_another_model(parts, images, t
     with ActivationStore.open(result.path) as store:
         lens_from_store(store, LogitLens.from_model(model), level_ids(tokenizer))
         store.check_identity(model_identity(model))
-        refused = r"s\.h5 was recorded from model mine, but the lens comes from theirs, another model .*model mine"
+        refused = (
+            r"s\.h5 was recorded from model mine, but the lens comes from theirs, another model .*model mine"
+        )
         with pytest.raises(StoreMismatchError, match=refused):
             lens_from_store(store, LogitLens.from_model(other, source="theirs"), level_ids(tokenizer))
         with pytest.raises(

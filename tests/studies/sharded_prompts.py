@@ -40,10 +40,11 @@ def samples(images: Path, tokenizer) -> list[PromptedSample]:
 
 
 def main(images: Path, out: Path) -> None:
+    """Record the samples into ``out`` (shards and a joined store under torchrun)."""
     model, tokenizer, processor = tiny_random_model(0)
     spec = CacheSpec.parse(SPEC, dtype="float32")
 
-    def prepare(part, path, shard):
+    def prepare(part, path, shard):  # noqa: D103
         return plan_prompts(model, tokenizer, processor, part, spec, path, batch_size=2, shard=shard)
 
     record_sharded(out, samples(images, tokenizer), prepare)
