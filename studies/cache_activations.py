@@ -227,7 +227,8 @@ def main(cfg: Config, progress: Any = None) -> Result:
         os.replace(tmp, sidecar)
 
     done = record_sharded(out, samples, prepare, attrs=attrs, group=group, overwrite=cfg.overwrite,
-                          fsync=cfg.fsync, progress=progress, on_open=write_config)  # fmt: skip
+                          fsync=cfg.fsync, progress=progress, on_open=write_config,
+                          align=cfg.batch_size)  # fmt: skip
     store_path = done.store if group.rank == 0 else done.shard
     with ActivationStore.open(store_path) as store:
         errors = [(e.id, e.reason) for e in store.errors()]

@@ -470,11 +470,23 @@ def plan_dataset(
     load = load_image or (lambda sample: torch.from_numpy(processor.preprocess(Path(sample.image_path))))
     level_ids = [tokenizer.word_id(w) for w in LEVEL_WORDS]
     role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]] = {}
+    offset = int(shard["start"]) if shard else 0
 
     def record_batch(recorder: Recorder, layout: StoreLayout, start: int, stop: int) -> BatchRows:
         chunk = samples[start:stop]
         return _record_batch(
-            model, tokenizer, load, recorder, chunk, start, encoded, run, level_ids, layout, role_cache
+            model,
+            tokenizer,
+            load,
+            recorder,
+            chunk,
+            start,
+            encoded,
+            run,
+            level_ids,
+            layout,
+            role_cache,
+            offset,
         )
 
     def retryable(row: int) -> bool:
@@ -872,8 +884,13 @@ def _record_batch(
     level_ids: list[int],
     layout: StoreLayout,
     role_cache: dict[tuple[int, ...], tuple[TokenRoles, np.ndarray]],
+    seed_offset: int = 0,
 ) -> BatchRows:
-    """Load, run and record one batch of the shared prompt; failed images become error rows."""
+    """Load, run and record one batch of the shared prompt; failed images become error rows.
+
+    A generated batch draws from ``(run.seed, seed_offset + start)``: ``seed_offset`` is the
+    shard's first sample, so that a sample's draws do not depend on which rank records it.
+    """
     n = len(chunk)
     status, errors, pixels = _load_pixels(load, chunk)
     ok = [i for i in range(n) if status[i] == STATUS_OK]
@@ -881,7 +898,7 @@ def _record_batch(
     acts: dict[str, np.ndarray] = {}
     if ok:
         images = torch.stack(pixels)
-        text_ids, answers = _texts(model, tokenizer, images, encoded, run, start, len(ok))
+        text_ids, answers = _texts(model, tokenizer, images, encoded, run, seed_offset + start, len(ok))
         roles, spliced = [], []
         for ids in text_ids:  # in score mode every row is the same prompt: roles are computed once
             key = tuple(ids)

@@ -25,8 +25,10 @@ at a barrier:
 4. open: each rank creates, resumes or reopens its shard (all must succeed);
 5. record, then rank 0 joins.
 
-A 2-rank run equals a 1-rank run sample for sample (the test runs both under
-torchrun), up to float rounding of batches that hold other samples.
+With ``align`` set to the batch size the shards are whole batches of the
+single-process run, so a 2-rank run equals a 1-rank run sample for sample
+(tested under torchrun); what a rank computes before planning (a rater's
+ratings, batched on its own part) may round differently.
 """
 
 from __future__ import annotations
@@ -127,8 +129,18 @@ class RankGroup:
         return value  # type: ignore[return-value]
 
 
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """``(start, stop)`` of rank ``rank``'s contiguous part of ``n`` samples."""
+def shard_range(n: int, rank: int, world_size: int, align: int = 1) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous part of ``n`` samples.
+
+    With ``align`` (the batch size) every part but the last is a whole number of batches,
+    as long as every rank gets at least one batch: the ranks then record exactly the
+    batches a single process would, so a 2-rank store equals a 1-rank one (and sampled
+    answers, seeded per batch, are the same draws).
+    """
+    batches = -(-n // align)
+    if align > 1 and batches >= world_size:
+        lo, hi = rank * batches // world_size * align, (rank + 1) * batches // world_size * align
+        return lo, min(hi, n)
     return rank * n // world_size, (rank + 1) * n // world_size
 
 
@@ -185,6 +197,7 @@ def record_sharded(
     retry_failed: RetryPolicy = "auto",
     progress: Callable[[int, int], None] | None = None,
     on_open: Callable[[], None] | None = None,
+    align: int = 1,
 ) -> ShardedResult:
     """Record ``samples`` into ``out``: one shard per torchrun rank and a joined store, or one store.
 
@@ -204,6 +217,7 @@ def record_sharded(
         progress: ``(done, total)`` of this rank's part after each batch.
         on_open: Called on rank 0 once every rank's store accepted the run, before any
             batch is recorded (write a config sidecar there: it then always describes the store).
+        align: The batch size: shards start at whole batches (`shard_range`).
 
     Returns:
         A `ShardedResult`.
@@ -217,7 +231,7 @@ def record_sharded(
     out = Path(out)
     shard, path, part = None, out, samples
     if group.distributed:
-        lo, hi = shard_range(len(samples), group.rank, group.world_size)
+        lo, hi = shard_range(len(samples), group.rank, group.world_size, align)
         shard = {"rank": group.rank, "world_size": group.world_size, "start": lo, "stop": hi}
         part, path = samples[lo:hi], shard_path(out, group.rank, group.world_size)
     path.parent.mkdir(parents=True, exist_ok=True)

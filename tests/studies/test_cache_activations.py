@@ -344,15 +344,23 @@ def assert_same_store(a: Path, b: Path, atol: float) -> None:
 @pytest.mark.slow  # ~50 s on 2 shared cores (two torch imports per run)
 @pytest.mark.parametrize("mode", ["rated", "generate"])
 def test_torchrun_two_ranks_equal_one_process(tmp_path, mode):
-    """Rated mode (each image's own prompt, layouts differ per shard) and generate mode under torchrun."""
+    """Rated mode (each image's own prompt) and generate mode (sampled answers) under torchrun."""
     images = make_images(tmp_path / "images", 9)
     out = tmp_path / "joined.h5"
     extra = ["--mode", mode, "--batch-size", "3", "--max-new-tokens", "6", "--dtype", "float32"]
-    done = torchrun(tmp_path, images, out, *extra)
+    sample = ["--sample", "--seed", "3"] if mode == "generate" else []
+    done = torchrun(tmp_path, images, out, *extra, *sample)
     assert done.returncode == 0, done.stderr[-3000:]
+    options = {"do_sample": True, "seed": 3} if mode == "generate" else {}
     single = study.main(
         study.Config.tiny(
-            tmp_path, out=str(tmp_path / "one.h5"), mode=mode, batch_size=3, max_new_tokens=6, dtype="float32"
+            tmp_path,
+            out=str(tmp_path / "one.h5"),
+            mode=mode,
+            batch_size=3,
+            max_new_tokens=6,
+            dtype="float32",
+            **options,
         )  # fmt: skip
     )
     assert_same_store(out, single.store, atol=1e-4)

@@ -524,3 +524,16 @@ def test_missing_keys_are_key_errors_printed_as_one_plain_line(tmp_path):
     with pytest.raises(KeyError) as info:
         CacheSpec.preset("nope")
     assert str(info.value).startswith("unknown cache spec preset 'nope'") and "\n" not in str(info.value)
+
+
+def test_shard_ranges_cover_the_samples_in_whole_batches():
+    from mechbiqa.store.shards import shard_range
+
+    for n, world, align in [(13, 2, 3), (100, 3, 8), (7, 4, 2), (5, 2, 8), (9, 3, 1)]:
+        ranges = [shard_range(n, r, world, align) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous, no overlap
+        if -(-n // align) >= world:  # enough batches: every rank but the last starts and stops at a batch
+            assert all(lo % align == 0 and lo < hi for lo, hi in ranges)
+    assert [shard_range(13, r, 2, 3) for r in range(2)] == [(0, 6), (6, 13)]
+    assert [shard_range(5, r, 2, 8) for r in range(2)] == [(0, 2), (2, 5)]  # one batch: split as before
