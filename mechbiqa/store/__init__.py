@@ -9,9 +9,9 @@ role selection and sample. `mechbiqa_hooks.cache` turns one sample back into a
 TransformerLens `ActivationCache`. `studies/cache_activations.py` is the
 command line.
 
-The package, one file per concern (imports run down this list; `record`,
-`plan`, `identity` and `shards` need torch and the model, the rest only
-h5py and numpy, and this module re-exports the public names of those)::
+The package, one file per concern (imports run down this list; `identity`,
+`plan`, `record`, `batches` and `shards` need torch and the model, the rest
+only h5py and numpy, and this module re-exports the public names of those)::
 
     errors    StoreError and its kinds
     spec      Site, CacheSpec, PRESETS: what to cache
@@ -21,7 +21,8 @@ h5py and numpy, and this module re-exports the public names of those)::
     join      join_stores: one virtual store over the shards of a torchrun run
     identity  model_identity, tokenizer_identity: what a store was recorded from
     plan      plan_layout: a CacheSpec resolved against a model and prompts
-    record    record_dataset, record_prompts: the recording loops
+    record    record_dataset, record_prompts: the recording loops (plan, open, record)
+    batches   one batch: load images, run the recorded forward, fill the rows
     shards    record_sharded: torchrun ranks agree, record one shard each, rank 0 joins
 
 What gets cached is a `CacheSpec`: a tuple of `Site`s, each a hook name (with
