@@ -9,9 +9,10 @@ role selection and sample. `mechbiqa_hooks.cache` turns one sample back into a
 TransformerLens `ActivationCache`. `studies/cache_activations.py` is the
 command line.
 
-The package, one file per concern (imports run down this list; `identity`,
-`plan`, `record`, `batches` and `shards` need torch and the model, the rest
-only h5py and numpy, and this module re-exports the public names of those)::
+The package, one file per concern (at run time a file imports only those above
+it; `identity`, `plan`, `batches`, `record` and `shards` run the model, the
+rest read and write files without it, and this module re-exports their public
+names)::
 
     errors    StoreError and its kinds
     spec      Site, CacheSpec, PRESETS: what to cache
@@ -21,8 +22,8 @@ only h5py and numpy, and this module re-exports the public names of those)::
     join      join_stores: one virtual store over the shards of a torchrun run
     identity  model_identity, tokenizer_identity: what a store was recorded from
     plan      plan_layout: a CacheSpec resolved against a model and prompts
-    record    record_dataset, record_prompts: the recording loops (plan, open, record)
     batches   one batch: load images, run the recorded forward, fill the rows
+    record    record_dataset, record_prompts: the recording loops (plan, open, record)
     shards    record_sharded: torchrun ranks agree, record one shard each, rank 0 joins
 
 What gets cached is a `CacheSpec`: a tuple of `Site`s, each a hook name (with
