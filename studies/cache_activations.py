@@ -48,14 +48,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from mechbiqa_hooks.record import PromptConfig, RecordResult, RunConfig, record_dataset
-
 from mechbiqa import cli, outputs, sources
-from mechbiqa.analysis.capture import record_rater
+from mechbiqa.analysis.capture import plan_rater, rater_attrs
 from mechbiqa.model import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.tokenizer import Tokenizer
-from mechbiqa.store import ActivationStore, CacheSpec, join_stores
+from mechbiqa.store import ActivationStore, CacheSpec
+from mechbiqa.store.record import PromptConfig, RecordResult, RunConfig, plan_dataset
+from mechbiqa.store.shards import RankGroup, record_sharded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,108 +181,68 @@ def load_samples(cfg: Config) -> list[Any]:
     return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="gloo"
-        )  # only barriers travel between ranks: gloo serves CPU and GPU runs
-    return dist.get_rank(), dist.get_world_size()
-
-
-def shard_path(out: Path, rank: int, world: int) -> Path:
-    """Where one rank's store goes."""
-    return out.with_name(out.name + ".shards") / f"rank{rank:05d}-of-{world:05d}.h5"
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg: Config, progress: Any = None) -> Result:
-    """Record the data set; resume an interrupted store; join shards under torchrun.
+    """Record the data set; resume an interrupted store; retry rows that failed; shard under torchrun.
 
     Args:
         cfg: The run.
         progress: ``callable(done, total)`` called after each batch (the command line
             passes a rich progress bar).
+
+    Raises:
+        FileNotFoundError: No model or data set where the config says.
+        ValueError: A spec that cannot be parsed or names an unknown hook.
+        mechbiqa.store.StoreError: The store at ``--out`` cannot take this run (locked, recorded
+            with another setup: the message names the difference and the fix).
     """
-    rank, world = _distributed()
-    device = cfg.device
-    if world > 1 and device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    cfg_run = replace(cfg, device=device)
+    group = RankGroup.from_env()
+    cfg_run = replace(cfg, device=group.device(cfg.device))
+    spec = CacheSpec.parse(cfg.spec, dtype=cfg.store_dtype)
+    samples = load_samples(cfg)
+    out = Path(cfg.out)
+    attrs = None
     if cfg.mode == "rated":
         rater, name = load_rater(cfg_run)
+
+        def prepare(part: Any, path: Path, shard: dict[str, int] | None) -> Any:
+            return plan_rater(rater, part, path, spec, batch_size=cfg.batch_size, shard=shard,
+                              model_name=name)  # fmt: skip
+
+        def attrs(shard: dict[str, int] | None) -> Any:  # known before the (costly) rating
+            return rater_attrs(rater, spec, batch_size=cfg.batch_size, model_name=name, shard=shard)
     else:
         model, tokenizer, processor, name = load_model(cfg_run)
-    samples = load_samples(cfg)
-    spec = CacheSpec.parse(cfg.spec, dtype=cfg.store_dtype)
-    run = RunConfig(
-        mode="score" if cfg.mode == "rated" else cfg.mode,
-        batch_size=cfg.batch_size,
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=cfg.do_sample,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-    )
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path, shard = out, None
-    if world > 1:
-        lo, hi = rank * len(samples) // world, (rank + 1) * len(samples) // world
-        shard = {"rank": rank, "world_size": world, "start": lo, "stop": hi}
-        samples, path = samples[lo:hi], shard_path(out, rank, world)
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        outputs.write_config(Path(str(out) + ".config.json"), cfg)
-    if cfg.mode == "rated":
-        result = record_rater(
-            rater,
-            samples,
-            path,
-            spec,
+        run = RunConfig(
+            mode=cfg.mode,
             batch_size=cfg.batch_size,
-            overwrite=cfg.overwrite,
-            shard=shard,
-            progress=progress,
-            model_name=name,
-            fsync=cfg.fsync,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
         )
-    else:
-        result = record_dataset(
-            model,
-            tokenizer,
-            processor,
-            samples,
-            spec,
-            path,
-            prompt=PromptConfig(),
-            run=run,
-            model_name=name,
-            shard=shard,
-            overwrite=cfg.overwrite,
-            fsync=cfg.fsync,
-            progress=progress,
-        )
-    if world > 1:
-        import torch.distributed as dist
 
-        dist.barrier()
-        if rank == 0:
-            join_stores([shard_path(out, r, world) for r in range(world)], out)
-        dist.barrier()
-    with ActivationStore.open(out if rank == 0 else path) as store:
+        def prepare(part: Any, path: Path, shard: dict[str, int] | None) -> Any:
+            return plan_dataset(model, tokenizer, processor, part, spec, path, prompt=PromptConfig(), run=run,
+                                model_name=name, shard=shard)  # fmt: skip
+
+    def write_config() -> None:  # only once the store accepted the run: it always describes the store
+        outputs.write_config(Path(str(out) + ".config.json"), cfg)  # written whole or not at all
+
+    done = record_sharded(out, samples, prepare, attrs=attrs, group=group, overwrite=cfg.overwrite,
+                          fsync=cfg.fsync, progress=progress, on_open=write_config,
+                          align=cfg.batch_size)  # fmt: skip
+    store_path = done.store if group.rank == 0 else done.shard
+    with ActivationStore.open(store_path) as store:
         errors = [(e.id, e.reason) for e in store.errors()]
         n_valid = len(store.valid)
     return Result(
-        store=out if rank == 0 else path,
-        record=result,
+        store=store_path,
+        record=done.record,
         n_valid=n_valid,
         errors=errors,
-        rank=rank,
-        world_size=world,
+        rank=group.rank,
+        world_size=group.world_size,
     )
 
 

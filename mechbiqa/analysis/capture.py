@@ -8,10 +8,12 @@ that prompt and its token roles. Two routes lead from there to the studies:
 
 * `record_rater` (the route of `studies/replicate.py` and
   ``studies/cache_activations.py --mode rated``): rate the images, turn each
-  rating into a `mechbiqa_hooks.record.PromptedSample` (`rated_samples`) and
-  record them with `mechbiqa_hooks.record.record_prompts` into an activation
-  store (`mechbiqa.store`): one store per checkpoint, which the logit lens,
-  the attention attribution and the probes read offline.
+  rating into a `mechbiqa.store.record.PromptedSample` (`rate_samples`,
+  `rated_samples`) and record them with `mechbiqa.store.record.record_prompts`
+  into an activation store (`mechbiqa.store`): one store per checkpoint, which
+  the logit lens, the attention attribution and the probes read offline.
+  `plan_rater` and `rater_attrs` are its two halves for a torchrun run
+  (`mechbiqa.store.shards.record_sharded`: every rank rates its own part).
 * `capture_quality` (a few prompts, no store): one batched forward per chunk
   of prompts with hooks on the quality position's residual (and, if asked,
   attention row) of the chosen layers. The one padding loop for live
@@ -34,16 +36,18 @@ from mechbiqa.model.processor import ImageLoadError
 from mechbiqa.model.prompts import EncodedPrompt
 
 if TYPE_CHECKING:
-    from mechbiqa_hooks.record import PromptedSample, RecordResult
-
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
     from mechbiqa.pipeline import OneStageRater, Rating, TwoStageRater
     from mechbiqa.store import CacheSpec
+    from mechbiqa.store.record import PromptedSample, RecordPlan, RecordResult, RetryPolicy
 
 __all__ = [
     "QualityCapture",
     "capture_quality",
+    "plan_rater",
+    "rate_samples",
     "rated_samples",
+    "rater_attrs",
     "rater_mode",
     "record_rater",
     "scoring_components",
@@ -82,7 +86,7 @@ def _label(source: Any) -> float | None:
 
 def unrated_sample(source: Any, reason: str) -> PromptedSample:
     """A record that could not be rated, as an error row of the store."""
-    from mechbiqa_hooks.record import PromptedSample
+    from mechbiqa.store.record import PromptedSample
 
     return PromptedSample(
         id=str(source.id),
@@ -105,7 +109,7 @@ def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) 
     The stored record is the source record plus ``rating`` (score, level, description,
     level probabilities), so a store answers "what did the model say" without the model.
     """
-    from mechbiqa_hooks.record import PromptedSample
+    from mechbiqa.store.record import PromptedSample
 
     if len(records) != len(ratings):
         raise ValueError(f"{len(records)} records but {len(ratings)} ratings")
@@ -134,6 +138,87 @@ def rated_samples(records: Sequence[Any], ratings: Sequence[Rating], mode: str) 
     return out
 
 
+def rate_samples(
+    rater: OneStageRater | TwoStageRater,
+    records: Sequence[Any],
+    *,
+    rate_batch_size: int = 64,
+    rate_chunk: int = 256,
+) -> list[PromptedSample]:
+    """Rate the records; one `PromptedSample` each: its scoring prompt, or why it has none.
+
+    An image that cannot be read is not rated; its sample carries the reason (an error row).
+    """
+    processor = rater.components.processor if rater_mode(rater) == "one-stage" else rater.stage1.processor
+    readable: list[int] = []
+    errors: dict[int, str] = {}
+    ratings: list[Rating] = []
+    for start in range(0, len(records), rate_chunk):  # pixels of one chunk in memory at a time
+        pixels = []
+        for i in range(start, min(len(records), start + rate_chunk)):
+            try:
+                pixels.append(torch.from_numpy(processor.preprocess(Path(records[i].image_path))))
+                readable.append(i)
+            except ImageLoadError as error:
+                errors[i] = error.reason
+            except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
+                errors[i] = f"{type(error).__name__}: {error}"
+        if pixels:
+            ratings += rater.rate(torch.stack(pixels), batch_size=rate_batch_size)
+    good = rated_samples([records[i] for i in readable], ratings, rater_mode(rater))
+    rated = dict(zip(readable, good, strict=True))
+    return [
+        rated[i] if i in rated else unrated_sample(record, f"cannot rate it: {errors[i]}")
+        for i, record in enumerate(records)
+    ]
+
+
+def _scoring_parts(rater: OneStageRater | TwoStageRater, model_name: str | None) -> tuple[Any, Any, str]:
+    """The scoring components, the processor of their prompts (None: text only) and the store's model name."""
+    parts = scoring_components(rater)
+    processor = parts.processor if rater_mode(rater) == "one-stage" else None
+    return parts, processor, str(parts.path) if model_name is None else model_name
+
+
+def rater_attrs(
+    rater: OneStageRater | TwoStageRater,
+    spec: CacheSpec | None = None,
+    *,
+    batch_size: int = 8,
+    model_name: str | None = None,
+    shard: dict[str, int] | None = None,
+) -> dict[str, str]:
+    """The attributes `plan_rater`'s store will have, known before any image is rated."""
+    from mechbiqa.store import CacheSpec
+    from mechbiqa.store.record import prompts_attrs
+
+    parts, processor, name = _scoring_parts(rater, model_name)
+    return prompts_attrs(parts.model, parts.tokenizer, processor, spec or CacheSpec.default(),
+                         batch_size=batch_size, model_name=name, shard=shard)  # fmt: skip
+
+
+def plan_rater(
+    rater: OneStageRater | TwoStageRater,
+    records: Sequence[Any],
+    path: str | Path,
+    spec: CacheSpec | None = None,
+    *,
+    batch_size: int = 8,
+    rate_batch_size: int = 64,
+    rate_chunk: int = 256,
+    shard: dict[str, int] | None = None,
+    model_name: str | None = None,
+) -> RecordPlan:
+    """Rate the records and plan the recording of their scoring prompts (`record_rater`'s first half)."""
+    from mechbiqa.store import CacheSpec
+    from mechbiqa.store.record import plan_prompts
+
+    samples = rate_samples(rater, records, rate_batch_size=rate_batch_size, rate_chunk=rate_chunk)
+    parts, processor, name = _scoring_parts(rater, model_name)
+    return plan_prompts(parts.model, parts.tokenizer, processor, samples, spec or CacheSpec.default(), path,
+                        batch_size=batch_size, model_name=name, shard=shard)  # fmt: skip
+
+
 def record_rater(
     rater: OneStageRater | TwoStageRater,
     records: Sequence[Any],
@@ -148,6 +233,7 @@ def record_rater(
     progress: Callable[[int, int], None] | None = None,
     model_name: str | None = None,
     fsync: bool = False,
+    retry_failed: RetryPolicy = "auto",
 ) -> RecordResult:
     """Rate the records and record every rating's scoring prompt into a store (one per checkpoint).
 
@@ -167,57 +253,19 @@ def record_rater(
         rate_batch_size: Images per forward while rating.
         rate_chunk: Images preprocessed and rated at a time (memory).
         overwrite: Record again even if a store exists.
-        shard: One torchrun rank's part (`mechbiqa_hooks.record.record_prompts`).
+        shard: One torchrun rank's part (`mechbiqa.store.shards.record_sharded` runs the whole).
         progress: ``(done, total)`` after each recorded batch.
         model_name: The store's ``model`` attribute (default: the scoring checkpoint's directory).
         fsync: Flush each batch to disk before committing it.
+        retry_failed: Which failed rows of an existing store to record again (default: those whose
+            image can now be read and rated).
 
     An image that cannot be read is not rated; it is stored as a failed sample with the
     reason (``ActivationStore.errors``), as the shared-prompt recorder does.
     """
-    from mechbiqa_hooks.record import record_prompts
-
-    from mechbiqa.pipeline import OneStageRater
-    from mechbiqa.store import CacheSpec
-
-    one_stage = isinstance(rater, OneStageRater)
-    parts = scoring_components(rater)
-    processor = rater.components.processor if one_stage else rater.stage1.processor
-    readable: list[int] = []
-    errors: dict[int, str] = {}
-    ratings: list[Rating] = []
-    for start in range(0, len(records), rate_chunk):  # pixels of one chunk in memory at a time
-        pixels = []
-        for i in range(start, min(len(records), start + rate_chunk)):
-            try:
-                pixels.append(torch.from_numpy(processor.preprocess(Path(records[i].image_path))))
-                readable.append(i)
-            except ImageLoadError as error:
-                errors[i] = error.reason
-            except (OSError, ValueError) as error:  # anything else PIL raises on a bad file
-                errors[i] = f"{type(error).__name__}: {error}"
-        if pixels:
-            ratings += rater.rate(torch.stack(pixels), batch_size=rate_batch_size)
-    good = rated_samples([records[i] for i in readable], ratings, rater_mode(rater))
-    rated = dict(zip(readable, good, strict=True))
-    samples = [
-        rated[i] if i in rated else unrated_sample(record, f"cannot rate it: {errors[i]}")
-        for i, record in enumerate(records)
-    ]
-    return record_prompts(
-        parts.model,
-        parts.tokenizer,
-        parts.processor if one_stage else None,
-        samples,
-        spec or CacheSpec.default(),
-        path,
-        batch_size=batch_size,
-        model_name=str(parts.path) if model_name is None else model_name,
-        shard=shard,
-        overwrite=overwrite,
-        fsync=fsync,
-        progress=progress,
-    )
+    plan = plan_rater(rater, records, path, spec, batch_size=batch_size, rate_batch_size=rate_batch_size,
+                      rate_chunk=rate_chunk, shard=shard, model_name=model_name)  # fmt: skip
+    return plan.run(overwrite=overwrite, fsync=fsync, retry_failed=retry_failed, progress=progress)
 
 
 # ----------------------------------------------------------------------------- live

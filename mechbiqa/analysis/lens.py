@@ -1,14 +1,15 @@
 """Logit lens on the quality position: which level word each LLM layer would answer.
 
-Where it sits: the recorder (`mechbiqa_hooks.record`) stores every layer's
+Where it sits: the recorder (`mechbiqa.store.record`) stores every layer's
 residual at the quality position (``llm.blocks.{l}.hook_resid_post@quality``)
 in an activation store (`mechbiqa.store`); `studies/logit_lens.py` reads them
 as ``[layer, sample, d_model]`` and hands them to a `Lens`, and this module
 turns the lens's logits into the quantities of DESIGN.md ("Logit lens"):
 level-word probabilities per layer, the layer where the answer settles, the
 agreement of each layer with the final answer, and trajectories split by the
-final answer. `mechbiqa.reports.lens_table` and
-`mechbiqa.figures.lens_trajectories` render the `LensResult`.
+final answer. A lens of another model than the store's is refused (`check_lens`,
+by the read-out fingerprint the store holds). `mechbiqa.reports.lens_table`
+and `mechbiqa.figures.lens_trajectories` render the `LensResult`.
 
 The lens follows tuned-lens's design: a `Lens` maps a layer's residual to
 vocabulary logits; `LogitLens`, the trivial case, applies the model's own
@@ -52,6 +53,7 @@ __all__ = [
     "LogitLens",
     "LensResult",
     "analyse_lens",
+    "check_lens",
     "lens_from_store",
     "settle_layers",
     "TUNED_LENS_PARAMS",
@@ -79,6 +81,15 @@ class Lens(ABC):
         """Alias of `logits`."""
         return self.logits(resid, layer)
 
+    def readout_fingerprint(self, dtype: torch.dtype) -> str | None:
+        """`mechbiqa.store.identity.readout_fingerprint` of the model this lens reads out with.
+
+        A store holds its model's (``model_identity["readout"]``), so `lens_from_store` refuses
+        a lens of another model even when the store has no logits to compare. None: unknown
+        (no check).
+        """
+        return None
+
 
 class LogitLens(Lens):
     """``unembed(ln_final(resid))``: the model's own read-out applied to every layer.
@@ -88,14 +99,21 @@ class LogitLens(Lens):
         unembed: The model's ``lm_head`` (``model.llm.unembed``).
     """
 
-    def __init__(self, ln_final: nn.Module, unembed: nn.Module) -> None:  # noqa: D107 (documented on the class)
+    def __init__(self, ln_final: nn.Module, unembed: nn.Module, source: str = "") -> None:  # noqa: D107 (documented on the class)
         self.ln_final = ln_final
         self.unembed = unembed
+        self.source = source  # where the read-out came from (named in errors)
 
     @classmethod
-    def from_model(cls, model: MPLUGOwl2) -> LogitLens:
-        """The lens of a model (its modules, shared, not copied)."""
-        return cls(model.llm.ln_final, model.llm.unembed)
+    def from_model(cls, model: MPLUGOwl2, source: str = "") -> LogitLens:
+        """The lens of a model (its modules, shared, not copied); ``source`` names it in errors."""
+        return cls(model.llm.ln_final, model.llm.unembed, source)
+
+    def readout_fingerprint(self, dtype: torch.dtype) -> str:
+        """The fingerprint of the final norm and unembedding, cast to ``dtype`` (see `Lens`)."""
+        from mechbiqa.store.identity import readout_fingerprint
+
+        return readout_fingerprint(self.ln_final.weight, self.unembed.weight, dtype)
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> LogitLens:
@@ -134,7 +152,7 @@ class LogitLens(Lens):
         with torch.no_grad():
             norm.weight.copy_(found["norm"])
             unembed.weight.copy_(found["unembed"])
-        return cls(norm.to(dtype).eval(), unembed.to(dtype).eval())
+        return cls(norm.to(dtype).eval(), unembed.to(dtype).eval(), str(directory))
 
     @torch.no_grad()
     def logits(self, resid: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch vocab"]:
@@ -362,6 +380,29 @@ def analyse_lens(
     )
 
 
+def check_lens(store: ActivationStore, lens: Lens) -> None:
+    """Refuse a lens whose read-out is not the one of the model the store was recorded from.
+
+    Raises:
+        mechbiqa.store.StoreMismatchError: One line naming the store, both models and the fix.
+    """
+    from mechbiqa.store import StoreMismatchError
+
+    identity = store.info.model_identity
+    stored = identity.get("readout")
+    if not stored:  # a store written before read-out fingerprints: the logits check remains
+        return
+    mine = lens.readout_fingerprint(getattr(torch, identity.get("dtype", "float32")))
+    if mine is not None and mine != stored:
+        given = getattr(lens, "source", "") or "the given model"
+        recorded = store.info.model or "?"
+        raise StoreMismatchError(
+            f"{store.path} was recorded from model {recorded}, but the lens comes from {given}, another "
+            f"model (read-out fingerprint {mine}, the store's {stored}): pass the checkpoint the store "
+            f"was recorded from (--model {recorded}), or record the store again with this model"
+        )
+
+
 def lens_from_store(
     store: ActivationStore,
     lens: Lens,
@@ -375,8 +416,9 @@ def lens_from_store(
 
     Reads `RESID` at the ``quality`` selection for every stored layer; samples without a
     quality position (a generated answer without a level word) are left out and counted.
-    When the store also holds the model's logits (`LOGITS` at ``quality``), the lens of the
-    last layer must reproduce them: a store recorded by another model is refused.
+    A lens of another model than the store's is refused: by the read-out fingerprint the
+    store holds (`Lens.readout_fingerprint`), and, when the store also holds the model's
+    logits (`LOGITS` at ``quality``), by the lens of the last layer reproducing them.
 
     Args:
         store: An open `mechbiqa.store.ActivationStore`.
@@ -390,9 +432,13 @@ def lens_from_store(
     Raises:
         LookupError: The store lacks `RESID` at ``quality``, its last layer, or any sample
             with a quality position (the message names the hook or role and the fix).
+        mechbiqa.store.StoreMismatchError: The lens reads out with another model than the
+            store was recorded from.
         ValueError: The lens does not reproduce the stored logits.
     """
     from mechbiqa.model.config import ModelConfig
+
+    check_lens(store, lens)
 
     fix = f"record it with studies/cache_activations.py --spec 'default' (or add '{RESID}@quality' to --spec)"
     try:

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from mechbiqa_hooks.cache import to_activation_cache
-from mechbiqa_hooks.record import (
-    PromptConfig,
-    Recorder,
-    RunConfig,
-    SampleSource,
-    _Rows,
-    plan_layout,
-    record_dataset,
-)
 from PIL import Image
 
 from mechbiqa.model import ModelConfig, MPLUGOwl2
@@ -25,7 +16,11 @@ from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
 from mechbiqa.model.roles import Role, assign_roles
 from mechbiqa.model.tokenizer import train_compact_tokenizer
-from mechbiqa.store import ActivationStore, CacheSpec
+from mechbiqa.store import ActivationStore, CacheSpec, StoreMismatchError
+from mechbiqa.store.plan import plan_layout
+from mechbiqa.store.record import PromptConfig, RunConfig, SampleSource, record_dataset
+from mechbiqa_hooks.cache import to_activation_cache
+from mechbiqa_hooks.record import PaddedRows, Recorder
 from tests.conftest import randomize_
 
 SPEC = (
@@ -179,7 +174,7 @@ def test_left_padding_is_undone_for_positions_and_keys(parts, images):
         input_ids[b, width - len(ids) :] = torch.tensor(ids)
         mask[b, width - len(ids) :] = 1
     pixels = processor([images[0].image_path, images[1].image_path])
-    arrays, _ = Recorder(model, layout).record(_Rows(input_ids, mask, roles, [short, longer]), pixels)
+    arrays, _ = Recorder(model, layout).record(PaddedRows(input_ids, mask, roles, [short, longer]), pixels)
     for b, ids in enumerate((short, longer)):
         cache = reference(model, ids, pixels[b])
         n = len(roles[b])
@@ -258,7 +253,9 @@ def test_hooks_are_removed_even_when_the_forward_fails(parts):
     layout = plan_layout(model, CacheSpec.default(), roles, 1)
     ids = torch.tensor([prompt.ids])
     with pytest.raises(ValueError, match="placeholder"):
-        Recorder(model, layout).record(_Rows(ids, torch.ones_like(ids), [roles], [list(prompt.ids)]), None)
+        Recorder(model, layout).record(
+            PaddedRows(ids, torch.ones_like(ids), [roles], [list(prompt.ids)]), None
+        )
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
@@ -303,11 +300,10 @@ def prompted(tokenizer, n_img):
 
 
 def test_per_sample_prompts_round_trip_equals_live_forwards(parts, images, tmp_path):
-    from mechbiqa_hooks.record import PromptedSample, record_prompts
-
     from mechbiqa.analysis.capture import capture_quality
     from mechbiqa.analysis.lens import LogitLens, lens_from_store
     from mechbiqa.scoring import level_ids
+    from mechbiqa.store.record import PromptedSample, record_prompts
 
     model, tokenizer, processor = parts
     n_img = model.cfg.n_image_tokens
@@ -387,9 +383,8 @@ def test_per_sample_prompts_round_trip_equals_live_forwards(parts, images, tmp_p
 
 
 def test_per_sample_prompts_resume_and_refuse_other_prompts(parts, images, tmp_path):
-    from mechbiqa_hooks.record import PromptedSample, record_prompts
-
-    from mechbiqa.store import StoreMismatchError, partial_path
+    from mechbiqa.store import partial_path
+    from mechbiqa.store.record import PromptedSample, record_prompts
 
     model, tokenizer, processor = parts
     samples = [
@@ -425,3 +420,108 @@ def test_per_sample_prompts_resume_and_refuse_other_prompts(parts, images, tmp_p
     with pytest.raises(ValueError, match="roles"):
         wrong = [replace(samples[2], roles=samples[1].roles)]  # a text-only prompt's roles
         record_prompts(model, tokenizer, processor, wrong, spec, tmp_path / "y.h5")
+
+
+# ----------------------------------------------------------------------------- retrying failed rows
+def test_a_fixed_image_is_retried_alone_and_equals_an_uninterrupted_run(parts, images, tmp_path):
+    import shutil
+
+    model, tokenizer, processor = parts
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sources = []
+    for s in images:
+        shutil.copy(s.image_path, folder / Path(s.image_path).name)
+        sources.append(replace(s, image_path=folder / Path(s.image_path).name))
+    good = Path(sources[3].image_path).read_bytes()
+    Path(sources[3].image_path).write_bytes(good[: len(good) // 3])  # truncated: an error row
+    spec = CacheSpec.parse("default; llm.blocks.{l}.hook_resid_post@all", dtype="float32")
+    run = RunConfig(batch_size=2)
+    first = record_dataset(model, tokenizer, processor, sources, spec, tmp_path / "s.h5", run=run)
+    assert (first.n_recorded, first.n_failed) == (5, 1)
+    again = record_dataset(model, tokenizer, processor, sources, spec, tmp_path / "s.h5", run=run)
+    assert again.n_recorded == 0  # still unreadable: nothing to retry, the store stays as it is
+    with ActivationStore.open(tmp_path / "s.h5") as store:
+        before = {k: store.get(*k.split("@"), samples="all") for k in store.keys}
+    Path(sources[3].image_path).write_bytes(good)  # the image is fixed
+    retried = record_dataset(model, tokenizer, processor, sources, spec, tmp_path / "s.h5", run=run)
+    assert (retried.n_recorded, retried.n_failed, retried.resumed_from) == (1, 0, 3)
+    whole = record_dataset(model, tokenizer, processor, sources, spec, tmp_path / "whole.h5", run=run)
+    with ActivationStore.open(retried.path) as store, ActivationStore.open(whole.path) as ref:
+        assert store.complete and len(store.valid) == 5 and store.errors() == []
+        for key, old in before.items():
+            new = store.get(*key.split("@"), samples="all")
+            np.testing.assert_array_equal(np.delete(new, 3, 0), np.delete(old, 3, 0))  # others untouched
+            # the retried row is computed in its own batch, as an uninterrupted run computes it
+            np.testing.assert_array_equal(new[3], ref.get(*key.split("@"), samples="all")[3])
+        np.testing.assert_array_equal(store.roles(), ref.roles())
+        np.testing.assert_array_equal(store.token_ids(), ref.token_ids())
+
+
+def test_a_sample_rated_on_retry_gets_its_prompt_and_record(parts, images, tmp_path):
+    from mechbiqa.store.record import PromptedSample, record_prompts
+
+    model, tokenizer, processor = parts
+    samples = [
+        PromptedSample(sid, prompt, images[i].image_path, roles, label=i / 5, record={"n": i})
+        for i, (sid, prompt, roles) in enumerate(prompted(tokenizer, model.cfg.n_image_tokens))
+    ]
+    unrated = [
+        *samples[:2],
+        PromptedSample("a", None, images[2].image_path, error="cannot rate it"),
+        *samples[3:],
+    ]
+    spec = CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality; llm.unembed.hook_out@quality", "float32")
+    path = tmp_path / "p.h5"
+    first = record_prompts(model, tokenizer, processor, unrated, spec, path, batch_size=2)
+    assert first.n_failed == 1
+    retried = record_prompts(model, tokenizer, processor, samples, spec, path, batch_size=2)
+    assert (retried.n_recorded, retried.n_failed) == (1, 0)
+    whole = record_prompts(model, tokenizer, processor, samples, spec, tmp_path / "w.h5", batch_size=2)
+    with ActivationStore.open(path) as store, ActivationStore.open(whole.path) as ref:
+        assert store.prompts() == ref.prompts() and store.records()[2] == {"n": 2}
+        np.testing.assert_array_equal(store.roles(), ref.roles())
+        np.testing.assert_array_equal(
+            store.get("llm.blocks.{l}.hook_resid_post")[2], ref.get("llm.blocks.{l}.hook_resid_post")[2]
+        )
+    with pytest.raises(StoreMismatchError, match="another prompt for sample 'd'"):
+        other = [samples[0], replace(samples[1], prompt=samples[0].prompt, roles=None), *samples[2:]]
+        record_prompts(model, tokenizer, processor, other, spec, path, batch_size=2)
+
+
+# ----------------------------------------------------------------------------- identity of a store's model
+def test_a_store_refuses_the_lens_and_identity_of_another_model(parts, images, tmp_path):
+    from mechbiqa.analysis.lens import LogitLens, lens_from_store
+    from mechbiqa.scoring import level_ids
+    from mechbiqa.store.identity import model_identity
+
+    model, tokenizer, processor = parts
+    spec = CacheSpec.parse("llm.blocks.{l}.hook_resid_post@quality", "float32")  # no logits to compare
+    result = record_dataset(model, tokenizer, processor, images, spec, tmp_path / "s.h5", model_name="mine")
+    other = randomize_(MPLUGOwl2(model.cfg), seed=2).eval()
+    with ActivationStore.open(result.path) as store:
+        lens_from_store(store, LogitLens.from_model(model), level_ids(tokenizer))
+        store.check_identity(model_identity(model))
+        refused = (
+            r"s\.h5 was recorded from model mine, but the lens comes from theirs, another model .*model mine"
+        )
+        with pytest.raises(StoreMismatchError, match=refused):
+            lens_from_store(store, LogitLens.from_model(other, source="theirs"), level_ids(tokenizer))
+        with pytest.raises(
+            StoreMismatchError, match=r"s\.h5 was recorded from model mine .*given model theirs"
+        ):
+            store.check_identity(model_identity(other), model="theirs")
+
+
+def test_the_readout_fingerprint_of_a_float32_lens_matches_a_bfloat16_recording(parts):
+    from mechbiqa.analysis.lens import LogitLens
+    from mechbiqa.store.identity import model_identity
+
+    model, _, _ = parts
+    half = MPLUGOwl2(model.cfg)
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    lens = LogitLens.from_model(model)  # float32, as read from the checkpoint
+    assert model_identity(half)["readout"] == lens.readout_fingerprint(torch.bfloat16)
+    assert model_identity(model)["readout"] == lens.readout_fingerprint(torch.float32)
+    assert model_identity(half)["readout"] != model_identity(model)["readout"]

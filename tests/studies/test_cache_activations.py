@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mechbiqa.store import ActivationStore, StoreLockedError, StoreWriter, partial_path
+from mechbiqa.store import ActivationStore, StoreLockedError, StoreMismatchError, StoreWriter, partial_path
 from studies import cache_activations as study
 from tests.conftest import REPO
 
@@ -300,3 +301,169 @@ def test_rated_mode_records_each_images_own_scoring_prompt(tmp_path):
     with ActivationStore.open(result.store) as store:
         levels = [r["rating"]["level"] for r in store.records()]
     assert [lens.lens.level_words[k] for k in lens.lens.final] == levels
+
+
+# ----------------------------------------------------------------------------- torchrun: every mode
+def torchrun(tmp_path: Path, images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A real ``torchrun --nproc_per_node 2`` run of the study (gloo, CPU)."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    command = [*run, "--tiny-random", "--dataset", str(images), "--out", str(out), "--no-progress", *extra]
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+def assert_same_store(a: Path, b: Path, atol: float) -> None:
+    """Every dataset equal element by element (floats to ``atol``: other batches round differently)."""
+    import h5py
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names: list[str] = []
+        fa.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        other: list[str] = []
+        fb.visititems(lambda n, o: other.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert sorted(names) == sorted(other)
+        for name in names:
+            x, y = fa[name][()], fb[name][()]
+            assert x.shape == y.shape, name
+            if name == "samples/record":  # JSON: the rating's floats come from other batches
+                for r, s in zip(x, y, strict=True):
+                    r, s = json.loads(r), json.loads(s)
+                    if "rating" in r:
+                        np.testing.assert_allclose(
+                            r["rating"].pop("level_probs"), s["rating"].pop("level_probs"), atol=atol
+                        )
+                        assert abs(r["rating"].pop("score") - s["rating"].pop("score")) < atol
+                    assert r == s, name
+            elif x.dtype.kind == "f":
+                np.testing.assert_allclose(x, y, atol=atol, err_msg=name)
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=name)
+        for key in ("model_identity", "model_config", "tokenizer", "prompt", "cache_spec", "layout", "run"):
+            assert fa.attrs[key] == fb.attrs[key], key
+
+
+@pytest.mark.slow  # ~50 s on 2 shared cores (two torch imports per run)
+@pytest.mark.parametrize("mode", ["rated", "generate"])
+def test_torchrun_two_ranks_equal_one_process(tmp_path, mode):
+    """Rated mode (each image's own prompt) and generate mode (sampled answers) under torchrun."""
+    images = make_images(tmp_path / "images", 9)
+    out = tmp_path / "joined.h5"
+    extra = ["--mode", mode, "--batch-size", "3", "--max-new-tokens", "6", "--dtype", "float32"]
+    sample = ["--sample", "--seed", "3"] if mode == "generate" else []
+    done = torchrun(tmp_path, images, out, *extra, *sample)
+    assert done.returncode == 0, done.stderr[-3000:]
+    options = {"do_sample": True, "seed": 3} if mode == "generate" else {}
+    single = study.main(
+        study.Config.tiny(
+            tmp_path,
+            out=str(tmp_path / "one.h5"),
+            mode=mode,
+            batch_size=3,
+            max_new_tokens=6,
+            dtype="float32",
+            **options,
+        )  # fmt: skip
+    )
+    assert_same_store(out, single.store, atol=1e-4)
+    with ActivationStore.open(out) as joined, ActivationStore.open(single.store) as one:
+        assert joined.n_samples == 13 and len(joined.info.shards) == 2
+        assert joined.ids("all") == one.ids("all") and joined.prompts("all") == one.prompts("all")
+        assert joined.answers("all") == one.answers("all") and joined.errors() == one.errors()
+        np.testing.assert_array_equal(joined.roles("all"), one.roles("all"))
+        np.testing.assert_array_equal(joined.token_ids("all"), one.token_ids("all"))
+    config = json.loads((tmp_path / "joined.h5.config.json").read_text())
+    assert config["mode"] == mode
+
+
+@pytest.mark.slow  # ~90 s on 2 shared cores
+def test_torchrun_ranks_agree_one_layout_for_ragged_prompts(tmp_path):
+    """Each rank's prompts would plan another layout; the joined store equals one process's."""
+    images = make_images(tmp_path / "images", 7, bad=False)
+    script = Path(__file__).with_name("sharded_prompts.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
+    done = subprocess.run([*command, str(images), str(tmp_path / "joined.h5")], env=ENV, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script), str(images), str(tmp_path / "one.h5")], env=ENV,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    shards = sorted((tmp_path / "joined.h5.shards").glob("*.h5"))
+    with ActivationStore.open(shards[0]) as first, ActivationStore.open(shards[1]) as second:
+        # rank 0 alone would plan a shorter max_pos, rank 1 a narrower answer: both got the union
+        assert first.layout.max_pos == second.layout.max_pos > int(first.n_positions().max())
+        assert first.layout.answer_bytes == second.layout.answer_bytes > len(second.answers()[0])
+    assert_same_store(tmp_path / "joined.h5", tmp_path / "one.h5", atol=1e-5)
+    with ActivationStore.open(tmp_path / "joined.h5") as joined:
+        assert (
+            joined.n_images().tolist() == [1, 1, 1, 1, 0, 1, 1]
+            and len(set(joined.n_positions().tolist())) == 5
+        )
+
+
+@pytest.mark.slow  # ~40 s on 2 shared cores
+def test_torchrun_ranks_refuse_together_before_any_work(tmp_path):
+    """Rank 1's shard was recorded with another spec: both ranks stop before rating, with one message."""
+    from mechbiqa.store.shards import shard_path
+
+    images = make_images(tmp_path / "images", 4, bad=False)
+    out = tmp_path / "joined.h5"
+    theirs = shard_path(out, 1, 2)
+    study.main(study.Config.tiny(tmp_path, out=str(theirs), spec="quality", mode="rated", max_new_tokens=2))
+    done = torchrun(tmp_path, images, out, "--mode", "rated", "--max-new-tokens", "2")
+    assert done.returncode != 0
+    assert "cannot append to it" in done.stderr and "cache_spec differs" in done.stderr
+    assert "rank 1 of 2 could not agree on the store before recording" in done.stderr  # rank 0's error
+    assert not shard_path(out, 0, 2).exists() and not partial_path(shard_path(out, 0, 2)).exists()
+    assert not out.exists() and not (tmp_path / "joined.h5.config.json").exists()
+
+
+# ----------------------------------------------------------------------------- reliability
+def test_a_refused_run_leaves_the_config_sidecar_alone(tmp_path):
+    make_images(tmp_path / "images", 2, bad=False)
+    cfg = study.Config.tiny(tmp_path, spec="quality")
+    study.main(cfg)
+    sidecar = tmp_path / "tiny.h5.config.json"
+    assert json.loads(sidecar.read_text())["spec"] == "quality"
+    with pytest.raises(StoreMismatchError, match="cache_spec differs.*overwrite"):
+        study.main(study.Config.tiny(tmp_path, spec="default"))
+    assert json.loads(sidecar.read_text())["spec"] == "quality"  # still the spec the store holds
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_fixed_image_is_retried_by_a_rerun(tmp_path):
+    images = make_images(tmp_path / "images", 4)
+    cfg = study.Config.tiny(tmp_path)
+    first = study.main(cfg)
+    assert {e[0] for e in first.errors} == {"corrupt.png", "truncated.png"}
+    (images / "truncated.png").write_bytes((images / "img001.png").read_bytes())  # fixed
+    again = study.main(cfg)
+    assert again.record.n_recorded == 1 and [e[0] for e in again.errors] == ["corrupt.png"]
+    with ActivationStore.open(again.store) as store:
+        row = store.index_of("truncated.png")
+        assert store.complete and row in store.valid
+        np.testing.assert_array_equal(
+            store.get("llm.blocks.{l}.hook_resid_post", samples=row),
+            store.get("llm.blocks.{l}.hook_resid_post", samples=store.index_of("img001.png")),
+        )
+
+
+def test_errors_are_ordinary_exceptions_with_one_line_messages(tmp_path):
+    make_images(tmp_path / "images", 1, bad=False)
+    with pytest.raises(ValueError, match="cannot parse cache site") as info:
+        study.main(study.Config.tiny(tmp_path, spec="llm.blocks.{l}.hook_resid_post@quality:x"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="cannot cache hook 'llm.nowhere'") as info:
+        study.main(study.Config.tiny(tmp_path, spec="llm.nowhere@all"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not 'builtin', a folder of images"):
+        study.main(study.Config.tiny(tmp_path, dataset=str(tmp_path / "none")))
+    with pytest.raises(FileNotFoundError, match="no config.json at .*needs the original config.json"):
+        study.main(
+            study.Config(model=str(tmp_path), dataset=str(tmp_path / "images"), out=str(tmp_path / "m.h5"))
+        )

@@ -329,7 +329,9 @@ def test_store_of_the_older_layout_is_refused_by_name(tmp_path):
     with h5py.File(path, "r+") as f:
         f.attrs["schema_version"] = 1
         del f["samples/n_images"]
-    with pytest.raises(SchemaVersionError, match=r"old\.h5 has store schema version 1.*older layout.*record it again"):
+    with pytest.raises(
+        SchemaVersionError, match=r"old\.h5 has store schema version 1.*older layout.*record it again"
+    ):
         ActivationStore.open(path)
     with pytest.raises(SchemaVersionError, match="old.h5"):
         StoreWriter.open(path, make_layout(), ATTRS, samples())
@@ -379,3 +381,159 @@ def test_join_concatenates_shards_as_virtual_datasets(tmp_path):
         assert [s["stop"] for s in store.info.shards] == [6, 10]
     with pytest.raises(StoreError, match="does not exist"):
         join_stores([tmp_path / "nope.h5"], tmp_path / "j2.h5")
+
+
+def test_join_refuses_shards_planned_with_other_layouts_and_ignores_their_rows(tmp_path):
+    from mechbiqa.store import shard_difference
+
+    base = make_layout(4)
+    wide = base.union(StoreLayout(4, MAX_POS + 3, base.capacities, base.arrays, 16, "float32"))
+    write_store(tmp_path / "a.h5", layout=make_layout(6), upto=6, ids_prefix="a")
+    write_store(tmp_path / "b.h5", layout=make_layout(4), upto=4, ids_prefix="b")
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        shard_a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.attrs.items()}
+        shard_b = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in b.attrs.items()}
+    assert shard_difference(shard_a, shard_b) is None  # their sample counts differ: that is per shard
+    other_run = {**shard_b, "run": json.dumps({"batch_size": 4, "shard": {"rank": 1}})}
+    assert shard_difference(shard_a, other_run) is None  # so is the shard's own range
+    assert "batch_size" in shard_difference(shard_a, {**shard_b, "run": json.dumps({"batch_size": 2})})
+    write_store(tmp_path / "c.h5", layout=wide, upto=4, ids_prefix="c")
+    with pytest.raises(StoreError, match=r"cannot join .*a\.h5 and .*c\.h5: layout differs.*max_pos"):
+        join_stores([tmp_path / "a.h5", tmp_path / "c.h5"], tmp_path / "j.h5")
+    assert not (tmp_path / "j.h5").exists()
+
+
+# ----------------------------------------------------------------------------- layouts of per-sample prompts
+def test_layout_union_takes_the_largest_room_and_refuses_other_arrays():
+    base = make_layout(5)
+    longer = StoreLayout(3, MAX_POS + 4, (("image", N_IMAGE), ("quality", 2)), base.arrays, 40, "float32")
+    joined = base.union(longer)
+    assert (joined.n_samples, joined.max_pos, joined.capacity, joined.answer_bytes) == (
+        5,
+        MAX_POS + 4,
+        {"image": N_IMAGE, "quality": 2},
+        40,
+    )
+    pattern = joined.array("llm.blocks.{l}.attn.hook_pattern@quality")
+    assert pattern.shape == (HEADS, 2, MAX_POS + 4)  # pos axis = capacity, key axis = max_pos
+    assert joined.array("llm.blocks.{l}.hook_resid_post@image").shape == (N_IMAGE, D)
+    assert joined.covers(base) and joined.covers(longer.with_samples(5)) and not base.covers(joined)
+    assert base.union(base) == base
+    fewer = StoreLayout(5, MAX_POS, base.capacities, base.arrays[:2], 16, "float32")
+    with pytest.raises(StoreMismatchError, match="array llm.blocks.{l}.attn.hook_pattern@quality"):
+        base.union(fewer)
+    with pytest.raises(StoreMismatchError, match="dtype"):
+        base.union(StoreLayout(5, MAX_POS, base.capacities, base.arrays, 16, "float16"))
+
+
+def test_resume_keeps_a_wider_stored_layout_and_refuses_one_too_narrow(tmp_path):
+    path = tmp_path / "s.h5"
+    base = make_layout()
+    wide = base.union(StoreLayout(N, MAX_POS + 2, base.capacities, base.arrays, 16, "float32"))
+    write_store(path, layout=wide, upto=4, finish=False)
+    with StoreWriter.open(path, make_layout(), ATTRS, samples()) as writer:  # this run needs less room
+        assert writer.layout == wide and writer.first_pending == 4
+    narrow = tmp_path / "n.h5"
+    write_store(narrow, upto=4, finish=False)
+    with pytest.raises(StoreMismatchError, match="layout"):
+        StoreWriter.open(narrow, wide, ATTRS, samples())
+
+
+# ----------------------------------------------------------------------------- retrying failed rows
+def test_failed_rows_reopen_and_are_rewritten_alone(tmp_path):
+    """A finished store with failed rows goes back to .partial; only those rows are written again."""
+    path, layout = tmp_path / "s.h5", make_layout()
+    write_store(path, failed=(2, 5))
+    with ActivationStore.open(path) as store:
+        before = {k: store.get(*k.split("@"), samples="all") for k in store.keys}
+    writer = StoreWriter.open(path, layout, ATTRS, samples())
+    assert writer.complete and list(writer.failed) == [2, 5]
+    writer.reopen([5], samples())
+    assert not path.exists() and partial_path(path).exists()  # the final name never holds pending rows
+    assert list(writer.pending) == [5] and list(writer.failed) == [2]
+    with ActivationStore.open(path) as store:  # a reader sees the row as pending meanwhile
+        assert store.status[5] == 0 and not store.complete
+    fixed = batch(layout, 4, 8, seed=7)
+    rows = {k: v[1:2] for k, v in fixed.rows.items()}
+    writer.write(BatchRows(5, fixed.status[1:2], rows, {k: v[:, 1:2] for k, v in fixed.acts.items()}))
+    writer.finish()
+    with ActivationStore.open(path) as store:
+        assert store.complete and list(store.valid) == [i for i in range(N) if i != 2]
+        assert [e.index for e in store.errors()] == [2]
+        for key, old in before.items():
+            new = store.get(*key.split("@"), samples="all")
+            np.testing.assert_array_equal(np.delete(new, 5, axis=0), np.delete(old, 5, axis=0))
+            expected = fixed.acts[key][:, 1] if store.layout.array(key).layers else fixed.acts[key][0, 1]
+            np.testing.assert_array_equal(new[5], expected.astype(np.float32))
+    with pytest.raises(ValueError, match="not failed"):
+        StoreWriter.open(path, layout, ATTRS, samples()).reopen([0], samples())
+
+
+def test_reopened_rows_with_new_sample_texts_are_written_in_a_copy(tmp_path):
+    path, layout = tmp_path / "s.h5", make_layout()
+    write_store(path, failed=(3,))
+    infos = samples()
+    infos[3] = SampleInfo("s3", "/img/s3.png", "a new prompt", label=0.75, record={"rating": "good"})
+    with StoreWriter.open(path, layout, ATTRS, infos) as writer:
+        writer.reopen([3], infos)
+        assert list(writer.pending) == [3]
+    with ActivationStore.open(path) as store:
+        assert not store.complete and store.prompts(samples=[3]) == ["a new prompt"]
+        assert store.records(samples=[3]) == [{"rating": "good"}] and np.isclose(
+            store.labels(samples=3), 0.75
+        )
+        assert store.prompts(samples=[2]) == ["prompt"] and store.records(samples=[4]) == [{"i": 4}]
+    write_store(path)  # resumes the reopened row (and finishes)
+    with ActivationStore.open(path) as store:
+        assert store.complete and len(store.valid) == N
+
+
+def test_a_reopen_killed_between_its_renames_keeps_the_finished_store(tmp_path):
+    path = tmp_path / "s.h5"
+    write_store(path, failed=(1,))
+    shutil.copyfile(path, partial_path(path))  # what a kill after the copy's rename leaves beside it
+    with StoreWriter.open(path, make_layout(), ATTRS, samples()) as writer:
+        assert writer.complete and list(writer.failed) == [1]
+    assert path.exists() and not partial_path(path).exists()
+
+
+def test_check_resumable_refuses_before_any_work(tmp_path):
+    from mechbiqa.store import check_resumable
+
+    path = tmp_path / "s.h5"
+    check_resumable(path, ATTRS)  # nothing there: nothing to refuse
+    write_store(path, upto=4, finish=False)
+    check_resumable(path, ATTRS, make_layout(), ids=[s.id for s in samples()])
+    with pytest.raises(StoreMismatchError, match="cache_spec differs"):
+        other = json.dumps(CacheSpec.preset("quality", "float32").to_dict())
+        check_resumable(path, {**ATTRS, "cache_spec": other})
+    with pytest.raises(StoreMismatchError, match="sample list differs"):
+        check_resumable(path, ATTRS, ids=["x"])
+
+
+def test_missing_keys_are_key_errors_printed_as_one_plain_line(tmp_path):
+    from mechbiqa.store import StoreKeyError
+
+    path = tmp_path / "s.h5"
+    write_store(path)
+    with ActivationStore.open(path) as store:
+        with pytest.raises(StoreKeyError) as info:
+            store.get("llm.blocks.{l}.hook_mlp_out")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, StoreError)
+    assert str(info.value).startswith("no array 'llm.blocks.{l}.hook_mlp_out@quality' in this store")
+    with pytest.raises(KeyError) as info:
+        CacheSpec.preset("nope")
+    assert str(info.value).startswith("unknown cache spec preset 'nope'") and "\n" not in str(info.value)
+
+
+def test_shard_ranges_cover_the_samples_in_whole_batches():
+    from mechbiqa.store.shards import shard_range
+
+    for n, world, align in [(13, 2, 3), (100, 3, 8), (7, 4, 2), (5, 2, 8), (9, 3, 1)]:
+        ranges = [shard_range(n, r, world, align) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous, no overlap
+        if -(-n // align) >= world:  # enough batches: every rank but the last starts and stops at a batch
+            assert all(lo % align == 0 and lo < hi for lo, hi in ranges)
+    assert [shard_range(13, r, 2, 3) for r in range(2)] == [(0, 6), (6, 13)]
+    assert [shard_range(5, r, 2, 8) for r in range(2)] == [(0, 2), (2, 5)]  # one batch: split as before
