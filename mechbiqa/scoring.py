@@ -145,7 +145,18 @@ def rate_images(
 def scorer_prompt(tokenizer: Tokenizer, prompt: str = QALIGN_SCORER_PROMPT) -> EncodedPrompt:
     """A raw prompt that ends right before the level word, as an `EncodedPrompt` (last id = quality position).
 
-    Its answer is taken to start after the prompt (roles: the whole text is instruction).
+    The answer starts after the last ``"ASSISTANT:"`` (the answer prefix "The quality of the
+    image is" then has the description role, as in `mechbiqa.model.prompts.encode_prompt`);
+    without the marker the whole prompt is instruction.
     """
     ids = tuple(tokenize_prompt(tokenizer, prompt, n_images=1))
-    return EncodedPrompt(text=prompt, ids=ids, response_start=len(ids), quality_index=len(ids) - 1)
+    start = len(ids)
+    marker = prompt.rfind(ASSISTANT_MARKER)
+    if marker >= 0:
+        head = tuple(tokenize_prompt(tokenizer, prompt[: marker + len(ASSISTANT_MARKER)]))
+        if ids[: len(head)] == head:  # the marker ends on a token boundary
+            start = len(head)
+    return EncodedPrompt(text=prompt, ids=ids, response_start=start, quality_index=len(ids) - 1)
+
+
+ASSISTANT_MARKER = "ASSISTANT:"
