@@ -57,9 +57,9 @@ __all__ = [
 # ----------------------------------------------------------------------------- into a store
 def scoring_components(rater: OneStageRater | TwoStageRater) -> Any:
     """The `Components` whose forward reads the quality word (a two-stage pair: stage 2)."""
-    from mechbiqa.pipeline import OneStageRater
+    from mechbiqa.checkpoint import rater_parts
 
-    return rater.components if isinstance(rater, OneStageRater) else rater.stage2
+    return rater_parts(rater)[-1]
 
 
 def _record_fields(source: Any) -> dict[str, Any]:
@@ -180,12 +180,13 @@ def record_rater(
     """
     from mechbiqa_hooks.record import record_prompts
 
+    from mechbiqa.checkpoint import rater_parts
     from mechbiqa.pipeline import OneStageRater
     from mechbiqa.store import CacheSpec
 
     one_stage = isinstance(rater, OneStageRater)
     parts = scoring_components(rater)
-    processor = rater.components.processor if one_stage else rater.stage1.processor
+    processor = rater_parts(rater)[0].processor
     readable: list[int] = []
     errors: dict[int, str] = {}
     ratings: list[Rating] = []

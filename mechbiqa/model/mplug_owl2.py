@@ -308,6 +308,8 @@ class MPLUGOwl2(HookedRootModule):
         if clean.hidden_states is None or clean.past_key_values is None:
             raise ValueError("run_from needs a forward run with use_cache=True and output_hidden_states=True")
         length = clean.attention_mask.shape[1]
+        if not 0 <= layer < len(self.llm.blocks):
+            raise ValueError(f"layer={layer} is outside 0..{len(self.llm.blocks) - 1} (the LLM's blocks)")
         if not 0 <= start < length:
             raise ValueError(f"start={start} is outside 0..{length - 1} (the recorded positions)")
         rows = torch.arange(clean.attention_mask.shape[0]) if rows is None else rows
