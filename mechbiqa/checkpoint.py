@@ -104,8 +104,9 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_rater(cls, rater: OneStageRater | TwoStageRater, name: str | None = None,
-                   kind: Kind | None = None) -> Checkpoint:
+    def from_rater(
+        cls, rater: OneStageRater | TwoStageRater, name: str | None = None, kind: Kind | None = None
+    ) -> Checkpoint:
         """Wrap a rater (e.g. `mechbiqa.sources.tiny_raters`)."""
         from mechbiqa.pipeline import OneStageRater
 
@@ -113,8 +114,14 @@ class Checkpoint:
         return cls(kind=kind, rater=rater, name=name or str(rater_parts(rater)[0].path))
 
     @classmethod
-    def released(cls, components: Components, *, template: str = RELEASED_TEMPLATE,
-                 max_new_tokens: int = 48, name: str | None = None) -> Checkpoint:
+    def released(
+        cls,
+        components: Components,
+        *,
+        template: str = RELEASED_TEMPLATE,
+        max_new_tokens: int = 48,
+        name: str | None = None,
+    ) -> Checkpoint:
         """A checkpoint without ``mechbiqa.json`` (or a random model): rated by Q-Align's scorer prompt."""
         from mechbiqa.pipeline import OneStageRater
 
@@ -193,8 +200,12 @@ class Checkpoint:
         prompt = scorer_prompt(c.tokenizer)
         if not len(pixels):
             return []
-        batch = batch_prompts([prompt] * len(pixels), pad_id=c.tokenizer.pad_id,
-                              n_image_tokens=c.model.cfg.n_image_tokens, bos_id=c.tokenizer.bos_id)
+        batch = batch_prompts(
+            [prompt] * len(pixels),
+            pad_id=c.tokenizer.pad_id,
+            n_image_tokens=c.model.cfg.n_image_tokens,
+            bos_id=c.tokenizer.bos_id,
+        )
         logits = quality_logits(c.model, batch, pixels, batch_size=batch_size)[:, level_ids(c.tokenizer)]
         probs = level_probs(logits, list(range(len(LEVEL_WORDS)))).numpy()
         return [
@@ -206,15 +217,24 @@ class Checkpoint:
 
     @torch.no_grad()
     def describe(self, images: Sequence[ImageInput] | Tensor, batch_size: int = 64) -> list[str]:
-        """A greedy description per image (stage 1 of a pair; a one-stage answer before its quality
-        sentence; a released checkpoint's whole answer to Q-Align's question)."""
+        """A greedy description per image.
+
+        Stage 1 of a pair; a one-stage answer before its quality sentence; a released
+        checkpoint's whole answer to Q-Align's question.
+        """
         from mechbiqa.pipeline import TwoStageRater, generate_answers, split_answer
 
         if isinstance(self.rater, TwoStageRater):
             return self.rater.describe(images, batch_size=batch_size)
         c, pixels = self.describer, self.pixels(images)
-        answers = generate_answers(c.model, c.tokenizer, [self.sample_prompt()] * len(pixels), pixels,
-                                   max_new_tokens=self.rater.max_new_tokens, batch_size=batch_size)
+        answers = generate_answers(
+            c.model,
+            c.tokenizer,
+            [self.sample_prompt()] * len(pixels),
+            pixels,
+            max_new_tokens=self.rater.max_new_tokens,
+            batch_size=batch_size,
+        )
         return answers if self.kind == "released" else [split_answer(a)[0] for a in answers]
 
     def sample_prompt(self) -> EncodedPrompt:
@@ -230,7 +250,9 @@ class Checkpoint:
             from mechbiqa_hooks.record import PromptConfig
 
             return PromptConfig().encode(c.tokenizer, "generate")
-        return task_prompt(c.tokenizer, self.rater.template, "one-stage" if self.kind == "one-stage" else "stage1")
+        return task_prompt(
+            c.tokenizer, self.rater.template, "one-stage" if self.kind == "one-stage" else "stage1"
+        )
 
     def stage2_prompt(self, description: str) -> EncodedPrompt:
         """A pair's stage-2 prompt for a description (text only, answer open)."""
@@ -280,16 +302,19 @@ def open_checkpoint(
     kind = checkpoint_kind(path)
     load = lambda p: load_components(p, dtype=dtype, device=device)  # noqa: E731
     if kind == "released":
-        return Checkpoint.released(load(path), template=released_template, max_new_tokens=max_new_tokens,
-                                   name=str(path))
+        return Checkpoint.released(
+            load(path), template=released_template, max_new_tokens=max_new_tokens, name=str(path)
+        )
     if kind == "one-stage":
         info = expect_checkpoint(path, "one-stage")
         rater: OneStageRater | TwoStageRater = OneStageRater(
-            load(path), template=template or info.template, max_new_tokens=max_new_tokens)
+            load(path), template=template or info.template, max_new_tokens=max_new_tokens
+        )
     else:
         first, second = stage_paths(path)
         info = expect_checkpoint(first, "two-stage", 1)
         expect_checkpoint(second, "two-stage", 2)
-        rater = TwoStageRater(load(first), load(second), template=template or info.template,
-                              max_new_tokens=max_new_tokens)
+        rater = TwoStageRater(
+            load(first), load(second), template=template or info.template, max_new_tokens=max_new_tokens
+        )
     return Checkpoint(kind=kind, rater=rater, name=str(path))

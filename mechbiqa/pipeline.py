@@ -492,8 +492,10 @@ class TwoStageRater:
 
         checkpoint = open_checkpoint(path, device=device, **kwargs)
         if checkpoint.kind != "two-stage":
-            raise CheckpointModeError(f"{path} is a {checkpoint.kind} checkpoint, but a two-stage pair is needed "
-                                      "here: pass the directory holding both stages")
+            raise CheckpointModeError(
+                f"{path} is a {checkpoint.kind} checkpoint, but a two-stage pair is needed here: "
+                "pass the directory holding both stages"
+            )
         return checkpoint.rater  # type: ignore[return-value]
 
     @torch.no_grad()
@@ -575,10 +577,9 @@ def match_description(text: str, distortions: Sequence[str] | None = None) -> De
         text: A description.
         distortions: Candidate types (default: the benchmark's default types).
     """
+    from mechbiqa.analysis.rouge import nearest
     from mechbiqa.data import DEFAULT_DISTORTIONS, DISTORTIONS
     from mechbiqa.data.descriptions import all_descriptions
-
-    from mechbiqa.analysis.rouge import nearest
 
     key = tuple(distortions or DEFAULT_DISTORTIONS)
     if key not in _PHRASINGS:
@@ -586,7 +587,8 @@ def match_description(text: str, distortions: Sequence[str] | None = None) -> De
         cells = [("pristine", 0)] + [(d, lv) for d in key for lv in range(1, 6)]
         for name, level in cells:
             family = "pristine" if level == 0 else DISTORTIONS[name].group
-            table += [(name, level, family, phrase) for phrase in all_descriptions(None if level == 0 else name, level)]
+            phrases = all_descriptions(None if level == 0 else name, level)
+            table += [(name, level, family, phrase) for phrase in phrases]
         _PHRASINGS[key] = table
     index, similarity = nearest(text, [row[3] for row in _PHRASINGS[key]])
     best = _PHRASINGS[key][index]

@@ -18,7 +18,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS, QALIGN_SCORER_PROMPT, EncodedPrompt, tokenize_prompt
+from mechbiqa.model.prompts import (
+    LEVEL_WEIGHTS,
+    LEVEL_WORDS,
+    QALIGN_SCORER_PROMPT,
+    EncodedPrompt,
+    tokenize_prompt,
+)
 from mechbiqa.model.roles import PromptBatch, batch_prompts
 
 if TYPE_CHECKING:
@@ -137,7 +143,8 @@ def rate_images(
     else:
         batch = batch_prompts([encoded] * pixels.shape[0], pad_id=tokenizer.pad_id,
                               n_image_tokens=model.cfg.n_image_tokens, bos_id=tokenizer.bos_id)
-        p = level_probs(quality_logits(model, batch, pixels, batch_size=batch_size), level_ids(tokenizer)).numpy()
+        logits = quality_logits(model, batch, pixels, batch_size=batch_size)
+        p = level_probs(logits, level_ids(tokenizer)).numpy()
     scores = qalign_from_probs(p).astype(np.float32)
     return Ratings(scores=scores, level_probs=p, levels=[LEVEL_WORDS[i] for i in p.argmax(-1)], prompt=prompt)
 

@@ -148,7 +148,7 @@ def open_source(
     device: str = "cpu",
     max_new_tokens: int = 48,
 ) -> Any:
-    """A study's model as a `mechbiqa.checkpoint.Checkpoint`: a directory of any kind, or the tiny random model.
+    """A study's model as a `mechbiqa.checkpoint.Checkpoint`: a directory of any kind, or the tiny random one.
 
     Args:
         checkpoint: A checkpoint directory or two-stage pair; None: `DEFAULT_CHECKPOINT`.
@@ -165,7 +165,9 @@ def open_source(
     from mechbiqa.model.load import Components
 
     if tiny_random:
-        model, tokenizer, processor, name = load_model(tiny_random=True, seed=seed, dtype=dtype, device=device)
+        model, tokenizer, processor, name = load_model(
+            tiny_random=True, seed=seed, dtype=dtype, device=device
+        )
         parts = Components(model=model, tokenizer=tokenizer, processor=processor, path=Path(name))
         return Checkpoint.released(parts, max_new_tokens=max_new_tokens, name=name)
     path = Path(checkpoint) if checkpoint else _default_checkpoint()

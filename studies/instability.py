@@ -46,7 +46,12 @@ from typing import Any
 import numpy as np
 
 from mechbiqa import reports
-from mechbiqa.analysis.instability import InstabilityResult, SamplingConfig, sample_checkpoint, summarise_instability
+from mechbiqa.analysis.instability import (
+    InstabilityResult,
+    SamplingConfig,
+    sample_checkpoint,
+    summarise_instability,
+)
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.sources import load_samples, open_source
 

@@ -139,7 +139,8 @@ def main(cfg: Config) -> Result:
         seed=cfg.seed,
         batch_size=cfg.batch_size,
     )
-    result, selections, source_of, model_name = patched.sweep, patched.selections, patched.source_of, checkpoint.name
+    result, selections, source_of = patched.sweep, patched.selections, patched.source_of
+    model_name = checkpoint.name
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

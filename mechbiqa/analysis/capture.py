@@ -30,18 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechbiqa_hooks import names
-
 from mechbiqa.model.processor import ImageLoadError
 from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import batch_prompts
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
-    from mechbiqa_hooks.record import PromptedSample, RecordResult
-
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
     from mechbiqa.pipeline import OneStageRater, Rating, TwoStageRater
     from mechbiqa.store import CacheSpec
+    from mechbiqa_hooks.record import PromptedSample, RecordResult
 
 __all__ = [
     "QualityCapture",
@@ -178,11 +176,10 @@ def record_rater(
     An image that cannot be read is not rated; it is stored as a failed sample with the
     reason (``ActivationStore.errors``), as the shared-prompt recorder does.
     """
-    from mechbiqa_hooks.record import record_prompts
-
     from mechbiqa.checkpoint import rater_parts
     from mechbiqa.pipeline import OneStageRater
     from mechbiqa.store import CacheSpec
+    from mechbiqa_hooks.record import record_prompts
 
     one_stage = isinstance(rater, OneStageRater)
     parts = scoring_components(rater)
@@ -284,8 +281,8 @@ def capture_quality(
     resid: list[Tensor] = []
     rows: list[Tensor] = []
     if not prompts:
-        return QualityCapture(layers=layers, resid=np.zeros((0, len(layers), model.cfg.llm.d_model), np.float32),
-                              pattern=None)
+        empty = np.zeros((0, len(layers), model.cfg.llm.d_model), np.float32)
+        return QualityCapture(layers=layers, resid=empty, pattern=None)
     batch = batch_prompts(prompts, pad_id=pad_id, n_image_tokens=model.cfg.n_image_tokens)
     lengths = [len(r.unpadded()) for r in batch.roles]  # spliced lengths
     grabbed: dict[str, Tensor] = {}

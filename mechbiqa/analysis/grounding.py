@@ -481,7 +481,9 @@ def image_path_probs(
 
 
 @torch.no_grad()
-def rate_paths(rater: OneStageRater | TwoStageRater | Checkpoint, pixels: Tensor, batch_size: int = 64) -> GroundingPaths:
+def rate_paths(
+    rater: OneStageRater | TwoStageRater | Checkpoint, pixels: Tensor, batch_size: int = 64
+) -> GroundingPaths:
     """Describe each image and read the quality along both paths (see the module docstring's table).
 
     Args:

@@ -230,7 +230,7 @@ def continue_rows(
     *,
     eos_token_id: int | None = None,
 ) -> Int[Tensor, "row new"]:
-    """The new ids `MPLUGOwl2.generate` draws after a prefill cache, row ``r`` from ``generators[r]`` (on CPU).
+    """The new ids `MPLUGOwl2.generate` draws after a prefill cache (on CPU), row ``r`` from ``generators[r]``.
 
     The generators advance in place: a later call (stage 2 of a pair) continues their streams.
     """
@@ -349,15 +349,21 @@ def sample_checkpoint(
         if two_stage:  # stage 2 rates each sampled description, text only, its stream continuing
             rows = tokens.transpose(0, 1).reshape(len(pixels) * n_seeds * n_answers, -1).tolist()
             descriptions = [first.tokenizer.decode(_cut(r, first.tokenizer.eos_id)).strip() for r in rows]
-            batch = batch_prompts([checkpoint.stage2_prompt(d) for d in descriptions], pad_id=final.tokenizer.pad_id,
-                                  n_image_tokens=final.model.cfg.n_image_tokens, bos_id=final.tokenizer.bos_id)
+            batch = batch_prompts(
+                [checkpoint.stage2_prompt(d) for d in descriptions],
+                pad_id=final.tokenizer.pad_id,
+                n_image_tokens=final.model.cfg.n_image_tokens,
+                bos_id=final.tokenizer.bos_id,
+            )
             ids = batch.input_ids.to(final.model.device)
             cache = final.model.prefill(ids, attention_mask=batch.attention_mask.to(final.model.device))
-            answer = continue_rows(final.model, ids, cache, sampling, generators, eos_token_id=final.tokenizer.eos_id)
+            eos = final.tokenizer.eos_id
+            answer = continue_rows(final.model, ids, cache, sampling, generators, eos_token_id=eos)
             tokens = answer.reshape(len(pixels), n_seeds, n_answers, -1).transpose(0, 1)
         eos = final.tokenizer.eos_id
         flat = tokens.reshape(-1, tokens.shape[-1])
-        levels[:, start : start + len(pixels)] = answer_levels(flat, words, eos).reshape(n_seeds, len(pixels), n_answers)
+        found = answer_levels(flat, words, eos).reshape(n_seeds, len(pixels), n_answers)
+        levels[:, start : start + len(pixels)] = found
         for i in range(min(len(pixels), max(0, n_texts - start))):
             texts.append([[final.tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
                            for a in range(n_answers)] for s in range(n_seeds)])

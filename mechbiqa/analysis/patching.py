@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from mechbiqa_hooks import names, patch
 from torch import Tensor
 
 from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS, EncodedPrompt
 from mechbiqa.model.roles import batch_prompts
 from mechbiqa.scoring import level_ids
+from mechbiqa_hooks import names, patch
 
 if TYPE_CHECKING:
     from mechbiqa.checkpoint import Checkpoint
@@ -367,10 +367,11 @@ def _row_hooks(
             zero = [(r, p) for r, p, v in items if v is None]
             full = [(r, p, v) for r, p, v in items if v is not None]
             if zero:
-                writes.append((pos_dim, torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero]), None))
+                rows, positions = torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])
+                writes.append((pos_dim, rows, positions, None))
             if full:
-                writes.append((pos_dim, torch.cat([r for r, _, _ in full]), torch.cat([p for _, p, _ in full]),
-                               torch.cat([v for _, _, v in full])))
+                rows, positions = torch.cat([r for r, _, _ in full]), torch.cat([p for _, p, _ in full])
+                writes.append((pos_dim, rows, positions, torch.cat([v for _, _, v in full])))
         return patch.scatter_hook(writes)
 
     return [(name, make(entries)) for name, entries in plan.items()]
@@ -468,8 +469,14 @@ def sweep(
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
     tokens = None if images is None else model.image_rows(images.to(device, model.dtype))
-    clean = model(input_ids, image_tokens=tokens, attention_mask=mask, use_cache=True, output_hidden_states=True,
-                  logits_at=readout.position)
+    clean = model(
+        input_ids,
+        image_tokens=tokens,
+        attention_mask=mask,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_at=readout.position,
+    )
     length = clean.attention_mask.shape[1]
     quality = readout.position % length  # absolute column of the quality position
 
@@ -686,7 +693,7 @@ def patch_image_tokens(
     seed: int = 0,
     batch_size: int = 64,
 ) -> ImageTokenPatching:
-    """Rank each image's tokens by the quality position's attention, then patch the dominant, random and least.
+    """Rank each image's tokens by the quality position's attention; patch the dominant, random and least.
 
     Each image is rated on the checkpoint's own scoring prompt (`Checkpoint.rate`: Q-Align's
     scorer prompt for a released one, the canonical prompt after its own description for a
@@ -722,15 +729,22 @@ def patch_image_tokens(
     if not 0 < k <= n_image:
         raise ValueError(f"k={k} must be in 1..{n_image} (the model's image tokens)")
     ratings = checkpoint.rate(pixels, batch_size=batch_size)
-    batch = batch_prompts([r.prompt for r in ratings], roles=[r.roles for r in ratings], pad_id=tokenizer.pad_id,
-                          n_image_tokens=n_image, bos_id=tokenizer.bos_id)
+    batch = batch_prompts(
+        [r.prompt for r in ratings],
+        roles=[r.roles for r in ratings],
+        pad_id=tokenizer.pad_id,
+        n_image_tokens=n_image,
+        bos_id=tokenizer.bos_id,
+    )
     image_positions = batch.image_positions(0)  # [image, n_image]
     layers = tuple(range(n_layers)) if layers is None else tuple(layers)
 
     # Rank the image tokens by the quality row of every layer's attention (the attribution study's rule).
     quality = torch.from_numpy(batch.quality)[:, None]
-    rows = gather_activations(model, batch.input_ids, pixels, [names.pattern(layer) for layer in range(n_layers)],
-                              quality, attention_mask=batch.attention_mask, pos_dim=2)
+    patterns = [names.pattern(layer) for layer in range(n_layers)]
+    rows = gather_activations(
+        model, batch.input_ids, pixels, patterns, quality, attention_mask=batch.attention_mask, pos_dim=2
+    )
     pattern = torch.stack([rows[names.pattern(layer)][:, 0] for layer in range(n_layers)], 1)
     ranked = attribute(pattern.float().cpu().numpy(), batch.stacked("role"), batch.stacked("image_index"),
                        n_image, k=k)
@@ -749,14 +763,27 @@ def patch_image_tokens(
     image_acts = ({} if set(setters) == {"zero"} else
                   gather_activations(model, batch.input_ids, pixels, hooks, image_positions,
                                      attention_mask=batch.attention_mask))
-    configurations = image_token_grid(image_positions, {s: torch.from_numpy(v) for s, v in selections.items()},
-                                      layers, sites=sites, setters=setters, image_acts=image_acts,
-                                      source_of=torch.from_numpy(source_of))
+    configurations = image_token_grid(
+        image_positions,
+        {s: torch.from_numpy(v) for s, v in selections.items()},
+        layers,
+        sites=sites,
+        setters=setters,
+        image_acts=image_acts,
+        source_of=torch.from_numpy(source_of),
+    )
     configurations.append(Configuration(  # reference: the whole image removed before the first layer
         "resid L0 all zero", (Edit(names.resid_pre(0), image_positions, Setter.zero()),),
         {"site": "resid", "layer": 0, "selection": "all", "setter": "zero"},
     ))  # fmt: skip
-    result = sweep(model, batch.input_ids, pixels, configurations, readout, attention_mask=batch.attention_mask,
-                   batch_size=batch_size)
+    result = sweep(
+        model,
+        batch.input_ids,
+        pixels,
+        configurations,
+        readout,
+        attention_mask=batch.attention_mask,
+        batch_size=batch_size,
+    )
     return ImageTokenPatching(sweep=result, selections=selections, source_of=source_of,
                               prompts=tuple(r.prompt for r in ratings))

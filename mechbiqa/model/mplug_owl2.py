@@ -234,7 +234,8 @@ class MPLUGOwl2(HookedRootModule):
             else:
                 rows = None if images is None else self.encode_images(images.to(self.device))
             spliced = self.prepare(input_ids, rows, attention_mask)
-            embeds, modality, positions, key_mask = spliced.embeds, spliced.modality, spliced.positions, spliced.mask
+            embeds, modality = spliced.embeds, spliced.modality
+            positions, key_mask = spliced.positions, spliced.mask
             if use_cache or cache is not None:
                 cache = KVCache() if cache is None else cache
         logits, hidden = self.llm(embeds, modality, positions, key_mask, cache, output_hidden_states,
@@ -316,7 +317,7 @@ class MPLUGOwl2(HookedRootModule):
         rows = rows.to(self.device)
         at = None if logits_at is None else logits_at % length - start
         if at is not None and at < 0:
-            raise ValueError(f"logits_at={logits_at} lies before start={start}: its logits are not recomputed")
+            raise ValueError(f"logits_at={logits_at} lies before start={start}: not recomputed")
         cache = clean.past_key_values.select(rows, start)
         logits, _ = self.llm(
             clean.hidden_states[layer][rows, start:],
@@ -350,8 +351,8 @@ class MPLUGOwl2(HookedRootModule):
         Greedy by default; ``do_sample=True`` draws from ``generator`` (seeded draws
         repeat exactly): one for the batch, or a list with one per row, so that a row's
         answer does not depend on the rows decoded beside it (the generators advance in
-        place: a later call continues their streams). With ``eos_token_id`` set, a row that emits it is padded with
-        ``pad_token_id`` afterwards and decoding stops once every row has; without it,
+        place: a later call continues their streams). With ``eos_token_id`` set, a row
+        that emits it is padded with ``pad_token_id`` afterwards and decoding stops once every row has; without it,
         exactly ``max_new_tokens`` are produced. ``past_key_values`` may hold an already
         prefilled prompt cache (then ``input_ids`` are only returned, not re-run, and the
         first new token is chosen from ``last_logits`` of that prefill: pass a cache made by

@@ -364,7 +364,8 @@ class PromptBatch:
         """``[batch, n_image_tokens]`` spliced columns of each row's ``image_number``-th image tokens."""
         found = [r.image_positions(image_number) for r in self.roles]
         if len({len(f) for f in found}) != 1 or not len(found[0]):
-            raise ValueError(f"not every row holds an image {image_number} (counts {[len(f) for f in found]})")
+            counts = [len(f) for f in found]
+            raise ValueError(f"not every row holds an image {image_number} (token counts {counts})")
         return torch.from_numpy(np.stack(found)).long()
 
     def stacked(self, field: Literal["role", "image_index", "image_number", "source_index"]) -> np.ndarray:
@@ -402,7 +403,8 @@ class PromptBatch:
 def _batch(prompts: Sequence[EncodedPrompt], roles: Sequence[TokenRoles], pad_id: int,
            side: Literal["left", "right"], first_image: int) -> PromptBatch:
     ids, mask = pad_ids([p.ids for p in prompts], pad_id, side=side)
-    return PromptBatch(tuple(prompts), ids, mask, pad_batch(roles, side="left"), int(pad_id), side, first_image)
+    roles = pad_batch(roles, side="left")
+    return PromptBatch(tuple(prompts), ids, mask, roles, int(pad_id), side, first_image)
 
 
 def batch_prompts(

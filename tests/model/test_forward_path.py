@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mechbiqa_hooks import names
 
 from mechbiqa.model.generation import KVCache, select_next_token
 from mechbiqa.model.prompts import EncodedPrompt
 from mechbiqa.model.roles import Role, batch_prompts, pad_ids
 from mechbiqa.sources import tiny_random_model
+from mechbiqa_hooks import names
 
 IMAGE = -200
 
@@ -49,20 +49,23 @@ def test_padded_batch_equals_each_prompt_alone_at_every_hook(tiny, side):
     model, tokenizer = tiny
     prompts = _prompts()
     pixels = _pixels(sum(p.n_images for p in prompts), model.cfg.vision.image_size)
-    batch = batch_prompts(prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens, side=side)
+    batch = batch_prompts(
+        prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens, side=side
+    )
     assert batch.input_ids.shape == (5, 11) and batch.length == max(11, 8 + model.cfg.n_image_tokens)
     if side == "left":
         assert int(batch.attention_mask[1, 0]) == 0 and int(batch.attention_mask[1, -1]) == 1
     with torch.no_grad():
-        (_, _, out), = list(model.forward_batches(batch, pixels, batch_size=8))
+        ((_, _, out),) = list(model.forward_batches(batch, pixels, batch_size=8))
         _, whole = model.run_with_cache(batch.input_ids, images=pixels, attention_mask=batch.attention_mask)
     image_at = 0
     compared = set()
     for i, prompt in enumerate(prompts):
         n_img = prompt.n_images
         with torch.no_grad():
-            _, alone = model.run_with_cache(torch.tensor([prompt.ids]),
-                                            images=pixels[image_at : image_at + n_img] if n_img else None)
+            _, alone = model.run_with_cache(
+                torch.tensor([prompt.ids]), images=pixels[image_at : image_at + n_img] if n_img else None
+            )
         n = len(batch.roles[i].unpadded())
         # The roles say where the row sits: its real positions are the last n columns.
         assert (batch.roles[i].role[: batch.length - n] == Role.PAD).all()
@@ -71,14 +74,25 @@ def test_padded_batch_equals_each_prompt_alone_at_every_hook(tiny, side):
             if not name.startswith("llm."):
                 continue
             compared.add(name)
-            torch.testing.assert_close(_llm_slices(name, whole[name], i, n), act[0], atol=2e-5, rtol=1e-4,
-                                       msg=f"{name}, row {i}")
-        torch.testing.assert_close(out.logits[i, -n:], model(torch.tensor([prompt.ids]), images=pixels[
-            image_at : image_at + n_img] if n_img else None).logits[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                _llm_slices(name, whole[name], i, n), act[0], atol=2e-5, rtol=1e-4, msg=f"{name}, row {i}"
+            )
+        torch.testing.assert_close(
+            out.logits[i, -n:],
+            model(
+                torch.tensor([prompt.ids]), images=pixels[image_at : image_at + n_img] if n_img else None
+            ).logits[0],
+            atol=2e-5,
+            rtol=1e-4,
+        )
         image_at += n_img
     for name in ("hook_image_tokens", names.VISION_OUT):  # image encodings do not depend on the prompt rows
-        torch.testing.assert_close(whole[name], model.run_with_cache(batch.input_ids[[0, 2, 4]], images=pixels,
-                                   attention_mask=batch.attention_mask[[0, 2, 4]])[1][name])
+        torch.testing.assert_close(
+            whole[name],
+            model.run_with_cache(
+                batch.input_ids[[0, 2, 4]], images=pixels, attention_mask=batch.attention_mask[[0, 2, 4]]
+            )[1][name],
+        )
     assert names.resid_pre(0) in compared and names.pattern(model.cfg.llm.n_layers - 1) in compared
 
 
@@ -89,8 +103,10 @@ def test_split_sub_batches_equal_the_whole_batch(tiny):
     batch = batch_prompts(prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens)
     with torch.no_grad():
         whole = model(batch.input_ids, images=pixels, attention_mask=batch.attention_mask).logits[:, -1]
-        parts = [(rows, sub, out.logits[:, 0]) for rows, sub, out in model.forward_batches(batch, pixels, 2,
-                                                                                          logits_at=-1)]
+        parts = [
+            (rows, sub, out.logits[:, 0])
+            for rows, sub, out in model.forward_batches(batch, pixels, 2, logits_at=-1)
+        ]
     assert [sub.first_image for _, sub, _ in parts] == [0, 1, 2]
     torch.testing.assert_close(torch.cat([p for _, _, p in parts]), whole, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="one image per placeholder"):
@@ -112,8 +128,13 @@ def test_resuming_from_every_layer_with_the_clean_cache_equals_the_full_forward(
     pixels = _pixels(3, model.cfg.vision.image_size, 2)
     batch = batch_prompts(prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens)
     with torch.no_grad():
-        clean = model(batch.input_ids, images=pixels, attention_mask=batch.attention_mask, use_cache=True,
-                      output_hidden_states=True)
+        clean = model(
+            batch.input_ids,
+            images=pixels,
+            attention_mask=batch.attention_mask,
+            use_cache=True,
+            output_hidden_states=True,
+        )
         length = clean.logits.shape[1]
         for layer in range(model.cfg.llm.n_layers):
             for start in (0, 3, length - 7, length - 1):
@@ -124,7 +145,10 @@ def test_resuming_from_every_layer_with_the_clean_cache_equals_the_full_forward(
             torch.testing.assert_close(last[:, 0], clean.logits[rows, -1], atol=2e-5, rtol=1e-4)
         # Hooks of the blocks it runs see the recomputed positions only, and the clean values there.
         seen = {}
-        layer, start = model.cfg.llm.n_layers - 2, length - 5  # (the last entry of hidden_states is normalised)
+        layer, start = (
+            model.cfg.llm.n_layers - 2,
+            length - 5,
+        )  # (the last entry of hidden_states is normalised)
         with model.hooks(fwd_hooks=[(names.resid_post(layer), lambda a, hook: seen.update(x=a.clone()))]):
             model.run_from(clean, layer, start)
         torch.testing.assert_close(seen["x"], clean.hidden_states[layer + 1][:, start:], atol=2e-5, rtol=1e-4)
@@ -158,8 +182,13 @@ def _old_decode(model, cache: KVCache, generators, *, max_new_tokens, temperatur
     return torch.stack(new, dim=1)
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=None, top_p=None, eos=None),
-                                      dict(temperature=0.7, top_k=20, top_p=0.9, eos=5)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1.0, top_k=None, top_p=None, eos=None),
+        dict(temperature=0.7, top_k=20, top_p=0.9, eos=5),
+    ],
+)
 def test_generate_with_a_generator_per_row_equals_the_former_per_row_decoder(tiny, settings):
     model, tokenizer = tiny
     prompts = [p for p in _prompts() if p.n_images == 1][:2]
@@ -168,24 +197,50 @@ def test_generate_with_a_generator_per_row_equals_the_former_per_row_decoder(tin
     seeds = [11, 12, 13, 21, 22, 23]
     with torch.no_grad():
         cache = model.prefill(batch.input_ids, pixels, batch.attention_mask)
-        ref = _old_decode(model, cache.repeat_interleave(3), [torch.Generator().manual_seed(s) for s in seeds],
-                          max_new_tokens=8, **settings)
+        ref = _old_decode(
+            model,
+            cache.repeat_interleave(3),
+            [torch.Generator().manual_seed(s) for s in seeds],
+            max_new_tokens=8,
+            **settings,
+        )
         cache = model.prefill(batch.input_ids, pixels, batch.attention_mask)
         ids = batch.input_ids.repeat_interleave(3, dim=0)
-        out = model.generate(ids, max_new_tokens=8, do_sample=True, temperature=settings["temperature"],
-                             top_k=settings["top_k"], top_p=settings["top_p"], eos_token_id=settings["eos"],
-                             generator=[torch.Generator().manual_seed(s) for s in seeds],
-                             past_key_values=cache.repeat_interleave(3))
+        out = model.generate(
+            ids,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+            eos_token_id=settings["eos"],
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            past_key_values=cache.repeat_interleave(3),
+        )
     assert torch.equal(out[:, ids.shape[1] :], ref)
     assert len({tuple(r) for r in ref.tolist()}) > 1  # the rows really draw differently
     # A row's draws do not depend on its neighbours: row 4 alone, its own seed, the same tokens.
     with torch.no_grad():
-        alone = model.generate(batch.input_ids[1:2], pixels[1:2], batch.attention_mask[1:2], max_new_tokens=8,
-                               do_sample=True, temperature=settings["temperature"], top_k=settings["top_k"],
-                               top_p=settings["top_p"], eos_token_id=settings["eos"],
-                               generator=[torch.Generator().manual_seed(seeds[4])])
+        alone = model.generate(
+            batch.input_ids[1:2],
+            pixels[1:2],
+            batch.attention_mask[1:2],
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+            eos_token_id=settings["eos"],
+            generator=[torch.Generator().manual_seed(seeds[4])],
+        )
     new = alone[0, batch.input_ids.shape[1] :]
     assert torch.equal(new, ref[4, : len(new)])
     with pytest.raises(ValueError, match="one per row"):
-        model.generate(batch.input_ids, pixels, batch.attention_mask, do_sample=True, max_new_tokens=1,
-                       generator=[torch.Generator()])
+        model.generate(
+            batch.input_ids,
+            pixels,
+            batch.attention_mask,
+            do_sample=True,
+            max_new_tokens=1,
+            generator=[torch.Generator()],
+        )

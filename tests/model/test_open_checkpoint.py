@@ -53,12 +53,16 @@ def folders(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pixels(folders) -> torch.Tensor:
     _, _, processor = tiny_random_model(0)
-    return torch.randn(3, 3, processor.image_size, processor.image_size, generator=torch.Generator().manual_seed(4))
+    return torch.randn(
+        3, 3, processor.image_size, processor.image_size, generator=torch.Generator().manual_seed(4)
+    )
 
 
 def _greedy(model, tokenizer, ids, image) -> str:
     """One prompt, unbatched, greedy, cut at EOS (the reference for batched generation)."""
-    out = model.generate(torch.tensor([ids]), images=image, max_new_tokens=MAX_NEW, eos_token_id=tokenizer.eos_id)
+    out = model.generate(
+        torch.tensor([ids]), images=image, max_new_tokens=MAX_NEW, eos_token_id=tokenizer.eos_id
+    )
     new = out[0, len(ids) :].tolist()
     new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
     return tokenizer.decode(new).strip()
@@ -92,7 +96,11 @@ def test_kinds_are_told_apart_and_single_stages_refused(folders):
     assert isinstance(load_rater(folders / "one"), OneStageRater)
     assert isinstance(load_rater(folders / "pair"), TwoStageRater)
     loaded = load_raters([f"a={folders / 'one'}", f"b={folders / 'pair'}", f"c={folders / 'released'}"])
-    assert [type(r).__name__ for r, _ in loaded.values()] == ["OneStageRater", "TwoStageRater", "OneStageRater"]
+    assert [type(r).__name__ for r, _ in loaded.values()] == [
+        "OneStageRater",
+        "TwoStageRater",
+        "OneStageRater",
+    ]
     assert loaded["c"][0].template.name == get_template("mplug_owl2").name
 
 
@@ -102,9 +110,15 @@ def test_one_stage_rates_as_the_per_image_reference(folders, pixels):
     assert checkpoint.kind == "one-stage" and checkpoint.image_at_quality
     c, template = checkpoint.scorer, get_template("v1")
     ask = task_prompt(c.tokenizer, template, "one-stage")
-    descriptions = [split_answer(_greedy(c.model, c.tokenizer, ask.ids, pixels[i : i + 1]))[0] for i in range(3)]
-    probs = [_level_probs(c.model, c.tokenizer, scoring_prompt(c.tokenizer, template, "one-stage", d).ids,
-                          pixels[i : i + 1]) for i, d in enumerate(descriptions)]
+    descriptions = [
+        split_answer(_greedy(c.model, c.tokenizer, ask.ids, pixels[i : i + 1]))[0] for i in range(3)
+    ]
+    probs = [
+        _level_probs(
+            c.model, c.tokenizer, scoring_prompt(c.tokenizer, template, "one-stage", d).ids, pixels[i : i + 1]
+        )
+        for i, d in enumerate(descriptions)
+    ]
     ratings = checkpoint.rate(pixels, batch_size=2)
     _check(ratings, probs, descriptions)
     assert all(Role.IMAGE in r.roles.role for r in ratings)
@@ -118,8 +132,12 @@ def test_two_stage_pair_rates_as_the_per_image_reference(folders, pixels):
     first, second, template = checkpoint.describer, checkpoint.scorer, get_template("v1")
     ask = task_prompt(first.tokenizer, template, "stage1")
     descriptions = [_greedy(first.model, first.tokenizer, ask.ids, pixels[i : i + 1]) for i in range(3)]
-    probs = [_level_probs(second.model, second.tokenizer, scoring_prompt(second.tokenizer, template, "stage2", d).ids,
-                          None) for d in descriptions]
+    probs = [
+        _level_probs(
+            second.model, second.tokenizer, scoring_prompt(second.tokenizer, template, "stage2", d).ids, None
+        )
+        for d in descriptions
+    ]
     ratings = checkpoint.rate(pixels, batch_size=2)
     _check(ratings, probs, descriptions)
     assert all(Role.IMAGE not in r.roles.role for r in ratings)
@@ -147,6 +165,10 @@ def test_sampling_a_pair_continues_each_rows_stream_into_stage_two(folders, pixe
 
 def test_qalign_weights_are_written_in_one_file_only():
     pattern = re.compile(r"0?\.75\s*,\s*0?\.5\s*,\s*0?\.25")
-    found = [str(p.relative_to(REPO)) for folder in ("mechbiqa", "hooks", "studies")
-             for p in sorted((REPO / folder).rglob("*.py")) if pattern.search(p.read_text(encoding="utf-8"))]
+    found = [
+        str(p.relative_to(REPO))
+        for folder in ("mechbiqa", "hooks", "studies")
+        for p in sorted((REPO / folder).rglob("*.py"))
+        if pattern.search(p.read_text(encoding="utf-8"))
+    ]
     assert found == ["mechbiqa/model/prompts.py"]
