@@ -571,7 +571,8 @@ def match_description(text: str, distortions: Sequence[str] | None = None) -> De
     Research choice: generated text is matched against every phrasing the
     benchmark's describer can produce (:func:`mechbiqa.data.descriptions.all_descriptions`)
     rather than by keywords, so a description counts as naming a family only
-    when it is closest, as a whole, to that family's wording.
+    when it is closest, as a whole, to that family's wording. The similarity is
+    ROUGE-1 F1 of `mechbiqa.analysis.rouge` (``rouge-score``, unstemmed).
 
     Args:
         text: A description.
