@@ -14,7 +14,7 @@ by a hard-coded number).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -82,5 +82,29 @@ def ablate_hook(
             fill = mean.to(activation.device)
             fill = fill.expand(k, *fill.shape[-(activation.ndim - 2):]) if fill.ndim == activation.ndim - 2 else fill
         return set_positions(activation, positions, fill, pos_dim)
+
+    return hook
+
+
+def scatter_hook(writes: Sequence[tuple[int, Tensor, Tensor, Tensor | None]]) -> HookFn:
+    """One hook that writes at (batch row, position) pairs: given values, or zeros.
+
+    Each write is ``(pos_dim, rows [n], positions [n], values [n, *rest] or None for zeros)``;
+    ``activation.movedim(pos_dim, 1)[rows[i], positions[i]] = values[i]``. This is how a batched
+    sweep applies every row's own edits with one indexed assignment per hook
+    (`mechbiqa.analysis.patching.sweep`).
+    """
+    writes = list(writes)
+
+    def hook(activation: Tensor, hook: HookPoint) -> Tensor:
+        out = activation.clone()
+        for pos_dim, rows, positions, values in writes:
+            view = out.movedim(pos_dim, 1)  # a view: writes land in `out`
+            rows, positions = rows.to(out.device), positions.to(out.device)
+            if values is None:
+                view[rows, positions] = 0
+            else:
+                view[rows, positions] = values.to(out.device, out.dtype)
+        return out
 
     return hook

@@ -58,9 +58,9 @@ from mechbiqa.model.prompts import (
     encode_prompt,
     get_template,
 )
-from mechbiqa.model.roles import Role, TokenRoles, assign_roles
+from mechbiqa.model.roles import Role, TokenRoles, assign_roles, batch_prompts
 from mechbiqa.model.tokenizer import Tokenizer
-from mechbiqa.scoring import level_ids, level_probs
+from mechbiqa.scoring import level_ids, level_probs, qalign_from_probs, quality_logits
 
 __all__ = [
     "Mode",
@@ -183,7 +183,7 @@ def expect_checkpoint(path: str | Path, mode: Mode, stage: int | None = None) ->
         wanted = mode if stage is None else f"{mode} stage {stage}"
         raise CheckpointModeError(
             f"{Path(path)} is a {info.describe()} checkpoint, but a {wanted} checkpoint is needed here; "
-            "pass a checkpoint trained in that mode (a two-stage pair is a directory holding stage1/ and stage2/)"
+            "pass a checkpoint trained in that mode (a two-stage pair is the directory holding both stages)"
         )
     return info
 
@@ -336,16 +336,6 @@ def _pixels(processor: ImageProcessor, images: Sequence[ImageInput] | Tensor) ->
     return processor(list(images))
 
 
-def _pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def generate_answers(
     model: MPLUGOwl2,
@@ -370,16 +360,15 @@ def generate_answers(
         The decoded answers, stripped.
     """
     answers: list[str] = []
-    image_at = np.cumsum([0] + [p.n_images for p in prompts])
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = _pad_right([p.ids for p in chunk], tokenizer.pad_id)
-        images = None
-        if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
-        out = model.generate(ids.to(model.device), images=images, attention_mask=mask.to(model.device),
+    batch = batch_prompts(prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens,
+                          bos_id=tokenizer.bos_id)
+    for _, sub in batch.split(batch_size):
+        images = sub.pixels(pixels)
+        out = model.generate(sub.input_ids.to(model.device),
+                             images=None if images is None else images.to(model.device, model.dtype),
+                             attention_mask=sub.attention_mask.to(model.device),
                              max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_id)
-        for row in out[:, ids.shape[1]:].tolist():
+        for row in out[:, sub.input_ids.shape[1]:].tolist():
             if tokenizer.eos_id in row:
                 row = row[: row.index(tokenizer.eos_id)]
             answers.append(tokenizer.decode(row).strip())
@@ -410,32 +399,24 @@ def score_prompts(
     batch_size: int = 64,
 ) -> np.ndarray:
     """Logits of the five level words (best first) at each prompt's last position: ``[n, 5]``."""
-    words = level_ids(tokenizer)
-    out: list[np.ndarray] = []
-    image_at = np.cumsum([0] + [p.n_images for p in prompts])
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        ids, mask = _pad_right([p.ids for p in chunk], tokenizer.pad_id)
-        images = None
-        if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
-        logits = model(ids.to(model.device), images=images, attention_mask=mask.to(model.device)).logits[:, -1]
-        out.append(logits[:, words].float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 5), dtype=np.float32)
+    if not prompts:
+        return np.zeros((0, 5), dtype=np.float32)
+    batch = batch_prompts(prompts, pad_id=tokenizer.pad_id, n_image_tokens=model.cfg.n_image_tokens,
+                          bos_id=tokenizer.bos_id)
+    return quality_logits(model, batch, pixels, batch_size=batch_size)[:, level_ids(tokenizer)].numpy()
 
 
 def _ratings(tokenizer: Tokenizer, template: ConversationTemplate, task: Task, descriptions: Sequence[str],
              answers: Sequence[str], prompts: Sequence[EncodedPrompt], logits: np.ndarray,
              n_image_tokens: int) -> list[Rating]:
     probs = level_probs(torch.from_numpy(logits), list(range(5))).numpy()
-    weights = np.asarray((1.0, 0.75, 0.5, 0.25, 0.0), dtype=np.float32)
     ratings = []
     for i, prompt in enumerate(prompts):
         span = _description_span(tokenizer, template, task, descriptions[i], prompt)
         ratings.append(Rating(
             description=descriptions[i], answer=answers[i], prompt=prompt,
             roles=_roles(prompt, span, n_image_tokens), description_span=span,
-            level_logits=logits[i], level_probs=probs[i], score=float(probs[i] @ weights),
+            level_logits=logits[i], level_probs=probs[i], score=float(qalign_from_probs(probs[i])),
             level=LEVEL_WORDS[int(probs[i].argmax())],
         ))  # fmt: skip
     return ratings
@@ -506,18 +487,16 @@ class TwoStageRater:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> TwoStageRater:
-        """Load ``path/stage1`` and ``path/stage2``; refuse directories of another mode or stage."""
-        path = Path(path)
-        if (path / INFO_FILE).is_file():
-            info = read_info(path)
+        """Load a two-stage pair (`mechbiqa.checkpoint.open_checkpoint`); refuse any other kind."""
+        from mechbiqa.checkpoint import open_checkpoint
+
+        checkpoint = open_checkpoint(path, device=device, **kwargs)
+        if checkpoint.kind != "two-stage":
             raise CheckpointModeError(
-                f"{path} is a single {info.describe()} checkpoint; a two-stage pair is the directory holding "
-                f"stage1/ and stage2/ (e.g. {path.parent})"
+                f"{path} is a {checkpoint.kind} checkpoint, but a two-stage pair is needed here: "
+                "pass the directory holding both stages"
             )
-        info = expect_checkpoint(path / "stage1", "two-stage", 1)
-        expect_checkpoint(path / "stage2", "two-stage", 2)
-        return cls(load_components(path / "stage1", device=device), load_components(path / "stage2", device=device),
-                   template=kwargs.pop("template", info.template), **kwargs)
+        return checkpoint.rater  # type: ignore[return-value]
 
     @torch.no_grad()
     def describe(self, images: Sequence[ImageInput] | Tensor, batch_size: int = 64) -> list[str]:
@@ -546,11 +525,16 @@ class TwoStageRater:
 
 
 def load_rater(path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> OneStageRater | TwoStageRater:
-    """A one-stage checkpoint directory, or a two-stage parent holding ``stage1/`` and ``stage2/``."""
-    path = Path(path)
-    if (path / INFO_FILE).is_file():
-        return OneStageRater.from_pretrained(path, device=device, **kwargs)
-    return TwoStageRater.from_pretrained(path, device=device, **kwargs)
+    """A one-stage checkpoint, or a two-stage pair (`mechbiqa.checkpoint.open_checkpoint` opens any kind)."""
+    from mechbiqa.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(path, device=device, **kwargs)
+    if checkpoint.kind == "released":
+        raise FileNotFoundError(
+            f"{path} has no {INFO_FILE}: it was not written by mechbiqa.train; open it with "
+            "mechbiqa.checkpoint.open_checkpoint (a released checkpoint)"
+        )
+    return checkpoint.rater
 
 
 def _template_of(path: Path) -> str:
@@ -578,20 +562,7 @@ class DescriptionMatch:
     similarity: float
 
 
-_WORD = re.compile(r"[a-z0-9]+")
-_PHRASINGS: dict[tuple[str, ...], list[tuple[str, int, str, frozenset[str], int]]] = {}
-
-
-def _bag(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def _rouge1(a: list[str], b_set: frozenset[str], b_len: int) -> float:
-    if not a or not b_len:
-        return 0.0
-    overlap = sum(1 for w in set(a) if w in b_set)
-    p, r = overlap / len(set(a)), overlap / b_len
-    return 0.0 if overlap == 0 else 2 * p * r / (p + r)
+_PHRASINGS: dict[tuple[str, ...], list[tuple[str, int, str, str]]] = {}
 
 
 def match_description(text: str, distortions: Sequence[str] | None = None) -> DescriptionMatch:
@@ -600,12 +571,14 @@ def match_description(text: str, distortions: Sequence[str] | None = None) -> De
     Research choice: generated text is matched against every phrasing the
     benchmark's describer can produce (:func:`mechbiqa.data.descriptions.all_descriptions`)
     rather than by keywords, so a description counts as naming a family only
-    when it is closest, as a whole, to that family's wording.
+    when it is closest, as a whole, to that family's wording. The similarity is
+    ROUGE-1 F1 of `mechbiqa.analysis.rouge` (``rouge-score``, unstemmed).
 
     Args:
         text: A description.
         distortions: Candidate types (default: the benchmark's default types).
     """
+    from mechbiqa.analysis.rouge import nearest
     from mechbiqa.data import DEFAULT_DISTORTIONS, DISTORTIONS
     from mechbiqa.data.descriptions import all_descriptions
 
@@ -615,11 +588,9 @@ def match_description(text: str, distortions: Sequence[str] | None = None) -> De
         cells = [("pristine", 0)] + [(d, lv) for d in key for lv in range(1, 6)]
         for name, level in cells:
             family = "pristine" if level == 0 else DISTORTIONS[name].group
-            for phrase in all_descriptions(None if level == 0 else name, level):
-                words = set(_bag(phrase))
-                table.append((name, level, family, frozenset(words), len(words)))
+            phrases = all_descriptions(None if level == 0 else name, level)
+            table += [(name, level, family, phrase) for phrase in phrases]
         _PHRASINGS[key] = table
-    words = _bag(text)
-    best = max(_PHRASINGS[key], key=lambda row: _rouge1(words, row[3], row[4]))
-    return DescriptionMatch(distortion=best[0], level=best[1], family=best[2],
-                            similarity=_rouge1(words, best[3], best[4]))
+    index, similarity = nearest(text, [row[3] for row in _PHRASINGS[key]])
+    best = _PHRASINGS[key][index]
+    return DescriptionMatch(distortion=best[0], level=best[1], family=best[2], similarity=similarity)

@@ -2,8 +2,8 @@
 
 Q-Align (and One-Align) read the logits of five level words at the quality
 position, softmax over those five only, and take the expectation of the
-level values: ``[1, .75, .5, .25, 0]`` (0-1 scale, ``scorer.py``) or
-``[5, 4, 3, 2, 1]`` (1-5 scale, the Hugging Face ``model.score``). Q-Instruct
+level values: `LEVEL_WEIGHTS` (0-1 scale, ``scorer.py``; the one definition, in
+`mechbiqa.model.prompts`) or ``4 w + 1`` (1-5 scale, the Hugging Face ``model.score``). Q-Instruct
 uses three words (good, average, poor) with ``[1, .5, 0]``; its "boost" mode
 averages the logits of three synonyms per level first.
 """
@@ -18,7 +18,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT, tokenize_prompt
+from mechbiqa.model.prompts import (
+    LEVEL_WEIGHTS,
+    LEVEL_WORDS,
+    QALIGN_SCORER_PROMPT,
+    EncodedPrompt,
+    tokenize_prompt,
+)
+from mechbiqa.model.roles import PromptBatch, batch_prompts
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -27,7 +34,13 @@ if TYPE_CHECKING:
 QINSTRUCT_WORDS = ("good", "average", "poor")
 QINSTRUCT_BOOST_WORDS = (("good", "high", "fine"), ("average", "medium", "acceptable"), ("poor", "low", "bad"))
 
-_QALIGN_WEIGHTS = {"0-1": (1.0, 0.75, 0.5, 0.25, 0.0), "1-5": (5.0, 4.0, 3.0, 2.0, 1.0)}
+_QALIGN_WEIGHTS = {"0-1": LEVEL_WEIGHTS, "1-5": tuple(4.0 * w + 1.0 for w in LEVEL_WEIGHTS)}
+
+
+def qalign_from_probs(probs: Float[np.ndarray, "*batch level"]) -> Float[np.ndarray, "*batch"]:
+    """Q-Align's 0-1 score from level probabilities (best first): their expectation of `LEVEL_WEIGHTS`."""
+    probs = np.asarray(probs)
+    return probs @ np.asarray(LEVEL_WEIGHTS, dtype=probs.dtype if probs.dtype.kind == "f" else np.float64)
 
 
 def level_probs(logits: Float[Tensor, "*batch vocab"], level_ids: Tensor | list[int]) -> Float[Tensor, "*batch level"]:
@@ -91,6 +104,27 @@ def level_ids(tokenizer: Tokenizer, words: tuple[str, ...] = LEVEL_WORDS) -> lis
 
 
 @torch.no_grad()
+def quality_logits(
+    model: MPLUGOwl2,
+    batch: PromptBatch,
+    pixels: Float[Tensor, "image 3 S S"] | None = None,
+    *,
+    batch_size: int = 64,
+) -> Float[Tensor, "prompt vocab"]:
+    """Next-token logits at every prompt's last position (where the quality word is read), float32 on CPU.
+
+    Args:
+        model: The model.
+        batch: Prompts padded by `mechbiqa.model.roles.batch_prompts`.
+        pixels: One image per placeholder, in prompt order (None: text only).
+        batch_size: Prompts per forward.
+    """
+    out = [o.logits[:, 0].float().cpu() for _, _, o in model.forward_batches(batch, pixels, batch_size,
+                                                                             logits_at=-1)]
+    return torch.cat(out) if out else torch.zeros((0, model.cfg.llm.vocab_size))
+
+
+@torch.no_grad()
 def rate_images(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
@@ -103,13 +137,33 @@ def rate_images(
     The prompt must end right before the level word (Q-Align's ends with
     "The quality of the image is") and hold one ``<|image|>`` placeholder.
     """
-    ids = torch.tensor([tokenize_prompt(tokenizer, prompt, n_images=1)], device=model.device)
-    words = level_ids(tokenizer)
-    probs = []
-    for start in range(0, pixels.shape[0], batch_size):
-        chunk = pixels[start:start + batch_size].to(model.device, model.dtype)
-        logits = model(ids.expand(chunk.shape[0], -1), images=chunk).logits[:, -1]
-        probs.append(level_probs(logits, words).cpu())
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, 5), dtype=np.float32)
-    scores = p @ np.asarray(_QALIGN_WEIGHTS["0-1"], dtype=np.float32)
+    encoded = scorer_prompt(tokenizer, prompt)
+    if pixels.shape[0] == 0:
+        p = np.zeros((0, 5), dtype=np.float32)
+    else:
+        batch = batch_prompts([encoded] * pixels.shape[0], pad_id=tokenizer.pad_id,
+                              n_image_tokens=model.cfg.n_image_tokens, bos_id=tokenizer.bos_id)
+        logits = quality_logits(model, batch, pixels, batch_size=batch_size)
+        p = level_probs(logits, level_ids(tokenizer)).numpy()
+    scores = qalign_from_probs(p).astype(np.float32)
     return Ratings(scores=scores, level_probs=p, levels=[LEVEL_WORDS[i] for i in p.argmax(-1)], prompt=prompt)
+
+
+def scorer_prompt(tokenizer: Tokenizer, prompt: str = QALIGN_SCORER_PROMPT) -> EncodedPrompt:
+    """A raw prompt that ends right before the level word, as an `EncodedPrompt` (last id = quality position).
+
+    The answer starts after the last ``"ASSISTANT:"`` (the answer prefix "The quality of the
+    image is" then has the description role, as in `mechbiqa.model.prompts.encode_prompt`);
+    without the marker the whole prompt is instruction.
+    """
+    ids = tuple(tokenize_prompt(tokenizer, prompt, n_images=1))
+    start = len(ids)
+    marker = prompt.rfind(ASSISTANT_MARKER)
+    if marker >= 0:
+        head = tuple(tokenize_prompt(tokenizer, prompt[: marker + len(ASSISTANT_MARKER)]))
+        if ids[: len(head)] == head:  # the marker ends on a token boundary
+            start = len(head)
+    return EncodedPrompt(text=prompt, ids=ids, response_start=start, quality_index=len(ids) - 1)
+
+
+ASSISTANT_MARKER = "ASSISTANT:"

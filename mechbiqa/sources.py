@@ -118,17 +118,20 @@ def load_model(
     if tiny_random:
         model, tokenizer, processor = tiny_random_model(seed)
         return model.to(device, dtype), tokenizer, processor, tiny_random_name(seed)
-    if not checkpoint:
-        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-            raise FileNotFoundError(
-                f"no model: pass a checkpoint directory (--model DIR), train the compact default into "
-                f"{DEFAULT_CHECKPOINT}, or use the tiny random model (--tiny-random) for a pipeline check"
-            )
-        checkpoint = DEFAULT_CHECKPOINT
+    checkpoint = checkpoint or _default_checkpoint()
     from mechbiqa.model.load import load_components
 
     parts = load_components(str(checkpoint), dtype=dtype, device=device)
     return parts.model, parts.tokenizer, parts.processor, str(Path(checkpoint).resolve())
+
+
+def _default_checkpoint() -> Path:
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no model: pass a checkpoint directory (--model DIR), train the compact default into "
+            f"{DEFAULT_CHECKPOINT}, or use the tiny random model (--tiny-random) for a pipeline check"
+        )
+    return DEFAULT_CHECKPOINT
 
 
 def tiny_raters(seed: int = 0, max_new_tokens: int = 6) -> dict[str, Any]:
@@ -153,13 +156,50 @@ def tiny_raters(seed: int = 0, max_new_tokens: int = 6) -> dict[str, Any]:
     }
 
 
+def open_source(
+    checkpoint: str | Path | None = None,
+    *,
+    tiny_random: bool = False,
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    max_new_tokens: int = 48,
+) -> Any:
+    """A study's model as a `mechbiqa.checkpoint.Checkpoint`: a directory of any kind, or the tiny random one.
+
+    Args:
+        checkpoint: A checkpoint directory or two-stage pair; None: `DEFAULT_CHECKPOINT`.
+        tiny_random: The tiny random model of ``seed`` instead (a released-kind checkpoint).
+        seed: Seed of the tiny random model.
+        dtype: Model dtype.
+        device: ``cpu``, ``cuda`` ...
+        max_new_tokens: Longest generated description.
+
+    Raises:
+        FileNotFoundError: No checkpoint there (or the compact default is not trained).
+    """
+    from mechbiqa.checkpoint import Checkpoint, open_checkpoint
+    from mechbiqa.model.load import Components
+
+    if tiny_random:
+        model, tokenizer, processor, name = load_model(
+            tiny_random=True, seed=seed, dtype=dtype, device=device
+        )
+        parts = Components(model=model, tokenizer=tokenizer, processor=processor, path=Path(name))
+        return Checkpoint.released(parts, max_new_tokens=max_new_tokens, name=name)
+    path = Path(checkpoint) if checkpoint else _default_checkpoint()
+    opened = open_checkpoint(path, dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    opened.name = str(path.resolve())
+    return opened
+
+
 def load_rater(
     path: str | Path, *, dtype: str | torch.dtype = "float32", device: str = "cpu", **kwargs: Any
 ) -> Any:
-    """A one-stage checkpoint or a two-stage pair (``stage1/``, ``stage2/``) as a `mechbiqa.pipeline` rater.
+    """A checkpoint (released, one-stage) or a two-stage pair as a `mechbiqa.pipeline` rater.
 
-    `mechbiqa.pipeline.load_rater` in ``dtype`` on ``device``: each model's weights are cast as they
-    are read; the checkpoints' modes are checked the same way.
+    `mechbiqa.checkpoint.open_checkpoint` in ``dtype`` on ``device``: each model's weights are cast as
+    they are read (no float32 copy); the checkpoints' modes are checked there.
 
     Args:
         path: The checkpoint directory or the pair's folder.
@@ -171,19 +211,9 @@ def load_rater(
         FileNotFoundError: ``path`` holds neither a checkpoint nor a pair.
         CheckpointModeError: A checkpoint of another mode or stage.
     """
-    from mechbiqa.model.load import load_components
-    from mechbiqa.pipeline import INFO_FILE, OneStageRater, TwoStageRater, expect_checkpoint
+    from mechbiqa.checkpoint import open_checkpoint
 
-    dtype, path = torch_dtype(dtype), Path(path)
-    if (path / INFO_FILE).is_file():
-        info = expect_checkpoint(path, "one-stage")
-        components = load_components(path, dtype=dtype, device=device)
-        return OneStageRater(components, template=kwargs.pop("template", info.template), **kwargs)
-    info = expect_checkpoint(path / "stage1", "two-stage", 1)
-    expect_checkpoint(path / "stage2", "two-stage", 2)
-    stage1 = load_components(path / "stage1", dtype=dtype, device=device)
-    stage2 = load_components(path / "stage2", dtype=dtype, device=device)
-    return TwoStageRater(stage1, stage2, template=kwargs.pop("template", info.template), **kwargs)
+    return open_checkpoint(path, dtype=torch_dtype(dtype), device=device, **kwargs).rater
 
 
 def load_raters(
@@ -203,29 +233,21 @@ def load_raters(
     Raises:
         FileNotFoundError: A named entry is not a checkpoint, or no checkpoint was found at all.
     """
-    from mechbiqa.model.load import load_components
-    from mechbiqa.pipeline import INFO_FILE, OneStageRater
+    from mechbiqa.checkpoint import open_checkpoint
 
-    dtype = torch_dtype(dtype)
     raters = {}
     for entry in checkpoints or DEFAULT_CHECKPOINTS:
         name, _, where = entry.rpartition("=")
         path = Path(where)
         name = name or path.name
-        is_pair = (path / "stage1").is_dir() and (path / "stage2").is_dir()
-        if not (path / "config.json").is_file() and not is_pair:
+        try:
+            checkpoint = open_checkpoint(path, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
+                                         released_template=real_template)
+        except FileNotFoundError:
             if checkpoints:
-                raise FileNotFoundError(
-                    f"{path} is neither a checkpoint directory (config.json) nor a two-stage pair "
-                    "(stage1/, stage2/); pass one of those"
-                )
+                raise
             continue  # a default compact checkpoint not trained yet
-        if (path / INFO_FILE).is_file() or is_pair:
-            rater = load_rater(path, dtype=dtype, device=device)
-        else:  # a real checkpoint (Q-Instruct, One-Align): one answer with the image, its own eval template
-            rater = OneStageRater(load_components(path, dtype=dtype, device=device), template=real_template)
-        rater.max_new_tokens = max_new_tokens
-        raters[name] = (rater, str(path))
+        raters[name] = (checkpoint.rater, str(path))
     if not raters:
         raise FileNotFoundError(
             f"no checkpoint: train the compact pair into {COMPACT} (studies/train_pair.py), pass a "

@@ -69,7 +69,7 @@ from mechbiqa.model.config import ModelConfig
 from mechbiqa.model.load import Components, load_components, load_pretrained, save_pretrained
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
-from mechbiqa.model.prompts import IMAGE_TAG, LEVEL_WORDS, QALIGN_ANSWER_PREFIX, ConversationTemplate, encode_answer, get_template
+from mechbiqa.model.prompts import IMAGE_TAG, LEVEL_WEIGHTS, LEVEL_WORDS, QALIGN_ANSWER_PREFIX, ConversationTemplate, encode_answer, get_template
 from mechbiqa.model.tokenizer import CompactTokenizer, Tokenizer, load_tokenizer, train_compact_tokenizer
 from mechbiqa.pipeline import (
     INFO_FILE,
@@ -860,7 +860,7 @@ def evaluate(
 
 def _score_metrics(logits: np.ndarray, examples: Sequence[Example]) -> dict[str, Any]:
     probs = torch.from_numpy(logits).float().softmax(-1).numpy()
-    scores = probs @ np.asarray((1.0, 0.75, 0.5, 0.25, 0.0))
+    scores = probs @ np.asarray(LEVEL_WEIGHTS)
     out: dict[str, Any] = {"scores": scores.tolist()}
     rated = [i for i, e in enumerate(examples) if e.score is not None]
     if len(rated) >= 3:

@@ -234,7 +234,9 @@ def _mos(records: Sequence[Any]) -> np.ndarray | None:
 # ----------------------------------------------------------------------------- main
 def run_rater(rater: Any, records: Sequence[Any], cfg: Config) -> GroundingPaths:
     """`rate_paths` over the records, ``cfg.chunk`` images preprocessed at a time."""
-    processor = rater.components.processor if hasattr(rater, "components") else rater.stage1.processor
+    from mechbiqa.checkpoint import Checkpoint
+
+    processor = Checkpoint.from_rater(rater).processor
     parts = []
     for start in range(0, len(records), cfg.chunk):
         pixels = processor([r.image_path for r in records[start : start + cfg.chunk]])

@@ -43,21 +43,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mechbiqa import cli, outputs, reports
 from mechbiqa.analysis.instability import (
     InstabilityResult,
     SamplingConfig,
-    answer_levels,
-    decode,
-    sample_answers,
-    session_generators,
+    sample_checkpoint,
     summarise_instability,
 )
 from mechbiqa.model.prompts import LEVEL_WORDS
-from mechbiqa.scoring import level_ids
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples, torch_dtype
+from mechbiqa.sources import load_samples, open_source
 
 NAME = "instability"
 REPO = Path(__file__).resolve().parents[1]
@@ -145,101 +140,19 @@ def _label_level(sample: Any) -> int:
     return LEVEL_WORDS.index(word) if word in LEVEL_WORDS else -1
 
 
-def _cut(tokens: list[int], eos: int) -> list[int]:
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
-
-
 def main(cfg: Config) -> Result:
     """Sample, parse levels, summarise; write JSON and config."""
-    checkpoint = None if cfg.tiny_random else Path(cfg.model or DEFAULT_CHECKPOINT)
-    two_stage = (
-        checkpoint is not None and (checkpoint / "stage1").is_dir() and (checkpoint / "stage2").is_dir()
-    )
-    model, tokenizer, processor, _ = load_model(
-        str(checkpoint / "stage1") if two_stage else cfg.model,
-        tiny_random=cfg.tiny_random,
-        seed=cfg.seed,
-        dtype=cfg.dtype,
-        device=cfg.device,
+    checkpoint = open_source(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
     )
     samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-    stage2 = template = None
-    if two_stage or (checkpoint is not None and (checkpoint / "mechbiqa.json").is_file()):
-        from mechbiqa.model.prompts import get_template
-        from mechbiqa.pipeline import expect_checkpoint, task_prompt
-
-        info = (
-            expect_checkpoint(checkpoint / "stage1", "two-stage", 1)
-            if two_stage
-            else expect_checkpoint(checkpoint, "one-stage")
-        )  # type: ignore[operator]
-        template = get_template(info.template)
-        mode = "two-stage" if two_stage else "one-stage"
-        prompt = task_prompt(tokenizer, template, "stage1" if two_stage else "one-stage")
-        if two_stage:
-            from mechbiqa.model.load import load_components
-
-            expect_checkpoint(checkpoint / "stage2", "two-stage", 2)  # type: ignore[operator]
-            stage2 = load_components(
-                checkpoint / "stage2", dtype=torch_dtype(cfg.dtype), device=cfg.device  # type: ignore[operator]
-            )
-    else:
-        from mechbiqa_hooks.record import PromptConfig
-
-        mode, prompt = "prompted", PromptConfig().encode(tokenizer, "generate")
     sampling = cfg.sampling
-    final_tokenizer = stage2.tokenizer if stage2 is not None else tokenizer
-    levels_of = level_ids(final_tokenizer)
-    n, n_rows = len(samples), len(sampling.seeds) * sampling.n_answers
-    levels = np.full((len(sampling.seeds), n, sampling.n_answers), -1, dtype=np.int64)
-    texts: list[list[list[str]]] = []
     began = time.perf_counter()
-    for start in range(0, n, cfg.batch_images):
-        chunk = samples[start : start + cfg.batch_images]
-        pixels = processor([s.image_path for s in chunk])
-        ids = torch.tensor([prompt.ids] * len(chunk))
-        numbers = list(range(start, start + len(chunk)))
-        generators = session_generators(sampling, numbers, model.device)
-        tokens = sample_answers(
-            model,
-            ids,
-            pixels,
-            sampling,
-            image_numbers=numbers,
-            eos_token_id=tokenizer.eos_id,
-            generators=generators,
-        )  # [session, image, answer, new]
-        if stage2 is not None:  # stage 2 rates each sampled description, text only, its stream continuing
-            from mechbiqa.pipeline import task_prompt
-
-            rows = tokens.transpose(0, 1).reshape(len(chunk) * n_rows, -1).tolist()  # generator order
-            descriptions = [tokenizer.decode(_cut(r, tokenizer.eos_id)).strip() for r in rows]
-            asks = [task_prompt(stage2.tokenizer, template, "stage2", d).ids for d in descriptions]  # type: ignore[arg-type]
-            width = max(len(a) for a in asks)
-            ids2 = torch.full((len(asks), width), stage2.tokenizer.pad_id, dtype=torch.long)
-            mask2 = torch.zeros_like(ids2)
-            for i, a in enumerate(asks):
-                ids2[i, : len(a)], mask2[i, : len(a)] = torch.tensor(a), 1
-            cache = stage2.model.prefill(
-                ids2.to(stage2.model.device), attention_mask=mask2.to(stage2.model.device)
-            )
-            answer = decode(stage2.model, cache, sampling, generators, eos_token_id=stage2.tokenizer.eos_id)
-            tokens = answer.reshape(len(chunk), len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
-        eos = final_tokenizer.eos_id
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        levels[:, start : start + len(chunk)] = answer_levels(flat, levels_of, eos).reshape(
-            len(sampling.seeds), len(chunk), sampling.n_answers
-        )
-        for i in range(min(len(chunk), max(0, N_TEXTS - start))):
-            texts.append(
-                [
-                    [
-                        final_tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
-                        for a in range(sampling.n_answers)
-                    ]
-                    for s in range(len(sampling.seeds))
-                ]
-            )
+    sampled = sample_checkpoint(
+        checkpoint, [s.image_path for s in samples], sampling, batch_images=cfg.batch_images, n_texts=N_TEXTS
+    )
+    levels, texts, mode, prompt = sampled.levels, sampled.texts, sampled.mode, sampled.prompt
+    checkpoint = None if cfg.tiny_random else checkpoint.name
     seconds = time.perf_counter() - began
     result = summarise_instability(levels, np.array([_label_level(s) for s in samples]), sampling.seeds)
 

@@ -40,26 +40,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from mechbiqa_hooks import names
 
 from mechbiqa import cli, figures, outputs, reports
-from mechbiqa.analysis.attribution import attribute
-from mechbiqa.analysis.patching import (
-    SITES,
-    Configuration,
-    Edit,
-    Readout,
-    Setter,
-    SweepResult,
-    gather_activations,
-    image_token_grid,
-    sweep,
-)
-from mechbiqa.model.prompts import EncodedPrompt
-from mechbiqa.model.roles import TokenRoles, assign_roles
-from mechbiqa.scoring import level_ids
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_samples
+from mechbiqa.analysis.patching import SITES, SweepResult, patch_image_tokens
+from mechbiqa.sources import load_samples, open_source
 
 NAME = "patch_image_tokens"
 REPO = Path(__file__).resolve().parents[1]
@@ -158,131 +142,24 @@ class Result:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def scoring_prompts(
-    model: Any,
-    tokenizer: Any,
-    checkpoint: str | None,
-    pixels: torch.Tensor,
-) -> tuple[list[EncodedPrompt], list[TokenRoles]]:
-    """The prompt each image is rated with, and its token roles (see the module docstring)."""
-    from mechbiqa_hooks.record import PromptConfig
-
-    if checkpoint is not None and (Path(checkpoint) / "mechbiqa.json").is_file():
-        from mechbiqa.model.load import load_components
-        from mechbiqa.pipeline import OneStageRater, read_info
-
-        info = read_info(checkpoint)
-        if info.mode != "one-stage":
-            raise ValueError(
-                f"{checkpoint} is a {info.describe()} checkpoint: its quality position reads no image "
-                "tokens; patch the one-stage checkpoint"
-            )
-        parts = load_components(checkpoint, dtype=next(model.parameters()).dtype, device=str(model.device))
-        ratings = OneStageRater(parts).rate(pixels)
-        return [r.prompt for r in ratings], [r.roles for r in ratings]
-    if checkpoint is not None and (Path(checkpoint) / "stage1").is_dir():
-        raise ValueError(
-            f"{checkpoint} is a two-stage pair: stage 2 reads text only; pass the one-stage checkpoint"
-        )
-    prompt = PromptConfig().encode(tokenizer, "score")
-    roles = assign_roles(
-        prompt.ids,
-        response_start=prompt.response_start,
-        quality_index=prompt.quality_index,
-        n_image_tokens=model.cfg.n_image_tokens,
-        bos_id=tokenizer.bos_id,
-    )
-    return [prompt] * len(pixels), [roles] * len(pixels)
-
-
 def main(cfg: Config) -> Result:
     """Load, rank the image tokens, sweep, write JSON, figure and config."""
-    model, tokenizer, processor, model_name = load_model(
+    checkpoint = open_source(
         cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
     )
     samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-    if len(samples) < 2:
-        raise ValueError(f"{len(samples)} image: patching needs at least 2 (one is patched from another)")
-    pixels = processor([s.image_path for s in samples])
-    checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
-    prompts, roles = scoring_prompts(model, tokenizer, checkpoint, pixels)
-    n, n_image = len(samples), model.cfg.n_image_tokens
-    if not 0 < cfg.k <= n_image:
-        raise ValueError(f"--k {cfg.k}: pass 1..{n_image} (the model's image tokens)")
-
-    # One batch of (possibly unequal) prompts: right-pad the ids; the model left-pads what it splices,
-    # so row i's spliced positions shift by (longest - its length); the quality position is the last column.
-    length = max(len(p.ids) for p in prompts)
-    ids = torch.full((n, length), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, length), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p.ids)] = torch.tensor(p.ids)
-        mask[i, : len(p.ids)] = 1
-    spliced = max(len(r) for r in roles)
-    padded = [r.left_pad(spliced - len(r)) for r in roles]
-    image_positions = torch.from_numpy(
-        np.stack([r.image_positions(0) for r in padded])
-    ).long()  # [image, n_image]
-    if image_positions.shape[1] != n_image:
-        raise ValueError(f"the prompts hold {image_positions.shape[1]} image tokens, the model {n_image}")
-    layers = tuple(range(model.cfg.llm.n_layers)) if cfg.layers is None else cfg.layers
-
-    # Rank the image tokens by the quality row of every layer's attention (the attribution study's rule).
-    quality = torch.full((n, 1), spliced - 1, dtype=torch.long)
-    rows = gather_activations(
-        model,
-        ids,
-        pixels,
-        [names.pattern(layer) for layer in range(model.cfg.llm.n_layers)],
-        quality,
-        attention_mask=mask,
-        pos_dim=2,
-    )
-    pattern = torch.stack([rows[names.pattern(layer)][:, 0] for layer in range(model.cfg.llm.n_layers)], 1)
-    ranked = attribute(
-        pattern.float().cpu().numpy(),
-        np.stack([r.role for r in padded]),
-        np.stack([r.image_index for r in padded]),
-        n_image,
+    patched = patch_image_tokens(
+        checkpoint,
+        [s.image_path for s in samples],
         k=cfg.k,
-    )
-    rng = np.random.default_rng(cfg.seed)
-    selections = {
-        "dominant": ranked.top,
-        "random": np.stack([rng.choice(n_image, cfg.k, replace=False) for _ in range(n)]),
-        "least": ranked.least,
-    }
-
-    readout = Readout(tuple(level_ids(tokenizer)))
-    clean = sweep(model, ids, pixels, [], readout, attention_mask=mask)
-    # Research choice: patch each image from the one whose clean score differs most, so the patched
-    # tokens carry the most different quality information the model itself perceives (labels may be absent).
-    source_of = np.abs(clean.clean_score[:, None] - clean.clean_score[None]).argmax(1)
-    hooks = [h.replace("{l}", str(layer)) for site in cfg.sites for layer in layers for h in SITES[site]]
-    image_acts = (
-        {}
-        if set(cfg.setters) == {"zero"}
-        else gather_activations(model, ids, pixels, hooks, image_positions, attention_mask=mask)
-    )
-    configurations = image_token_grid(
-        image_positions,
-        {k: torch.from_numpy(v) for k, v in selections.items()},
-        layers,
+        layers=cfg.layers,
         sites=cfg.sites,
-        setters=cfg.setters,
-        image_acts=image_acts,
-        source_of=torch.from_numpy(source_of),
-    )  # type: ignore[arg-type]
-    configurations.append(
-        Configuration(  # reference: the whole image removed before the first layer
-            "resid L0 all zero",
-            (Edit(names.resid_pre(0), image_positions, Setter.zero()),),
-            {"site": "resid", "layer": 0, "selection": "all", "setter": "zero"},
-        )
+        setters=cfg.setters,  # type: ignore[arg-type]
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
     )
-    result = sweep(
-        model, ids, pixels, configurations, readout, attention_mask=mask, batch_size=cfg.batch_size
-    )
+    result, selections, source_of = patched.sweep, patched.selections, patched.source_of
+    model_name = checkpoint.name
 
     out = Path(cfg.out)
     files = {"config": outputs.write_config(out, cfg), "json": out / f"{NAME}.json"}

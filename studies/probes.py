@@ -63,13 +63,14 @@ from mechbiqa.analysis.probes import (
     lens_score_curve,
     probe_layers,
 )
+from mechbiqa.model.prompts import LEVEL_WEIGHTS
 from mechbiqa.sources import load_lens, load_raters, load_samples, stored_model
 from mechbiqa.store import CacheSpec
 
 NAME = "probes"
 REPO = Path(__file__).resolve().parents[1]
 RESID = "llm.blocks.{l}.hook_resid_post"
-_QALIGN = np.asarray((1.0, 0.75, 0.5, 0.25, 0.0))
+_QALIGN = np.asarray(LEVEL_WEIGHTS)
 
 
 @dataclass(frozen=True)

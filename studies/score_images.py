@@ -3,8 +3,9 @@
 Question: what does a checkpoint say about the quality of these images?
 Method: Q-Align's scorer prompt ("... ASSISTANT: The quality of the image is"),
 softmax over the five level-word logits at the last position, expectation of
-[1, .75, .5, .25, 0]. Output: a rich table (score, level, level distribution)
-and ``ratings.json`` + ``config.json`` in the output directory.
+the level weights (`LEVEL_WEIGHTS`: 1 for excellent .. 0 for bad). Output: a
+rich table (score, level, level distribution) and ``ratings.json`` +
+``config.json`` in the output directory.
 
 With no ``--model`` it uses the compact one-stage checkpoint that
 ``studies/train_pair.py`` leaves in ``cache/``; when that does not exist yet it

@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from mechbiqa_hooks import names
 from torch import Tensor
 
 from mechbiqa.model.processor import ImageLoadError
 from mechbiqa.model.prompts import EncodedPrompt
+from mechbiqa.model.roles import batch_prompts
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -58,9 +60,9 @@ __all__ = [
 # ----------------------------------------------------------------------------- into a store
 def scoring_components(rater: OneStageRater | TwoStageRater) -> Any:
     """The `Components` whose forward reads the quality word (a two-stage pair: stage 2)."""
-    from mechbiqa.pipeline import OneStageRater
+    from mechbiqa.checkpoint import rater_parts
 
-    return rater.components if isinstance(rater, OneStageRater) else rater.stage2
+    return rater_parts(rater)[-1]
 
 
 def _record_fields(source: Any) -> dict[str, Any]:
@@ -149,7 +151,9 @@ def rate_samples(
 
     An image that cannot be read is not rated; its sample carries the reason (an error row).
     """
-    processor = rater.components.processor if rater_mode(rater) == "one-stage" else rater.stage1.processor
+    from mechbiqa.checkpoint import rater_parts
+
+    processor = rater_parts(rater)[0].processor  # the describing model reads the image
     readable: list[int] = []
     errors: dict[int, str] = {}
     ratings: list[Rating] = []
@@ -320,50 +324,35 @@ def capture_quality(
         )
     n_layers = model.cfg.llm.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
-    resid_names = [f"llm.blocks.{layer}.hook_resid_post" for layer in layers]
-    pattern_names = [f"llm.blocks.{layer}.attn.hook_pattern" for layer in layers] if pattern else []
+    resid_names = [names.resid_post(layer) for layer in layers]
+    pattern_names = [names.pattern(layer) for layer in layers] if pattern else []
     missing = [n for n in resid_names if n not in model.hook_dict]
     if missing:
         raise ValueError(f"the model has no hook {missing[0]!r} (it has {n_layers} LLM layers)")
-    image_at = np.cumsum([0] + [p.n_images for p in prompts])
-    n_tokens = model.cfg.n_image_tokens
-    lengths = [len(p.ids) + p.n_images * (n_tokens - 1) for p in prompts]  # spliced lengths
-    width = max(lengths, default=1)
     resid: list[Tensor] = []
     rows: list[Tensor] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        length = max(len(p.ids) for p in chunk)
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, : len(p.ids)] = torch.tensor(p.ids)
-            mask[i, : len(p.ids)] = 1
-        images = None
-        if pixels is not None and image_at[start + len(chunk)] > image_at[start]:
-            images = pixels[image_at[start] : image_at[start + len(chunk)]].to(model.device, model.dtype)
-        grabbed: dict[str, Tensor] = {}
+    if not prompts:
+        empty = np.zeros((0, len(layers), model.cfg.llm.d_model), np.float32)
+        return QualityCapture(layers=layers, resid=empty, pattern=None)
+    batch = batch_prompts(prompts, pad_id=pad_id, n_image_tokens=model.cfg.n_image_tokens)
+    lengths = [len(r.unpadded()) for r in batch.roles]  # spliced lengths
+    grabbed: dict[str, Tensor] = {}
 
-        def grab(activation: Tensor, hook: Any, into: dict[str, Tensor] = grabbed) -> None:
-            # The model left-pads spliced rows: the last column is every row's quality position
-            # (a pattern's last query row; its keys stay left-padded until unpadded below).
-            row = activation[:, :, -1] if "pattern" in hook.name else activation[:, -1]
-            into[hook.name] = row.float().cpu()
+    def grab(activation: Tensor, hook: Any) -> None:
+        # The model left-pads spliced rows: the last column is every row's quality position
+        # (a pattern's last query row; its keys stay left-padded until unpadded below).
+        row = activation[:, :, -1] if "pattern" in hook.name else activation[:, -1]
+        grabbed[hook.name] = row.float().cpu()
 
-        model.run_with_hooks(
-            ids.to(model.device),
-            images=images,
-            attention_mask=mask.to(model.device),
-            fwd_hooks=[(name, grab) for name in resid_names + pattern_names],
-        )
-        resid.append(torch.stack([grabbed[name] for name in resid_names], dim=1))
-        if pattern:
-            block = torch.stack([grabbed[name] for name in pattern_names], dim=1)  # [b, layer, head, key]
-            out = torch.zeros((*block.shape[:3], width))
-            for i in range(len(chunk)):  # unpad the keys: position 0 = BOS, as in a store
-                n = lengths[start + i]
-                out[i, ..., :n] = block[i, ..., block.shape[-1] - n :]
-            rows.append(out)
+    with model.hooks(fwd_hooks=[(name, grab) for name in resid_names + pattern_names]):
+        for span, _, _ in model.forward_batches(batch, pixels, batch_size, logits_at=-1):
+            resid.append(torch.stack([grabbed[name] for name in resid_names], dim=1))
+            if pattern:
+                block = torch.stack([grabbed[name] for name in pattern_names], dim=1)  # [b, layer, head, key]
+                out = torch.zeros((*block.shape[:3], batch.length))
+                for i, n in enumerate(lengths[span]):  # unpad the keys: position 0 = BOS, as in a store
+                    out[i, ..., :n] = block[i, ..., block.shape[-1] - n :]
+                rows.append(out)
     d_model = model.cfg.llm.d_model
     return QualityCapture(
         layers=layers,

@@ -51,11 +51,12 @@ import numpy as np
 import torch
 
 from mechbiqa.data.descriptions import SEVERITY_ADJECTIVES
-from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_ANSWER_PREFIX, encode_prompt
+from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS, QALIGN_ANSWER_PREFIX, encode_prompt
 
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from mechbiqa.checkpoint import Checkpoint
     from mechbiqa.pipeline import OneStageRater, TwoStageRater
 
 __all__ = [
@@ -71,8 +72,8 @@ __all__ = [
     "image_path_probs",
 ]
 
-QALIGN_WEIGHTS = np.asarray((1.0, 0.75, 0.5, 0.25, 0.0))
-"""Q-Align's 0-1 level weights, excellent .. bad (`mechbiqa.scoring`)."""
+QALIGN_WEIGHTS = np.asarray(LEVEL_WEIGHTS)
+"""Q-Align's 0-1 level weights, excellent .. bad (`mechbiqa.model.prompts.LEVEL_WEIGHTS`)."""
 
 Severity = Literal["severe", "mild", "clean", "unknown"]
 
@@ -480,19 +481,25 @@ def image_path_probs(
 
 
 @torch.no_grad()
-def rate_paths(rater: OneStageRater | TwoStageRater, pixels: Tensor, batch_size: int = 64) -> GroundingPaths:
+def rate_paths(
+    rater: OneStageRater | TwoStageRater | Checkpoint, pixels: Tensor, batch_size: int = 64
+) -> GroundingPaths:
     """Describe each image and read the quality along both paths (see the module docstring's table).
 
     Args:
-        rater: A `mechbiqa.pipeline.OneStageRater` or `TwoStageRater`.
+        rater: A `mechbiqa.pipeline.OneStageRater` or `TwoStageRater`, or an opened
+            `mechbiqa.checkpoint.Checkpoint` (its rater).
         pixels: ``[image, 3, S, S]`` preprocessed images (``rater``'s processor).
         batch_size: Images per forward.
 
     Returns:
         A `GroundingPaths`.
     """
+    from mechbiqa.checkpoint import Checkpoint
     from mechbiqa.pipeline import OneStageRater, TwoStageRater, split_answer
 
+    if isinstance(rater, Checkpoint):
+        rater = rater.rater
     if isinstance(rater, OneStageRater):
         ratings = rater.rate(pixels, batch_size=batch_size)
         descriptions = [r.description for r in ratings]

@@ -35,18 +35,24 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechbiqa.model.generation import KVCache, select_next_token
-from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.model.generation import KVCache
+from mechbiqa.model.prompts import LEVEL_WORDS, EncodedPrompt
+from mechbiqa.model.roles import batch_prompts
+from mechbiqa.scoring import level_ids
 
 if TYPE_CHECKING:
+    from mechbiqa.checkpoint import Checkpoint
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
+    from mechbiqa.pipeline import ImageInput
 
 __all__ = [
     "NOT_A_LEVEL",
     "InstabilityResult",
     "SamplingConfig",
     "answer_levels",
-    "decode",
+    "SampledAnswers",
+    "continue_rows",
+    "sample_checkpoint",
     "expected_uniform_instability",
     "instability_ratio",
     "row_seed",
@@ -175,62 +181,6 @@ def session_generators(
     ]
 
 
-def _select(logits: Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]) -> Tensor:
-    """Next token of each row, each row from its own generator (the rule of `MPLUGOwl2.generate`)."""
-    if not sampling.do_sample:
-        return select_next_token(logits, do_sample=False)
-    return torch.cat(
-        [
-            select_next_token(
-                logits[r : r + 1],
-                do_sample=True,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                generator=g,
-            )
-            for r, g in enumerate(generators)
-        ]
-    )
-
-
-@torch.no_grad()
-def decode(
-    model: MPLUGOwl2,
-    cache: KVCache,
-    sampling: SamplingConfig,
-    generators: Sequence[torch.Generator],
-    *,
-    eos_token_id: int | None = None,
-) -> Int[Tensor, "row new"]:
-    """Continue each row of a prefill cache (`MPLUGOwl2.prefill`), row ``r`` drawing from ``generators[r]``.
-
-    The loop of `MPLUGOwl2.generate` with one random stream per row instead of one per batch,
-    so that a row's answer does not depend on the rows decoded beside it. The generators are
-    advanced in place: a later `decode` (e.g. stage 2 of a two-stage pipeline) continues them.
-    """
-    logits = cache.last_logits
-    if logits is None or logits.shape[0] != len(generators):
-        raise ValueError(
-            "decode needs a cache from prefill() (repeated per continuation) and one generator per row"
-        )
-    device = logits.device
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
-    pad = model.cfg.llm.pad_token_id
-    new = []
-    for step in range(sampling.max_new_tokens):
-        token = _select(logits, sampling, generators)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        new.append(token)
-        if eos_token_id is not None:
-            done |= token == eos_token_id
-            if bool(done.all()):
-                break
-        if step + 1 < sampling.max_new_tokens:
-            logits = model(token[:, None], past_key_values=cache).logits[:, -1]
-    return torch.stack(new, dim=1).cpu()
-
-
 @torch.no_grad()
 def sample_answers(
     model: MPLUGOwl2,
@@ -263,10 +213,39 @@ def sample_answers(
     device = model.device
     cache = model.prefill(input_ids.to(device), None if images is None else images.to(device, model.dtype))
     # row = image * (sessions * answers) + session * answers + answer: the order of session_generators
-    cache = cache.repeat_interleave(len(sampling.seeds) * sampling.n_answers)
+    n_rows = len(sampling.seeds) * sampling.n_answers
+    cache = cache.repeat_interleave(n_rows)
     rows = session_generators(sampling, numbers, device) if generators is None else list(generators)
-    tokens = decode(model, cache, sampling, rows, eos_token_id=eos_token_id)
+    tokens = continue_rows(model, input_ids.repeat_interleave(n_rows, dim=0), cache, sampling, rows,
+                           eos_token_id=eos_token_id)
     return tokens.reshape(n_images, len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
+
+
+def continue_rows(
+    model: MPLUGOwl2,
+    input_ids: Int[Tensor, "row text_pos"],
+    cache: KVCache,
+    sampling: SamplingConfig,
+    generators: Sequence[torch.Generator],
+    *,
+    eos_token_id: int | None = None,
+) -> Int[Tensor, "row new"]:
+    """The new ids `MPLUGOwl2.generate` draws after a prefill cache (on CPU), row ``r`` from ``generators[r]``.
+
+    The generators advance in place: a later call (stage 2 of a pair) continues their streams.
+    """
+    out = model.generate(
+        input_ids.to(model.device),
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=sampling.do_sample,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        generator=list(generators) if sampling.do_sample else None,
+        eos_token_id=eos_token_id,
+        past_key_values=cache,
+    )
+    return out[:, input_ids.shape[1] :].cpu()
 
 
 @torch.no_grad()
@@ -305,6 +284,91 @@ def sample_answers_independently(
     pad = model.cfg.llm.pad_token_id
     tokens = torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
     return tokens.reshape(n_images, len(sampling.seeds), sampling.n_answers, -1).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class SampledAnswers:
+    """Every sampled answer of a checkpoint, as levels (and the first images' texts).
+
+    Attributes:
+        levels: ``[session, image, answer]`` level index of each final answer (`NOT_A_LEVEL` = none).
+        texts: For the first images, ``[session][answer]`` final answer texts.
+        prompt: The prompt answers were drawn from with the image.
+        mode: ``"one-stage"``, ``"two-stage"`` or ``"prompted"`` (a released or random model
+            asked Q-Align's question).
+    """
+
+    levels: np.ndarray
+    texts: list[list[list[str]]]
+    prompt: EncodedPrompt
+    mode: str
+
+
+def _cut(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+@torch.no_grad()
+def sample_checkpoint(
+    checkpoint: Checkpoint,
+    images: Sequence[ImageInput] | Tensor,
+    sampling: SamplingConfig,
+    *,
+    batch_images: int = 8,
+    n_texts: int = 20,
+) -> SampledAnswers:
+    """Sample ``sessions x answers`` answers per image from any checkpoint and read their levels.
+
+    One-stage and released checkpoints answer with the image (`Checkpoint.sample_prompt`); a
+    two-stage pair's stage 1 samples a description and its stage 2 (text only) samples the
+    quality sentence from it, each row's random stream continuing from stage 1.
+
+    Args:
+        checkpoint: An opened checkpoint (`mechbiqa.checkpoint.open_checkpoint`).
+        images: Paths, PIL images or preprocessed pixels, preprocessed ``batch_images`` at a time.
+        sampling: Answers, seeds, decoding settings.
+        batch_images: Images prefilled together.
+        n_texts: Images whose answer texts are kept.
+    """
+    first = checkpoint.describer
+    final = checkpoint.scorer
+    prompt = checkpoint.sample_prompt()
+    two_stage = checkpoint.kind == "two-stage"
+    words = level_ids(final.tokenizer)
+    n, n_seeds, n_answers = len(images), len(sampling.seeds), sampling.n_answers
+    levels = np.full((n_seeds, n, n_answers), NOT_A_LEVEL, dtype=np.int64)
+    texts: list[list[list[str]]] = []
+    for start in range(0, n, max(1, batch_images)):
+        chunk = images[start : start + batch_images]
+        pixels = checkpoint.pixels(chunk)
+        numbers = list(range(start, start + len(pixels)))
+        generators = session_generators(sampling, numbers, first.model.device)
+        tokens = sample_answers(first.model, torch.tensor([prompt.ids] * len(pixels)), pixels, sampling,
+                                image_numbers=numbers, eos_token_id=first.tokenizer.eos_id,
+                                generators=generators)  # [session, image, answer, new]
+        if two_stage:  # stage 2 rates each sampled description, text only, its stream continuing
+            rows = tokens.transpose(0, 1).reshape(len(pixels) * n_seeds * n_answers, -1).tolist()
+            descriptions = [first.tokenizer.decode(_cut(r, first.tokenizer.eos_id)).strip() for r in rows]
+            batch = batch_prompts(
+                [checkpoint.stage2_prompt(d) for d in descriptions],
+                pad_id=final.tokenizer.pad_id,
+                n_image_tokens=final.model.cfg.n_image_tokens,
+                bos_id=final.tokenizer.bos_id,
+            )
+            ids = batch.input_ids.to(final.model.device)
+            cache = final.model.prefill(ids, attention_mask=batch.attention_mask.to(final.model.device))
+            eos = final.tokenizer.eos_id
+            answer = continue_rows(final.model, ids, cache, sampling, generators, eos_token_id=eos)
+            tokens = answer.reshape(len(pixels), n_seeds, n_answers, -1).transpose(0, 1)
+        eos = final.tokenizer.eos_id
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        found = answer_levels(flat, words, eos).reshape(n_seeds, len(pixels), n_answers)
+        levels[:, start : start + len(pixels)] = found
+        for i in range(min(len(pixels), max(0, n_texts - start))):
+            texts.append([[final.tokenizer.decode(_cut(tokens[s, i, a].tolist(), eos)).strip()
+                           for a in range(n_answers)] for s in range(n_seeds)])
+    mode = "prompted" if checkpoint.kind == "released" else checkpoint.kind
+    return SampledAnswers(levels=levels, texts=texts, prompt=prompt, mode=mode)
 
 
 # ----------------------------------------------------------------------------- summary

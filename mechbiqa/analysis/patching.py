@@ -38,26 +38,29 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from mechbiqa_hooks import names
 from torch import Tensor
 
-from mechbiqa.model.generation import KVCache
-from mechbiqa.model.llm import rotary_cos_sin
-from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
+from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS, EncodedPrompt
+from mechbiqa.model.roles import batch_prompts
+from mechbiqa.scoring import level_ids
+from mechbiqa_hooks import names, patch
 
 if TYPE_CHECKING:
+    from mechbiqa.checkpoint import Checkpoint
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 
 __all__ = [
     "SITES",
     "Configuration",
     "Edit",
+    "ImageTokenPatching",
     "Readout",
     "Setter",
     "SetterKind",
     "SweepResult",
     "gather_activations",
     "image_token_grid",
+    "patch_image_tokens",
     "read_quality",
     "sweep",
 ]
@@ -69,8 +72,8 @@ SITES: dict[str, tuple[str, ...]] = {
     # read the edited image tokens; "kv" edits only the keys and values layer l computes from those tokens, so
     # the image rows themselves are untouched and only what later positions *read* from them at layer l
     # changes.
-    "resid": ("llm.blocks.{l}.hook_resid_pre",),
-    "kv": ("llm.blocks.{l}.attn.hook_k", "llm.blocks.{l}.attn.hook_v"),
+    "resid": (names.template(names.resid_pre(0)),),
+    "kv": (names.template(names.attn(0, "k")), names.template(names.attn(0, "v"))),
 }
 """Named edit sites: hook templates patched together for one layer."""
 
@@ -324,7 +327,7 @@ def _start(config: Configuration, clean: int) -> tuple[int, int] | None:
     layers, positions = [], []
     for edit in config.edits:
         layer = names.layer_of(edit.hook)
-        if layer is None or not edit.hook.startswith("llm.blocks."):
+        if layer is None or not edit.hook.startswith(names.block(layer, "")):
             return None
         pos = edit.positions[clean] if edit.positions.ndim == 2 else edit.positions
         layers.append(layer)
@@ -359,121 +362,19 @@ def _row_hooks(
             plan[edit.hook][edit.pos_dim].append((torch.full_like(pos, b), pos, vals))
 
     def make(entries: dict[int, list[tuple[Tensor, Tensor, Tensor | None]]]) -> Any:
-        merged = []
+        writes = []
         for pos_dim, items in entries.items():
             zero = [(r, p) for r, p, v in items if v is None]
             full = [(r, p, v) for r, p, v in items if v is not None]
-            merged.append(
-                (
-                    pos_dim,
-                    (torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])) if zero else None,
-                    (
-                        torch.cat([r for r, _, _ in full]),
-                        torch.cat([p for _, p, _ in full]),
-                        torch.cat([v for _, _, v in full]),
-                    )
-                    if full
-                    else None,
-                )
-            )
-
-        def hook(activation: Tensor, hook: Any) -> Tensor:
-            out = activation.clone()
-            for pos_dim, zero, full in merged:
-                view = out.movedim(pos_dim, 1)  # a view: writes land in `out`
-                if zero is not None:
-                    r, p = (t.to(out.device) for t in zero)
-                    view[r, p] = 0
-                if full is not None:
-                    r, p, v = full
-                    view[r.to(out.device), p.to(out.device)] = v.to(out.device, out.dtype)
-            return out
-
-        return hook
+            if zero:
+                rows, positions = torch.cat([r for r, _ in zero]), torch.cat([p for _, p in zero])
+                writes.append((pos_dim, rows, positions, None))
+            if full:
+                rows, positions = torch.cat([r for r, _, _ in full]), torch.cat([p for _, p, _ in full])
+                writes.append((pos_dim, rows, positions, torch.cat([v for _, _, v in full])))
+        return patch.scatter_hook(writes)
 
     return [(name, make(entries)) for name, entries in plan.items()]
-
-
-@dataclass
-class _CleanRun:
-    """What the clean run computed, for the rows that start from it.
-
-    Per layer, the residual entering
-    the layer and the keys/values of every position; and the spliced sequence's bookkeeping.
-    """
-
-    resid: list[Tensor]  # per layer [clean, pos, d_model]
-    keys: list[Tensor]  # per layer [clean, kv_head, pos, d_head]
-    values: list[Tensor]
-    modality: Tensor  # [clean, pos]
-    positions: Tensor  # [clean, pos] RoPE position ids
-    mask: Tensor  # [clean, pos] bool
-    readout: Tensor  # [clean, vocab] logits at the quality position
-
-
-def _clean_run(
-    model: MPLUGOwl2,
-    input_ids: Tensor,
-    image_tokens: Tensor | None,
-    attention_mask: Tensor | None,
-    position: int,
-) -> _CleanRun:
-    """The unedited forward (`MPLUGOwl2.forward` from encoded image rows), keeping its states."""
-    if image_tokens is not None:
-        image_tokens = model.hook_image_tokens(image_tokens)
-    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # the model's rule: real tokens counted from 0
-    resid: dict[int, Tensor] = {}
-
-    def keep(activation: Tensor, hook: Any) -> None:
-        resid[int(names.layer_of(hook.name))] = activation  # type: ignore[arg-type]
-
-    cache = KVCache()
-    n_layers = len(model.llm.blocks)
-    with model.hooks(fwd_hooks=[(names.resid_pre(layer), keep) for layer in range(n_layers)]):
-        logits, _ = model.llm(embeds, modality, positions, mask, cache)
-    return _CleanRun(
-        [resid[layer] for layer in range(n_layers)],
-        cache.keys,
-        cache.values,
-        modality,
-        positions,
-        mask,
-        logits[:, position],
-    )
-
-
-def _run_full(
-    model: MPLUGOwl2,
-    input_ids: Tensor,
-    image_tokens: Tensor | None,
-    attention_mask: Tensor | None,
-    position: int,
-) -> Tensor:
-    """The whole forward from the encoded image rows (for rows that edit outside the LLM blocks)."""
-    if image_tokens is not None:
-        image_tokens = model.hook_image_tokens(image_tokens)
-    embeds, modality, mask = model.splice(input_ids, image_tokens, attention_mask)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits, _ = model.llm(embeds, modality, positions, mask)
-    return logits[:, position]
-
-
-def _run_from(
-    model: MPLUGOwl2, clean: _CleanRun, rows: Tensor, layer: int, start: int, position: int
-) -> Tensor:
-    """Layers ``layer..`` at positions ``start..`` only; earlier keys/values come from the clean run."""
-    x = clean.resid[layer][rows, start:]
-    cache = KVCache(
-        keys=[k[rows, :, :start] for k in clean.keys], values=[v[rows, :, :start] for v in clean.values]
-    )
-    modality = clean.modality[rows, start:]
-    cfg = model.llm.cfg
-    cos, sin = rotary_cos_sin(clean.positions[rows, start:], cfg.d_head, cfg.rope_theta, x.dtype)
-    key_mask = clean.mask[rows]
-    for block in model.llm.blocks[layer:]:
-        x = block(x, modality, cos, sin, key_mask, cache)
-    return model.llm.unembed(model.llm.ln_final(x[:, position - start : position - start + 1]))[:, 0]
 
 
 def _plan_chunks(
@@ -567,9 +468,16 @@ def sweep(
     device = model.device
     input_ids = input_ids.to(device)
     mask = None if attention_mask is None else attention_mask.to(device)
-    tokens = None if images is None else model.encode_images(images.to(device, model.dtype))
-    clean = _clean_run(model, input_ids, tokens, mask, readout.position)
-    length = clean.mask.shape[1]
+    tokens = None if images is None else model.image_rows(images.to(device, model.dtype))
+    clean = model(
+        input_ids,
+        image_tokens=tokens,
+        attention_mask=mask,
+        use_cache=True,
+        output_hidden_states=True,
+        logits_at=readout.position,
+    )
+    length = clean.attention_mask.shape[1]
     quality = readout.position % length  # absolute column of the quality position
 
     # rows grouped by where they start: None = the whole forward
@@ -609,19 +517,18 @@ def sweep(
         clean_rows = torch.tensor([i for _, i in rows], device=device)
         with model.hooks(fwd_hooks=_row_hooks(configurations, rows, 0 if start is None else start[1])):
             if start is None:
-                out = _run_full(
-                    model,
+                out = model(
                     input_ids[clean_rows],
-                    None if tokens is None else tokens[clean_rows],
-                    None if mask is None else mask[clean_rows],
-                    readout.position,
-                )
+                    image_tokens=None if tokens is None else tokens[clean_rows],
+                    attention_mask=None if mask is None else mask[clean_rows],
+                    logits_at=readout.position,
+                ).logits[:, 0]
             else:
-                out = _run_from(model, clean, clean_rows, start[0], start[1], quality)
+                out = model.run_from(clean, start[0], start[1], rows=clean_rows, logits_at=quality)[:, 0]
         n_forwards += 1
         for (c, i), row in zip(rows, out, strict=True):
             logits[c * n_clean + i] = row
-    clean_read = read_quality(clean.readout, readout)
+    clean_read = read_quality(clean.logits[:, 0], readout)
     shape = (len(configurations), n_clean)
     if n_rows:
         score, diff, probs, answer = read_quality(torch.stack(logits), readout)  # type: ignore[arg-type]
@@ -754,3 +661,129 @@ def image_token_grid(
                         )
                     )
     return out
+
+
+# ----------------------------------------------------------------------------- the image-token study
+@dataclass(frozen=True)
+class ImageTokenPatching:
+    """The sweep of DESIGN.md over image tokens, and what it was built from.
+
+    Attributes:
+        sweep: The `SweepResult` (``[configuration, image]`` arrays).
+        selections: Selection name -> ``[image, k]`` image indices.
+        source_of: ``[image]`` the image each one was patched from.
+        prompts: The prompt each image was rated with.
+    """
+
+    sweep: SweepResult
+    selections: dict[str, np.ndarray]
+    source_of: np.ndarray
+    prompts: tuple[EncodedPrompt, ...]
+
+
+@torch.no_grad()
+def patch_image_tokens(
+    checkpoint: Checkpoint,
+    images: Sequence[Any] | Tensor,
+    *,
+    k: int = 5,
+    layers: Sequence[int] | None = None,
+    sites: Sequence[str] = ("resid", "kv"),
+    setters: Sequence[SetterKind] = ("zero", "mean", "source"),
+    seed: int = 0,
+    batch_size: int = 64,
+) -> ImageTokenPatching:
+    """Rank each image's tokens by the quality position's attention; patch the dominant, random and least.
+
+    Each image is rated on the checkpoint's own scoring prompt (`Checkpoint.rate`: Q-Align's
+    scorer prompt for a released one, the canonical prompt after its own description for a
+    one-stage one). Its ``k`` most and least attended image tokens (every layer and head, the
+    rule of `mechbiqa.analysis.attribution.attribute`) and ``k`` random ones (seeded) are
+    edited per site, layer and setter (`image_token_grid`); ``source`` patches each image from
+    the one whose clean score differs most. A reference configuration zeroes every image
+    token entering layer 0.
+
+    Args:
+        checkpoint: A checkpoint whose quality position reads the image (not a two-stage pair).
+        images: At least two images (paths, PIL images or pixels).
+        k: Image tokens per selection.
+        layers: LLM layers to edit (default: all).
+        sites: Keys of `SITES`.
+        setters: ``zero``, ``mean``, ``source``.
+        seed: Seed of the random-token control.
+        batch_size: Rows per stacked forward.
+
+    Raises:
+        ValueError: A two-stage pair, fewer than two images, or ``k`` outside the image's tokens.
+    """
+    from mechbiqa.analysis.attribution import attribute
+
+    if not checkpoint.image_at_quality:
+        raise ValueError(f"{checkpoint.name} is a two-stage pair: stage 2 reads text only, so no image token "
+                         "reaches its quality position; patch the one-stage checkpoint")
+    pixels = checkpoint.pixels(images)
+    if len(pixels) < 2:
+        raise ValueError("patching needs at least 2 images (one is patched from another)")
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    n, n_image, n_layers = len(pixels), model.cfg.n_image_tokens, model.cfg.llm.n_layers
+    if not 0 < k <= n_image:
+        raise ValueError(f"k={k} must be in 1..{n_image} (the model's image tokens)")
+    ratings = checkpoint.rate(pixels, batch_size=batch_size)
+    batch = batch_prompts(
+        [r.prompt for r in ratings],
+        roles=[r.roles for r in ratings],
+        pad_id=tokenizer.pad_id,
+        n_image_tokens=n_image,
+        bos_id=tokenizer.bos_id,
+    )
+    image_positions = batch.image_positions(0)  # [image, n_image]
+    layers = tuple(range(n_layers)) if layers is None else tuple(layers)
+
+    # Rank the image tokens by the quality row of every layer's attention (the attribution study's rule).
+    quality = torch.from_numpy(batch.quality)[:, None]
+    patterns = [names.pattern(layer) for layer in range(n_layers)]
+    rows = gather_activations(
+        model, batch.input_ids, pixels, patterns, quality, attention_mask=batch.attention_mask, pos_dim=2
+    )
+    pattern = torch.stack([rows[names.pattern(layer)][:, 0] for layer in range(n_layers)], 1)
+    ranked = attribute(pattern.float().cpu().numpy(), batch.stacked("role"), batch.stacked("image_index"),
+                       n_image, k=k)
+    rng = np.random.default_rng(seed)
+    selections = {
+        "dominant": ranked.top,
+        "random": np.stack([rng.choice(n_image, k, replace=False) for _ in range(n)]),
+        "least": ranked.least,
+    }
+    readout = Readout(tuple(level_ids(tokenizer)), position=-1)
+    clean = sweep(model, batch.input_ids, pixels, [], readout, attention_mask=batch.attention_mask)
+    # Research choice: patch each image from the one whose clean score differs most, so the patched
+    # tokens carry the most different quality information the model itself perceives (labels may be absent).
+    source_of = np.abs(clean.clean_score[:, None] - clean.clean_score[None]).argmax(1)
+    hooks = [h.replace("{l}", str(layer)) for site in sites for layer in layers for h in SITES[site]]
+    image_acts = ({} if set(setters) == {"zero"} else
+                  gather_activations(model, batch.input_ids, pixels, hooks, image_positions,
+                                     attention_mask=batch.attention_mask))
+    configurations = image_token_grid(
+        image_positions,
+        {s: torch.from_numpy(v) for s, v in selections.items()},
+        layers,
+        sites=sites,
+        setters=setters,
+        image_acts=image_acts,
+        source_of=torch.from_numpy(source_of),
+    )
+    configurations.append(Configuration(  # reference: the whole image removed before the first layer
+        "resid L0 all zero", (Edit(names.resid_pre(0), image_positions, Setter.zero()),),
+        {"site": "resid", "layer": 0, "selection": "all", "setter": "zero"},
+    ))  # fmt: skip
+    result = sweep(
+        model,
+        batch.input_ids,
+        pixels,
+        configurations,
+        readout,
+        attention_mask=batch.attention_mask,
+        batch_size=batch_size,
+    )
+    return ImageTokenPatching(sweep=result, selections=selections, source_of=source_of,
+                              prompts=tuple(r.prompt for r in ratings))

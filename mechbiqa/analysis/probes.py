@@ -492,7 +492,9 @@ def lens_score_curve(
     probs = np.asarray(level_probs, dtype=np.float64)
     if probs.ndim != 3 or probs.shape[2] != 5:
         raise ValueError(f"level_probs must be [layer, sample, 5]; got {probs.shape}")
-    scores = probs @ np.asarray((1.0, 0.75, 0.5, 0.25, 0.0))
+    from mechbiqa.model.prompts import LEVEL_WEIGHTS
+
+    scores = probs @ np.asarray(LEVEL_WEIGHTS)
     y = np.asarray(mos, dtype=np.float64)
     if groups is None or n_splits is None:
         return np.asarray([_srcc(s, y) for s in scores])

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RougeResult", "rouge1", "references_for"]
+__all__ = ["RougeResult", "nearest", "rouge1", "references_for"]
 
 
 @dataclass(frozen=True)
@@ -174,3 +174,25 @@ def references_for(
             f"annotation keys look like {list(annotations)[:5]}; key the annotations by the same ids"
         )
     return [annotations[i] for i in ids]
+
+
+def nearest(prediction: str, candidates: Sequence[str], *, use_stemmer: bool = False) -> tuple[int, float]:
+    """The candidate with the highest ROUGE-1 F1 against one prediction (first on ties).
+
+    Args:
+        prediction: A generated description.
+        candidates: Texts to compare it with (e.g. every phrasing a describer can produce).
+        use_stemmer: Porter-stem words before matching.
+
+    Returns:
+        ``(index, f1)`` of the best candidate.
+
+    Raises:
+        ValueError: If there are no candidates.
+    """
+    if not candidates:
+        raise ValueError("nearest: no candidates to match the prediction against")
+    scorer = _scorer(use_stemmer)
+    scores = [scorer.score(c, prediction)["rouge1"].fmeasure for c in candidates]
+    best = int(np.argmax(scores))
+    return best, float(scores[best])

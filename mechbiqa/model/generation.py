@@ -10,6 +10,7 @@ instability study draws 15 answers from one prefill.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,22 @@ class KVCache:
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
 
+    def select(self, rows: Tensor | None = None, end: int | None = None) -> KVCache:
+        """A new cache holding some rows and the first ``end`` positions (for resuming a forward).
+
+        Args:
+            rows: ``[k]`` batch rows to keep (repeats allowed); None keeps all.
+            end: keep positions ``0..end-1``; None keeps all.
+        """
+        cut = lambda t: (t if rows is None else t[rows.to(t.device)])[..., :end, :]  # noqa: E731
+        return KVCache(
+            keys=[cut(k) for k in self.keys],
+            values=[cut(v) for v in self.values],
+            mask=None if self.mask is None else (self.mask if rows is None else self.mask[rows])[:, :end],
+            next_position=None,
+            last_logits=None,
+        )
+
     def repeat_interleave(self, n: int) -> KVCache:
         """A new cache whose row ``b * n + i`` is a copy of row ``b`` (for many samples of one prompt)."""
         rep = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
@@ -59,7 +76,7 @@ def select_next_token(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Greedy argmax, or a draw from the tempered, top-k / nucleus-truncated softmax.
 
@@ -69,7 +86,9 @@ def select_next_token(
         temperature: divides the logits before the softmax (sampling only).
         top_k: keep the ``k`` largest logits.
         top_p: keep the smallest set of tokens whose probability reaches ``p``.
-        generator: the random stream; the same seed gives the same draws.
+        generator: the random stream; the same seed gives the same draws. A sequence holds one
+            generator per row: row ``r`` then draws from ``generator[r]`` alone, so its tokens do
+            not depend on the rows beside it.
 
     Returns:
         ``[batch]`` long token ids.
@@ -78,6 +97,14 @@ def select_next_token(
         return logits.argmax(dim=-1)
     if temperature <= 0:
         raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != logits.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {logits.shape[0]} rows: pass one per row")
+        return torch.cat([
+            select_next_token(logits[r : r + 1], do_sample=True, temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=g)
+            for r, g in enumerate(generator)
+        ])  # fmt: skip
     scores = logits.float() / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]

@@ -245,29 +245,44 @@ class LLM(nn.Module):
         key_mask: Tensor,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        *,
+        start_layer: int = 0,
+        logits_at: int | None = None,
     ) -> tuple[Float[Tensor, "batch pos vocab"], tuple[Tensor, ...] | None]:
-        """Run the decoder on already-embedded (and image-spliced) inputs.
+        """Run the decoder on already-embedded (and image-spliced) inputs, or resume it from a layer.
 
         Args:
-            inputs_embeds: the spliced embeddings of the new positions.
+            inputs_embeds: the spliced embeddings of the new positions; with ``start_layer=l``, the
+                residual stream entering layer ``l`` (``hook_resid_pre`` of block ``l``).
             modality: the per-position branch (0 text, 1 image); None means all text.
             positions: RoPE position ids of the new positions.
             key_mask: bool ``[batch, past + pos]``, True where a key may be attended.
-            cache: extended in place with this call's keys and values.
+            cache: extended in place with this call's keys and values. When resuming from layer
+                ``l`` it must hold, for every layer ``>= l``, the keys/values of the ``past``
+                positions before the new ones (`KVCache.select` cuts a recorded one).
             output_hidden_states: also return the transformers-convention tuple
-                (index 0 = embeddings, i = output of layer i-1, last = after ``ln_final``).
+                (index 0 = embeddings, i = output of layer i-1, last = after ``ln_final``);
+                resumed from layer ``l``, index 0 is the residual entering layer ``l``.
+            start_layer: the first block to run (the blocks below are skipped, their hooks silent).
+            logits_at: unembed only this column of the new positions (logits ``[batch, 1, vocab]``);
+                None unembeds every position.
 
         Returns:
             logits and, if asked, the hidden states.
         """
-        if modality is not None:
+        if not 0 <= start_layer <= len(self.blocks):
+            raise ValueError(f"start_layer={start_layer} is outside 0..{len(self.blocks)} (the LLM's layers)")
+        if modality is not None and start_layer == 0:
             modality = self.hook_modality(modality)
         cos, sin = rotary_cos_sin(positions, self.cfg.d_head, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         hidden: list[Tensor] = [x]
-        for block in self.blocks:
+        for block in self.blocks[start_layer:]:
             x = block(x, modality, cos, sin, key_mask, cache)
             hidden.append(x)
+        if logits_at is not None:
+            at = logits_at % x.shape[1]
+            x = x[:, at : at + 1]
         x = self.ln_final(x)
         logits = self.unembed(x)
         if not output_hidden_states:

@@ -22,7 +22,9 @@ read. The spliced mask is returned with the outputs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -36,6 +38,9 @@ from mechbiqa.model.config import IMAGE_TOKEN_INDEX, ModelConfig
 from mechbiqa.model.generation import KVCache, select_next_token
 from mechbiqa.model.llm import LLM
 from mechbiqa.model.vision import VisionTower
+
+if TYPE_CHECKING:
+    from mechbiqa.model.roles import PromptBatch
 
 
 @dataclass
@@ -60,6 +65,23 @@ class ModelOutput:
     past_key_values: KVCache | None = None
 
 
+@dataclass
+class Spliced:
+    """A prompt batch as the LLM reads it (`MPLUGOwl2.prepare`).
+
+    Attributes:
+        embeds: ``[batch, pos, d_model]`` spliced embeddings, rows left-padded.
+        modality: ``[batch, pos]`` long, 1 at image positions.
+        mask: ``[batch, pos]`` bool, True at real positions.
+        positions: ``[batch, pos]`` RoPE position ids.
+    """
+
+    embeds: Tensor
+    modality: Tensor
+    mask: Tensor
+    positions: Tensor
+
+
 class MPLUGOwl2(HookedRootModule):
     """The composite model (vision tower, visual abstractor, modality-adaptive LLaMA)."""
 
@@ -82,10 +104,18 @@ class MPLUGOwl2(HookedRootModule):
 
     # ------------------------------------------------------------------ parts
     def encode_images(self, pixels: Float[Tensor, "image 3 S S"]) -> Float[Tensor, "image image_pos d_llm"]:
-        """Vision tower then abstractor: ``n_queries + 1`` LLM-width rows per image."""
+        """Vision tower then abstractor: ``n_queries + 1`` LLM-width rows per image (through the hook)."""
+        return self.hook_image_tokens(self.image_rows(pixels))
+
+    def image_rows(self, pixels: Float[Tensor, "image 3 S S"]) -> Float[Tensor, "image image_pos d_llm"]:
+        """`encode_images` before ``hook_image_tokens``: pass them to ``forward(image_tokens=...)``.
+
+        Encoding once and running many forwards from the rows is how a patching sweep avoids
+        re-encoding each image; the hook still fires in each of those forwards.
+        """
         check_pixels(pixels)
         tokens, _ = self.vision(pixels)
-        return self.hook_image_tokens(self.abstractor(tokens))
+        return self.abstractor(tokens)
 
     def splice(
         self,
@@ -140,6 +170,22 @@ class MPLUGOwl2(HookedRootModule):
         return embeds, modality, mask
 
     # ---------------------------------------------------------------- forward
+    def prepare(
+        self,
+        input_ids: Int[Tensor, "batch text_pos"],
+        image_tokens: Float[Tensor, "image image_pos d_llm"] | None,
+        attention_mask: Int[Tensor, "batch text_pos"] | None = None,
+    ) -> Spliced:
+        """The LLM's inputs for a prompt batch: spliced embeddings, modality, mask and position ids.
+
+        The one place the position rule lives: a position id counts the real tokens before it
+        (``cumsum(mask) - 1``, padding clamped to 0). ``image_tokens`` are the encoded rows
+        (after ``hook_image_tokens``).
+        """
+        embeds, modality, mask = self.splice(input_ids, image_tokens, attention_mask)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return Spliced(embeds, modality, mask, positions)
+
     def forward(
         self,
         input_ids: Int[Tensor, "batch text_pos"],
@@ -148,6 +194,9 @@ class MPLUGOwl2(HookedRootModule):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        *,
+        image_tokens: Float[Tensor, "image image_pos d_llm"] | None = None,
+        logits_at: int | None = None,
     ) -> ModelOutput:
         """Logits for a batch of prompts with their images (``images=None`` for text only).
 
@@ -160,6 +209,10 @@ class MPLUGOwl2(HookedRootModule):
                 the original decoding loop; a given mask may cover the new tokens or all positions.
             use_cache: return (and extend) a `KVCache`.
             output_hidden_states: return the transformers-convention hidden states.
+            image_tokens: instead of ``images``, rows of `image_rows` (encoded once elsewhere);
+                ``hook_image_tokens`` fires on them here.
+            logits_at: unembed only this column (logits ``[batch, 1, vocab]``); -1 is every row's
+                last real token, where the quality word is read.
         """
         cache = past_key_values
         if cache is not None and len(cache) > 0:
@@ -178,13 +231,19 @@ class MPLUGOwl2(HookedRootModule):
             positions = cache.next_position[:, None] + new_mask.long().cumsum(-1) - 1  # type: ignore[index]
             key_mask = torch.cat([cache.mask, new_mask], dim=1)  # type: ignore[list-item]
         else:
-            image_tokens = None if images is None else self.encode_images(images.to(self.device))
-            embeds, modality, new_mask = self.splice(input_ids, image_tokens, attention_mask)
-            positions = (new_mask.long().cumsum(-1) - 1).clamp(min=0)
-            key_mask = new_mask
+            if image_tokens is not None:
+                if images is not None:
+                    raise ValueError("pass images or image_tokens, not both")
+                rows = self.hook_image_tokens(image_tokens.to(self.device))
+            else:
+                rows = None if images is None else self.encode_images(images.to(self.device))
+            spliced = self.prepare(input_ids, rows, attention_mask)
+            embeds, modality = spliced.embeds, spliced.modality
+            positions, key_mask = spliced.positions, spliced.mask
             if use_cache or cache is not None:
                 cache = KVCache() if cache is None else cache
-        logits, hidden = self.llm(embeds, modality, positions, key_mask, cache, output_hidden_states)
+        logits, hidden = self.llm(embeds, modality, positions, key_mask, cache, output_hidden_states,
+                                  logits_at=logits_at)
         if cache is not None:
             cache.mask = key_mask
             cache.next_position = positions[:, -1] + 1
@@ -196,6 +255,84 @@ class MPLUGOwl2(HookedRootModule):
             position_ids=positions,
             past_key_values=cache,
         )
+
+    def forward_batches(
+        self,
+        batch: PromptBatch,
+        pixels: Float[Tensor, "image 3 S S"] | None = None,
+        batch_size: int = 64,
+        **kwargs: Any,
+    ) -> Iterator[tuple[slice, PromptBatch, ModelOutput]]:
+        """Run a padded prompt batch in sub-batches of at most ``batch_size`` rows.
+
+        Args:
+            batch: Prompts padded by `mechbiqa.model.roles.batch_prompts`.
+            pixels: One image per placeholder of the batch, in prompt order (None: text only).
+            batch_size: Rows per forward.
+            **kwargs: Passed to `forward` (``logits_at=-1`` reads every row's last token).
+
+        Yields:
+            ``(rows, sub_batch, output)`` per forward: hooks attached around the loop fire
+            before each yield, so the loop body sees what they kept.
+        """
+        for rows, sub in batch.split(batch_size):
+            images = sub.pixels(pixels)
+            yield rows, sub, self.forward(
+                sub.input_ids.to(self.device),
+                images=None if images is None else images.to(self.device, self.dtype),
+                attention_mask=sub.attention_mask.to(self.device),
+                **kwargs,
+            )
+
+    def run_from(
+        self,
+        clean: ModelOutput,
+        layer: int,
+        start: int = 0,
+        rows: Int[Tensor, " k"] | None = None,
+        logits_at: int | None = None,
+    ) -> Float[Tensor, "k pos vocab"]:
+        """Resume a recorded forward at block ``layer``, position ``start``: the logits of its positions.
+
+        ``clean`` must come from ``forward(..., use_cache=True, output_hidden_states=True)``. Rows
+        start from its residual entering ``layer`` at positions ``start..`` and attend to its keys
+        and values of positions ``< start``: with no edits this equals the full forward (causal
+        attention: nothing below ``layer`` or before ``start`` depends on what follows). Hooks on
+        blocks ``>= layer`` fire on the recomputed positions only.
+
+        Args:
+            clean: The recorded forward.
+            layer: The first block to run.
+            start: The first spliced position to recompute.
+            rows: Batch rows of ``clean`` to resume (repeats allowed); None: all.
+            logits_at: Unembed only this column (absolute, or negative from the end).
+
+        Returns:
+            ``[k, pos - start, vocab]`` logits, or ``[k, 1, vocab]`` with ``logits_at``.
+        """
+        if clean.hidden_states is None or clean.past_key_values is None:
+            raise ValueError("run_from needs a forward run with use_cache=True and output_hidden_states=True")
+        length = clean.attention_mask.shape[1]
+        if not 0 <= layer < len(self.llm.blocks):
+            raise ValueError(f"layer={layer} is outside 0..{len(self.llm.blocks) - 1} (the LLM's blocks)")
+        if not 0 <= start < length:
+            raise ValueError(f"start={start} is outside 0..{length - 1} (the recorded positions)")
+        rows = torch.arange(clean.attention_mask.shape[0]) if rows is None else rows
+        rows = rows.to(self.device)
+        at = None if logits_at is None else logits_at % length - start
+        if at is not None and at < 0:
+            raise ValueError(f"logits_at={logits_at} lies before start={start}: not recomputed")
+        cache = clean.past_key_values.select(rows, start)
+        logits, _ = self.llm(
+            clean.hidden_states[layer][rows, start:],
+            clean.modality[rows, start:],
+            clean.position_ids[rows, start:],
+            clean.attention_mask[rows].bool(),
+            cache,
+            start_layer=layer,
+            logits_at=at,
+        )
+        return logits
 
     # ------------------------------------------------------------- generation
     @torch.no_grad()
@@ -209,15 +346,17 @@ class MPLUGOwl2(HookedRootModule):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         eos_token_id: int | None = None,
         past_key_values: KVCache | None = None,
     ) -> Int[Tensor, "batch text_pos_plus_new"]:
         """Decode with a KV cache; return ``input_ids`` followed by the new ids.
 
         Greedy by default; ``do_sample=True`` draws from ``generator`` (seeded draws
-        repeat exactly). With ``eos_token_id`` set, a row that emits it is padded with
-        ``pad_token_id`` afterwards and decoding stops once every row has; without it,
+        repeat exactly): one for the batch, or a list with one per row, so that a row's
+        answer does not depend on the rows decoded beside it (the generators advance in
+        place: a later call continues their streams). With ``eos_token_id`` set, a row
+        that emits it is padded with ``pad_token_id`` afterwards and decoding stops once every row has; without it,
         exactly ``max_new_tokens`` are produced. ``past_key_values`` may hold an already
         prefilled prompt cache (then ``input_ids`` are only returned, not re-run, and the
         first new token is chosen from ``last_logits`` of that prefill: pass a cache made by

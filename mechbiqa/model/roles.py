@@ -12,14 +12,20 @@ patch), never by hard-coded index.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from mechbiqa.model.tokenizer import IMAGE_TOKEN_ID
+
+if TYPE_CHECKING:
+    from mechbiqa.model.prompts import EncodedPrompt
 
 
 class Role(IntEnum):
@@ -115,6 +121,16 @@ class TokenRoles:
         """Number of positions per role name (every role listed)."""
         found = np.bincount(self.role.astype(np.int64), minlength=len(Role))
         return {role.label: int(found[role]) for role in Role}
+
+    def unpadded(self) -> TokenRoles:
+        """The roles without their PAD positions."""
+        keep = self.role != int(Role.PAD)
+        return TokenRoles(
+            role=_frozen(self.role[keep]),
+            image_index=_frozen(self.image_index[keep]),
+            image_number=_frozen(self.image_number[keep]),
+            source_index=_frozen(self.source_index[keep]),
+        )
 
     def left_pad(self, n: int) -> TokenRoles:
         """Prepend ``n`` PAD positions (a left-padded batch row)."""
@@ -260,8 +276,168 @@ def pad_batch(
     Returns:
         The rows, each as long as the longest.
     """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+    _check_side(side)
     length = max((len(r) for r in rows), default=0)
     pad = TokenRoles.left_pad if side == "left" else TokenRoles.right_pad
     return tuple(pad(r, length - len(r)) for r in rows)
+
+
+def _check_side(side: str) -> None:
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]], pad_id: int, *, side: Literal["left", "right"] = "right"
+) -> tuple[Tensor, Tensor]:
+    """Text-space ids of unequal length as one ``[batch, text_pos]`` tensor and its mask.
+
+    Args:
+        rows: Each sequence's ids (``-200`` placeholders kept).
+        pad_id: The id written at padding (masked, never attended).
+        side: Where the padding goes. The model splices each row from its real tokens and
+            left-pads the spliced rows itself, so both sides give the same logits.
+
+    Returns:
+        ``input_ids`` (long) and ``attention_mask`` (long, 1 at real tokens).
+    """
+    _check_side(side)
+    length = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), length), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(length - len(row), length)
+        ids[i, cols] = torch.tensor([int(t) for t in row], dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts padded into one model input, with the roles of the sequence the model sees.
+
+    Build it with `batch_prompts`. The text-space ids are padded on ``side``; the model
+    splices every row from its real tokens and left-pads the spliced rows, so ``roles`` are
+    left-padded to the spliced length and a position in them is a column of the model's
+    activations. The last spliced column is every row's last real token.
+
+    Attributes:
+        prompts: The prompts, in row order.
+        input_ids: ``[batch, text_pos]`` long.
+        attention_mask: ``[batch, text_pos]`` long, 1 at real tokens.
+        roles: Each row's spliced roles, left-padded to one length.
+        pad_id: The id at padding.
+        side: Side of the text-space padding.
+        first_image: Index of this batch's first image in the pixels it is run with (for
+            sub-batches from `split`; 0 for a whole batch).
+    """
+
+    prompts: tuple[EncodedPrompt, ...]
+    input_ids: Tensor
+    attention_mask: Tensor
+    roles: tuple[TokenRoles, ...]
+    pad_id: int
+    side: Literal["left", "right"] = "right"
+    first_image: int = 0
+
+    def __len__(self) -> int:
+        """Number of rows."""
+        return len(self.prompts)
+
+    @property
+    def length(self) -> int:
+        """Spliced length (every row's roles are this long)."""
+        return len(self.roles[0]) if self.roles else 0
+
+    @property
+    def n_images(self) -> int:
+        """Images the rows hold together (one per placeholder)."""
+        return sum(p.n_images for p in self.prompts)
+
+    @property
+    def quality(self) -> np.ndarray:
+        """``[batch]`` spliced column of each row's quality position (-1 where a row has none)."""
+        return np.array([-1 if r.quality_position is None else r.quality_position for r in self.roles],
+                        dtype=np.int64)
+
+    def image_positions(self, image_number: int = 0) -> Tensor:
+        """``[batch, n_image_tokens]`` spliced columns of each row's ``image_number``-th image tokens."""
+        found = [r.image_positions(image_number) for r in self.roles]
+        if len({len(f) for f in found}) != 1 or not len(found[0]):
+            counts = [len(f) for f in found]
+            raise ValueError(f"not every row holds an image {image_number} (token counts {counts})")
+        return torch.from_numpy(np.stack(found)).long()
+
+    def stacked(self, field: Literal["role", "image_index", "image_number", "source_index"]) -> np.ndarray:
+        """``[batch, pos]`` one roles array of every row."""
+        return np.stack([getattr(r, field) for r in self.roles]) if self.roles else np.zeros((0, 0))
+
+    def pixels(self, pixels: Float[Tensor, "image 3 S S"] | None) -> Tensor | None:
+        """This batch's images out of the pixels of the whole prompt list (None when it holds none)."""
+        n = self.n_images
+        if n == 0:
+            return None
+        if pixels is None or pixels.shape[0] < self.first_image + n:
+            have = 0 if pixels is None else pixels.shape[0]
+            raise ValueError(f"the prompts hold {self.first_image + n} image placeholders but {have} images "
+                             "were given: pass one image per placeholder, in prompt order")
+        return pixels[self.first_image : self.first_image + n]
+
+    def split(self, size: int) -> Iterator[tuple[slice, PromptBatch]]:
+        """Consecutive sub-batches of at most ``size`` rows, each padded to its own length.
+
+        Yields:
+            ``(rows, sub_batch)``: the rows of this batch it holds, and the sub-batch (its
+            ``first_image`` counts from this batch's pixels).
+        """
+        size = max(1, int(size))
+        first = self.first_image
+        for start in range(0, len(self), size):
+            rows = slice(start, min(len(self), start + size))
+            prompts = self.prompts[rows]
+            roles = [r.unpadded() for r in self.roles[rows]]
+            yield rows, _batch(prompts, roles, self.pad_id, self.side, first)
+            first += sum(p.n_images for p in prompts)
+
+
+def _batch(prompts: Sequence[EncodedPrompt], roles: Sequence[TokenRoles], pad_id: int,
+           side: Literal["left", "right"], first_image: int) -> PromptBatch:
+    ids, mask = pad_ids([p.ids for p in prompts], pad_id, side=side)
+    roles = pad_batch(roles, side="left")
+    return PromptBatch(tuple(prompts), ids, mask, roles, int(pad_id), side, first_image)
+
+
+def batch_prompts(
+    prompts: Sequence[EncodedPrompt],
+    *,
+    pad_id: int,
+    n_image_tokens: int,
+    roles: Sequence[TokenRoles] | None = None,
+    bos_id: int = 1,
+    side: Literal["left", "right"] = "right",
+) -> PromptBatch:
+    """Pad prompts into one model input (the one place prompts are padded).
+
+    Args:
+        prompts: The prompts (`mechbiqa.model.prompts.EncodedPrompt`).
+        pad_id: The tokenizer's pad id.
+        n_image_tokens: Tokens per image (``model.cfg.n_image_tokens``).
+        roles: Each prompt's unpadded roles when they differ from `assign_roles` of the prompt
+            (e.g. a stage-2 prompt whose user turn holds the description); default: assigned.
+        bos_id: The BOS id (for assigned roles).
+        side: Side of the text-space padding.
+
+    Raises:
+        ValueError: No prompts, or given roles do not fit the prompts.
+    """
+    if not prompts:
+        raise ValueError("batch_prompts got no prompts")
+    if roles is None:
+        roles = [
+            assign_roles(p.ids, response_start=p.response_start, quality_index=p.quality_index,
+                         n_image_tokens=n_image_tokens, bos_id=bos_id)
+            for p in prompts
+        ]  # fmt: skip
+    elif len(roles) != len(prompts):
+        raise ValueError(f"{len(roles)} roles for {len(prompts)} prompts: pass one per prompt")
+    return _batch(prompts, roles, pad_id, side, 0)
