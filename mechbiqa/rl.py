@@ -337,7 +337,7 @@ def level_hit(level: str | None, label: str | None) -> float:
 
 
 def mos_closeness(level: str | None, mos01: float | None) -> float:
-    """``1 - |value(level) - MOS|`` on 0-1 (Q-Align's values 1, .75, .5, .25, 0); 0 without a level or MOS."""
+    """``1 - |value(level) - MOS|`` on 0-1 (Q-Align's `LEVEL_WEIGHTS`); 0 without a level or MOS."""
     if level is None or mos01 is None:
         return 0.0
     return 1.0 - abs(LEVEL_WEIGHTS[LEVEL_WORDS.index(level)] - float(mos01))

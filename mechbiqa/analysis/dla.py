@@ -31,7 +31,7 @@ Directions (a research choice; the JSON names the one used):
 
 * ``logit_diff``: ``logit(good) - logit(poor)``, the paper's contrast.
 * ``score``: the Q-Align expected-score direction with fixed weights,
-  ``sum_k (w_k - mean w) logit_k`` (w = 1, .75, .5, .25, 0): the same for every
+  ``sum_k (w_k - mean w) logit_k`` (w = `LEVEL_WEIGHTS`): the same for every
   sample, and invariant to a shift of all five logits, like the score itself.
 * ``score_gradient``: the gradient of the Q-Align score with respect to the
   five logits at this sample's final point, ``c_k = p_k (w_k - score)``: the

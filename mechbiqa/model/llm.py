@@ -248,7 +248,7 @@ class LLM(nn.Module):
         *,
         start_layer: int = 0,
         logits_at: int | None = None,
-    ) -> tuple[Float[Tensor, "batch pos vocab"], tuple[Tensor, ...] | None]:
+    ) -> tuple[Float[Tensor, "batch out_pos vocab"], tuple[Tensor, ...] | None]:
         """Run the decoder on already-embedded (and image-spliced) inputs, or resume it from a layer.
 
         Args:
