@@ -51,8 +51,7 @@ from mechbiqa import train as T  # noqa: E402
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
 from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
 from mechbiqa.metrics import srcc_difference  # noqa: E402
-from mechbiqa.model.tokenizer import load_tokenizer  # noqa: E402
-from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info  # noqa: E402
+from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +80,10 @@ class Config:
         eval_every: Steps between held-out evaluations during training.
         eval_samples: Validation images per evaluation.
         test_samples: Test images rated at the end (0: all).
-        retrain: Train again even when finished checkpoints are there.
+        retrain: Train again from step 0 even when (finished or interrupted) checkpoints are there.
+        checkpoint_every: Steps between resumable checkpoints (0: none by step count).
+        checkpoint_seconds: Seconds between resumable checkpoints (0: none by time); a killed run
+            resumes from the last one on the same loss curve.
         modes: Which checkpoints to train: ``one-stage``, ``two-stage`` or both.
         init_from: Start from this checkpoint instead of a compact model from scratch (real models).
         lora_rank: LoRA rank (real models; needs peft).
@@ -112,6 +114,8 @@ class Config:
     eval_samples: int = 160
     test_samples: int = 960
     retrain: bool = False
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 600.0
     modes: tuple[str, ...] = ("one-stage", "two-stage")
     init_from: str | None = None
     lora_rank: int | None = None
@@ -140,6 +144,7 @@ class Config:
             visual_lr_scale=self.visual_lr_scale if self.init_from is None else 1.0,
             warmup_steps=min(warmup, max(0, steps - 1)), label_smoothing=self.label_smoothing, seed=self.seed,
             eval_every=self.eval_every, eval_samples=self.eval_samples, device=self.device,
+            checkpoint_every=self.checkpoint_every, checkpoint_seconds=self.checkpoint_seconds,
             precision=self.precision, param_dtype=self.param_dtype, lora_rank=self.lora_rank,
             init_from=self.init_from if stage != 2 else None, max_new_tokens=48 if self.init_from is None else 128,
             augment="dihedral" if self.init_from is None else "none", cache_images=self.init_from is None,
@@ -205,20 +210,11 @@ def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARec
 def _tokenizer(cfg: Config, train: list[IQARecord]):
     if cfg.init_from is not None:
         return None
-    directory = cfg.out_dir / "tokenizer"
-    if directory.is_dir() and not cfg.retrain:
-        return load_tokenizer(directory)
-    tokenizer = T.compact_tokenizer(train, cfg.vocab_size)
-    tokenizer.save(directory)
-    return tokenizer
-
-
-def _finished(path: Path, tc: T.TrainConfig) -> bool:
-    try:
-        info = read_info(path)
-    except FileNotFoundError:
-        return False
-    return bool(info.data.get("finished")) and info.data.get("train_config") == tc.to_dict()
+    # Written atomically; a half-written one (an older version killed mid-write) is rewritten, unless
+    # checkpoints trained with it are there (then the error names the directory).
+    in_use = any((cfg.out_dir / name).exists() for name in ("one-stage", "two-stage"))
+    return T.read_or_write_tokenizer(cfg.out_dir / "tokenizer", lambda: T.compact_tokenizer(train, cfg.vocab_size),
+                                     rewrite=cfg.retrain, in_use=in_use and not cfg.retrain)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -255,11 +251,18 @@ def _pick(records: list[IQARecord], n: int) -> list[IQARecord]:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(cfg: Config, progress=None) -> PairResult:
-    """Train or reuse both checkpoints, rate the test photos with each, write ``results.json``."""
+    """Train (or resume, or reuse) both checkpoints, rate the test photos with each, write ``results.json``.
+
+    Under ``accelerate launch`` / ``torchrun`` every process trains its share of each batch; the main
+    process alone prepares the data and tokenizer (the others wait, then read them), rates the test
+    photos and writes ``results.json``.
+    """
     torch.set_num_threads(cfg.threads)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    train, val, test, data_info = _records(cfg)
-    tokenizer = _tokenizer(cfg, train)
+    with T.main_process_first():
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        train, val, test, data_info = _records(cfg)
+        tokenizer = _tokenizer(cfg, train)
+    rates = T.is_main_process()
     test = _pick(test, cfg.test_samples)
     train_seconds: dict[str, float] = {}
     eval_seconds: dict[str, float] = {}
@@ -268,45 +271,39 @@ def main(cfg: Config, progress=None) -> PairResult:
     def model():
         return None if tokenizer is None else T.build_compact_model(tokenizer, cfg.image_size, cfg.seed)
 
+    # T.train resumes an interrupted run and returns a finished one as it is (same settings);
+    # --retrain starts again from step 0.
     one_result = two_result = None
     if "one-stage" in cfg.modes:
         path = cfg.out_dir / "one-stage"
         tc = cfg.train_config("one-stage", None, cfg.total_steps)
-        if cfg.retrain or not _finished(path, tc):
-            start = time.perf_counter()
-            T.train(tc, path, T.examples_from_records(train, "one-stage"), T.examples_from_records(val, "one-stage"),
-                    model=model(), tokenizer=tokenizer, progress=progress, extra_info=data_info)
-            train_seconds["one-stage"] = time.perf_counter() - start
-        else:
-            train_seconds["one-stage"] = read_info(path).data.get("elapsed_seconds", float("nan"))
+        done = T.train(tc, path, _examples(train, "one-stage"), _examples(val, "one-stage"), model=model(),
+                       tokenizer=tokenizer, progress=progress, extra_info=data_info, fresh=cfg.retrain)
+        train_seconds["one-stage"] = done.elapsed
         paths["one-stage"] = str(path)
-        start = time.perf_counter()
-        ratings = OneStageRater.from_pretrained(path).rate([r.image_path for r in test])
-        one_result = _test_metrics(ratings, test, [r.description for r in ratings])
-        eval_seconds["one-stage"] = time.perf_counter() - start
+        if rates:
+            start = time.perf_counter()
+            ratings = OneStageRater.from_pretrained(path).rate([r.image_path for r in test])
+            one_result = _test_metrics(ratings, test, [r.description for r in ratings])
+            eval_seconds["one-stage"] = time.perf_counter() - start
 
     if "two-stage" in cfg.modes:
         parent = cfg.out_dir / "two-stage"
         steps1, steps2 = T.split_budget(cfg.total_steps)
         tc1, tc2 = cfg.train_config("two-stage", 1, steps1), cfg.train_config("two-stage", 2, steps2)
-        if cfg.retrain or not (_finished(parent / "stage1", tc1)
-                               and _finished(parent / "stage2", tc2.replace(init_from=str(parent / "stage1")))):
-            start = time.perf_counter()
-            first, second = T.train_two_stage(tc1, tc2, parent, train, val, model=model(), tokenizer=tokenizer,
-                                              progress=progress, extra_info=data_info)
-            train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
-            train_seconds["two-stage"] = time.perf_counter() - start
-        else:
-            for stage in ("stage1", "stage2"):
-                train_seconds[stage] = read_info(parent / stage).data.get("elapsed_seconds", float("nan"))
-            train_seconds["two-stage"] = train_seconds["stage1"] + train_seconds["stage2"]
+        first, second = T.train_two_stage(tc1, tc2, parent, _two_stage(train), _two_stage(val), model=model(),
+                                          tokenizer=tokenizer, progress=progress, extra_info=data_info,
+                                          fresh=cfg.retrain)
+        train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
+        train_seconds["two-stage"] = first.elapsed + second.elapsed
         paths["two-stage"] = str(parent)
-        start = time.perf_counter()
-        rater = TwoStageRater.from_pretrained(parent)
-        descriptions = rater.describe([r.image_path for r in test])
-        ratings = rater.rate_descriptions(descriptions)
-        two_result = _test_metrics(ratings, test, descriptions)
-        eval_seconds["two-stage"] = time.perf_counter() - start
+        if rates:
+            start = time.perf_counter()
+            rater = TwoStageRater.from_pretrained(parent)
+            descriptions = rater.describe([r.image_path for r in test])
+            ratings = rater.rate_descriptions(descriptions)
+            two_result = _test_metrics(ratings, test, descriptions)
+            eval_seconds["two-stage"] = time.perf_counter() - start
 
     comparison = None
     if one_result is not None and two_result is not None:
@@ -314,8 +311,17 @@ def main(cfg: Config, progress=None) -> PairResult:
         comparison = {"srcc_two_minus_one": diff, "ci95": [low, high], "n": len(test)}
     result = PairResult(one_stage=one_result, two_stage=two_result, train_seconds=train_seconds,
                         eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)), comparison=comparison)
-    (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    if rates:
+        (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def _examples(records: list[IQARecord], task: str) -> list[T.Example]:
+    return T.examples_from_records(records, task)
+
+
+def _two_stage(records: list[IQARecord]) -> list[IQARecord]:
+    return records
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

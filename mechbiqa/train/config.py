@@ -49,7 +49,9 @@ class TrainConfig:
             (the 8 flips and quarter turns; they keep every benchmark distortion's type and level).
         eval_every: Steps between evaluations (0: only at the end).
         eval_samples: Held-out examples per evaluation (0: all).
-        checkpoint_every: Steps between resumable checkpoints (0: only at the end).
+        checkpoint_every: Steps between resumable checkpoints (0: none by step count).
+        checkpoint_seconds: Seconds between resumable checkpoints (0: none by time). With both
+            at 0 a run checkpoints only at its end, and a kill loses it all.
         max_new_tokens: Longest generated answer at evaluation.
         template: Conversation template (``v1``: the original training template).
         seed: Seed of initialisation, data order and augmentation.
@@ -82,7 +84,8 @@ class TrainConfig:
     augment: Literal["none", "flip", "dihedral"] = "dihedral"
     eval_every: int = 200
     eval_samples: int = 160
-    checkpoint_every: int = 0
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 600.0
     max_new_tokens: int = 48
     template: str = "v1"
     seed: int = 0
@@ -115,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.augment not in ("none", "flip", "dihedral"):
             raise ValueError(f"augment must be none, flip or dihedral, got {self.augment!r}")
+        if self.checkpoint_every < 0 or self.checkpoint_seconds < 0:
+            raise ValueError("checkpoint_every and checkpoint_seconds must be >= 0 (0: off)")
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be a positive rank or None, got {self.lora_rank}")
         get_template(self.template)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -53,6 +54,9 @@ class Example:
         level: Level word (excellent, good, fair, poor, bad).
         score: 0-1 rating for metrics (higher is better), or None.
         distortion: Distortion type for the family-naming metric, or None.
+        answer: The one-stage answer as the annotation file gives it (reasoning and verdict, e.g.
+            Q-Pathway's "... Thus, the quality of the image is poor."), trained on verbatim; None:
+            ``description`` + the quality sentence. Stage 1 and stage 2 never read it.
     """
 
     id: str
@@ -61,26 +65,30 @@ class Example:
     level: str | None
     score: float | None = None
     distortion: str | None = None
+    answer: str | None = None
 
 
 def check_example(example: Example, task: Task) -> None:
     """Refuse an example that the task cannot train on.
 
     Raises:
-        TrainingDataError: "empty description" (one-stage, stage 1, stage 2),
-            "answer without a quality word" (one-stage, stage 2), "no image"
-            (one-stage, stage 1), or an image tag inside the text.
+        TrainingDataError: "empty description" (stage 1, stage 2; one-stage unless
+            the example has its own ``answer``), "answer without a quality word"
+            (one-stage, stage 2), "no image" (one-stage, stage 1), or an image tag
+            inside the text.
     """
     where = f"example {example.id!r} ({task})"
     if task not in ("one-stage", "stage1", "stage2"):
         raise ValueError(f"task must be one-stage, stage1 or stage2, got {task!r}")
-    if example.description is None or not example.description.strip():
+    own_answer = task == "one-stage" and bool(example.answer and example.answer.strip())
+    if not own_answer and (example.description is None or not example.description.strip()):
         raise TrainingDataError(
             f"{where}: empty description; every mode trains on descriptions (stage 2 reads one, the others "
             "write one). Drop the example or give it a description"
         )
-    if IMAGE_TAG in example.description:
-        raise TrainingDataError(f"{where}: the description contains {IMAGE_TAG!r}; remove the tag")
+    for text in (example.description, example.answer if own_answer else None):
+        if text and IMAGE_TAG in text:
+            raise TrainingDataError(f"{where}: the text contains {IMAGE_TAG!r}; remove the tag")
     if task in ("one-stage", "stage2") and example.level not in LEVEL_WORDS:
         raise TrainingDataError(
             f"{where}: answer without a quality word (level={example.level!r}); the answer must end "
@@ -93,13 +101,16 @@ def check_example(example: Example, task: Task) -> None:
 def examples_from_records(records: Sequence[IQARecord], task: Task) -> list[Example]:
     """Examples of a task from IQA records (benchmark, Q-Align JSON, Q-Instruct JSON), each checked.
 
+    A record's ``meta["answer"]`` (set by :mod:`mechbiqa.data.annotations`) becomes the one-stage
+    answer trained on verbatim.
+
     Raises:
         TrainingDataError: For the first record the task cannot use (see :func:`check_example`).
     """
     out = []
     for r in records:
         ex = Example(id=r.id, image=r.image_path, description=r.description, level=r.level_word,
-                     score=r.mos01, distortion=r.distortion)
+                     score=r.mos01, distortion=r.distortion, answer=r.meta.get("answer"))
         check_example(ex, task)
         out.append(ex)
     return out
@@ -123,7 +134,9 @@ def encode_example(tokenizer: Tokenizer, template: ConversationTemplate, task: T
     """
     check_example(example, task)
     prompt = task_prompt(tokenizer, template, task, example.description)
-    answer = encode_answer(tokenizer, answer_text(task, example.description, example.level))
+    text = example.answer if task == "one-stage" and example.answer else answer_text(task, example.description,
+                                                                                      example.level)
+    answer = encode_answer(tokenizer, text)
     return EncodedExample(ids=prompt.ids + tuple(answer),
                           labels=(IGNORE_INDEX,) * len(prompt.ids) + tuple(answer), n_images=prompt.n_images)
 
@@ -157,7 +170,8 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, n_image_tokens: int,
 
 
 def label_smoothed_nll(
-    logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"], smoothing: float = 0.1
+    logits: Float[Tensor, "batch pos vocab"], labels: Int[Tensor, "batch pos"], smoothing: float = 0.1,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> tuple[Tensor, int]:
     """Eq. 2: label-smoothed negative log-likelihood of the answer tokens.
 
@@ -165,7 +179,9 @@ def label_smoothed_nll(
     IGNORE_INDEX carry no loss. Per answer token, with ``eps = smoothing`` and
     ``V`` the vocabulary size: ``(1 - eps) * -log p(y) + eps * (1/V) sum_v -log p(v)``
     (the target distribution puts ``1 - eps`` on the answer token and spreads
-    ``eps`` uniformly), averaged over all answer tokens of the batch.
+    ``eps`` uniformly), averaged over all answer tokens of the batch
+    (``reduction="sum"``: summed, for a caller that divides by the tokens of
+    several micro-batches or processes).
 
     Returns:
         The loss (float32 scalar) and the number of answer tokens.
@@ -181,17 +197,19 @@ def label_smoothed_nll(
     logp = logits[:, :-1][keep].float().log_softmax(-1)  # [n, vocab]
     nll = -logp.gather(-1, targets[keep][:, None]).squeeze(-1)
     uniform = -logp.mean(-1)
-    return ((1.0 - smoothing) * nll + smoothing * uniform).mean(), n
+    per_token = (1.0 - smoothing) * nll + smoothing * uniform
+    return (per_token.sum() if reduction == "sum" else per_token.mean()), n
 
 
 class ImageCache:
     """Preprocessed pixels by path, cached when asked (the compact data set fits in memory)."""
 
-    def __init__(self, processor: ImageProcessor, cache: bool) -> None:
+    def __init__(self, processor: ImageProcessor, cache: bool) -> None:  # noqa: D107
         self.processor, self.cache = processor, cache
         self._store: dict[Path, Tensor] = {}
 
     def get(self, paths: Sequence[Path]) -> Tensor:
+        """Pixels ``[batch, 3, size, size]`` of the images."""
         if not self.cache:
             return self.processor(list(paths))
         missing = list(dict.fromkeys(p for p in paths if p not in self._store))
@@ -201,6 +219,7 @@ class ImageCache:
 
 
 def dihedral(pixels: Tensor, codes: Sequence[int]) -> Tensor:
+    """Each image flipped (bit 2 of its code) and turned by ``code & 3`` quarter turns."""
     out = []
     for image, code in zip(pixels, codes):
         if code & 4:
@@ -217,7 +236,7 @@ class BatchOrder:
     resumed run sees exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, n: int, cfg: TrainConfig) -> None:
+    def __init__(self, n: int, cfg: TrainConfig) -> None:  # noqa: D107
         self.n, self.cfg = n, cfg
         self._epochs: dict[int, tuple[Tensor, Tensor]] = {}
 
@@ -233,6 +252,7 @@ class BatchOrder:
         return self._epochs[epoch]
 
     def batch(self, step: int, micro: int) -> tuple[list[int], list[int]]:
+        """Example indices and augmentation codes of a global micro-batch (``batch_size`` of each)."""
         b = self.cfg.batch_size
         start = (step * self.cfg.grad_accum + micro) * b
         index, codes = [], []

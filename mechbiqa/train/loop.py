@@ -36,11 +36,13 @@ from mechbiqa.train.checkpoint import (
     State,
     capture_rng,
     check_resume,
+    recover,
     restore_rng,
     write_checkpoint,
 )
 from mechbiqa.train.config import TrainConfig, learning_rate
 from mechbiqa.train.data import (
+    IGNORE_INDEX,
     BatchOrder,
     Example,
     ImageCache,
@@ -52,8 +54,9 @@ from mechbiqa.train.data import (
     examples_from_records,
     label_smoothed_nll,
 )
+from mechbiqa.train.distributed import Processes
 from mechbiqa.train.evaluation import evaluate
-from mechbiqa.train.lora import adapter_state, add_lora
+from mechbiqa.train.lora import adapter_state, add_lora, merge
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class TrainEvent:
     """What the loop reports to a progress callback.
 
     Attributes:
-        kind: ``"start"``, ``"step"``, ``"eval"``, ``"checkpoint"`` or ``"done"``.
+        kind: ``"recovered"``, ``"start"``, ``"step"``, ``"eval"``, ``"checkpoint"`` or ``"done"``.
         step: Steps taken.
         steps: Steps in the run.
         loss: Training loss of the step (``"step"``).
@@ -70,6 +73,7 @@ class TrainEvent:
         metrics: Evaluation results (``"eval"``, ``"done"``).
         elapsed: Seconds since the run started (resumed time included).
         label: The run's task, e.g. ``"stage1"``.
+        detail: What happened, in words (``"recovered"``: the leftovers removed).
     """
 
     kind: str
@@ -81,6 +85,7 @@ class TrainEvent:
     metrics: dict[str, Any] | None = None
     elapsed: float = 0.0
     label: str = ""
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,288 @@ class TrainResult:
     def metrics(self) -> dict[str, Any]:
         """The last evaluation."""
         return self.evals[-1] if self.evals else {}
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    train_examples: Sequence[Example],
+    eval_examples: Sequence[Example] = (),
+    *,
+    model: MPLUGOwl2 | None = None,
+    tokenizer: Tokenizer | None = None,
+    processor: ImageProcessor | None = None,
+    eval_descriptions: Sequence[str] | None = None,
+    progress: Callable[[TrainEvent], None] | None = None,
+    stop_after: int | None = None,
+    extra_info: dict[str, Any] | None = None,
+    max_shard_bytes: int | None = None,
+    fresh: bool = False,
+) -> TrainResult:
+    """Train one checkpoint (one-stage, stage 1 or stage 2), resuming from ``out_dir`` if it holds a run.
+
+    Where the weights come from, in order: a resumable state in ``out_dir``
+    (same config required; ``fresh=True`` ignores it); ``model`` + ``tokenizer``
+    (+ ``processor``) passed in (e.g. :func:`build_compact_model`);
+    ``cfg.init_from`` (stage 2 requires a two-stage stage-1 checkpoint there).
+    A finished run in ``out_dir`` is returned as it is (no step, no write).
+
+    Checkpoints are written every ``cfg.checkpoint_every`` steps and every
+    ``cfg.checkpoint_seconds`` seconds, and at the end, with the swap of
+    :mod:`mechbiqa.train.checkpoint` (a kill at any instant leaves the last
+    complete one); LoRA runs write only the adapters until the end, then the
+    merged weights once.
+
+    Args:
+        cfg: The run's configuration.
+        out_dir: Checkpoint directory (a link to its newest version, in the original layout plus
+            ``mechbiqa.json`` and ``training_state.pt``).
+        train_examples: Training examples (checked for the task).
+        eval_examples: Held-out examples for periodic evaluation (``cfg.eval_samples`` of them are used).
+        model: A model to train (ignored when resuming).
+        tokenizer: Its tokenizer.
+        processor: Its image processor (default: CLIP preprocessing at the vision tower's size).
+        eval_descriptions: Stage 2: descriptions to rate at evaluation, one per eval example
+            (e.g. the stage-1 model's), instead of the references.
+        progress: Called with a :class:`TrainEvent` at start, every step, evaluation, checkpoint and end
+            (and ``"recovered"`` when a killed run's leftovers were removed).
+        stop_after: Stop (with a resumable checkpoint) after this many steps in total: an interrupted run.
+        extra_info: Merged into ``mechbiqa.json`` (e.g. the data set's fingerprint).
+        max_shard_bytes: Shard ``model.safetensors`` above this size (7B).
+        fresh: Start from step 0 even if ``out_dir`` holds a run (it is replaced at the first checkpoint).
+
+    Returns:
+        The :class:`TrainResult`.
+
+    Raises:
+        TrainingDataError: An example the task cannot use.
+        CheckpointModeError: ``out_dir`` or ``init_from`` holds a checkpoint of another mode or stage.
+    """
+    out_dir, task, started = Path(out_dir), cfg.task, time.perf_counter()
+    procs = Processes(_device(cfg))
+    emit = (progress or (lambda event: None)) if procs.is_main else (lambda event: None)
+    if procs.is_main and (removed := recover(out_dir)):
+        emit(TrainEvent("recovered", 0, cfg.steps, label=task, detail="removed " + ", ".join(p.name for p in removed)))
+    procs.wait()
+    state = None if fresh else _saved_state(out_dir, cfg)
+    if state is not None and state.finished:
+        return TrainResult(path=out_dir, config=cfg, history=state.history, evals=state.evals, elapsed=state.elapsed)
+    model, tokenizer, processor, tuner = _weights(cfg, out_dir, state, model, tokenizer, processor, procs.device)
+
+    # ---------------------------------------------------------------- data
+    encoded = [encode_example(tokenizer, get_template(cfg.template), task, e) for e in train_examples]
+    if not encoded:
+        raise TrainingDataError("no training examples; pass at least one")
+    answer_tokens = [sum(label != IGNORE_INDEX for label in e.labels) for e in encoded]
+    held_out, descriptions, eval_pixels = _held_out(cfg, processor, eval_examples, eval_descriptions,
+                                                    procs.is_main and not procs.sharded)
+    images, order = ImageCache(processor, cfg.cache_images), BatchOrder(len(encoded), cfg)
+
+    # ---------------------------------------------------------------- optimizer and resumed state
+    torch.manual_seed(cfg.seed)
+    optimizer = _optimizer(model, cfg, procs.device)
+    autocast, needs_scaler = _autocast(cfg, procs.device)
+    scaler = torch.amp.GradScaler(procs.device.type) if needs_scaler else None
+    history, evals, elapsed_before, segments, step = [], [], 0.0, [], 0
+    if state is not None:
+        optimizer.load_state_dict(state.optimizer)
+        if scaler is not None and state.scaler is not None:
+            scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng)
+        history, evals, elapsed_before, segments, step = (list(state.history), list(state.evals), state.elapsed,
+                                                          list(state.segments), state.step)
+    first, last_saved = step, time.monotonic()
+    wrapped, optimizer = procs.prepare(model, optimizer)
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    def run_eval() -> None:
+        metrics = evaluate(model, tokenizer, processor, task, held_out, template=cfg.template,
+                           label_smoothing=cfg.label_smoothing, max_new_tokens=cfg.max_new_tokens,
+                           descriptions=descriptions, pixels=eval_pixels)
+        record = {"step": step, "elapsed": elapsed(),
+                  **{k: v for k, v in metrics.items() if k not in ("descriptions", "scores")}}
+        if "descriptions" in metrics:
+            record["examples"] = [{"id": e.id, "description": d} for e, d in
+                                  zip(held_out[:4], metrics["descriptions"][:4], strict=False)]
+        evals.append(record)
+        emit(TrainEvent("eval", step, cfg.steps, metrics=record, elapsed=elapsed(), label=task))
+
+    def checkpoint(finished: bool) -> None:
+        weights = procs.model_state(wrapped)  # every process: gathered from the shards under FSDP / ZeRO-3
+        if procs.is_main:
+            now = elapsed()
+            # Sharded (FSDP / ZeRO): the main process holds only its shard of the optimizer state, so the
+            # checkpoint carries none and such a run cannot be resumed (see _saved_state).
+            st = State(step=step, config=cfg.to_dict(), optimizer={} if procs.sharded else optimizer.state_dict(),
+                       scaler=None if scaler is None else scaler.state_dict(), rng=capture_rng(), history=history,
+                       evals=evals, adapter=None if tuner is None else adapter_state(weights), elapsed=now,
+                       finished=finished, segments=[*segments, [first, step]])
+            export = _export(model, weights, tuner, finished, procs.sharded)
+            info = _info(cfg, step, finished, model, evals, now, len(encoded), extra_info,
+                         adapters_only=export is None, processes=procs.count)
+            write_checkpoint(out_dir, export, tokenizer, processor, info, st, max_shard_bytes)
+            emit(TrainEvent("checkpoint", step, cfg.steps, elapsed=elapsed(), label=task))
+        procs.wait()
+
+    # ---------------------------------------------------------------- the loop
+    emit(TrainEvent("start", step, cfg.steps, elapsed=elapsed(), label=task))
+    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    while step < last:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        t0 = time.perf_counter()
+        batches = [order.batch(step, micro) for micro in range(cfg.grad_accum)]
+        tokens = sum(answer_tokens[i] for index, _ in batches for i in index)  # over all processes
+        loss_sum = 0.0
+        for micro, (index, codes) in enumerate(batches):
+            mine, my_codes = procs.share(index), procs.share(codes)
+            ids, mask, labels = collate([encoded[i] for i in mine], tokenizer.pad_id, model.cfg.n_image_tokens)
+            pixels = None
+            if task != "stage2":
+                pixels = images.get([train_examples[i].image for i in mine])  # type: ignore[misc]
+                pixels = (dihedral(pixels, my_codes) if cfg.augment != "none" else pixels).to(procs.device,
+                                                                                               model.dtype)
+            with procs.accumulating(wrapped, sync=micro == cfg.grad_accum - 1):
+                with autocast():
+                    logits = wrapped(ids.to(procs.device), images=pixels, attention_mask=mask.to(procs.device)).logits
+                # Summed over answer tokens / the step's tokens on all processes (x count: DDP averages).
+                loss, _ = label_smoothed_nll(logits, labels.to(procs.device), cfg.label_smoothing, reduction="sum")
+                scaled = loss * (procs.count / tokens)
+                procs.backward(scaler.scale(scaled) if scaler is not None else scaled)
+            loss_sum += float(loss.detach())
+        loss_value = procs.sum(loss_sum) / tokens
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = procs.clip(wrapped, cfg.clip_norm if cfg.clip_norm > 0 else float("inf"))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                        "seconds": time.perf_counter() - t0})
+        emit(TrainEvent("step", step, cfg.steps, loss=loss_value, lr=lr, grad_norm=grad_norm, elapsed=elapsed(),
+                        label=task))
+        if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run_eval()
+        due = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or bool(
+            cfg.checkpoint_seconds and time.monotonic() - last_saved >= cfg.checkpoint_seconds)
+        if step < last and procs.agree(due):
+            checkpoint(finished=False)
+            last_saved = time.monotonic()
+    finished = step >= cfg.steps
+    if held_out and finished and (not evals or evals[-1]["step"] != step):
+        run_eval()
+    checkpoint(finished=finished)
+    emit(TrainEvent("done", step, cfg.steps, metrics=evals[-1] if evals else None, elapsed=elapsed(), label=task))
+    return TrainResult(path=out_dir, config=cfg, history=history, evals=evals, elapsed=elapsed())
+
+
+def _saved_state(out_dir: Path, cfg: TrainConfig) -> State | None:
+    """The resumable state in ``out_dir`` (checked against ``cfg``), or None."""
+    if not (out_dir / STATE_FILE).is_file():
+        return None
+    state = State.load(out_dir)
+    check_resume(state.config, cfg, out_dir)
+    if not state.optimizer and not state.finished:
+        raise ValueError(
+            f"{out_dir} holds an interrupted sharded (FSDP / DeepSpeed) run at step {state.step}: its checkpoints "
+            "carry no optimizer state, so it cannot resume on the same curve; start again (fresh=True, --retrain), "
+            "or train LoRA runs with plain data parallel (accelerate launch --multi_gpu), which resumes"
+        )
+    return state
+
+
+def _weights(cfg: TrainConfig, out_dir: Path, state: State | None, model: MPLUGOwl2 | None,
+             tokenizer: Tokenizer | None, processor: ImageProcessor | None,
+             device: torch.device) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, Any]:
+    """The model to train, its tokenizer and processor, and the LoRA tuner (None without LoRA)."""
+    dtype = getattr(torch, cfg.param_dtype)
+    if state is not None:
+        # LoRA checkpoints hold only the adapters: the base weights come from init_from again.
+        comps = load_components(out_dir if cfg.lora_rank is None else _require_init(cfg), dtype=dtype, device=device)
+        model, tokenizer, processor = comps.model, comps.tokenizer, comps.processor
+    elif model is not None:
+        if tokenizer is None:
+            raise ValueError("train(model=...) needs the model's tokenizer too")
+        model = model.to(device=device, dtype=dtype)
+        processor = processor or ImageProcessor(image_size=model.cfg.vision.image_size)
+    else:
+        init = _require_init(cfg)
+        if cfg.task == "stage2":
+            expect_checkpoint(init, "two-stage", 1)
+        comps = load_components(init, dtype=dtype, device=device)
+        model, tokenizer, processor = comps.model, comps.tokenizer, comps.processor
+    assert tokenizer is not None and processor is not None
+    tuner = None
+    if cfg.lora_rank is not None:
+        tuner = add_lora(model, cfg)
+        if state is not None and state.adapter is not None:
+            model.load_state_dict({**model.state_dict(), **{k: v.to(device) for k, v in state.adapter.items()}})
+    return model.train(), tokenizer, processor, tuner
+
+
+def _held_out(cfg: TrainConfig, processor: ImageProcessor, examples: Sequence[Example],
+              descriptions: Sequence[str] | None, evaluates: bool) -> tuple[list[Example], list[str] | None, Any]:
+    """The evaluation examples (``cfg.eval_samples`` of them), their descriptions and pixels."""
+    held = list(examples) if evaluates else []
+    described = None if descriptions is None else list(descriptions)
+    if cfg.eval_samples and len(held) > cfg.eval_samples:
+        pick = np.sort(np.random.default_rng(0).choice(len(held), cfg.eval_samples, replace=False))
+        held = [held[i] for i in pick]
+        described = None if described is None else [described[i] for i in pick]
+    for e in held:
+        check_example(e, cfg.task)
+    pixels = None if cfg.task == "stage2" or not held else processor([e.image for e in held])
+    return held, described, pixels
+
+
+def _optimizer(model: MPLUGOwl2, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over four groups: (vision side or not) x (decayed matrices or not)."""
+    groups: dict[tuple[bool, bool], list[Tensor]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            visual = n.startswith(("vision.", "abstractor."))
+            decays = p.ndim >= 2 and "embed" not in n
+            groups.setdefault((visual, decays), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
+          "lr_scale": cfg.visual_lr_scale if visual else 1.0} for (visual, decays), ps in sorted(groups.items())],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, **({"fused": True} if device.type == "cuda" else {}),
+    )
+
+
+def _export(model: MPLUGOwl2, weights: dict[str, Tensor], tuner: Any, finished: bool,
+            sharded: bool) -> MPLUGOwl2 | None:
+    """The model whose weights a checkpoint holds; None for a LoRA run before its end (adapters only)."""
+    if tuner is not None:
+        return merge(tuner) if finished else None
+    if not sharded:
+        return model
+    with torch.device("meta"):
+        plain = MPLUGOwl2(model.cfg)
+    plain.load_state_dict(weights, strict=True, assign=True)
+    return plain
+
+
+def _info(cfg: TrainConfig, step: int, finished: bool, model: MPLUGOwl2, evals: list[dict[str, Any]],
+          elapsed: float, n_train: int, extra: dict[str, Any] | None, adapters_only: bool,
+          processes: int) -> dict[str, Any]:
+    """The content of ``mechbiqa.json``."""
+    return {
+        "format": 1, "mode": cfg.mode, "stage": cfg.stage, "task": cfg.task, "template": cfg.template,
+        "questions": {"one-stage": ONE_STAGE_QUESTION, "stage1": STAGE1_QUESTION, "stage2": STAGE2_QUESTION},
+        "step": step, "steps": cfg.steps, "finished": finished, "parent": cfg.init_from,
+        "weights": "adapters" if adapters_only else "full",
+        "train_config": cfg.to_dict(), "model_config": model.cfg.to_dict(),
+        "metrics": evals[-1] if evals else None, "elapsed_seconds": elapsed,
+        "n_train_examples": n_train, "processes": processes, **(extra or {}),
+    }
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -146,214 +433,6 @@ def cpu_has_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def train(
-    cfg: TrainConfig,
-    out_dir: str | Path,
-    train_examples: Sequence[Example],
-    eval_examples: Sequence[Example] = (),
-    *,
-    model: MPLUGOwl2 | None = None,
-    tokenizer: Tokenizer | None = None,
-    processor: ImageProcessor | None = None,
-    eval_descriptions: Sequence[str] | None = None,
-    progress: Callable[[TrainEvent], None] | None = None,
-    stop_after: int | None = None,
-    extra_info: dict[str, Any] | None = None,
-    max_shard_bytes: int | None = None,
-) -> TrainResult:
-    """Train one checkpoint (one-stage, stage 1 or stage 2), resuming from ``out_dir`` if it holds a run.
-
-    Where the weights come from, in order: a resumable state in ``out_dir``
-    (same config required); ``model`` + ``tokenizer`` (+ ``processor``) passed
-    in (e.g. :func:`build_compact_model`); ``cfg.init_from`` (stage 2 requires
-    a two-stage stage-1 checkpoint there).
-
-    Args:
-        cfg: The run's configuration.
-        out_dir: Checkpoint directory (written in the original layout, plus ``mechbiqa.json``
-            and ``training_state.pt``).
-        train_examples: Training examples (checked for the task).
-        eval_examples: Held-out examples for periodic evaluation (``cfg.eval_samples`` of them are used).
-        model: A model to train (ignored when resuming).
-        tokenizer: Its tokenizer.
-        processor: Its image processor (default: CLIP preprocessing at the vision tower's size).
-        eval_descriptions: Stage 2: descriptions to rate at evaluation, one per eval example
-            (e.g. the stage-1 model's), instead of the references.
-        progress: Called with a :class:`TrainEvent` at start, every step, evaluation, checkpoint and end.
-        stop_after: Stop (with a resumable checkpoint) after this many steps in total: an interrupted run.
-        extra_info: Merged into ``mechbiqa.json`` (e.g. the data set's fingerprint).
-        max_shard_bytes: Shard ``model.safetensors`` above this size (7B).
-
-    Returns:
-        The :class:`TrainResult`.
-
-    Raises:
-        TrainingDataError: An example the task cannot use.
-        CheckpointModeError: ``out_dir`` or ``init_from`` holds a checkpoint of another mode or stage.
-    """
-    out_dir = Path(out_dir)
-    task = cfg.task
-    device = _device(cfg)
-    dtype = getattr(torch, cfg.param_dtype)
-    started = time.perf_counter()
-    emit = progress or (lambda event: None)
-    template = get_template(cfg.template)
-
-    # ---------------------------------------------------------------- weights and state
-    state: State | None = None
-    if (out_dir / STATE_FILE).is_file():
-        state = State.load(out_dir)
-        check_resume(state.config, cfg, out_dir)
-        if cfg.lora_rank is None:
-            comps = load_components(out_dir, dtype=dtype, device=device)
-        else:
-            comps = load_components(_require_init(cfg), dtype=dtype, device=device)
-        model, tokenizer, processor = comps.model, comps.tokenizer, comps.processor
-    elif model is not None:
-        if tokenizer is None:
-            raise ValueError("train(model=...) needs the model's tokenizer too")
-        model = model.to(device=device, dtype=dtype)
-        processor = processor or ImageProcessor(image_size=model.cfg.vision.image_size)
-    else:
-        init = _require_init(cfg)
-        if task == "stage2":
-            expect_checkpoint(init, "two-stage", 1)
-        comps = load_components(init, dtype=dtype, device=device)
-        model, tokenizer, processor = comps.model, comps.tokenizer, comps.processor
-    assert tokenizer is not None and processor is not None
-    if cfg.lora_rank is not None:
-        model = add_lora(model, cfg)
-        if state is not None and state.adapter is not None:
-            model.load_state_dict({**model.state_dict(), **{k: v.to(device) for k, v in state.adapter.items()}})
-    model.train()
-
-    # ---------------------------------------------------------------- data
-    encoded = [encode_example(tokenizer, template, task, e) for e in train_examples]
-    if not encoded:
-        raise TrainingDataError("no training examples; pass at least one")
-    held_out = list(eval_examples)
-    descriptions = None if eval_descriptions is None else list(eval_descriptions)
-    if cfg.eval_samples and len(held_out) > cfg.eval_samples:
-        pick = np.sort(np.random.default_rng(0).choice(len(held_out), cfg.eval_samples, replace=False))
-        held_out = [held_out[i] for i in pick]
-        descriptions = None if descriptions is None else [descriptions[i] for i in pick]
-    for e in held_out:
-        check_example(e, task)
-    images = ImageCache(processor, cfg.cache_images)
-    eval_pixels = None if task == "stage2" or not held_out else processor([e.image for e in held_out])
-    order = BatchOrder(len(encoded), cfg)
-
-    # ---------------------------------------------------------------- optimizer
-    torch.manual_seed(cfg.seed)
-    groups: dict[tuple[bool, bool], list[Tensor]] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            visual = n.startswith(("vision.", "abstractor."))
-            decays = p.ndim >= 2 and "embed" not in n
-            groups.setdefault((visual, decays), []).append(p)
-    use_fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0,
-          "lr_scale": cfg.visual_lr_scale if visual else 1.0} for (visual, decays), ps in sorted(groups.items())],
-        lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, **({"fused": True} if use_fused else {}),
-    )
-    autocast, needs_scaler = _autocast(cfg, device)
-    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
-    history: list[dict[str, float]] = []
-    evals: list[dict[str, Any]] = []
-    elapsed_before = 0.0
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        if scaler is not None and state.scaler is not None:
-            scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng)
-        history, evals, elapsed_before = list(state.history), list(state.evals), state.elapsed
-    step = state.step if state is not None else 0
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
-
-    def run_eval() -> dict[str, Any]:
-        metrics = evaluate(model, tokenizer, processor, task, held_out, template=cfg.template,
-                           label_smoothing=cfg.label_smoothing, max_new_tokens=cfg.max_new_tokens,
-                           descriptions=descriptions, pixels=eval_pixels)
-        record = {"step": step, "elapsed": elapsed(),
-                  **{k: v for k, v in metrics.items() if k not in ("descriptions", "scores")}}
-        if "descriptions" in metrics:
-            record["examples"] = [{"id": e.id, "description": d} for e, d in
-                                  zip(held_out[:4], metrics["descriptions"][:4])]
-        evals.append(record)
-        emit(TrainEvent("eval", step, cfg.steps, metrics=record, elapsed=elapsed(), label=task))
-        return record
-
-    def info(finished: bool) -> dict[str, Any]:
-        return {
-            "format": 1, "mode": cfg.mode, "stage": cfg.stage, "task": task, "template": cfg.template,
-            "questions": {"one-stage": ONE_STAGE_QUESTION, "stage1": STAGE1_QUESTION, "stage2": STAGE2_QUESTION},
-            "step": step, "steps": cfg.steps, "finished": finished, "parent": cfg.init_from,
-            "train_config": cfg.to_dict(), "model_config": model.cfg.to_dict(),
-            "metrics": evals[-1] if evals else None, "elapsed_seconds": elapsed(),
-            "n_train_examples": len(encoded), **(extra_info or {}),
-        }
-
-    def checkpoint(finished: bool) -> None:
-        st = State(step=step, config=cfg.to_dict(), optimizer=optimizer.state_dict(),
-                   scaler=None if scaler is None else scaler.state_dict(), rng=capture_rng(),
-                   history=history, evals=evals,
-                   adapter=None if cfg.lora_rank is None else adapter_state(model), elapsed=elapsed())
-        write_checkpoint(out_dir, model, tokenizer, processor, info(finished), st, max_shard_bytes)
-        emit(TrainEvent("checkpoint", step, cfg.steps, elapsed=elapsed(), label=task))
-
-    emit(TrainEvent("start", step, cfg.steps, elapsed=elapsed(), label=task))
-    last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    while step < last:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        t0 = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            index, codes = order.batch(step, micro)
-            batch = [encoded[i] for i in index]
-            ids, mask, labels = collate(batch, tokenizer.pad_id, model.cfg.n_image_tokens)
-            pixels = None
-            if task != "stage2":
-                pixels = images.get([train_examples[i].image for i in index])  # type: ignore[misc]
-                if cfg.augment != "none":
-                    pixels = dihedral(pixels, codes)
-                pixels = pixels.to(device, dtype)
-            with autocast():
-                logits = model(ids.to(device), images=pixels, attention_mask=mask.to(device)).logits
-            loss, n = label_smoothed_nll(logits, labels.to(device), cfg.label_smoothing)
-            scaled = loss / cfg.grad_accum
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_sum += float(loss.detach()) / cfg.grad_accum
-            tokens += n
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm if cfg.clip_norm > 0 else float("inf")))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                        "seconds": time.perf_counter() - t0})
-        emit(TrainEvent("step", step, cfg.steps, loss=loss_sum, lr=lr, grad_norm=grad_norm, elapsed=elapsed(),
-                        label=task))
-        if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            run_eval()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
-            checkpoint(finished=False)
-    finished = step >= cfg.steps
-    if held_out and finished and (not evals or evals[-1]["step"] != step):
-        run_eval()
-    checkpoint(finished=finished)
-    emit(TrainEvent("done", step, cfg.steps, metrics=evals[-1] if evals else None, elapsed=elapsed(), label=task))
-    return TrainResult(path=out_dir, config=cfg, history=history, evals=evals, elapsed=elapsed())
 
 
 def _require_init(cfg: TrainConfig) -> str:
@@ -377,6 +456,7 @@ def train_two_stage(
     processor: ImageProcessor | None = None,
     progress: Callable[[TrainEvent], None] | None = None,
     extra_info: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> tuple[TrainResult, TrainResult]:
     """Stage 1 into ``parent/stage1``, then stage 2 from its weights into ``parent/stage2``.
 
@@ -394,6 +474,7 @@ def train_two_stage(
         processor: Its processor.
         progress: Progress callback.
         extra_info: Merged into both ``mechbiqa.json`` files.
+        fresh: Train both stages from step 0 even if ``parent`` holds them (see :func:`train`).
 
     Returns:
         The two results.
@@ -403,10 +484,12 @@ def train_two_stage(
     parent = Path(parent)
     first = train(stage1, parent / "stage1", examples_from_records(train_records, "stage1"),
                   examples_from_records(eval_records, "stage1"), model=model, tokenizer=tokenizer,
-                  processor=processor, progress=progress, extra_info=extra_info)
+                  processor=processor, progress=progress, extra_info=extra_info, fresh=fresh)
+    stage2 = stage2.replace(init_from=str(parent / "stage1"))
     eval2 = examples_from_records(eval_records, "stage2")
     described = None
-    if eval2:
+    done = not fresh and (parent / "stage2" / STATE_FILE).is_file() and State.load(parent / "stage2").finished
+    if eval2 and not done:
         comps = load_components(parent / "stage1")
         held = eval2
         if stage2.eval_samples and len(held) > stage2.eval_samples:
@@ -417,9 +500,8 @@ def train_two_stage(
         described = generate_answers(comps.model, comps.tokenizer, [prompt] * len(held), pixels,
                                      max_new_tokens=stage2.max_new_tokens)
         eval2 = held
-    second = train(stage2.replace(init_from=str(parent / "stage1")), parent / "stage2",
-                   examples_from_records(train_records, "stage2"), eval2, eval_descriptions=described,
-                   progress=progress, extra_info=extra_info)
+    second = train(stage2, parent / "stage2", examples_from_records(train_records, "stage2"), eval2,
+                   eval_descriptions=described, progress=progress, extra_info=extra_info, fresh=fresh)
     return first, second
 
 

@@ -1,50 +1,60 @@
-"""LoRA adapters (peft) on the LLM's projections: inject, read the adapter weights, merge once at the end."""
+"""LoRA adapters (peft) on the LLM's projections: inject, checkpoint the adapters only, merge once at the end.
+
+The adapters go into the :class:`~mechbiqa.model.MPLUGOwl2` in place (peft's
+``LoraModel`` tuner, so the trained module is still an ``MPLUGOwl2`` with its
+hooks and ``cfg``); periodic checkpoints hold :func:`adapter_state` (megabytes,
+not the 7B weights); the final export is :func:`merge` (peft's
+``merge_and_unload``), once, after the last step.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.train.config import TrainConfig
 
+__all__ = ["add_lora", "adapter_state", "merge"]
 
-def add_lora(model: MPLUGOwl2, cfg: TrainConfig) -> MPLUGOwl2:
+
+def add_lora(model: MPLUGOwl2, cfg: TrainConfig) -> Any:
+    """Inject LoRA adapters into ``model`` (in place) and freeze everything else.
+
+    Returns:
+        peft's ``LoraModel`` tuner; its ``.model`` is ``model``, now with adapters.
+
+    Raises:
+        ImportError: peft is missing (``pip install mechbiqa[lora]``).
+        ValueError: ``cfg.lora_targets`` matches no module.
+    """
     try:
         import peft
     except ImportError:
-        raise ImportError("lora_rank needs peft: pip install peft (or leave lora_rank=None)") from None
+        raise ImportError("lora_rank needs peft: pip install 'mechbiqa[lora]' (or leave lora_rank=None)") from None
     config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                              target_modules=cfg.lora_targets, bias="none")
-    model = peft.inject_adapter_in_model(config, model)
+    try:
+        tuner = peft.LoraModel(model, config, "default")
+    except ValueError as err:
+        raise ValueError(f"lora_targets={cfg.lora_targets!r} matched no module of the model ({err})") from None
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"lora_targets={cfg.lora_targets!r} matched no module of the model")
-    return model
+    return tuner
 
 
-def adapter_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if "lora_" in k}
+def adapter_state(state: dict[str, Tensor] | nn.Module) -> dict[str, Tensor]:
+    """The LoRA weights (keys containing ``lora_``) of a model or a state dict, on the CPU."""
+    items = state.state_dict().items() if isinstance(state, nn.Module) else state.items()
+    return {k: v.detach().cpu().clone() for k, v in items if "lora_" in k}
 
 
-def plain_model(model: MPLUGOwl2) -> MPLUGOwl2:
-    """The model with LoRA deltas merged, as a plain :class:`MPLUGOwl2` (itself if it has no adapters)."""
-    names = dict(model.named_modules())
-    lora = [n for n, m in names.items() if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")]
-    if not lora:
-        return model
-    state: dict[str, Tensor] = {}
-    for key, value in model.state_dict().items():
-        if "lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    with torch.no_grad():
-        for n in lora:
-            module = names[n]
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            state[f"{n}.weight"] = (module.base_layer.weight + delta).to(module.base_layer.weight.dtype)
-    with torch.device("meta"):
-        plain = MPLUGOwl2(model.cfg)
-    plain.load_state_dict(state, strict=True, assign=True)
-    return plain.eval()
+def merge(tuner: Any) -> MPLUGOwl2:
+    """Fold the adapters into the weights with peft's ``merge_and_unload``: a plain ``MPLUGOwl2`` again.
+
+    The tuner's model is changed in place; call this once, after the last step.
+    """
+    return tuner.merge_and_unload().eval()
