@@ -40,6 +40,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -49,8 +50,10 @@ import torch  # noqa: E402
 
 from mechbiqa import train as T  # noqa: E402
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
-from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
+from mechbiqa.data.annotations import read_annotations, split_holdout  # noqa: E402
+from mechbiqa.data.loaders import load_dataset  # noqa: E402
 from mechbiqa.metrics import srcc_difference  # noqa: E402
+from mechbiqa.model.prompts import LEVEL_WORDS  # noqa: E402
 from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description  # noqa: E402
 
 
@@ -90,9 +93,16 @@ class Config:
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
         param_dtype: Weight dtype (``bfloat16`` for 7B).
-        qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark.
-        qinstruct_json: Or a Q-Instruct conversation JSON.
-        image_root: Folder the JSON's image paths are relative to.
+        qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark (as --annotations).
+        qinstruct_json: Or a Q-Instruct conversation JSON (as --annotations).
+        image_root: Folder the annotation files' image paths are relative to.
+        annotations: Annotation files to train on instead of the benchmark, several at once: Q-Pathway /
+            Q-Instruct reasoning that ends with a verdict (both modes), Q-Align verdicts (one-stage only);
+            see ``mechbiqa.data.annotations``. 10% of the images every mode can use are the test set, 5%
+            of the rest validation.
+        scores_dataset: A rated dataset (``koniq10k``, ``kadid10k``, ...; ``mechbiqa.data.loaders``) whose MOS
+            gives the level and score of annotation entries with the same image file name.
+        scores_root: That dataset's folder.
         benchmark: Overrides of the benchmark config (tests pass a tiny one).
     """
 
@@ -125,6 +135,9 @@ class Config:
     qalign_json: Path | None = None
     qinstruct_json: Path | None = None
     image_root: Path | None = None
+    annotations: tuple[str, ...] = ()
+    scores_dataset: str | None = None
+    scores_root: Path | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -179,21 +192,52 @@ class PairResult:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARecord], dict[str, Any]]:
-    """(train, val, test) records and a description of the data for mechbiqa.json."""
-    if cfg.qalign_json or cfg.qinstruct_json:
+def _records(cfg: Config) -> tuple[dict[str, list[IQARecord]], dict[str, list[IQARecord]], list[IQARecord],
+                                   dict[str, Any]]:
+    """Training and validation records of each mode, the test records, and a description of the data.
+
+    Annotation files are read and checked for every requested mode before anything trains: the entries a
+    mode cannot use are counted and named (file, index, reason) in a warning and in ``mechbiqa.json``, and
+    a mode no file can serve (two-stage on Q-Align verdicts) is refused here. Validation is a split of the
+    training images; the test images are held out from both and rated by every mode.
+    """
+    files = [Path(p) for p in (*cfg.annotations, cfg.qalign_json, cfg.qinstruct_json) if p]
+    if files:
         if cfg.image_root is None:
-            raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
-        path = cfg.qalign_json or cfg.qinstruct_json
-        loader = load_qalign_json if cfg.qalign_json else load_qinstruct_json
-        records = loader(path, cfg.image_root)
-        rng = np.random.default_rng(cfg.seed)
-        split = rng.permutation(len(records))
-        n_test = max(1, len(records) // 10)
-        test = [records[i] for i in split[:n_test]]
-        val = test[: cfg.eval_samples]
-        train = [records[i] for i in split[n_test:]]
-        return train, val, test, {"data": {"json": str(path), "image_root": str(cfg.image_root)}}
+            raise ValueError("--image-root is needed with --annotations (the folder the entries' images are in)")
+        scores = None
+        if cfg.scores_dataset:
+            if cfg.scores_root is None:
+                raise ValueError("--scores-dataset needs --scores-root (the dataset's folder)")
+            scores = load_dataset(cfg.scores_dataset, cfg.scores_root)
+        found = read_annotations(files, cfg.image_root, scores=scores)
+        usable, rejected = {}, {}
+        for mode in cfg.modes:
+            usable[mode], rejected[mode] = found.for_mode(mode)
+        def key(r: IQARecord) -> tuple[str, int]:
+            return r.meta["source"], r.meta["index"]
+
+        ok = {m: {key(r) for r in usable[m]} for m in cfg.modes}
+        everything = [r for r in found.records if any(key(r) in ok[m] for m in cfg.modes)]
+        # The test images are drawn from those every mode can use, so both rate the same images.
+        common = [r for r in everything if all(key(r) in ok[m] for m in cfg.modes)]
+        test = split_holdout(common, seed=cfg.seed, val_fraction=0)[2]
+        held = {r.image_path for r in test}
+        train, val, _ = split_holdout([r for r in everything if r.image_path not in held], seed=cfg.seed,
+                                      test_fraction=0, max_val=cfg.eval_samples or None)
+        trains = {m: [r for r in train if key(r) in ok[m]] for m in cfg.modes}
+        vals = {m: [r for r in val if key(r) in ok[m]] for m in cfg.modes}
+        for mode, bad in rejected.items():
+            if bad:
+                shown = "; ".join(str(b) for b in bad[:5])
+                warnings.warn(f"{len(bad)} of {len(found.records) + len(found.rejected)} annotation entries cannot "
+                              f"train {mode} and are left out: {shown}{' ...' if len(bad) > 5 else ''} (all of "
+                              "them are listed in each checkpoint's mechbiqa.json)", AnnotationWarning, stacklevel=2)
+        info = {"data": {"annotations": [str(f) for f in files], "image_root": str(cfg.image_root),
+                         "n": {m: {"train": len(trains[m]), "val": len(vals[m])} for m in cfg.modes},
+                         "n_test": len(test),
+                         "rejected": {m: [str(b) for b in bad] for m, bad in rejected.items()}}}
+        return trains, vals, test, info
     bench_cfg = BenchmarkConfig(**{"image_size": cfg.image_size, "crops_per_photo": cfg.crops_per_photo,
                                    **cfg.benchmark})
     root = cfg.benchmark_dir
@@ -204,7 +248,13 @@ def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARec
         root = cache / ("benchmark" if default else f"benchmark-{bench_cfg.image_size}px-{bench_cfg.crops_per_photo}c")
     bench = build_benchmark(bench_cfg, root)
     info = {"data": {"benchmark": str(root), "fingerprint": bench.fingerprint}}
-    return bench.split("train"), bench.split("val"), bench.split("test"), info
+    modes = ("one-stage", "two-stage")
+    return ({m: bench.split("train") for m in modes}, {m: bench.split("val") for m in modes}, bench.split("test"),
+            info)
+
+
+class AnnotationWarning(UserWarning):
+    """Annotation entries that a requested mode cannot train on (named in the message)."""
 
 
 def _tokenizer(cfg: Config, train: list[IQARecord]):
@@ -223,7 +273,8 @@ def _test_metrics(ratings, records: list[IQARecord], descriptions: list[str]) ->
     from mechbiqa.metrics import iqa_metrics
 
     scores = np.array([r.score for r in ratings])
-    mos = np.array([r.mos01 for r in records])
+    # An annotation entry without a MOS is labelled by its level word (excellent 1 ... bad 0).
+    mos = np.array([x.mos01 if x.mos01 is not None else 1 - LEVEL_WORDS.index(x.level_word) / 4 for x in records])
     m = iqa_metrics(scores, mos, on_invalid="flag")
     out: dict[str, Any] = {"n": len(records), "srcc": m.srcc, "plcc": m.plcc_raw, "plcc_fitted": m.plcc_fitted,
                            "krcc": m.krcc, "level_acc": float(np.mean([r.level == x.level_word
@@ -260,8 +311,8 @@ def main(cfg: Config, progress=None) -> PairResult:
     torch.set_num_threads(cfg.threads)
     with T.main_process_first():
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
-        train, val, test, data_info = _records(cfg)
-        tokenizer = _tokenizer(cfg, train)
+        trains, vals, test, data_info = _records(cfg)
+        tokenizer = _tokenizer(cfg, list({id(r): r for m in cfg.modes for r in trains[m]}.values()))
     rates = T.is_main_process()
     test = _pick(test, cfg.test_samples)
     train_seconds: dict[str, float] = {}
@@ -277,7 +328,8 @@ def main(cfg: Config, progress=None) -> PairResult:
     if "one-stage" in cfg.modes:
         path = cfg.out_dir / "one-stage"
         tc = cfg.train_config("one-stage", None, cfg.total_steps)
-        done = T.train(tc, path, _examples(train, "one-stage"), _examples(val, "one-stage"), model=model(),
+        done = T.train(tc, path, T.examples_from_records(trains["one-stage"], "one-stage"),
+                       T.examples_from_records(vals["one-stage"], "one-stage"), model=model(),
                        tokenizer=tokenizer, progress=progress, extra_info=data_info, fresh=cfg.retrain)
         train_seconds["one-stage"] = done.elapsed
         paths["one-stage"] = str(path)
@@ -291,7 +343,7 @@ def main(cfg: Config, progress=None) -> PairResult:
         parent = cfg.out_dir / "two-stage"
         steps1, steps2 = T.split_budget(cfg.total_steps)
         tc1, tc2 = cfg.train_config("two-stage", 1, steps1), cfg.train_config("two-stage", 2, steps2)
-        first, second = T.train_two_stage(tc1, tc2, parent, _two_stage(train), _two_stage(val), model=model(),
+        first, second = T.train_two_stage(tc1, tc2, parent, trains["two-stage"], vals["two-stage"], model=model(),
                                           tokenizer=tokenizer, progress=progress, extra_info=data_info,
                                           fresh=cfg.retrain)
         train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
@@ -314,14 +366,6 @@ def main(cfg: Config, progress=None) -> PairResult:
     if rates:
         (cfg.out_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
-
-
-def _examples(records: list[IQARecord], task: str) -> list[T.Example]:
-    return T.examples_from_records(records, task)
-
-
-def _two_stage(records: list[IQARecord]) -> list[IQARecord]:
-    return records
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

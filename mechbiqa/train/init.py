@@ -40,6 +40,8 @@ def compact_tokenizer(records: Sequence[IQARecord], vocab_size: int = 1024, temp
              tpl.prompt(STAGE2_QUESTION, QALIGN_ANSWER_PREFIX)]
     fixed += [quality_sentence(w) for w in LEVEL_WORDS]
     descriptions = [r.description for r in records if r.description]
+    # Answers trained on verbatim (annotation files: reasoning and the file's own verdict sentence).
+    descriptions += [r.meta["answer"] for r in records if r.meta.get("answer")]
     # The fixed strings occur in every example, so weight them like it: BPE then merges them into
     # few pieces and every sequence is shorter.
     texts = fixed * max(2, len(descriptions) // 4) + descriptions
