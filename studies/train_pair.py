@@ -267,6 +267,15 @@ def _tokenizer(cfg: Config, train: list[IQARecord]):
                                      rewrite=cfg.retrain, in_use=in_use and not cfg.retrain)
 
 
+def _finished(path: Path, tc: T.TrainConfig) -> bool:
+    """Whether ``path`` holds a finished checkpoint trained with ``tc`` (studies/replicate.py asks)."""
+    try:
+        info = read_info(path)
+    except FileNotFoundError:
+        return False
+    return bool(info.data.get("finished")) and info.data.get("train_config") == tc.to_dict()
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def _test_metrics(ratings, records: list[IQARecord], descriptions: list[str]) -> dict[str, Any]:
     from mechbiqa.data import DISTORTIONS
