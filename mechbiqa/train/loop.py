@@ -335,7 +335,9 @@ def _weights(cfg: TrainConfig, out_dir: Path, state: State | None, model: MPLUGO
     assert tokenizer is not None and processor is not None
     tuner = None
     if cfg.lora_rank is not None:
-        tuner = add_lora(model, cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)  # the adapters' initialisation depends on the seed alone
+            tuner = add_lora(model, cfg)
         if state is not None and state.adapter is not None:
             model.load_state_dict({**model.state_dict(), **{k: v.to(device) for k, v in state.adapter.items()}})
     return model.train(), tokenizer, processor, tuner

@@ -53,3 +53,20 @@ def test_two_processes_take_the_steps_of_one(tmp_path):
     # Training moved the weights (so equality is not that of two untouched models).
     start = train_worker.setup(bench)[2].state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_lora_adapters(tmp_path):
+    pytest.importorskip("peft")
+    bench = tmp_path / "bench"
+    train_worker.run(bench, tmp_path / "base")
+    one = train_worker.run(bench, tmp_path / "one", lora_from=str(tmp_path / "base"))
+    launch(str(bench), str(tmp_path / "two"), "--lora-from", str(tmp_path / "base"))
+    two = T.State.load(tmp_path / "two")
+    assert two.adapter and all("lora_" in k for k in two.adapter)
+    np.testing.assert_allclose([h["loss"] for h in two.history], one.losses, rtol=1e-5)
+    a, b = load_pretrained(tmp_path / "one").state_dict(), load_pretrained(tmp_path / "two").state_dict()
+    base = load_pretrained(tmp_path / "base").state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the merged adapters changed the weights
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)

@@ -34,7 +34,7 @@ def run(bench_dir: Path, out_dir: Path, lora_from: str | None = None) -> T.Train
     """Train :data:`CONFIG` (LoRA from ``lora_from`` if given) into ``out_dir``."""
     examples, tokenizer, model = setup(bench_dir)
     if lora_from is not None:
-        cfg = CONFIG.replace(lora_rank=4, lr=5e-2, init_from=lora_from)
+        cfg = CONFIG.replace(lora_rank=4, lora_dropout=0.0, lr=5e-2, init_from=lora_from)
         return T.train(cfg, out_dir, examples)
     return T.train(CONFIG, out_dir, examples, model=model, tokenizer=tokenizer)
 
