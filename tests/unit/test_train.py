@@ -180,6 +180,19 @@ def test_retrain_starts_again_and_a_finished_run_is_returned_as_it_is(tok, bench
     assert state.segments == [[0, 3]] and state.config["lr"] == 1e-2 and len(state.history) == 3
 
 
+def test_time_based_checkpoints(tok, bench, tmp_path):
+    ex = T.examples_from_records(bench.split("train"), "stage2")
+    events = []
+    # Any interval shorter than a step checkpoints after every step; none by step count.
+    T.train(fast(mode="two-stage", stage=2, steps=3, checkpoint_every=0, checkpoint_seconds=1e-9), tmp_path / "t",
+            ex, model=tiny_model(tok), tokenizer=tok, progress=events.append)
+    assert [e.step for e in events if e.kind == "checkpoint"] == [1, 2, 3]
+    events.clear()
+    T.train(fast(mode="two-stage", stage=2, steps=3, checkpoint_every=0, checkpoint_seconds=0), tmp_path / "u",
+            ex, model=tiny_model(tok), tokenizer=tok, progress=events.append)
+    assert [e.step for e in events if e.kind == "checkpoint"] == [3]
+
+
 def test_tiny_run_lowers_held_out_loss_and_reloads_with_equal_logits(tok, bench, tmp_path):
     train_ex = T.examples_from_records(bench.split("train"), "stage2")
     held = T.examples_from_records(bench.split("val") + bench.split("test"), "stage2")
