@@ -54,7 +54,7 @@ from mechbiqa.data.annotations import read_annotations, split_holdout  # noqa: E
 from mechbiqa.data.loaders import load_dataset  # noqa: E402
 from mechbiqa.metrics import srcc_difference  # noqa: E402
 from mechbiqa.model.prompts import LEVEL_WORDS  # noqa: E402
-from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description  # noqa: E402
+from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
