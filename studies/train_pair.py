@@ -38,7 +38,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Literal  # noqa: E402
 
@@ -48,9 +49,10 @@ import torch  # noqa: E402
 from mechbiqa import cli, outputs  # noqa: E402
 from mechbiqa import train as T  # noqa: E402
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark  # noqa: E402
-from mechbiqa.data.loaders import load_qalign_json, load_qinstruct_json  # noqa: E402
+from mechbiqa.data.annotations import read_annotations, split_holdout  # noqa: E402
+from mechbiqa.data.loaders import load_dataset  # noqa: E402
 from mechbiqa.metrics import srcc_difference  # noqa: E402
-from mechbiqa.model.tokenizer import load_tokenizer  # noqa: E402
+from mechbiqa.model.prompts import LEVEL_WORDS  # noqa: E402
 from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info  # noqa: E402
 
 
@@ -80,7 +82,10 @@ class Config:
         eval_every: Steps between held-out evaluations during training.
         eval_samples: Validation images per evaluation.
         test_samples: Test images rated at the end (0: all).
-        retrain: Train again even when finished checkpoints are there.
+        retrain: Train again from step 0 even when (finished or interrupted) checkpoints are there.
+        checkpoint_every: Steps between resumable checkpoints (0: none by step count).
+        checkpoint_seconds: Seconds between resumable checkpoints (0: none by time); a killed run
+            resumes from the last one on the same loss curve.
         modes: Which checkpoints to train: ``one-stage``, ``two-stage`` or both.
         init_from: Start from this checkpoint (``--model``) instead of a compact model from scratch
             (real models).
@@ -88,9 +93,16 @@ class Config:
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
         param_dtype: Weight dtype (``--dtype``; ``bfloat16`` for 7B).
-        qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark.
-        qinstruct_json: Or a Q-Instruct conversation JSON.
-        image_root: Folder the JSON's image paths are relative to.
+        qalign_json: Train on a Q-Align / Q-Pathway style JSON instead of the benchmark (as --annotations).
+        qinstruct_json: Or a Q-Instruct conversation JSON (as --annotations).
+        image_root: Folder the annotation files' image paths are relative to.
+        annotations: Annotation files to train on instead of the benchmark, several at once: Q-Pathway /
+            Q-Instruct reasoning that ends with a verdict (both modes), Q-Align verdicts (one-stage only);
+            see ``mechbiqa.data.annotations``. 10% of the images every mode can use are the test set, 5%
+            of the rest validation.
+        scores_dataset: A rated dataset (``koniq10k``, ``kadid10k``, ...; ``mechbiqa.data.loaders``) whose MOS
+            gives the level and score of annotation entries with the same image file name.
+        scores_root: That dataset's folder.
         benchmark: Overrides of the benchmark config (tests pass a tiny one).
     """
 
@@ -115,6 +127,8 @@ class Config:
     eval_samples: int = 160
     test_samples: int = 960
     retrain: bool = False
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 600.0
     modes: tuple[Literal["one-stage", "two-stage"], ...] = ("one-stage", "two-stage")
     init_from: str | None = field(default=None, metadata=cli.meta(flag="--model", aliases=("--init-from",)))
     lora_rank: int | None = None
@@ -124,6 +138,9 @@ class Config:
     qalign_json: Path | None = None
     qinstruct_json: Path | None = None
     image_root: Path | None = None
+    annotations: tuple[str, ...] = ()
+    scores_dataset: str | None = None
+    scores_root: Path | None = None
     benchmark: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -155,6 +172,7 @@ class Config:
             visual_lr_scale=self.visual_lr_scale if self.init_from is None else 1.0,
             warmup_steps=min(warmup, max(0, steps - 1)), label_smoothing=self.label_smoothing, seed=self.seed,
             eval_every=self.eval_every, eval_samples=self.eval_samples, device=self.device,
+            checkpoint_every=self.checkpoint_every, checkpoint_seconds=self.checkpoint_seconds,
             precision=self.precision, param_dtype=self.param_dtype, lora_rank=self.lora_rank,
             init_from=self.init_from if stage != 2 else None, max_new_tokens=48 if self.init_from is None else 128,
             augment="dihedral" if self.init_from is None else "none", cache_images=self.init_from is None,
@@ -189,21 +207,52 @@ class PairResult:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARecord], dict[str, Any]]:
-    """(train, val, test) records and a description of the data for mechbiqa.json."""
-    if cfg.qalign_json or cfg.qinstruct_json:
+def _records(cfg: Config) -> tuple[dict[str, list[IQARecord]], dict[str, list[IQARecord]], list[IQARecord],
+                                   dict[str, Any]]:
+    """Training and validation records of each mode, the test records, and a description of the data.
+
+    Annotation files are read and checked for every requested mode before anything trains: the entries a
+    mode cannot use are counted and named (file, index, reason) in a warning and in ``mechbiqa.json``, and
+    a mode no file can serve (two-stage on Q-Align verdicts) is refused here. Validation is a split of the
+    training images; the test images are held out from both and rated by every mode.
+    """
+    files = [Path(p) for p in (*cfg.annotations, cfg.qalign_json, cfg.qinstruct_json) if p]
+    if files:
         if cfg.image_root is None:
-            raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
-        path = cfg.qalign_json or cfg.qinstruct_json
-        loader = load_qalign_json if cfg.qalign_json else load_qinstruct_json
-        records = loader(path, cfg.image_root)
-        rng = np.random.default_rng(cfg.seed)
-        split = rng.permutation(len(records))
-        n_test = max(1, len(records) // 10)
-        test = [records[i] for i in split[:n_test]]
-        val = test[: cfg.eval_samples]
-        train = [records[i] for i in split[n_test:]]
-        return train, val, test, {"data": {"json": str(path), "image_root": str(cfg.image_root)}}
+            raise ValueError("--image-root is needed with --annotations (the folder the entries' images are in)")
+        scores = None
+        if cfg.scores_dataset:
+            if cfg.scores_root is None:
+                raise ValueError("--scores-dataset needs --scores-root (the dataset's folder)")
+            scores = load_dataset(cfg.scores_dataset, cfg.scores_root)
+        found = read_annotations(files, cfg.image_root, scores=scores)
+        usable, rejected = {}, {}
+        for mode in cfg.modes:
+            usable[mode], rejected[mode] = found.for_mode(mode)
+        def key(r: IQARecord) -> tuple[str, int]:
+            return r.meta["source"], r.meta["index"]
+
+        ok = {m: {key(r) for r in usable[m]} for m in cfg.modes}
+        everything = [r for r in found.records if any(key(r) in ok[m] for m in cfg.modes)]
+        # The test images are drawn from those every mode can use, so both rate the same images.
+        common = [r for r in everything if all(key(r) in ok[m] for m in cfg.modes)]
+        test = split_holdout(common, seed=cfg.seed, val_fraction=0)[2]
+        held = {r.image_path for r in test}
+        train, val, _ = split_holdout([r for r in everything if r.image_path not in held], seed=cfg.seed,
+                                      test_fraction=0, max_val=cfg.eval_samples or None)
+        trains = {m: [r for r in train if key(r) in ok[m]] for m in cfg.modes}
+        vals = {m: [r for r in val if key(r) in ok[m]] for m in cfg.modes}
+        for mode, bad in rejected.items():
+            if bad:
+                shown = "; ".join(str(b) for b in bad[:5])
+                warnings.warn(f"{len(bad)} of {len(found.records) + len(found.rejected)} annotation entries cannot "
+                              f"train {mode} and are left out: {shown}{' ...' if len(bad) > 5 else ''} (all of "
+                              "them are listed in each checkpoint's mechbiqa.json)", AnnotationWarning, stacklevel=2)
+        info = {"data": {"annotations": [str(f) for f in files], "image_root": str(cfg.image_root),
+                         "n": {m: {"train": len(trains[m]), "val": len(vals[m])} for m in cfg.modes},
+                         "n_test": len(test),
+                         "rejected": {m: [str(b) for b in bad] for m, bad in rejected.items()}}}
+        return trains, vals, test, info
     bench_cfg = BenchmarkConfig(**{"image_size": cfg.image_size, "crops_per_photo": cfg.crops_per_photo,
                                    **cfg.benchmark})
     root = cfg.benchmark_dir
@@ -214,21 +263,27 @@ def _records(cfg: Config) -> tuple[list[IQARecord], list[IQARecord], list[IQARec
         root = cache / ("benchmark" if default else f"benchmark-{bench_cfg.image_size}px-{bench_cfg.crops_per_photo}c")
     bench = build_benchmark(bench_cfg, root)
     info = {"data": {"benchmark": str(root), "fingerprint": bench.fingerprint}}
-    return bench.split("train"), bench.split("val"), bench.split("test"), info
+    modes = ("one-stage", "two-stage")
+    return ({m: bench.split("train") for m in modes}, {m: bench.split("val") for m in modes}, bench.split("test"),
+            info)
+
+
+class AnnotationWarning(UserWarning):
+    """Annotation entries that a requested mode cannot train on (named in the message)."""
 
 
 def _tokenizer(cfg: Config, train: list[IQARecord]):
     if cfg.init_from is not None:
         return None
-    directory = cfg.out_dir / "tokenizer"
-    if directory.is_dir() and not cfg.retrain:
-        return load_tokenizer(directory)
-    tokenizer = T.compact_tokenizer(train, cfg.vocab_size)
-    tokenizer.save(directory)
-    return tokenizer
+    # Written atomically; a half-written one (an older version killed mid-write) is rewritten, unless
+    # checkpoints trained with it are there (then the error names the directory).
+    in_use = any((cfg.out_dir / name).exists() for name in ("one-stage", "two-stage"))
+    return T.read_or_write_tokenizer(cfg.out_dir / "tokenizer", lambda: T.compact_tokenizer(train, cfg.vocab_size),
+                                     rewrite=cfg.retrain, in_use=in_use and not cfg.retrain)
 
 
 def _finished(path: Path, tc: T.TrainConfig) -> bool:
+    """Whether ``path`` holds a finished checkpoint trained with ``tc`` (studies/replicate.py asks)."""
     try:
         info = read_info(path)
     except FileNotFoundError:
@@ -242,7 +297,8 @@ def _test_metrics(ratings, records: list[IQARecord], descriptions: list[str]) ->
     from mechbiqa.metrics import iqa_metrics
 
     scores = np.array([r.score for r in ratings])
-    mos = np.array([r.mos01 for r in records])
+    # An annotation entry without a MOS is labelled by its level word (excellent 1 ... bad 0).
+    mos = np.array([x.mos01 if x.mos01 is not None else 1 - LEVEL_WORDS.index(x.level_word) / 4 for x in records])
     m = iqa_metrics(scores, mos, on_invalid="flag")
     out: dict[str, Any] = {"n": len(records), "srcc": m.srcc, "plcc": m.plcc_raw, "plcc_fitted": m.plcc_fitted,
                            "krcc": m.krcc, "level_acc": float(np.mean([r.level == x.level_word
@@ -270,11 +326,18 @@ def _pick(records: list[IQARecord], n: int) -> list[IQARecord]:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(cfg: Config, progress=None) -> PairResult:
-    """Train or reuse both checkpoints, rate the test photos with each, write ``results.json``."""
+    """Train (or resume, or reuse) both checkpoints, rate the test photos with each, write ``results.json``.
+
+    Under ``accelerate launch`` / ``torchrun`` every process trains its share of each batch; the main
+    process alone prepares the data and tokenizer (the others wait, then read them), rates the test
+    photos and writes ``results.json``.
+    """
     torch.set_num_threads(cfg.threads)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    train, val, test, data_info = _records(cfg)
-    tokenizer = _tokenizer(cfg, train)
+    with T.main_process_first():
+        cfg.out_dir.mkdir(parents=True, exist_ok=True)
+        trains, vals, test, data_info = _records(cfg)
+        tokenizer = _tokenizer(cfg, list({id(r): r for m in cfg.modes for r in trains[m]}.values()))
+    rates = T.is_main_process()
     test = _pick(test, cfg.test_samples)
     train_seconds: dict[str, float] = {}
     eval_seconds: dict[str, float] = {}
@@ -283,45 +346,40 @@ def main(cfg: Config, progress=None) -> PairResult:
     def model():
         return None if tokenizer is None else T.build_compact_model(tokenizer, cfg.image_size, cfg.seed)
 
+    # T.train resumes an interrupted run and returns a finished one as it is (same settings);
+    # --retrain starts again from step 0.
     one_result = two_result = None
     if "one-stage" in cfg.modes:
         path = cfg.out_dir / "one-stage"
         tc = cfg.train_config("one-stage", None, cfg.total_steps)
-        if cfg.retrain or not _finished(path, tc):
-            start = time.perf_counter()
-            T.train(tc, path, T.examples_from_records(train, "one-stage"), T.examples_from_records(val, "one-stage"),
-                    model=model(), tokenizer=tokenizer, progress=progress, extra_info=data_info)
-            train_seconds["one-stage"] = time.perf_counter() - start
-        else:
-            train_seconds["one-stage"] = read_info(path).data.get("elapsed_seconds", float("nan"))
+        done = T.train(tc, path, T.examples_from_records(trains["one-stage"], "one-stage"),
+                       T.examples_from_records(vals["one-stage"], "one-stage"), model=model(),
+                       tokenizer=tokenizer, progress=progress, extra_info=data_info, fresh=cfg.retrain)
+        train_seconds["one-stage"] = done.elapsed
         paths["one-stage"] = str(path)
-        start = time.perf_counter()
-        ratings = OneStageRater.from_pretrained(path).rate([r.image_path for r in test])
-        one_result = _test_metrics(ratings, test, [r.description for r in ratings])
-        eval_seconds["one-stage"] = time.perf_counter() - start
+        if rates:
+            start = time.perf_counter()
+            ratings = OneStageRater.from_pretrained(path).rate([r.image_path for r in test])
+            one_result = _test_metrics(ratings, test, [r.description for r in ratings])
+            eval_seconds["one-stage"] = time.perf_counter() - start
 
     if "two-stage" in cfg.modes:
         parent = cfg.out_dir / "two-stage"
         steps1, steps2 = T.split_budget(cfg.total_steps)
         tc1, tc2 = cfg.train_config("two-stage", 1, steps1), cfg.train_config("two-stage", 2, steps2)
-        if cfg.retrain or not (_finished(parent / "stage1", tc1)
-                               and _finished(parent / "stage2", tc2.replace(init_from=str(parent / "stage1")))):
-            start = time.perf_counter()
-            first, second = T.train_two_stage(tc1, tc2, parent, train, val, model=model(), tokenizer=tokenizer,
-                                              progress=progress, extra_info=data_info)
-            train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
-            train_seconds["two-stage"] = time.perf_counter() - start
-        else:
-            for stage in ("stage1", "stage2"):
-                train_seconds[stage] = read_info(parent / stage).data.get("elapsed_seconds", float("nan"))
-            train_seconds["two-stage"] = train_seconds["stage1"] + train_seconds["stage2"]
+        first, second = T.train_two_stage(tc1, tc2, parent, trains["two-stage"], vals["two-stage"], model=model(),
+                                          tokenizer=tokenizer, progress=progress, extra_info=data_info,
+                                          fresh=cfg.retrain)
+        train_seconds["stage1"], train_seconds["stage2"] = first.elapsed, second.elapsed
+        train_seconds["two-stage"] = first.elapsed + second.elapsed
         paths["two-stage"] = str(parent)
-        start = time.perf_counter()
-        rater = TwoStageRater.from_pretrained(parent)
-        descriptions = rater.describe([r.image_path for r in test])
-        ratings = rater.rate_descriptions(descriptions)
-        two_result = _test_metrics(ratings, test, descriptions)
-        eval_seconds["two-stage"] = time.perf_counter() - start
+        if rates:
+            start = time.perf_counter()
+            rater = TwoStageRater.from_pretrained(parent)
+            descriptions = rater.describe([r.image_path for r in test])
+            ratings = rater.rate_descriptions(descriptions)
+            two_result = _test_metrics(ratings, test, descriptions)
+            eval_seconds["two-stage"] = time.perf_counter() - start
 
     comparison = None
     if one_result is not None and two_result is not None:
@@ -329,7 +387,8 @@ def main(cfg: Config, progress=None) -> PairResult:
         comparison = {"srcc_two_minus_one": diff, "ci95": [low, high], "n": len(test)}
     result = PairResult(one_stage=one_result, two_stage=two_result, train_seconds=train_seconds,
                         eval_seconds=eval_seconds, paths=paths, config=_jsonable(asdict(cfg)), comparison=comparison)
-    outputs.write_json(cfg.out_dir / "results.json", result.to_dict(), indent=2)
+    if rates:
+        outputs.write_json(cfg.out_dir / "results.json", result.to_dict(), indent=2)
     return result
 
 

@@ -73,3 +73,88 @@ def test_train_pair_help_and_flags():
     assert cfg.train_config("two-stage", 2, 3).init_from is None
     done = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--total-steps" in done.stdout and "two-stage" in done.stdout
+
+
+def _annotation_files(tmp_path):
+    """A Q-Pathway-like file (reasoning + verdict, two bad entries) and a Q-Align KonIQ file, with images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    root.mkdir()
+    words = ("excellent", "good", "fair", "poor", "bad")
+    pathway, qalign = [], []
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(root / f"p{i}.png")
+        level = words[i % 5]
+        pathway.append({"id": f"p{i}", "image": f"p{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nHow is the quality of this image?"},
+            {"from": "gpt", "value": f"The noise is {'weak' if i % 2 else 'strong'} and the edges are "
+                                     f"{'sharp' if i % 3 else 'soft'}. Thus, the quality of the image is {level}."}]})
+    pathway.append({"id": "no-verdict", "image": "p0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A street."}]})
+    pathway.append({"id": "missing", "image": "nowhere.png", "conversations": pathway[0]["conversations"]})
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(root / f"k{i}.png")
+        qalign.append({"id": f"k{i}.png->{10 + 15 * i}", "image": f"k{i}.png", "conversations": [
+            {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
+            {"from": "gpt", "value": f"The quality of the image is {words[4 - i % 5]}."}]})
+    (tmp_path / "q_pathway.json").write_text(json.dumps(pathway))
+    (tmp_path / "train_koniq.json").write_text(json.dumps(qalign))
+    return tmp_path / "q_pathway.json", tmp_path / "train_koniq.json", root
+
+
+def _annotation_argv(tmp_path, *files, modes=("one-stage", "two-stage")):
+    *paths, root = files
+    return ["--out-dir", str(tmp_path / "pair"), "--annotations", *map(str, paths), "--image-root", str(root),
+            "--image-size", "28", "--total-steps", "3", "--batch-size", "2", "--warmup-steps", "1",
+            "--vocab-size", "300", "--eval-every", "0", "--eval-samples", "1", "--test-samples", "0",
+            "--threads", "1", "--modes", *modes]
+
+
+def test_train_pair_on_annotation_files_names_bad_entries_before_training(tmp_path):
+    from mechbiqa.train import State
+
+    study = _study()
+    pathway, koniq, root = _annotation_files(tmp_path)
+    cfg = study.parse_args(_annotation_argv(tmp_path, pathway, koniq, root))
+    seen: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def progress(event):
+            if not seen:  # the first training event: every bad entry must already be named
+                named = [str(w.message) for w in caught if issubclass(w.category, study.AnnotationWarning)]
+                seen.extend(named or ["none"])
+
+        study.main(cfg, progress=progress)
+    one, two = (next(m for m in seen if f"cannot train {mode}" in m) for mode in ("one-stage", "two-stage"))
+    assert one.startswith("2 of 22 annotation entries cannot train one-stage")
+    assert "q_pathway.json[14]: no answer ends with a verdict" in one and "q_pathway.json[15]: image not found" in one
+    assert two.startswith("8 of 22 annotation entries cannot train two-stage")
+    assert "train_koniq.json[0]: verdict without reasoning" in two
+    out = cfg.out_dir
+    data = read_info(out / "one-stage").data["data"]
+    assert data["rejected"]["two-stage"][0].startswith("q_pathway.json[14]")
+    # 20 usable images: 1 test (10% of the 14 both modes can use), 1 validation (out of the other 19), 18
+    # training; two-stage trains only on the entries with reasoning.
+    assert data["n_test"] == 1 and data["n"]["one-stage"]["val"] == 1
+    assert data["n"]["one-stage"]["train"] == 18 and read_info(out / "one-stage").data["n_train_examples"] == 18
+    n2 = data["n"]["two-stage"]
+    assert n2["train"] + n2["val"] == 13 and read_info(out / "two-stage" / "stage1").data["n_train_examples"] == n2["train"]
+    assert State.load(out / "two-stage" / "stage2").finished
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["one_stage"]["n"] == saved["two_stage"]["n"] == 1
+    assert saved["one_stage"]["ids"] == saved["two_stage"]["ids"] and saved["one_stage"]["ids"][0].startswith("p")
+
+
+def test_train_pair_refuses_two_stage_on_qalign_verdicts_before_training(tmp_path):
+    from mechbiqa.data.annotations import AnnotationError
+
+    study = _study()
+    _, koniq, root = _annotation_files(tmp_path)
+    cfg = study.parse_args(_annotation_argv(tmp_path, koniq, root))
+    with pytest.raises(AnnotationError, match="train_koniq.json: every usable answer is a verdict without reasoning"):
+        study.main(cfg)
+    assert not (cfg.out_dir / "one-stage").exists() and not (cfg.out_dir / "two-stage").exists()

@@ -163,6 +163,36 @@ def test_resumed_run_equals_uninterrupted(tok, bench, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_retrain_starts_again_and_a_finished_run_is_returned_as_it_is(tok, bench, tmp_path):
+    ex = T.examples_from_records(bench.split("train"), "stage2")
+    cfg = fast(mode="two-stage", stage=2, steps=3)
+    first = T.train(cfg, tmp_path / "r", ex, model=tiny_model(tok), tokenizer=tok)
+    events = []
+    again = T.train(cfg, tmp_path / "r", ex, model=tiny_model(tok, seed=9), tokenizer=tok, progress=events.append)
+    assert not [e for e in events if e.kind in ("step", "checkpoint")] and again.losses == first.losses
+    with pytest.raises(ValueError, match="lr differ.*--retrain"):
+        T.train(cfg.replace(lr=1e-2), tmp_path / "r", ex, model=tiny_model(tok), tokenizer=tok)
+    events.clear()
+    fresh = T.train(cfg.replace(lr=1e-2), tmp_path / "r", ex, model=tiny_model(tok, seed=9), tokenizer=tok,
+                    progress=events.append, fresh=True)
+    assert len([e for e in events if e.kind == "step"]) == 3 and fresh.losses != first.losses
+    state = T.State.load(tmp_path / "r")
+    assert state.segments == [[0, 3]] and state.config["lr"] == 1e-2 and len(state.history) == 3
+
+
+def test_time_based_checkpoints(tok, bench, tmp_path):
+    ex = T.examples_from_records(bench.split("train"), "stage2")
+    events = []
+    # Any interval shorter than a step checkpoints after every step; none by step count.
+    T.train(fast(mode="two-stage", stage=2, steps=3, checkpoint_every=0, checkpoint_seconds=1e-9), tmp_path / "t",
+            ex, model=tiny_model(tok), tokenizer=tok, progress=events.append)
+    assert [e.step for e in events if e.kind == "checkpoint"] == [1, 2, 3]
+    events.clear()
+    T.train(fast(mode="two-stage", stage=2, steps=3, checkpoint_every=0, checkpoint_seconds=0), tmp_path / "u",
+            ex, model=tiny_model(tok), tokenizer=tok, progress=events.append)
+    assert [e.step for e in events if e.kind == "checkpoint"] == [3]
+
+
 def test_tiny_run_lowers_held_out_loss_and_reloads_with_equal_logits(tok, bench, tmp_path):
     train_ex = T.examples_from_records(bench.split("train"), "stage2")
     held = T.examples_from_records(bench.split("val") + bench.split("test"), "stage2")
@@ -271,7 +301,13 @@ def test_lora_trains_adapters_and_exports_merged_weights(tok, bench, tmp_path):
         T.train(cfg, tmp_path / "lora", ex)
     T.train(fast(mode="two-stage", stage=1, steps=1), tmp_path / "s1", T.examples_from_records(bench.split("train"),
             "stage1"), model=tiny_model(tok), tokenizer=tok)
-    result = T.train(cfg.replace(init_from=str(tmp_path / "s1")), tmp_path / "lora", ex)
+    cfg = cfg.replace(init_from=str(tmp_path / "s1"), checkpoint_every=1)
+    # Interrupted: the checkpoint holds the adapters only (no 7B-sized weights), and no merged export.
+    T.train(cfg, tmp_path / "lora", ex, stop_after=2)
+    assert not (tmp_path / "lora" / "model.safetensors").exists()
+    assert read_info(tmp_path / "lora").data["weights"] == "adapters" and T.State.load(tmp_path / "lora").step == 2
+    result = T.train(cfg, tmp_path / "lora", ex)
+    assert read_info(tmp_path / "lora").data["weights"] == "full"
     state = T.State.load(tmp_path / "lora")
     assert state.adapter and all("lora_" in k for k in state.adapter)
     merged, start = load_pretrained(tmp_path / "lora"), load_pretrained(tmp_path / "s1")

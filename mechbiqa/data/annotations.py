@@ -1,0 +1,320 @@
+"""Annotation files for training: Q-Pathway / Q-Instruct reasoning and Q-Align verdicts, entry by entry.
+
+How it connects: :func:`read_annotations` reads one or more LLaVA / mPLUG-Owl2
+conversation JSON files into :class:`~mechbiqa.data.records.IQARecord` records that
+:func:`mechbiqa.train.examples_from_records` turns into training examples;
+``studies/train_pair.py --annotations FILE [FILE ...] --image-root ROOT`` is the
+command line. The dataset score scales come from
+:data:`mechbiqa.data.loaders.QALIGN_SCALES` (read, never copied).
+
+The two shapes of answer (DESIGN.md, "Annotation files for training"):
+
+* **Q-Pathway / Q-Instruct**: reasoning that ends with a verdict, "... The
+  noise is strong and the details are lost. Thus, the quality of the image is
+  poor." :func:`split_verdict` cuts the last sentence that states the quality
+  of the image with a level word off the reasoning. One-stage trains on the
+  whole answer as written; two-stage stage 1 on the reasoning *without* the
+  verdict (image -> reasoning) and stage 2 on reasoning -> "The quality of the
+  image is poor." (text only).
+* **Q-Align**: the verdict alone, "The quality of the image is good." This is
+  one-stage data: there is no reasoning for stage 1 to learn or stage 2 to
+  read: two-stage refuses Q-Align files up front (:meth:`Annotations.for_mode`), and,
+  given with Q-Pathway files, leaves their entries out by name.
+
+The level word comes from the verdict, or, when a rated dataset is given
+(``scores=``: records of :mod:`mechbiqa.data.loaders`), from that image's MOS
+(joined by file name; equal-width bins on the dataset's scale). Each entry's
+score scale is that of its own source: the dataset named by the image path
+(``koniq/...``, ``kadid10k/...``), else its id, else the file name, so a mixed
+KonIQ + SPAQ + KADID file maps KADID's 1.71 (1-5) to 0.18, not 0.017.
+
+Entries that cannot be used are not fatal one by one: each is named (file,
+index, reason) in :attr:`Annotations.rejected`, and :meth:`Annotations.for_mode`
+adds those the mode cannot use, so a caller reports them all before training.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from mechbiqa.data.loaders import QALIGN_SCALES
+from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
+
+__all__ = [
+    "AnnotationError",
+    "Rejected",
+    "Annotations",
+    "read_annotations",
+    "split_verdict",
+    "split_holdout",
+    "TWO_STAGE_NEEDS",
+]
+
+TWO_STAGE_NEEDS = (
+    "two-stage training needs reasoning before the verdict: stage 1 learns image -> reasoning (a description "
+    "of the visual attributes) and stage 2 learns reasoning -> 'The quality of the image is <level>.'. "
+    "A Q-Align file holds only the verdict, so it is one-stage data: train it with --modes one-stage, "
+    "or give a Q-Pathway / Q-Instruct file whose answers reason before concluding"
+)
+"""What two-stage needs, in the words of every refusal."""
+
+_PLACEHOLDERS = ("<|image|>", "<image>")
+_LEVEL = "|".join(LEVEL_WORDS)
+# The verdict: a sentence about the quality of the image that names a level word,
+# e.g. "Thus, the quality of the image is poor." or "Overall, this image's quality is fair."
+_VERDICT = re.compile(
+    rf"(?P<sentence>[^.!?]*\bquality\b[^.!?]*?\b(?P<level>{_LEVEL})\b[^.!?]*[.!?]?)\s*$",
+    re.IGNORECASE,
+)
+_ABOUT_QUALITY = re.compile(r"[^.!?]*\bquality of (?:the|this) (?:image|picture|photo)\b[^.!?]*[.!?]?\s*$",
+                            re.IGNORECASE)
+
+
+class AnnotationError(ValueError):
+    """An annotation file (or a set of them) that cannot train the requested mode (the message says why)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An entry that cannot be used, and why.
+
+    Attributes:
+        file: The annotation file.
+        index: The entry's position in the file's list.
+        reason: What is wrong, in words.
+    """
+
+    file: Path
+    index: int
+    reason: str
+
+    def __str__(self) -> str:  # noqa: D105
+        return f"{self.file.name}[{self.index}]: {self.reason}"
+
+
+def split_verdict(answer: str) -> tuple[str, str | None, str | None]:
+    """Split an answer into its reasoning and its final quality verdict.
+
+    Args:
+        answer: The assistant's answer.
+
+    Returns:
+        ``(reasoning, verdict sentence, level word)``: the answer without its last
+        sentence when that sentence states the quality with one of the level words
+        (lower-cased), else ``(answer, None, None)``. A verdict-only answer (Q-Align)
+        has empty reasoning. A last sentence about the quality with no level word
+        ("... the quality of the image is average.") is returned as the verdict with
+        level None.
+    """
+    text = answer.strip()
+    found = _VERDICT.search(text)
+    if found is None:
+        about = _ABOUT_QUALITY.search(text)
+        if about is None:
+            return text, None, None
+        return text[: about.start()].strip(), about.group(0).strip(), None
+    sentence = found.group("sentence").strip()
+    return text[: found.start("sentence")].strip(), sentence, found.group("level").lower()
+
+
+@dataclass(frozen=True)
+class Annotations:
+    """The usable entries of some annotation files, and the rejected ones.
+
+    Attributes:
+        records: One record per usable entry: ``description`` is the reasoning (None for
+            verdict-only answers), ``level_word`` the level, ``meta["answer"]`` the whole answer
+            (what one-stage trains on), ``meta["source"]`` / ``meta["index"]`` where it came from.
+        rejected: Entries no mode can use, with the reason.
+        files: The files read.
+    """
+
+    records: tuple[IQARecord, ...]
+    rejected: tuple[Rejected, ...]
+    files: tuple[Path, ...]
+
+    def for_mode(self, mode: Literal["one-stage", "two-stage"]) -> tuple[list[IQARecord], list[Rejected]]:
+        """The records a mode can train on, and every entry it cannot (file, index, reason).
+
+        Several files at once: two-stage takes the entries with reasoning and names the bare
+        verdicts it leaves out; it refuses only when nothing but bare verdicts (Q-Align files) is given.
+
+        Raises:
+            AnnotationError: No entry is usable; for two-stage on verdicts alone the message states
+                what two-stage needs (:data:`TWO_STAGE_NEEDS`).
+        """
+        if mode not in ("one-stage", "two-stage"):
+            raise ValueError(f"mode must be 'one-stage' or 'two-stage', got {mode!r}")
+        usable, rejected = [], list(self.rejected)
+        for r in self.records:
+            if mode == "two-stage" and not r.description:
+                why = "verdict without reasoning (Q-Align style): one-stage data only"
+                rejected.append(Rejected(Path(r.meta["source"]), r.meta["index"], why))
+            else:
+                usable.append(r)
+        if mode == "two-stage" and not usable and self.records:
+            raise AnnotationError(f"{', '.join(str(f) for f in self.files)}: every usable answer is a "
+                                  f"verdict without reasoning; {TWO_STAGE_NEEDS}")
+        if not usable:
+            shown = "; ".join(str(x) for x in rejected[:5])
+            raise AnnotationError(f"no entry of {', '.join(str(f) for f in self.files)} can train {mode} "
+                                  f"({len(rejected)} rejected, e.g. {shown})")
+        return usable, rejected
+
+
+def _source(texts: Iterable[str], default: str | None) -> str | None:
+    """The dataset token of QALIGN_SCALES that names an entry's source (path, then id), else the file's."""
+    for text in texts:
+        lowered = text.lower()
+        for token in sorted(QALIGN_SCALES, key=len, reverse=True):
+            if re.search(rf"(?<![a-z]){token}", lowered):
+                return token
+    return default
+
+
+def _score(entry: Mapping[str, Any]) -> float | None:
+    raw = entry.get("gt_score")
+    if raw is None and "->" in str(entry.get("id", "")):
+        raw = str(entry["id"]).rsplit("->", 1)[1]
+    try:
+        return None if raw is None else float(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_annotations(
+    paths: Sequence[str | Path],
+    image_root: str | Path,
+    *,
+    scores: Sequence[IQARecord] | None = None,
+    scales: Mapping[str, tuple[float, float]] | None = None,
+    check_images: bool = True,
+) -> Annotations:
+    """Read Q-Pathway / Q-Instruct / Q-Align conversation JSON files (several at once).
+
+    Args:
+        paths: The JSON files (each a list of ``{"id", "image", "conversations", ["gt_score"]}``).
+        image_root: Folder the ``image`` values are relative to.
+        scores: A rated dataset (e.g. ``load_koniq10k(root)``); an entry whose image file name
+            matches one of its records takes that record's score, scale and level word.
+        scales: Extra or overriding dataset scales by token (default: ``QALIGN_SCALES``).
+        check_images: Reject entries whose image file does not exist.
+
+    Returns:
+        The :class:`Annotations` (usable records and rejected entries).
+
+    Raises:
+        AnnotationError: A file is missing or not a JSON list of objects.
+    """
+    table = {**QALIGN_SCALES, **(scales or {})}
+    joined = {Path(r.image_path).name: r for r in (scores or ())}
+    root = Path(image_root)
+    records: list[IQARecord] = []
+    rejected: list[Rejected] = []
+    files = tuple(Path(p) for p in paths)
+    for path in files:
+        if not path.is_file():
+            raise AnnotationError(f"annotation file {path} does not exist")
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(entries, list):
+            raise AnnotationError(f"{path} should hold a JSON list of entries, got {type(entries).__name__}")
+        file_source = _source([path.stem], None)
+        for i, entry in enumerate(entries):
+            record = _record(entry, path, i, root, file_source, table, joined, check_images)
+            (rejected if isinstance(record, Rejected) else records).append(record)
+    return Annotations(records=tuple(records), rejected=tuple(rejected), files=files)
+
+
+def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
+            table: Mapping[str, tuple[float, float]], joined: Mapping[str, IQARecord],
+            check_images: bool) -> IQARecord | Rejected:
+    """One entry as a record, or the reason it cannot be one."""
+    if not isinstance(entry, dict):
+        return Rejected(path, i, f"not an object ({type(entry).__name__})")
+    image = entry.get("image", entry.get("img_path"))
+    if not isinstance(image, str) or not image:
+        return Rejected(path, i, "no image (text-only entries cannot train an image rater)")
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                              for t in turns):
+        return Rejected(path, i, "no 'conversations' list of {'from', 'value'} turns")
+    answers = [t["value"] for t in turns if t.get("from") in ("gpt", "assistant")]
+    # The answer that concludes on the quality (Q-Instruct entries may hold several exchanges).
+    parsed = [split_verdict(a) for a in answers]
+    concluding = [(a, p) for a, p in zip(answers, parsed, strict=True) if p[1] is not None]
+    if not concluding:
+        return Rejected(path, i, "no answer ends with a verdict on the quality of the image "
+                                 "('... the quality of the image is <level>.')")
+    answer, (reasoning, verdict, level) = concluding[-1]
+    if any(ph in answer for ph in _PLACEHOLDERS):
+        return Rejected(path, i, "the answer contains an image placeholder")
+    image_path = root / image
+    if check_images and not image_path.is_file():
+        return Rejected(path, i, f"image not found: {image_path}")
+    meta: dict[str, Any] = {"answer": answer.strip(), "source": str(path), "index": i, "verdict": verdict}
+    rated = joined.get(Path(image).name)
+    if rated is not None:
+        score, scale, higher = rated.score, rated.scale, rated.higher_is_better
+        mos01 = rated.mos01  # equal-width bins on the dataset's scale, as Q-Align labels
+        mos_level = rated.level_word or (None if mos01 is None else level_word(mos01, level_word_edges(0, 1)))
+        if mos_level is not None and mos_level != level:
+            meta["verdict_level"] = level
+            # The trained answer must state the level the label says.
+            meta["answer"] = f"{reasoning} The quality of the image is {mos_level}.".strip()
+        level, dataset = mos_level, rated.dataset
+        meta["level_source"] = "mos"
+    else:
+        score = _score(entry)
+        source = _source([image, str(entry.get("id", ""))], file_source)
+        scale, higher, dataset = table.get(source, (0.0, 1.0)), True, source or path.stem
+        if score is not None and source is None:
+            meta["unscaled_score"] = score  # no known source: a 0-1 rating cannot be derived
+            score = None
+        meta["level_source"] = "verdict"
+    if level is None:
+        return Rejected(path, i, f"the verdict {verdict!r} names none of the level words {LEVEL_WORDS} "
+                                 "(and no rated dataset gives this image a MOS)")
+    return IQARecord(id=str(entry.get("id", image)).split("->")[0], image_path=image_path, score=score,
+                     scale=scale, higher_is_better=higher, dataset=dataset, level_word=level,
+                     description=reasoning or None, meta=meta)
+
+
+def split_holdout(records: Sequence[IQARecord], *, seed: int = 0, test_fraction: float = 0.1,
+                  val_fraction: float = 0.05, max_val: int | None = None
+                  ) -> tuple[list[IQARecord], list[IQARecord], list[IQARecord]]:
+    """Train / validation / test split by image (no image in two parts); validation comes out of training.
+
+    Args:
+        records: The usable records.
+        seed: Seed of the shuffle.
+        test_fraction: Share of the images held out as the test set.
+        val_fraction: Share of the *training* images used for validation during training.
+        max_val: At most this many validation images (None: no cap).
+
+    Returns:
+        ``(train, val, test)``, each with ``split`` set.
+    """
+    images = sorted({r.image_path for r in records})
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_test = max(1, round(len(images) * test_fraction)) if test_fraction and len(images) > 2 else 0
+    rest = len(images) - n_test
+    n_val = max(1, round(rest * val_fraction)) if val_fraction and rest > 2 else 0
+    if max_val is not None:
+        n_val = min(n_val, max_val)
+    part = {}
+    for rank, k in enumerate(order):
+        part[images[k]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    out: dict[str, list[IQARecord]] = {"train": [], "val": [], "test": []}
+    for r in records:
+        out[part[r.image_path]].append(replace(r, split=part[r.image_path]))
+    return out["train"], out["val"], out["test"]

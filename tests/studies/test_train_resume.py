@@ -1,0 +1,168 @@
+"""studies/train_pair.py killed with SIGKILL (inside the checkpoint swap, and at random moments) resumes exactly.
+
+Each kill is a real ``python studies/train_pair.py`` process. The reference is
+the same command run without interruption. After a kill the test checks that
+it landed mid-way (0 < committed steps < total), then reruns the command and
+checks that the resumed run started at the committed step, that its per-step
+losses equal the uninterrupted run's, that the weights are equal, and that
+nothing but the link and its one version is left beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mechbiqa import train as T
+from mechbiqa.data import BenchmarkConfig, build_benchmark
+from mechbiqa.model import load_pretrained
+from tests.conftest import REPO
+
+SCRIPT = REPO / "studies" / "train_pair.py"
+TOTAL = 6
+
+
+@pytest.fixture(scope="module")
+def qalign(tmp_path_factory) -> tuple[Path, Path]:
+    """A Q-Align-style training JSON (KonIQ scale, 0-100) over the tiny benchmark's images."""
+    root = tmp_path_factory.mktemp("qalign")
+    bench = build_benchmark(BenchmarkConfig.tiny(image_size=28), root / "images")
+    entries = []
+    for r in bench.records:
+        entries.append({
+            "id": f"{r.id}->{100 * r.mos01:.4f}",
+            "image": str(r.image_path.relative_to(root / "images")),
+            "conversations": [{"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
+                              {"from": "gpt", "value": f"The quality of the image is {r.level_word}."}],
+        })
+    path = root / "train_koniq_tiny.json"
+    path.write_text(json.dumps(entries))
+    return path, root / "images"
+
+
+def argv(out: Path, data: tuple[Path, Path], every: int = 2) -> list[str]:
+    path, images = data
+    return ["--out-dir", str(out), "--qalign-json", str(path), "--image-root", str(images), "--image-size", "28",
+            "--total-steps", str(TOTAL), "--batch-size", "4", "--warmup-steps", "1", "--vocab-size", "400",
+            "--eval-every", "0", "--eval-samples", "2", "--test-samples", "2", "--threads", "1",
+            "--modes", "one-stage", "--checkpoint-every", str(every), "--checkpoint-seconds", "0"]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **env})
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            kill(proc)
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def committed(out: Path) -> int:
+    return T.State.load(out / "one-stage").step
+
+
+def beside(out: Path) -> list[str]:
+    """What lies beside the checkpoint link (its own name included)."""
+    return sorted(p.name for p in out.iterdir() if "one-stage" in p.name)
+
+
+@pytest.fixture(scope="module")
+def reference(qalign, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "pair"
+    run(argv(out, qalign))
+    return out
+
+
+def check_resumed(out: Path, reference: Path, stopped_at: int) -> None:
+    ref, got = T.State.load(reference / "one-stage"), T.State.load(out / "one-stage")
+    assert got.finished and got.step == TOTAL
+    assert got.segments[-1] == [stopped_at, TOTAL], got.segments  # the rerun started where the kill left it
+    assert [h["loss"] for h in got.history] == [h["loss"] for h in ref.history]
+    a, b = load_pretrained(reference / "one-stage").state_dict(), load_pretrained(out / "one-stage").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    link = out / "one-stage"
+    assert link.is_symlink() and beside(out) == sorted(["one-stage", os.readlink(link)])
+    assert not [p for p in out.iterdir() if ".writing-" in p.name or ".link-" in p.name]
+    assert json.loads((out / "results.json").read_text())["one_stage"]["n"] == 2
+
+
+def test_kill_inside_the_checkpoint_swap_resumes_on_the_same_loss_curve(qalign, reference, tmp_path):
+    out = tmp_path / "pair"
+    signal_file = tmp_path / "paused"
+    # Stop at step 4's checkpoint: its version is complete, the link still names step 2's.
+    proc = start(argv(out, qalign), {T.PAUSE_ENV: "swap@4", T.PAUSE_FILE_ENV: str(signal_file)})
+    wait_for(signal_file.exists, proc, "the pause inside the swap")
+    kill(proc)
+    stopped_at = committed(out)
+    assert 0 < stopped_at < TOTAL and stopped_at == 2
+    assert len([n for n in beside(out) if ".v" in n]) == 2  # the linked version and the unlinked one
+    run(argv(out, qalign))
+    check_resumed(out, reference, stopped_at)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["writing", "cleanup"])
+def test_kill_at_other_phases_of_the_write(qalign, reference, tmp_path, phase):
+    out = tmp_path / "pair"
+    signal_file = tmp_path / "paused"
+    proc = start(argv(out, qalign), {T.PAUSE_ENV: f"{phase}@4", T.PAUSE_FILE_ENV: str(signal_file)})
+    wait_for(signal_file.exists, proc, f"the pause at {phase}")
+    kill(proc)
+    stopped_at = committed(out)
+    # "writing": half a private copy, step 2 committed; "cleanup": step 4 linked, step 2 not yet removed.
+    assert stopped_at == (2 if phase == "writing" else 4)
+    leftovers = [n for n in beside(out) if ".writing-" in n or ".v" in n]
+    assert len(leftovers) == 2
+    run(argv(out, qalign))
+    check_resumed(out, reference, stopped_at)
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments(qalign, reference, tmp_path):
+    rng = random.Random(0)
+    landed = 0
+    for trial in range(6):
+        out = tmp_path / f"pair{trial}"
+        proc = start(argv(out, qalign, every=1), {})
+        # Once training has started (the first checkpoint is linked), kill after a random delay.
+        wait_for(lambda out=out: (out / "one-stage").exists(), proc, "the first checkpoint")
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is not None:
+            continue  # finished before the kill: nothing to resume
+        kill(proc)
+        stopped_at = committed(out)
+        if not 0 < stopped_at < TOTAL:
+            continue
+        landed += 1
+        run(argv(out, qalign, every=1))
+        check_resumed(out, reference, stopped_at)
+    assert landed >= 2, "no kill landed mid-way; the run is too fast for these delays"
