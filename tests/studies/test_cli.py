@@ -326,7 +326,7 @@ class _Loaded(Exception):
         ("cache_activations", lambda ckpt, images: {"model": ckpt, "dataset": str(images)}),
         ("patch_image_tokens", lambda ckpt, images: {"model": ckpt, "dataset": str(images), "split": None}),
         ("instability", lambda ckpt, images: {"model": ckpt, "dataset": str(images), "split": None}),
-        ("evaluate_quality", lambda ckpt, images: {"model": ckpt, "datasets": (str(images),)}),
+        ("evaluate_quality", lambda ckpt, images: {"model": ckpt, "datasets": (str(images),), "split": None}),
         ("grounding", lambda ckpt, images: {"checkpoints": (ckpt,), "dataset": str(images), "split": None}),
         ("probes", lambda ckpt, images: {"checkpoint": ckpt, "dataset": str(images)}),
     ],
