@@ -5,7 +5,7 @@ conversation JSON files into :class:`~mechbiqa.data.records.IQARecord` records t
 :func:`mechbiqa.train.examples_from_records` turns into training examples;
 ``studies/train_pair.py --annotations FILE [FILE ...] --image-root ROOT`` is the
 command line. The dataset score scales come from
-:data:`mechbiqa.data.loaders.QALIGN_SCALES` (read, never copied).
+:data:`mechbiqa.data.scales.DATASET_SCALES` (read, never copied).
 
 The two shapes of answer (DESIGN.md, "Annotation files for training"):
 
@@ -44,7 +44,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mechbiqa.data.loaders import QALIGN_SCALES
+from mechbiqa.data.scales import DATASET_ALIASES, DATASET_SCALES
+
+#: A dataset token in an image path, id or file name -> the dataset whose scale it names
+#: (``koniq/``, ``kadid10k/``, ``agi-cgi/`` ...: the folders of Q-Align's JSON files).
+_SOURCE_TOKENS = {**{name: name for name in DATASET_SCALES}, **DATASET_ALIASES}
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
 
 __all__ = [
@@ -170,12 +174,12 @@ class Annotations:
 
 
 def _source(texts: Iterable[str], default: str | None) -> str | None:
-    """The dataset token of QALIGN_SCALES that names an entry's source (path, then id), else the file's."""
+    """The dataset that names an entry's source (its path, then its id), else the file's."""
     for text in texts:
         lowered = text.lower()
-        for token in sorted(QALIGN_SCALES, key=len, reverse=True):
-            if re.search(rf"(?<![a-z]){token}", lowered):
-                return token
+        for token in sorted(_SOURCE_TOKENS, key=len, reverse=True):
+            if re.search(rf"(?<![a-z]){token}(?![a-z])", lowered):
+                return _SOURCE_TOKENS[token]
     return default
 
 
@@ -204,7 +208,7 @@ def read_annotations(
         image_root: Folder the ``image`` values are relative to.
         scores: A rated dataset (e.g. ``load_koniq10k(root)``); an entry whose image file name
             matches one of its records takes that record's score, scale and level word.
-        scales: Extra or overriding dataset scales by token (default: ``QALIGN_SCALES``).
+        scales: Extra or overriding dataset scales by name, higher is better (default: ``DATASET_SCALES``).
         check_images: Reject entries whose image file does not exist.
 
     Returns:
@@ -213,7 +217,8 @@ def read_annotations(
     Raises:
         AnnotationError: A file is missing or not a JSON list of objects.
     """
-    table = {**QALIGN_SCALES, **(scales or {})}
+    table = {name: (s.range, s.higher_is_better) for name, s in DATASET_SCALES.items()}
+    table.update({name: (tuple(v), True) for name, v in (scales or {}).items()})
     joined = {Path(r.image_path).name: r for r in (scores or ())}
     root = Path(image_root)
     records: list[IQARecord] = []
@@ -236,7 +241,7 @@ def read_annotations(
 
 
 def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
-            table: Mapping[str, tuple[float, float]], joined: Mapping[str, IQARecord],
+            table: Mapping[str, tuple[tuple[float, float], bool]], joined: Mapping[str, IQARecord],
             check_images: bool) -> IQARecord | Rejected:
     """One entry as a record, or the reason it cannot be one."""
     if not isinstance(entry, dict):
@@ -276,7 +281,7 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
     else:
         score = _score(entry)
         source = _source([image, str(entry.get("id", ""))], file_source)
-        scale, higher, dataset = table.get(source, (0.0, 1.0)), True, source or path.stem
+        (scale, higher), dataset = table.get(source, ((0.0, 1.0), True)), source or path.stem
         if score is not None and source is None:
             meta["unscaled_score"] = score  # no known source: a 0-1 rating cannot be derived
             score = None
