@@ -74,8 +74,6 @@ class Config:
                 f"--steps {t.steps} --lr {t.lr} --weight-decay {t.weight_decay}: pass steps >= 0, lr > 0, "
                 "weight decay >= 0"
             )
-        if not 0 < t.holdout < 1:
-            raise ValueError(f"--holdout {t.holdout}: hold out a fraction in (0, 1) to report the KL on")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
