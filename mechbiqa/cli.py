@@ -24,7 +24,8 @@ Derivation rules (`options`):
   ``SamplingConfig``) -> its fields as options in their own group, with their
   own docstring help, named ``--<field>-<name>`` only where a name clashes
   with another option (or where ``meta(prefix=...)`` asks for it);
-* ``dict`` and ``Any`` fields (overrides that tests pass) stay off the command line.
+* ``dict`` and ``Any`` fields (overrides that tests pass) stay off the command line, and so
+  does a config nested in a nested config (a study lifts it to a field of its own Config).
 
 `meta` (a field's ``metadata``) renames a flag (``out_dir`` -> ``--out``), adds
 aliases, or makes a positional argument. `COMMON` fixes the options every
@@ -240,7 +241,8 @@ def options(cls: type) -> tuple[Option, ...]:
             title = (inspect.getdoc(tp) or tp.__name__).splitlines()[0].rstrip(".")
             sub_hints = _hints(tp)
             for g in dataclasses.fields(tp):
-                if not g.init or _skipped(_unwrap_optional(sub_hints[g.name])[0]):
+                inner = _unwrap_optional(sub_hints[g.name])[0]
+                if not g.init or _skipped(inner) or _is_config(inner):  # one level of nesting only
                     continue
                 prefix = info.get("prefix") or (f.name if g.name in clashing else None)
                 name = f"{prefix}_{g.name}" if prefix else g.name

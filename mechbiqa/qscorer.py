@@ -494,7 +494,7 @@ class QScorer:
             ]
             rows = [a + [t] for a, t in zip(answers, chosen, strict=True)]
             hidden = self._last(model, prompt, rows, px, hidden=True)
-            regressed = self.head(hidden).cpu()
+            regressed = self.head(hidden.float()).cpu()  # the head stays float32 in any model dtype
             for i in range(n):
                 k = score_ids.index(chosen[i])
                 out.append(

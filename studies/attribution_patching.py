@@ -28,15 +28,14 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from mechbiqa import cli, outputs
 from mechbiqa import figures_attribution as fa
 from mechbiqa.analysis.attribution_patching import (
     AttributionPatchingResult,
@@ -64,18 +63,20 @@ class Config:
         model: Checkpoint directory; None with ``tiny_random``, else the compact one-stage default.
         tiny_random: The tiny random model (tests, pipeline checks).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT``.
-        split: Keep one split.
+        split: Keep one split (None: every split).
         limit: Images (at least 2 for the ``source`` reference).
         metric: ``logit_diff`` or ``score``.
         reference: ``source`` (another image) or ``zero``.
         sites: ``resid`` and/or ``kv``.
         k: Tokens compared with the k most attended.
-        validate_layers: Layers of the activation-patching check (None: all; () skips it).
+        validate_layers: Layers of the activation-patching check (none: every layer; the option
+            with no value skips the check).
         chunk: Images per forward/backward of the estimate.
         batch_size: Rows per forward of the check.
         seed: Seed of ``tiny_random``.
         out: Output folder.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (the weights are cast as they are read).
     """
 
     model: str | None = None
@@ -83,8 +84,8 @@ class Config:
     dataset: str = "builtin"
     split: str | None = "test"
     limit: int | None = 16
-    metric: str = "logit_diff"
-    reference: str = "source"
+    metric: Literal["logit_diff", "score"] = "logit_diff"
+    reference: Literal["source", "zero"] = "source"
     sites: tuple[str, ...] = ("resid", "kv")
     k: int = 5
     validate_layers: tuple[int, ...] | None = None
@@ -93,17 +94,27 @@ class Config:
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
         if self.metric not in ("logit_diff", "score") or self.reference not in ("source", "zero"):
             raise ValueError(
-                f"metric must be logit_diff or score, reference source or zero; "
-                f"got {self.metric}, {self.reference}"
+                f"--metric {self.metric} --reference {self.reference}: the metric is logit_diff or score, "
+                "the reference source or zero"
             )
-        if set(self.sites) - set(SITES):
+        unknown = sorted(set(self.sites) - set(SITES))
+        if unknown or not self.sites:
             raise ValueError(
-                f"unknown sites {sorted(set(self.sites) - set(SITES))}; choose from {sorted(SITES)}"
+                f"--sites {' '.join(self.sites)}: choose one or more of {', '.join(sorted(SITES))}"
             )
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"--limit {self.limit}: pass at least 2 images (one is the other's reference)")
+        if self.k < 1 or self.chunk < 1:
+            raise ValueError(f"--k {self.k} --chunk {self.chunk}: both must be at least 1")
+        if self.validate_layers and min(self.validate_layers) < 0:
+            raise ValueError(f"--validate-layers {self.validate_layers}: layers are numbered from 0")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
@@ -114,7 +125,17 @@ class Config:
 
 @dataclass(frozen=True)
 class Result:
-    """The estimate, its check, and where they were written."""
+    """The estimate, its check, and where they were written.
+
+    Attributes:
+        estimate: The attribution-patching estimate.
+        actual: Site -> ``[image, layer, image position]`` effects by activation patching (empty: skipped).
+        corr: Site -> Pearson correlation of the estimate with ``actual``.
+        overlap: ``[image]`` fraction of the top tokens among the k most attended.
+        chance: The overlap expected by chance (k / image tokens).
+        image_ids: The images.
+        files: Artefact name -> path.
+    """
 
     estimate: AttributionPatchingResult
     actual: dict[str, np.ndarray]
@@ -127,136 +148,74 @@ class Result:
 
 def main(cfg: Config) -> Result:
     """Estimate, validate, compare with attention, write JSON, figure and config."""
-    try:
-        model, tokenizer, processor, name = load_model(
-            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
-        )
-        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(str(error)) from None
+    model, tokenizer, processor, name = load_model(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
+    )
+    samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
     if len(samples) < 2:
-        raise SystemExit("attribution patching needs at least 2 images (one is the other's reference)")
+        raise ValueError(f"--dataset {cfg.dataset}: {len(samples)} image(s); attribution patching needs 2")
     checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
-    try:
-        batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+    batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
     readout = Readout(tuple(level_ids(tokenizer)))
     args = (model, batch.input_ids, batch.pixels, batch.image_positions, readout)
     source_of = None
     if cfg.reference == "source":  # the reference run: a plain forward gives every image's clean metric
         with torch.no_grad():
             logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits
-        clean = metric_of(logits[:, readout.position], readout, cfg.metric)  # type: ignore[arg-type]
-        source_of = torch.from_numpy(farthest_reference(clean.cpu().numpy()))
+        clean = metric_of(logits[:, readout.position], readout, cfg.metric)
+        source_of = torch.from_numpy(farthest_reference(clean.float().cpu().numpy()))
     estimate = attribution_patching(
-        *args,
-        metric=cfg.metric,
-        reference=cfg.reference,
-        source_of=source_of,
-        sites=cfg.sites,  # type: ignore[arg-type]
-        attention_mask=batch.attention_mask,
-        keep_pattern=True,
-        chunk=cfg.chunk,
-    )
+        *args, metric=cfg.metric, reference=cfg.reference, source_of=source_of, sites=cfg.sites,  # type: ignore[arg-type]
+        attention_mask=batch.attention_mask, keep_pattern=True, chunk=cfg.chunk,
+    )  # fmt: skip
     actual: dict[str, np.ndarray] = {}
     if cfg.validate_layers != ():
         actual = activation_patching_grid(
-            *args,
-            estimate,
-            layers=cfg.validate_layers,
-            attention_mask=batch.attention_mask,
+            *args, estimate, layers=cfg.validate_layers, attention_mask=batch.attention_mask,
             batch_size=cfg.batch_size,
-        )
+        )  # fmt: skip
     corr = {site: correlation(estimate.site(site), grid) for site, grid in actual.items()}
     n_image = model.cfg.n_image_tokens
     top, attended, overlap = compare_with_attention(
         estimate, batch.role_array, batch.image_index, n_image, cfg.k, cfg.sites[0]
     )
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    image_ids = tuple(str(s.id) for s in samples)
+    out, image_ids = Path(cfg.out), tuple(str(s.id) for s in samples)
     summary = {
         "model": name,
-        "images": list(image_ids),
+        "images": image_ids,
         "metric": cfg.metric,
         "reference": cfg.reference,
-        "source_of": None if source_of is None else source_of.tolist(),
-        "layers": estimate.layers.tolist(),
+        "source_of": source_of,
+        "layers": estimate.layers,
         "checks": {"corr_with_activation_patching": corr},
-        "clean_metric": estimate.clean_metric.tolist(),
-        "mean_effect": {s: estimate.site(s).mean(0).tolist() for s in estimate.sites},
-        "top_tokens": top.tolist(),
-        "most_attended": attended.tolist(),
+        "clean_metric": estimate.clean_metric,
+        "mean_effect": {s: estimate.site(s).mean(0) for s in estimate.sites},
+        "top_tokens": top,
+        "most_attended": attended,
         "overlap_with_most_attended": float(overlap.mean()),
         "overlap_chance": cfg.k / n_image,
-        "activation_patching": {s: np.nan_to_num(g.mean(0), nan=0.0).tolist() for s, g in actual.items()},
+        "activation_patching": {s: np.nan_to_num(g.mean(0), nan=0.0) for s, g in actual.items()},
     }
-    files["json"].write_text(json.dumps(summary, indent=1) + "\n")
-    files["figure"] = fa.attribution_patching_map(estimate, out / f"{NAME}.png", actual)
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", summary),
+        "figure": fa.attribution_patching_map(estimate, out / f"{NAME}.png", actual),
+    }
     return Result(estimate, actual, corr, overlap, cfg.k / n_image, image_ids, files)
 
 
 def render(result: Result, console: Any) -> None:
     """Print the per-site table."""
-    console.print(
-        fa.attribution_patching_table(
-            result.estimate, result.corr, float(result.overlap.mean()), result.chance
-        )
-    )
+    overlap = float(result.overlap.mean())
+    console.print(fa.attribution_patching_table(result.estimate, result.corr, overlap, result.chance))
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument(
-        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
-    )
-    p.add_argument("--split", default=d.split, help="keep one split ('all' keeps every split)")
-    p.add_argument("--limit", type=int, default=d.limit, help="images")
-    p.add_argument("--metric", default=d.metric, choices=["logit_diff", "score"])
-    p.add_argument("--reference", default=d.reference, choices=["source", "zero"])
-    p.add_argument("--sites", nargs="+", default=list(d.sites), choices=sorted(SITES))
-    p.add_argument("--k", type=int, default=d.k, help="tokens compared with the k most attended")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="images per forward/backward")
-    p.add_argument(
-        "--validate-layers",
-        type=int,
-        nargs="*",
-        help="layers of the activation-patching check (default: all; give none to skip it)",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--device", default=d.device)
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=None if a.split == "all" else a.split,
-        limit=a.limit,
-        metric=a.metric,
-        reference=a.reference,
-        sites=tuple(a.sites),
-        k=a.k,
-        chunk=a.chunk,
-        validate_layers=None if a.validate_layers is None else tuple(a.validate_layers),
-        batch_size=a.batch_size,
-        seed=a.seed,
-        out=a.out,
-        device=a.device,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

@@ -25,17 +25,15 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from mechbiqa import figures
+from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.conversion import ConversionResult, conversion_error
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_samples, tiny_raters
+from mechbiqa.sources import DEFAULT_CHECKPOINT, load_rater, load_samples, tiny_raters, torch_dtype
 
 NAME = "conversion_error"
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +50,12 @@ class Config:
         qscorer: A Q-Scorer checkpoint (`mechbiqa.qscorer.save_qscorer`); None: no score-token row.
         dataset: ``builtin``, a ``.jsonl`` of IQARecords, or ``NAME=ROOT`` (records need MOS).
         split: Keep only this split (None: all).
-        limit: Keep only the first N images.
-        restore: ``"qalign"`` (level values) or ``"centre"`` (bin centres).
+        limit: Keep only the first N images (None: all).
+        restore: ``qalign`` (level values) or ``centre`` (bin centres).
         batch_size: Images per forward.
         max_new_tokens: Longest generated answer.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype of the rater and the Q-Scorer (the weights are cast as they are read).
         out: Output folder; None: ``cache/conversion_error``.
     """
 
@@ -66,30 +65,27 @@ class Config:
     dataset: str = "builtin"
     split: str | None = "test"
     limit: int | None = None
-    restore: str = "qalign"
+    restore: Literal["qalign", "centre"] = "qalign"
     batch_size: int = 32
     max_new_tokens: int = 48
     device: str = "cpu"
+    dtype: str = "float32"
     out: str | None = None
 
     def __post_init__(self) -> None:
-        """Validate."""
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
         if self.restore not in ("qalign", "centre"):
-            raise ValueError(f"restore must be 'qalign' or 'centre', got {self.restore!r}")
+            raise ValueError(f"--restore {self.restore}: choose qalign or centre")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: generate at least 1 token")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The tiny random rater on ``tmp/rated.jsonl``."""
-        return cls(
-            **{
-                "tiny_random": True,
-                "dataset": str(Path(tmp) / "rated.jsonl"),
-                "split": None,
-                "max_new_tokens": 4,
-                "out": str(Path(tmp) / NAME),
-                **overrides,
-            }
-        )
+        base = dict(tiny_random=True, dataset=str(Path(tmp) / "rated.jsonl"), split=None, max_new_tokens=4,
+                    out=str(Path(tmp) / NAME))  # fmt: skip
+        return cls(**{**base, **overrides})
 
     @property
     def out_dir(self) -> Path:
@@ -99,7 +95,13 @@ class Config:
 
 @dataclass(frozen=True)
 class Result:
-    """The errors and where they were written."""
+    """The errors and where they were written.
+
+    Attributes:
+        conversion: The `ConversionResult`.
+        files: Artefact name -> path (``config``, ``json``, ``figure``).
+        model: What rated the images.
+    """
 
     conversion: ConversionResult
     files: dict[str, Path] = field(default_factory=dict)
@@ -108,44 +110,40 @@ class Result:
 
 def main(cfg: Config) -> Result:
     """Rate the images, compute the three errors, write JSON, figure and config."""
-    from mechbiqa.pipeline import load_rater
     from mechbiqa.qscorer import load_qscorer
 
     records = [
         r for r in load_samples(cfg.dataset, cfg.split, cfg.limit) if getattr(r, "mos01", None) is not None
     ]
     if not records:
-        raise ValueError(f"no image of {cfg.dataset!r} has a MOS; the conversion error needs rated images")
+        raise ValueError(
+            f"--dataset {cfg.dataset}: no image has a MOS; the conversion error needs rated images"
+        )
     images = [r.image_path for r in records]
     if cfg.tiny_random:
         rater, source = tiny_raters(max_new_tokens=cfg.max_new_tokens)["one-stage"], "tiny-random(seed=0)"
+        rater.components.model.to(cfg.device, torch_dtype(cfg.dtype))
     else:
         source = str(cfg.model or DEFAULT_CHECKPOINT)
         if not Path(source).exists():
             raise FileNotFoundError(f"no checkpoint at {source}: pass --model DIR (or --tiny-random)")
-        rater = load_rater(source, device=cfg.device)
-        rater.max_new_tokens = cfg.max_new_tokens
+        rater = load_rater(source, dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens)
     qalign = np.array([r.score for r in rater.rate(images, batch_size=cfg.batch_size)])
     regressed = None
     if cfg.qscorer:
-        scorer = load_qscorer(cfg.qscorer, device=cfg.device, max_new_tokens=cfg.max_new_tokens)
+        scorer = load_qscorer(cfg.qscorer, dtype=torch_dtype(cfg.dtype), device=cfg.device,
+                              max_new_tokens=cfg.max_new_tokens)  # fmt: skip
         regressed = np.array([q.regressed for q in scorer.rate(images, batch_size=cfg.batch_size)])
     result = conversion_error(np.array([r.mos01 for r in records]), qalign, regressed, restore=cfg.restore)
 
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    payload = {
-        "model": source,
-        "qscorer": cfg.qscorer,
-        "dataset": cfg.dataset,
-        "split": cfg.split,
-        "ids": [r.id for r in records],
-        **result.to_dict(),
+    payload = {"model": source, "qscorer": cfg.qscorer, "dataset": cfg.dataset, "split": cfg.split,
+               "ids": [r.id for r in records], **result.to_dict()}  # fmt: skip
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", payload),
+        "figure": figures.conversion_staircase(result, out / f"{NAME}.png"),
     }
-    files["json"].write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
-    files["figure"] = figures.conversion_staircase(result, out / f"{NAME}.png")
     return Result(conversion=result, files=files, model=source)
 
 
@@ -172,42 +170,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint directory (default: the compact one-stage checkpoint)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random rater (pipeline check)")
-    p.add_argument("--qscorer", help="a Q-Scorer checkpoint directory (adds the score-token row)")
-    p.add_argument("--dataset", default=d.dataset, help="builtin, a .jsonl of IQARecords, or NAME=ROOT")
-    p.add_argument("--split", default=d.split, help="split to keep ('' for all)")
-    p.add_argument("--limit", type=int, help="first N images only")
-    p.add_argument(
-        "--restore", default=d.restore, choices=("qalign", "centre"), help="restored score of a bin"
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--out", help="output folder (default: cache/conversion_error)")
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        qscorer=a.qscorer,
-        dataset=a.dataset,
-        split=a.split or None,
-        limit=a.limit,
-        restore=a.restore,
-        batch_size=a.batch_size,
-        max_new_tokens=a.max_new_tokens,
-        device=a.device,
-        out=a.out,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    try:
-        render(main(parse_args()), Console())
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"conversion_error: {error}") from None
+    cli.run(main, Config, render)

@@ -28,12 +28,13 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
+
+from mechbiqa import cli, outputs
 from mechbiqa import figures_attribution as fa
 from mechbiqa.analysis.dla import DIRECTIONS, DLA_SPEC, DLAResult, ReadoutWeights, dla_from_store, dla_live
 from mechbiqa.analysis.scoring_batch import scoring_batch
@@ -52,15 +53,17 @@ class Config:
         model: Checkpoint directory; None with ``tiny_random``, else the compact one-stage default.
         tiny_random: The tiny random model (tests, pipeline checks).
         dataset: ``builtin``, a folder of images, a ``.jsonl`` of records, or ``NAME=ROOT`` (live).
-        split: Keep one split (live).
+        split: Keep one split (live; None: every split).
         limit: Images (live).
-        store: Read a store recorded with `DLA_SPEC` instead of running the model on images.
+        store: Read a store recorded with ``--spec DLA_SPEC --dtype float32`` instead of running the
+            model on images; None: live.
         direction: ``logit_diff``, ``score`` or ``score_gradient``.
         k: Top image tokens per sample in the JSON.
-        chunk: Images per forward (live).
+        batch_size: Images per forward (live).
         seed: Seed of ``tiny_random``.
         out: Output folder.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Model dtype (the weights are cast as they are read).
     """
 
     model: str | None = None
@@ -69,27 +72,40 @@ class Config:
     split: str | None = "test"
     limit: int | None = 16
     store: str | None = None
-    direction: str = "logit_diff"
+    direction: Literal["logit_diff", "score", "score_gradient"] = "logit_diff"
     k: int = 5
-    chunk: int = 8
+    batch_size: int = field(default=8, metadata=cli.meta(aliases=("--chunk",)))
     seed: int = 0
     out: str = str(REPO / "cache" / NAME)
     device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
         if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction {self.direction!r} is not one of {DIRECTIONS}")
+            raise ValueError(f"--direction {self.direction}: choose one of {', '.join(DIRECTIONS)}")
+        if self.k < 1:
+            raise ValueError(f"--k {self.k}: report at least 1 image token per sample")
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
-        """The tiny random model on ``tmp/images`` (4 images in chunks of 3)."""
-        base = dict(tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2, chunk=3)
+        """The tiny random model on ``tmp/images`` (4 images in batches of 3)."""
+        base = dict(
+            tiny_random=True, dataset=str(Path(tmp) / "images"), split=None, limit=4, k=2, batch_size=3
+        )
         return cls(**{**base, "out": str(Path(tmp) / NAME), **overrides})
 
 
 @dataclass(frozen=True)
 class Result:
-    """The attribution and where it was written."""
+    """The attribution and where it was written.
+
+    Attributes:
+        dla: The `DLAResult`.
+        files: Artefact name -> path (``config``, ``json``, ``figure``).
+        model: What was decomposed.
+    """
 
     dla: DLAResult
     files: dict[str, Path] = field(default_factory=dict)
@@ -98,12 +114,9 @@ class Result:
 
 def main(cfg: Config) -> Result:
     """Decompose (live or from the store), write JSON, figure and config."""
-    try:
-        model, tokenizer, processor, name = load_model(
-            cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, device=cfg.device
-        )
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+    model, tokenizer, processor, name = load_model(
+        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
+    )
     ids = level_ids(tokenizer)
     if cfg.store:
         from mechbiqa.store import ActivationStore
@@ -111,44 +124,33 @@ def main(cfg: Config) -> Result:
 
         with ActivationStore.open(cfg.store) as store:
             store.check_identity(model_identity(model))
-            result = dla_from_store(store, ReadoutWeights.from_model(model, ids), cfg.direction)  # type: ignore[arg-type]
+            result = dla_from_store(store, ReadoutWeights.from_model(model, ids), cfg.direction)
     else:
-        try:
-            samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(str(error)) from None
+        samples = load_samples(cfg.dataset, cfg.split, cfg.limit)
         checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
-        try:
-            batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+        batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
+        labels = [getattr(s, "label", None) for s in samples]
         labels = [
-            getattr(s, "label", None) if getattr(s, "label", None) is not None else getattr(s, "mos01", None)
-            for s in samples
+            x if x is not None else getattr(s, "mos01", None) for x, s in zip(labels, samples, strict=True)
         ]
         result = dla_live(
             model,
             batch,
             ids,
-            cfg.direction,  # type: ignore[arg-type]
+            cfg.direction,
             sample_ids=[str(s.id) for s in samples],
-            labels=[float("nan") if x is None else float(x) for x in labels],
-            chunk=cfg.chunk,
+            labels=np.array([np.nan if x is None else float(x) for x in labels]),
+            chunk=cfg.batch_size,
         )
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"config": out / "config.json", "json": out / f"{NAME}.json"}
-    files["config"].write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     checks = {"sum_error": result.sum_error, "split_error": result.split_error}
-    summary = {
-        "model": name,
-        "source": cfg.store or "live",
-        "spec": DLA_SPEC,
-        "checks": checks,
-        **result.to_dict(cfg.k),
+    summary = {"model": name, "source": cfg.store or "live", "spec": DLA_SPEC, "checks": checks,
+               **result.to_dict(cfg.k)}  # fmt: skip
+    files = {
+        "config": outputs.write_config(out, cfg),
+        "json": outputs.write_json(out / f"{NAME}.json", summary),
+        "figure": fa.dla_figure(result, out / f"{NAME}.png"),
     }
-    files["json"].write_text(json.dumps(summary, indent=1) + "\n")
-    files["figure"] = fa.dla_figure(result, out / f"{NAME}.png")
     return Result(dla=result, files=files, model=name)
 
 
@@ -160,41 +162,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", help="checkpoint directory (default: cache/compact/one-stage)")
-    p.add_argument("--tiny-random", action="store_true", help="the tiny random model (pipeline check)")
-    p.add_argument(
-        "--dataset", default=d.dataset, help="'builtin', a folder of images, a .jsonl, or NAME=ROOT"
-    )
-    p.add_argument("--split", default=d.split, help="keep one split ('all' keeps every split)")
-    p.add_argument("--limit", type=int, default=d.limit, help="images")
-    p.add_argument("--store", help=f"a store recorded with --spec '{DLA_SPEC}' (instead of images)")
-    p.add_argument("--direction", default=d.direction, choices=DIRECTIONS)
-    p.add_argument("--k", type=int, default=d.k, help="top image tokens per sample")
-    p.add_argument("--chunk", type=int, default=d.chunk, help="images per forward (live)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--device", default=d.device)
-    a = p.parse_args(argv)
-    return Config(
-        model=a.model,
-        tiny_random=a.tiny_random,
-        dataset=a.dataset,
-        split=None if a.split == "all" else a.split,
-        limit=a.limit,
-        store=a.store,
-        direction=a.direction,
-        k=a.k,
-        chunk=a.chunk,
-        seed=a.seed,
-        out=a.out,
-        device=a.device,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

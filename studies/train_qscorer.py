@@ -14,7 +14,7 @@ and a ``score_head`` field in ``mechbiqa.json``.
 
 Example::
 
-    python studies/train_qscorer.py --init-from cache/compact/one-stage --out cache/compact/qscorer
+    python studies/train_qscorer.py --model cache/compact/one-stage --out cache/compact/qscorer
 """
 
 from __future__ import annotations
@@ -23,23 +23,36 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve a shared CPU
 
-import argparse  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
-
+from mechbiqa import cli  # noqa: E402
 from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec, finetune_qscorer  # noqa: E402
-from mechbiqa.sources import load_samples  # noqa: E402
+from mechbiqa.sources import load_samples, torch_dtype  # noqa: E402
 from mechbiqa.train import examples_from_records  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Config:
-    """A Q-Scorer run: where from, where to, which images, the score tokens and the training run."""
+    """A Q-Scorer run: where from, where to, which images, the score tokens and the training run.
 
-    init_from: str = "cache/compact/one-stage"
+    Attributes:
+        init_from: The one-stage checkpoint to start from (``--model``).
+        out: Output checkpoint directory.
+        dataset: ``builtin``, a ``.jsonl`` of IQARecords, or ``NAME=ROOT`` (images without MOS are left out).
+        split: Keep only this split (None: all).
+        limit: Keep only the first N images (None: all).
+        spec: The score tokens and the regression head.
+        train: The training run.
+        lora_rank: LoRA rank on the LLM (the embeddings stay trainable); None: full fine-tuning.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Parameter dtype (the weights are cast as they are read).
+    """
+
+    init_from: str = field(
+        default="cache/compact/one-stage", metadata=cli.meta(flag="--model", aliases=("--init-from",))
+    )
     out: str = "cache/compact/qscorer"
     dataset: str = "builtin"
     split: str | None = "train"
@@ -49,6 +62,14 @@ class Config:
     lora_rank: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora-rank {self.lora_rank}: pass a rank of at least 1, or none for full")
+        if self.train.steps < 1 or not self.train.lr > 0:
+            raise ValueError(f"--steps {self.train.steps} --lr {self.train.lr}: pass steps >= 1 and lr > 0")
 
 
 def main(cfg: Config, progress: Any = None) -> list[dict[str, float]]:
@@ -63,56 +84,33 @@ def main(cfg: Config, progress: Any = None) -> list[dict[str, float]]:
         cfg.train,
         lora_rank=cfg.lora_rank,
         device=cfg.device,
-        dtype=getattr(torch, cfg.dtype),
+        dtype=torch_dtype(cfg.dtype),
         progress=progress,
     )
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d, s, t = Config(), ScoreTokenSpec(), QScorerTrainConfig()
-    p.add_argument("--init-from", default=d.init_from, help="one-stage checkpoint directory")
-    p.add_argument("--out", default=d.out, help="output checkpoint directory")
-    p.add_argument("--dataset", default=d.dataset)
-    p.add_argument("--split", default=d.split, help="'' for all")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--n-bins", type=int, default=s.n_bins, help="score tokens (equal MOS intervals)")
-    p.add_argument("--d-hidden", type=int, default=s.d_hidden, help="MLP width")
-    p.add_argument("--lam", type=float, default=s.lam, help="lambda in L_ce + lambda L_score")
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--lora-rank", type=int, help="LoRA on the LLM (embeddings stay trainable); None: full")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
-    a = p.parse_args(argv)
-    return Config(
-        init_from=a.init_from,
-        out=a.out,
-        dataset=a.dataset,
-        split=a.split or None,
-        limit=a.limit,
-        spec=ScoreTokenSpec(n_bins=a.n_bins, d_hidden=a.d_hidden, lam=a.lam),
-        train=QScorerTrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed),
-        lora_rank=a.lora_rank,
-        device=a.device,
-        dtype=a.dtype,
-    )
-
-
-if __name__ == "__main__":
+def main_with_progress(cfg: Config) -> list[dict[str, float]]:
+    """`main`, printing each step as it ends."""
     from rich.console import Console
 
     console = Console()
-    try:
-        history = main(
-            parse_args(),
-            progress=lambda r: console.print(
-                f"step {r['step']}: loss {r['loss']:.4f} ce {r['ce']:.4f} mse {r['mse']:.4f}"
-            ),
-        )
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"train_qscorer: {error}") from None
+    return main(
+        cfg,
+        progress=lambda r: console.print(
+            f"step {r['step']}: loss {r['loss']:.4f} ce {r['ce']:.4f} mse {r['mse']:.4f}"
+        ),
+    )
+
+
+def render(history: list[dict[str, float]], console: Any) -> None:
+    """Print the number of steps written."""
     console.print(f"{len(history)} steps written")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.run(main_with_progress, Config, render)

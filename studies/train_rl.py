@@ -16,7 +16,7 @@ RL config and the per-step rewards, KL and clip fractions.
 
 Example::
 
-    python studies/train_rl.py --init-from cache/compact/one-stage --out cache/compact/one-stage-rl --steps 40
+    python studies/train_rl.py --model cache/compact/one-stage --out cache/compact/one-stage-rl --steps 40
 """
 
 from __future__ import annotations
@@ -25,31 +25,53 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve a shared CPU
 
-import argparse  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
-
+from mechbiqa import cli  # noqa: E402
 from mechbiqa.rl import RewardWeights, RLConfig, RLResult, finetune_checkpoint  # noqa: E402
-from mechbiqa.sources import load_samples  # noqa: E402
+from mechbiqa.sources import load_samples, torch_dtype  # noqa: E402
 from mechbiqa.train import examples_from_records  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Config:
-    """A GRPO run: where from, where to, on which images, and the `RLConfig`."""
+    """A GRPO run: where from, where to, on which images, the `RLConfig` and the reward weights.
 
-    init_from: str = "cache/compact/one-stage"
+    Attributes:
+        init_from: The one-stage checkpoint to start from (``--model``).
+        out: Output checkpoint directory.
+        dataset: ``builtin``, a ``.jsonl`` of IQARecords, or ``NAME=ROOT`` (records need labels).
+        split: Keep only this split (None: all).
+        limit: Keep only the first N images (None: all).
+        rl: The GRPO run (its ``weights`` come from ``weights``).
+        weights: The reward weights (``--w-*``).
+        lora_rank: LoRA rank on the LLM (peft); None: full fine-tuning.
+        device: ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: Parameter dtype (the weights are cast as they are read; ``bfloat16`` for 7B with LoRA).
+    """
+
+    init_from: str = field(
+        default="cache/compact/one-stage", metadata=cli.meta(flag="--model", aliases=("--init-from",))
+    )
     out: str = "cache/compact/one-stage-rl"
     dataset: str = "builtin"
     split: str | None = "train"
     limit: int | None = None
     rl: RLConfig = field(default_factory=RLConfig)
+    weights: RewardWeights = field(default_factory=RewardWeights, metadata=cli.meta(prefix="w"))
     lora_rank: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before anything is loaded (the message names the option)."""
+        cli.check_common(self)
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"--lora-rank {self.lora_rank}: pass a rank of at least 1, or none for full")
+        if self.rl.weights not in (RewardWeights(), self.weights):
+            raise ValueError("give the reward weights as Config.weights (--w-level ...), not as rl.weights")
 
 
 def main(cfg: Config, progress: Any = None) -> RLResult:
@@ -60,81 +82,36 @@ def main(cfg: Config, progress: Any = None) -> RLResult:
         cfg.init_from,
         Path(cfg.out),
         examples,
-        cfg.rl,
+        replace(cfg.rl, weights=cfg.weights),
         lora_rank=cfg.lora_rank,
         device=cfg.device,
-        dtype=getattr(torch, cfg.dtype),
+        dtype=torch_dtype(cfg.dtype),
         progress=progress,
     )
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d, r, w = Config(), RLConfig(), RewardWeights()
-    p.add_argument("--init-from", default=d.init_from, help="one-stage checkpoint directory")
-    p.add_argument("--out", default=d.out, help="output checkpoint directory")
-    p.add_argument("--dataset", default=d.dataset)
-    p.add_argument("--split", default=d.split, help="'' for all")
-    p.add_argument("--limit", type=int)
-    for name in ("steps", "images_per_step", "group_size", "max_new_tokens", "inner_steps", "seed"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(r, name))
-    for name in ("lr", "clip_eps", "kl_beta", "temperature"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(r, name))
-    for name in ("level", "mos", "rouge", "consistency_answer", "consistency_label"):
-        p.add_argument(
-            f"--w-{name.replace('_', '-')}", type=float, default=getattr(w, name), help="reward weight"
-        )
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--autocast", choices=("bfloat16", "float16"))
-    a = p.parse_args(argv)
-    weights = RewardWeights(
-        level=a.w_level,
-        mos=a.w_mos,
-        rouge=a.w_rouge,
-        consistency_answer=a.w_consistency_answer,
-        consistency_label=a.w_consistency_label,
-    )
-    rl = RLConfig(
-        steps=a.steps,
-        images_per_step=a.images_per_step,
-        group_size=a.group_size,
-        lr=a.lr,
-        clip_eps=a.clip_eps,
-        kl_beta=a.kl_beta,
-        inner_steps=a.inner_steps,
-        temperature=a.temperature,
-        max_new_tokens=a.max_new_tokens,
-        autocast=a.autocast,
-        weights=weights,
-        seed=a.seed,
-    )
-    return Config(
-        init_from=a.init_from,
-        out=a.out,
-        dataset=a.dataset,
-        split=a.split or None,
-        limit=a.limit,
-        rl=rl,
-        lora_rank=a.lora_rank,
-        device=a.device,
-        dtype=a.dtype,
-    )
-
-
-if __name__ == "__main__":
+def main_with_progress(cfg: Config) -> RLResult:
+    """`main`, printing each step as it ends."""
     from rich.console import Console
 
     console = Console()
-    try:
-        result = main(
-            parse_args(),
-            progress=lambda s: console.print(
-                f"step {s.step}: reward {s.reward:.3f} {s.parts} kl {s.kl:.4f} {s.seconds:.1f}s"
-            ),
-        )
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"train_rl: {error}") from None
+    return main(
+        cfg,
+        progress=lambda s: console.print(
+            f"step {s.step}: reward {s.reward:.3f} {s.parts} kl {s.kl:.4f} {s.seconds:.1f}s"
+        ),
+    )
+
+
+def render(result: RLResult, console: Any) -> None:
+    """Print the number of steps and their speed."""
     console.print(f"{len(result.history)} steps, {result.seconds_per_step:.1f} s/step")
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.run(main_with_progress, Config, render)

@@ -30,15 +30,14 @@ Example::
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mechbiqa import cli, outputs
 from mechbiqa import figures_attribution as fa
 from mechbiqa.analysis.lens import RESID, TunedLensTraining, analyse_lens, kl_to_final, train_tuned_lens
 from mechbiqa.scoring import level_ids
@@ -58,28 +57,29 @@ class Config:
             what it needs).
         model: Checkpoint whose final norm and lm_head the lens reads through; None: the store's.
         out: The lens folder; None: ``<store dir>/<store stem>.tuned_lens``.
-        steps: Optimiser steps.
-        lr: Learning rate.
-        weight_decay: AdamW decay.
-        batch_size: Samples per step.
-        holdout: Fraction of samples held out for the reported numbers.
-        seed: Seed of the split and batches.
+        training: Steps, learning rate, decay, batch, hold-out fraction and seed (`TunedLensTraining`).
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
     model: str | None = None
     out: str | None = None
-    steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    holdout: float = 0.25
-    seed: int = 0
+    training: TunedLensTraining = TunedLensTraining()
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range options before the store is read (the message names the option)."""
+        cli.check_common(self)
+        t = self.training
+        if t.steps < 0 or not t.lr > 0 or t.weight_decay < 0:
+            raise ValueError(
+                f"--steps {t.steps} --lr {t.lr} --weight-decay {t.weight_decay}: pass steps >= 0, lr > 0, "
+                "weight decay >= 0"
+            )
 
     @classmethod
     def tiny(cls, tmp: str | Path, **overrides: Any) -> Config:
         """The store of ``studies/cache_activations.py``'s ``Config.tiny(tmp)`` (``tmp/tiny.h5``)."""
-        base = dict(store=str(Path(tmp) / "tiny.h5"), out=str(Path(tmp) / NAME), steps=60, lr=3e-2)
+        base = dict(store=str(Path(tmp) / "tiny.h5"), out=str(Path(tmp) / NAME),
+                    training=TunedLensTraining(steps=60, lr=3e-2))  # fmt: skip
         return cls(**{**base, **overrides})
 
     @property
@@ -114,22 +114,20 @@ def main(cfg: Config) -> Result:
     """Read the residuals, train on part, compare both lenses on the rest, save the lens."""
     with ActivationStore.open(cfg.store) as store:
         source = cfg.model or stored_model(store)
+        base, tokenizer = load_lens(source)
         try:
-            base, tokenizer = load_lens(source)
             spec = store.spec_of(RESID, "quality")
-        except FileNotFoundError as error:
-            raise SystemExit(str(error)) from None
         except KeyError:
             raise LookupError(
-                f"the tuned lens needs {RESID}@quality, every layer; {cfg.store} lacks it"
+                f"the tuned lens needs {RESID}@quality, every layer; {cfg.store} lacks it: record it with "
+                "studies/cache_activations.py (its default spec)"
             ) from None
         rows = store.valid[store.counts("quality") > 0]
         resid = torch.from_numpy(
             np.ascontiguousarray(store.get(RESID, "quality", samples=rows)[:, :, 0].transpose(1, 0, 2))
         ).float()
     layers = [int(x) for x in spec.layers]
-    training = TunedLensTraining(cfg.steps, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.holdout, cfg.seed)
-    fit = train_tuned_lens(base, resid, layers, training)
+    fit = train_tuned_lens(base, resid, layers, cfg.training)
     held = resid[:, torch.from_numpy(fit.heldout)]
     lenses = {"tuned": fit.lens, "logit": base}
     kl = {k: kl_to_final(lens, held, layers) for k, lens in lenses.items()}
@@ -137,35 +135,27 @@ def main(cfg: Config) -> Result:
     agreement = {k: analyse_lens(lens, held, ids, layers).agreement for k, lens in lenses.items()}
 
     out = cfg.out_dir
-    files = {
-        "config": fit.lens.save(
-            out,
-            model=source,
-            store=str(cfg.store),
-            training=asdict(training),
-            train_samples=fit.train.tolist(),
-            heldout_samples=fit.heldout.tolist(),
-            study=asdict(cfg),
-        )
-        / "config.json"
-    }
-    files["params"] = out / "params.pt"
-    files["json"] = out / f"{NAME}.json"
+    fit.lens.save(out, model=source, store=str(cfg.store), training=cfg.training, train_samples=fit.train,
+                  heldout_samples=fit.heldout, study=cfg)  # fmt: skip
     summary = {
         "store": str(cfg.store),
         "model": source,
         "layers": layers,
         "n_train": len(fit.train),
         "n_heldout": len(fit.heldout),
-        "checks": {"kl_tuned": kl["tuned"].tolist(), "kl_logit": kl["logit"].tolist()},
-        "agreement": {k: v.tolist() for k, v in agreement.items()},
+        "checks": {"kl_tuned": kl["tuned"], "kl_logit": kl["logit"]},
+        "agreement": agreement,
         "train_loss": {
             "first": float(fit.loss[0]) if len(fit.loss) else None,
             "last": float(fit.loss[-1]) if len(fit.loss) else None,
         },
     }
-    files["json"].write_text(json.dumps(summary, indent=1) + "\n")
-    files["figure"] = fa.tuned_lens_figure(layers, kl, agreement, out / f"{NAME}.png")
+    files = {
+        "config": out / "config.json",
+        "params": out / "params.pt",
+        "json": outputs.write_json(out / f"{NAME}.json", summary),
+        "figure": fa.tuned_lens_figure(layers, kl, agreement, out / f"{NAME}.png"),
+    }
     return Result(np.asarray(layers), kl, agreement, len(fit.train), len(fit.heldout), files)
 
 
@@ -180,33 +170,9 @@ def render(result: Result, console: Any) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """Command line -> Config."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--store", default=d.store, help="activation store (default: cache/activations.h5)")
-    p.add_argument("--model", help="checkpoint of the read-out (default: the model the store names)")
-    p.add_argument("--out", help="lens folder (default: <store dir>/<store stem>.tuned_lens)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--holdout", type=float, default=d.holdout, help="fraction of samples held out")
-    p.add_argument("--seed", type=int, default=d.seed)
-    a = p.parse_args(argv)
-    return Config(
-        store=a.store,
-        model=a.model,
-        out=a.out,
-        steps=a.steps,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        batch_size=a.batch_size,
-        holdout=a.holdout,
-        seed=a.seed,
-    )
+    """Command line -> Config (options derived from the Config's fields: `mechbiqa.cli`)."""
+    return cli.parse(Config, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    from rich.console import Console
-
-    render(main(parse_args()), Console())
+    cli.run(main, Config, render)

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.outputs import write_json
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -567,7 +568,7 @@ class TunedLens(Lens):
         }
         state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
         torch.save(state, directory / TUNED_LENS_PARAMS)
-        (directory / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        write_json(directory / "config.json", config)  # strict JSON: dataclasses and arrays in info too
         return directory
 
     @classmethod

@@ -30,7 +30,10 @@ from mechbiqa.errors import UsageError
 REPO = Path(__file__).resolve().parents[2]
 STUDIES = sorted(p.stem for p in (REPO / "studies").glob("*.py") if p.stem != "__init__")
 MODEL_LOADING = (
+    "attribution_patching",
     "cache_activations",
+    "conversion_error",
+    "direct_logit_attribution",
     "evaluate_quality",
     "grounding",
     "instability",
@@ -39,6 +42,8 @@ MODEL_LOADING = (
     "replicate",
     "score_images",
     "train_pair",
+    "train_qscorer",
+    "train_rl",
 )
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
@@ -319,6 +324,17 @@ class _Loaded(Exception):
     pass
 
 
+def _rated(images: Path) -> list:
+    """The images as records with a MOS and a description (what the RL, Q-Scorer and MOS studies read)."""
+    from mechbiqa.data.records import IQARecord
+
+    return [
+        IQARecord(id=p.stem, image_path=p, score=2.0 + i, scale=(1.0, 5.0), level_word="fair",
+                  description="The image is sharp.")
+        for i, p in enumerate(sorted(images.glob("*.png")))
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("name", "make"),
     [
@@ -329,6 +345,14 @@ class _Loaded(Exception):
         ("evaluate_quality", lambda ckpt, images: {"model": ckpt, "datasets": (str(images),), "split": None}),
         ("grounding", lambda ckpt, images: {"checkpoints": (ckpt,), "dataset": str(images), "split": None}),
         ("probes", lambda ckpt, images: {"checkpoint": ckpt, "dataset": str(images)}),
+        (
+            "direct_logit_attribution",
+            lambda ckpt, images: {"model": ckpt, "dataset": str(images), "split": None},
+        ),
+        ("attribution_patching", lambda ckpt, images: {"model": ckpt, "dataset": str(images), "split": None}),
+        ("conversion_error", lambda ckpt, images: {"model": ckpt, "dataset": "rated"}),
+        ("train_rl", lambda ckpt, images: {"init_from": ckpt, "dataset": "rated"}),
+        ("train_qscorer", lambda ckpt, images: {"init_from": ckpt, "dataset": "rated"}),
     ],
 )
 def test_each_study_loads_its_model_in_the_asked_dtype_and_device(name, make, tmp_path, monkeypatch):
@@ -345,6 +369,8 @@ def test_each_study_loads_its_model_in_the_asked_dtype_and_device(name, make, tm
     images = make_images(tmp_path / "images")
     module = study(name)
     cfg = module.Config(**make(ckpt, images), dtype="bfloat16", device="cpu", out=str(tmp_path / "o"))
+    if getattr(cfg, "dataset", None) == "rated":  # studies that need a MOS per image read these records
+        monkeypatch.setattr(module, "load_samples", lambda *args: _rated(images))
     with pytest.raises(_Loaded):
         module.main(cfg)
     assert seen == [(torch.bfloat16, "cpu")]
