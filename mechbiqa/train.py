@@ -670,7 +670,7 @@ class State:
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | int]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     adapter: dict[str, Tensor] | None = None
     elapsed: float = 0.0
@@ -764,7 +764,7 @@ class TrainResult:
 
     path: Path
     config: TrainConfig
-    history: list[dict[str, float]]
+    history: list[dict[str, float | int]]
     evals: list[dict[str, Any]]
     elapsed: float
 
@@ -780,7 +780,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _metrics(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
+def _metrics(pred: Sequence[float] | np.ndarray, truth: Sequence[float] | np.ndarray) -> dict[str, float]:
     from mechbiqa.metrics import iqa_metrics
 
     m = iqa_metrics(np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64), on_invalid="flag")
@@ -791,7 +791,7 @@ def _metrics(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
 def evaluate(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
-    processor: ImageProcessor,
+    processor: ImageProcessor | None,
     task: Task,
     examples: Sequence[Example],
     *,
