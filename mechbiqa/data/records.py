@@ -52,11 +52,11 @@ class IQARecord:
     Attributes:
         id: Unique within its dataset (e.g. the file name, or the benchmark's
             ``"<photo>-c<crop>-<distortion>-<level>"``).
-        image_path: Where the image is; absolute once loaded.
+        image_path: Where the image is; absolute once loaded (a string is stored as a `Path`).
         score: The dataset's own rating (MOS or DMOS) on ``scale``; None for
             description-only records (Q-Instruct conversations).
         scale: ``(low, high)`` of the dataset's score range, e.g. (1, 5) for
-            KADID, (0, 100) for KonIQ's MOS_zscore, (0, 1) for CSIQ's DMOS.
+            KADID, (0, 100) for KonIQ's MOS_zscore, (0, 1) for CSIQ's DMOS; stored as floats.
         higher_is_better: False for DMOS datasets (CSIQ, LIVE).
         dataset: Short name, e.g. ``"koniq10k"`` or ``"mechbiqa-benchmark"``.
         split: ``"train"``, ``"val"``, ``"test"`` or None if the files give none.
@@ -72,9 +72,9 @@ class IQARecord:
     """
 
     id: str
-    image_path: Path
-    score: float | None
-    scale: tuple[float, float]
+    image_path: Path | str
+    score: float | int | None
+    scale: tuple[float | int, float | int]
     higher_is_better: bool = True
     dataset: str = ""
     split: str | None = None

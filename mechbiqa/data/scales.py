@@ -46,8 +46,8 @@ class DatasetScale:
         higher_is_better: False for DMOS datasets (CSIQ, LIVE).
     """
 
-    low: float
-    high: float
+    low: float | int
+    high: float | int
     higher_is_better: bool = True
 
     def __post_init__(self) -> None:

@@ -190,7 +190,7 @@ class MPLUGOwl2(HookedRootModule):
         self,
         input_ids: Int[Tensor, "batch text_pos"],
         images: Float[Tensor, "image 3 S S"] | None = None,
-        attention_mask: Int[Tensor, "batch text_pos"] | None = None,
+        attention_mask: Int[Tensor, "batch mask_pos"] | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,

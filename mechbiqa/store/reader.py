@@ -224,7 +224,7 @@ class ActivationStore:
         """The sample records (IQARecord fields) as dicts."""
         return [json.loads(r) for r in self._strings("samples/record", samples)]
 
-    def labels(self, samples: SampleSelector = None) -> np.ndarray:
+    def labels(self, samples: SampleSelector = None) -> np.ndarray | np.generic:
         """``[sample]`` 0-1 ratings (NaN where unrated)."""
         return self._rows("samples/label", samples)
 
@@ -248,11 +248,11 @@ class ActivationStore:
         ]
 
     # ------------------------------------------------------------ tokens
-    def n_positions(self, samples: SampleSelector = None) -> np.ndarray:
+    def n_positions(self, samples: SampleSelector = None) -> np.ndarray | np.generic:
         """``[sample]`` length of each spliced sequence."""
         return self._rows("samples/n_positions", samples)
 
-    def n_images(self, samples: SampleSelector = None) -> np.ndarray:
+    def n_images(self, samples: SampleSelector = None) -> np.ndarray | np.generic:
         """``[sample]`` images in each recorded prompt (0 for a text-only prompt)."""
         return self._rows("samples/n_images", samples)
 
@@ -286,7 +286,7 @@ class ActivationStore:
         self._capacity(select)
         return self._rows(f"select/{select}/positions", samples)
 
-    def counts(self, select: str, samples: SampleSelector = None) -> np.ndarray:
+    def counts(self, select: str, samples: SampleSelector = None) -> np.ndarray | np.generic:
         """``[sample]`` number of positions a selection kept."""
         self._capacity(select)
         return self._rows(f"select/{select}/count", samples)
@@ -389,7 +389,7 @@ class ActivationStore:
             return samples if isinstance(samples, slice) else int(samples)
         return np.asarray(samples, dtype=np.int64)
 
-    def _take(self, ds: h5py.Dataset, slot: int | None, samples: SampleSelector) -> np.ndarray:
+    def _take(self, ds: h5py.Dataset, slot: int | None, samples: SampleSelector) -> np.ndarray | np.generic:
         index = self._index(samples)
         lead = () if slot is None else (slot,)
         if isinstance(index, slice | int):
@@ -408,7 +408,7 @@ class ActivationStore:
             out[i] = ds[(*lead, int(index[i]))]
         return out
 
-    def _rows(self, name: str, samples: SampleSelector) -> np.ndarray:
+    def _rows(self, name: str, samples: SampleSelector) -> np.ndarray | np.generic:
         return self._take(self._file[name], None, samples)
 
     def check_identity(self, model_identity: Mapping[str, Any], model: str = "") -> None:

@@ -99,7 +99,7 @@ class State:
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None = None
     rng: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | int]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     adapter: dict[str, Tensor] | None = None
     elapsed: float = 0.0

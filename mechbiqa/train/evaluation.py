@@ -29,7 +29,7 @@ from mechbiqa.pipeline import (
 from mechbiqa.train.data import Example, collate, encode_example, label_smoothed_nll
 
 
-def _metrics(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
+def _metrics(pred: Sequence[float] | np.ndarray, truth: Sequence[float] | np.ndarray) -> dict[str, float]:
     from mechbiqa.metrics import iqa_metrics
 
     m = iqa_metrics(np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64), on_invalid="flag")
@@ -40,7 +40,7 @@ def _metrics(pred: Sequence[float], truth: Sequence[float]) -> dict[str, float]:
 def evaluate(
     model: MPLUGOwl2,
     tokenizer: Tokenizer,
-    processor: ImageProcessor,
+    processor: ImageProcessor | None,
     task: Task,
     examples: Sequence[Example],
     *,

@@ -102,7 +102,7 @@ class TrainResult:
 
     path: Path
     config: TrainConfig
-    history: list[dict[str, float]]
+    history: list[dict[str, float | int]]
     evals: list[dict[str, Any]]
     elapsed: float
 
