@@ -317,7 +317,7 @@ def train_qscorer(
     cfg: QScorerTrainConfig,
     *,
     progress: Callable[[dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | int]]:
     """Fine-tune a model with score tokens and its head, in place (trainable: ``requires_grad`` parameters).
 
     Args:
@@ -595,7 +595,7 @@ def finetune_qscorer(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[dict[str, float]], None] | None = None,
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | int]]:
     """A Q-Scorer from a one-stage checkpoint directory: add tokens, train, and write it to ``out_dir``.
 
     With ``lora_rank`` (7B on a GPU) the LLM gets LoRA adapters and the embedding and ``lm_head``

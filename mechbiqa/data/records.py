@@ -174,7 +174,7 @@ class IQARecord:
         return record.with_root(root) if root is not None else record
 
 
-def level_word_edges(low: float, high: float) -> tuple[float, ...]:
+def level_word_edges(low: float | int, high: float | int) -> tuple[float, ...]:
     """The four inner edges of five equal-width bins over ``[low, high]`` (Q-Align's rule).
 
     Q-Align labels KonIQ and SPAQ by cutting the training score range into five
@@ -186,7 +186,7 @@ def level_word_edges(low: float, high: float) -> tuple[float, ...]:
     return tuple(low + width * i for i in range(1, 5))
 
 
-def level_word(score: float, edges: Sequence[float]) -> str:
+def level_word(score: float | int, edges: Sequence[float]) -> str:
     """The level word of ``score`` given the four inner bin edges (higher score, better word).
 
     Scores outside the binned range fall into the end bins.
