@@ -34,7 +34,7 @@ def tiny(tmp_path_factory) -> Path:
     make_images(root / "images")
     cache_activations.main(cache_activations.Config.tiny(root))
     cache_activations.main(
-        cache_activations.Config.tiny(root, spec=DLA_SPEC, dtype="float32", out=str(root / "dla.h5"))
+        cache_activations.Config.tiny(root, spec=DLA_SPEC, store_dtype="float32", out=str(root / "dla.h5"))
     )
     return root
 
