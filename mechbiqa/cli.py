@@ -9,6 +9,10 @@ runs, renders the result with rich, and turns an expected failure
 (`mechbiqa.errors.is_expected`: bad input, a missing file, a store or
 checkpoint that does not fit) into one line on stderr and exit code 1 (2 for a
 command line that does not parse); ``--debug`` shows the traceback instead.
+A run that completes but only in part (e.g. some images could not be read and
+the others were rated) says so through its Result: an ``exit_code`` attribute
+(an int, or a property) that is not 0 makes `run` exit with that code after
+rendering; a Result without one exits 0.
 `mechbiqa.outputs` writes what the study produces; `check_common` is what a
 Config's ``__post_init__`` calls to validate the options all studies share.
 
@@ -523,11 +527,13 @@ def run(
         description: ``--help`` text (default: the docstring of ``main``'s module).
 
     Returns:
-        What ``main`` returned.
+        What ``main`` returned (when its ``exit_code``, if it has one, is 0).
 
     Raises:
-        SystemExit: With code 1 after an expected failure (`mechbiqa.errors.is_expected`), 2 after a
-            command line that does not parse, 130 when interrupted; ``--debug`` re-raises the
+        SystemExit: With the result's ``exit_code`` when it has a non-zero one (a partial
+            success, after rendering); with code 1 after an expected failure
+            (`mechbiqa.errors.is_expected`), 2 after a command line that does not parse, 130
+            when interrupted; ``--debug`` re-raises the
             exception instead. Any other exception (a bug) keeps its traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
@@ -543,6 +549,9 @@ def run(
             from rich.console import Console
 
             render(result, Console())
+        code = getattr(result, "exit_code", 0)
+        if code:
+            raise SystemExit(int(code))
         return result
     except KeyboardInterrupt:
         if debug:
