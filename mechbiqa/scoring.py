@@ -40,7 +40,8 @@ _QALIGN_WEIGHTS = {"0-1": LEVEL_WEIGHTS, "1-5": tuple(4.0 * w + 1.0 for w in LEV
 def qalign_from_probs(probs: Float[np.ndarray, "*batch level"]) -> Float[np.ndarray, "*batch"]:
     """Q-Align's 0-1 score from level probabilities (best first): their expectation of `LEVEL_WEIGHTS`."""
     probs = np.asarray(probs)
-    return probs @ np.asarray(LEVEL_WEIGHTS, dtype=probs.dtype if probs.dtype.kind == "f" else np.float64)
+    weights = np.asarray(LEVEL_WEIGHTS, dtype=probs.dtype if probs.dtype.kind == "f" else np.float64)
+    return np.asarray(probs @ weights)  # a 0-d array (not a numpy scalar) for one image's [5] probabilities
 
 
 def level_probs(logits: Float[Tensor, "*batch vocab"], level_ids: Tensor | list[int]) -> Float[Tensor, "*batch level"]:
