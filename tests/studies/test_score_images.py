@@ -145,11 +145,15 @@ def test_no_readable_file_ends_with_one_line_and_rates_nothing(folder, tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_negative_batch_size_is_refused_before_anything_runs(folder, tmp_path):
-    out = str(tmp_path / "out")
-    done = score_images("--tiny-random", "--batch-size", "-1", "--out", out, str(folder["good0"]))
-    assert done.returncode == 1 and done.stdout == ""
-    assert "--batch-size -1: pass at least 1" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+def test_a_negative_batch_size_is_refused_before_anything_runs(folder, tmp_path, capsys):
+    from studies import score_images as study
+
+    argv = ["--tiny-random", "--batch-size", "-1", "--out", str(tmp_path / "out"), str(folder["good0"])]
+    with pytest.raises(SystemExit) as stop:
+        cli.run(study.main, study.Config, study.render, argv=argv)
+    captured = capsys.readouterr()
+    assert stop.value.code == 1 and captured.out == ""
+    assert "--batch-size -1: pass at least 1" in captured.err and len(captured.err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
 
