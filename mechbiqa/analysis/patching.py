@@ -401,6 +401,10 @@ def _plan_chunks(
     return plan[::-1]
 
 
+# hooks after the decoder layers: computed only at the read column when the forward unembeds one column
+_AFTER_DECODER = ("llm.ln_final.", "llm.unembed.")
+
+
 @torch.no_grad()
 def sweep(
     model: MPLUGOwl2,
@@ -517,12 +521,15 @@ def sweep(
         clean_rows = torch.tensor([i for _, i in rows], device=device)
         with model.hooks(fwd_hooks=_row_hooks(configurations, rows, 0 if start is None else start[1])):
             if start is None:
+                # an edit of the final norm or the unembedding needs every column of it, not the read one
+                whole = any(e.hook.startswith(_AFTER_DECODER) for c, _ in rows for e in configurations[c].edits)
                 out = model(
                     input_ids[clean_rows],
                     image_tokens=None if tokens is None else tokens[clean_rows],
                     attention_mask=None if mask is None else mask[clean_rows],
-                    logits_at=readout.position,
-                ).logits[:, 0]
+                    logits_at=None if whole else readout.position,
+                ).logits
+                out = out[:, readout.position] if whole else out[:, 0]
             else:
                 out = model.run_from(clean, start[0], start[1], rows=clean_rows, logits_at=quality)[:, 0]
         n_forwards += 1

@@ -294,8 +294,8 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
                      description=reasoning or None, meta=meta)
 
 
-def split_holdout(records: Sequence[IQARecord], *, seed: int = 0, test_fraction: float = 0.1,
-                  val_fraction: float = 0.05, max_val: int | None = None
+def split_holdout(records: Sequence[IQARecord], *, seed: int = 0, test_fraction: float | int = 0.1,
+                  val_fraction: float | int = 0.05, max_val: int | None = None
                   ) -> tuple[list[IQARecord], list[IQARecord], list[IQARecord]]:
     """Train / validation / test split by image (no image in two parts); validation comes out of training.
 

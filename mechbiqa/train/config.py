@@ -85,7 +85,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_samples: int = 160
     checkpoint_every: int = 100
-    checkpoint_seconds: float = 600.0
+    checkpoint_seconds: float | int = 600.0
     max_new_tokens: int = 48
     template: str = "v1"
     seed: int = 0
