@@ -17,6 +17,7 @@ the checkpoint carries) and recomputed when absent.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,10 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # memory-mapped when the file is in the zip format torch.save writes since 1.6; a legacy
+                # (non-zip) file cannot be mapped and is read whole, still without running any pickle code
+                mmap = zipfile.is_zipfile(path)
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:
                 raise CheckpointError(
                     f"{path} is not a readable PyTorch state dict (loaded with weights_only=True): {e}"

@@ -152,3 +152,23 @@ def test_missing_config_and_non_checkpoints_are_refused(tiny_model, tmp_path):
         mechbiqa.load_pretrained(tmp_path / "c")
     with pytest.raises(CheckpointError, match="not a directory"):
         mechbiqa.load_pretrained(tmp_path / "nowhere")
+
+
+def test_legacy_bin_loads_and_a_pickle_payload_is_still_refused(tiny_model, tmp_path):
+    state = {to_original(k): v for k, v in tiny_model.state_dict().items()}
+    (tmp_path / "legacy").mkdir()
+    tiny_model.cfg.to_json(tmp_path / "legacy" / "config.json")
+    torch.save(state, tmp_path / "legacy" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    loaded = mechbiqa.load_pretrained(tmp_path / "legacy")
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    (tmp_path / "evil").mkdir()
+    tiny_model.cfg.to_json(tmp_path / "evil" / "config.json")
+    torch.save({"x": Payload()}, tmp_path / "evil" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        mechbiqa.load_pretrained(tmp_path / "evil")
