@@ -49,13 +49,26 @@ import torch
 from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
+from mechbiqa.analysis.findings import Finding, decide, paired_bootstrap, paired_permutation, srcc_rows
+from mechbiqa.analysis.grounding import grounding, rate_paths
+from mechbiqa.analysis.instability import (
+    InstabilityResult,
+    SamplingConfig,
+    sample_checkpoint,
+    summarise_instability,
+)
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
+from mechbiqa.analysis.patching import patch_image_tokens
+from mechbiqa.analysis.per_image import aligned, instability_per_image, non_image_share, patching_per_image
 from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
+from mechbiqa.analysis.rouge import rouge1
+from mechbiqa.checkpoint import Checkpoint
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
+from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.pipeline import OneStageRater, TwoStageRater
 from mechbiqa.scoring import level_ids
-from mechbiqa.sources import load_rater
+from mechbiqa.sources import load_rater, load_samples, open_source
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +97,10 @@ class Config:
         threads: torch CPU threads.
         retrain: Train the compact pair again even when finished checkpoints exist.
         train: Overrides of ``studies/train_pair.py``'s Config (tests shrink it).
+        one_stage: A one-stage checkpoint to compare (with ``two_stage``: no training happens).
+        two_stage: A two-stage pair folder (``stage1/``, ``stage2/``; released layouts welcome).
+        dataset: The test images: ``builtin`` (the benchmark ``<cache>/benchmark``, trained on when
+            training), a ``.jsonl`` of records, or ``NAME=ROOT`` (its test split, else all of it).
         model: Folder of the compact pair (``studies/train_pair.py --out``: ``one-stage/``,
             ``two-stage/``): reused when trained with the same settings, else trained there;
             None: ``<cache>/compact``.
@@ -102,6 +119,9 @@ class Config:
     threads: int = 2
     retrain: bool = False
     train: dict[str, Any] = field(default_factory=dict)
+    one_stage: str | None = None
+    two_stage: str | None = None
+    dataset: str = "builtin"
     model: str | None = field(default=None, metadata=cli.meta(check=False))
     device: str = "cpu"
     dtype: str = "float32"
@@ -113,6 +133,8 @@ class Config:
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is loaded (the message names the option)."""
         cli.check_common(self)
+        if (self.one_stage is None) != (self.two_stage is None):
+            raise ValueError("--one-stage and --two-stage go together: pass both, or neither to train")
         for name in ("n_images", "n_instability", "threads", "head_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: pass at least 1")
@@ -199,6 +221,7 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
         has_image = bool((store.n_images(rows) > 0).any())
         scores = [r["rating"]["score"] for r in store.records(rows)]
         mos = store.labels(rows).tolist()
+        ids = store.ids(rows)
     # figures beside the store: <mode>.lens.png, <mode>.attention.png (one-stage: the two-stage row has no image)
     figures.lens_trajectories(lens, path.with_suffix(".lens.png"), title=f"Logit lens ({path.stem})")
     if has_image:
@@ -222,6 +245,12 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
         "top5_jaccard": (attr.jaccard, attr.jaccard_chance) if has_image else None,
         "top5_consensus": attr.consensus.tolist() if has_image else None,
         "probes": probe_section(path, (lens_map, parts.tokenizer), str(parts.path), cfg, out),
+        "per_image": {
+            "store": {"ids": ids, "score": scores, "mos": mos},
+            "lens": {"ids": list(lens.sample_ids), "changes": lens.n_changes, "settle": lens.settle},
+            "attention": {"ids": list(attr.sample_ids),
+                          "description_share": non_image_share(attr.mass_per_sample, attr.role_labels)},
+        },
     }
 
 
@@ -246,12 +275,25 @@ def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path)
     result = probes.main(pcfg, data=data)
     probs = np.asarray(data.lens_probs)  # [layer, sample, level]
     final = probs[-1].argmax(-1)
+    head = result.comparison
+    mos = dict(zip(map(str, data.ids), np.asarray(data.mos, dtype=float), strict=True))
     return result.summary() | {
+        "per_image": {"ids": list(head.eval_ids), "mos": [mos[str(i)] for i in head.eval_ids],
+                      **{k: np.asarray(v, dtype=float) for k, v in head.predictions.items()}},
         "grouping": grouping, "n_groups": n_groups, "n_samples": len(data.ids),
         "lens_level_probs": probs.mean(1).tolist(),  # [layer, level] excellent .. bad
         "lens_final_prob": np.take_along_axis(probs, final[None, :, None], 2)[..., 0].mean(1).tolist(),
         "files": {k: str(v) for k, v in result.files.items()},
     }
+
+
+def _test_records(cfg: Config, cache: Path) -> list:
+    """The test images: the built-in benchmark's test split, or ``--dataset``'s (all of it without splits)."""
+    if cfg.dataset == "builtin":
+        return [r for r in load_benchmark(cache / "benchmark").records if r.split == "test"]
+    records = load_samples(cfg.dataset)
+    test = [r for r in records if getattr(r, "split", None) == "test"]
+    return test or records
 
 
 def main(cfg: Config) -> Result:
@@ -269,11 +311,13 @@ def main(cfg: Config) -> Result:
         seconds[name] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    pair = train_or_reuse(cfg, cache)
+    given = cfg.one_stage is not None and cfg.two_stage is not None
+    pair = {} if given else train_or_reuse(cfg, cache)
     lap("benchmark + training")
-    paths = {"one-stage": pair["paths"]["one-stage"], "two-stage": pair["paths"]["two-stage"]}
-    bench = load_benchmark(cache / "benchmark")
-    test = _pick([r for r in bench.records if r.split == "test"], cfg.n_images)
+    paths = ({"one-stage": cfg.one_stage, "two-stage": cfg.two_stage} if given
+             else {"one-stage": pair["paths"]["one-stage"], "two-stage": pair["paths"]["two-stage"]})
+    records = _test_records(cfg, cache)
+    test = _pick(records, cfg.n_images)
 
     metrics: dict[str, dict[str, Any]] = {}
     for mode, path in paths.items():
@@ -281,38 +325,31 @@ def main(cfg: Config) -> Result:
         store = _rated_store(rater, test, out / f"{mode}.h5", cfg)
         lap(f"rate + record store ({mode})")
         m = analyse_store(store, rater, cfg, out / f"probes-{mode}")
-        held_out = pair["one_stage" if mode == "one-stage" else "two_stage"]
-        m["srcc"], m["plcc"], m["level_acc"] = held_out["srcc"], held_out.get("plcc"), held_out.get("level_acc")
         subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
         m["srcc_subset"] = subset.srcc
-        if mode == "two-stage" and (pair.get("comparison") or {}).get("ci95"):
-            m["srcc_diff_ci"] = pair["comparison"]["ci95"]
-        metrics[mode] = m
+        held_out = pair.get("one_stage" if mode == "one-stage" else "two_stage") or {}
+        m["srcc"] = held_out.get("srcc", subset.srcc)
+        m["plcc"], m["level_acc"] = held_out.get("plcc", subset.plcc), held_out.get("level_acc")
         lap(f"lens, attribution, probes from the store ({mode})")
-
-    patch = _study("patch_image_tokens")
-    manifest = str(cache / "benchmark" / "manifest.jsonl")
-    sweep = patch.main(patch.Config(model=paths["one-stage"], limit=cfg.n_patch, out=str(out / "patching"),
-                                    device=cfg.device, dtype=cfg.dtype, dataset=manifest))
-    metrics["one-stage"]["patching"] = _patching_effects(sweep.sweep)
-    lap("patching")
-
-    inst = _study("instability")
-    for mode, path in paths.items():
-        r = inst.main(inst.Config(model=path, limit=cfg.n_instability, out=str(out / f"instability-{mode}"),
-                                  device=cfg.device, dtype=cfg.dtype, dataset=manifest))
-        metrics[mode]["instability"] = r.instability.ratio_mean_std
-        metrics[mode]["accuracy"] = r.instability.accuracy_mean_std
-        metrics[mode]["sessions"] = len(r.instability.ratio)
+        inst = _instability(path, _pick(test, cfg.n_instability), cfg)
+        m["instability"], m["accuracy"] = inst.ratio_mean_std, inst.accuracy_mean_std
+        m["sessions"] = len(inst.ratio)
+        m["per_image"]["instability"] = {"ids": [str(r.id) for r in _pick(test, cfg.n_instability)],
+                                         **instability_per_image(inst.levels, inst.label_levels, inst.unstable)}
         lap(f"instability ({mode})")
+        m["grounding"], m["per_image"]["grounding"] = _grounding(rater, test)
+        lap(f"grounding ({mode})")
+        metrics[mode] = m
 
-    grounding = _study("grounding")
-    g = grounding.main(grounding.Config(checkpoints=tuple(f"{mode}={path}" for mode, path in paths.items()),
-                                        limit=cfg.n_images, out=str(out / "grounding"), device=cfg.device,
-                                        dtype=cfg.dtype, dataset=manifest))
-    for mode, summary in g.summary().items():
-        metrics[mode]["grounding"] = summary
-    lap("grounding")
+    picked = _pick(test, cfg.n_patch)
+    sweep = patch_image_tokens(open_source(paths["one-stage"], dtype=cfg.dtype, device=cfg.device),
+                               [r.image_path for r in picked], k=5, batch_size=64).sweep
+    metrics["one-stage"]["patching"] = _patching_effects(sweep)
+    metrics["one-stage"]["per_image"]["patching"] = {
+        "ids": [str(r.id) for r in picked],
+        **{s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}}
+    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
+    lap("patching")
 
     curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}
     if curves:
@@ -322,6 +359,31 @@ def main(cfg: Config) -> Result:
                     summary=str(out / "summary.json"))
     outputs.write_json(out / "summary.json", result, indent=2)
     return result
+
+
+def _instability(path: str, records: list, cfg: Config) -> InstabilityResult:
+    """5 sampled answers x 3 seeded sessions per image (`sample_checkpoint`), their levels summarised."""
+    sampling = SamplingConfig(max_new_tokens=64)
+    sampled = sample_checkpoint(open_source(path, dtype=cfg.dtype, device=cfg.device),
+                                [r.image_path for r in records], sampling, batch_images=8)
+    labels = [LEVEL_WORDS.index(r.level_word) if getattr(r, "level_word", None) in LEVEL_WORDS else -1
+              for r in records]
+    return summarise_instability(sampled.levels, np.array(labels), sampling.seeds)
+
+
+def _grounding(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Image path vs own-description path (`rate_paths`, `grounding`) and ROUGE-1: summary, per-image flags."""
+    ids = [str(r.id) for r in records]
+    with torch.no_grad():
+        paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
+                           batch_size=32)
+    mos = [getattr(r, "mos01", None) for r in records]
+    g = grounding(paths.image_probs, paths.text_probs, paths.descriptions, final_levels=paths.final_levels,
+                  ids=ids, mos=None if None in mos else np.asarray(mos, dtype=float))
+    refs = [getattr(r, "description", None) for r in records]
+    rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
+    summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
+    return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
 
 
 def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
@@ -372,93 +434,55 @@ def _patching_effects(sweep) -> dict[str, Any]:
 
 
 def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One plain sentence per finding of the paper, and whether it held on this run."""
-    one, two = m["one-stage"], m["two-stage"]
-    out = []
+    """Each finding of the paper decided by a paired test over the images both checkpoints saw.
 
-    def add(finding: str, held: bool | None, evidence: str, *values: float) -> None:
-        # NaN anywhere (e.g. a checkpoint that never names a level) leaves the finding undecided
-        if any(not np.isfinite(v) for v in values):
-            held = None
-        out.append({"finding": finding, "held": None if held is None else bool(held), "evidence": evidence})
+    ``m[mode]["per_image"]`` holds blocks ``{"ids": [...], quantity: [...]}`` (`analyse_store`,
+    `main`); a quantity is compared on the image ids both blocks share. Held: the test rejects "no
+    difference" at 5% in the claimed direction (`mechbiqa.analysis.findings.decide`). A finding
+    whose data are missing is left out; one that only one checkpoint can have compares like with like.
+    """
+    one, two = m["one-stage"].get("per_image", {}), m["two-stage"].get("per_image", {})
+    out: list[Finding] = []
 
-    ci = two.get("srcc_diff_ci")  # paired bootstrap 95% interval of SRCC(two) - SRCC(one)
-    if ci:
-        # held only when the interval excludes zero; an interval around zero is no evidence either way
-        held = True if ci[0] > 0 else False if ci[1] < 0 else None
-        add("Two-stage tuning rates better than one-stage (SRCC on the test split).", held,
-            f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage); difference 95% CI "
-            f"[{ci[0]:+.3f}, {ci[1]:+.3f}]", one["srcc"], two["srcc"], *ci)
-    else:
-        add("Two-stage tuning rates better than one-stage (SRCC on the test split).",
-            two["srcc"] > one["srcc"], f"SRCC {one['srcc']:.3f} (one-stage) vs {two['srcc']:.3f} (two-stage)",
-            one["srcc"], two["srcc"])
-    def beyond_noise(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        # session means +- their spread: decided only when the difference of the means exceeds two standard
-        # errors; a mean over n sessions has standard error std / sqrt(n)
-        n = min(one.get("sessions", 3), two.get("sessions", 3))
-        return abs(b[0] - a[0]) > 2 * np.sqrt((a[1] ** 2 + b[1] ** 2) / max(n, 1))
+    def paired(claim: str, block: str, key: str, direction: Literal["greater", "less"], units: str) -> None:
+        if key in one.get(block, {}) and key in two.get(block, {}):
+            a, b = aligned(one[block], two[block], key)
+            out.append(decide(claim, paired_permutation(a, b, units=units), direction))
 
-    ins1, ins2 = one.get("instability"), two.get("instability")
-    if ins1 and ins2:
-        add("Two-stage answers are more stable under sampling (paper: 22% -> 12%).",
-            (ins2[0] < ins1[0]) if beyond_noise(ins1, ins2) else None,
-            f"instability {100 * ins1[0]:.1f}% +- {100 * ins1[1]:.1f} vs {100 * ins2[0]:.1f}% +- {100 * ins2[1]:.1f}")
-    acc1, acc2 = one.get("accuracy"), two.get("accuracy")
-    if acc1 and acc2:
-        add("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).",
-            (acc2[0] > acc1[0]) if beyond_noise(acc1, acc2) else None,
-            f"level accuracy {100 * acc1[0]:.1f}% +- {100 * acc1[1]:.1f} vs {100 * acc2[0]:.1f}% +- "
-            f"{100 * acc2[1]:.1f}")
-    add("The one-stage quality token attends to image tokens; the two-stage one to the description.",
-        one["image_mass"][0] > two["image_mass"][0] and two["description_mass"][0] > one["description_mass"][0],
-        f"image mass {one['image_mass'][0]:.3f} vs {two['image_mass'][0]:.3f}; description mass "
-        f"{one['description_mass'][0]:.3f} vs {two['description_mass'][0]:.3f}")
-    if one.get("top5_jaccard"):
-        jac, chance = one["top5_jaccard"]
-        add("A few dominant image tokens recur across images (one-stage top-5 overlap above chance).", jac > 1.5 * chance,
-            f"mean pairwise Jaccard {jac:.3f} vs chance {chance:.3f}; top-5 take {100 * one['top5_share'][0]:.1f}% "
-            "of the image attention")
-    patching = one.get("patching", {})
-    if "dominant" in patching and "random" in patching:
-        top, rnd = patching["dominant"]["abs_score_effect"][0], patching["random"]["abs_score_effect"][0]
-        # below 0.01 on the 0-1 score neither ablation does anything worth ranking
-        add("Ablating the five dominant image tokens moves the one-stage score more than five random ones.",
-            (top > rnd) if max(top, rnd) >= 0.01 else None,
-            f"mean |delta score| {top:.4f} (top-5) vs {rnd:.4f} (random-5)", top, rnd)
-    add("One-stage answers flip more across intermediate layers (logit lens).",
-        one["lens_changes"][0] > two["lens_changes"][0],
-        f"answer changes across layers {one['lens_changes'][0]:.2f} vs {two['lens_changes'][0]:.2f}")
-    g1, g2 = one.get("grounding", {}), two.get("grounding", {})
-    if "contradiction_rate" in g1 and "contradiction_rate" in g2:
-        add("Two-stage answers contradict the model's own description less often.",
-            g2["contradiction_rate"] < g1["contradiction_rate"],
-            f"contradiction rate {g1['contradiction_rate']:.3f} vs {g2['contradiction_rate']:.3f}")
-    # the companion papers' questions, from the probes of each checkpoint's store
-    heads = {mode: _head_srcc(m) for mode, m in (("one-stage", one), ("two-stage", two))}
-    if all(h is not None for h in heads.values()):
-        (h1, w1), (h2, w2) = heads["one-stage"], heads["two-stage"]
-        add("A regression head on the quality position's hidden state rates better than the level words "
-            "(Q-Scorer), for both checkpoints.", h1 > w1 and h2 > w2,
-            f"SRCC MLP head vs level words on held-out photos: {h1:.3f} vs {w1:.3f} (one-stage), "
-            f"{h2:.3f} vs {w2:.3f} (two-stage)", h1, w1, h2, w2)
-    p1 = one.get("probes") or {}
-    if p1.get("probe_decodable_layer") is not None and p1.get("lens_settle_median") is not None:
-        dec, settle = p1["probe_decodable_layer"], p1["lens_settle_median"]
-        add("In the one-stage model quality is linearly decodable at an earlier layer than the one where "
-            "its answer settles (probes vs logit lens).", dec < settle,
-            f"probe reaches 90% of its best SRCC at layer {dec}; the lens answer settles at median layer {settle:g}",
-            float(dec), float(settle))
-    return out
-
-
-def _head_srcc(m: dict[str, Any]) -> tuple[float, float] | None:
-    """(MLP head SRCC, level-word SRCC) on the same held-out images, or None without probes."""
-    metrics = ((m.get("probes") or {}).get("score_head") or {}).get("metrics") or {}
-    if "mlp_head" not in metrics or "level_word" not in metrics:
-        return None
-    as_float = lambda v: float("nan") if v is None else float(v)  # noqa: E731  (JSON null = NaN)
-    return as_float(metrics["mlp_head"]["srcc"]), as_float(metrics["level_word"]["srcc"])
+    if "store" in one and "store" in two:
+        (a, b), (y, _) = (aligned(one["store"], two["store"], k) for k in ("score", "mos"))
+        out.append(decide("Two-stage tuning rates better than one-stage (SRCC against the label).",
+                          paired_bootstrap(srcc_rows, a, b, y, units="SRCC"), "greater"))
+    paired("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", "instability",
+           "instability", "less", "unstable answers per session")
+    paired("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).", "instability",
+           "accuracy", "greater", "share of answers")
+    paired("The two-stage quality token gives the description a larger share of its non-image attention "
+           "than the one-stage one.", "attention", "description_share", "greater", "share of non-image mass")
+    patch = one.get("patching", {})
+    if "dominant" in patch and "random" in patch:  # one-stage only: the two-stage prompt has no image token
+        out.append(decide("Ablating the five dominant image tokens moves the one-stage score more than five "
+                          "random ones.", paired_permutation(patch["random"], patch["dominant"],
+                                                             units="|delta score|"), "greater"))
+    paired("One-stage answers flip more across intermediate layers (logit lens; two-stage minus one-stage).",
+           "lens", "changes", "less", "answer changes")
+    paired("Two-stage answers contradict the model's own description less often.", "grounding",
+           "contradiction", "less", "share of images")
+    for mode in ("one-stage", "two-stage"):  # Q-Scorer: head vs level words on the same held-out images
+        head = (m[mode].get("probes") or {}).get("per_image") or {}
+        if "mlp_head" in head and "level_word" in head:
+            out.append(decide(f"A regression head on the quality position's hidden state rates better than "
+                              f"the level words (Q-Scorer; {mode}).",
+                              paired_bootstrap(srcc_rows, head["level_word"], head["mlp_head"], head["mos"],
+                                               units="SRCC"), "greater"))
+    decodable = (m["one-stage"].get("probes") or {}).get("probe_decodable_layer")
+    if decodable is not None and "settle" in one.get("lens", {}):
+        settle = np.asarray(one["lens"]["settle"], dtype=float)
+        out.append(decide(
+            f"In the one-stage model quality is linearly decodable (probe, layer {decodable}) before the "
+            "layer where each image's answer settles (logit lens).",
+            paired_permutation(np.full_like(settle, decodable), settle, units="layers"), "greater"))
+    return [f.to_dict() for f in out]
 
 
 def render(result: Result, console: Any) -> None:
