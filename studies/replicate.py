@@ -227,6 +227,7 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
     if has_image:
         figures.attention_heatmap(attr, path.with_suffix(".attention.png"),
                                   title=f"Attention of the quality position ({path.stem})")
+    share = non_image_share(attr.mass_per_sample, attr.role_labels)  # [sample]
     last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
     overall = attr.mass.mean((0, 1))  # mean over layers and heads
     role = {label: i for i, label in enumerate(attr.role_labels)}
@@ -239,6 +240,8 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
         "image_mass": (float(overall[role["image"]]), float(attr.mass_per_sample[..., role["image"]].mean(1).std())),
         "description_mass": (float(overall[role["description"]]),
                              float(attr.mass_per_sample[..., role["description"]].mean(1).std())),
+        "description_share": (float(np.nanmean(share)), float(np.nanstd(share))) if np.isfinite(share).any()
+        else None,
         "image_mass_last_layer": float(last[role["image"]]),
         "description_mass_last_layer": float(last[role["description"]]),
         "top5_share": (float(attr.top_share.mean()), float(attr.top_share.std())) if has_image else None,
@@ -249,7 +252,7 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
             "store": {"ids": ids, "score": scores, "mos": mos},
             "lens": {"ids": list(lens.sample_ids), "changes": lens.n_changes, "settle": lens.settle},
             "attention": {"ids": list(attr.sample_ids),
-                          "description_share": non_image_share(attr.mass_per_sample, attr.role_labels)},
+                          "description_share": share},
         },
     }
 
@@ -335,7 +338,8 @@ def main(cfg: Config) -> Result:
         m["instability"], m["accuracy"] = inst.ratio_mean_std, inst.accuracy_mean_std
         m["sessions"] = len(inst.ratio)
         m["per_image"]["instability"] = {"ids": [str(r.id) for r in _pick(test, cfg.n_instability)],
-                                         **instability_per_image(inst.levels, inst.label_levels, inst.unstable)}
+                                         **instability_per_image(inst.levels, inst.label_levels,
+                                                                 inst.unstable)}
         lap(f"instability ({mode})")
         m["grounding"], m["per_image"]["grounding"] = _grounding(rater, test)
         lap(f"grounding ({mode})")
@@ -372,7 +376,7 @@ def _instability(path: str, records: list, cfg: Config) -> InstabilityResult:
 
 
 def _grounding(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Image path vs own-description path (`rate_paths`, `grounding`) and ROUGE-1: summary, per-image flags."""
+    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags."""
     ids = [str(r.id) for r in records]
     with torch.no_grad():
         paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
@@ -443,6 +447,7 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """
     one, two = m["one-stage"].get("per_image", {}), m["two-stage"].get("per_image", {})
     out: list[Finding] = []
+    contrast: dict[str, str] = {}  # claim -> what the effect is the difference of
 
     def paired(claim: str, block: str, key: str, direction: Literal["greater", "less"], units: str) -> None:
         if key in one.get(block, {}) and key in two.get(block, {}):
@@ -461,28 +466,33 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
            "than the one-stage one.", "attention", "description_share", "greater", "share of non-image mass")
     patch = one.get("patching", {})
     if "dominant" in patch and "random" in patch:  # one-stage only: the two-stage prompt has no image token
-        out.append(decide("Ablating the five dominant image tokens moves the one-stage score more than five "
-                          "random ones.", paired_permutation(patch["random"], patch["dominant"],
-                                                             units="|delta score|"), "greater"))
-    paired("One-stage answers flip more across intermediate layers (logit lens; two-stage minus one-stage).",
+        claim = ("Ablating the five dominant image tokens moves the one-stage score more than five "
+                 "random ones.")
+        contrast[claim] = "dominant - random, same images"
+        test = paired_permutation(patch["random"], patch["dominant"], units="|delta score|")
+        out.append(decide(claim, test, "greater"))
+    paired("One-stage answers flip more across intermediate layers (logit lens).",
            "lens", "changes", "less", "answer changes")
     paired("Two-stage answers contradict the model's own description less often.", "grounding",
            "contradiction", "less", "share of images")
     for mode in ("one-stage", "two-stage"):  # Q-Scorer: head vs level words on the same held-out images
         head = (m[mode].get("probes") or {}).get("per_image") or {}
         if "mlp_head" in head and "level_word" in head:
-            out.append(decide(f"A regression head on the quality position's hidden state rates better than "
-                              f"the level words (Q-Scorer; {mode}).",
-                              paired_bootstrap(srcc_rows, head["level_word"], head["mlp_head"], head["mos"],
-                                               units="SRCC"), "greater"))
+            claim = (f"A regression head on the quality position's hidden state rates better than the "
+                     f"level words (Q-Scorer; {mode}).")
+            contrast[claim] = "MLP head - level words, same held-out images"
+            test = paired_bootstrap(srcc_rows, head["level_word"], head["mlp_head"], head["mos"],
+                                    units="SRCC")
+            out.append(decide(claim, test, "greater"))
     decodable = (m["one-stage"].get("probes") or {}).get("probe_decodable_layer")
     if decodable is not None and "settle" in one.get("lens", {}):
         settle = np.asarray(one["lens"]["settle"], dtype=float)
-        out.append(decide(
-            f"In the one-stage model quality is linearly decodable (probe, layer {decodable}) before the "
-            "layer where each image's answer settles (logit lens).",
-            paired_permutation(np.full_like(settle, decodable), settle, units="layers"), "greater"))
-    return [f.to_dict() for f in out]
+        claim = (f"In the one-stage model quality is linearly decodable (probe, layer {decodable}) "
+                 "before the layer where each image's answer settles (logit lens).")
+        contrast[claim] = "settle layer - probe layer"
+        test = paired_permutation(np.full_like(settle, decodable), settle, units="layers")
+        out.append(decide(claim, test, "greater"))
+    return [f.to_dict() | {"contrast": contrast.get(f.claim, "two-stage - one-stage")} for f in out]
 
 
 def render(result: Result, console: Any) -> None:

@@ -78,9 +78,28 @@ def test_patching_and_probe_findings_use_the_one_stage_values_alone():
     dominant, random_ = 0.2 + rng.normal(0, 0.01, 20), 0.05 + rng.normal(0, 0.01, 20)
     one = {"patching": {"ids": IDS, "dominant": dominant, "random": random_},
            "lens": {"ids": IDS, "changes": np.ones(20), "settle": np.full(20, 6.0)}}
-    m = {"one-stage": {"per_image": one, "probes": {"probe_decodable_layer": 2}}, "two-stage": {"per_image": {}}}
+    m = {"one-stage": {"per_image": one, "probes": {"probe_decodable_layer": 2}},
+         "two-stage": {"per_image": {}}}
     by_test = {f["finding"].split(" ")[0]: f for f in judge()(m)}
     assert by_test["Ablating"]["verdict"] == "held" and by_test["Ablating"]["units"] == "|delta score|"
     assert by_test["In"]["verdict"] == "held" and by_test["In"]["effect"] == 4.0
     one["patching"] = {"ids": IDS, "dominant": random_, "random": dominant}
     assert {f["finding"].split(" ")[0]: f["verdict"] for f in judge()(m)}["Ablating"] == "did not hold"
+
+
+def test_the_report_names_each_test_with_its_effect_and_fits_80_columns():
+    from rich.console import Console
+
+    from mechbiqa.reports import comparison_report
+
+    rng = np.random.default_rng(3)
+    found = judge()({"one-stage": {"per_image": per_image(0.0, rng)},
+                     "two-stage": {"per_image": per_image(1.0, rng)}})
+    console = Console(record=True, width=80)
+    console.print(comparison_report({"one-stage": {}, "two-stage": {}}, found, {"training": 1.0}))
+    text = console.export_text()
+    assert max(map(len, text.splitlines())) <= 80
+    for f in found:
+        assert f"p = {f['p_value']:.3g}" in text and f"effect {f['effect']:+.3g}" in text
+    assert text.count("test: paired sign-flip permutation test") == 5 and "test: paired bootstrap" in text
+    assert "unstable answers per session" in text and "[held]" in text
