@@ -60,6 +60,7 @@ from mechbiqa.analysis.instability import (
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
 from mechbiqa.analysis.patching import patch_image_tokens
 from mechbiqa.analysis.per_image import aligned, instability_per_image, non_image_share, patching_per_image
+from mechbiqa.analysis.probe_data import ProbeRun, analyse_probes, data_from_store
 from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
 from mechbiqa.analysis.rouge import rouge1
 from mechbiqa.checkpoint import Checkpoint
@@ -258,24 +259,24 @@ def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config,
 
 
 def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path) -> dict[str, Any]:
-    """`studies/probes.py` on a store: probe and lens curves per layer, MLP head vs level words.
+    """The probes of a store (`analyse_probes`): probe and lens curves per layer, MLP head vs level words.
 
     Research choice: folds group the crops of one reference photo; with fewer than 3 photos
     among the stored images (the tiny benchmark) there is nothing to hold out by photo, and
     each image is its own group (the JSON says which: ``grouping``).
     """
-    probes = _study("probes")
-    data = probes.data_from_store(path, model, read_out=read_out)
+    data = data_from_store(path, model, read_out=read_out)
     grouping = "photo"
     if len(np.unique(data.groups.astype(str))) < 3:
         data, grouping = replace(data, groups=np.asarray(data.ids)), "image (fewer than 3 photos)"
     n_groups = len(np.unique(data.groups.astype(str)))
     if n_groups < 3:
         return {"skipped": f"{n_groups} labelled images: the probes need at least 3"}
-    pcfg = probes.Config(store=str(path), out=str(out), n_shuffles=cfg.probe_shuffles, device=cfg.device,
-                         ridge=RidgeConfig(n_splits=min(cfg.probe_splits, n_groups), inner_splits=min(3, n_groups - 1)),
-                         head=ScoreHeadConfig(epochs=cfg.head_epochs))
-    result = probes.main(pcfg, data=data)
+    ridge = RidgeConfig(n_splits=min(cfg.probe_splits, n_groups), inner_splits=min(3, n_groups - 1))
+    result = analyse_probes(data, ProbeRun(ridge=ridge, n_shuffles=cfg.probe_shuffles, device=cfg.device,
+                                           head=ScoreHeadConfig(epochs=cfg.head_epochs)))
+    files = {"json": outputs.write_json(out / "probes.json", result.to_dict()),
+             "head": result.head.save(out / "score_head")}
     probs = np.asarray(data.lens_probs)  # [layer, sample, level]
     final = probs[-1].argmax(-1)
     head = result.comparison
@@ -286,7 +287,7 @@ def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path)
         "grouping": grouping, "n_groups": n_groups, "n_samples": len(data.ids),
         "lens_level_probs": probs.mean(1).tolist(),  # [layer, level] excellent .. bad
         "lens_final_prob": np.take_along_axis(probs, final[None, :, None], 2)[..., 0].mean(1).tolist(),
-        "files": {k: str(v) for k, v in result.files.items()},
+        "files": {k: str(v) for k, v in files.items()},
     }
 
 
