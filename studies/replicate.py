@@ -10,25 +10,33 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
   1. build the built-in benchmark (``cache/benchmark``);
   2. train or reuse the compact one-stage checkpoint and the two-stage pair
      (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split;
+     with ``--one-stage DIR --two-stage DIR`` (any pair, released layouts too) nothing is
+     trained, and ``--dataset NAME=ROOT`` (or a ``.jsonl``) replaces the benchmark's test split;
   3. rate ``n_images`` test images with each and record every rating's own scoring
      prompt into one activation store per checkpoint, ``cache/replicate/<mode>.h5``
      (`mechbiqa.analysis.capture.record_rater`): the one-stage model's image + own
      description + "The quality of the image is", the two-stage pair's text-only stage-2
-     prompt (no image tokens) recorded from the stage-2 model. Every layer's residual and
-     attention row at the quality position, the image tokens' residuals and the logits.
-     A later run reuses a finished store of the same model and images; a killed one resumes;
+     prompt (no image tokens) recorded from the stage-2 model. A later run reuses a
+     finished store of the same model and images; a killed one resumes;
   4. offline from those stores: logit lens (`lens_from_store`), attention attribution
-     (`attribute_store`), and the probes (`studies/probes.py`: ridge probes per layer with
-     cross-validation by reference photo, an MLP score head vs the Q-Align level-word score,
-     the probe curve beside the lens curve);
-  5. patching of the five dominant image tokens (one-stage: the two-stage quality
-     position sees no image token), instability (5 answers x 3 seeds), quality evaluation,
-     grounding (image path vs own-description path, contradiction rates, ROUGE-1);
-  6. one comparison report: each metric for both checkpoints, with its spread, the
-     probe-vs-lens layer curves, and a plain sentence per finding saying whether it held.
+     (`attribute_store`), and the probes (`mechbiqa.analysis.probe_data.analyse_probes`:
+     ridge probes per layer with folds by reference photo, an MLP score head vs the
+     Q-Align level-word score, the probe curve beside the lens curve);
+  5. patching of the five dominant image tokens (one-stage only: no image token reaches
+     the two-stage quality position), instability (5 answers x 3 seeds), grounding
+     (image path vs own-description path, contradictions, ROUGE-1);
+  6. the findings (`judge`): each a paired test over the images both checkpoints saw
+     (`mechbiqa.analysis.findings`): sign-flip permutation tests of per-image
+     instability, level accuracy, description share of the non-image attention, lens
+     answer changes, contradictions, patching (dominant vs random, same images) and
+     settle layer vs probe layer; paired bootstraps of SRCC differences. Held only when
+     the test rejects "no difference" at 5% in the claimed direction;
+  7. one comparison report: each metric for both checkpoints, the probe-vs-lens curves,
+     and each finding with its test, effect (units), CI and p-value.
 
-Output: the report on the terminal, ``cache/replicate/summary.json``, the
-stores and the studies' JSON and PNG files under ``cache/replicate/``.
+Output: the report on the terminal, ``cache/replicate/summary.json`` (metrics,
+the per-image values the tests read, the findings), the stores and the JSON and
+PNG files under ``cache/replicate/``.
 """
 
 from __future__ import annotations
@@ -47,8 +55,6 @@ import numpy as np
 import torch
 
 from mechbiqa import cli, figures, outputs
-from mechbiqa.analysis.attribution import attribute_store
-from mechbiqa.analysis.capture import record_rater, scoring_components
 from mechbiqa.analysis.findings import Finding, decide, paired_bootstrap, paired_permutation, srcc_rows
 from mechbiqa.analysis.grounding import grounding, rate_paths
 from mechbiqa.analysis.instability import (
@@ -57,20 +63,15 @@ from mechbiqa.analysis.instability import (
     sample_checkpoint,
     summarise_instability,
 )
-from mechbiqa.analysis.lens import LogitLens, lens_from_store
 from mechbiqa.analysis.patching import patch_image_tokens
-from mechbiqa.analysis.per_image import aligned, instability_per_image, non_image_share, patching_per_image
-from mechbiqa.analysis.probe_data import ProbeRun, analyse_probes, data_from_store
-from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
+from mechbiqa.analysis.per_image import aligned, instability_per_image, patching_per_image
+from mechbiqa.analysis.replication import ProbeSettings, analyse_store, patching_summary, rated_store
 from mechbiqa.analysis.rouge import rouge1
 from mechbiqa.checkpoint import Checkpoint
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
 from mechbiqa.model.prompts import LEVEL_WORDS
-from mechbiqa.pipeline import OneStageRater, TwoStageRater
-from mechbiqa.scoring import level_ids
-from mechbiqa.sources import load_rater, load_samples, open_source
-from mechbiqa.store import ActivationStore, CacheSpec, StoreError
+from mechbiqa.sources import load_samples, open_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,115 +183,6 @@ def _pick(records: list, n: int) -> list:
     return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
 
 
-def _rated_store(rater: OneStageRater | TwoStageRater, records: list, path: Path, cfg: Config) -> Path:
-    """The checkpoint's store of ``records``: reused when finished for the same model and images.
-
-    Otherwise the images are rated and their scoring prompts recorded; an interrupted store
-    (``.partial``) resumes when the ratings give the same prompts, and a store made by another
-    model, other images or an older schema is recorded again.
-    """
-    from mechbiqa_hooks.record import model_identity
-
-    model = scoring_components(rater).model
-    spec = CacheSpec.default(cfg.store_dtype)
-    try:
-        with ActivationStore.open(path) as store:
-            store.check_identity(model_identity(model))
-            if store.complete and store.ids("all") == [str(r.id) for r in records] and store.info.spec == spec:
-                return path
-    except (FileNotFoundError, StoreError):
-        pass
-    try:
-        return record_rater(rater, records, path, spec).path
-    except StoreError:  # another model, images or schema: start again
-        return record_rater(rater, records, path, spec, overwrite=True).path
-
-
-def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, cfg: Config, out: Path) -> dict[str, Any]:
-    """Logit lens, attention attribution and probes of one checkpoint's store (offline: no forward pass).
-
-    The lens reads the scoring model's final norm and lm_head, and must reproduce the logits
-    the store holds at the last layer.
-    """
-    parts = scoring_components(rater)
-    lens_map = LogitLens.from_model(parts.model)
-    with ActivationStore.open(path) as store:
-        lens = lens_from_store(store, lens_map, level_ids(parts.tokenizer), tokenizer=parts.tokenizer)
-        # the two-stage store is text only: its role masses are measured, its image tokens are none
-        attr = attribute_store(store, k=5, require_image=False)
-        rows = store.valid[store.counts("quality") > 0]
-        has_image = bool((store.n_images(rows) > 0).any())
-        scores = [r["rating"]["score"] for r in store.records(rows)]
-        mos = store.labels(rows).tolist()
-        ids = store.ids(rows)
-    # figures beside the store: <mode>.lens.png, <mode>.attention.png (one-stage: the two-stage row has no image)
-    figures.lens_trajectories(lens, path.with_suffix(".lens.png"), title=f"Logit lens ({path.stem})")
-    if has_image:
-        figures.attention_heatmap(attr, path.with_suffix(".attention.png"),
-                                  title=f"Attention of the quality position ({path.stem})")
-    share = non_image_share(attr.mass_per_sample, attr.role_labels)  # [sample]
-    last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
-    overall = attr.mass.mean((0, 1))  # mean over layers and heads
-    role = {label: i for i, label in enumerate(attr.role_labels)}
-    return {
-        "store": str(path), "scores": scores, "mos": mos,
-        "lens_changes": (float(lens.n_changes.mean()), float(lens.n_changes.std())),
-        "lens_settle": (float(lens.settle.mean()), float(lens.settle.std())),
-        "lens_agreement": lens.agreement.tolist(),
-        "lens_last_layer_error": lens.last_layer_error,
-        "image_mass": (float(overall[role["image"]]), float(attr.mass_per_sample[..., role["image"]].mean(1).std())),
-        "description_mass": (float(overall[role["description"]]),
-                             float(attr.mass_per_sample[..., role["description"]].mean(1).std())),
-        "description_share": (float(np.nanmean(share)), float(np.nanstd(share))) if np.isfinite(share).any()
-        else None,
-        "image_mass_last_layer": float(last[role["image"]]),
-        "description_mass_last_layer": float(last[role["description"]]),
-        "top5_share": (float(attr.top_share.mean()), float(attr.top_share.std())) if has_image else None,
-        "top5_jaccard": (attr.jaccard, attr.jaccard_chance) if has_image else None,
-        "top5_consensus": attr.consensus.tolist() if has_image else None,
-        "probes": probe_section(path, (lens_map, parts.tokenizer), str(parts.path), cfg, out),
-        "per_image": {
-            "store": {"ids": ids, "score": scores, "mos": mos},
-            "lens": {"ids": list(lens.sample_ids), "changes": lens.n_changes, "settle": lens.settle},
-            "attention": {"ids": list(attr.sample_ids),
-                          "description_share": share},
-        },
-    }
-
-
-def probe_section(path: Path, read_out: Any, model: str, cfg: Config, out: Path) -> dict[str, Any]:
-    """The probes of a store (`analyse_probes`): probe and lens curves per layer, MLP head vs level words.
-
-    Research choice: folds group the crops of one reference photo; with fewer than 3 photos
-    among the stored images (the tiny benchmark) there is nothing to hold out by photo, and
-    each image is its own group (the JSON says which: ``grouping``).
-    """
-    data = data_from_store(path, model, read_out=read_out)
-    grouping = "photo"
-    if len(np.unique(data.groups.astype(str))) < 3:
-        data, grouping = replace(data, groups=np.asarray(data.ids)), "image (fewer than 3 photos)"
-    n_groups = len(np.unique(data.groups.astype(str)))
-    if n_groups < 3:
-        return {"skipped": f"{n_groups} labelled images: the probes need at least 3"}
-    ridge = RidgeConfig(n_splits=min(cfg.probe_splits, n_groups), inner_splits=min(3, n_groups - 1))
-    result = analyse_probes(data, ProbeRun(ridge=ridge, n_shuffles=cfg.probe_shuffles, device=cfg.device,
-                                           head=ScoreHeadConfig(epochs=cfg.head_epochs)))
-    files = {"json": outputs.write_json(out / "probes.json", result.to_dict()),
-             "head": result.head.save(out / "score_head")}
-    probs = np.asarray(data.lens_probs)  # [layer, sample, level]
-    final = probs[-1].argmax(-1)
-    head = result.comparison
-    mos = dict(zip(map(str, data.ids), np.asarray(data.mos, dtype=float), strict=True))
-    return result.summary() | {
-        "per_image": {"ids": list(head.eval_ids), "mos": [mos[str(i)] for i in head.eval_ids],
-                      **{k: np.asarray(v, dtype=float) for k, v in head.predictions.items()}},
-        "grouping": grouping, "n_groups": n_groups, "n_samples": len(data.ids),
-        "lens_level_probs": probs.mean(1).tolist(),  # [layer, level] excellent .. bad
-        "lens_final_prob": np.take_along_axis(probs, final[None, :, None], 2)[..., 0].mean(1).tolist(),
-        "files": {k: str(v) for k, v in files.items()},
-    }
-
-
 def _test_records(cfg: Config, cache: Path) -> list:
     """The test images: the built-in benchmark's test split, or ``--dataset``'s (all of it without splits)."""
     if cfg.dataset == "builtin":
@@ -323,19 +215,21 @@ def main(cfg: Config) -> Result:
     records = _test_records(cfg, cache)
     test = _pick(records, cfg.n_images)
 
+    probes = ProbeSettings(cfg.probe_splits, cfg.probe_shuffles, cfg.head_epochs, cfg.device)
     metrics: dict[str, dict[str, Any]] = {}
     for mode, path in paths.items():
-        rater = load_rater(path, dtype=cfg.dtype, device=cfg.device)
-        store = _rated_store(rater, test, out / f"{mode}.h5", cfg)
+        checkpoint = open_source(path, dtype=cfg.dtype, device=cfg.device)  # loaded once per mode
+        rater = checkpoint.rater
+        store = rated_store(rater, test, out / f"{mode}.h5", cfg.store_dtype)
         lap(f"rate + record store ({mode})")
-        m = analyse_store(store, rater, cfg, out / f"probes-{mode}")
+        m = analyse_store(store, rater, probes, out / f"probes-{mode}")
         subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
         m["srcc_subset"] = subset.srcc
         held_out = pair.get("one_stage" if mode == "one-stage" else "two_stage") or {}
         m["srcc"] = held_out.get("srcc", subset.srcc)
-        m["plcc"], m["level_acc"] = held_out.get("plcc", subset.plcc), held_out.get("level_acc")
+        m["plcc"], m["level_acc"] = held_out.get("plcc", subset.plcc_raw), held_out.get("level_acc")
         lap(f"lens, attribution, probes from the store ({mode})")
-        inst = _instability(path, _pick(test, cfg.n_instability), cfg)
+        inst = _instability(checkpoint, _pick(test, cfg.n_instability))
         m["instability"], m["accuracy"] = inst.ratio_mean_std, inst.accuracy_mean_std
         m["sessions"] = len(inst.ratio)
         m["per_image"]["instability"] = {"ids": [str(r.id) for r in _pick(test, cfg.n_instability)],
@@ -344,17 +238,10 @@ def main(cfg: Config) -> Result:
         lap(f"instability ({mode})")
         m["grounding"], m["per_image"]["grounding"] = _grounding(rater, test)
         lap(f"grounding ({mode})")
+        if mode == "one-stage":  # the two-stage quality position sees no image token: nothing to patch
+            m["patching"], m["per_image"]["patching"] = _patching(checkpoint, _pick(test, cfg.n_patch), out)
+            lap("patching")
         metrics[mode] = m
-
-    picked = _pick(test, cfg.n_patch)
-    sweep = patch_image_tokens(open_source(paths["one-stage"], dtype=cfg.dtype, device=cfg.device),
-                               [r.image_path for r in picked], k=5, batch_size=64).sweep
-    metrics["one-stage"]["patching"] = _patching_effects(sweep)
-    metrics["one-stage"]["per_image"]["patching"] = {
-        "ids": [str(r.id) for r in picked],
-        **{s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}}
-    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
-    lap("patching")
 
     curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}
     if curves:
@@ -366,14 +253,21 @@ def main(cfg: Config) -> Result:
     return result
 
 
-def _instability(path: str, records: list, cfg: Config) -> InstabilityResult:
+def _instability(checkpoint: Checkpoint, records: list) -> InstabilityResult:
     """5 sampled answers x 3 seeded sessions per image (`sample_checkpoint`), their levels summarised."""
     sampling = SamplingConfig(max_new_tokens=64)
-    sampled = sample_checkpoint(open_source(path, dtype=cfg.dtype, device=cfg.device),
-                                [r.image_path for r in records], sampling, batch_images=8)
+    sampled = sample_checkpoint(checkpoint, [r.image_path for r in records], sampling, batch_images=8)
     labels = [LEVEL_WORDS.index(r.level_word) if getattr(r, "level_word", None) in LEVEL_WORDS else -1
               for r in records]
     return summarise_instability(sampled.levels, np.array(labels), sampling.seeds)
+
+
+def _patching(checkpoint: Checkpoint, records: list, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`): summary, per image."""
+    sweep = patch_image_tokens(checkpoint, [r.image_path for r in records], k=5, batch_size=64).sweep
+    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
+    per_image = {s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}
+    return patching_summary(sweep), {"ids": [str(r.id) for r in records], **per_image}
 
 
 def _grounding(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -424,18 +318,6 @@ def _nan_for_null(saved: dict[str, Any]) -> dict[str, Any]:
     if comparison.get("ci95"):
         comparison["ci95"] = [math.nan if v is None else v for v in comparison["ci95"]]
     return saved
-
-
-def _patching_effects(sweep) -> dict[str, Any]:
-    """Mean |change of the Q-Align score| and flip rate per selection, over layers, sites and setters."""
-    out = {}
-    for selection in sorted({t["selection"] for t in sweep.tags}):
-        rows = [i for i, t in enumerate(sweep.tags) if t["selection"] == selection]
-        effect = np.abs(sweep.score_effect[rows])
-        flips = sweep.flipped[rows]
-        out[selection] = {"abs_score_effect": (float(effect.mean()), float(effect.std())),
-                          "flip_rate": float(flips.mean())}
-    return out
 
 
 def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

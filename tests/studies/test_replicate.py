@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,17 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
     for mode in ("one-stage", "two-stage"):  # the same store, the same curves (NaN where a fold is constant)
         curve = again.metrics[mode]["probes"]["probe_srcc"]
         np.testing.assert_equal(curve, result.metrics[mode]["probes"]["probe_srcc"])
+    # a given pair on a given data set: nothing is trained or built, and the findings are tested the same way
+    given = tmp_path / "given"
+    pair = replace(replicate.Config.tiny(given), one_stage=str(tmp_path / "compact" / "one-stage"),
+                   two_stage=str(tmp_path / "compact" / "two-stage"),
+                   dataset=str(tmp_path / "benchmark" / "manifest.jsonl"))
+    third = replicate.main(pair)
+    assert not (given / "compact").exists() and not (given / "benchmark").exists()
+    assert third.paths == {"one-stage": pair.one_stage, "two-stage": pair.two_stage}
+    assert "benchmark + training" in third.seconds and third.seconds["benchmark + training"] < 1
+    assert [f["finding"][:40] for f in third.findings] == [f["finding"][:40] for f in result.findings]
+    assert all(f["test"] for f in third.findings)
 
 
 def one_ids(tmp_path):

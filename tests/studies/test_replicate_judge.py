@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import stats
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
@@ -103,3 +104,14 @@ def test_the_report_names_each_test_with_its_effect_and_fits_80_columns():
         assert f"p = {f['p_value']:.3g}" in text and f"effect {f['effect']:+.3g}" in text
     assert text.count("test: paired sign-flip permutation test") == 5 and "test: paired bootstrap" in text
     assert "unstable answers per session" in text and "[held]" in text
+
+
+def test_the_command_line_takes_a_pair_and_a_data_set():
+    judge()  # loads the study
+    replicate = sys.modules["test_study_replicate"]
+    cfg = replicate.parse_args(["--one-stage", "ckpt/one", "--two-stage", "ckpt/pair",
+                                "--dataset", "koniq10k=/data"])
+    assert (cfg.one_stage, cfg.two_stage, cfg.dataset) == ("ckpt/one", "ckpt/pair", "koniq10k=/data")
+    assert replicate.parse_args([]).dataset == "builtin" and replicate.parse_args([]).one_stage is None
+    with pytest.raises(ValueError, match="--one-stage and --two-stage go together"):
+        replicate.Config(one_stage="ckpt/one")
