@@ -553,7 +553,7 @@ def _finding_text(f: dict) -> Text:
     if f.get("test"):
         out.append(f"\n    test: {f['test']}", style="dim")
     effect, ci, p_value = f.get("effect"), f.get("ci"), f.get("p_value")
-    if effect is not None:  # effect and units on one line, the uncertainty on the next (80 columns)
+    if effect is not None and np.isfinite(effect) and p_value is not None and np.isfinite(p_value):  # effect and units on one line, the uncertainty on the next (80 columns)
         contrast = f" ({f['contrast']})" if f.get("contrast") else ""
         out.append(f"\n    effect {effect:+.3g} {f.get('units', '')}".rstrip() + contrast)
         parts = []

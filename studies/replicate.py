@@ -163,10 +163,13 @@ class Result:
 
     Attributes:
         metrics: Metric name -> mode -> value.
-        findings: One dict per finding (sentence, held, evidence).
+        findings: One dict per tested finding (`Finding.to_dict`: claim, verdict, test, effect,
+            units, ci, p_value, n, and ``contrast``: what the effect is the difference of).
         seconds: Wall time per step.
         paths: Mode -> checkpoint path.
         summary: Where ``summary.json`` was written.
+        untested: Findings whose test is undefined on this run's images (e.g. a constant score
+            has no SRCC): inconclusive, with the reason in ``evidence``.
     """
 
     metrics: dict[str, dict[str, Any]]
@@ -174,6 +177,7 @@ class Result:
     seconds: dict[str, float]
     paths: dict[str, str]
     summary: str = ""
+    untested: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _pick(records: list, n: int) -> list:
@@ -246,9 +250,10 @@ def main(cfg: Config) -> Result:
     curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}
     if curves:
         figures.probe_lens_curves(curves, out / "probe_lens_curves.png")
-    findings = judge(metrics)
-    result = Result(metrics=metrics, findings=findings, seconds=seconds, paths=paths,
-                    summary=str(out / "summary.json"))
+    judged = judge(metrics)
+    tested = [f for f in judged if "undefined" not in f["evidence"]]
+    result = Result(metrics=metrics, findings=tested, seconds=seconds, paths=paths,
+                    summary=str(out / "summary.json"), untested=[f for f in judged if f not in tested])
     outputs.write_json(out / "summary.json", result, indent=2)
     return result
 
@@ -263,7 +268,7 @@ def _instability(checkpoint: Checkpoint, records: list) -> InstabilityResult:
 
 
 def _patching(checkpoint: Checkpoint, records: list, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`): summary, per image."""
+    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`)."""
     sweep = patch_image_tokens(checkpoint, [r.image_path for r in records], k=5, batch_size=64).sweep
     figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
     per_image = {s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}
@@ -375,14 +380,19 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         contrast[claim] = "settle layer - probe layer"
         test = paired_permutation(np.full_like(settle, decodable), settle, units="layers")
         out.append(decide(claim, test, "greater"))
-    return [f.to_dict() | {"contrast": contrast.get(f.claim, "two-stage - one-stage")} for f in out]
+    undefined = "untestable on these images: the statistic is undefined (a constant score has no SRCC)"
+    def defined(f: Finding) -> bool:
+        return f.result is not None and bool(np.isfinite([f.result.effect, f.result.p_value, *f.result.ci]).all())
+
+    return [f.to_dict() | {"contrast": contrast.get(f.claim, "two-stage - one-stage")}
+            | ({} if defined(f) else {"evidence": undefined}) for f in out]
 
 
 def render(result: Result, console: Any) -> None:
     """The comparison report and where the summary is."""
     from mechbiqa.reports import comparison_report
 
-    console.print(comparison_report(result.metrics, result.findings, result.seconds))
+    console.print(comparison_report(result.metrics, result.findings + result.untested, result.seconds))
     console.print(f"summary: {result.summary}")
 
 
