@@ -56,21 +56,17 @@ import torch
 
 from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.findings import Finding, decide, paired_bootstrap, paired_permutation, srcc_rows
-from mechbiqa.analysis.grounding import grounding, rate_paths
-from mechbiqa.analysis.instability import (
-    InstabilityResult,
-    SamplingConfig,
-    sample_checkpoint,
-    summarise_instability,
+from mechbiqa.analysis.per_image import aligned, instability_per_image
+from mechbiqa.analysis.replication import (
+    ProbeSettings,
+    analyse_store,
+    grounding_per_image,
+    image_token_patching,
+    rated_store,
+    sampled_instability,
 )
-from mechbiqa.analysis.patching import patch_image_tokens
-from mechbiqa.analysis.per_image import aligned, instability_per_image, patching_per_image
-from mechbiqa.analysis.replication import ProbeSettings, analyse_store, patching_summary, rated_store
-from mechbiqa.analysis.rouge import rouge1
-from mechbiqa.checkpoint import Checkpoint
 from mechbiqa.data import load_benchmark
 from mechbiqa.metrics import iqa_metrics
-from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.sources import load_samples, open_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,17 +229,18 @@ def main(cfg: Config) -> Result:
         m["srcc"] = held_out.get("srcc", subset.srcc)
         m["plcc"], m["level_acc"] = held_out.get("plcc", subset.plcc_raw), held_out.get("level_acc")
         lap(f"lens, attribution, probes from the store ({mode})")
-        inst = _instability(checkpoint, _pick(test, cfg.n_instability))
+        sampled = _pick(test, cfg.n_instability)
+        inst = sampled_instability(checkpoint, sampled)
         m["instability"], m["accuracy"] = inst.ratio_mean_std, inst.accuracy_mean_std
         m["sessions"] = len(inst.ratio)
-        m["per_image"]["instability"] = {"ids": [str(r.id) for r in _pick(test, cfg.n_instability)],
-                                         **instability_per_image(inst.levels, inst.label_levels,
-                                                                 inst.unstable)}
+        per_image = instability_per_image(inst.levels, inst.label_levels, inst.unstable)
+        m["per_image"]["instability"] = {"ids": [str(r.id) for r in sampled], **per_image}
         lap(f"instability ({mode})")
-        m["grounding"], m["per_image"]["grounding"] = _grounding(rater, test)
+        m["grounding"], m["per_image"]["grounding"] = grounding_per_image(rater, test)
         lap(f"grounding ({mode})")
         if mode == "one-stage":  # the two-stage quality position sees no image token: nothing to patch
-            m["patching"], m["per_image"]["patching"] = _patching(checkpoint, _pick(test, cfg.n_patch), out)
+            patched = image_token_patching(checkpoint, _pick(test, cfg.n_patch), out)
+            m["patching"], m["per_image"]["patching"] = patched
             lap("patching")
         metrics[mode] = m
 
@@ -256,38 +253,6 @@ def main(cfg: Config) -> Result:
                     summary=str(out / "summary.json"), untested=[f for f in judged if f not in tested])
     outputs.write_json(out / "summary.json", result, indent=2)
     return result
-
-
-def _instability(checkpoint: Checkpoint, records: list) -> InstabilityResult:
-    """5 sampled answers x 3 seeded sessions per image (`sample_checkpoint`), their levels summarised."""
-    sampling = SamplingConfig(max_new_tokens=64)
-    sampled = sample_checkpoint(checkpoint, [r.image_path for r in records], sampling, batch_images=8)
-    labels = [LEVEL_WORDS.index(r.level_word) if getattr(r, "level_word", None) in LEVEL_WORDS else -1
-              for r in records]
-    return summarise_instability(sampled.levels, np.array(labels), sampling.seeds)
-
-
-def _patching(checkpoint: Checkpoint, records: list, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`)."""
-    sweep = patch_image_tokens(checkpoint, [r.image_path for r in records], k=5, batch_size=64).sweep
-    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
-    per_image = {s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}
-    return patching_summary(sweep), {"ids": [str(r.id) for r in records], **per_image}
-
-
-def _grounding(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags."""
-    ids = [str(r.id) for r in records]
-    with torch.no_grad():
-        paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
-                           batch_size=32)
-    mos = [getattr(r, "mos01", None) for r in records]
-    g = grounding(paths.image_probs, paths.text_probs, paths.descriptions, final_levels=paths.final_levels,
-                  ids=ids, mos=None if None in mos else np.asarray(mos, dtype=float))
-    refs = [getattr(r, "description", None) for r in records]
-    rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
-    summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
-    return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
 
 
 def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
@@ -382,7 +347,8 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(decide(claim, test, "greater"))
     undefined = "untestable on these images: the statistic is undefined (a constant score has no SRCC)"
     def defined(f: Finding) -> bool:
-        return f.result is not None and bool(np.isfinite([f.result.effect, f.result.p_value, *f.result.ci]).all())
+        r = f.result
+        return r is not None and bool(np.isfinite([r.effect, r.p_value, *r.ci]).all())
 
     return [f.to_dict() | {"contrast": contrast.get(f.claim, "two-stage - one-stage")}
             | ({} if defined(f) else {"evidence": undefined}) for f in out]

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from jaxtyping import Float, Int, Num
 
 __all__ = ["aligned", "instability_per_image", "patching_per_image", "non_image_share"]
 
@@ -39,8 +40,11 @@ def aligned(a: Mapping[str, Any], b: Mapping[str, Any], key: str, key_b: str | N
     return np.array([out[0][i] for i in common]), np.array([out[1][i] for i in common])
 
 
-def instability_per_image(levels: np.ndarray, label_levels: np.ndarray, unstable: np.ndarray
-                          ) -> dict[str, np.ndarray]:
+def instability_per_image(
+    levels: Int[np.ndarray, "session image answer"],
+    label_levels: Int[np.ndarray, " image"],
+    unstable: Num[np.ndarray, "session image"],
+) -> dict[str, np.ndarray]:
     """Each image's instability and level accuracy, averaged over sessions.
 
     Args:
@@ -58,8 +62,9 @@ def instability_per_image(levels: np.ndarray, label_levels: np.ndarray, unstable
             "accuracy": np.where(labels >= 0, hit, np.nan)}
 
 
-def patching_per_image(score_effect: np.ndarray, tags: Sequence[Mapping[str, Any]], selection: str
-                       ) -> np.ndarray:
+def patching_per_image(
+    score_effect: Float[np.ndarray, "config image"], tags: Sequence[Mapping[str, Any]], selection: str
+) -> Float[np.ndarray, " image"]:
     """``[image]`` mean |change of the score| over the configurations (layers, sites, setters) of a selection.
 
     Args:
@@ -76,8 +81,11 @@ def patching_per_image(score_effect: np.ndarray, tags: Sequence[Mapping[str, Any
     return np.abs(np.asarray(score_effect, dtype=float)[rows]).mean(0)
 
 
-def non_image_share(mass_per_sample: np.ndarray, role_labels: Sequence[str], role: str = "description"
-                    ) -> np.ndarray:
+def non_image_share(
+    mass_per_sample: Float[np.ndarray, "sample layer role"],
+    role_labels: Sequence[str],
+    role: str = "description",
+) -> Float[np.ndarray, " sample"]:
     """``[sample]`` share of the non-image attention that goes to ``role`` (mean over layers).
 
     ``mass[role] / (1 - mass[image])``: the same quantity for a prompt with and one without

@@ -1,4 +1,4 @@
-"""The main job's analysis of one checkpoint: its store, what is read off it, the patching summary.
+"""The main job's analyses of one checkpoint, each with the per-image values its findings test.
 
 The main job (``studies/replicate.py``) rates the same images with two checkpoints and
 records each rating's own scoring prompt into one activation store per checkpoint
@@ -15,20 +15,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mechbiqa import figures, outputs
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
+from mechbiqa.analysis.grounding import grounding, rate_paths
+from mechbiqa.analysis.instability import (
+    InstabilityResult,
+    SamplingConfig,
+    sample_checkpoint,
+    summarise_instability,
+)
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
-from mechbiqa.analysis.patching import SweepResult
-from mechbiqa.analysis.per_image import non_image_share
+from mechbiqa.analysis.patching import SweepResult, patch_image_tokens
+from mechbiqa.analysis.per_image import non_image_share, patching_per_image
 from mechbiqa.analysis.probe_data import ProbeRun, analyse_probes, data_from_store
 from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
+from mechbiqa.analysis.rouge import rouge1
+from mechbiqa.checkpoint import Checkpoint
+from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.pipeline import OneStageRater, TwoStageRater
 from mechbiqa.scoring import level_ids
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
-__all__ = ["ProbeSettings", "rated_store", "analyse_store", "probe_section", "patching_summary"]
+__all__ = ["ProbeSettings", "rated_store", "analyse_store", "probe_section", "patching_summary",
+           "sampled_instability", "image_token_patching", "grounding_per_image"]
 
 
 @dataclass(frozen=True)
@@ -183,3 +195,36 @@ def patching_summary(sweep: SweepResult) -> dict[str, Any]:
         out[selection] = {"abs_score_effect": (float(effect.mean()), float(effect.std())),
                           "flip_rate": float(flips.mean())}
     return out
+
+
+def sampled_instability(checkpoint: Checkpoint, records: list) -> InstabilityResult:
+    """5 sampled answers x 3 seeded sessions per image (`sample_checkpoint`), their levels summarised."""
+    sampling = SamplingConfig(max_new_tokens=64)
+    sampled = sample_checkpoint(checkpoint, [r.image_path for r in records], sampling, batch_images=8)
+    labels = [LEVEL_WORDS.index(r.level_word) if getattr(r, "level_word", None) in LEVEL_WORDS else -1
+              for r in records]
+    return summarise_instability(sampled.levels, np.array(labels), sampling.seeds)
+
+
+def image_token_patching(checkpoint: Checkpoint, records: list, out: Path
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`)."""
+    sweep = patch_image_tokens(checkpoint, [r.image_path for r in records], k=5, batch_size=64).sweep
+    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
+    per_image = {s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}
+    return patching_summary(sweep), {"ids": [str(r.id) for r in records], **per_image}
+
+
+def grounding_per_image(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags."""
+    ids = [str(r.id) for r in records]
+    with torch.no_grad():
+        paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
+                           batch_size=32)
+    mos = [getattr(r, "mos01", None) for r in records]
+    g = grounding(paths.image_probs, paths.text_probs, paths.descriptions, final_levels=paths.final_levels,
+                  ids=ids, mos=None if None in mos else np.asarray(mos, dtype=float))
+    refs = [getattr(r, "description", None) for r in records]
+    rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
+    summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
+    return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
