@@ -509,6 +509,8 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
         ("level accuracy of sampled answers", one.get("accuracy"), two.get("accuracy")),
         ("quality-token attention on image tokens", one.get("image_mass"), two.get("image_mass")),
         ("quality-token attention on the description", one.get("description_mass"), two.get("description_mass")),
+        ("description share of the non-image attention", one.get("description_share"),
+         two.get("description_share")),
         ("share of image attention on the top-5 tokens", one.get("top5_share"), two.get("top5_share")),
         ("logit lens: answer changes across layers", one.get("lens_changes"), two.get("lens_changes")),
         ("logit lens: layer where the answer settles", one.get("lens_settle"), two.get("lens_settle")),
@@ -536,16 +538,34 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
     table.add_column("two-stage", justify="right")
     for label, a, b in rows:
         table.add_row(label, _value(a), _value(b))
-    verdicts = Table(title="the paper's findings on this run", show_lines=False)
-    verdicts.add_column("")
-    verdicts.add_column("finding")
-    verdicts.add_column("evidence")
-    for f in findings:
-        mark = (Text("inconclusive", style="yellow") if f["held"] is None
-                else Text("held", style="green") if f["held"] else Text("did not hold", style="red"))
-        verdicts.add_row(mark, f["finding"], f["evidence"])
+    verdicts = [Text("\nthe paper's findings on this run (paired tests over images, two-sided, 5%)",
+                     style="bold")]
+    verdicts += [_finding_text(f) for f in findings]
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
-    return Group(table, *probe_lens_curves_tables(metrics), verdicts, timing)
+    return Group(table, *probe_lens_curves_tables(metrics), *verdicts, timing)
+
+
+def _finding_text(f: dict) -> Text:
+    """A finding in three short lines: verdict and claim; the test; effect (units), CI, p-value, n."""
+    verdict = f.get("verdict") or {True: "held", False: "did not hold"}.get(f.get("held"), "inconclusive")
+    style = {"held": "green", "did not hold": "red"}.get(verdict, "yellow")
+    out = Text.assemble((f"[{verdict}] ", f"bold {style}"), f["finding"])
+    if f.get("test"):
+        out.append(f"\n    test: {f['test']}", style="dim")
+    effect, ci, p_value = f.get("effect"), f.get("ci"), f.get("p_value")
+    if effect is not None and np.isfinite(effect) and p_value is not None and np.isfinite(p_value):  # effect and units on one line, the uncertainty on the next (80 columns)
+        contrast = f" ({f['contrast']})" if f.get("contrast") else ""
+        out.append(f"\n    effect {effect:+.3g} {f.get('units', '')}".rstrip() + contrast)
+        parts = []
+        if ci is not None and all(v is not None and np.isfinite(v) for v in ci):
+            parts.append(f"{100 * f.get('ci_level', 0.95):g}% CI [{ci[0]:+.3g}, {ci[1]:+.3g}]")
+        if p_value is not None and np.isfinite(p_value):
+            parts.append(f"p = {p_value:.3g}")
+        parts.append(f"n = {f.get('n')} images")
+        out.append("\n    " + ", ".join(parts))
+    elif f.get("evidence"):
+        out.append(f"\n    {f['evidence']}")
+    return out
 
 
 def _head_metric(probes: dict, scorer: str, key: str = "srcc") -> float | None:

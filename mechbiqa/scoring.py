@@ -37,7 +37,7 @@ QINSTRUCT_BOOST_WORDS = (("good", "high", "fine"), ("average", "medium", "accept
 _QALIGN_WEIGHTS = {"0-1": LEVEL_WEIGHTS, "1-5": tuple(4.0 * w + 1.0 for w in LEVEL_WEIGHTS)}
 
 
-def qalign_from_probs(probs: Float[np.ndarray, "*batch level"]) -> Float[np.ndarray, "*batch"]:
+def qalign_from_probs(probs: Float[np.ndarray, "*batch level"]) -> Float[np.ndarray, "*batch"] | np.floating:
     """Q-Align's 0-1 score from level probabilities (best first): their expectation of `LEVEL_WEIGHTS`."""
     probs = np.asarray(probs)
     weights = np.asarray(LEVEL_WEIGHTS, dtype=probs.dtype if probs.dtype.kind == "f" else np.float64)

@@ -1,0 +1,230 @@
+"""The main job's analyses of one checkpoint, each with the per-image values its findings test.
+
+The main job (``studies/replicate.py``) rates the same images with two checkpoints and
+records each rating's own scoring prompt into one activation store per checkpoint
+(`rated_store`); `analyse_store` then reads the logit lens, the attention attribution and
+the probes off that store without another forward pass, and hands over the summary
+numbers with the per-image values the findings test (`mechbiqa.analysis.findings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechbiqa import figures, outputs
+from mechbiqa.analysis.attribution import attribute_store
+from mechbiqa.analysis.capture import record_rater, scoring_components
+from mechbiqa.analysis.grounding import grounding, rate_paths
+from mechbiqa.analysis.instability import (
+    InstabilityResult,
+    SamplingConfig,
+    sample_checkpoint,
+    summarise_instability,
+)
+from mechbiqa.analysis.lens import LogitLens, lens_from_store
+from mechbiqa.analysis.patching import SweepResult, patch_image_tokens
+from mechbiqa.analysis.per_image import non_image_share, patching_per_image
+from mechbiqa.analysis.probe_data import ProbeRun, analyse_probes, data_from_store
+from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
+from mechbiqa.analysis.rouge import rouge1
+from mechbiqa.checkpoint import Checkpoint
+from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.pipeline import OneStageRater, TwoStageRater
+from mechbiqa.scoring import level_ids
+from mechbiqa.store import ActivationStore, CacheSpec, StoreError
+
+__all__ = ["ProbeSettings", "rated_store", "analyse_store", "probe_section", "patching_summary",
+           "sampled_instability", "image_token_patching", "grounding_per_image"]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """The probes of a store.
+
+    Attributes:
+        splits: Outer folds (by reference photo) of the ridge probes, at most one per photo.
+        shuffles: Shuffled-label fits per layer (the probes' chance curve).
+        head_epochs: Training epochs of the MLP score head.
+        device: Where the ridge algebra and the head run.
+    """
+
+    splits: int = 5
+    shuffles: int = 1
+    head_epochs: int = 200
+    device: str = "cpu"
+
+
+def rated_store(rater: OneStageRater | TwoStageRater, records: Sequence[Any], path: Path,
+                store_dtype: str = "float32") -> Path:
+    """The checkpoint's store of ``records``: reused when finished for the same model and images.
+
+    Otherwise the images are rated and their scoring prompts recorded; an interrupted store
+    (``.partial``) resumes when the ratings give the same prompts, and a store made by another
+    model, other images or an older schema is recorded again.
+
+    Args:
+        rater: The checkpoint's rater; its scoring model is recorded.
+        records: The images (`IQARecord`s).
+        path: The store.
+        store_dtype: Activation dtype (`CacheSpec.default`).
+    """
+    from mechbiqa_hooks.record import model_identity
+
+    model = scoring_components(rater).model
+    spec = CacheSpec.default(store_dtype)
+    try:
+        with ActivationStore.open(path) as store:
+            store.check_identity(model_identity(model))
+            same = store.ids("all") == [str(r.id) for r in records] and store.info.spec == spec
+            if store.complete and same:
+                return path
+    except (FileNotFoundError, StoreError):
+        pass
+    try:
+        return record_rater(rater, records, path, spec).path
+    except StoreError:  # another model, images or schema: start again
+        return record_rater(rater, records, path, spec, overwrite=True).path
+
+
+def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, probes: ProbeSettings, out: Path
+                  ) -> dict[str, Any]:
+    """Logit lens, attention attribution and probes of one checkpoint's store (offline: no forward pass).
+
+    The lens reads the scoring model's final norm and lm_head, and must reproduce the logits
+    the store holds at the last layer. The figures go beside the store (``<stem>.lens.png``,
+    ``<stem>.attention.png``); the probes' files into ``out``.
+
+    Returns:
+        Summary numbers (mean, spread) for the report, and ``per_image`` blocks ``{"ids": [...],
+        quantity: [...]}``: the store's scores and labels, the lens' answer changes and settle
+        layers, the description's share of the non-image attention (`mechbiqa.analysis.per_image`).
+    """
+    parts = scoring_components(rater)
+    lens_map = LogitLens.from_model(parts.model)
+    with ActivationStore.open(path) as store:
+        lens = lens_from_store(store, lens_map, level_ids(parts.tokenizer), tokenizer=parts.tokenizer)
+        # the two-stage store is text only: its role masses are measured, its image tokens are none
+        attr = attribute_store(store, k=5, require_image=False)
+        rows = store.valid[store.counts("quality") > 0]
+        has_image = bool((store.n_images(rows) > 0).any())
+        scores = [r["rating"]["score"] for r in store.records(rows)]
+        mos = store.labels(rows).tolist()
+        ids = store.ids(rows)
+    # figures beside the store: <mode>.lens.png, <mode>.attention.png (only where image tokens exist)
+    figures.lens_trajectories(lens, path.with_suffix(".lens.png"), title=f"Logit lens ({path.stem})")
+    if has_image:
+        figures.attention_heatmap(attr, path.with_suffix(".attention.png"),
+                                  title=f"Attention of the quality position ({path.stem})")
+    share = non_image_share(attr.mass_per_sample, attr.role_labels)  # [sample]
+    last = attr.mass[-1].mean(0)  # [role], last layer, mean over heads
+    overall = attr.mass.mean((0, 1))  # mean over layers and heads
+    role = {label: i for i, label in enumerate(attr.role_labels)}
+    return {
+        "store": str(path), "scores": scores, "mos": mos,
+        "lens_changes": (float(lens.n_changes.mean()), float(lens.n_changes.std())),
+        "lens_settle": (float(lens.settle.mean()), float(lens.settle.std())),
+        "lens_agreement": lens.agreement.tolist(),
+        "lens_last_layer_error": lens.last_layer_error,
+        "image_mass": (float(overall[role["image"]]),
+                       float(attr.mass_per_sample[..., role["image"]].mean(1).std())),
+        "description_mass": (float(overall[role["description"]]),
+                             float(attr.mass_per_sample[..., role["description"]].mean(1).std())),
+        "description_share": (float(np.nanmean(share)), float(np.nanstd(share))) if np.isfinite(share).any()
+        else None,
+        "image_mass_last_layer": float(last[role["image"]]),
+        "description_mass_last_layer": float(last[role["description"]]),
+        "top5_share": (float(attr.top_share.mean()), float(attr.top_share.std())) if has_image else None,
+        "top5_jaccard": (attr.jaccard, attr.jaccard_chance) if has_image else None,
+        "top5_consensus": attr.consensus.tolist() if has_image else None,
+        "probes": probe_section(path, (lens_map, parts.tokenizer), str(parts.path), probes, out),
+        "per_image": {
+            "store": {"ids": ids, "score": scores, "mos": mos},
+            "lens": {"ids": list(lens.sample_ids), "changes": lens.n_changes, "settle": lens.settle},
+            "attention": {"ids": list(attr.sample_ids),
+                          "description_share": share},
+        },
+    }
+
+
+def probe_section(path: Path, read_out: Any, model: str, cfg: ProbeSettings, out: Path) -> dict[str, Any]:
+    """The probes of a store (`analyse_probes`): probe and lens curves per layer, MLP head vs level words.
+
+    Research choice: folds group the crops of one reference photo; with fewer than 3 photos
+    among the stored images (the tiny benchmark) there is nothing to hold out by photo, and
+    each image is its own group (the JSON says which: ``grouping``).
+    """
+    data = data_from_store(path, model, read_out=read_out)
+    grouping = "photo"
+    if len(np.unique(data.groups.astype(str))) < 3:
+        data, grouping = replace(data, groups=np.asarray(data.ids)), "image (fewer than 3 photos)"
+    n_groups = len(np.unique(data.groups.astype(str)))
+    if n_groups < 3:
+        return {"skipped": f"{n_groups} labelled images: the probes need at least 3"}
+    ridge = RidgeConfig(n_splits=min(cfg.splits, n_groups), inner_splits=min(3, n_groups - 1))
+    result = analyse_probes(data, ProbeRun(ridge=ridge, n_shuffles=cfg.shuffles, device=cfg.device,
+                                           head=ScoreHeadConfig(epochs=cfg.head_epochs)))
+    files = {"json": outputs.write_json(out / "probes.json", result.to_dict()),
+             "head": result.head.save(out / "score_head")}
+    probs = np.asarray(data.lens_probs)  # [layer, sample, level]
+    final = probs[-1].argmax(-1)
+    head = result.comparison
+    mos = dict(zip(map(str, data.ids), np.asarray(data.mos, dtype=float), strict=True))
+    return result.summary() | {
+        "per_image": {"ids": list(head.eval_ids), "mos": [mos[str(i)] for i in head.eval_ids],
+                      **{k: np.asarray(v, dtype=float) for k, v in head.predictions.items()}},
+        "grouping": grouping, "n_groups": n_groups, "n_samples": len(data.ids),
+        "lens_level_probs": probs.mean(1).tolist(),  # [layer, level] excellent .. bad
+        "lens_final_prob": np.take_along_axis(probs, final[None, :, None], 2)[..., 0].mean(1).tolist(),
+        "files": {k: str(v) for k, v in files.items()},
+    }
+
+
+def patching_summary(sweep: SweepResult) -> dict[str, Any]:
+    """Mean |change of the Q-Align score| and flip rate per selection, over layers, sites and setters."""
+    out = {}
+    for selection in sorted({t["selection"] for t in sweep.tags}):
+        rows = [i for i, t in enumerate(sweep.tags) if t["selection"] == selection]
+        effect = np.abs(sweep.score_effect[rows])
+        flips = sweep.flipped[rows]
+        out[selection] = {"abs_score_effect": (float(effect.mean()), float(effect.std())),
+                          "flip_rate": float(flips.mean())}
+    return out
+
+
+def sampled_instability(checkpoint: Checkpoint, records: list) -> InstabilityResult:
+    """5 sampled answers x 3 seeded sessions per image (`sample_checkpoint`), their levels summarised."""
+    sampling = SamplingConfig(max_new_tokens=64)
+    sampled = sample_checkpoint(checkpoint, [r.image_path for r in records], sampling, batch_images=8)
+    labels = [LEVEL_WORDS.index(r.level_word) if getattr(r, "level_word", None) in LEVEL_WORDS else -1
+              for r in records]
+    return summarise_instability(sampled.levels, np.array(labels), sampling.seeds)
+
+
+def image_token_patching(checkpoint: Checkpoint, records: list, out: Path
+                         ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Ablating 5 dominant / random / least-attended image tokens (`patch_image_tokens`)."""
+    sweep = patch_image_tokens(checkpoint, [r.image_path for r in records], k=5, batch_size=64).sweep
+    figures.patching_effects(sweep, out / "patching.png", selections=("dominant", "random", "least", "all"))
+    per_image = {s: patching_per_image(sweep.score_effect, sweep.tags, s) for s in ("dominant", "random")}
+    return patching_summary(sweep), {"ids": [str(r.id) for r in records], **per_image}
+
+
+def grounding_per_image(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags."""
+    ids = [str(r.id) for r in records]
+    with torch.no_grad():
+        paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
+                           batch_size=32)
+    mos = [getattr(r, "mos01", None) for r in records]
+    g = grounding(paths.image_probs, paths.text_probs, paths.descriptions, final_levels=paths.final_levels,
+                  ids=ids, mos=None if None in mos else np.asarray(mos, dtype=float))
+    refs = [getattr(r, "description", None) for r in records]
+    rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
+    summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
+    return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
