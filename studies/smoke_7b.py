@@ -320,14 +320,13 @@ def main(cfg: Config) -> Result:
     unknown = set(cfg.only) - set(steps)
     if unknown:
         raise ValueError(f"--only names unknown studies {sorted(unknown)}; known: {sorted(steps)}")
-    result = Result()
+    result = Result(path=Path(cfg.out) / f"{NAME}.json")
     for name, argv in steps.items():
         if cfg.only and name not in cfg.only:
             continue
         result.steps.append(run_step(name, argv, cfg))
-    result.path = outputs.write_json(
-        Path(cfg.out) / f"{NAME}.json", {"config": cfg, "steps": [vars(s) for s in result.steps]}
-    )
+        # the table so far, after every study: a stopped run still tells what it measured
+        outputs.write_json(result.path, {"config": cfg, "steps": [vars(s) for s in result.steps]})
     return result
 
 
