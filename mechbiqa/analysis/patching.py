@@ -401,8 +401,8 @@ def _plan_chunks(
     return plan[::-1]
 
 
-# hooks after the decoder layers: computed only at the read column when the forward unembeds one column
-_AFTER_DECODER = ("llm.ln_final.", "llm.unembed.")
+# the unembedding's hooks see only the read column when the forward unembeds one column
+_UNEMBED = "llm.unembed."
 
 
 @torch.no_grad()
@@ -521,8 +521,8 @@ def sweep(
         clean_rows = torch.tensor([i for _, i in rows], device=device)
         with model.hooks(fwd_hooks=_row_hooks(configurations, rows, 0 if start is None else start[1])):
             if start is None:
-                # an edit of the final norm or the unembedding needs every column of it, not the read one
-                whole = any(e.hook.startswith(_AFTER_DECODER) for c, _ in rows for e in configurations[c].edits)
+                # an edit of the unembedding's output needs every column of it, not the read one
+                whole = any(e.hook.startswith(_UNEMBED) for c, _ in rows for e in configurations[c].edits)
                 out = model(
                     input_ids[clean_rows],
                     image_tokens=None if tokens is None else tokens[clean_rows],

@@ -280,11 +280,12 @@ class LLM(nn.Module):
         for block in self.blocks[start_layer:]:
             x = block(x, modality, cos, sin, key_mask, cache)
             hidden.append(x)
-        if logits_at is not None:
+        x = self.ln_final(x)  # every position: its hook (and the hidden states) keep the sequence's shape
+        if logits_at is None:
+            logits = self.unembed(x)
+        else:  # the vocabulary-wide product is the costly part: only the read column
             at = logits_at % x.shape[1]
-            x = x[:, at : at + 1]
-        x = self.ln_final(x)
-        logits = self.unembed(x)
+            logits = self.unembed(x[:, at : at + 1])
         if not output_hidden_states:
             return logits, None
         hidden[-1] = x  # transformers convention: the last entry is after the final norm
