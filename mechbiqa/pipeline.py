@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mechbiqa.data.annotations import split_verdict
 from mechbiqa.model.load import Components, load_components
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
@@ -378,12 +379,18 @@ def generate_answers(
 def split_answer(answer: str) -> tuple[str, str | None]:
     """Split a one-stage answer into its description and the level word it gave (or None).
 
-    The description is the text before the first "The quality of the image is"
-    (the whole answer if the model never wrote it).
+    The description is the text before the first "The quality of the image is".
+    A model tuned on Q-Pathway / Q-Instruct answers ends its reasoning with a
+    verdict sentence of its own ("... Thus, the quality of the image is poor."):
+    without the prefix, that last sentence is cut off as the verdict
+    (`mechbiqa.data.annotations.split_verdict`, the rule that built the training
+    targets), so the scoring prompt never follows an answer already given. Else
+    the whole answer is the description.
     """
     at = answer.find(QALIGN_ANSWER_PREFIX)
     if at < 0:
-        return answer.strip(), None
+        reasoning, verdict, level = split_verdict(answer)
+        return (reasoning, level) if verdict is not None else (answer.strip(), None)
     found = re.match(r"\s*(\w+)", answer[at + len(QALIGN_ANSWER_PREFIX):])
     word = found.group(1).lower() if found else None
     return answer[:at].strip(), word if word in LEVEL_WORDS else None

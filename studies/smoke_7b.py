@@ -188,15 +188,17 @@ def commands(cfg: Config, paths: dict[str, Path]) -> dict[str, list[str]]:
     model = ["--model", ckpt, "--dtype", cfg.dtype, "--device", cfg.device]
     data = ["--dataset", f"koniq10k={paths['koniq']}", "--split", "all", "--limit", str(cfg.n_images)]
     store = out / "rated.h5"
+    short = ["--max-new-tokens", "8"]  # descriptions: the pipeline is under test, not their length
     images = sorted(str(p) for p in (paths["koniq"] / "1024x768").iterdir())[: cfg.n_images]
     return {
-        "score_images": ["score_images.py", *model, "--out", str(out / "score_images"), *images],
+        "score_images": ["score_images.py", *model, *short, "--out", str(out / "score_images"), *images],
         "cache_activations": [
             "cache_activations.py",
             *model,
             *data,
             "--mode",
             "rated",
+            *short,
             "--overwrite",
             "--out",
             str(store),
@@ -261,7 +263,7 @@ def commands(cfg: Config, paths: dict[str, Path]) -> dict[str, list[str]]:
             str(out / "instability"),
         ],
         "evaluate_quality": ["evaluate_quality.py", *model, *data, "--out", str(out / "evaluate_quality")],
-        "conversion_error": ["conversion_error.py", *model, *data, "--out", str(out / "conversion_error")],
+        "conversion_error": ["conversion_error.py", *model, *data, *short, "--out", str(out / "conversion_error")],
         "grounding": [
             "grounding.py",
             "--model",

@@ -170,3 +170,18 @@ def test_holdout_keeps_images_whole_and_validates_on_training_images(tmp_path):
     assert len(parts[2]) == 4 and len(parts[1]) == 4 and len(parts[0]) == 32
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
     assert len(train) + len(val) + len(test) == 80 and {r.split for r in val} == {"val"}
+
+
+def test_split_answer_cuts_the_verdict_a_q_pathway_tuned_model_writes_itself():
+    """A generated answer that ends with its own verdict sentence: the description stops before it."""
+    from mechbiqa.pipeline import split_answer
+
+    assert split_answer("Noisy, and the details are lost. Thus, the quality of the image is poor.") == (
+        "Noisy, and the details are lost.",
+        "poor",
+    )
+    # the compact model's answers keep the fixed prefix rule; an answer with no verdict stays whole
+    assert split_answer("Sharp picture. The quality of the image is good. Thus it is fair.") == ("Sharp picture.", "good")
+    assert split_answer("Slight blur on the left") == ("Slight blur on the left", None)
+    # a verdict without a level word is still not part of the description
+    assert split_answer("Blurry. Overall, the quality of this image is average.") == ("Blurry.", None)
