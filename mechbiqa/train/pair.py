@@ -422,8 +422,9 @@ def _rate_two_stage(path: Path, records: list[IQARecord]) -> tuple[list[Any], li
 
 def _two_stage_finished(cfg: PairConfig) -> bool:
     tc1, tc2 = _two_stage_configs(cfg)
-    parent = cfg.out_dir / "two-stage"
-    return is_finished(parent / "stage1", tc1) and is_finished(parent / "stage2", tc2)
+    parent = cfg.out_dir / "two-stage"  # stage 2 starts from stage 1 (`train_two_stage` sets its init_from)
+    return (is_finished(parent / "stage1", tc1)
+            and is_finished(parent / "stage2", tc2.replace(init_from=str(parent / "stage1"))))
 
 
 def _one_stage_finished(cfg: PairConfig) -> bool:
