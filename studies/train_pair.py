@@ -1,4 +1,4 @@
-"""Train (or reuse) the one-stage and two-stage checkpoints, and measure both on held-out photos.
+r"""Train (or reuse) the one-stage and two-stage checkpoints, and measure both on held-out photos.
 
 Question: does tuning in two stages (stage 1: image -> description of visual
 attributes; stage 2: text only, description -> quality) give a quality answer
@@ -66,24 +66,26 @@ class Display:
 
         self.console = Console()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console)
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                                 console=self.console)
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, event: TrainEvent) -> None:  # noqa: D102
         if event.kind == "start":
             if not self.progress.live.is_started:
                 self.progress.start()
-            self.tasks[event.label] = self.progress.add_task(event.label, total=event.steps, completed=event.step,
-                                                             status="")
+            self.tasks[event.label] = self.progress.add_task(event.label, total=event.steps,
+                                                             completed=event.step, status="")
         task = self.tasks.get(event.label)
         if task is None:
             return
         if event.kind == "step":
-            self.progress.update(task, completed=event.step,
-                                 status=f"loss {event.loss:.3f}  lr {event.lr:.1e}  |g| {event.grad_norm:.2f}")
+            status = f"loss {event.loss:.3f}  lr {event.lr:.1e}  |g| {event.grad_norm:.2f}"
+            self.progress.update(task, completed=event.step, status=status)
         elif event.kind == "eval" and event.metrics:
             m = event.metrics
-            shown = "  ".join(f"{k} {m[k]:.3f}" for k in ("loss", "srcc", "level_acc", "family_rate") if k in m)
+            keys = ("loss", "srcc", "level_acc", "family_rate")
+            shown = "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
             self.progress.console.print(f"[bold]{event.label}[/] step {event.step}: {shown}")
         elif event.kind == "done":
             self.progress.update(task, completed=event.step)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import ast
 
 import numpy as np
 import pytest
