@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mechbiqa.model import ModelConfig, MPLUGOwl2
@@ -340,3 +341,26 @@ def load_samples(dataset: str = "builtin", split: str | None = None, limit: int 
     if not records:
         raise ValueError(f"no samples in {dataset!r}" + (f" with split {split!r}" if split else ""))
     return records
+
+
+def load_test_split(dataset: str = "builtin", benchmark: str | Path | None = None) -> list[Any]:
+    """The test images of a data set spec: its ``test`` split, or all of it when it has no splits.
+
+    Args:
+        dataset: As `load_samples`; ``builtin`` is the benchmark in ``benchmark``.
+        benchmark: The built-in benchmark's folder (must be built); None: `DEFAULT_BENCHMARK`.
+    """
+    if dataset == "builtin":
+        from mechbiqa.data import load_benchmark
+
+        return [r for r in load_benchmark(Path(benchmark or DEFAULT_BENCHMARK)).records if r.split == "test"]
+    records = load_samples(dataset)
+    test = [r for r in records if getattr(r, "split", None) == "test"]
+    return test or records
+
+
+def spread(records: Sequence[Any], n: int) -> list[Any]:
+    """``n`` records spread evenly over the list (a test split is ordered by photo); all when ``n`` is larger."""
+    if n >= len(records):
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]

@@ -9,7 +9,8 @@ steadies it and rates better.
 Method, in order (each step reuses what an earlier run left in ``cache/``):
   1. build the built-in benchmark (``cache/benchmark``);
   2. train or reuse the compact one-stage checkpoint and the two-stage pair
-     (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split;
+     (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split
+     (`mechbiqa.train.train_or_reuse`);
      with ``--one-stage DIR --two-stage DIR`` (any pair, released layouts too) nothing is
      trained, and ``--dataset NAME=ROOT`` (or a ``.jsonl``) replaces the benchmark's test split;
   3. rate ``n_images`` test images with each and record every rating's own scoring
@@ -25,7 +26,7 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
   5. patching of the five dominant image tokens (one-stage only: no image token reaches
      the two-stage quality position), instability (5 answers x 3 seeds), grounding
      (image path vs own-description path, contradictions, ROUGE-1);
-  6. the findings (`judge`): each a paired test over the images both checkpoints saw
+  6. the findings (`mechbiqa.analysis.judge`): each a paired test over the images both checkpoints saw
      (`mechbiqa.analysis.findings`): sign-flip permutation tests of per-image
      instability, level accuracy, description share of the non-image attention, lens
      answer changes, contradictions, patching (dominant vs random, same images) and
@@ -41,46 +42,26 @@ PNG files under ``cache/replicate/``.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
 from mechbiqa import cli, figures, outputs
-from mechbiqa.analysis.findings import Finding, decide, paired_bootstrap, paired_permutation, srcc_rows
-from mechbiqa.analysis.per_image import aligned, instability_per_image
+from mechbiqa.analysis.judge import judge, split_untested
 from mechbiqa.analysis.replication import (
     ProbeSettings,
     analyse_store,
     grounding_per_image,
     image_token_patching,
+    instability_section,
     rated_store,
-    sampled_instability,
+    rating_summary,
 )
-from mechbiqa.data import load_benchmark
-from mechbiqa.metrics import iqa_metrics
-from mechbiqa.sources import load_samples, open_source
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _study(name: str) -> ModuleType:
-    """Another study script of this folder, imported once (the studies are scripts, not a package)."""
-    key = f"mechbiqa_study_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[key] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[key]
+from mechbiqa.sources import REPO, load_test_split, open_source, spread
+from mechbiqa.train import PairConfig, train_or_reuse
 
 
 @dataclass(frozen=True)
@@ -94,7 +75,7 @@ class Config:
         n_instability: Test images for the instability study (x 5 answers x 3 seeds).
         threads: torch CPU threads.
         retrain: Train the compact pair again even when finished checkpoints exist.
-        train: Overrides of ``studies/train_pair.py``'s Config (tests shrink it).
+        train: Overrides of the pair's `mechbiqa.train.PairConfig` (tests shrink it).
         one_stage: A one-stage checkpoint to compare (with ``two_stage``: no training happens).
         two_stage: A two-stage pair folder (``stage1/``, ``stage2/``; released layouts welcome).
         dataset: The test images: ``builtin`` (the benchmark ``<cache>/benchmark``, trained on when
@@ -145,12 +126,11 @@ class Config:
     @classmethod
     def tiny(cls, tmp: str | Path) -> Config:
         """Seconds-long: the tiny benchmark and a few training steps."""
-        tp = _study("train_pair").Config.tiny(Path(tmp))
+        tp = PairConfig.tiny(Path(tmp))
+        shrunk = ("image_size", "total_steps", "batch_size", "warmup_steps", "vocab_size", "eval_every",
+                  "eval_samples", "test_samples", "benchmark")
         return cls(cache=str(tmp), n_images=8, n_patch=2, n_instability=2, threads=1, probe_splits=2,
-                   head_epochs=20,
-                   train={k: getattr(tp, k) for k in ("image_size", "total_steps", "batch_size", "warmup_steps",
-                                                       "vocab_size", "eval_every", "eval_samples", "test_samples",
-                                                       "benchmark")})
+                   head_epochs=20, train={k: getattr(tp, k) for k in shrunk})
 
 
 @dataclass
@@ -176,27 +156,10 @@ class Result:
     untested: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _pick(records: list, n: int) -> list:
-    """``n`` records spread evenly over the list (the test split is ordered by photo)."""
-    if n >= len(records):
-        return list(records)
-    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
-
-
-def _test_records(cfg: Config, cache: Path) -> list:
-    """The test images: the built-in benchmark's test split, or ``--dataset``'s (all of it without splits)."""
-    if cfg.dataset == "builtin":
-        return [r for r in load_benchmark(cache / "benchmark").records if r.split == "test"]
-    records = load_samples(cfg.dataset)
-    test = [r for r in records if getattr(r, "split", None) == "test"]
-    return test or records
-
-
 def main(cfg: Config) -> Result:
     """Run every step; write ``replicate/summary.json``."""
     torch.set_num_threads(cfg.threads)
-    cache = Path(cfg.cache)
-    out = cache / "replicate"
+    cache, out = Path(cfg.cache), Path(cfg.cache) / "replicate"
     out.mkdir(parents=True, exist_ok=True)
     outputs.write_config(out, cfg)
     seconds: dict[str, float] = {}
@@ -204,154 +167,52 @@ def main(cfg: Config) -> Result:
 
     def lap(name: str) -> None:
         nonlocal clock
-        seconds[name] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+        seconds[name], clock = round(time.perf_counter() - clock, 1), time.perf_counter()
 
-    given = cfg.one_stage is not None and cfg.two_stage is not None
-    pair = {} if given else train_or_reuse(cfg, cache)
+    # 1-2. the checkpoints, mode -> path: given, or trained (or reused) with their whole-test-split ratings
+    if cfg.one_stage is not None and cfg.two_stage is not None:
+        paths, pair = {"one-stage": cfg.one_stage, "two-stage": cfg.two_stage}, None
+    else:
+        pair = train_or_reuse(replace(PairConfig(out_dir=Path(cfg.model) if cfg.model else cache / "compact",
+                                                 benchmark_dir=cache / "benchmark", threads=cfg.threads,
+                                                 retrain=cfg.retrain), **cfg.train))
+        paths = dict(pair.paths)
     lap("benchmark + training")
-    paths = ({"one-stage": cfg.one_stage, "two-stage": cfg.two_stage} if given
-             else {"one-stage": pair["paths"]["one-stage"], "two-stage": pair["paths"]["two-stage"]})
-    records = _test_records(cfg, cache)
-    test = _pick(records, cfg.n_images)
+    test = spread(load_test_split(cfg.dataset, cache / "benchmark"), cfg.n_images)
 
     probes = ProbeSettings(cfg.probe_splits, cfg.probe_shuffles, cfg.head_epochs, cfg.device)
     metrics: dict[str, dict[str, Any]] = {}
     for mode, path in paths.items():
         checkpoint = open_source(path, dtype=cfg.dtype, device=cfg.device)  # loaded once per mode
-        rater = checkpoint.rater
-        store = rated_store(rater, test, out / f"{mode}.h5", cfg.store_dtype)
+        # 3. rate and record each rating's own scoring prompt
+        store = rated_store(checkpoint.rater, test, out / f"{mode}.h5", cfg.store_dtype)
         lap(f"rate + record store ({mode})")
-        m = analyse_store(store, rater, probes, out / f"probes-{mode}")
-        subset = iqa_metrics(np.array(m["scores"]), np.array(m["mos"]), on_invalid="flag")
-        m["srcc_subset"] = subset.srcc
-        held_out = pair.get("one_stage" if mode == "one-stage" else "two_stage") or {}
-        m["srcc"] = held_out.get("srcc", subset.srcc)
-        m["plcc"], m["level_acc"] = held_out.get("plcc", subset.plcc_raw), held_out.get("level_acc")
+        # 4. offline from the store: lens, attribution, probes
+        m = analyse_store(store, checkpoint.rater, probes, out / f"probes-{mode}")
+        m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated
         lap(f"lens, attribution, probes from the store ({mode})")
-        sampled = _pick(test, cfg.n_instability)
-        inst = sampled_instability(checkpoint, sampled)
-        m["instability"], m["accuracy"] = inst.ratio_mean_std, inst.accuracy_mean_std
-        m["sessions"] = len(inst.ratio)
-        per_image = instability_per_image(inst.levels, inst.label_levels, inst.unstable)
-        m["per_image"]["instability"] = {"ids": [str(r.id) for r in sampled], **per_image}
+        # 5. online: instability, grounding, and patching where image tokens reach the quality position
+        sampled, per_image = instability_section(checkpoint, spread(test, cfg.n_instability))
+        m.update(sampled)
+        m["per_image"]["instability"] = per_image
         lap(f"instability ({mode})")
-        m["grounding"], m["per_image"]["grounding"] = grounding_per_image(rater, test)
+        m["grounding"], m["per_image"]["grounding"] = grounding_per_image(checkpoint.rater, test)
         lap(f"grounding ({mode})")
-        if mode == "one-stage":  # the two-stage quality position sees no image token: nothing to patch
-            patched = image_token_patching(checkpoint, _pick(test, cfg.n_patch), out)
+        if checkpoint.image_at_quality:  # a pair's stage 2 reads text only: nothing to patch
+            patched = image_token_patching(checkpoint, spread(test, cfg.n_patch), out)
             m["patching"], m["per_image"]["patching"] = patched
             lap("patching")
         metrics[mode] = m
 
+    # 6-7. the findings, each by its paired test; the probe-vs-lens curves
     curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}
     if curves:
         figures.probe_lens_curves(curves, out / "probe_lens_curves.png")
-    judged = judge(metrics)
-    tested = [f for f in judged if "undefined" not in f["evidence"]]
+    tested, untested = split_untested(judge(metrics))
     result = Result(metrics=metrics, findings=tested, seconds=seconds, paths=paths,
-                    summary=str(out / "summary.json"), untested=[f for f in judged if f not in tested])
+                    summary=str(out / "summary.json"), untested=untested)
     outputs.write_json(out / "summary.json", result, indent=2)
     return result
-
-
-def train_or_reuse(cfg: Config, cache: Path) -> dict[str, Any]:
-    """``studies/train_pair.py``'s results: read back when both checkpoints and their test ratings exist.
-
-    Rating the whole test split takes minutes; a second replication reuses it (``--retrain`` redoes all).
-    """
-    train_pair = _study("train_pair")
-    pair = Path(cfg.model) if cfg.model else cache / "compact"
-    tp = replace(train_pair.Config(out_dir=pair, benchmark_dir=cache / "benchmark",
-                                   threads=cfg.threads, retrain=cfg.retrain), **cfg.train)
-    results = tp.out_dir / "results.json"
-    if not cfg.retrain and results.is_file():
-        saved = _nan_for_null(json.loads(results.read_text()))
-        steps1, steps2 = train_pair.T.split_budget(tp.total_steps)
-        finished = (
-            train_pair._finished(tp.out_dir / "one-stage", tp.train_config("one-stage", None, tp.total_steps))
-            and train_pair._finished(tp.out_dir / "two-stage" / "stage1", tp.train_config("two-stage", 1, steps1))
-        )
-        if finished and saved.get("config") == train_pair._jsonable(asdict(tp)) and saved.get("two_stage"):
-            return saved
-    return train_pair.main(tp).to_dict()
-
-
-def _nan_for_null(saved: dict[str, Any]) -> dict[str, Any]:
-    """results.json writes NaN metrics as null (strict JSON); read them back as NaN."""
-    for key in ("one_stage", "two_stage"):
-        metrics = saved.get(key) or {}
-        for name in ("srcc", "plcc", "plcc_fitted", "krcc", "level_acc", "family_rate", "family_rate_distorted"):
-            if name in metrics and metrics[name] is None:
-                metrics[name] = math.nan
-    comparison = saved.get("comparison") or {}
-    if comparison.get("ci95"):
-        comparison["ci95"] = [math.nan if v is None else v for v in comparison["ci95"]]
-    return saved
-
-
-def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each finding of the paper decided by a paired test over the images both checkpoints saw.
-
-    ``m[mode]["per_image"]`` holds blocks ``{"ids": [...], quantity: [...]}`` (`analyse_store`,
-    `main`); a quantity is compared on the image ids both blocks share. Held: the test rejects "no
-    difference" at 5% in the claimed direction (`mechbiqa.analysis.findings.decide`). A finding
-    whose data are missing is left out; one that only one checkpoint can have compares like with like.
-    """
-    one, two = m["one-stage"].get("per_image", {}), m["two-stage"].get("per_image", {})
-    out: list[Finding] = []
-    contrast: dict[str, str] = {}  # claim -> what the effect is the difference of
-
-    def paired(claim: str, block: str, key: str, direction: Literal["greater", "less"], units: str) -> None:
-        if key in one.get(block, {}) and key in two.get(block, {}):
-            a, b = aligned(one[block], two[block], key)
-            out.append(decide(claim, paired_permutation(a, b, units=units), direction))
-
-    if "store" in one and "store" in two:
-        (a, b), (y, _) = (aligned(one["store"], two["store"], k) for k in ("score", "mos"))
-        out.append(decide("Two-stage tuning rates better than one-stage (SRCC against the label).",
-                          paired_bootstrap(srcc_rows, a, b, y, units="SRCC"), "greater"))
-    paired("Two-stage answers are more stable under sampling (paper: 22% -> 12%).", "instability",
-           "instability", "less", "unstable answers per session")
-    paired("Two-stage answers hit the label's level more often (paper: 52.5% -> 61.2%).", "instability",
-           "accuracy", "greater", "share of answers")
-    paired("The two-stage quality token gives the description a larger share of its non-image attention "
-           "than the one-stage one.", "attention", "description_share", "greater", "share of non-image mass")
-    patch = one.get("patching", {})
-    if "dominant" in patch and "random" in patch:  # one-stage only: the two-stage prompt has no image token
-        claim = ("Ablating the five dominant image tokens moves the one-stage score more than five "
-                 "random ones.")
-        contrast[claim] = "dominant - random, same images"
-        test = paired_permutation(patch["random"], patch["dominant"], units="|delta score|")
-        out.append(decide(claim, test, "greater"))
-    paired("One-stage answers flip more across intermediate layers (logit lens).",
-           "lens", "changes", "less", "answer changes")
-    paired("Two-stage answers contradict the model's own description less often.", "grounding",
-           "contradiction", "less", "share of images")
-    for mode in ("one-stage", "two-stage"):  # Q-Scorer: head vs level words on the same held-out images
-        head = (m[mode].get("probes") or {}).get("per_image") or {}
-        if "mlp_head" in head and "level_word" in head:
-            claim = (f"A regression head on the quality position's hidden state rates better than the "
-                     f"level words (Q-Scorer; {mode}).")
-            contrast[claim] = "MLP head - level words, same held-out images"
-            test = paired_bootstrap(srcc_rows, head["level_word"], head["mlp_head"], head["mos"],
-                                    units="SRCC")
-            out.append(decide(claim, test, "greater"))
-    decodable = (m["one-stage"].get("probes") or {}).get("probe_decodable_layer")
-    if decodable is not None and "settle" in one.get("lens", {}):
-        settle = np.asarray(one["lens"]["settle"], dtype=float)
-        claim = (f"In the one-stage model quality is linearly decodable (probe, layer {decodable}) "
-                 "before the layer where each image's answer settles (logit lens).")
-        contrast[claim] = "settle layer - probe layer"
-        test = paired_permutation(np.full_like(settle, decodable), settle, units="layers")
-        out.append(decide(claim, test, "greater"))
-    undefined = "untestable on these images: the statistic is undefined (a constant score has no SRCC)"
-    def defined(f: Finding) -> bool:
-        r = f.result
-        return r is not None and bool(np.isfinite([r.effect, r.p_value, *r.ci]).all())
-
-    return [f.to_dict() | {"contrast": contrast.get(f.claim, "two-stage - one-stage")}
-            | ({} if defined(f) else {"evidence": undefined}) for f in out]
 
 
 def render(result: Result, console: Any) -> None:

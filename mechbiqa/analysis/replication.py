@@ -29,18 +29,20 @@ from mechbiqa.analysis.instability import (
 )
 from mechbiqa.analysis.lens import LogitLens, lens_from_store
 from mechbiqa.analysis.patching import SweepResult, patch_image_tokens
-from mechbiqa.analysis.per_image import non_image_share, patching_per_image
+from mechbiqa.analysis.per_image import instability_per_image, non_image_share, patching_per_image
 from mechbiqa.analysis.probe_data import ProbeRun, analyse_probes, data_from_store
 from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
 from mechbiqa.analysis.rouge import rouge1
 from mechbiqa.checkpoint import Checkpoint
+from mechbiqa.metrics import iqa_metrics
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.pipeline import OneStageRater, TwoStageRater
 from mechbiqa.scoring import level_ids
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
 
 __all__ = ["ProbeSettings", "rated_store", "analyse_store", "probe_section", "patching_summary",
-           "sampled_instability", "image_token_patching", "grounding_per_image"]
+           "sampled_instability", "image_token_patching", "grounding_per_image", "instability_section",
+           "rating_summary"]
 
 
 @dataclass(frozen=True)
@@ -228,3 +230,35 @@ def grounding_per_image(rater: Any, records: list) -> tuple[dict[str, Any], dict
     rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
     summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
     return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
+
+
+def instability_section(checkpoint: Checkpoint, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sampled instability (`sampled_instability`): summary (mean, std over sessions) and per-image values.
+
+    Returns:
+        ``{"instability", "accuracy", "sessions"}`` and the per-image block ``{"ids", "instability",
+        "accuracy", ...}`` (`mechbiqa.analysis.per_image.instability_per_image`).
+    """
+    inst = sampled_instability(checkpoint, records)
+    summary = {"instability": inst.ratio_mean_std, "accuracy": inst.accuracy_mean_std, "sessions": len(inst.ratio)}
+    per_image = instability_per_image(inst.levels, inst.label_levels, inst.unstable)
+    return summary, {"ids": [str(r.id) for r in records], **per_image}
+
+
+def rating_summary(scores: Sequence[float], mos: Sequence[float], held_out: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """SRCC, PLCC and level accuracy of a checkpoint: on its whole held-out test split where measured, else here.
+
+    Args:
+        scores: The checkpoint's Q-Align scores of the analysed images.
+        mos: Their labels.
+        held_out: The checkpoint's test metrics over the whole test split (`mechbiqa.train.train_pair`'s
+            entry), or None (a given checkpoint).
+
+    Returns:
+        ``srcc_subset`` (on these images), ``srcc``, ``plcc`` (raw) and ``level_acc`` (None unless measured).
+    """
+    subset = iqa_metrics(np.asarray(scores), np.asarray(mos), on_invalid="flag")
+    held_out = held_out or {}
+    return {"srcc_subset": subset.srcc, "srcc": held_out.get("srcc", subset.srcc),
+            "plcc": held_out.get("plcc", subset.plcc_raw), "level_acc": held_out.get("level_acc")}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechbiqa.model.roles import TokenRoles, assign_roles
+from mechbiqa.model.roles import TokenRoles, assign_roles, pad_batch, pad_ids
 
 __all__ = ["ScoringBatch", "scoring_batch"]
 
@@ -126,14 +126,8 @@ def scoring_batch(
             bos_id=tokenizer.bos_id,
         )
         prompts, roles = [prompt] * len(pixels), [one] * len(pixels)
-    n, length = len(prompts), max(len(p.ids) for p in prompts)
-    ids = torch.full((n, length), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros((n, length), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p.ids)] = torch.tensor(p.ids)
-        mask[i, : len(p.ids)] = 1
-    spliced = max(len(r) for r in roles)
-    padded = tuple(r.left_pad(spliced - len(r)) for r in roles)
+    ids, mask = pad_ids([p.ids for p in prompts], tokenizer.pad_id, side="right")
+    padded = pad_batch(roles, side="left")  # the model left-pads its spliced rows
     quality = [r.quality_position for r in padded]
     if any(q is None for q in quality):
         raise ValueError(

@@ -22,7 +22,7 @@ from mechbiqa.model.config import IMAGE_TOKEN_INDEX
 from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.processor import ImageLoadError
 from mechbiqa.model.prompts import EncodedPrompt, find_quality_index
-from mechbiqa.model.roles import Role, TokenRoles, assign_roles
+from mechbiqa.model.roles import Role, TokenRoles, assign_roles, pad_ids
 from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.store.layout import ERROR_BYTES, STATUS_FAILED, STATUS_OK, BatchRows, StoreLayout, encode_text
 from mechbiqa_hooks.record import PaddedRows, Recorder
@@ -109,16 +109,7 @@ def record_rows(
         acts = {a.key: np.zeros((a.n_layer_slots, n, *a.shape), dtype=layout.dtype) for a in layout.arrays}
     if not ok:
         return acts
-    width = max(len(t) for t in text_ids)
-    if all(len(t) == width for t in text_ids):
-        input_ids = torch.tensor([list(t) for t in text_ids])
-        mask = torch.ones((len(ok), width), dtype=torch.long)
-    else:  # left-pad the text ids; the model splices real tokens only
-        input_ids = torch.full((len(ok), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ok), width), dtype=torch.long)
-        for b, ids in enumerate(text_ids):
-            input_ids[b, width - len(ids) :] = torch.tensor(list(ids))
-            mask[b, width - len(ids) :] = 1
+    input_ids, mask = pad_ids(text_ids, tokenizer.pad_id, side="left")  # the model splices real tokens only
     selections = recorder.selections(roles)
     recorded, _ = recorder.record(
         PaddedRows(input_ids, mask, list(roles), [list(t) for t in text_ids]), images, selections, image_rows

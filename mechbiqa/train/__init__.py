@@ -10,7 +10,7 @@ from scratch at :meth:`ModelConfig.compact` or read with
 :func:`~mechbiqa.model.load.save_pretrained` in the original Hugging Face
 layout (plus the tokenizer, ``preprocessor_config.json`` and ``mechbiqa.json``)
 so ``load_pretrained`` reads them like any released checkpoint.
-``studies/train_pair.py`` drives it from the command line; nothing here prints.
+``studies/train_pair.py`` drives :func:`train_pair` from the command line; nothing here prints.
 
 The recipe (the reference paper's; DESIGN.md, "Two-stage tuning"):
 
@@ -30,8 +30,10 @@ budget), :mod:`~mechbiqa.train.data` (examples, encoding, collation, Eq. 2,
 data order), :mod:`~mechbiqa.train.init` (compact tokenizer and model, DCT
 init), :mod:`~mechbiqa.train.evaluation`, :mod:`~mechbiqa.train.checkpoint`
 (:class:`State`, the versioned swap), :mod:`~mechbiqa.train.lora`,
-:mod:`~mechbiqa.train.distributed` and :mod:`~mechbiqa.train.loop`
-(:func:`train`, :func:`train_two_stage`).
+:mod:`~mechbiqa.train.distributed`, :mod:`~mechbiqa.train.loop`
+(:func:`train`, :func:`train_two_stage`) and :mod:`~mechbiqa.train.pair` (:func:`train_pair`:
+the one-stage / two-stage pair trained, rated on the test split and compared in ``results.json``;
+:func:`train_or_reuse`).
 
 A checkpoint directory is a link to its newest complete version and holds the
 model (``config.json``, ``model.safetensors``), tokenizer, processor,
@@ -103,6 +105,19 @@ from mechbiqa.train.init import (
     init_weights,
 )
 from mechbiqa.train.loop import TrainEvent, TrainResult, cpu_has_bf16, load_trained, train, train_two_stage
+from mechbiqa.train.pair import (
+    TRAINERS,
+    AnnotationWarning,
+    PairConfig,
+    PairData,
+    PairResult,
+    Trained,
+    Trainer,
+    pair_data,
+    read_results,
+    train_or_reuse,
+    train_pair,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -140,6 +155,17 @@ __all__ = [
     "train",
     "train_two_stage",
     "load_trained",
+    "PairConfig",
+    "PairData",
+    "PairResult",
+    "Trained",
+    "Trainer",
+    "TRAINERS",
+    "AnnotationWarning",
+    "pair_data",
+    "train_pair",
+    "train_or_reuse",
+    "read_results",
     "read_info",
     "load_pretrained",
     "load_tokenizer",

@@ -27,6 +27,7 @@ from mechbiqa.model.prompts import (
     ConversationTemplate,
     encode_answer,
 )
+from mechbiqa.model.roles import pad_ids
 from mechbiqa.model.tokenizer import Tokenizer
 from mechbiqa.pipeline import (
     Task,
@@ -151,21 +152,14 @@ def collate(batch: Sequence[EncodedExample], pad_id: int, n_image_tokens: int,
         in the *spliced*, left-padded space of the model's logits (each image
         placeholder becomes ``n_image_tokens`` ignored positions).
     """
-    length = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    ids, mask = pad_ids([e.ids for e in batch], pad_id, side="right")
     spliced = []
-    for i, e in enumerate(batch):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        mask[i, : len(e.ids)] = 1
+    for e in batch:
         row: list[int] = []
-        for token, label in zip(e.ids, e.labels):
+        for token, label in zip(e.ids, e.labels, strict=False):
             row.extend([IGNORE_INDEX] * n_image_tokens if token == image_token_id else [label])
         spliced.append(row)
-    width = max(len(r) for r in spliced)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(spliced):
-        labels[i, width - len(row):] = torch.tensor(row)
+    labels, _ = pad_ids(spliced, IGNORE_INDEX, side="left")  # the model left-pads its spliced rows
     return ids, mask, labels
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -9,11 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from rich.console import Console
 
 from mechbiqa.model.roles import Role
 from mechbiqa.reports import comparison_report
-from mechbiqa.sources import stored_model
+from mechbiqa.sources import spread, stored_model
 from mechbiqa.store import ActivationStore
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
@@ -107,3 +109,35 @@ def test_replicate_runs_end_to_end_and_writes_its_summary(tmp_path):
 def one_ids(tmp_path):
     with ActivationStore.open(tmp_path / "replicate" / "one-stage.h5") as store:
         return store.ids()
+
+
+def test_the_command_line_takes_a_pair_and_a_data_set():
+    replicate = load("replicate")
+    cfg = replicate.parse_args(["--one-stage", "ckpt/one", "--two-stage", "ckpt/pair",
+                                "--dataset", "koniq10k=/data"])
+    assert (cfg.one_stage, cfg.two_stage, cfg.dataset) == ("ckpt/one", "ckpt/pair", "koniq10k=/data")
+    assert replicate.parse_args([]).dataset == "builtin" and replicate.parse_args([]).one_stage is None
+    with pytest.raises(ValueError, match="--one-stage and --two-stage go together"):
+        replicate.Config(one_stage="ckpt/one")
+
+
+def test_no_study_imports_another_or_a_private_name():
+    """Studies compose library calls: no study module, no importlib, no ``_private`` name from elsewhere."""
+    for script in sorted(STUDIES.glob("*.py")):
+        tree = ast.parse(script.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(("studies", "importlib")), (script.name, name)
+                assert not name.rsplit(".", 1)[-1].startswith("_") or name == "__future__", (script.name, name)
+
+
+def test_spread_picks_evenly_over_the_list():
+    assert spread(list(range(10)), 3) == [0, 4, 9]  # positions 0, 4.5, 9 (half to even)
+    assert spread(list("abcdefg"), 4) == ["a", "c", "e", "g"]  # 0, 2, 4, 6
+    assert spread(list(range(4)), 9) == [0, 1, 2, 3]

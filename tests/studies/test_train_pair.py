@@ -12,6 +12,7 @@ import warnings
 import pytest
 from scipy import stats
 
+from mechbiqa import train as T
 from mechbiqa.model import load_pretrained
 from mechbiqa.pipeline import read_info
 from tests.conftest import REPO
@@ -64,6 +65,18 @@ def test_train_pair_tiny_end_to_end(tmp_path):
     again = study.main(cfg)
     assert again.one_stage["srcc"] == pytest.approx(result.one_stage["srcc"], nan_ok=True)
     assert read_info(out / "one-stage").data["elapsed_seconds"] == pytest.approx(again.train_seconds["one-stage"])
+    # train_or_reuse reads results.json back (nothing trained or rated; null metrics as NaN) ...
+    written = (out / "results.json").stat().st_mtime_ns
+    reused = T.train_or_reuse(cfg)
+    assert (out / "results.json").stat().st_mtime_ns == written
+    assert reused.to_dict().keys() == saved.keys() and reused.paths == saved["paths"]
+    for mode in ("one-stage", "two-stage"):
+        for name, value in saved[mode.replace("-", "_")].items():
+            got = reused.entry(mode)[name]
+            if value is None:  # strict JSON wrote a NaN metric as null
+                assert name in T.pair.METRIC_NAMES and math.isnan(got), name
+            else:
+                assert got == value, name
 
 
 def test_train_pair_help_and_flags():

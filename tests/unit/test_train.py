@@ -73,6 +73,36 @@ def test_loss_equals_a_hand_computation_of_eq2():
     assert float(loss) == pytest.approx(float(ref), rel=1e-6)
 
 
+def test_collate_pads_text_right_and_spliced_labels_left():
+    a = T.EncodedExample(ids=(1, -200, 5, 6), labels=(-100, -100, -100, 6), n_images=1)
+    b = T.EncodedExample(ids=(1, 7, 8), labels=(-100, 7, 8), n_images=0)
+    ids, mask, labels = T.collate([a, b], pad_id=0, n_image_tokens=3)
+    # By hand: text ids right-padded with pad_id; labels in the spliced space (the placeholder becomes 3
+    # ignored positions), left-padded with IGNORE_INDEX as the model left-pads its spliced rows.
+    assert ids.tolist() == [[1, -200, 5, 6], [1, 7, 8, 0]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert labels.tolist() == [[-100, -100, -100, -100, -100, 6], [-100, -100, -100, -100, 7, 8]]
+    assert ids.dtype == mask.dtype == labels.dtype == torch.long
+
+
+def test_a_padded_batch_has_the_loss_of_its_rows_alone(tok, bench):
+    ex = T.examples_from_records(bench.split("train")[:3], "one-stage")
+    enc = [T.encode_example(tok, V1, "one-stage", e) for e in ex]
+    enc[1] = T.EncodedExample(enc[1].ids[:-3], enc[1].labels[:-3], enc[1].n_images)  # unequal lengths
+    model = tiny_model(tok).eval()
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids, mask, labels = T.collate(enc, tok.pad_id, model.cfg.n_image_tokens)
+        batch = T.label_smoothed_nll(model(ids, images=pixels, attention_mask=mask).logits, labels,
+                                     reduction="sum")[0]
+        alone = 0.0
+        for i, e in enumerate(enc):
+            ids, mask, labels = T.collate([e], tok.pad_id, model.cfg.n_image_tokens)
+            assert bool(mask.all())  # one row: no padding
+            alone += float(T.label_smoothed_nll(model(ids, images=pixels[i : i + 1], attention_mask=mask).logits,
+                                                labels, reduction="sum")[0])
+    assert float(batch) == pytest.approx(alone, rel=1e-4)
+
+
 def test_only_answer_tokens_carry_loss(tok, bench):
     ex = T.examples_from_records(bench.split("train")[:2], "one-stage")
     enc = [T.encode_example(tok, V1, "one-stage", e) for e in ex]

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
 from scipy import stats
 
-STUDIES = Path(__file__).resolve().parents[2] / "studies"
+from mechbiqa.analysis import judge as judging
+
 IDS = [f"img{i}" for i in range(20)]
 
 
 def judge():
-    key = "test_study_replicate"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, STUDIES / "replicate.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key].judge
+    return judging.judge
 
 
 def per_image(shift: float, rng: np.random.Generator, spread: float = 0.05) -> dict:
@@ -106,12 +96,14 @@ def test_the_report_names_each_test_with_its_effect_and_fits_80_columns():
     assert "unstable answers per session" in text and "[held]" in text
 
 
-def test_the_command_line_takes_a_pair_and_a_data_set():
-    judge()  # loads the study
-    replicate = sys.modules["test_study_replicate"]
-    cfg = replicate.parse_args(["--one-stage", "ckpt/one", "--two-stage", "ckpt/pair",
-                                "--dataset", "koniq10k=/data"])
-    assert (cfg.one_stage, cfg.two_stage, cfg.dataset) == ("ckpt/one", "ckpt/pair", "koniq10k=/data")
-    assert replicate.parse_args([]).dataset == "builtin" and replicate.parse_args([]).one_stage is None
-    with pytest.raises(ValueError, match="--one-stage and --two-stage go together"):
-        replicate.Config(one_stage="ckpt/one")
+def test_a_finding_with_an_undefined_statistic_is_set_apart():
+    rng = np.random.default_rng(4)
+    one, two = per_image(0.0, rng), per_image(1.0, rng)
+    one["store"]["score"] = np.full(len(IDS), 0.5)  # a constant score has no SRCC
+    two["store"]["score"] = np.full(len(IDS), 0.5)
+    found = judge()({"one-stage": {"per_image": one}, "two-stage": {"per_image": two}})
+    tested, untested = judging.split_untested(found)
+    assert len(tested) + len(untested) == len(found) == 6
+    (f,) = untested
+    assert "SRCC" in f["finding"] and f["evidence"] == judging.UNDEFINED and f["verdict"] == "inconclusive"
+    assert all(np.isfinite([g["effect"], g["p_value"], *g["ci"]]).all() for g in tested)
