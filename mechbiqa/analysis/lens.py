@@ -674,7 +674,7 @@ def train_tuned_lens(
     config: TunedLensTraining = TunedLensTraining(),
     *,
     last_layer: int | None = None,
-    heldout: Sequence[int] | None = None,
+    heldout: Sequence[int] | np.ndarray | None = None,
 ) -> TunedLensFit:
     """Train per-layer translators to minimise KL(final || tuned lens) on part of the samples.
 
