@@ -104,6 +104,9 @@ class AttributionSettings:
         metric: The attribution-patching metric (``logit_diff``: good - poor at the quality position,
             linear in the logits, as the patching study; or the Q-Align ``score``).
         sites: Patched sites (`mechbiqa.analysis.patching.SITES`).
+        path_steps: Gradients averaged along the path from each image to its reference
+            (`mechbiqa.analysis.attribution_patching.attribution_patching`'s ``steps``; 1: the plain
+            first-order estimate at the clean run).
         validate: Run the activation-patching grid as the check (one forward per site, layer and
             position; expensive for a 7B model: restrict ``validate_layers``).
         validate_layers: Layers of that check (None: every layer).
@@ -122,6 +125,7 @@ class AttributionSettings:
     n_patch: int = 8
     metric: Metric = "logit_diff"
     sites: tuple[str, ...] = ("resid", "kv")
+    path_steps: int = 1
     validate: bool = True
     validate_layers: tuple[int, ...] | None = None
     chunk: int = 8
@@ -382,6 +386,7 @@ def patching_section(
         attention_mask=batch.attention_mask,
         keep_pattern=True,
         chunk=settings.chunk,
+        steps=settings.path_steps,
     )
     actual: dict[str, np.ndarray] = {}
     if settings.validate:
@@ -424,6 +429,7 @@ def patching_section(
     metrics = {
         "metric": settings.metric,
         "reference": "source",
+        "path_steps": settings.path_steps,
         "n_images": len(picked),
         "sites": list(estimate.sites),
         "layers": estimate.layers.tolist(),
