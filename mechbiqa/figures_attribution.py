@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from rich.table import Table
 
-from mechbiqa.figures import ROLE_COLOURS, _figure, _save
+from mechbiqa.figures import LEVEL_COLOURS, ROLE_COLOURS, _figure, _save
+from mechbiqa.model.prompts import LEVEL_WORDS
 
 if TYPE_CHECKING:
     from mechbiqa.analysis.attribution_patching import AttributionPatchingResult
@@ -28,6 +29,7 @@ __all__ = [
     "attribution_patching_table",
     "dla_figure",
     "dla_table",
+    "lens_pair_figure",
     "tuned_lens_figure",
     "tuned_lens_table",
 ]
@@ -186,3 +188,35 @@ def tuned_lens_table(
             str(layer), *[f"{v[i]:.3g}" for v in kl.values()], *[f"{v[i]:.0%}" for v in agreement.values()]
         )
     return table
+
+
+def lens_pair_figure(
+    layers: Sequence[int],
+    level_probs: Mapping[str, np.ndarray],
+    kl: Mapping[str, np.ndarray],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """The level-word trajectory of each lens side by side (mean over samples), and their KL to the final.
+
+    Args:
+        layers: ``[layer]`` layer numbers.
+        level_probs: Lens name -> ``[layer, level]`` mean level-word probabilities (excellent .. bad).
+        kl: Lens name -> ``[layer]`` mean KL(final || lens), nats.
+        path: The PNG.
+        title: Figure title.
+    """
+    fig = _figure(4.0 * (len(level_probs) + 1), 3.2)
+    axes = fig.subplots(1, len(level_probs) + 1)
+    for ax, (name, probs) in zip(axes, level_probs.items(), strict=False):
+        for k, word in enumerate(LEVEL_WORDS):
+            ax.plot(layers, np.asarray(probs)[:, k], marker="o", ms=3, color=LEVEL_COLOURS[k], label=word)
+        ax.set(xlabel="layer", ylabel="p(level)", ylim=(0, 1), title=f"{name} lens")
+    axes[0].legend(fontsize=6)
+    for name, values in kl.items():
+        axes[-1].plot(layers, values, marker="o", label=name)
+    axes[-1].set(xlabel="layer", ylabel="KL(final || lens), nats", title="KL to the final distribution")
+    axes[-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

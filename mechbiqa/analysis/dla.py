@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECTIONS",
+    "DLA_HEADS_SPEC",
     "DLA_SPEC",
     "SOURCE_ROLES",
     "DLAResult",
@@ -92,10 +93,9 @@ _PATTERN = "llm.blocks.{l}.attn.hook_pattern"
 _V = "llm.blocks.{l}.attn.hook_v"
 _RESID = "llm.blocks.{l}.hook_resid_post"
 
-DLA_SPEC = (
-    f"{_EMBED}@quality:0; {_Z}@quality; {_MLP}@quality; {_SCALE}@quality; {_LOGITS}@quality; "
-    f"{_PATTERN}@quality; {_V}@all"
-)
+DLA_HEADS_SPEC = f"{_EMBED}@quality:0; {_Z}@quality; {_MLP}@quality; {_SCALE}@quality; {_LOGITS}@quality"
+"""The sites of the per-head and per-MLP parts alone (no split by source; small: heads x d_head per layer)."""
+DLA_SPEC = f"{DLA_HEADS_SPEC}; {_PATTERN}@quality; {_V}@all"
 """The cache spec (`mechbiqa.store.CacheSpec.parse`) `dla_from_store` reads. The first five sites
 give the per-head and per-MLP parts (small: heads x d_head per layer); the last two the split by
 source position, and ``hook_v@all`` is large (pos x kv_heads x d_head per layer and sample: ~180 MB

@@ -674,6 +674,7 @@ def train_tuned_lens(
     config: TunedLensTraining = TunedLensTraining(),
     *,
     last_layer: int | None = None,
+    heldout: Sequence[int] | np.ndarray | None = None,
 ) -> TunedLensFit:
     """Train per-layer translators to minimise KL(final || tuned lens) on part of the samples.
 
@@ -683,6 +684,8 @@ def train_tuned_lens(
         layers: The layer number of each row of ``resid``; the last row is the model's output.
         config: Steps, learning rate, hold-out.
         last_layer: The model's last layer (default: ``layers[-1]``).
+        heldout: The samples to hold out (indices into ``resid``; e.g. one fold of a
+            cross-fitting); None: a seeded ``config.holdout`` fraction.
 
     Returns:
         A `TunedLensFit` (the held-out samples are for the reported KL; see `kl_to_final`).
@@ -691,10 +694,19 @@ def train_tuned_lens(
     n = resid.shape[1]
     if n < 2:
         raise ValueError(f"training a tuned lens needs at least 2 samples (one held out); got {n}")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_held = min(n - 1, max(1, round(config.holdout * n)))
-    heldout, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    if heldout is None:
+        order = np.random.default_rng(config.seed).permutation(n)
+        n_held = min(n - 1, max(1, round(config.holdout * n)))
+        heldout, train = np.sort(order[:n_held]), np.sort(order[n_held:])
+    else:
+        heldout = np.unique(np.asarray(heldout, dtype=np.int64))
+        if not len(heldout) or heldout.min() < 0 or heldout.max() >= n or len(heldout) == n:
+            raise ValueError(
+                f"heldout must name between 1 and {n - 1} of the {n} samples (indices 0..{n - 1}); "
+                f"got {len(heldout)} indices in [{heldout.min() if len(heldout) else '-'}, "
+                f"{heldout.max() if len(heldout) else '-'}]"
+            )
+        train = np.setdiff1d(np.arange(n), heldout)
     lens = TunedLens(base, layers, last_layer if last_layer is not None else layers[-1])
     for p in list(base.ln_final.parameters()) + list(base.unembed.parameters()):
         p.requires_grad_(False)  # the read-out is the model's own

@@ -20,6 +20,7 @@ import torch
 from mechbiqa import figures, outputs
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.capture import record_rater, scoring_components
+from mechbiqa.analysis.dla import DLA_HEADS_SPEC, DLA_SPEC
 from mechbiqa.analysis.grounding import grounding, rate_paths
 from mechbiqa.analysis.instability import (
     InstabilityResult,
@@ -39,10 +40,27 @@ from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.pipeline import OneStageRater, TwoStageRater
 from mechbiqa.scoring import level_ids
 from mechbiqa.store import ActivationStore, CacheSpec, StoreError
+from mechbiqa.store.spec import PRESETS
 
-__all__ = ["ProbeSettings", "rated_store", "analyse_store", "probe_section", "patching_summary",
-           "sampled_instability", "image_token_patching", "grounding_per_image", "instability_section",
-           "rating_summary"]
+__all__ = ["STORE_SPEC", "STORE_SPEC_HEADS", "ProbeSettings", "rated_store", "analyse_store", "probe_section",
+           "patching_summary", "sampled_instability", "image_token_patching", "grounding_per_image",
+           "instability_section", "rating_summary"]
+
+
+def _with_default(sites: str) -> str:
+    """``"default; <sites>"`` without the sites the default preset already holds (a spec names each once)."""
+    held = {site.key for site in PRESETS["default"]}
+    items = [item.strip() for item in sites.split(";")]
+    return "; ".join(["default", *(item for item in items if item.split(":")[0] not in held)])
+
+
+STORE_SPEC = _with_default(DLA_SPEC)
+"""What the main job's stores record (`CacheSpec.parse` text): the default preset (logit lens,
+attention attribution, probes) and `DLA_SPEC` (direct logit attribution and its split by source
+role). The split's ``hook_v@all`` is the large part (~100 MB per sample in float32 for a 7B model
+with a 200-token prompt); `STORE_SPEC_HEADS` keeps the per-head parts only."""
+STORE_SPEC_HEADS = _with_default(DLA_HEADS_SPEC)
+"""The default preset and `DLA_HEADS_SPEC`: direct logit attribution by head, no split by source."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,7 @@ class ProbeSettings:
 
 
 def rated_store(rater: OneStageRater | TwoStageRater, records: Sequence[Any], path: Path,
-                store_dtype: str = "float32") -> Path:
+                store_dtype: str = "float32", spec: str = STORE_SPEC) -> Path:
     """The checkpoint's store of ``records``: reused when finished for the same model and images.
 
     Otherwise the images are rated and their scoring prompts recorded; an interrupted store
@@ -74,24 +92,25 @@ def rated_store(rater: OneStageRater | TwoStageRater, records: Sequence[Any], pa
         rater: The checkpoint's rater; its scoring model is recorded.
         records: The images (`IQARecord`s).
         path: The store.
-        store_dtype: Activation dtype (`CacheSpec.default`).
+        store_dtype: Activation dtype.
+        spec: What to record (`CacheSpec.parse` text; default `STORE_SPEC`).
     """
     from mechbiqa_hooks.record import model_identity
 
     model = scoring_components(rater).model
-    spec = CacheSpec.default(store_dtype)
+    cache_spec = CacheSpec.parse(spec, store_dtype)
     try:
         with ActivationStore.open(path) as store:
             store.check_identity(model_identity(model))
-            same = store.ids("all") == [str(r.id) for r in records] and store.info.spec == spec
+            same = store.ids("all") == [str(r.id) for r in records] and store.info.spec == cache_spec
             if store.complete and same:
                 return path
     except (FileNotFoundError, StoreError):
         pass
     try:
-        return record_rater(rater, records, path, spec).path
-    except StoreError:  # another model, images or schema: start again
-        return record_rater(rater, records, path, spec, overwrite=True).path
+        return record_rater(rater, records, path, cache_spec).path
+    except StoreError:  # another model, images, spec or schema: start again
+        return record_rater(rater, records, path, cache_spec, overwrite=True).path
 
 
 def analyse_store(path: Path, rater: OneStageRater | TwoStageRater, probes: ProbeSettings, out: Path

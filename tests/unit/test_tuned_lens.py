@@ -65,3 +65,19 @@ def test_training_lowers_held_out_kl_and_keeps_the_last_layer(base, tmp_path):
         TunedLens.load(tmp_path, base)
     with pytest.raises(KeyError, match="no translator for layer 5"):
         fit.lens(resid[0], 5)
+
+
+def test_given_held_out_samples_are_not_trained_on(base):
+    """Cross-fitting: the named samples are held out; moving them does not change the fit on the others."""
+    resid = planted(n=16)
+    config = TunedLensTraining(steps=10, lr=5e-2, batch_size=None)
+    fit = train_tuned_lens(base, resid, [0, 1, 2], config, heldout=[3, 0, 7])
+    assert fit.heldout.tolist() == [0, 3, 7] and fit.train.tolist() == [i for i in range(16) if i not in (0, 3, 7)]
+    # the held-out rows may be anything: the translators depend on the training rows alone
+    changed = resid.clone()
+    changed[:, [0, 3, 7]] = 100.0
+    other = train_tuned_lens(base, changed, [0, 1, 2], config, heldout=[0, 3, 7])
+    torch.testing.assert_close(other.lens.translators["0"].weight, fit.lens.translators["0"].weight)
+    for bad in ([], list(range(16)), [16]):
+        with pytest.raises(ValueError, match="heldout must name"):
+            train_tuned_lens(base, resid, [0, 1, 2], config, heldout=bad)
