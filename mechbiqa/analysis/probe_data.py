@@ -31,11 +31,12 @@ from mechbiqa.analysis.probes import (
 from mechbiqa.model.prompts import LEVEL_WEIGHTS
 from mechbiqa.sources import load_lens, stored_model
 from mechbiqa.store import CacheSpec
+from mechbiqa_hooks import names
 
 __all__ = ["RESID", "ProbeData", "ProbeRun", "ProbeAnalysis", "photo_of", "data_from_store",
            "data_from_rater", "split_masks", "compare_heads", "analyse_probes"]
 
-RESID = "llm.blocks.{l}.hook_resid_post"
+RESID = names.resid_post(names.EACH)
 _QALIGN = np.asarray(LEVEL_WEIGHTS)
 
 
@@ -275,7 +276,7 @@ def data_from_rater(
     read_out = (LogitLens.from_model(reader.model), reader.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(store) if store is not None else Path(tmp) / "rated.h5"
-        spec = CacheSpec.parse(f"{RESID}@quality; llm.unembed.hook_out@quality", dtype="float32")
+        spec = CacheSpec.parse(f"{RESID}@quality; {names.LOGITS}@quality", dtype="float32")
         record_rater(
             rater, records, path, spec, batch_size=batch_size, rate_batch_size=batch_size, overwrite=True
         )
