@@ -10,12 +10,22 @@ from mechbiqa_hooks import names
 
 
 def test_templates_are_the_layer_names_with_each():
-    for build in (names.resid_pre, names.resid_mid, names.resid_post, names.attn_out, names.mlp_out, names.pattern):
+    for build in (
+        names.resid_pre,
+        names.resid_mid,
+        names.resid_post,
+        names.attn_out,
+        names.mlp_out,
+        names.pattern,
+    ):
         assert build(names.EACH) == names.template(build(3)) == build(3).replace(".3.", ".{l}.")
     assert names.attn(names.EACH, "v") == "llm.blocks.{l}.attn.hook_v"
     assert names.mlp(2, "post") == "llm.blocks.2.mlp.hook_post"
     assert names.pattern(names.EACH, "abstractor") == "abstractor.blocks.{l}.hook_pattern"
-    assert names.each_layer(names.resid_post(names.EACH), [0, 2]) == [names.resid_post(0), names.resid_post(2)]
+    assert names.each_layer(names.resid_post(names.EACH), [0, 2]) == [
+        names.resid_post(0),
+        names.resid_post(2),
+    ]
     assert names.each_layer(names.LOGITS, [0, 2]) == [names.LOGITS]
     assert names.layer_of(names.attn(5, "z")) == 5 and names.layer_of(names.LN_FINAL_SCALE) is None
 
