@@ -340,3 +340,19 @@ def load_samples(dataset: str = "builtin", split: str | None = None, limit: int 
     if not records:
         raise ValueError(f"no samples in {dataset!r}" + (f" with split {split!r}" if split else ""))
     return records
+
+
+def random_compact(seed: int = 0, wide: bool = False) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
+    """An untrained compact model with a tokenizer that knows the scorer prompt and the level words.
+
+    Args:
+        seed: Seeds the weights (`seeded_model`: the caller's random state is kept).
+        wide: d_model 512 and 8 LLM layers instead of the compact 192 and 4 (closer to a 7B's
+            compute per stored byte).
+    """
+    words = [QALIGN_SCORER_PROMPT.replace("<|image|>", ""), *LEVEL_WORDS]
+    tokenizer = train_compact_tokenizer(words, vocab_size=300)
+    cfg = ModelConfig.compact(vocab_size=tokenizer.vocab_size)
+    if wide:
+        cfg = replace(cfg, llm=replace(cfg.llm, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376))
+    return seeded_model(cfg, seed), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
