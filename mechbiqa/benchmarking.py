@@ -4,6 +4,8 @@
 one model, its inputs and the four ways `studies/bench_cache.py` runs the same batches (a plain forward,
 recording to a store, TransformerLens' cache, an nnsight trace); `bench_time`, `bench_memory` and
 `bench_read` are that study's three measurements, and `memory_child` the body of its fresh processes.
+`run_measured` runs a script in its own process and reads its time and peak memory
+(`studies/smoke_7b.py`, with `shared_weights_pair`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -365,3 +369,95 @@ def bench_read(n: int, layers: int, pos: int, d: int, tmp: Path) -> dict[str, An
     for p in (path, chunked):
         p.unlink(missing_ok=True)
     return out
+
+
+# ----------------------------------------------------------------------------- a script's cost
+# Runs a script as __main__ and, at exit, writes its own peak GPU memory (the RSS peak comes from wait4).
+_WRAPPER = """
+import atexit, json, os, runpy, sys
+def _peak():
+    out = {}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = range(torch.cuda.device_count())
+        out["gpu_peak_bytes"] = max(torch.cuda.max_memory_allocated(d) for d in devices)
+    with open(os.environ["MECHBIQA_PEAK_FILE"], "w") as f:
+        json.dump(out, f)
+atexit.register(_peak)
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@dataclass
+class Step:
+    """One script's outcome (`run_measured`).
+
+    Attributes:
+        name: The step's name.
+        status: ``ok``, ``exit N`` or ``timeout``.
+        seconds: Wall time.
+        rss_gb: Peak resident set of the process (``wait4``).
+        gpu_gb: Peak GPU memory torch allocated (None: no CUDA used).
+        tail: The last lines of its log when it failed.
+    """
+
+    name: str
+    status: str
+    seconds: float
+    rss_gb: float
+    gpu_gb: float | None
+    tail: str = ""
+
+
+def run_measured(name: str, script: Path, args: Sequence[str], log_dir: Path, timeout: float) -> Step:
+    """Run ``script args`` as its own process; its wall time, peak RSS (``wait4``) and peak GPU memory.
+
+    The log goes to ``log_dir/<name>.log``; a run past ``timeout`` seconds is killed.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    peak_file, log_file = log_dir / f"{name}.peak.json", log_dir / f"{name}.log"
+    peak_file.unlink(missing_ok=True)
+    env = {**os.environ, "MECHBIQA_PEAK_FILE": str(peak_file)}
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRAPPER, str(script), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        status, usage = "timeout", None
+        while time.perf_counter() - start < timeout:
+            pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(code)
+                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+                break
+            time.sleep(0.2)
+        else:
+            proc.kill()
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = -9
+    seconds = time.perf_counter() - start
+    rss_gb = usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
+    gpu = json.loads(peak_file.read_text()).get("gpu_peak_bytes") if peak_file.is_file() else None
+    tail = "\n".join(log_file.read_text(errors="replace").strip().splitlines()[-6:]) if status != "ok" else ""
+    return Step(name, status, seconds, rss_gb, None if gpu is None else gpu / 1e9, tail)
+
+
+def shared_weights_pair(checkpoint: Path, pair: Path) -> Path:
+    """A two-stage pair folder in `studies/train_pair.py`'s layout whose stages link to one checkpoint.
+
+    Its files are linked into both stages, which so share the weights: a pipeline check, not a trained
+    pair. Existing links are kept.
+    """
+    for stage in ("stage1", "stage2"):
+        (pair / stage).mkdir(parents=True, exist_ok=True)
+        for f in checkpoint.iterdir():
+            link = pair / stage / f.name
+            if not link.exists():
+                link.symlink_to(f)
+    (pair / "mechbiqa.json").write_text(json.dumps({"mode": "two-stage", "template": "mplug_owl2"}) + "\n")
+    return pair
