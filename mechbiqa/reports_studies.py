@@ -91,3 +91,72 @@ def bench_cache_report(result: dict[str, Any]) -> list[Any]:
             f"warm re-read of one layer: {statistics.median(r['contiguous']['layer_warm_mb_s']):.0f} MB/s"
         )
     return out
+
+
+def build_benchmark_report(result: Any) -> list[Any]:
+    """`studies/build_benchmark.py`'s summary of a `mechbiqa.data.summary.BuildResult`.
+
+    Splits, cells, label histogram, level-word edges, example descriptions, the independent check
+    and the files.
+    """
+    out: list[Any] = []
+    how = "reused" if result.reused else "built"
+    out.append(
+        f"[bold]Benchmark[/] {result.root} ({how} in {result.seconds:.1f} s; original build "
+        f"{result.build_seconds} s), {result.n_images} images, fingerprint {result.fingerprint[:12]}"
+    )
+
+    splits = Table(title="Splits (by reference photo)")
+    for col in ("split", "photos", "images", *LEVEL_WORDS):
+        splits.add_column(col)
+    for s, photos in result.photos_per_split.items():
+        words = result.word_counts.get(s, {})
+        splits.add_row(
+            s,
+            ", ".join(photos),
+            str(result.images_per_split[s]),
+            *(str(words.get(w, 0)) for w in LEVEL_WORDS),
+        )
+    out.append(splits)
+
+    cells = Table(title="Images and mean label (MOS 1-5) per type and level")
+    cells.add_column("distortion")
+    for level in range(6):
+        cells.add_column(f"L{level}", justify="right")
+    for name, counts in result.cell_counts.items():
+        means = result.cell_mean_mos[name]
+        cells.add_row(name, *(f"{n} / {m:.2f}" if n else "" for n, m in zip(counts, means, strict=True)))
+    out.append(cells)
+
+    hist = Table(title="Label distribution (MOS bins)")
+    hist.add_column("bin")
+    for s in ("train", "val", "test"):
+        hist.add_column(s, justify="right")
+    edges = result.mos_histogram["edges"]
+    for i in range(len(edges) - 1):
+        hist.add_row(
+            f"{edges[i]:.2f}-{edges[i + 1]:.2f}",
+            *(str(result.mos_histogram[s][i]) for s in ("train", "val", "test")),
+        )
+    out.append(hist)
+    out.append("Level-word edges: " + ", ".join(f"{e:.2f}" for e in result.word_edges))
+
+    ex = Table(title="Example descriptions (test split)")
+    for col in ("id", "word", "MOS", "description"):
+        ex.add_column(col)
+    for id_, word, mos, text in result.examples:
+        ex.add_row(id_, word, f"{mos:.2f}", text)
+    out.append(ex)
+
+    c = result.check
+    ci = c.get("ci", {}).get("srcc")
+    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    out.append(
+        f"[bold]Independent check[/]: {c['measure'].upper()} (labels use {result.label_measure.upper()}) "
+        "vs labels on "
+        f"{c['split']} (n={c['n']}): SRCC {c['srcc']:.3f}{ci_text}, KRCC {c['krcc']:.3f}, "
+        f"PLCC {c['plcc_fitted']:.3f} after {c['fit']['kind'] if c['fit'] else 'no'} fit"
+        + (f"; flags {c['flags']}" if c["flags"] else "")
+    )
+    out.append(f"Contact sheet: {result.contact_sheet}\nSummary: {result.summary_json}")
+    return out
