@@ -160,3 +160,27 @@ def build_benchmark_report(result: Any) -> list[Any]:
     )
     out.append(f"Contact sheet: {result.contact_sheet}\nSummary: {result.summary_json}")
     return out
+
+
+def cache_activations_report(result: Any) -> list[str]:
+    """`studies/cache_activations.py`'s lines of a `mechbiqa.analysis.caching.CacheRun`: recorded, failed."""
+    if result.rank != 0:
+        return []
+    r = result.record
+    how = (
+        "already complete"
+        if r.n_recorded == 0
+        else (
+            f"recorded {r.n_recorded} samples in {r.seconds:.1f} s "
+            f"({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
+            + (f", resumed at sample {r.resumed_from}" if r.resumed_from else "")
+        )
+    )
+    out = [
+        f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
+        + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
+    ]
+    out += [f"  [yellow]failed[/] {sample_id}: {reason}" for sample_id, reason in result.errors[:20]]
+    if len(result.errors) > 20:
+        out.append(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
+    return out
