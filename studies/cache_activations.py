@@ -164,8 +164,10 @@ def main(cfg: Config, progress: Any = None) -> Result:
     def write_config() -> None:  # only once the store accepted the run: it always describes the store
         outputs.write_config(Path(str(cfg.out) + ".config.json"), cfg)  # written whole or not at all
 
-    return cache_sharded(Path(cfg.out), samples, planner, group=group, overwrite=cfg.overwrite,
-                         fsync=cfg.fsync, progress=progress, on_open=write_config, align=cfg.batch_size)  # fmt: skip
+    return cache_sharded(
+        Path(cfg.out), samples, planner, group=group, overwrite=cfg.overwrite, fsync=cfg.fsync,
+        progress=progress, on_open=write_config, align=cfg.batch_size,
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
