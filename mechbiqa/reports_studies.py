@@ -1,8 +1,8 @@
-"""Tables of the benchmark, smoke and data-summary studies (the numbers come from their `main`).
+"""Tables and lines of study results that `mechbiqa.reports` does not draw.
 
-Like `mechbiqa.reports`, each function returns rich renderables (tables, lines of text) and prints
-nothing: a study's ``render`` prints them in order. Kept apart from `mechbiqa.reports`, which holds
-the tables of the analyses.
+The benchmark, smoke and data-summary studies' tables, the caching run's lines, the probes'
+summary sentence. Like `mechbiqa.reports`, each function returns rich renderables (tables, lines
+of text) and prints nothing: a study's ``render`` prints them in order.
 """
 
 from __future__ import annotations
@@ -184,3 +184,17 @@ def cache_activations_report(result: Any) -> list[str]:
     if len(result.errors) > 20:
         out.append(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
     return out
+
+
+def probes_summary_line(result: Any) -> str:
+    """`studies/probes.py`'s sentence on a `ProbeAnalysis`: where quality becomes decodable."""
+    curve = result.curve
+    return (
+        f"quality is linearly decodable (90% of the best probe) from layer {curve.decodable_layer()}; "
+        f"best probe layer {curve.best_layer}"
+        + (
+            f"; the lens answer settles at median layer {result.lens_settle:g}"
+            if result.lens_settle is not None
+            else ""
+        )
+    )

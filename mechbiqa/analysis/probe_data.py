@@ -352,3 +352,29 @@ def analyse_probes(data: ProbeData, cfg: ProbeRun) -> ProbeAnalysis:
         head=head,
         source=data.source,
     )
+
+
+def data_from_checkpoint(
+    checkpoint: str,
+    dataset: str,
+    store: Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_new_tokens: int = 48,
+) -> ProbeData:
+    """`data_from_rater` for a checkpoint directory (one-stage, two-stage pair or real) over a data set.
+
+    The checkpoint and records load as in every study (`mechbiqa.sources`); the store is written at
+    ``store`` and named, with the checkpoint, as the data's source.
+    """
+    from mechbiqa.sources import load_raters, load_samples
+
+    raters = load_raters((checkpoint,), dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    ((rater, path),) = raters.values()
+    records = load_samples(dataset, None, limit)
+    return data_from_rater(
+        rater, records, store=store, batch_size=batch_size, source=f"{store} (recorded from {path})"
+    )
