@@ -1,10 +1,11 @@
-"""Data sets laid out as the real ones are released, filled with random images (pipeline checks at scale).
+"""Images made for checks and demos: data sets laid out as the real ones are released, demo photos.
 
 `write_koniq_like` writes a folder that `mechbiqa.data.load_dataset("koniq10k", root)`
 reads as KonIQ-10k (``1024x768/`` JPEGs and ``koniq10k_scores_and_distributions.csv``);
 `write_qpathway_like` an annotation file in Q-Pathway's conversation format over the
 same image names. `studies/smoke_7b.py` runs every study on them; the pixels are noise,
-so the numbers mean nothing. Both reuse what is already written.
+so the numbers mean nothing. Both reuse what is already written. `demo_images` saves packaged
+photos clean and distorted, for a first rating.
 """
 
 from __future__ import annotations
@@ -55,3 +56,25 @@ def write_qpathway_like(path: Path, n_images: int) -> Path:
     ]
     Path(path).write_text(json.dumps(entries, indent=1) + "\n")
     return Path(path)
+
+
+def demo_images(out_dir: Path, seed: int) -> list[Path]:
+    """Three packaged photos, each clean, blurred and noisy (KADID level 4), saved in ``out_dir/images``.
+
+    What `studies/score_images.py` rates when no image is given: the ratings should fall from
+    clean to distorted. ``seed`` draws the noise.
+    """
+    from mechbiqa.data.distortions import apply_distortion
+    from mechbiqa.data.photos import find_photos, load_photo
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for info in find_photos()[:3]:
+        photo = load_photo(info)
+        for kind, image in (("clean", photo), ("blur", apply_distortion(photo, "gaussian_blur", 4, rng)),
+                            ("noise", apply_distortion(photo, "white_noise", 4, rng))):  # fmt: skip
+            path = Path(out_dir) / "images" / f"{info.id}_{kind}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+            paths.append(path)
+    return paths
