@@ -364,3 +364,35 @@ def spread(records: Sequence[Any], n: int) -> list[Any]:
     if n >= len(records):
         return list(records)
     return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
+
+
+def random_compact(seed: int = 0, wide: bool = False) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:
+    """An untrained compact model with a tokenizer that knows the scorer prompt and the level words.
+
+    Args:
+        seed: Seeds the weights (`seeded_model`: the caller's random state is kept).
+        wide: d_model 512 and 8 LLM layers instead of the compact 192 and 4 (closer to a 7B's
+            compute per stored byte).
+    """
+    words = [QALIGN_SCORER_PROMPT.replace("<|image|>", ""), *LEVEL_WORDS]
+    tokenizer = train_compact_tokenizer(words, vocab_size=300)
+    cfg = ModelConfig.compact(vocab_size=tokenizer.vocab_size)
+    if wide:
+        cfg = replace(cfg, llm=replace(cfg.llm, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_mlp=1376))
+    return seeded_model(cfg, seed), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
+
+
+def load_store_rater(
+    model: str | None, *, tiny_random: bool, seed: int, dtype: str, device: str, max_new_tokens: int
+) -> tuple[Any, str | None]:
+    """The rater a ``rated`` store is recorded with, and the store's model name (None: its checkpoint's).
+
+    ``tiny_random``: the tiny random one-stage rater, named as `tiny_random_model(seed)` (its weights);
+    else the checkpoint ``model`` (default: `DEFAULT_CHECKPOINT`), a one-stage directory or a pair.
+    """
+    if tiny_random:
+        return tiny_raters(seed, max_new_tokens)["one-stage"], tiny_random_name(seed)
+    where = (str(model or DEFAULT_CHECKPOINT),)
+    raters = load_raters(where, dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    ((rater, _),) = raters.values()
+    return rater, None

@@ -33,19 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from mechbiqa import cli, outputs
 from mechbiqa import figures_attribution as fa
-from mechbiqa.analysis.attribution_patching import (
-    AttributionPatchingResult,
-    activation_patching_grid,
-    attribution_patching,
-    compare_with_attention,
-    correlation,
-    farthest_reference,
-    metric_of,
-)
+from mechbiqa.analysis.attribution_check import check_estimate, clean_sources
+from mechbiqa.analysis.attribution_patching import AttributionPatchingResult, attribution_patching
 from mechbiqa.analysis.patching import SITES, Readout
 from mechbiqa.analysis.scoring_batch import scoring_batch
 from mechbiqa.scoring import level_ids
@@ -157,28 +149,15 @@ def main(cfg: Config) -> Result:
     checkpoint = None if cfg.tiny_random else (cfg.model or str(DEFAULT_CHECKPOINT))
     batch = scoring_batch(model, tokenizer, processor([s.image_path for s in samples]), checkpoint)
     readout = Readout(tuple(level_ids(tokenizer)))
-    args = (model, batch.input_ids, batch.pixels, batch.image_positions, readout)
-    source_of = None
-    if cfg.reference == "source":  # the reference run: a plain forward gives every image's clean metric
-        with torch.no_grad():
-            logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits
-        clean = metric_of(logits[:, readout.position], readout, cfg.metric)
-        source_of = torch.from_numpy(farthest_reference(clean.float().cpu().numpy()))
+    source_of = clean_sources(model, batch, readout, cfg.metric) if cfg.reference == "source" else None
     estimate = attribution_patching(
-        *args, metric=cfg.metric, reference=cfg.reference, source_of=source_of, sites=cfg.sites,  # type: ignore[arg-type]
-        attention_mask=batch.attention_mask, keep_pattern=True, chunk=cfg.chunk,
+        model, batch.input_ids, batch.pixels, batch.image_positions, readout, metric=cfg.metric,
+        reference=cfg.reference, source_of=source_of, sites=cfg.sites, attention_mask=batch.attention_mask,
+        keep_pattern=True, chunk=cfg.chunk,
     )  # fmt: skip
-    actual: dict[str, np.ndarray] = {}
-    if cfg.validate_layers != ():
-        actual = activation_patching_grid(
-            *args, estimate, layers=cfg.validate_layers, attention_mask=batch.attention_mask,
-            batch_size=cfg.batch_size,
-        )  # fmt: skip
-    corr = {site: correlation(estimate.site(site), grid) for site, grid in actual.items()}
-    n_image = model.cfg.n_image_tokens
-    top, attended, overlap = compare_with_attention(
-        estimate, batch.role_array, batch.image_index, n_image, cfg.k, cfg.sites[0]
-    )
+    actual, corr, top, attended, overlap = check_estimate(model, batch, readout, estimate, k=cfg.k,
+        layers=cfg.validate_layers, batch_size=cfg.batch_size, site=cfg.sites[0])  # fmt: skip
+    chance = cfg.k / model.cfg.n_image_tokens
     out, image_ids = Path(cfg.out), tuple(str(s.id) for s in samples)
     summary = {
         "model": name,
@@ -193,7 +172,7 @@ def main(cfg: Config) -> Result:
         "top_tokens": top,
         "most_attended": attended,
         "overlap_with_most_attended": float(overlap.mean()),
-        "overlap_chance": cfg.k / n_image,
+        "overlap_chance": chance,
         "activation_patching": {s: np.nan_to_num(g.mean(0), nan=0.0) for s, g in actual.items()},
     }
     files = {
@@ -201,7 +180,7 @@ def main(cfg: Config) -> Result:
         "json": outputs.write_json(out / f"{NAME}.json", summary),
         "figure": fa.attribution_patching_map(estimate, out / f"{NAME}.png", actual),
     }
-    return Result(estimate, actual, corr, overlap, cfg.k / n_image, image_ids, files)
+    return Result(estimate, actual, corr, overlap, chance, image_ids, files)
 
 
 def render(result: Result, console: Any) -> None:

@@ -16,22 +16,20 @@ summary in the terminal.
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Literal
 
 from mechbiqa import cli, outputs
 from mechbiqa.data import (
     DEFAULT_DISTORTIONS,
-    Benchmark,
     BenchmarkConfig,
     build_benchmark,
     full_reference_agreement,
 )
-from mechbiqa.data.records import LEVEL_WORDS
+from mechbiqa.data.summary import BuildResult, summarise_benchmark
+from mechbiqa.figures_data import contact_sheet
+from mechbiqa.reports_studies import build_benchmark_report
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,142 +105,12 @@ class Config:
         )
 
 
-@dataclass(frozen=True)
-class BuildResult:
-    """What the build produced.
-
-    Attributes:
-        root: Benchmark directory.
-        fingerprint: Its fingerprint.
-        reused: Whether an existing build was loaded.
-        seconds: Wall time of this run's build or load.
-        build_seconds: Wall time of the original build.
-        n_images: Number of images.
-        photos_per_split: Photo ids per split.
-        images_per_split: Image counts per split.
-        cell_counts: ``{distortion: [count per level 0..5]}``.
-        cell_mean_mos: ``{distortion: [mean label per level, None where empty]}``.
-        word_counts: ``{split: {word: count}}``.
-        word_edges: Level-word bin edges.
-        mos_histogram: ``{"edges": [...], split: [counts]}``.
-        examples: (id, level word, MOS, description) samples.
-        check: The independent check, `IQAMetrics.to_dict()` plus the measure and split.
-        contact_sheet: Path of the PNG.
-        summary_json: Path of the JSON summary.
-    """
-
-    root: Path
-    fingerprint: str
-    reused: bool
-    seconds: float
-    build_seconds: float | None
-    n_images: int
-    photos_per_split: dict[str, list[str]]
-    images_per_split: dict[str, int]
-    cell_counts: dict[str, list[int]]
-    cell_mean_mos: dict[str, list[float | None]]
-    word_counts: dict[str, dict[str, int]]
-    word_edges: list[float]
-    mos_histogram: dict[str, list[float]]
-    examples: list[tuple[str, str, float, str]]
-    check: dict[str, Any]
-    contact_sheet: Path
-    summary_json: Path
-    label_measure: str = field(default="ssim")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        d = asdict(self)
-        for k in ("root", "contact_sheet", "summary_json"):
-            d[k] = str(d[k])
-        return d
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Computation
-# ---------------------------------------------------------------------------------------------------------
-
-
-def summarise(bench: Benchmark, cfg: Config) -> dict[str, Any]:
-    """Counts, label statistics and examples of a built benchmark."""
-    splits = ("train", "val", "test")
-    photos_per_split = {s: sorted({r.meta["photo"] for r in bench.split(s)}) for s in splits}
-    images_per_split = {s: len(bench.split(s)) for s in splits}
-    per_cell: dict[str, list[list[float]]] = defaultdict(lambda: [[] for _ in range(6)])
-    for r in bench.records:
-        per_cell[r.distortion][r.level].append(r.score)
-    order = ["pristine", *bench.config.distortions]
-    cell_counts = {d: [len(v) for v in per_cell[d]] for d in order if d in per_cell}
-    cell_mean = {
-        d: [round(float(np.mean(v)), 3) if v else None for v in per_cell[d]] for d in order if d in per_cell
-    }
-    word_counts = {
-        s: {w: c for w, c in Counter(r.level_word for r in bench.split(s)).items()} for s in splits
-    }
-    edges = np.linspace(1.0, 5.0, 17)
-    histogram: dict[str, list[float]] = {"edges": edges.tolist()}
-    for s in splits:
-        histogram[s] = np.histogram([r.score for r in bench.split(s)], bins=edges)[0].tolist()
-    rng = np.random.default_rng(cfg.seed)
-    test = bench.split("test")
-    picks = rng.choice(len(test), size=min(cfg.examples, len(test)), replace=False)
-    examples = [
-        (test[i].id, test[i].level_word, round(test[i].score, 3), test[i].description) for i in sorted(picks)
-    ]
-    return dict(
-        photos_per_split=photos_per_split,
-        images_per_split=images_per_split,
-        cell_counts=cell_counts,
-        cell_mean_mos=cell_mean,
-        word_counts=word_counts,
-        mos_histogram=histogram,
-        examples=examples,
-    )
-
-
-def contact_sheet(bench: Benchmark, path: Path, split: str = "test") -> Path:
-    """PNG grid: one crop of ``split`` under every type (rows) and level 0-5 (columns), with labels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = bench.split(split) or list(bench.records)
-    ref_id = sorted({r.ref_id for r in records})[0]
-    by_cell = {(r.distortion, r.level): r for r in records if r.ref_id == ref_id}
-    rows = list(bench.config.distortions)
-    fig = Figure(figsize=(6 * 1.25, len(rows) * 1.35 + 0.4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), 6, squeeze=False)
-    for i, name in enumerate(rows):
-        for level in range(6):
-            ax = axes[i][level]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            rec = by_cell.get(("pristine", 0)) if level == 0 else by_cell.get((name, level))
-            if rec is None:
-                ax.axis("off")
-                continue
-            ax.imshow(bench.load_image(rec), interpolation="nearest")
-            ax.set_title(f"{rec.score:.2f} {rec.level_word}", fontsize=7, pad=2)
-            if level == 0:
-                ax.set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    height = len(rows) * 1.35 + 0.4
-    fig.suptitle(
-        f"{ref_id} ({split}): level 0 (pristine) to 5; label = MOS (1-5) and level word",
-        fontsize=9,
-        y=1 - 0.08 / height,
-        va="top",
-    )
-    fig.subplots_adjust(left=0.2, right=0.99, top=1 - 0.55 / height, bottom=0.01, hspace=0.35, wspace=0.05)
-    fig.savefig(path)
-    return path
-
-
 def main(cfg: Config) -> BuildResult:
     """Build or load the benchmark, summarise it, check it, and write the summary and contact sheet."""
     start = time.perf_counter()
     bench = build_benchmark(cfg.benchmark_config(), cfg.out_dir, overwrite=cfg.overwrite)
     seconds = time.perf_counter() - start
-    stats = summarise(bench, cfg)
+    stats = summarise_benchmark(bench, cfg.examples, cfg.seed)
     metrics = full_reference_agreement(bench, cfg.check_measure, cfg.check_split, bootstrap=cfg.bootstrap)
     check = dict(metrics.to_dict(), measure=cfg.check_measure, split=cfg.check_split)
     sheet = contact_sheet(bench, bench.root / "contact_sheet.png")
@@ -264,76 +132,13 @@ def main(cfg: Config) -> BuildResult:
     return result
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------------------
-
-
 def render(result: BuildResult, console=None) -> None:
     """Print a rich summary of a `BuildResult`."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
-    how = "reused" if result.reused else "built"
-    console.print(
-        f"[bold]Benchmark[/] {result.root} ({how} in {result.seconds:.1f} s; original build "
-        f"{result.build_seconds} s), {result.n_images} images, fingerprint {result.fingerprint[:12]}"
-    )
-
-    splits = Table(title="Splits (by reference photo)")
-    for col in ("split", "photos", "images", *LEVEL_WORDS):
-        splits.add_column(col)
-    for s, photos in result.photos_per_split.items():
-        words = result.word_counts.get(s, {})
-        splits.add_row(
-            s,
-            ", ".join(photos),
-            str(result.images_per_split[s]),
-            *(str(words.get(w, 0)) for w in LEVEL_WORDS),
-        )
-    console.print(splits)
-
-    cells = Table(title="Images and mean label (MOS 1-5) per type and level")
-    cells.add_column("distortion")
-    for level in range(6):
-        cells.add_column(f"L{level}", justify="right")
-    for name, counts in result.cell_counts.items():
-        means = result.cell_mean_mos[name]
-        cells.add_row(name, *(f"{n} / {m:.2f}" if n else "" for n, m in zip(counts, means, strict=True)))
-    console.print(cells)
-
-    hist = Table(title="Label distribution (MOS bins)")
-    hist.add_column("bin")
-    for s in ("train", "val", "test"):
-        hist.add_column(s, justify="right")
-    edges = result.mos_histogram["edges"]
-    for i in range(len(edges) - 1):
-        hist.add_row(
-            f"{edges[i]:.2f}-{edges[i + 1]:.2f}",
-            *(str(result.mos_histogram[s][i]) for s in ("train", "val", "test")),
-        )
-    console.print(hist)
-    console.print("Level-word edges: " + ", ".join(f"{e:.2f}" for e in result.word_edges))
-
-    ex = Table(title="Example descriptions (test split)")
-    for col in ("id", "word", "MOS", "description"):
-        ex.add_column(col)
-    for id_, word, mos, text in result.examples:
-        ex.add_row(id_, word, f"{mos:.2f}", text)
-    console.print(ex)
-
-    c = result.check
-    ci = c.get("ci", {}).get("srcc")
-    ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-    console.print(
-        f"[bold]Independent check[/]: {c['measure'].upper()} (labels use {result.label_measure.upper()}) "
-        "vs labels on "
-        f"{c['split']} (n={c['n']}): SRCC {c['srcc']:.3f}{ci_text}, KRCC {c['krcc']:.3f}, "
-        f"PLCC {c['plcc_fitted']:.3f} after {c['fit']['kind'] if c['fit'] else 'no'} fit"
-        + (f"; flags {c['flags']}" if c["flags"] else "")
-    )
-    console.print(f"Contact sheet: {result.contact_sheet}\nSummary: {result.summary_json}")
+    for part in build_benchmark_report(result):
+        console.print(part)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -44,20 +44,20 @@ image residuals, for 7B runs; ``full-attention``) and/or sites
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from mechbiqa import cli, outputs, sources
-from mechbiqa.analysis.capture import plan_rater, rater_attrs
-from mechbiqa.model import MPLUGOwl2
-from mechbiqa.model.processor import ImageProcessor
-from mechbiqa.model.tokenizer import Tokenizer
-from mechbiqa.store import ActivationStore, CacheSpec
-from mechbiqa.store.record import PromptConfig, RecordResult, RunConfig, plan_dataset
-from mechbiqa.store.shards import RankGroup, record_sharded
+from mechbiqa.analysis.caching import CacheRun, cache_sharded, model_planner, rater_planner
+from mechbiqa.reports_studies import cache_activations_report
+from mechbiqa.store import CacheSpec
+from mechbiqa.store.record import PromptConfig, RunConfig  # noqa: F401  (PromptConfig: the prompt recorded)
+from mechbiqa.store.shards import RankGroup
 
 REPO = Path(__file__).resolve().parents[1]
+Result = CacheRun
+"""What the run wrote (`mechbiqa.analysis.caching.CacheRun`)."""
 
 
 @dataclass(frozen=True)
@@ -132,56 +132,6 @@ class Config:
         return cls(**{**base, **overrides})
 
 
-@dataclass(frozen=True)
-class Result:
-    """What the run wrote.
-
-    Attributes:
-        store: The store path (the joined file under torchrun, on rank 0).
-        record: This process's `RecordResult`.
-        n_valid: Samples recorded without error (whole store).
-        errors: ``(id, reason)`` of the failed samples.
-        rank: This process's rank (0 without torchrun).
-        world_size: Number of ranks.
-    """
-
-    store: Path
-    record: RecordResult
-    n_valid: int
-    errors: list[tuple[str, str]]
-    rank: int = 0
-    world_size: int = 1
-
-
-# ----------------------------------------------------------------------------- pieces
-def load_model(cfg: Config) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor, str]:
-    """The model, tokenizer and processor the config names, and a name for the store."""
-    return sources.load_model(
-        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
-    )
-
-
-def load_rater(cfg: Config) -> tuple[Any, str | None]:
-    """The rater of ``--mode rated`` and the store's model name (None: the scoring checkpoint's folder)."""
-    if cfg.tiny_random:
-        rater = sources.tiny_raters(cfg.seed, cfg.max_new_tokens)["one-stage"]
-        return rater, sources.tiny_random_name(cfg.seed)  # its weights are tiny_random_model(seed)'s
-    raters = sources.load_raters(
-        (str(cfg.model or sources.DEFAULT_CHECKPOINT),),
-        dtype=cfg.dtype,
-        device=cfg.device,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-    ((rater, _),) = raters.values()
-    return rater, None
-
-
-def load_samples(cfg: Config) -> list[Any]:
-    """The records the config names (IQARecords, or SampleSources for a folder of images)."""
-    return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
-
-
-# ----------------------------------------------------------------------------- main
 def main(cfg: Config, progress: Any = None) -> Result:
     """Record the data set; resume an interrupted store; retry rows that failed; shard under torchrun.
 
@@ -197,53 +147,27 @@ def main(cfg: Config, progress: Any = None) -> Result:
             with another setup: the message names the difference and the fix).
     """
     group = RankGroup.from_env()
-    cfg_run = replace(cfg, device=group.device(cfg.device))
+    device = group.device(cfg.device)
     spec = CacheSpec.parse(cfg.spec, dtype=cfg.store_dtype)
-    samples = load_samples(cfg)
-    out = Path(cfg.out)
-    attrs = None
+    samples = sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
+    load = dict(seed=cfg.seed, dtype=cfg.dtype, device=device)
     if cfg.mode == "rated":
-        rater, name = load_rater(cfg_run)
-
-        def prepare(part: Any, path: Path, shard: dict[str, int] | None) -> Any:
-            return plan_rater(rater, part, path, spec, batch_size=cfg.batch_size, shard=shard,
-                              model_name=name)  # fmt: skip
-
-        def attrs(shard: dict[str, int] | None) -> Any:  # known before the (costly) rating
-            return rater_attrs(rater, spec, batch_size=cfg.batch_size, model_name=name, shard=shard)
+        rater, name = sources.load_store_rater(cfg.model, tiny_random=cfg.tiny_random,
+                                               max_new_tokens=cfg.max_new_tokens, **load)  # fmt: skip
+        planner = rater_planner(rater, spec, cfg.batch_size, name)
     else:
-        model, tokenizer, processor, name = load_model(cfg_run)
-        run = RunConfig(
-            mode=cfg.mode,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=cfg.do_sample,
-            temperature=cfg.temperature,
-            seed=cfg.seed,
-        )
-
-        def prepare(part: Any, path: Path, shard: dict[str, int] | None) -> Any:
-            return plan_dataset(model, tokenizer, processor, part, spec, path, prompt=PromptConfig(), run=run,
-                                model_name=name, shard=shard)  # fmt: skip
+        model, tokenizer, processor, name = sources.load_model(cfg.model, tiny_random=cfg.tiny_random, **load)
+        run = RunConfig(mode=cfg.mode, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                        do_sample=cfg.do_sample, temperature=cfg.temperature, seed=cfg.seed)  # fmt: skip
+        planner = model_planner(model, tokenizer, processor, spec, run, name)
 
     def write_config() -> None:  # only once the store accepted the run: it always describes the store
-        outputs.write_config(Path(str(out) + ".config.json"), cfg)  # written whole or not at all
+        outputs.write_config(Path(str(cfg.out) + ".config.json"), cfg)  # written whole or not at all
 
-    done = record_sharded(out, samples, prepare, attrs=attrs, group=group, overwrite=cfg.overwrite,
-                          fsync=cfg.fsync, progress=progress, on_open=write_config,
-                          align=cfg.batch_size)  # fmt: skip
-    store_path = done.store if group.rank == 0 else done.shard
-    with ActivationStore.open(store_path) as store:
-        errors = [(e.id, e.reason) for e in store.errors()]
-        n_valid = len(store.valid)
-    return Result(
-        store=store_path,
-        record=done.record,
-        n_valid=n_valid,
-        errors=errors,
-        rank=group.rank,
-        world_size=group.world_size,
-    )
+    return cache_sharded(
+        Path(cfg.out), samples, planner, group=group, overwrite=cfg.overwrite, fsync=cfg.fsync,
+        progress=progress, on_open=write_config, align=cfg.batch_size,
+    )  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -253,66 +177,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main_with_progress(cfg: Config) -> Result:
     """`main` under a rich progress bar on stderr (rank 0 only; ``--no-progress``: none)."""
-    import time
+    from mechbiqa.progress import rate_bar
 
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    show = cfg.progress and int(os.environ.get("RANK", "0")) == 0
-    columns = (
-        TextColumn("[bold]caching[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("cache", total=None, rate="")
-        state: dict[str, float] = {}
-
-        def update(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if "t0" not in state:
-                state.update(t0=now, d0=done)
-            rate = (done - state["d0"]) / max(now - state["t0"], 1e-9)
-            bar.update(
-                task, total=total, completed=done, rate=f"{rate:.1f} img/s" if done > state["d0"] else ""
-            )
-
+    with rate_bar("caching", show=cfg.progress and int(os.environ.get("RANK", "0")) == 0) as update:
         return main(cfg, progress=update)
 
 
 def render(result: Result, console: Any) -> None:
     """What was recorded, and the failed samples (rank 0 only)."""
-    if result.rank != 0:
-        return
-    r = result.record
-    how = (
-        "already complete"
-        if r.n_recorded == 0
-        else (
-            f"recorded {r.n_recorded} samples in {r.seconds:.1f} s "
-            f"({r.n_recorded / max(r.seconds, 1e-9):.1f}/s)"
-            + (f", resumed at sample {r.resumed_from}" if r.resumed_from else "")
-        )
-    )
-    console.print(
-        f"[green]{result.store}[/]: {how}; {result.n_valid} valid"
-        + (f" over {result.world_size} ranks" if result.world_size > 1 else "")
-    )
-    for sample_id, reason in result.errors[:20]:
-        console.print(f"  [yellow]failed[/] {sample_id}: {reason}")
-    if len(result.errors) > 20:
-        console.print(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
+    for line in cache_activations_report(result):
+        console.print(line)
 
 
 if __name__ == "__main__":

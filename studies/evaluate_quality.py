@@ -36,14 +36,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from mechbiqa import cli, outputs, reports
-from mechbiqa.analysis.evaluation import EvaluationResult, Stopwatch, evaluate_by_dataset, normalised_target
-from mechbiqa.data.loaders import load_qalign_json, parse_scale
+from mechbiqa.analysis.evaluation import EvaluationResult, evaluate_by_dataset
+from mechbiqa.analysis.quality_rating import checkpoint_scorer, rate_datasets, select_samples
+from mechbiqa.data.loaders import parse_scale
 from mechbiqa.errors import UserError
-from mechbiqa.scoring import rate_images
-from mechbiqa.sources import DEFAULT_CHECKPOINT, load_model, load_rater, load_samples
 
 NAME = "evaluate_quality"
 REPO = Path(__file__).resolve().parents[1]
@@ -121,60 +119,6 @@ class Result:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _rater(cfg: Config) -> tuple[Any, Any, str]:
-    """``(rate(pixels) -> scores, processor, name)`` for the checkpoint the config names."""
-    checkpoint = None if cfg.tiny_random else Path(cfg.model or DEFAULT_CHECKPOINT)
-    if checkpoint is not None and (
-        (checkpoint / "mechbiqa.json").is_file() or (checkpoint / "stage1").is_dir()
-    ):
-        rater = load_rater(checkpoint, dtype=cfg.dtype, device=cfg.device)
-        processor = rater.components.processor if hasattr(rater, "components") else rater.stage1.processor
-
-        def rate(pixels: torch.Tensor) -> np.ndarray:
-            return np.array([r.score for r in rater.rate(pixels, batch_size=cfg.batch_size)])
-
-        return rate, processor, f"{checkpoint} ({rater.mode})"
-    model, tokenizer, processor, name = load_model(
-        cfg.model, tiny_random=cfg.tiny_random, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device
-    )
-
-    def rate(pixels: torch.Tensor) -> np.ndarray:
-        return rate_images(model, tokenizer, pixels, batch_size=cfg.batch_size).scores
-
-    return rate, processor, f"{name} (Q-Align scorer prompt)"
-
-
-def _samples(spec: str, cfg: Config) -> list[Any]:
-    """The samples of one ``--dataset`` spec after ``--split`` and ``--limit``; a `UserError` if none.
-
-    A ``.json`` spec (``FILE.json`` or ``FILE.json=IMAGE_ROOT``; the image root defaults to the
-    file's folder) is a Q-Align JSON, each entry rated on its own source's scale.
-    """
-    file, _, root = spec.partition("=")
-    try:
-        if file.endswith(".json"):
-            scales = dict(parse_scale(s) for s in cfg.scales)
-            samples = load_qalign_json(file, root or Path(file).parent, scales=scales)
-        else:
-            samples = load_samples(spec)
-    except (FileNotFoundError, ValueError) as error:
-        raise UserError(f"--dataset {spec}: {error}") from None
-    if cfg.split is not None:
-        splits = sorted({s for s in (getattr(x, "split", None) for x in samples) if s is not None})
-        if not splits:
-            raise UserError(
-                f"--dataset {spec}: this data set has no official split (no image carries one), so "
-                f"--split {cfg.split} keeps nothing; pass --split all to evaluate every image"
-            )
-        samples = [x for x in samples if getattr(x, "split", None) == cfg.split]
-        if not samples:
-            raise UserError(
-                f"--dataset {spec}: no image in split {cfg.split!r}; its splits are {splits}: pass one of "
-                "them, or --split all"
-            )
-    return samples[: cfg.limit] if cfg.limit is not None else samples
-
-
 def main(cfg: Config) -> Result:
     """Rate every data set, time it, compute the metrics on the 0-1 scale; write JSON and config."""
     for spec in cfg.scales:  # a malformed --scale fails before the model loads
@@ -182,58 +126,35 @@ def main(cfg: Config) -> Result:
             parse_scale(spec)
         except ValueError as error:
             raise UserError(f"--scale: {error}") from None
-    loaded = [(spec, _samples(spec, cfg)) for spec in cfg.datasets]
-    rate, processor, name = _rater(cfg)
-    scores: dict[str, list[np.ndarray]] = {}
-    all_scores, targets, groups, ids = [], [], [], []
-    seconds: dict[str, float] = {}
-    warm = False
-    for spec, samples in loaded:
-        default = Path(spec.split("=")[-1]).name or spec
-        # A Q-Align JSON may mix sources: each image counts under its own data set.
-        names = [getattr(s, "dataset", "") or default for s in samples]
-        watch, parts = Stopwatch(), []
-        for start in range(0, len(samples), cfg.batch_size):
-            pixels = processor([s.image_path for s in samples[start : start + cfg.batch_size]])
-            if not warm:  # the first forward pays one-off costs (allocation, kernel selection): not timed
-                rate(pixels[:1])
-                warm = True
-            with watch:
-                parts.append(rate(pixels))
-        rated = np.concatenate(parts)
-        for dataset in dict.fromkeys(names):
-            chosen = np.array([n == dataset for n in names])
-            scores.setdefault(dataset, []).append(rated[chosen])
-            seconds[dataset] = seconds.get(dataset, 0.0) + watch.seconds * chosen.mean()
-        all_scores.append(rated)
-        targets += [normalised_target(s) for s in samples]
-        groups += names
-        ids += [str(s.id) for s in samples]
+    loaded = [(spec, select_samples(spec, cfg.split, cfg.limit, cfg.scales)) for spec in cfg.datasets]
+    rate, processor, name = checkpoint_scorer(
+        cfg.model,
+        tiny_random=cfg.tiny_random,
+        seed=cfg.seed,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+    )
+    rated = rate_datasets(loaded, rate, processor, cfg.batch_size)
     try:
         evaluation = evaluate_by_dataset(
-            np.concatenate(all_scores), targets, groups, seconds, checkpoint=name, fit=cfg.fit
+            rated.scores, rated.targets, rated.groups, rated.seconds, checkpoint=name, fit=cfg.fit
         )
     except ValueError as error:
         raise UserError(str(error)) from None
     out = Path(cfg.out)
-    flat = np.concatenate(all_scores)
+    images = [
+        {"id": i, "dataset": g, "score": s, "target": t}
+        for i, g, s, t in zip(rated.ids, rated.groups, rated.scores, rated.targets, strict=True)
+    ]
+    scale = "0-1, higher is better (each data set's own scale normalised)"
     files = {
         "config": outputs.write_config(out, cfg),
         "json": outputs.write_json(
-            out / f"{NAME}.json",
-            {
-                **evaluation.to_dict(),
-                "target_scale": "0-1, higher is better (each data set's own scale normalised)",
-                "images": [
-                    {"id": i, "dataset": g, "score": s, "target": t}
-                    for i, g, s, t in zip(ids, groups, flat, targets, strict=True)
-                ],
-            },
+            out / f"{NAME}.json", {**evaluation.to_dict(), "target_scale": scale, "images": images}
         ),
     }
-    return Result(
-        evaluation=evaluation, scores={k: np.concatenate(v) for k, v in scores.items()}, files=files
-    )
+    return Result(evaluation=evaluation, scores=rated.by_dataset, files=files)
 
 
 def render(result: Result, console: Any) -> None:

@@ -36,24 +36,16 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from mechbiqa import cli, outputs, sources
-from mechbiqa.analysis.grounding import (
-    GroundingPaths,
-    GroundingResult,
-    SeverityLexicon,
-    grounding,
-    rate_paths,
-)
-from mechbiqa.analysis.rouge import RougeResult, references_for, rouge1
+from mechbiqa.analysis.grounding import SeverityLexicon
+from mechbiqa.analysis.grounding_checkpoints import GroundingComparison, ground_checkpoint, reference_texts
 from mechbiqa.sources import tiny_raters
 
 NAME = "grounding"
@@ -131,67 +123,10 @@ class Config:
         return cls(**{**base, **overrides})
 
 
-@dataclass(frozen=True)
-class CheckpointGrounding:
-    """One checkpoint's grounding and ROUGE-1.
-
-    Attributes:
-        name: Display name.
-        path: Where it was loaded from.
-        mode: ``"one-stage"`` or ``"two-stage"``.
-        grounding: The `GroundingResult`.
-        rouge: ROUGE-1 of its descriptions, or None without references.
-        paths: The raw `GroundingPaths` (answers included).
-    """
-
-    name: str
-    path: str
-    mode: str
-    grounding: GroundingResult
-    rouge: RougeResult | None
-    paths: GroundingPaths
-
-    def summary(self) -> dict[str, Any]:
-        """Headline numbers."""
-        rouge = None if self.rouge is None else {k: v for k, v in self.rouge.to_dict(per_image=False).items()}
-        return {
-            "mode": self.mode,
-            "path": self.path,
-            **self.grounding.summary(),
-            "rouge1_f1": None if self.rouge is None else self.rouge.mean_f1,
-            "rouge1": rouge,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """Summary, confusion matrix and per-image rows (with ROUGE-1 and the full answer)."""
-        out = self.summary() | self.grounding.to_dict(per_image=True)
-        for i, row in enumerate(out["per_image"]):
-            row["answer"] = self.paths.answers[i]
-            if self.rouge is not None:
-                row["rouge1_f1"] = float(self.rouge.f1[i])
-        return out
+Result = GroundingComparison
+"""Every checkpoint's grounding, and where it was written (`mechbiqa.analysis.grounding_checkpoints`)."""
 
 
-@dataclass(frozen=True)
-class Result:
-    """Every checkpoint's grounding, and where it was written.
-
-    Attributes:
-        checkpoints: Name -> `CheckpointGrounding`.
-        n_images: Images rated.
-        files: Artefact name -> path.
-    """
-
-    checkpoints: dict[str, CheckpointGrounding]
-    n_images: int
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """Name -> headline numbers (what the comparison report prints and the summary JSON keeps)."""
-        return {name: c.summary() for name, c in self.checkpoints.items()}
-
-
-# ----------------------------------------------------------------------------- raters and data
 def load_raters(cfg: Config) -> dict[str, Any]:
     """Name -> rater for every checkpoint the config names (missing default ones are skipped).
 
@@ -200,55 +135,13 @@ def load_raters(cfg: Config) -> dict[str, Any]:
     """
     if cfg.tiny_random:
         return tiny_raters(cfg.seed, cfg.max_new_tokens)
-    return sources.load_raters(
-        cfg.checkpoints,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        max_new_tokens=cfg.max_new_tokens,
-        real_template=cfg.real_template,
-    )
+    options = dict(dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens)
+    return sources.load_raters(cfg.checkpoints, real_template=cfg.real_template, **options)
 
 
 def load_records(cfg: Config) -> list[Any]:
     """The images to rate: `IQARecord`s (`SampleSource`s for a folder), as every study reads them."""
     return sources.load_samples(cfg.dataset, cfg.split, cfg.limit)
-
-
-def load_references(cfg: Config, records: Sequence[Any]) -> list[str | Sequence[str]] | None:
-    """Reference description(s) per record: a user's JSON file, else the records' descriptions (or None)."""
-    ids = [str(r.id) for r in records]
-    if cfg.references:
-        annotations = json.loads(Path(cfg.references).read_text(encoding="utf-8"))
-        if not isinstance(annotations, Mapping):
-            raise ValueError(f"{cfg.references} must hold a JSON object {{image id: text or [texts]}}")
-        return references_for(ids, annotations)
-    texts = [getattr(r, "description", None) for r in records]
-    return texts if all(texts) else None  # type: ignore[return-value]
-
-
-def _mos(records: Sequence[Any]) -> np.ndarray | None:
-    values = [getattr(r, "mos01", None) for r in records]
-    return None if any(v is None for v in values) else np.asarray(values, dtype=np.float64)
-
-
-# ----------------------------------------------------------------------------- main
-def run_rater(rater: Any, records: Sequence[Any], cfg: Config) -> GroundingPaths:
-    """`rate_paths` over the records, ``cfg.chunk`` images preprocessed at a time."""
-    from mechbiqa.checkpoint import Checkpoint
-
-    processor = Checkpoint.from_rater(rater).processor
-    parts = []
-    for start in range(0, len(records), cfg.chunk):
-        pixels = processor([r.image_path for r in records[start : start + cfg.chunk]])
-        parts.append(rate_paths(rater, pixels, batch_size=cfg.batch_size))
-    return GroundingPaths(
-        mode=parts[0].mode,
-        descriptions=sum((p.descriptions for p in parts), ()),
-        answers=sum((p.answers for p in parts), ()),
-        image_probs=np.concatenate([p.image_probs for p in parts]),
-        text_probs=np.concatenate([p.text_probs for p in parts]),
-        final_levels=np.concatenate([p.final_levels for p in parts]),
-    )
 
 
 def main(
@@ -262,41 +155,20 @@ def main(
         lexicon: Reads the severity of descriptions (default: the benchmark's words).
     """
     records = load_records(cfg)
-    references = load_references(cfg, records)
-    mos = _mos(records)
-    ids = [str(r.id) for r in records]
+    references = reference_texts(records, cfg.references)
     loaded = dict(raters) if raters is not None else load_raters(cfg)
-    out: dict[str, CheckpointGrounding] = {}
+    out = {}
     with torch.no_grad():
         for name, entry in loaded.items():
             rater, path = entry if isinstance(entry, tuple) else (entry, "")
-            paths = run_rater(rater, records, cfg)
-            result = grounding(
-                paths.image_probs,
-                paths.text_probs,
-                paths.descriptions,
-                final_levels=paths.final_levels,
-                ids=ids,
-                mos=mos,
-                lexicon=lexicon,
-            )
-            rouge = (
-                None
-                if references is None
-                else rouge1(list(paths.descriptions), references, ids=ids, use_stemmer=cfg.use_stemmer)
-            )
-            out[name] = CheckpointGrounding(
-                name=name, path=path, mode=paths.mode, grounding=result, rouge=rouge, paths=paths
-            )
-    folder = Path(cfg.out)
+            out[name] = ground_checkpoint(
+                name, rater, records, path=path, references=references, lexicon=lexicon,
+                use_stemmer=cfg.use_stemmer, chunk=cfg.chunk, batch_size=cfg.batch_size,
+            )  # fmt: skip
+    result, folder = Result(checkpoints=out, n_images=len(records)), Path(cfg.out)
     files = {"config": outputs.write_config(folder, cfg)}
-    payload = {
-        "n_images": len(records),
-        "summary": {k: c.summary() for k, c in out.items()},
-        "checkpoints": {k: c.to_dict() for k, c in out.items()},
-    }
-    files["json"] = outputs.write_json(folder / f"{NAME}.json", payload)
-    return Result(checkpoints=out, n_images=len(records), files=files)
+    files["json"] = outputs.write_json(folder / f"{NAME}.json", result.to_dict())
+    return replace(result, files=files)
 
 
 def render(result: Result, console: Any) -> None:

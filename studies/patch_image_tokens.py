@@ -169,17 +169,11 @@ def main(cfg: Config) -> Result:
         "images": list(image_ids),
         "source_of": source_of.tolist(),
         "selections": {k: v.tolist() for k, v in selections.items()},
-        "grid": {
-            metric: dict(
-                zip(
-                    ["keys", "layers", "values"],
-                    [list(map(list, g[0])), g[1], g[2]],
-                    strict=True,
-                )
-            )
+        "grid": {  # each metric as a [site x setter x selection, layer] table
+            metric: {"keys": list(map(list, keys)), "layers": layers, "values": values}
             for metric in ("score_effect", "logit_diff_effect", "flip_rate")
-            for g in [result.grid(metric, rows=("site", "setter", "selection"))]
-        },  # type: ignore[arg-type]
+            for keys, layers, values in [result.grid(metric, rows=("site", "setter", "selection"))]
+        },
         **result.to_dict(),
     }
     outputs.write_json(files["json"], summary)

@@ -50,19 +50,19 @@ from pathlib import Path
 from typing import Any
 
 from mechbiqa import cli, outputs
-from mechbiqa.analysis import probe_data
 from mechbiqa.analysis.probe_data import (  # noqa: F401  (the study's names for the library's)
     RESID,
     ProbeData,
     ProbeRun,
     analyse_probes,
+    data_from_checkpoint,
     data_from_rater,
     data_from_store,
     photo_of,
 )
 from mechbiqa.analysis.probe_data import ProbeAnalysis as Result
-from mechbiqa.analysis.probes import HeadComparison, RidgeConfig, ScoreHead, ScoreHeadConfig
-from mechbiqa.sources import load_raters, load_samples
+from mechbiqa.analysis.probes import RidgeConfig, ScoreHeadConfig
+from mechbiqa.reports_studies import probes_summary_line
 
 NAME = "probes"
 REPO = Path(__file__).resolve().parents[1]
@@ -151,11 +151,6 @@ def _run(cfg: Config) -> ProbeRun:
     return ProbeRun(**{f.name: getattr(cfg, f.name) for f in fields(ProbeRun)})
 
 
-def compare_heads(data: ProbeData, cfg: Config) -> tuple[HeadComparison, ScoreHead]:
-    """The score-head comparison of the study (`mechbiqa.analysis.probe_data.compare_heads`)."""
-    return probe_data.compare_heads(data, _run(cfg))
-
-
 def analyse(data: ProbeData, cfg: Config) -> Result:
     """Probe curve, lens curve and head comparison of already-read data (no files written)."""
     return analyse_probes(data, _run(cfg))
@@ -168,19 +163,11 @@ def main(cfg: Config, data: ProbeData | None = None) -> Result:
         cfg: The run.
         data: Arrays to analyse instead of reading ``cfg.store`` (tests, callers with their own arrays).
     """
-    if data is None and cfg.checkpoint:
-        raters = load_raters(  # the same loaders of checkpoints and data sets as studies/grounding.py
-            (cfg.checkpoint,), dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens
-        )
-        ((rater, path),) = raters.values()
-        records = load_samples(cfg.dataset, None, cfg.limit)
-        data = data_from_rater(
-            rater,
-            records,
-            store=cfg.out_dir / "rated.h5",
-            batch_size=cfg.batch_size,
-            source=f"{cfg.out_dir / 'rated.h5'} (recorded from {path})",
-        )
+    if data is None and cfg.checkpoint:  # loaded as studies/grounding.py loads checkpoints and data sets
+        data = data_from_checkpoint(
+            cfg.checkpoint, cfg.dataset, cfg.out_dir / "rated.h5", limit=cfg.limit, batch_size=cfg.batch_size,
+            dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens,
+        )  # fmt: skip
     data = data if data is not None else data_from_store(cfg.store, cfg.model, lens=cfg.lens)
     result = analyse(data, cfg)
     out = cfg.out_dir
@@ -199,16 +186,7 @@ def render(result: Result, console: Any) -> None:
 
     console.print(reports.probe_table(result.curve, result.lens_srcc, result.lens_agreement))
     console.print(reports.score_head_table({"": result.comparison}))
-    curve = result.curve
-    console.print(
-        f"quality is linearly decodable (90% of the best probe) from layer {curve.decodable_layer()}; "
-        f"best probe layer {curve.best_layer}"
-        + (
-            f"; the lens answer settles at median layer {result.lens_settle:g}"
-            if result.lens_settle is not None
-            else ""
-        )
-    )
+    console.print(probes_summary_line(result))
     for name, path in result.files.items():
         console.print(f"  {name}: {path}")
 

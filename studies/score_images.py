@@ -31,21 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from PIL import Image
 from rich.console import Console
 
 from mechbiqa import cli, outputs
 from mechbiqa.checkpoint import Checkpoint
-from mechbiqa.data import apply_distortion, find_photos, load_photo
-from mechbiqa.model import ModelConfig, MPLUGOwl2
+from mechbiqa.data.synthetic import demo_images
 from mechbiqa.model.load import Components
-from mechbiqa.model.processor import ImageFailure, ImageProcessor, load_images
-from mechbiqa.model.prompts import LEVEL_WORDS, QALIGN_SCORER_PROMPT
-from mechbiqa.model.tokenizer import train_compact_tokenizer
+from mechbiqa.model.processor import ImageFailure, load_images
+from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.reports import ratings_table
 from mechbiqa.scoring import Ratings
-from mechbiqa.sources import open_source, torch_dtype
+from mechbiqa.sources import open_source, random_compact, torch_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "cache" / "compact" / "one-stage"
@@ -114,36 +110,12 @@ class Result:
         return 1 if self.failures else 0
 
 
-def demo_images(out_dir: Path, seed: int) -> list[Path]:
-    """Three packaged photos, each clean, blurred and noisy (KADID level 4), saved as PNG."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for info in find_photos()[:3]:
-        photo = load_photo(info)
-        for kind, image in (("clean", photo), ("blur", apply_distortion(photo, "gaussian_blur", 4, rng)),
-                            ("noise", apply_distortion(photo, "white_noise", 4, rng))):
-            path = out_dir / "images" / f"{info.id}_{kind}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
-            paths.append(path)
-    return paths
-
-
-def random_compact(seed: int):
-    """An untrained compact model with a tokenizer that knows the prompt and level words."""
-    torch.manual_seed(seed)
-    words = [QALIGN_SCORER_PROMPT.replace("<|image|>", ""), *LEVEL_WORDS]
-    tokenizer = train_compact_tokenizer(words, vocab_size=300)
-    cfg = ModelConfig.compact(vocab_size=tokenizer.vocab_size)
-    return MPLUGOwl2(cfg).eval(), tokenizer, ImageProcessor(image_size=cfg.vision.image_size)
-
-
 def open_model(cfg: Config) -> Checkpoint:
     """The checkpoint to rate with, in ``cfg.dtype`` on ``cfg.device`` (see the module docstring)."""
     if cfg.tiny_random or cfg.model or (DEFAULT_CHECKPOINT / "config.json").is_file():
         return open_source(cfg.model or DEFAULT_CHECKPOINT, tiny_random=cfg.tiny_random, seed=cfg.seed,
                            dtype=cfg.dtype, device=cfg.device, max_new_tokens=cfg.max_new_tokens)
-    model, tokenizer, processor = random_compact(cfg.seed)
+    model, tokenizer, processor = random_compact(cfg.seed)  # the seed draws the weights
     parts = Components(model=model.to(cfg.device, torch_dtype(cfg.dtype)), tokenizer=tokenizer,
                        processor=processor, path=Path("random-compact"))
     name = "random compact model (untrained: run studies/train_pair.py for a trained one)"

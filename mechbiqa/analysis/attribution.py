@@ -29,11 +29,12 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from mechbiqa.model.roles import ROLE_LABELS, Role
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.store import ActivationStore
 
-PATTERN = "llm.blocks.{l}.attn.hook_pattern"
+PATTERN = names.pattern(names.EACH)
 """What attribution reads from a store: the quality row of every layer's attention (``@quality``)."""
 
 __all__ = [

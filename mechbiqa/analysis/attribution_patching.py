@@ -47,6 +47,7 @@ from torch import Tensor
 
 from mechbiqa.analysis.patching import SITES, Configuration, Edit, Readout, Setter, gather_activations, sweep
 from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 Metric = Literal["logit_diff", "score"]
-_PATTERN = "llm.blocks.{l}.attn.hook_pattern"
+_PATTERN = names.pattern(names.EACH)
 
 
 def metric_of(
@@ -120,7 +121,7 @@ class AttributionPatchingResult:
 
 # ----------------------------------------------------------------------------- the estimate
 def _hook_names(template: str, layers: Sequence[int]) -> list[str]:
-    return [template.format(l=layer) for layer in layers] if "{l}" in template else [template]
+    return names.each_layer(template, layers)
 
 
 def attribution_patching(
@@ -294,7 +295,7 @@ def _forward_backward(
     def keep_row(x: Tensor, hook: Any) -> None:  # [batch, head, query_pos, key_pos]
         patterns[int(hook.name.split(".")[2])] = x[:, :, readout.position].detach()
 
-    fwd = [("hook_image_tokens", leaf)] + [(h, keep) for h in hooks]
+    fwd = [(names.IMAGE_TOKENS, leaf)] + [(h, keep) for h in hooks]
     fwd += [(_PATTERN.format(l=layer), keep_row) for layer in range(n_pattern_layers)]
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
         out = model(

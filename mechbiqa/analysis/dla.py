@@ -52,6 +52,7 @@ from torch import Tensor
 
 from mechbiqa.model.prompts import LEVEL_WEIGHTS, LEVEL_WORDS
 from mechbiqa.model.roles import Role
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.analysis.scoring_batch import ScoringBatch
@@ -84,14 +85,14 @@ SOURCE_ROLES: tuple[Role, ...] = (
 )
 """The roles a head's write is split by (padding receives no attention)."""
 
-_EMBED = "llm.blocks.{l}.hook_resid_pre"  # layer 0 at the quality position: the embedding
-_Z = "llm.blocks.{l}.attn.hook_z"
-_MLP = "llm.blocks.{l}.hook_mlp_out"
-_SCALE = "llm.ln_final.hook_scale"
-_LOGITS = "llm.unembed.hook_out"
-_PATTERN = "llm.blocks.{l}.attn.hook_pattern"
-_V = "llm.blocks.{l}.attn.hook_v"
-_RESID = "llm.blocks.{l}.hook_resid_post"
+_EMBED = names.resid_pre(names.EACH)  # layer 0 at the quality position: the embedding
+_Z = names.attn(names.EACH, "z")
+_MLP = names.mlp_out(names.EACH)
+_SCALE = names.LN_FINAL_SCALE
+_LOGITS = names.LOGITS
+_PATTERN = names.pattern(names.EACH)
+_V = names.attn(names.EACH, "v")
+_RESID = names.resid_post(names.EACH)
 
 DLA_HEADS_SPEC = f"{_EMBED}@quality:0; {_Z}@quality; {_MLP}@quality; {_SCALE}@quality; {_LOGITS}@quality"
 """The sites of the per-head and per-MLP parts alone (no split by source; small: heads x d_head per layer)."""

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from mechbiqa.model.prompts import LEVEL_WORDS
 from mechbiqa.outputs import write_json
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -65,9 +66,9 @@ __all__ = [
     "train_tuned_lens",
 ]
 
-RESID = "llm.blocks.{l}.hook_resid_post"
+RESID = names.resid_post(names.EACH)
 """What the lens reads from a store, at the ``quality`` selection, every layer."""
-LOGITS = "llm.unembed.hook_out"
+LOGITS = names.LOGITS
 """The model's own logits at the quality position (optional: checks the lens at the last layer)."""
 
 

@@ -307,12 +307,9 @@ class SweepResult:
 
 
 # ----------------------------------------------------------------------------- the sweep
-_KEY_AXIS_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")  # their axis 3 spans the cached keys too
-
-
 def _key_axis(edit: Edit) -> bool:
     """Whether an edit indexes the key axis (absolute, cache included) rather than the new positions."""
-    return edit.pos_dim == 3 and edit.hook.endswith(_KEY_AXIS_HOOKS)
+    return edit.pos_dim == 3 and names.has_key_axis(edit.hook)  # axis 3 spans the cached keys too
 
 
 def _start(config: Configuration, clean: int) -> tuple[int, int] | None:

@@ -31,11 +31,12 @@ from mechbiqa.analysis.probes import (
 from mechbiqa.model.prompts import LEVEL_WEIGHTS
 from mechbiqa.sources import load_lens, stored_model
 from mechbiqa.store import CacheSpec
+from mechbiqa_hooks import names
 
 __all__ = ["RESID", "ProbeData", "ProbeRun", "ProbeAnalysis", "photo_of", "data_from_store",
            "data_from_rater", "split_masks", "compare_heads", "analyse_probes"]
 
-RESID = "llm.blocks.{l}.hook_resid_post"
+RESID = names.resid_post(names.EACH)
 _QALIGN = np.asarray(LEVEL_WEIGHTS)
 
 
@@ -275,7 +276,7 @@ def data_from_rater(
     read_out = (LogitLens.from_model(reader.model), reader.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(store) if store is not None else Path(tmp) / "rated.h5"
-        spec = CacheSpec.parse(f"{RESID}@quality; llm.unembed.hook_out@quality", dtype="float32")
+        spec = CacheSpec.parse(f"{RESID}@quality; {names.LOGITS}@quality", dtype="float32")
         record_rater(
             rater, records, path, spec, batch_size=batch_size, rate_batch_size=batch_size, overwrite=True
         )
@@ -350,4 +351,30 @@ def analyse_probes(data: ProbeData, cfg: ProbeRun) -> ProbeAnalysis:
         comparison=comparison,
         head=head,
         source=data.source,
+    )
+
+
+def data_from_checkpoint(
+    checkpoint: str,
+    dataset: str,
+    store: Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_new_tokens: int = 48,
+) -> ProbeData:
+    """`data_from_rater` for a checkpoint directory (one-stage, two-stage pair or real) over a data set.
+
+    The checkpoint and records load as in every study (`mechbiqa.sources`); the store is written at
+    ``store`` and named, with the checkpoint, as the data's source.
+    """
+    from mechbiqa.sources import load_raters, load_samples
+
+    raters = load_raters((checkpoint,), dtype=dtype, device=device, max_new_tokens=max_new_tokens)
+    ((rater, path),) = raters.values()
+    records = load_samples(dataset, None, limit)
+    return data_from_rater(
+        rater, records, store=store, batch_size=batch_size, source=f"{store} (recorded from {path})"
     )

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mechbiqa_hooks import names
+
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
     from mechbiqa.model.prompts import EncodedPrompt
@@ -582,7 +584,7 @@ class ScoreHead(nn.Module):
     @property
     def hook(self) -> str:
         """The hook the head reads: ``llm.blocks.{layer}.hook_resid_post``."""
-        return f"llm.blocks.{self.layer}.hook_resid_post"
+        return names.resid_post(self.layer)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """``[*batch, d_model]`` -> ``[*batch]`` predicted MOS (0-1 scale of the training labels)."""

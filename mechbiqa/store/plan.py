@@ -21,6 +21,7 @@ from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.roles import Role, TokenRoles
 from mechbiqa.store.layout import ArraySpec, StoreLayout
 from mechbiqa.store.spec import CacheSpec, is_image_space
+from mechbiqa_hooks import names
 
 if TYPE_CHECKING:
     from mechbiqa.store.record import RunConfig
@@ -36,36 +37,8 @@ def _layers_of(cfg: ModelConfig, hook: str) -> int:
 def _text_feature(
     cfg: ModelConfig, hook: str, cap: int, max_pos: int
 ) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Per-sample shape of an LLM hook with ``cap`` selected positions."""
-    llm = cfg.llm
-    last = hook.rsplit(".", 1)[-1]
-    if hook.endswith(("attn.hook_pattern", "attn.hook_attn_scores")):
-        return (llm.n_heads, cap, max_pos), ("head", "pos", "key_pos")
-    if hook.endswith(("attn.hook_q", "attn.hook_z")):
-        return (cap, llm.n_heads, llm.d_head), ("pos", "head", "d_head")
-    if hook.endswith(("attn.hook_k", "attn.hook_v")):
-        return (cap, llm.n_kv_heads, llm.d_head), ("pos", "kv_head", "d_head")
-    if hook.endswith(("mlp.hook_pre", "mlp.hook_post")):
-        return (cap, llm.d_mlp), ("pos", "d_mlp")
-    if last == "hook_scale":
-        return (cap, 1), ("pos", "one")
-    if hook == "llm.unembed.hook_out":
-        return (cap, llm.vocab_size), ("pos", "vocab")
-    if hook == "llm.hook_modality":
-        return (cap,), ("pos",)
-    if last in (
-        "hook_resid_pre",
-        "hook_resid_mid",
-        "hook_resid_post",
-        "hook_attn_out",
-        "hook_mlp_out",
-        "hook_normalized",
-    ):
-        return (cap, llm.d_model), ("pos", "d_model")
-    raise ValueError(
-        f"cannot cache hook {hook!r}: not an LLM hook with a position axis that the recorder knows; "
-        "see mechbiqa_hooks.names for the hook names"
-    )
+    """Per-sample shape of an LLM hook with ``cap`` selected positions (`names.position_shape`)."""
+    return names.position_shape(hook, cfg.llm, cap, max_pos)
 
 
 def _image_features(model: MPLUGOwl2, hooks: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -75,16 +48,16 @@ def _image_features(model: MPLUGOwl2, hooks: Sequence[str]) -> dict[str, tuple[i
     def grab(tensor: Tensor, hook: Any) -> None:
         shapes[hook.name] = tuple(tensor.shape[1:])
 
-    names = sorted({h.replace("{l}", "0") for h in hooks})
+    concrete = sorted({h.replace(names.EACH, "0") for h in hooks})
     size = model.cfg.vision.image_size
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, grab) for n in names]):
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, grab) for n in concrete]):
         model.encode_images(torch.zeros(1, 3, size, size, device=model.device, dtype=model.dtype))
-    missing = [n for n in names if n not in shapes]
+    missing = [n for n in concrete if n not in shapes]
     if missing:
         raise ValueError(
             f"image-side hook(s) {missing} did not fire while encoding an image; check the names"
         )
-    return {h: shapes[h.replace("{l}", "0")] for h in hooks}
+    return {h: shapes[h.replace(names.EACH, "0")] for h in hooks}
 
 
 def capacities(

@@ -30,6 +30,7 @@ from mechbiqa.store.layout import (
     partial_path,
 )
 from mechbiqa.store.spec import CacheSpec, split_layer
+from mechbiqa_hooks import names
 
 __all__ = ["ActivationStore", "ErrorRow", "SampleSelector", "StoreInfo"]
 
@@ -301,7 +302,7 @@ class ActivationStore:
     # ------------------------------------------------------------ activations
     def spec_of(self, hook: str | Callable[[Any], str], select: str = "quality") -> ArraySpec:
         """The `ArraySpec` of a hook (name, template or name builder) and selection."""
-        template, _ = split_layer(hook("{l}") if callable(hook) else hook)
+        template, _ = split_layer(hook(names.EACH) if callable(hook) else hook)
         return self.layout.array(f"{template}@{select}")
 
     def dims(self, hook: str | Callable[[Any], str], select: str = "quality") -> tuple[str, ...]:
@@ -332,7 +333,7 @@ class ActivationStore:
             or a hook without layers, without the sample axis for one integer sample.
             Rows of failed or pending samples are zeros/undefined: use `valid`.
         """
-        name = hook("{l}") if callable(hook) else hook
+        name = hook(names.EACH) if callable(hook) else hook
         template, concrete = split_layer(name)
         if concrete is not None:
             if layers is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from mechbiqa.model.roles import ROLE_LABELS
 from mechbiqa.store.errors import StoreKeyError
+from mechbiqa_hooks import names
 
 __all__ = ["PRESETS", "SELECTIONS", "CacheSpec", "Site", "is_image_space", "split_layer"]
 
@@ -37,8 +38,8 @@ def split_layer(hook: str) -> tuple[str, int | None]:
     match = _LAYER.match(hook)
     if match is None:
         return hook, None
-    template = f"{match['head']}{{l}}{match['tail']}"
-    return template, None if match["layer"] == "{l}" else int(match["layer"])
+    template = f"{match['head']}{names.EACH}{match['tail']}"
+    return template, None if match["layer"] == names.EACH else int(match["layer"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +71,11 @@ class Site:
             if layers is not None and tuple(layers) != (layer,):
                 raise ValueError(
                     f"Site {self.hook!r} names layer {layer} and also layers={layers}; "
-                    "use the template 'blocks.{l}' with layers=..., or the concrete name alone"
+                    f"use the template {template!r} with layers=..., or the concrete name alone"
                 )
             layers = (layer,)
         if layers is not None:
-            if "{l}" not in template:
+            if names.EACH not in template:
                 raise ValueError(f"Site {self.hook!r} has no layer, so layers={layers} does not apply")
             if any(int(x) < 0 for x in layers) or not layers:
                 raise ValueError(
@@ -96,7 +97,7 @@ class Site:
     @property
     def has_layers(self) -> bool:
         """Whether the hook is per layer (its name holds ``{l}``)."""
-        return "{l}" in self.hook
+        return names.EACH in self.hook
 
     def __str__(self) -> str:
         layers = "" if self.layers is None else ":" + ",".join(map(str, self.layers))
@@ -105,12 +106,12 @@ class Site:
 
 def is_image_space(hook: str) -> bool:
     """Whether a hook lives on the image side (batch = images, no text positions)."""
-    return hook.startswith(("vision.", "abstractor.")) or hook == "hook_image_tokens"
+    return hook.startswith(("vision.", "abstractor.")) or hook == names.IMAGE_TOKENS
 
 
-_RESID = "llm.blocks.{l}.hook_resid_post"
-_PATTERN = "llm.blocks.{l}.attn.hook_pattern"
-_LOGITS = "llm.unembed.hook_out"
+_RESID = names.resid_post(names.EACH)
+_PATTERN = names.pattern(names.EACH)
+_LOGITS = names.LOGITS
 
 PRESETS: dict[str, tuple[Site, ...]] = {
     # Everything the studies read: the logit lens and probes (residual at the quality
@@ -193,7 +194,7 @@ class CacheSpec:
             if match is None:
                 raise ValueError(
                     f"cannot parse cache site {item!r}; write HOOK[@SELECT][:LAYERS], "
-                    "e.g. 'llm.blocks.{l}.hook_resid_post@image:0-3'"
+                    f"e.g. '{_RESID}@image:0-3'"
                 )
             layers = None
             if match["layers"]:
