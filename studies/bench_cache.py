@@ -53,7 +53,7 @@ class Config:
     Attributes:
         model: A checkpoint directory; None: a random model of ``size``.
         dtype: Dtype of the model (a checkpoint's weights are cast as they are read).
-        size: ``compact`` (the embedded default's shapes: 65 image tokens, d 192, 4 layers)
+        size: ``compact`` (the embedded default's shapes: 65 image tokens, d 128, 8 layers)
             or ``wide`` (d 512, 8 layers: closer to a 7B's compute per stored byte).
         batch_size: Images per batch.
         n_batches: Batches per method per timing round.

@@ -5,7 +5,7 @@ Question: how much does stacking a sweep's configurations along the batch axis
 configuration, and are the numbers the same?
 
 Method: a random compact-size model (`ModelConfig.compact()`: 65 image tokens,
-4 LLM layers of width 192), a random prompt with one image. The sweep: each of
+8 LLM layers of width 128), a random prompt with one image. The sweep: each of
 5 image tokens, at every LLM layer, under 3 conditions (zero, mean over the
 images, the other image's activation), edited in the residual stream entering
 the layer: 5 x layers x 3 configurations, each a single-token edit. Run it
