@@ -105,8 +105,9 @@ class CompanionSettings:
         unknown = [c for c in self.companions if c not in COMPANIONS]
         if unknown or not self.companions:
             raise ValueError(f"companions {self.companions!r}: choose from {COMPANIONS}")
-        if self.compare_samples < 0 or self.checkpoint_every < 0 or min(self.batch_size, self.max_new_tokens) < 1:
-            raise ValueError("need compare_samples >= 0, checkpoint_every >= 0, batch_size and max_new_tokens >= 1")
+        counts = (self.compare_samples, self.checkpoint_every)
+        if min(counts) < 0 or min(self.batch_size, self.max_new_tokens) < 1:
+            raise ValueError("need compare_samples, checkpoint_every >= 0; batch_size, max_new_tokens >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (as it reads back from JSON, so saved settings compare equal)."""
