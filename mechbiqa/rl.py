@@ -681,6 +681,7 @@ def finetune_checkpoint(
     checkpoint_every: int = 0,
     extra_info: dict[str, Any] | None = None,
     fresh: bool = False,
+    reward_fn: RewardFn | None = None,
 ) -> RLResult:
     """GRPO from a one-stage checkpoint directory into ``out_dir`` (a one-stage checkpoint again).
 
@@ -704,6 +705,8 @@ def finetune_checkpoint(
         checkpoint_every: Steps between resumable checkpoints (0: none; full fine-tuning only).
         extra_info: More fields of ``mechbiqa.json`` that must match for a run to be reused.
         fresh: Train from the start even when a run with the same settings is there.
+        reward_fn: Replaces :func:`paper_rewards` (see `train_rl`; name it in ``extra_info``, since
+            only the settings there decide whether a saved run is the same).
     """
     from mechbiqa.finetune_io import add_lora, write_checkpoint
     from mechbiqa.model.load import load_components
@@ -748,8 +751,8 @@ def finetune_checkpoint(
         write(RLResult(config=cfg, history=list(rl_state.history)), False, rl_state)
 
     result = train_rl(model, comps.tokenizer, comps.processor, examples, cfg, reference=reference,
-                      progress=progress, references=references, resume=state, checkpoint=save,
-                      checkpoint_every=checkpoint_every)  # fmt: skip
+                      reward_fn=reward_fn, progress=progress, references=references, resume=state,
+                      checkpoint=save, checkpoint_every=checkpoint_every)  # fmt: skip
     write(result, True, None)
     return result
 

@@ -316,7 +316,8 @@ def train_companions(
 
     Returns:
         ``{"rl": entry, "q_scorer": entry}`` for ``results.json``: each :func:`rated_entry`'s metrics
-        plus ``path``, ``train_seconds``, ``eval_seconds`` and ``vs_one_stage`` (the comparison).
+        plus ``path``, ``train_seconds``, ``eval_seconds`` and ``vs_one_stage`` (the comparison), as
+        JSON reads them back (an undefined metric, e.g. the SRCC of a constant score, is None).
 
     Raises:
         FileNotFoundError: ``pair_dir/one-stage`` is not a checkpoint, or the benchmark is missing.
@@ -380,7 +381,7 @@ def train_companions(
         entry["vs_one_stage"] = _compare(entry, one_stage, baseline, subset, test, test_refs)
         entries[name] = entry
     write_json(cache_file, {"key": key, "entries": entries}, indent=1)
-    return entries
+    return json.loads(cache_file.read_text())["entries"]  # as a reuse returns them: undefined metrics null
 
 
 # ----------------------------------------------------------------------------------------------- conversion
