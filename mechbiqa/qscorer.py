@@ -351,7 +351,6 @@ def train_qscorer(
     head.to(device)
     encoded = [encode_qscorer_example(tokenizer, cfg.template, e, spec) for e in examples]
     targets = torch.tensor([float(e.score) for e in examples])  # type: ignore[arg-type]
-    pixels = processor([e.image for e in examples])
     ids_of_scores = score_token_ids(tokenizer, spec)
     body = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -376,7 +375,7 @@ def train_qscorer(
             ids.to(device),
             mask.to(device),
             labels.to(device),
-            pixels[index].to(device, core.dtype),
+            processor([examples[i].image for i in index]).to(device, core.dtype),  # only the batch's images
             targets[index].to(device),
             ids_of_scores,
             spec.lam,

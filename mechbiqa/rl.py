@@ -536,7 +536,7 @@ def train_rl(
         )
 
     prompt = task_prompt(tokenizer, template, "one-stage").ids
-    pixels = processor([e.image for e in examples])
+    pixels: dict[int, Tensor] = {}  # preprocessed as first drawn: a run sees steps * images_per_step images
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     result = RLResult(config=cfg, history=list(resume.history) if resume is not None else [])
     for step in range(resume.step if resume is not None else 0, cfg.steps):
@@ -545,7 +545,9 @@ def train_rl(
         picks = [order[(step * cfg.images_per_step + j) % len(order)] for j in range(cfg.images_per_step)]
         groups, rewards, parts = [], [], {}
         for i in picks:
-            image = pixels[i : i + 1]
+            if i not in pixels:
+                pixels[i] = processor([examples[i].image])
+            image = pixels[i]
             with autocast():
                 ids = sample_answers(
                     core,

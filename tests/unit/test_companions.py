@@ -206,6 +206,14 @@ def test_the_main_jobs_per_checkpoint_analyses_run_on_a_qscorer(tmp_path, bench,
         summary, per_image = grounding_per_image(checkpoint.rater, records)
     assert Path(store).is_file() and per_image["ids"] == [r.id for r in records]
     assert summary["mode"] == "one-stage" and summary["rouge1_f1"] is not None
+    # a user's annotations beside the benchmark's descriptions: the best reference counts
+    own = references_with(records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        same = grounding_per_image(checkpoint.rater, records, references=own)[0]
+        more = grounding_per_image(checkpoint.rater, records, references=[(*r, "the image") for r in own])[0]
+    assert same["rouge1_f1"] == pytest.approx(summary["rouge1_f1"])
+    assert more["rouge1_f1"] >= summary["rouge1_f1"]
     assert isinstance(Checkpoint.from_rater(checkpoint.rater).rater, QScorerRater)
     inst = sampled_instability(checkpoint, records[:1])
     assert inst.levels.shape[-1] == 5  # 5 answers per image and session
