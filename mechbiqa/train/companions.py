@@ -74,6 +74,7 @@ class CompanionSettings:
         annotations: A user's annotation files (Q-Pathway / Q-Instruct / Q-Reasoning conversation JSON, or
             ``{image id: text}``) whose reasoning joins the benchmark's descriptions as references of the
             RL's ROUGE reward and of the ROUGE-1 comparison (`mechbiqa.analysis.rouge.annotation_references`).
+        test_samples: Rate this many of the pair's test images, spread over them (0: all of them).
         compare_samples: Test images on which the one-stage checkpoint is rated again for the paired
             ROUGE-1 and level-hit tests (0: none).
         checkpoint_every: RL steps between resumable checkpoints (0: none).
@@ -92,6 +93,7 @@ class CompanionSettings:
     qscorer: QScorerTrainConfig = field(default_factory=lambda: QScorerTrainConfig(steps=60, batch_size=16))
     companions: tuple[Companion, ...] = COMPANIONS
     annotations: tuple[str, ...] = ()
+    test_samples: int = 0
     compare_samples: int = 160
     checkpoint_every: int = 5
     max_new_tokens: int = 48
@@ -105,9 +107,10 @@ class CompanionSettings:
         unknown = [c for c in self.companions if c not in COMPANIONS]
         if unknown or not self.companions:
             raise ValueError(f"companions {self.companions!r}: choose from {COMPANIONS}")
-        counts = (self.compare_samples, self.checkpoint_every)
+        counts = (self.test_samples, self.compare_samples, self.checkpoint_every)
         if min(counts) < 0 or min(self.batch_size, self.max_new_tokens) < 1:
-            raise ValueError("need compare_samples, checkpoint_every >= 0; batch_size, max_new_tokens >= 1")
+            raise ValueError("need test_samples, compare_samples, checkpoint_every >= 0 and "
+                         "batch_size, max_new_tokens >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (as it reads back from JSON, so saved settings compare equal)."""
@@ -217,8 +220,10 @@ def _compare(
     from mechbiqa.metrics import srcc_difference
 
     out: dict[str, Any] = {}
-    if one_stage is not None and one_stage.get("ids") == entry["ids"]:
-        diff, low, high = srcc_difference(one_stage["scores"], entry["scores"], entry["labels"])
+    at = {i: k for k, i in enumerate((one_stage or {}).get("ids", []))}
+    if one_stage is not None and all(i in at for i in entry["ids"]):  # the pair's scores of the same images
+        before = [one_stage["scores"][at[i]] for i in entry["ids"]]
+        diff, low, high = srcc_difference(before, entry["scores"], entry["labels"])
         out["srcc"] = {"difference": diff, "ci95": [low, high], "n": len(entry["ids"]),
                        "test": "paired bootstrap over images (companion - one-stage)"}  # fmt: skip
     if baseline is not None and subset:
@@ -336,6 +341,8 @@ def train_companions(
     bench = load_benchmark(benchmark_dir)
     train = [r for r in bench.split("train") if r.mos01 is not None]
     test = _test_records(pair_dir, bench)
+    if settings.test_samples:
+        test = [test[i] for i in _spread(test, settings.test_samples)]
     extra = annotation_references(settings.annotations) if settings.annotations else None
     train_refs = dict(zip((r.id for r in train), references_with(train, extra), strict=True))
     test_refs = references_with(test, extra)

@@ -229,24 +229,27 @@ def test_train_companions_rates_the_pairs_test_images_and_reuses_its_work(tmp_pa
     pair.mkdir()
     (pair / "one-stage").symlink_to(one_stage)
     test = bench.split("test")
-    ids = [r.id for r in test[::3][:5]]
-    one_scores = [0.2, 0.4, 0.5, 0.7, 0.9]
-    labels = [bench.by_id[i].mos01 for i in ids]
-    one = {"ids": ids, "scores": one_scores, "labels": labels}
+    rated = [r.id for r in test[::3][:6]]  # the pair rated 6; the companions rate 5 of them
+    one = {"ids": rated, "scores": [0.2, 0.4, 0.5, 0.7, 0.9, 0.1],
+           "labels": [bench.by_id[i].mos01 for i in rated]}  # fmt: skip
     (pair / "results.json").write_text(json.dumps({"one_stage": one}))
     (tmp_path / "notes.json").write_text(json.dumps({test[0].id: "Noise everywhere."}))
     settings = CompanionSettings(
         rl=RLConfig(steps=2, images_per_step=1, group_size=2, max_new_tokens=3),
         spec=ScoreTokenSpec(n_bins=5, d_hidden=8), qscorer=QScorerTrainConfig(steps=2, batch_size=2),
         compare_samples=3, max_new_tokens=4, annotations=(str(tmp_path / "notes.json"),),
-        checkpoint_every=1)  # fmt: skip
+        checkpoint_every=1, test_samples=5)  # fmt: skip
     seen = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         entries = train_companions(pair, bench.root, settings, progress=lambda n, r: seen.append(n))
     assert set(entries) == {"rl", "q_scorer"} and {"rl", "q_scorer", "one-stage"} <= set(seen)
+    ids = entries["rl"]["ids"]
+    assert len(ids) == 5 and [i for i in rated if i in ids] == ids  # the pair's images, in its order
+    labels = [bench.by_id[i].mos01 for i in ids]
+    one_scores = [one["scores"][rated.index(i)] for i in ids]
     for e in entries.values():
-        assert e["ids"] == ids and e["labels"] == pytest.approx(labels)  # the pair's images, in its order
+        assert e["ids"] == ids and e["labels"] == pytest.approx(labels)
         assert _close(e["srcc"], stats.spearmanr(e["scores"], labels)[0])
         hits = [lv == bench.by_id[i].level_word for lv, i in zip(e["levels"], ids, strict=True)]
         assert e["level_acc"] == pytest.approx(np.mean(hits))
@@ -272,7 +275,7 @@ def test_train_companions_rates_the_pairs_test_images_and_reuses_its_work(tmp_pa
         assert payload["restoration"][name]["rmse"] == pytest.approx(rmse)
     assert payload["score_token"]["q_scorer_regressed"]["rmse"] == pytest.approx(
         math.sqrt(np.mean((np.array(q["regressed"]) - mos) ** 2)))
-    assert json.loads((tmp_path / "rep" / "conversion_error.json").read_text())["n"] == 5
+    assert json.loads((tmp_path / "rep" / "conversion_error.json").read_text())["n"] == 5  # images all rated
     assert (tmp_path / "rep" / "conversion_error.png").stat().st_size > 0
 
     results = {"one_stage": {"srcc": 0.5, "plcc": 0.4, "level_acc": 0.3}, **entries}
