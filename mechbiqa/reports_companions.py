@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLUMNS",
+    "REGRESSORS",
     "ROWS",
     "companion_columns",
     "companion_table",
@@ -36,6 +37,9 @@ __all__ = [
 COLUMNS: dict[str, str] = {"one_stage": "one-stage", "two_stage": "two-stage", "rl": "RL (GRPO)",
                            "q_scorer": "Q-Scorer"}  # fmt: skip
 """``results.json`` key -> column title (and ``summary.json`` mode name)."""
+
+REGRESSORS: dict[str, str] = {"q_scorer_regressed": "Q-Scorer: MLP regressor on the score token"}
+"""``conversion_error.json`` score-token key -> its label."""
 
 ROWS: tuple[tuple[str, str], ...] = (
     ("srcc", "SRCC, test split (Q-Align score vs label)"),
@@ -119,7 +123,7 @@ def conversion_error_table(payload: Mapping[str, Any]) -> Table:
     beyond = payload.get("beyond_floor_rmse", {})
     for group, suffix in (("restoration", "Q-Align score"), ("score_token", "")):
         for name, stats in payload.get(group, {}).items():
-            label = f"{COLUMNS.get(name, name)}: {suffix}" if suffix else name.replace("_", " ")
+            label = f"{COLUMNS.get(name, name)}: {suffix}" if suffix else REGRESSORS.get(name, name)
             table.add_row(label, _cell(stats["rmse"]), _signed(beyond.get(name)), _cell(stats["srcc"]),
                           _cell(stats["plcc"]))  # fmt: skip
     return table
@@ -143,7 +147,7 @@ def conversion_figure(table: ConversionTable, path: str | Path) -> Path:
                    label=f"{COLUMNS.get(name, name)} Q-Align (RMSE {stats.rmse:.3f})")  # fmt: skip
     for name, stats in table.score_token.items():
         ax.scatter(table.mos, table.scores[name], s=9, alpha=0.6, marker="^", color="#1f78b4",
-                   label=f"{name.replace('_', ' ')} (RMSE {stats.rmse:.3f})")  # fmt: skip
+                   label=f"{REGRESSORS.get(name, name)} (RMSE {stats.rmse:.3f})")  # fmt: skip
     for edge in (0.2, 0.4, 0.6, 0.8):
         ax.axvline(edge, color="grey", lw=0.4)
     ax.set(xlabel="MOS (0-1)", ylabel="score (0-1)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
