@@ -306,9 +306,13 @@ def open_checkpoint(
             load(path), template=released_template, max_new_tokens=max_new_tokens, name=str(path)
         )
     if kind == "one-stage":
+        from mechbiqa.qscorer import QScorerRater, is_qscorer, load_qscorer
+
         info = expect_checkpoint(path, "one-stage")
-        rater: OneStageRater | TwoStageRater = OneStageRater(
-            load(path), template=template or info.template, max_new_tokens=max_new_tokens
+        rater: OneStageRater | TwoStageRater = (
+            QScorerRater(load_qscorer(path, dtype=dtype, device=device, max_new_tokens=max_new_tokens))
+            if is_qscorer(path)  # a one-stage rater whose ratings add the score token and regression
+            else OneStageRater(load(path), template=template or info.template, max_new_tokens=max_new_tokens)
         )
     else:
         first, second = stage_paths(path)

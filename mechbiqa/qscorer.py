@@ -26,7 +26,10 @@ pieces, ``score_head.safetensors`` holds the MLP, and ``mechbiqa.json`` a
 ``score_head`` field (bins, width, site, lambda). ``load_pretrained`` reads the
 model like any other (it never opens ``score_head.safetensors``: the weights
 file is ``model.safetensors``); :func:`load_qscorer` adds the head.
-:class:`QScorer` rates images and reports both the token and the regressed score.
+:class:`QScorer` rates images and reports both the token and the regressed score;
+:class:`QScorerRater` is the same checkpoint as a `mechbiqa.pipeline.OneStageRater`
+(`mechbiqa.checkpoint.open_checkpoint` returns one for a Q-Scorer directory), whose
+ratings (:class:`QScorerRating`) carry the Q-Align reading, the token and the regression.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +53,17 @@ from mechbiqa.model.mplug_owl2 import MPLUGOwl2
 from mechbiqa.model.processor import ImageProcessor
 from mechbiqa.model.prompts import LEVEL_WORDS, encode_answer, get_template
 from mechbiqa.model.tokenizer import CompactTokenizer, SentencePieceTokenizer, Tokenizer
-from mechbiqa.pipeline import answer_text, read_info, task_prompt
+from mechbiqa.pipeline import (
+    OneStageRater,
+    Rating,
+    _ratings,
+    answer_text,
+    read_info,
+    score_prompts,
+    scoring_prompt,
+    split_answer,
+    task_prompt,
+)
 from mechbiqa.train import IGNORE_INDEX, EncodedExample, Example, collate, label_smoothed_nll
 
 __all__ = [
@@ -338,7 +351,6 @@ def train_qscorer(
     head.to(device)
     encoded = [encode_qscorer_example(tokenizer, cfg.template, e, spec) for e in examples]
     targets = torch.tensor([float(e.score) for e in examples])  # type: ignore[arg-type]
-    pixels = processor([e.image for e in examples])
     ids_of_scores = score_token_ids(tokenizer, spec)
     body = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -363,7 +375,7 @@ def train_qscorer(
             ids.to(device),
             mask.to(device),
             labels.to(device),
-            pixels[index].to(device, core.dtype),
+            processor([examples[i].image for i in index]).to(device, core.dtype),  # only the batch's images
             targets[index].to(device),
             ids_of_scores,
             spec.lam,
@@ -632,3 +644,77 @@ def finetune_qscorer(
 
 
 __all__ += ["finetune_qscorer"]
+
+
+# --------------------------------------------------------------------------------------------- as a rater
+@dataclass(frozen=True)
+class QScorerRating(Rating):
+    """A Q-Scorer's `mechbiqa.pipeline.Rating`: the Q-Align reading, the score token and the regression.
+
+    Attributes:
+        token: The score piece (``<score_k>``).
+        bin: ``k`` (0 = lowest interval).
+        token_score: The token's interval centre (0-1).
+        token_expected: Probability-weighted interval centres over the score tokens (0-1).
+        regressed: The MLP's score (0-1).
+        emitted: Whether the model wrote the score token itself.
+    """
+
+    token: str = ""
+    bin: int = -1
+    token_score: float = float("nan")
+    token_expected: float = float("nan")
+    regressed: float = float("nan")
+    emitted: bool = False
+
+
+class QScorerRater(OneStageRater):
+    """A Q-Scorer checkpoint as a one-stage rater: every analysis that takes a rater takes it.
+
+    `rate` generates each answer once (:meth:`QScorer.rate`), reads the level words after its
+    description as `OneStageRater` does (so ``score``/``level`` are the Q-Align reading and the
+    scoring prompt is the one-stage one), and adds the score token and the regressed score
+    (:class:`QScorerRating`).
+    """
+
+    def __init__(self, scorer: QScorer) -> None:
+        """Wrap a loaded :class:`QScorer` (:func:`load_qscorer`)."""
+        super().__init__(scorer.components, template=scorer.template, max_new_tokens=scorer.max_new_tokens)
+        self.scorer = scorer
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", **kwargs: Any
+    ) -> QScorerRater:
+        """Load a Q-Scorer checkpoint (``dtype``, ``max_new_tokens`` as :func:`load_qscorer`)."""
+        return cls(load_qscorer(path, device=device, **kwargs))
+
+    @torch.no_grad()
+    def rate(self, images: Sequence[Any] | Tensor, batch_size: int = 64) -> list[QScorerRating]:
+        """Rate each image: Q-Align score after the description, score token, regressed score."""
+        c = self.components
+        pixels = images if isinstance(images, Tensor) else c.processor(list(images))
+        scored = self.scorer.rate(pixels, batch_size=batch_size)
+        answers = [q.answer for q in scored]
+        descriptions = [split_answer(a)[0] for a in answers]
+        prompts = [scoring_prompt(c.tokenizer, self.template, "one-stage", d) for d in descriptions]
+        logits = score_prompts(c.model, c.tokenizer, prompts, pixels, batch_size=batch_size)
+        plain = _ratings(c.tokenizer, self.template, "one-stage", descriptions, answers, prompts, logits,
+                         c.model.cfg.n_image_tokens)  # fmt: skip
+        return [
+            QScorerRating(**{f.name: getattr(r, f.name) for f in fields(Rating)}, token=q.token, bin=q.bin,
+                          token_score=q.token_score, token_expected=q.token_expected, regressed=q.regressed,
+                          emitted=q.emitted)  # fmt: skip
+            for r, q in zip(plain, scored, strict=True)
+        ]
+
+
+def is_qscorer(path: str | Path) -> bool:
+    """Whether a checkpoint directory is a Q-Scorer (its ``mechbiqa.json`` has the ``score_head`` field)."""
+    try:
+        return INFO_KEY in read_info(path).data
+    except FileNotFoundError:
+        return False
+
+
+__all__ += ["QScorerRating", "QScorerRater", "is_qscorer"]

@@ -54,7 +54,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ __all__ = [
     "Sampled",
     "RLStep",
     "RLResult",
+    "RLState",
     "group_advantages",
     "clipped_surrogate",
     "kl_k3",
@@ -343,11 +344,18 @@ def mos_closeness(level: str | None, mos01: float | None) -> float:
     return 1.0 - abs(LEVEL_WEIGHTS[LEVEL_WORDS.index(level)] - float(mos01))
 
 
-def rouge_rewards(descriptions: Sequence[str], reference: str | None) -> list[float]:
-    """ROUGE-1 F1 of each description against the reference description (0 without a reference)."""
-    if not reference or not descriptions:
+def rouge_rewards(descriptions: Sequence[str], reference: str | Sequence[str] | None) -> list[float]:
+    """ROUGE-1 F1 of each description against the reference description(s) (0 without any).
+
+    With several references (the benchmark's description and a user's annotations,
+    :func:`mechbiqa.analysis.rouge.references_with`) the best-matching one counts, as in
+    :func:`mechbiqa.analysis.rouge.rouge1`.
+    """
+    refs = [reference] if isinstance(reference, str) else [r for r in (reference or ()) if r]
+    if not refs or not descriptions:
         return [0.0] * len(descriptions)
-    return rouge1(list(descriptions), [reference] * len(descriptions)).f1.tolist()
+    refs_arg = refs[0] if len(refs) == 1 else tuple(refs)
+    return rouge1(list(descriptions), [refs_arg] * len(descriptions)).f1.tolist()
 
 
 @torch.no_grad()
@@ -385,11 +393,13 @@ def paper_rewards(
     tokenizer: Tokenizer,
     template: ConversationTemplate,
     weights: RewardWeights,
+    references: Sequence[str] | None = None,
 ) -> tuple[list[float], dict[str, list[float]]]:
     """The weighted sum of the paper's rewards for one group, and each part (only those with weight > 0).
 
     ``example.level`` is the label's level word, ``example.score`` its MOS on 0-1,
-    ``example.description`` the reference description.
+    ``example.description`` the reference description; ``references`` replaces it with several
+    (the benchmark's and a user's annotations: the best-matching one counts).
     """
     parts: dict[str, list[float]] = {}
     if weights.level:
@@ -397,7 +407,8 @@ def paper_rewards(
     if weights.mos:
         parts["mos"] = [mos_closeness(a.level, example.score) for a in answers]
     if weights.rouge:
-        parts["rouge"] = rouge_rewards([a.description for a in answers], example.description)
+        refs = references if references is not None else example.description
+        parts["rouge"] = rouge_rewards([a.description for a in answers], refs)
     if weights.consistency_answer or weights.consistency_label:
         parts["consistency_answer"], parts["consistency_label"] = self_consistency(
             model, tokenizer, template, answers, example.level
@@ -438,6 +449,15 @@ class RLResult:
         return float(np.mean([h.seconds for h in self.history])) if self.history else float("nan")
 
 
+@dataclass(frozen=True)
+class RLState:
+    """Where a run stopped: steps done, the optimizer's state, the steps' records (resume with it)."""
+
+    step: int
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    history: tuple[RLStep, ...] = ()
+
+
 @contextlib.contextmanager
 def _adapters_off(model: nn.Module) -> Iterator[None]:
     layers = lora_layers(model)
@@ -460,6 +480,10 @@ def train_rl(
     reference: MPLUGOwl2 | None = None,
     reward_fn: RewardFn | None = None,
     progress: Callable[[RLStep], None] | None = None,
+    references: Mapping[str, Sequence[str]] | None = None,
+    resume: RLState | None = None,
+    checkpoint: Callable[[RLState], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> RLResult:
     """GRPO on one-stage answers, in place (trainable parameters: those with ``requires_grad``).
 
@@ -474,14 +498,25 @@ def train_rl(
             LoRA adapters, else a frozen copy made here.
         reward_fn: ``(model, answers, example) -> (rewards, parts)``; None: :func:`paper_rewards`.
         progress: Called with each step's :class:`RLStep`.
+        references: Example id -> reference descriptions for the ROUGE reward (the benchmark's and
+            a user's annotations, :func:`mechbiqa.analysis.rouge.references_with`); an id not in it,
+            or None: the example's own description.
+        resume: Continue a run from this state (the model must hold the weights of that step, and
+            ``reference`` must be the starting model): the same steps follow as without the stop,
+            since samples and image order are functions of ``(seed, step)``.
+        checkpoint: Called with the state every ``checkpoint_every`` steps (not after the last).
+        checkpoint_every: Steps between calls of ``checkpoint`` (0: never).
     """
     core = core_model(model)
     core.eval()
     template = get_template(cfg.template)
     if reference is None and not lora_layers(core):
+        if resume is not None and resume.step:
+            raise ValueError("resuming needs the starting model as `reference` (the KL anchor of the run)")
         reference = copy.deepcopy(core).requires_grad_(False)
     reward_fn = reward_fn or (
-        lambda m, a, e: paper_rewards(m, a, e, tokenizer=tokenizer, template=template, weights=cfg.weights)
+        lambda m, a, e: paper_rewards(m, a, e, tokenizer=tokenizer, template=template, weights=cfg.weights,
+                                      references=None if references is None else references.get(e.id))
     )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -489,6 +524,8 @@ def train_rl(
             "the model has no trainable parameters (requires_grad); unfreeze them or add adapters"
         )
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    if resume is not None and resume.optimizer:
+        optimizer.load_state_dict(resume.optimizer)
     device = core.device
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -499,16 +536,18 @@ def train_rl(
         )
 
     prompt = task_prompt(tokenizer, template, "one-stage").ids
-    pixels = processor([e.image for e in examples])
+    pixels: dict[int, Tensor] = {}  # preprocessed as first drawn: a run sees steps * images_per_step images
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    result = RLResult(config=cfg)
-    for step in range(cfg.steps):
+    result = RLResult(config=cfg, history=list(resume.history) if resume is not None else [])
+    for step in range(resume.step if resume is not None else 0, cfg.steps):
         t0 = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
         picks = [order[(step * cfg.images_per_step + j) % len(order)] for j in range(cfg.images_per_step)]
         groups, rewards, parts = [], [], {}
         for i in picks:
-            image = pixels[i : i + 1]
+            if i not in pixels:
+                pixels[i] = processor([examples[i].image])
+            image = pixels[i]
             with autocast():
                 ids = sample_answers(
                     core,
@@ -568,11 +607,26 @@ def train_rl(
         result.history.append(record)
         if progress is not None:
             progress(record)
+        done = step + 1
+        if checkpoint is not None and checkpoint_every and done % checkpoint_every == 0 and done < cfg.steps:
+            checkpoint(RLState(step=done, optimizer=optimizer.state_dict(), history=tuple(result.history)))
     optimizer.zero_grad(set_to_none=True)
     return result
 
 
-def rl_info(cfg: RLConfig, result: RLResult, parent: str | None, template: str) -> dict[str, Any]:
+RL_STATE_FILE = "rl_state.pt"
+"""Beside the weights of an unfinished RL checkpoint: steps done, optimizer state, step records."""
+
+
+def rl_info(
+    cfg: RLConfig,
+    result: RLResult,
+    parent: str | None,
+    template: str,
+    *,
+    finished: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``mechbiqa.json`` of an RL checkpoint: a one-stage checkpoint with its RL provenance."""
     from dataclasses import asdict
 
@@ -583,13 +637,35 @@ def rl_info(cfg: RLConfig, result: RLResult, parent: str | None, template: str) 
         "task": "one-stage",
         "template": template,
         "step": len(result.history),
+        "finished": finished,
         "parent": parent,
         "rl_config": asdict(cfg),
         "rl_history": [asdict(h) for h in result.history],
+        **(extra or {}),
     }
 
 
-__all__ += ["rl_info", "RewardFn"]
+__all__ += ["rl_info", "RewardFn", "RL_STATE_FILE"]
+
+
+def _saved_run(out_dir: Path, expected: dict[str, Any]) -> tuple[dict[str, Any], RLState | None] | None:
+    """A run in ``out_dir`` started with the same settings: its info and (unfinished) state, else None."""
+    from mechbiqa.pipeline import read_info
+
+    try:
+        info = read_info(out_dir).data
+    except FileNotFoundError:
+        return None
+    if any(info.get(k) != v for k, v in expected.items()):
+        return None
+    if info.get("finished"):
+        return info, None
+    state_file = out_dir / RL_STATE_FILE
+    if not state_file.is_file():
+        return None
+    raw = torch.load(state_file, map_location="cpu", weights_only=True)
+    history = tuple(RLStep(**h) for h in raw["history"])
+    return info, RLState(step=int(raw["step"]), optimizer=raw["optimizer"], history=history)
 
 
 def finetune_checkpoint(
@@ -603,8 +679,19 @@ def finetune_checkpoint(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: Callable[[RLStep], None] | None = None,
+    references: Mapping[str, Sequence[str]] | None = None,
+    checkpoint_every: int = 0,
+    extra_info: dict[str, Any] | None = None,
+    fresh: bool = False,
+    reward_fn: RewardFn | None = None,
 ) -> RLResult:
     """GRPO from a one-stage checkpoint directory into ``out_dir`` (a one-stage checkpoint again).
+
+    ``out_dir`` is written as the training loop writes its checkpoints
+    (:func:`mechbiqa.train.publish`: a link to its newest complete version, so a kill at any
+    instant leaves the last one). A finished run with the same settings (``rl_config``, parent,
+    ``extra_info``) is returned as it is, without training; an unfinished one (full fine-tuning
+    with ``checkpoint_every``) resumes from its last checkpoint on the same trajectory.
 
     Args:
         init_from: The one-stage checkpoint (refused if it is of another mode).
@@ -616,21 +703,69 @@ def finetune_checkpoint(
         device: Where to train.
         dtype: Parameter dtype (``torch.bfloat16`` for 7B with LoRA on a GPU).
         progress: Called with each step.
+        references: Example id -> reference descriptions of the ROUGE reward (see `train_rl`).
+        checkpoint_every: Steps between resumable checkpoints (0: none; full fine-tuning only).
+        extra_info: More fields of ``mechbiqa.json`` that must match for a run to be reused.
+        fresh: Train from the start even when a run with the same settings is there.
+        reward_fn: Replaces :func:`paper_rewards` (see `train_rl`; name it in ``extra_info``, since
+            only the settings there decide whether a saved run is the same).
     """
     from mechbiqa.finetune_io import add_lora, write_checkpoint
     from mechbiqa.model.load import load_components
     from mechbiqa.pipeline import expect_checkpoint
+    from mechbiqa.train import publish, recover
 
+    if checkpoint_every and lora_rank is not None:
+        raise ValueError(
+            "checkpoint_every resumes full fine-tuning only; pass checkpoint_every=0 with lora_rank"
+        )
     info = expect_checkpoint(init_from, "one-stage")
-    comps = load_components(init_from, dtype=dtype, device=device)
+    out_dir = Path(out_dir)
+    recover(out_dir)
+    from dataclasses import asdict
+
+    expected = {"parent": str(init_from), "rl_config": _as_json(asdict(cfg)),
+                **_as_json(extra_info or {})}  # fmt: skip
+    saved = None if fresh else _saved_run(out_dir, expected)
+    if saved is not None and saved[1] is None:  # finished with the same settings
+        return RLResult(config=cfg, history=[RLStep(**h) for h in saved[0]["rl_history"]])
+    state = None if saved is None else saved[1]
+    comps = load_components(out_dir if state is not None else init_from, dtype=dtype, device=device)
     model: nn.Module = comps.model
+    reference = None
+    if state is not None:
+        reference = load_components(init_from, dtype=dtype, device=device).model.requires_grad_(False)
     if lora_rank is not None:
         model = add_lora(model, lora_rank, lora_targets)
-    result = train_rl(model, comps.tokenizer, comps.processor, examples, cfg, progress=progress)
-    write_checkpoint(
-        out_dir, model, comps.tokenizer, comps.processor, rl_info(cfg, result, str(init_from), info.template)
-    )
+
+    def write(result: RLResult, finished: bool, rl_state: RLState | None) -> None:
+        meta = rl_info(cfg, result, str(init_from), info.template, finished=finished, extra=extra_info)
+
+        def fill(directory: Path) -> None:
+            write_checkpoint(directory, model, comps.tokenizer, comps.processor, meta)
+            if rl_state is not None:
+                torch.save({"step": rl_state.step, "optimizer": rl_state.optimizer,
+                            "history": [asdict(h) for h in rl_state.history]}, directory / RL_STATE_FILE)
+
+        publish(out_dir, fill, step=len(result.history))
+
+    def save(rl_state: RLState) -> None:
+        write(RLResult(config=cfg, history=list(rl_state.history)), False, rl_state)
+
+    result = train_rl(model, comps.tokenizer, comps.processor, examples, cfg, reference=reference,
+                      reward_fn=reward_fn, progress=progress, references=references, resume=state,
+                      checkpoint=save, checkpoint_every=checkpoint_every)  # fmt: skip
+    write(result, True, None)
     return result
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so saved settings compare equal."""
+    import json
+
+    from mechbiqa.outputs import jsonable
+
+    return json.loads(json.dumps(jsonable(value)))
 
 
 __all__ += ["finetune_checkpoint"]

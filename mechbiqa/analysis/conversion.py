@@ -191,3 +191,93 @@ def conversion_error(
         regressed=None if regressed is None else np.asarray(regressed, dtype=np.float64),
         restore=restore,
     )
+
+
+@dataclass(frozen=True)
+class ConversionTable:
+    """Conversion errors of several checkpoints on one data set (the main job's ``conversion_error.json``).
+
+    Attributes:
+        label_approximation: MOS -> level -> restored score, against MOS (the floor every level-word
+            model inherits).
+        restoration: Checkpoint name -> its Q-Align score against MOS.
+        score_token: Regressor name -> its regressed score against MOS (the Q-Scorer's MLP).
+        mos: ``[image]`` MOS on 0-1.
+        restored: ``[image]`` the labels' restored scores.
+        scores: Name -> ``[image]`` each checkpoint's or regressor's scores.
+        ids: Image ids.
+        restore: ``"qalign"`` or ``"centre"``.
+    """
+
+    label_approximation: ErrorStats
+    restoration: dict[str, ErrorStats]
+    score_token: dict[str, ErrorStats]
+    mos: np.ndarray
+    restored: np.ndarray
+    scores: dict[str, np.ndarray]
+    ids: tuple[str, ...] = ()
+    restore: str = "qalign"
+
+    def beyond_floor(self) -> dict[str, float]:
+        """Each predictor's RMSE minus the label-approximation RMSE (negative: below the floor)."""
+        floor = self.label_approximation.rmse
+        return {name: s.rmse - floor for name, s in {**self.restoration, **self.score_token}.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the named errors, each one's excess over the floor, and the per-image arrays."""
+        return {
+            "scale": "0-1",
+            "restore": self.restore,
+            "n": int(len(self.mos)),
+            "label_approximation": asdict(self.label_approximation),
+            "restoration": {k: asdict(v) for k, v in self.restoration.items()},
+            "score_token": {k: asdict(v) for k, v in self.score_token.items()},
+            "beyond_floor_rmse": self.beyond_floor(),
+            "per_image": {
+                "ids": list(self.ids),
+                "mos": [float(x) for x in self.mos],
+                "restored": [float(x) for x in self.restored],
+                **{k: [float(x) for x in v] for k, v in self.scores.items()},
+            },
+        }
+
+
+def conversion_table(
+    mos01: np.ndarray,
+    qalign: dict[str, np.ndarray],
+    regressed: dict[str, np.ndarray] | None = None,
+    *,
+    ids: tuple[str, ...] | list[str] = (),
+    restore: Literal["qalign", "centre"] = "qalign",
+) -> ConversionTable:
+    """The label approximation, each checkpoint's restoration and each regressor's error, on one data set.
+
+    Args:
+        mos01: MOS on 0-1, one per image.
+        qalign: Checkpoint name -> its Q-Align scores (0-1), same image order.
+        regressed: Regressor name -> its regressed scores (0-1); None: none.
+        ids: Image ids (kept in the per-image arrays).
+        restore: How a bin is restored (see :func:`restored_scores`).
+
+    Raises:
+        ValueError: A name is both a checkpoint and a regressor, or an array's length differs.
+    """
+    mos = np.asarray(mos01, dtype=np.float64)
+    regressed = regressed or {}
+    if set(qalign) & set(regressed):
+        raise ValueError(f"names {sorted(set(qalign) & set(regressed))} are both checkpoints and regressors")
+    floor, restored = label_approximation(mos, restore=restore)
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in {**qalign, **regressed}.items()}
+    return ConversionTable(
+        label_approximation=floor,
+        restoration={k: restoration_error(arrays[k], mos) for k in qalign},
+        score_token={k: restoration_error(arrays[k], mos) for k in regressed},
+        mos=mos,
+        restored=restored,
+        scores=arrays,
+        ids=tuple(str(i) for i in ids),
+        restore=restore,
+    )
+
+
+__all__ += ["ConversionTable", "conversion_table"]

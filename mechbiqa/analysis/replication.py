@@ -236,8 +236,13 @@ def image_token_patching(checkpoint: Checkpoint, records: list, out: Path
     return patching_summary(sweep), {"ids": [str(r.id) for r in records], **per_image}
 
 
-def grounding_per_image(rater: Any, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags."""
+def grounding_per_image(rater: Any, records: list, references: Sequence[Sequence[str]] | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Image path vs own-description path (`rate_paths`, `grounding`), ROUGE-1: summary, per-image flags.
+
+    ``references``: per record its reference descriptions (`mechbiqa.analysis.rouge.references_with`: the
+    benchmark's and a user's annotations; the best-matching one counts); None: each record's description.
+    """
     ids = [str(r.id) for r in records]
     with torch.no_grad():
         paths = rate_paths(rater, Checkpoint.from_rater(rater).processor([r.image_path for r in records]),
@@ -245,7 +250,7 @@ def grounding_per_image(rater: Any, records: list) -> tuple[dict[str, Any], dict
     mos = [getattr(r, "mos01", None) for r in records]
     g = grounding(paths.image_probs, paths.text_probs, paths.descriptions, final_levels=paths.final_levels,
                   ids=ids, mos=None if None in mos else np.asarray(mos, dtype=float))
-    refs = [getattr(r, "description", None) for r in records]
+    refs = [getattr(r, "description", None) for r in records] if references is None else list(references)
     rouge = rouge1(list(paths.descriptions), refs, ids=ids) if all(refs) else None
     summary = g.summary() | {"mode": paths.mode, "rouge1_f1": None if rouge is None else rouge.mean_f1}
     return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}

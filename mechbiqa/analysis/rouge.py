@@ -18,17 +18,26 @@ numbers are comparable with published ones. Research choices, stated once:
 * With several references for one image (a user's multiple annotations) the
   best-matching reference counts (``RougeScorer.score_multi``: max F1), the
   usual multi-reference convention for single-sentence descriptions.
+
+A user's annotations join the benchmark's own descriptions as references
+(`annotation_references`, `references_with`): Q-Pathway / Q-Instruct /
+Q-Reasoning conversation JSON files (the reasoning before the verdict, split by
+`mechbiqa.data.annotations.split_verdict`) or a plain ``{image id: text or
+[texts]}`` object, keyed by image file name and entry id. The RL reward
+(`mechbiqa.rl.rouge_rewards`) and the main job's grounding read the same lists.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RougeResult", "nearest", "rouge1", "references_for"]
+__all__ = ["RougeResult", "annotation_references", "nearest", "references_for", "references_with", "rouge1"]
 
 
 @dataclass(frozen=True)
@@ -196,3 +205,93 @@ def nearest(prediction: str, candidates: Sequence[str], *, use_stemmer: bool = F
     scores = [scorer.score(c, prediction)["rouge1"].fmeasure for c in candidates]
     best = int(np.argmax(scores))
     return best, float(scores[best])
+
+
+def annotation_references(paths: Sequence[str | Path]) -> dict[str, tuple[str, ...]]:
+    """Reference descriptions from a user's annotation files, keyed by image file name and by entry id.
+
+    Two shapes are read (several files at once, their texts pooled per key):
+
+    * a conversation list (Q-Pathway, Q-Instruct, Q-Reasoning: ``[{"id", "image",
+      "conversations": [{"from": "gpt", "value": ...}]}]``): each assistant answer's reasoning,
+      the answer without its final verdict (`mechbiqa.data.annotations.split_verdict`); a
+      verdict-only answer (Q-Align) holds no reasoning and gives no reference;
+    * an object ``{image id or file name: text or [texts]}`` (what ``studies/grounding.py
+      --references`` reads).
+
+    Args:
+        paths: The JSON files.
+
+    Returns:
+        key -> references, in file order without repeats. Keys: the entry's ``id`` (before a
+        ``->score`` suffix) and its image's file name, so benchmark records match by either.
+
+    Raises:
+        FileNotFoundError: A file is missing.
+        ValueError: A file is neither shape (the message names it).
+    """
+    from mechbiqa.data.annotations import split_verdict
+
+    found: dict[str, list[str]] = {}
+
+    def add(key: str, text: str) -> None:
+        text = text.strip()
+        if key and text and text not in found.setdefault(key, []):
+            found[key].append(text)
+
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation file {path} does not exist; pass an existing JSON file")
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping):
+            for key, texts in data.items():
+                for text in [texts] if isinstance(texts, str) else list(texts):
+                    add(str(key), str(text))
+            continue
+        if not isinstance(data, list):
+            raise ValueError(
+                f"{path}: expected a list of conversation entries (Q-Pathway / Q-Instruct) or an object "
+                f"{{image id: text}}, got {type(data).__name__}"
+            )
+        for entry in data:
+            if not isinstance(entry, Mapping) or not isinstance(entry.get("conversations"), list):
+                continue
+            answers = [t.get("value", "") for t in entry["conversations"]
+                       if isinstance(t, Mapping) and t.get("from") in ("gpt", "assistant")]
+            keys = [str(entry.get("id", "")).split("->")[0]]
+            image = entry.get("image", entry.get("img_path"))
+            if isinstance(image, str) and image:
+                keys.append(Path(image).name)
+            for answer in answers:
+                reasoning = split_verdict(str(answer))[0]
+                for key in keys:
+                    add(key, reasoning)
+    return {k: tuple(v) for k, v in found.items() if v}
+
+
+def references_with(
+    records: Sequence[Any], extra: Mapping[str, Sequence[str]] | None = None
+) -> list[tuple[str, ...]]:
+    """Each record's references: its own description (the benchmark's), then a user's annotations.
+
+    Args:
+        records: Records with ``id``, ``image_path`` and ``description`` (any may be missing).
+        extra: `annotation_references` (key: entry id or image file name); None: own descriptions only.
+
+    Returns:
+        One tuple per record (empty when it has none), without repeats.
+    """
+    out = []
+    for r in records:
+        refs: list[str] = []
+        own = getattr(r, "description", None)
+        candidates = [own] if own else []
+        if extra:
+            image = getattr(r, "image_path", None)
+            for key in (str(getattr(r, "id", "")), Path(image).name if image else ""):
+                candidates.extend(extra.get(key, ()))
+        for text in candidates:
+            if text and text not in refs:
+                refs.append(text)
+        out.append(tuple(refs))
+    return out
