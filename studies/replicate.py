@@ -22,7 +22,11 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
   4. offline from those stores: logit lens (`lens_from_store`), attention attribution
      (`attribute_store`), and the probes (`mechbiqa.analysis.probe_data.analyse_probes`:
      ridge probes per layer with folds by reference photo, an MLP score head vs the
-     Q-Align level-word score, the probe curve beside the lens curve);
+     Q-Align level-word score, the probe curve beside the lens curve); then
+     (`mechbiqa.analysis.replication_attribution`) direct logit attribution of the decision
+     by head and by source role, a tuned lens cross-fitted on the store beside the logit
+     lens, and attribution patching of every image position and layer checked against
+     activation patching;
   5. patching of the five dominant image tokens (one-stage only: no image token reaches
      the two-stage quality position), instability (5 answers x 3 seeds), grounding
      (image path vs own-description path, contradictions, ROUGE-1);
@@ -30,7 +34,8 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
      (`mechbiqa.analysis.findings`): sign-flip permutation tests of per-image
      instability, level accuracy, description share of the non-image attention, lens
      answer changes, contradictions, patching (dominant vs random, same images) and
-     settle layer vs probe layer; paired bootstraps of SRCC differences. Held only when
+     settle layer vs probe layer, the decision's write from image vs description tokens
+     (one-stage); paired bootstraps of SRCC differences. Held only when
      the test rejects "no difference" at 5% in the claimed direction;
   7. one comparison report: each metric for both checkpoints, the probe-vs-lens curves,
      and each finding with its test, effect (units), CI and p-value.
@@ -60,6 +65,7 @@ from mechbiqa.analysis.replication import (
     rated_store,
     rating_summary,
 )
+from mechbiqa.analysis.replication_attribution import attribution_analysis
 from mechbiqa.sources import REPO, load_test_split, open_source, spread
 from mechbiqa.train import PairConfig, train_or_reuse
 
@@ -191,6 +197,10 @@ def main(cfg: Config) -> Result:
         m = analyse_store(store, checkpoint.rater, probes, out / f"probes-{mode}")
         m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated
         lap(f"lens, attribution, probes from the store ({mode})")
+        # direct logit attribution by source role, tuned vs logit lens, attribution patching
+        m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}")
+        m["per_image"].update(extra)
+        lap(f"logit attribution, tuned lens, attribution patching ({mode})")
         # 5. online: instability, grounding, and patching where image tokens reach the quality position
         sampled, per_image = instability_section(checkpoint, spread(test, cfg.n_instability))
         m.update(sampled)
@@ -218,8 +228,12 @@ def main(cfg: Config) -> Result:
 def render(result: Result, console: Any) -> None:
     """The comparison report and where the summary is."""
     from mechbiqa.reports import comparison_report
+    from mechbiqa.reports_attribution import attribution_report
 
     console.print(comparison_report(result.metrics, result.findings + result.untested, result.seconds))
+    attributed = {mode: m["attribution"] for mode, m in result.metrics.items() if "attribution" in m}
+    if attributed:
+        console.print(attribution_report(attributed))
     console.print(f"summary: {result.summary}")
 
 

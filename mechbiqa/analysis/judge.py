@@ -19,6 +19,7 @@ import numpy as np
 
 from mechbiqa.analysis.findings import Finding, decide, paired_bootstrap, paired_permutation, srcc_rows
 from mechbiqa.analysis.per_image import aligned
+from mechbiqa.analysis.replication_attribution import IMAGE_VS_DESCRIPTION_CONTRAST, image_vs_description
 
 __all__ = ["UNDEFINED", "judge", "split_untested"]
 
@@ -81,6 +82,11 @@ def judge(m: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         contrast[claim] = "settle layer - probe layer"
         test = paired_permutation(np.full_like(settle, decodable), settle, units="layers")
         out.append(decide(claim, test, "greater"))
+    written = image_vs_description(one.get("dla"))  # the decision's write by source role (DLA), one-stage
+    if written is not None:
+        contrast[written.claim] = IMAGE_VS_DESCRIPTION_CONTRAST
+        out.append(written)
+
     def defined(f: Finding) -> bool:
         r = f.result
         return r is not None and bool(np.isfinite([r.effect, r.p_value, *r.ci]).all())

@@ -19,7 +19,6 @@ from mechbiqa_hooks import names
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = {"replicate.py": 300, "smoke_7b.py": 250}
-PENDING = {"replicate.py", "train_pair.py"}  # being split along their seams on another branch
 HOOK_LITERAL = re.compile(r"\bhook_[a-z]|(^|\.)blocks\.(\d+|\{l\})\.")
 
 
@@ -28,13 +27,7 @@ def _limit(path: Path) -> int:
 
 
 def _studies() -> list:
-    return [
-        pytest.param(p, marks=pytest.mark.xfail(strict=False, reason="split pending"))
-        if p.name in PENDING
-        else p
-        for p in sorted((REPO / "studies").glob("*.py"))
-        if p.name != "__init__.py"
-    ]
+    return [p for p in sorted((REPO / "studies").glob("*.py")) if p.name != "__init__.py"]
 
 
 @pytest.mark.parametrize("path", _studies(), ids=lambda p: p.name)
