@@ -67,7 +67,8 @@ from mechbiqa.analysis.replication import (
 )
 from mechbiqa.analysis.replication_attribution import attribution_analysis
 from mechbiqa.sources import REPO, load_test_split, open_source, spread
-from mechbiqa.train import PairConfig, train_or_reuse
+from mechbiqa.train import PairConfig, add_entries, train_or_reuse
+from mechbiqa.train.companions import COMPANION_MODES, CompanionSettings, train_companions, write_conversion_error
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,9 @@ class Config:
         probe_splits: Outer folds (by reference photo) of the ridge probes, at most one per photo.
         probe_shuffles: Shuffled-label fits per layer (the probes' chance curve).
         head_epochs: Training epochs of the MLP score head.
+        companions: Also train (from the one-stage checkpoint) and compare the companion papers'
+            checkpoints: RL with annotation and self-consistency rewards, and Q-Scorer's score tokens.
+        companion: Overrides of their `mechbiqa.train.companions.CompanionSettings` (tests shrink it).
     """
 
     cache: str = str(REPO / "cache")
@@ -114,6 +118,8 @@ class Config:
     probe_splits: int = 5
     probe_shuffles: int = 1
     head_epochs: int = 200
+    companions: bool = True
+    companion: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is loaded (the message names the option)."""
@@ -136,7 +142,8 @@ class Config:
         shrunk = ("image_size", "total_steps", "batch_size", "warmup_steps", "vocab_size", "eval_every",
                   "eval_samples", "test_samples", "benchmark")
         return cls(cache=str(tmp), n_images=8, n_patch=2, n_instability=2, threads=1, probe_splits=2,
-                   head_epochs=20, train={k: getattr(tp, k) for k in shrunk})
+                   head_epochs=20, train={k: getattr(tp, k) for k in shrunk},
+                   companion=CompanionSettings.tiny().overrides())
 
 
 @dataclass
@@ -152,6 +159,8 @@ class Result:
         summary: Where ``summary.json`` was written.
         untested: Findings whose test is undefined on this run's images (e.g. a constant score
             has no SRCC): inconclusive, with the reason in ``evidence``.
+        trained: ``results.json`` of the compact checkpoints (empty for a given pair).
+        conversion: ``conversion_error.json``: label-approximation and restoration errors.
     """
 
     metrics: dict[str, dict[str, Any]]
@@ -160,6 +169,8 @@ class Result:
     paths: dict[str, str]
     summary: str = ""
     untested: list[dict[str, Any]] = field(default_factory=list)
+    trained: dict[str, Any] = field(default_factory=dict)
+    conversion: dict[str, Any] = field(default_factory=dict)
 
 
 def main(cfg: Config) -> Result:
@@ -177,11 +188,16 @@ def main(cfg: Config) -> Result:
 
     # 1-2. the checkpoints, mode -> path: given, or trained (or reused) with their whole-test-split ratings
     if cfg.one_stage is not None and cfg.two_stage is not None:
-        paths, pair = {"one-stage": cfg.one_stage, "two-stage": cfg.two_stage}, None
+        paths, pair, conversion = {"one-stage": cfg.one_stage, "two-stage": cfg.two_stage}, None, {}
     else:
         pair = train_or_reuse(replace(PairConfig(out_dir=Path(cfg.model) if cfg.model else cache / "compact",
                                                  benchmark_dir=cache / "benchmark", threads=cfg.threads,
                                                  retrain=cfg.retrain), **cfg.train))
+        pair_dir, conversion = Path(cfg.model) if cfg.model else cache / "compact", {}
+        if cfg.companions:  # the companion papers' checkpoints, from the one-stage one: RL and Q-Scorer
+            companions = train_companions(pair_dir, cache / "benchmark", CompanionSettings(**{"device": cfg.device, **cfg.companion}))
+            pair = add_entries(pair_dir, companions)
+            conversion = write_conversion_error(pair.to_dict(), out)
         paths = dict(pair.paths)
     lap("benchmark + training")
     test = spread(load_test_split(cfg.dataset, cache / "benchmark"), cfg.n_images)
@@ -208,7 +224,7 @@ def main(cfg: Config) -> Result:
         lap(f"instability ({mode})")
         m["grounding"], m["per_image"]["grounding"] = grounding_per_image(checkpoint.rater, test)
         lap(f"grounding ({mode})")
-        if checkpoint.image_at_quality:  # a pair's stage 2 reads text only: nothing to patch
+        if checkpoint.image_at_quality and mode not in COMPANION_MODES:  # a stage 2 reads text only
             patched = image_token_patching(checkpoint, spread(test, cfg.n_patch), out)
             m["patching"], m["per_image"]["patching"] = patched
             lap("patching")
@@ -220,7 +236,8 @@ def main(cfg: Config) -> Result:
         figures.probe_lens_curves(curves, out / "probe_lens_curves.png")
     tested, untested = split_untested(judge(metrics))
     result = Result(metrics=metrics, findings=tested, seconds=seconds, paths=paths,
-                    summary=str(out / "summary.json"), untested=untested)
+                    summary=str(out / "summary.json"), untested=untested,
+                    trained=pair.to_dict() if pair else {}, conversion=conversion)
     outputs.write_json(out / "summary.json", result, indent=2)
     return result
 
@@ -229,8 +246,13 @@ def render(result: Result, console: Any) -> None:
     """The comparison report and where the summary is."""
     from mechbiqa.reports import comparison_report
     from mechbiqa.reports_attribution import attribution_report
+    from mechbiqa.reports_companions import companion_table, conversion_error_table
 
     console.print(comparison_report(result.metrics, result.findings + result.untested, result.seconds))
+    if any(key in result.trained for key in ("rl", "q_scorer")):
+        console.print(companion_table(result.trained))
+    if result.conversion:
+        console.print(conversion_error_table(result.conversion))
     attributed = {mode: m["attribution"] for mode, m in result.metrics.items() if "attribution" in m}
     if attributed:
         console.print(attribution_report(attributed))

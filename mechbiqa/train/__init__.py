@@ -113,6 +113,7 @@ from mechbiqa.train.pair import (
     PairResult,
     Trained,
     Trainer,
+    add_entries,
     pair_data,
     read_results,
     train_or_reuse,
@@ -120,6 +121,7 @@ from mechbiqa.train.pair import (
 )
 
 __all__ = [
+    "add_entries",
     "IGNORE_INDEX",
     "STATE_FILE",
     "PAUSE_ENV",

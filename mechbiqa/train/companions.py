@@ -44,6 +44,7 @@ from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
 from mechbiqa.rl import RewardWeights, RLConfig
 
 __all__ = [
+    "COMPANION_MODES",
     "COMPANIONS",
     "COMPANION_DIRS",
     "RESULTS_FILE",
@@ -57,6 +58,8 @@ __all__ = [
 Companion = Literal["rl", "q_scorer"]
 COMPANIONS: tuple[Companion, ...] = ("rl", "q_scorer")
 COMPANION_DIRS: dict[str, str] = {"rl": "rl", "q_scorer": "q-scorer"}
+COMPANION_MODES: tuple[str, ...] = tuple(COMPANION_DIRS.values())
+"""Their mode names beside ``one-stage`` / ``two-stage`` (a results.json key with ``-`` for ``_``)."""
 """Key in results.json -> checkpoint directory inside the pair's folder."""
 RESULTS_FILE = "companions.json"
 """The rated entries, kept beside the checkpoints (reused while checkpoints and settings are unchanged)."""
@@ -112,6 +115,17 @@ class CompanionSettings:
         if min(counts) < 0 or min(self.batch_size, self.max_new_tokens) < 1:
             raise ValueError("need test_samples, compare_samples, checkpoint_every >= 0 and "
                          "batch_size, max_new_tokens >= 1")
+
+    @classmethod
+    def tiny(cls) -> CompanionSettings:
+        """Seconds-long runs on the tiny model (tests)."""
+        return cls(rl=RLConfig(steps=1, images_per_step=1, group_size=2, max_new_tokens=3),
+                   spec=ScoreTokenSpec(n_bins=5, d_hidden=8), qscorer=QScorerTrainConfig(steps=2, batch_size=2),
+                   compare_samples=2, max_new_tokens=4, checkpoint_every=1, test_samples=4)
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields as keyword arguments (``CompanionSettings(**s.overrides()) == s``)."""
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (as it reads back from JSON, so saved settings compare equal)."""

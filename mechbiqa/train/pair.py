@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
     from mechbiqa.model.tokenizer import Tokenizer
 
-__all__ = ["PairConfig", "PairData", "PairResult", "Trained", "Trainer", "TRAINERS", "AnnotationWarning",
+__all__ = ["PairConfig", "PairData", "PairResult", "add_entries", "Trained", "Trainer", "TRAINERS", "AnnotationWarning",
            "pair_data", "is_finished", "rating_metrics", "pick_test", "train_pair", "read_results",
            "train_or_reuse", "entry_key"]
 
@@ -565,3 +565,20 @@ def train_or_reuse(cfg: PairConfig, progress: Progress | None = None) -> PairRes
         if same and all(saved.entry(m) and TRAINERS[m].finished(cfg) for m in cfg.modes):
             return saved
     return train_pair(cfg, progress)
+
+
+def add_entries(out_dir: Path, entries: dict[str, dict[str, Any]]) -> PairResult:
+    """Add (or replace) entries of ``<out_dir>/results.json``, e.g. the companions' ``rl`` and ``q_scorer``.
+
+    The pair's own entries, seconds and config are kept, so `train_or_reuse` still recognises the run.
+
+    Raises:
+        FileNotFoundError: There is no ``results.json`` yet (train the pair first).
+    """
+    saved = read_results(out_dir)
+    if saved is None:
+        raise FileNotFoundError(f"no results.json in {out_dir}: train the pair there first")
+    saved.entries.update(entries)
+    saved.paths.update({key.replace("_", "-"): e["path"] for key, e in entries.items() if e and "path" in e})
+    outputs.write_json(Path(out_dir) / "results.json", saved.to_dict(), indent=2)
+    return saved
