@@ -614,7 +614,30 @@ def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, fl
                      style="bold")]
     verdicts += [_finding_text(f) for f in findings]
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
-    return Group(table, *srcc_table(metrics), *probe_lens_curves_tables(metrics), *verdicts, timing)
+    return Group(table, *srcc_table(metrics), *paper_exhibits(metrics), *probe_lens_curves_tables(metrics),
+                 *verdicts, timing)
+
+
+def paper_exhibits(metrics: dict) -> list:
+    """The paper's Table 1 and Fig. 6 (as tables) and where the figures are, from the main job's metrics.
+
+    Reads ``metrics[mode]["table1"]`` (a `Table1Row.to_dict`) and ``metrics[mode]["paper_figures"]``
+    (`mechbiqa.analysis.paper_figures.paper_figures`'s return value); nothing when neither is there.
+    """
+    from mechbiqa.analysis.paper_figures import Fig6Data, Table1Row
+
+    out: list = []
+    rows = [Table1Row.from_dict(m["table1"]) for m in metrics.values() if m.get("table1")]
+    if rows:
+        out.append(table1(rows))
+    for mode, m in metrics.items():
+        paper = m.get("paper_figures") or {}
+        if paper.get("fig6"):
+            out.append(fig6_table(Fig6Data.from_dict(paper["fig6"]), title=f"Fig. 6 ({mode}): the argmax level of "
+                                                                           "the samples labelled"))
+        for name, path in (paper.get("files") or {}).items():
+            out.append(Text(f"  {mode} {name}: {path}", style="dim", overflow="fold"))
+    return out
 
 
 def srcc_table(metrics: dict) -> list:

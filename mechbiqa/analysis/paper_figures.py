@@ -333,6 +333,12 @@ class Fig6Data:
         n = len(self.sample_ids)
         return self.counts / n if n else np.full(self.counts.shape, np.nan)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Fig6Data:
+        """The inverse of `to_dict` (e.g. read back from the main job's summary)."""
+        return cls(label=d["label"], layers=np.asarray(d["layers"]), counts=np.asarray(d["counts"], dtype=np.int64),
+                   sample_ids=tuple(d.get("sample_ids") or ()))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {"label": self.label, "layers": self.layers.tolist(), "level_words": list(LEVEL_WORDS),
@@ -402,6 +408,16 @@ class Table1Row:
     accuracy: float
     n_images: int
     n_answers: int
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Table1Row:
+        """The inverse of `to_dict` (None for a NaN written as null)."""
+        nan = float("nan")
+        return cls(method=d["method"], sessions=tuple(nan if x is None else float(x) for x in d["sessions"]),
+                   mean=nan if d["mean"] is None else float(d["mean"]),
+                   std=nan if d["std"] is None else float(d["std"]),
+                   accuracy=nan if d.get("accuracy") is None else float(d["accuracy"]),
+                   n_images=int(d["n_images"]), n_answers=int(d["n_answers"]))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""

@@ -232,3 +232,16 @@ class TokenizerWithLevels(Tokens):
 
     def word_id(self, word):
         return LEVEL_WORDS.index(word)
+
+
+def test_table1_row_and_fig6_survive_strict_json():
+    from mechbiqa.analysis.paper_figures import Fig6Data, Table1Row
+    from mechbiqa.outputs import dumps
+
+    row = Table1Row("two-stage", (0.1, 0.2), 0.15, 0.07, float("nan"), 10, 5)
+    back = Table1Row.from_dict(json.loads(dumps(row.to_dict())))
+    assert back.sessions == row.sessions and np.isnan(back.accuracy) and back.n_images == 10
+    fig6 = Fig6Data("poor", np.array([6, 7]), np.array([[0, 1, 0, 1, 0], [0, 0, 0, 2, 0]]), ("a", "b"))
+    again = Fig6Data.from_dict(json.loads(dumps(fig6.to_dict())))
+    np.testing.assert_array_equal(again.frequency, fig6.frequency)
+    assert again.sample_ids == ("a", "b")

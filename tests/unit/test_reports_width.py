@@ -12,7 +12,7 @@ from rich.console import Console
 from mechbiqa import reports
 from mechbiqa.analysis.attribution import attribute
 from mechbiqa.analysis.lens import LogitLens, analyse_lens
-from mechbiqa.analysis.paper_figures import Fig3Data, Fig6Data, table1_rows
+from mechbiqa.analysis.paper_figures import Fig3Data, Fig6Data, Table1Row, table1_rows
 from mechbiqa.analysis.patching import SweepResult
 from mechbiqa.model.llm import RMSNorm, Unembed
 from mechbiqa.model.prompts import LEVEL_WORDS
@@ -122,7 +122,11 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
             "test_split": {"n": 60, "srcc": None, "ids": test_ids, "scores": scores, "labels": labels},
             "per_image": {"store": {"ids": [test_ids[i] for i in stored], "score": scores[stored],
                                     "mos": labels[stored]}},
-            "probes": probes, "instability": (0.2, 0.01), "image_mass": (0.1, 0.0)}
+            "probes": probes, "instability": (0.2, 0.01), "image_mass": (0.1, 0.0),
+            "table1": Table1Row(mode, (0.2, 0.3, 0.25), 0.25, 0.05, 0.5, 20, 5).to_dict(),
+            "paper_figures": {"fig6": Fig6Data("poor", np.arange(n_layers - 3, n_layers),
+                                               np.array([[0, 1, 0, 1, 0]] * 3), ("a", "b")).to_dict(),
+                              "files": {"fig3": f"/cache/replicate/paper-{mode}/fig3_candidates.png"}}}
     from mechbiqa.analysis.srcc_splits import srcc_entries
     from scipy.stats import spearmanr
 
@@ -141,6 +145,11 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
     assert "rated alike on the shared images" in " ".join(x.strip() for x in lines)
     for table in reports.probe_lens_curves_tables(metrics):
         check(table, n_layers)
+    exhibits = reports.paper_exhibits(metrics)
+    check(exhibits[0], 2)  # Table 1: one row per tuning
+    assert "25.0% ± 5.0%" in text and "Table 1" in text and "paper-two-stage/fig3_candidates.png" in text
+    check(exhibits[1], 3)  # Fig. 6 over the last 3 layers
+    assert "50%" in "\n".join(render(exhibits[1]))
 
 
 def test_srcc_of_a_subset_rated_differently_is_said_so():
