@@ -309,7 +309,8 @@ def fig3_candidates(data: Fig3Data, path: str | Path, title: str = "Fig. 3") -> 
             text = data.top_tokens[i][j].strip() or f"#{int(data.top_ids[i, j])}"
             bold = text in LEVEL_WORDS
             ax.text(j, i, f"{text} {data.top_probs[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    weight="bold" if bold else "normal", color="white" if data.top_probs[i, j] > 0.6 else "black")
+                    weight="bold" if bold else "normal",
+                    color="white" if data.top_probs[i, j] > 0.6 else "black")
     ax.set_xticks(range(k), [f"top {j + 1}" for j in range(k)])
     ax.set_yticks(range(n_layers), [str(int(x)) for x in data.layers])
     ax.set_ylabel("layer")
@@ -318,7 +319,8 @@ def fig3_candidates(data: Fig3Data, path: str | Path, title: str = "Fig. 3") -> 
     bars = fig.add_subplot(grid[0, 1], sharey=ax)
     left = np.zeros(n_layers)
     for level, word in enumerate(LEVEL_WORDS):
-        bars.barh(range(n_layers), data.level_probs[:, level], left=left, color=LEVEL_COLOURS[level], label=word)
+        bars.barh(range(n_layers), data.level_probs[:, level], left=left, color=LEVEL_COLOURS[level],
+                  label=word)
         left += data.level_probs[:, level]
     bars.set(xlim=(0, 1), xlabel="p(level) (softmax over level words)")
     bars.tick_params(labelleft=False)
@@ -382,7 +384,8 @@ def fig6_levels(data: Fig6Data, path: str | Path, title: str = "Fig. 6") -> Path
                edgecolor="black", linewidth=0.3)
     ax.set_xticks(x, [str(int(v)) for v in data.layers])
     ax.set(xlabel="layer", ylabel="share of the samples (argmax level)", ylim=(0, 1.18),
-           title=f"samples labelled '{data.label}' (n={len(data.sample_ids)}): the level each layer would answer")
+           title=f"samples labelled '{data.label}' (n={len(data.sample_ids)}): "
+                 "the level each layer would answer")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, ncol=5, loc="upper left")
     fig.suptitle(title)

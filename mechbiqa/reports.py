@@ -85,8 +85,10 @@ def sparkline(values: Sequence[float] | np.ndarray, lo: float = 0.0, hi: float =
     return out
 
 
-def signed_sparkline(values: Sequence[float] | np.ndarray, scale: float, max_width: int = 40, dead: float = 0.01) -> Text:
-    """Like `sparkline` for signed values: height = |value| / ``scale``; red below 0, green above, dim near 0."""
+def signed_sparkline(
+    values: Sequence[float] | np.ndarray, scale: float, max_width: int = 40, dead: float = 0.01
+) -> Text:
+    """`sparkline` for signed values: height |value| / ``scale``; red below 0, green above, dim near 0."""
     shown, _ = _buckets(values, max_width)
     out = Text(no_wrap=True, overflow="crop")
     scale = scale if scale > 0 else 1.0
@@ -275,7 +277,7 @@ def dominant_tokens_table(result: AttributionResult, title: str = "Dominant imag
 def patching_table(
     result: SweepResult, title: str = "Patching the image tokens: score change by layer"
 ) -> Table:
-    """One row per (site, setter, selection): the mean score change along the layers, its largest value, flips.
+    """One row per (site, setter, selection): mean score change along the layers, its largest value, flips.
 
     The change per layer is a signed sparkline (height |Δscore| relative to the largest in the
     table; red lowers the score, green raises it), so any number of layers fits 80 columns;
@@ -292,7 +294,8 @@ def patching_table(
     _, size = _buckets(layers, 24)
     caption = (
         f"{result.score.shape[1]} image(s), {len(result.labels)} configurations in {result.n_forwards} "
-        f"forwards; clean score {result.clean_score.mean():.3f}; Δ by layer: layers {layers[0]}..{layers[-1]}, "
+        f"forwards; clean score {result.clean_score.mean():.3f}; Δ by layer: layers "
+        f"{layers[0]}..{layers[-1]}, "
         f"{_per(size)}, full height = |Δscore| {scale:.3f}; largest: the change of largest size, its "
         "Δ(good−poor) and layer; flips: the highest answer flip rate and its layer"
     )
@@ -570,7 +573,7 @@ def _value(v) -> str:
 
 
 def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, float]):
-    """One-stage vs two-stage side by side, the SRCCs per image set, then the findings with held / did not hold.
+    """One-stage vs two-stage side by side, the SRCCs per image set, then the findings (held or not).
 
     Every table fits an 80-column terminal, at any number of layers.
     """
@@ -633,8 +636,8 @@ def paper_exhibits(metrics: dict) -> list:
     for mode, m in metrics.items():
         paper = m.get("paper_figures") or {}
         if paper.get("fig6"):
-            out.append(fig6_table(Fig6Data.from_dict(paper["fig6"]), title=f"Fig. 6 ({mode}): the argmax level of "
-                                                                           "the samples labelled"))
+            title = f"Fig. 6 ({mode}): the argmax level of the samples labelled"
+            out.append(fig6_table(Fig6Data.from_dict(paper["fig6"]), title=title))
         for name, path in (paper.get("files") or {}).items():
             out.append(Text(f"  {mode} {name}: {path}", style="dim", overflow="fold"))
     return out
@@ -667,7 +670,8 @@ def srcc_table(metrics: dict) -> list:
         cells = []
         for rater in raters:
             found = [e for e in entries if (e.rater, e.split, e.scorer) == (rater, split, scorer)]
-            cells.append("—" if not found else f"{_num(found[0].srcc)} (n={found[0].n if found[0].n else '?'})")
+            n = found[0].n if found and found[0].n else "?"
+            cells.append("—" if not found else f"{_num(found[0].srcc)} (n={n})")
         table.add_row(split, SCORERS[scorer], *cells)
     why = srcc_differences(entries)
     lines: list = [table]

@@ -130,10 +130,17 @@ class Fig3Data:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"sample_id": self.sample_id, "label": self.label, "layers": self.layers.tolist(),
-                "top_ids": self.top_ids.tolist(), "top_tokens": [list(t) for t in self.top_tokens],
-                "top_probs": self.top_probs.tolist(), "level_probs": self.level_probs.tolist(),
-                "answer": list(self.answer), "choice": self.choice}
+        return {
+            "sample_id": self.sample_id,
+            "label": self.label,
+            "layers": self.layers.tolist(),
+            "top_ids": self.top_ids.tolist(),
+            "top_tokens": [list(t) for t in self.top_tokens],
+            "top_probs": self.top_probs.tolist(),
+            "level_probs": self.level_probs.tolist(),
+            "answer": list(self.answer),
+            "choice": self.choice,
+        }
 
 
 @torch.no_grad()
@@ -167,14 +174,17 @@ def fig3_top_candidates(
     ids = store.ids(rows)
     ids_t = torch.as_tensor(list(level_ids), dtype=torch.long)
     if sample is None:
-        answers = np.stack([_level_logits(lens, resid[i], layer, ids_t).argmax(-1).numpy()
-                            for i, layer in enumerate(layers)])  # [layer, sample]
+        answers = np.stack(
+            [_level_logits(lens, resid[i], layer, ids_t).argmax(-1).numpy() for i, layer in enumerate(layers)]
+        )  # [layer, sample]
         changes = (answers[1:] != answers[:-1]).sum(0)
         j, choice = int(np.argmax(changes)), "most answer changes across layers"
     else:
         if sample not in ids:
-            raise LookupError(f"sample {sample!r} is not among the samples of {store.path} with a quality "
-                              f"position ({len(ids)} of them, e.g. {ids[:3]})")
+            raise LookupError(
+                f"sample {sample!r} is not among the samples of {store.path} with a quality "
+                f"position ({len(ids)} of them, e.g. {ids[:3]})"
+            )
         j, choice = ids.index(sample), "given"
     top_ids, top_probs, level_probs = [], [], []
     for i, layer in enumerate(layers):
@@ -185,11 +195,21 @@ def fig3_top_candidates(
         top_probs.append(values.cpu().numpy())
         level_probs.append(logits[ids_t.to(logits.device)].softmax(-1).cpu().numpy())
     top = np.stack(top_ids)
-    tokens = tuple(tuple(tokenizer.decode([int(t)]) if tokenizer is not None else "" for t in row) for row in top)
+    tokens = tuple(
+        tuple(tokenizer.decode([int(t)]) if tokenizer is not None else "" for t in row) for row in top
+    )
     levels = np.stack(level_probs)
-    return Fig3Data(sample_id=ids[j], label=float(store.labels(rows)[j]), layers=np.asarray(layers),
-                    top_ids=top, top_tokens=tokens, top_probs=np.stack(top_probs), level_probs=levels,
-                    answer=tuple(LEVEL_WORDS[a] for a in levels.argmax(-1)), choice=choice)
+    return Fig3Data(
+        sample_id=ids[j],
+        label=float(store.labels(rows)[j]),
+        layers=np.asarray(layers),
+        top_ids=top,
+        top_tokens=tokens,
+        top_probs=np.stack(top_probs),
+        level_probs=levels,
+        answer=tuple(LEVEL_WORDS[a] for a in levels.argmax(-1)),
+        choice=choice,
+    )
 
 
 def _level_logits(lens: Lens, resid: torch.Tensor, layer: int, ids: torch.Tensor) -> torch.Tensor:
@@ -233,9 +253,14 @@ class Fig5Data:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"layers": self.layers.tolist(), "heat": self.heat.tolist(),
-                "column_roles": [ROLE_LABELS[r] for r in self.column_roles], "segments": list(self.segments),
-                "n_samples": len(self.sample_ids), "n_excluded": self.n_excluded}
+        return {
+            "layers": self.layers.tolist(),
+            "heat": self.heat.tolist(),
+            "column_roles": [ROLE_LABELS[r] for r in self.column_roles],
+            "segments": list(self.segments),
+            "n_samples": len(self.sample_ids),
+            "n_excluded": self.n_excluded,
+        }
 
 
 def fig5_role_aligned_attention(store: ActivationStore, *, bins: int = 16) -> Fig5Data:
@@ -275,7 +300,9 @@ def fig5_role_aligned_attention(store: ActivationStore, *, bins: int = 16) -> Fi
     signature = [tuple(role for role, _, _ in rs) for rs in runs]
     common = Counter(signature).most_common(1)[0][0]
     keep = [i for i, s in enumerate(signature) if s == common]
-    pattern = store.get(PATTERN, "quality", samples=rows[keep])[:, :, :, 0].astype(np.float64).mean(2)  # [s, l, key]
+    pattern = (
+        store.get(PATTERN, "quality", samples=rows[keep])[:, :, :, 0].astype(np.float64).mean(2)
+    )  # [s, l, key]
     columns: list[np.ndarray] = []  # per run: [sample, layer, column]
     segments, column_roles, start = [], [], 0
     for r, role in enumerate(common):
@@ -300,14 +327,27 @@ def fig5_role_aligned_attention(store: ActivationStore, *, bins: int = 16) -> Fi
                     block[s][:, c] = pattern[s][:, a:b][:, which == c].mean(-1)
             align = f"relative, {n_cols} bins"
         columns.append(block)
-        segments.append({"role": ROLE_LABELS[role], "start": start, "stop": start + n_cols, "align": align,
-                         "min_length": int(sizes.min()), "max_length": int(sizes.max())})
+        segments.append(
+            {
+                "role": ROLE_LABELS[role],
+                "start": start,
+                "stop": start + n_cols,
+                "align": align,
+                "min_length": int(sizes.min()),
+                "max_length": int(sizes.max()),
+            }
+        )
         column_roles += [role] * n_cols
         start += n_cols
     heat = np.concatenate(columns, axis=-1).mean(0)
-    return Fig5Data(layers=np.asarray(spec.layers), heat=heat, column_roles=np.asarray(column_roles, dtype=np.int8),
-                    segments=tuple(segments), sample_ids=tuple(store.ids(rows[keep])),
-                    n_excluded=len(rows) - len(keep))
+    return Fig5Data(
+        layers=np.asarray(spec.layers),
+        heat=heat,
+        column_roles=np.asarray(column_roles, dtype=np.int8),
+        segments=tuple(segments),
+        sample_ids=tuple(store.ids(rows[keep])),
+        n_excluded=len(rows) - len(keep),
+    )
 
 
 # ----------------------------------------------------------------------------- Fig. 6
@@ -336,14 +376,24 @@ class Fig6Data:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Fig6Data:
         """The inverse of `to_dict` (e.g. read back from the main job's summary)."""
-        return cls(label=d["label"], layers=np.asarray(d["layers"]), counts=np.asarray(d["counts"], dtype=np.int64),
-                   sample_ids=tuple(d.get("sample_ids") or ()))
+        return cls(
+            label=d["label"],
+            layers=np.asarray(d["layers"]),
+            counts=np.asarray(d["counts"], dtype=np.int64),
+            sample_ids=tuple(d.get("sample_ids") or ()),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"label": self.label, "layers": self.layers.tolist(), "level_words": list(LEVEL_WORDS),
-                "counts": self.counts.tolist(), "frequency": self.frequency.tolist(),
-                "n_samples": len(self.sample_ids), "sample_ids": list(self.sample_ids)}
+        return {
+            "label": self.label,
+            "layers": self.layers.tolist(),
+            "level_words": list(LEVEL_WORDS),
+            "counts": self.counts.tolist(),
+            "frequency": self.frequency.tolist(),
+            "n_samples": len(self.sample_ids),
+            "sample_ids": list(self.sample_ids),
+        }
 
 
 def fig6_level_frequency(
@@ -378,12 +428,15 @@ def fig6_level_frequency(
     tail = slice(max(0, len(layers) - last), len(layers))
     counts = np.zeros((len(layers[tail]), len(LEVEL_WORDS)), dtype=np.int64)
     if len(chosen):
-        answer = analyse_lens(lens, resid[tail, chosen], level_ids, layers[tail], top_k=1).answer  # [layer, sample]
+        answer = analyse_lens(
+            lens, resid[tail, chosen], level_ids, layers[tail], top_k=1
+        ).answer  # [layer, sample]
         for i in range(len(counts)):
             counts[i] = np.bincount(answer[i], minlength=len(LEVEL_WORDS))
     ids = store.ids(rows)
-    return Fig6Data(label=label, layers=np.asarray(layers[tail]), counts=counts,
-                    sample_ids=tuple(ids[i] for i in chosen))
+    return Fig6Data(
+        label=label, layers=np.asarray(layers[tail]), counts=counts, sample_ids=tuple(ids[i] for i in chosen)
+    )
 
 
 # ----------------------------------------------------------------------------- Table 1
@@ -413,16 +466,27 @@ class Table1Row:
     def from_dict(cls, d: Mapping[str, Any]) -> Table1Row:
         """The inverse of `to_dict` (None for a NaN written as null)."""
         nan = float("nan")
-        return cls(method=d["method"], sessions=tuple(nan if x is None else float(x) for x in d["sessions"]),
-                   mean=nan if d["mean"] is None else float(d["mean"]),
-                   std=nan if d["std"] is None else float(d["std"]),
-                   accuracy=nan if d.get("accuracy") is None else float(d["accuracy"]),
-                   n_images=int(d["n_images"]), n_answers=int(d["n_answers"]))
+        return cls(
+            method=d["method"],
+            sessions=tuple(nan if x is None else float(x) for x in d["sessions"]),
+            mean=nan if d["mean"] is None else float(d["mean"]),
+            std=nan if d["std"] is None else float(d["std"]),
+            accuracy=nan if d.get("accuracy") is None else float(d["accuracy"]),
+            n_images=int(d["n_images"]),
+            n_answers=int(d["n_answers"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return {"method": self.method, "sessions": list(self.sessions), "mean": self.mean, "std": self.std,
-                "accuracy": self.accuracy, "n_images": self.n_images, "n_answers": self.n_answers}
+        return {
+            "method": self.method,
+            "sessions": list(self.sessions),
+            "mean": self.mean,
+            "std": self.std,
+            "accuracy": self.accuracy,
+            "n_images": self.n_images,
+            "n_answers": self.n_answers,
+        }
 
 
 def table1_rows(results: Mapping[str, InstabilityResult]) -> list[Table1Row]:
@@ -436,11 +500,17 @@ def table1_rows(results: Mapping[str, InstabilityResult]) -> list[Table1Row]:
         ratio = np.asarray(r.ratio, dtype=np.float64)
         accuracy = np.asarray(r.accuracy, dtype=np.float64)
         _, n_images, n_answers = np.asarray(r.levels).shape
-        rows.append(Table1Row(
-            method=method, sessions=tuple(float(x) for x in ratio), mean=float(ratio.mean()),
-            std=float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0,
-            accuracy=float(accuracy.mean()) if np.isfinite(accuracy).all() else float("nan"),
-            n_images=int(n_images), n_answers=int(n_answers)))
+        rows.append(
+            Table1Row(
+                method=method,
+                sessions=tuple(float(x) for x in ratio),
+                mean=float(ratio.mean()),
+                std=float(ratio.std(ddof=1)) if len(ratio) > 1 else 0.0,
+                accuracy=float(accuracy.mean()) if np.isfinite(accuracy).all() else float("nan"),
+                n_images=int(n_images),
+                n_answers=int(n_answers),
+            )
+        )
     return rows
 
 
@@ -497,14 +567,20 @@ def paper_figures(
         fig3 = fig3_top_candidates(store, lens, ids, sample=sample, k=k, tokenizer=tokenizer)
         fig6 = fig6_level_frequency(store, lens, ids, label=label, last=last)
         fig5 = fig5_role_aligned_attention(store, bins=bins) if PATTERN + "@quality" in store.keys else None
-    files = {"fig3": figures.fig3_candidates(fig3, out / "fig3_candidates.png", title=f"{prefix}Fig. 3"),
-             "fig6": figures.fig6_levels(fig6, out / "fig6_levels.png", title=f"{prefix}Fig. 6")}
+    files = {
+        "fig3": figures.fig3_candidates(fig3, out / "fig3_candidates.png", title=f"{prefix}Fig. 3"),
+        "fig6": figures.fig6_levels(fig6, out / "fig6_levels.png", title=f"{prefix}Fig. 6"),
+    }
     if fig5 is not None:
         files["fig5"] = figures.fig5_attention(fig5, out / "fig5_attention.png", title=f"{prefix}Fig. 5")
-    data = {"store": str(store_path), "fig3": fig3.to_dict(), "fig5": None if fig5 is None else fig5.to_dict(),
-            "fig6": fig6.to_dict(),
-            "table1": None if instability is None else [r.to_dict() for r in table1_rows(instability)],
-            "files": {name: str(path) for name, path in files.items()}}
+    data = {
+        "store": str(store_path),
+        "fig3": fig3.to_dict(),
+        "fig5": None if fig5 is None else fig5.to_dict(),
+        "fig6": fig6.to_dict(),
+        "table1": None if instability is None else [r.to_dict() for r in table1_rows(instability)],
+        "files": {name: str(path) for name, path in files.items()},
+    }
     files["json"] = outputs.write_json(out / "paper_figures.json", data)
     data["files"]["json"] = str(files["json"])
     return data

@@ -63,8 +63,14 @@ class SrccEntry:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (without the per-image arrays)."""
-        return {"rater": self.rater, "split": self.split, "scorer": self.scorer, "srcc": self.srcc, "n": self.n,
-                "ci": None if self.ci is None else list(self.ci)}
+        return {
+            "rater": self.rater,
+            "split": self.split,
+            "scorer": self.scorer,
+            "srcc": self.srcc,
+            "n": self.n,
+            "ci": None if self.ci is None else list(self.ci),
+        }
 
 
 def _srcc(x: np.ndarray, y: np.ndarray) -> float:
@@ -73,8 +79,14 @@ def _srcc(x: np.ndarray, y: np.ndarray) -> float:
         return float(stats.spearmanr(x, y).statistic) if len(x) > 1 else math.nan
 
 
-def bootstrap_srcc(scores: Sequence[float] | np.ndarray, labels: Sequence[float] | np.ndarray, *,
-                   draws: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_srcc(
+    scores: Sequence[float] | np.ndarray,
+    labels: Sequence[float] | np.ndarray,
+    *,
+    draws: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
     """Percentile-bootstrap interval of the SRCC over images (None when undefined).
 
     Args:
@@ -103,13 +115,21 @@ def bootstrap_srcc(scores: Sequence[float] | np.ndarray, labels: Sequence[float]
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
-def _entry(rater: str, split: str, scorer: str, ids: Sequence[Any], scores: Any, labels: Any,
-           srcc: float | None = None) -> SrccEntry:
+def _entry(
+    rater: str,
+    split: str,
+    scorer: str,
+    ids: Sequence[Any],
+    scores: Any,
+    labels: Any,
+    srcc: float | None = None,
+) -> SrccEntry:
     x, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     keep = np.isfinite(x) & np.isfinite(y)
     value = _srcc(x[keep], y[keep]) if srcc is None else float(srcc)
-    return SrccEntry(rater, split, scorer, value, int(keep.sum()), bootstrap_srcc(x, y),
-                     tuple(str(i) for i in ids), x, y)
+    return SrccEntry(
+        rater, split, scorer, value, int(keep.sum()), bootstrap_srcc(x, y), tuple(str(i) for i in ids), x, y
+    )
 
 
 def srcc_entries(metrics: Mapping[str, Mapping[str, Any]]) -> list[SrccEntry]:
@@ -128,12 +148,23 @@ def srcc_entries(metrics: Mapping[str, Mapping[str, Any]]) -> list[SrccEntry]:
         store = (m.get("per_image") or {}).get("store") or {}
         held = (m.get("probes") or {}).get("per_image") or {}
         if test.get("scores") is not None and test.get("labels") is not None:
-            out.append(_entry(rater, "test split", "level_word", test.get("ids") or range(len(test["scores"])),
-                              test["scores"], test["labels"], test.get("srcc")))
+            out.append(
+                _entry(
+                    rater,
+                    "test split",
+                    "level_word",
+                    test.get("ids") or range(len(test["scores"])),
+                    test["scores"],
+                    test["labels"],
+                    test.get("srcc"),
+                )
+            )
         elif m.get("srcc") is not None and not (store and _same(m["srcc"], m.get("srcc_subset"))):
             out.append(SrccEntry(rater, "test split", "level_word", float(m["srcc"]), test.get("n")))
         if store.get("score") is not None:
-            out.append(_entry(rater, "stored subset", "level_word", store["ids"], store["score"], store["mos"]))
+            out.append(
+                _entry(rater, "stored subset", "level_word", store["ids"], store["score"], store["mos"])
+            )
         for key in SCORERS:
             if held.get(key) is not None:
                 out.append(_entry(rater, "held-out photos", key, held["ids"], held[key], held["mos"]))
@@ -162,10 +193,15 @@ def srcc_differences(entries: Sequence[SrccEntry], tolerance: float = 0.005) -> 
     order = ("test split", "stored subset", "held-out photos")
     for rater in dict.fromkeys(e.rater for e in entries):
         for scorer in SCORERS:
-            chain = sorted((e for e in entries if e.rater == rater and e.scorer == scorer),
-                           key=lambda e: order.index(e.split) if e.split in order else len(order))
-            for big, small in zip(chain, chain[1:]):
-                if not (np.isfinite(big.srcc) and np.isfinite(small.srcc)) or abs(big.srcc - small.srcc) <= tolerance:
+            chain = sorted(
+                (e for e in entries if e.rater == rater and e.scorer == scorer),
+                key=lambda e: order.index(e.split) if e.split in order else len(order),
+            )
+            for big, small in zip(chain, chain[1:], strict=False):
+                if (
+                    not (np.isfinite(big.srcc) and np.isfinite(small.srcc))
+                    or abs(big.srcc - small.srcc) <= tolerance
+                ):
                     continue
                 lines.append(_why(big, small))
     return lines
@@ -176,8 +212,10 @@ def _count(e: SrccEntry) -> str:
 
 
 def _why(big: SrccEntry, small: SrccEntry) -> str:
-    head = (f"{big.rater}, {SCORERS[big.scorer]}: {big.split} {big.srcc:.3f} ({_count(big)}) vs "
-            f"{small.split} {small.srcc:.3f} ({_count(small)}): ")
+    head = (
+        f"{big.rater}, {SCORERS[big.scorer]}: {big.split} {big.srcc:.3f} ({_count(big)}) vs "
+        f"{small.split} {small.srcc:.3f} ({_count(small)}): "
+    )
     reasons = []
     if big.ids is not None and small.ids is not None:
         shared = set(big.ids) & set(small.ids)
@@ -189,8 +227,11 @@ def _why(big: SrccEntry, small: SrccEntry) -> str:
             a = dict(zip(big.ids, big.scores, strict=True))
             b = dict(zip(small.ids, small.scores, strict=True))
             gap = max(abs(a[i] - b[i]) for i in shared)
-            reasons.append("rated alike on the shared images" if gap < 1e-4 else
-                           f"the shared images were rated differently (max |Δscore| {gap:.3g})")
+            reasons.append(
+                "rated alike on the shared images"
+                if gap < 1e-4
+                else f"the shared images were rated differently (max |Δscore| {gap:.3g})"
+            )
     else:
         reasons.append("other images (which ones was not recorded)")
     if big.labels is not None and small.labels is not None:
@@ -198,8 +239,13 @@ def _why(big: SrccEntry, small: SrccEntry) -> str:
     if small.ci is not None:
         low, high = small.ci
         inside = low <= big.srcc <= high
-        reasons.append(f"{big.srcc:.3f} is {'inside' if inside else 'outside'} the {small.split}'s 95% "
-                       f"bootstrap interval [{low:.3f}, {high:.3f}]: "
-                       + ("drawing fewer images explains it" if inside
-                          else "drawing fewer images alone does not explain it"))
+        reasons.append(
+            f"{big.srcc:.3f} is {'inside' if inside else 'outside'} the {small.split}'s 95% "
+            f"bootstrap interval [{low:.3f}, {high:.3f}]: "
+            + (
+                "drawing fewer images explains it"
+                if inside
+                else "drawing fewer images alone does not explain it"
+            )
+        )
     return head + "; ".join(reasons)

@@ -33,8 +33,14 @@ from mechbiqa.store import (
 )
 
 N_LAYERS, D, HEADS, N_IMAGE, MAX_POS = 4, 8, 2, 4, 20
-B, INS, M, S, Q, OTH = int(Role.BOS), int(Role.INSTRUCTION), int(Role.IMAGE), int(Role.DESCRIPTION), \
-    int(Role.QUALITY), int(Role.OTHER)
+B, INS, M, S, Q, OTH = (
+    int(Role.BOS),
+    int(Role.INSTRUCTION),
+    int(Role.IMAGE),
+    int(Role.DESCRIPTION),
+    int(Role.QUALITY),
+    int(Role.OTHER),
+)
 DESCRIPTION_LENGTHS = (3, 5, 4, 3)
 LEVEL_IDS = [0, 1, 2, 3, 4]  # the level words are tokens 0..4 of an 8-token vocabulary
 
@@ -61,17 +67,40 @@ def identity_lens() -> LogitLens:
 def write(path, labels, records, resid, pattern, lengths=DESCRIPTION_LENGTHS):
     n = len(lengths)
     arrays = (
-        ArraySpec("llm.blocks.{l}.hook_resid_post@quality", "llm.blocks.{l}.hook_resid_post", "quality",
-                  tuple(range(N_LAYERS)), (1, D), ("pos", "d_model")),
-        ArraySpec("llm.blocks.{l}.attn.hook_pattern@quality", "llm.blocks.{l}.attn.hook_pattern", "quality",
-                  tuple(range(N_LAYERS)), (HEADS, 1, MAX_POS), ("head", "pos", "key_pos")),
+        ArraySpec(
+            "llm.blocks.{l}.hook_resid_post@quality",
+            "llm.blocks.{l}.hook_resid_post",
+            "quality",
+            tuple(range(N_LAYERS)),
+            (1, D),
+            ("pos", "d_model"),
+        ),
+        ArraySpec(
+            "llm.blocks.{l}.attn.hook_pattern@quality",
+            "llm.blocks.{l}.attn.hook_pattern",
+            "quality",
+            tuple(range(N_LAYERS)),
+            (HEADS, 1, MAX_POS),
+            ("head", "pos", "key_pos"),
+        ),
     )
-    layout = StoreLayout(n, MAX_POS, (("image", N_IMAGE), ("quality", 1)), arrays, answer_bytes=8, dtype="float32")
-    attrs = {"model_config": "{}", "model_identity": "{}", "tokenizer": "{}", "prompt": "{}", "run": "{}",
-             "cache_spec": json.dumps(CacheSpec.default("float32").to_dict())}
+    layout = StoreLayout(
+        n, MAX_POS, (("image", N_IMAGE), ("quality", 1)), arrays, answer_bytes=8, dtype="float32"
+    )
+    attrs = {
+        "model_config": "{}",
+        "model_identity": "{}",
+        "tokenizer": "{}",
+        "prompt": "{}",
+        "run": "{}",
+        "cache_spec": json.dumps(CacheSpec.default("float32").to_dict()),
+    }
     infos = [SampleInfo(f"s{i}", f"/img/{i}.png", "p", label=labels[i], record=records[i]) for i in range(n)]
-    rows = {name: np.zeros((n, *shape), dtype=dtype) for name, (dtype, shape) in layout.row_datasets().items()
-            if name != "samples/status"}
+    rows = {
+        name: np.zeros((n, *shape), dtype=dtype)
+        for name, (dtype, shape) in layout.row_datasets().items()
+        if name != "samples/status"
+    }
     rows["tokens/role"][:] = int(Role.PAD)
     rows["tokens/image_index"][:] = -1
     for i, length in enumerate(lengths):
@@ -82,9 +111,12 @@ def write(path, labels, records, resid, pattern, lengths=DESCRIPTION_LENGTHS):
         rows["samples/n_images"][i] = 1
         rows["select/quality/positions"][i, 0] = len(roles) - 1
         rows["select/quality/count"][i] = 1
-    acts = {"llm.blocks.{l}.hook_resid_post@quality": resid.transpose(1, 0, 2)[:, :, None].astype(np.float32),
-            "llm.blocks.{l}.attn.hook_pattern@quality":
-                pattern.transpose(1, 0, 2, 3)[:, :, :, None].astype(np.float32)}
+    acts = {
+        "llm.blocks.{l}.hook_resid_post@quality": resid.transpose(1, 0, 2)[:, :, None].astype(np.float32),
+        "llm.blocks.{l}.attn.hook_pattern@quality": pattern.transpose(1, 0, 2, 3)[:, :, :, None].astype(
+            np.float32
+        ),
+    }
     with StoreWriter.open(path, layout, attrs, infos) as writer:
         writer.write(BatchRows(0, np.full(n, STATUS_OK, dtype=np.int8), rows, acts))
         writer.finish()
@@ -118,8 +150,15 @@ def store(tmp_path):
 
 
 def test_role_runs_split_a_sequence_into_runs_of_one_role():
-    assert role_runs(np.array(roles_of(2))) == [(B, 0, 1), (INS, 1, 3), (M, 3, 7), (INS, 7, 8), (S, 8, 10),
-                                                 (OTH, 10, 12), (Q, 12, 13)]
+    assert role_runs(np.array(roles_of(2))) == [
+        (B, 0, 1),
+        (INS, 1, 3),
+        (M, 3, 7),
+        (INS, 7, 8),
+        (S, 8, 10),
+        (OTH, 10, 12),
+        (Q, 12, 13),
+    ]
 
 
 def test_fig3_is_the_top_candidates_of_one_image_by_hand(store):
@@ -150,10 +189,17 @@ def test_fig5_aligns_by_role_and_bins_the_descriptions_by_hand(store):
     with ActivationStore.open(path) as s:
         data = fig5_role_aligned_attention(s, bins=16)
     mean = pattern.mean(2)  # [sample, layer, key] over heads
-    # columns: bos 1, instruction 2, image 4, instruction 1, description min(16, 3) = 3 bins, other 2, quality 1
+    # columns: bos 1, instruction 2, image 4, instruction 1, description min(16, 3) = 3 bins, other 2,
+    # quality 1
     assert [(g["role"], g["stop"] - g["start"]) for g in data.segments] == [
-        ("bos", 1), ("instruction", 2), ("image", 4), ("instruction", 1), ("description", 3), ("other", 2),
-        ("quality", 1)]
+        ("bos", 1),
+        ("instruction", 2),
+        ("image", 4),
+        ("instruction", 1),
+        ("description", 3),
+        ("other", 2),
+        ("quality", 1),
+    ]
     assert data.segments[4]["align"] == "relative, 3 bins" and data.segments[2]["align"] == "image index"
     # by hand: description tokens of each sample in the 3 bins (floor(j * 3 / n))
     bins = {3: [[0], [1], [2]], 4: [[0, 1], [2], [3]], 5: [[0, 1], [2, 3], [4]]}
@@ -190,7 +236,12 @@ def test_fig5_leaves_out_a_sample_of_another_layout(tmp_path):
 def test_fig6_counts_the_argmax_level_of_the_poor_samples_over_the_last_layers(store):
     path, _, _ = store
     with ActivationStore.open(path) as s:
-        assert label_levels(s, s.valid).tolist() == [3, 1, 3, 4]  # record word, bins of 0.7 / 0.3, record word
+        assert label_levels(s, s.valid).tolist() == [
+            3,
+            1,
+            3,
+            4,
+        ]  # record word, bins of 0.7 / 0.3, record word
         data = fig6_level_frequency(s, identity_lens(), LEVEL_IDS, label="poor", last=3)
         everything = fig6_level_frequency(s, identity_lens(), LEVEL_IDS, label="fair", last=10)
     assert data.sample_ids == ("s0", "s2") and data.layers.tolist() == [1, 2, 3]
@@ -201,20 +252,29 @@ def test_fig6_counts_the_argmax_level_of_the_poor_samples_over_the_last_layers(s
     expected[2, 3] = 2
     np.testing.assert_array_equal(data.counts, expected)
     np.testing.assert_allclose(data.frequency, expected / 2)
-    assert everything.sample_ids == () and everything.counts.sum() == 0 and everything.layers.tolist() == [0, 1, 2, 3]
+    assert (
+        everything.sample_ids == ()
+        and everything.counts.sum() == 0
+        and everything.layers.tolist() == [0, 1, 2, 3]
+    )
     assert np.isnan(everything.frequency).all()
 
 
 def test_table1_rows_hold_each_session_and_the_sample_std():
     from mechbiqa.analysis.instability import summarise_instability
 
-    levels = np.array([[[1, 1, 1], [2, 3, 2]], [[1, 1, 1], [2, 2, 2]], [[0, 1, 1], [2, 2, 2]]])  # [session, img, ans]
+    levels = np.array(
+        [[[1, 1, 1], [2, 3, 2]], [[1, 1, 1], [2, 2, 2]], [[0, 1, 1], [2, 2, 2]]]
+    )  # [session, img, ans]
     result = summarise_instability(levels, np.array([1, 2]), (0, 1, 2))
     [row] = table1_rows({"one-stage": result})
     # by hand: unstable answers per session / 6 answers: 1/6, 0, 1/6
     assert row.sessions == pytest.approx((1 / 6, 0.0, 1 / 6))
     assert row.mean == pytest.approx(1 / 9) and row.std == pytest.approx(np.std([1 / 6, 0, 1 / 6], ddof=1))
-    assert row.accuracy == pytest.approx(np.mean([5 / 6, 1.0, 5 / 6])) and (row.n_images, row.n_answers) == (2, 3)
+    assert row.accuracy == pytest.approx(np.mean([5 / 6, 1.0, 5 / 6])) and (row.n_images, row.n_answers) == (
+        2,
+        3,
+    )
 
 
 def test_paper_figures_writes_the_pngs_and_strict_json(store, tmp_path):

@@ -75,8 +75,10 @@ def test_lens_tables_fit_80_columns_one_line_per_layer(n_layers):
 def test_attribution_and_patching_tables_fit_80_columns(n_layers):
     rng = np.random.default_rng(0)
     n, heads, keys = 3, 32, 80
-    roles = np.array([[Role.BOS] + [Role.INSTRUCTION] * 4 + [Role.IMAGE] * 65 + [Role.DESCRIPTION] * 9
-                      + [Role.QUALITY]] * n)
+    roles = np.array(
+        [[Role.BOS] + [Role.INSTRUCTION] * 4 + [Role.IMAGE] * 65 + [Role.DESCRIPTION] * 9 + [Role.QUALITY]]
+        * n
+    )
     image_index = np.where(roles == Role.IMAGE, np.cumsum(roles == Role.IMAGE, axis=1) - 1, -1)
     pattern = rng.random((n, n_layers, heads, keys))
     pattern /= pattern.sum(-1, keepdims=True)
@@ -91,9 +93,19 @@ def test_attribution_and_patching_tables_fit_80_columns(n_layers):
     n_configs, n_clean = len(tags), 4
     score = rng.random((n_configs, n_clean))
     answer = rng.integers(0, 5, (n_configs, n_clean))
-    sweep = SweepResult(tuple(labels), tuple(tags), score, rng.normal(size=(n_configs, n_clean)),
-                        rng.random((n_configs, n_clean, 5)), answer, rng.random(n_clean), rng.normal(size=n_clean),
-                        rng.random((n_clean, 5)), rng.integers(0, 5, n_clean), n_configs)
+    sweep = SweepResult(
+        tuple(labels),
+        tuple(tags),
+        score,
+        rng.normal(size=(n_configs, n_clean)),
+        rng.random((n_configs, n_clean, 5)),
+        answer,
+        rng.random(n_clean),
+        rng.normal(size=n_clean),
+        rng.random((n_clean, 5)),
+        rng.integers(0, 5, n_clean),
+        n_configs,
+    )
     lines = check(reports.patching_table(sweep), 12)
     # the largest change of the first row and its layer, as computed by hand
     effect = (score - sweep.clean_score[None]).reshape(12, n_layers, n_clean).mean(-1)
@@ -112,23 +124,44 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
     held = stored[:8]
     metrics = {}
     for mode in ("one-stage", "two-stage"):
-        probes = {"layers": list(range(n_layers)), "probe_srcc": list(rng.random(n_layers)),
-                  "lens_srcc": list(rng.random(n_layers)), "lens_agreement": list(rng.random(n_layers)),
-                  "lens_final_prob": list(rng.random(n_layers)), "probe_best_layer": 3,
-                  "per_image": {"ids": [test_ids[i] for i in held], "mos": labels[held],
-                                "level_word": scores[held], "mlp_head": labels[held] + rng.normal(0, .1, 8),
-                                "ridge": labels[held] + rng.normal(0, .2, 8)}}
+        probes = {
+            "layers": list(range(n_layers)),
+            "probe_srcc": list(rng.random(n_layers)),
+            "lens_srcc": list(rng.random(n_layers)),
+            "lens_agreement": list(rng.random(n_layers)),
+            "lens_final_prob": list(rng.random(n_layers)),
+            "probe_best_layer": 3,
+            "per_image": {
+                "ids": [test_ids[i] for i in held],
+                "mos": labels[held],
+                "level_word": scores[held],
+                "mlp_head": labels[held] + rng.normal(0, 0.1, 8),
+                "ridge": labels[held] + rng.normal(0, 0.2, 8),
+            },
+        }
         metrics[mode] = {
             "test_split": {"n": 60, "srcc": None, "ids": test_ids, "scores": scores, "labels": labels},
-            "per_image": {"store": {"ids": [test_ids[i] for i in stored], "score": scores[stored],
-                                    "mos": labels[stored]}},
-            "probes": probes, "instability": (0.2, 0.01), "image_mass": (0.1, 0.0),
+            "per_image": {
+                "store": {
+                    "ids": [test_ids[i] for i in stored],
+                    "score": scores[stored],
+                    "mos": labels[stored],
+                }
+            },
+            "probes": probes,
+            "instability": (0.2, 0.01),
+            "image_mass": (0.1, 0.0),
             "table1": Table1Row(mode, (0.2, 0.3, 0.25), 0.25, 0.05, 0.5, 20, 5).to_dict(),
-            "paper_figures": {"fig6": Fig6Data("poor", np.arange(n_layers - 3, n_layers),
-                                               np.array([[0, 1, 0, 1, 0]] * 3), ("a", "b")).to_dict(),
-                              "files": {"fig3": f"/cache/replicate/paper-{mode}/fig3_candidates.png"}}}
-    from mechbiqa.analysis.srcc_splits import srcc_entries
+            "paper_figures": {
+                "fig6": Fig6Data(
+                    "poor", np.arange(n_layers - 3, n_layers), np.array([[0, 1, 0, 1, 0]] * 3), ("a", "b")
+                ).to_dict(),
+                "files": {"fig3": f"/cache/replicate/paper-{mode}/fig3_candidates.png"},
+            },
+        }
     from scipy.stats import spearmanr
+
+    from mechbiqa.analysis.srcc_splits import srcc_entries
 
     entries = srcc_entries(metrics)
     by = {(e.rater, e.split, e.scorer): e for e in entries}
@@ -157,13 +190,26 @@ def test_srcc_of_a_subset_rated_differently_is_said_so():
 
     labels = np.linspace(0, 1, 30)
     ids = [str(i) for i in range(30)]
-    m = {"one-stage": {"test_split": {"ids": ids, "scores": labels ** 2, "labels": labels},
-                       "per_image": {"store": {"ids": ids[:10], "score": 1 - labels[:10], "mos": labels[:10]}}}}
+    m = {
+        "one-stage": {
+            "test_split": {"ids": ids, "scores": labels**2, "labels": labels},
+            "per_image": {"store": {"ids": ids[:10], "score": 1 - labels[:10], "mos": labels[:10]}},
+        }
+    }
     [why] = srcc_differences(srcc_entries(m))
     assert "rated differently" in why and "subset of the 30" in why and "n=10" in why and "n=30" in why
     # the legacy metrics: one number, count unknown, said so
-    [why] = srcc_differences(srcc_entries({"r": {"srcc": 0.6, "srcc_subset": 0.9,
-                                                 "per_image": {"store": m["one-stage"]["per_image"]["store"]}}}))
+    [why] = srcc_differences(
+        srcc_entries(
+            {
+                "r": {
+                    "srcc": 0.6,
+                    "srcc_subset": 0.9,
+                    "per_image": {"store": m["one-stage"]["per_image"]["store"]},
+                }
+            }
+        )
+    )
     assert "n not recorded" in why and "which ones was not recorded" in why
 
 
@@ -171,9 +217,16 @@ def test_srcc_of_a_subset_rated_differently_is_said_so():
 def test_paper_exhibit_tables_fit_80_columns(n_layers):
     rng = np.random.default_rng(2)
     probs = rng.dirichlet(np.ones(5), n_layers)
-    fig3 = Fig3Data("img0", 0.3, np.arange(n_layers), rng.integers(0, 400, (n_layers, 4)),
-                    tuple(tuple(Tokens().decode([int(t)]) for t in rng.integers(0, 400, 4)) for _ in range(n_layers)),
-                    rng.random((n_layers, 4)), probs, tuple(LEVEL_WORDS[k] for k in probs.argmax(-1)))
+    fig3 = Fig3Data(
+        "img0",
+        0.3,
+        np.arange(n_layers),
+        rng.integers(0, 400, (n_layers, 4)),
+        tuple(tuple(Tokens().decode([int(t)]) for t in rng.integers(0, 400, 4)) for _ in range(n_layers)),
+        rng.random((n_layers, 4)),
+        probs,
+        tuple(LEVEL_WORDS[k] for k in probs.argmax(-1)),
+    )
     check(reports.fig3_table(fig3), n_layers)
     last = min(8, n_layers)
     fig6 = Fig6Data("poor", np.arange(n_layers - last, n_layers), rng.integers(0, 3, (last, 5)), ("a", "b"))
@@ -181,10 +234,18 @@ def test_paper_exhibit_tables_fit_80_columns(n_layers):
 
     class Inst:
         def __init__(self, ratio):
-            self.ratio, self.accuracy, self.levels = np.array(ratio), np.array([0.5, 0.6, 0.7]), np.zeros((3, 10, 5))
+            self.ratio, self.accuracy, self.levels = (
+                np.array(ratio),
+                np.array([0.5, 0.6, 0.7]),
+                np.zeros((3, 10, 5)),
+            )
 
-    lines = check(reports.table1(table1_rows({"one-stage": Inst([0.2, 0.25, 0.21]),
-                                              "two-stage": Inst([0.1, 0.12, 0.14])})), 2)
+    lines = check(
+        reports.table1(
+            table1_rows({"one-stage": Inst([0.2, 0.25, 0.21]), "two-stage": Inst([0.1, 0.12, 0.14])})
+        ),
+        2,
+    )
     row = next(line for line in lines if "two-stage" in line)
     assert "10.0%" in row and "12.0% ± 2.0%" in row and "60.0%" in row
 
