@@ -9,7 +9,7 @@ import numpy as np
 from mechbiqa.analysis.attribution import attribute_store
 from mechbiqa.analysis.paper_figures import paper_figures
 from mechbiqa.store import ActivationStore
-from studies import cache_activations
+from studies import cache_activations, logit_lens
 from tests.studies.test_studies import make_images
 
 
@@ -32,3 +32,14 @@ def test_paper_figures_of_a_recorded_store(tmp_path):
     assert fig5["n_excluded"] == 0 and fig5["n_samples"] == len(attr.sample_ids)
     np.testing.assert_allclose(heat[:, image[0]["start"] : image[0]["stop"]], attr.image_attention, atol=1e-6)
     assert np.array(data["fig3"]["top_probs"]).shape == (len(fig5["layers"]), 4)
+
+    # the logit-lens study draws them on request, and prints Fig. 6 as a table
+    import io
+
+    from rich.console import Console
+
+    result = logit_lens.main(logit_lens.Config.tiny(tmp_path, paper_figures=True))
+    assert result.files["paper fig3"].is_file() and result.paper["fig6"]["label"] == "poor"
+    console = Console(file=io.StringIO(), width=80)
+    logit_lens.render(result, console)
+    assert "Fig. 6" in console.file.getvalue()
