@@ -42,4 +42,5 @@ def test_paper_figures_of_a_recorded_store(tmp_path):
     assert result.files["paper fig3"].is_file() and result.paper["fig6"]["label"] == "poor"
     console = Console(file=io.StringIO(), width=80)
     logit_lens.render(result, console)
-    assert "Fig. 6" in console.file.getvalue()
+    text = console.file.getvalue()
+    assert "Fig. 6" in text and max(map(len, text.splitlines())) <= 80
