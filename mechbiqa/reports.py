@@ -508,24 +508,26 @@ def probe_table(
         title: Table title.
     """
     caption = (
-        f"ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} photos, "
-        f"{curve.n_samples} samples), penalty by inner photo CV; SRCC within held-out folds; "
-        f"decodable = first layer at 90% of the best probe ({curve.decodable_layer()})"
+        f"probe: SRCC of ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} "
+        f"photos, {curve.n_samples} samples), within held-out folds; chance: the same with shuffled labels; "
+        "alpha: median penalty (inner photo CV); lens: SRCC of the lens's Q-Align score, same folds; final: "
+        f"lens answers equal to the final one; decodable = first layer at 90% of the best probe "
+        f"({curve.decodable_layer()})"
     )
     table = Table(title=title, caption=caption)
-    for name in ("layer", "probe SRCC", "", "shuffled", "alpha (median)", "lens SRCC", "", "lens = final"):
+    for name in ("layer", "probe", "", "chance", "alpha", "lens", "", "final"):
         table.add_column(name, justify="left" if name in ("layer", "") else "right", no_wrap=True)
     for i, layer in enumerate(curve.layers):
         lens = np.nan if lens_srcc is None else float(lens_srcc[i])
         table.add_row(
             str(layer),
             _num(curve.srcc[i]),
-            bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
+            bar(max(float(curve.srcc[i]), 0.0), 8, "cyan"),
             "—" if curve.control_srcc is None else _num(curve.control_srcc[i]),
             f"{np.median(curve.alphas[i]):.3g}",
             _num(lens),
-            bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
-            "—" if lens_agreement is None else _pct(lens_agreement[i]),
+            bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 8, "magenta"),
+            "—" if lens_agreement is None else _pct(lens_agreement[i], 0),
         )
     return table
 

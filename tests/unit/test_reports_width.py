@@ -45,6 +45,8 @@ def check(table, n_rows: int) -> list[str]:
     lines = render(table)
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     assert body_rows(lines) == n_rows, "\n".join(lines)
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("┏"))
+    assert "…" not in lines[header + 1], "\n".join(lines)  # no column squeezed below its header
     return lines
 
 
@@ -261,3 +263,18 @@ def test_bootstrap_srcc_equals_a_loop_of_scipy_spearman():
     index = np.random.default_rng(3).integers(0, 25, (200, 25))
     values = np.array([spearmanr(x[i], y[i])[0] for i in index])
     assert (low, high) == pytest.approx(tuple(np.percentile(values[np.isfinite(values)], [2.5, 97.5])))
+
+
+@pytest.mark.parametrize("n_layers", [4, 32])
+def test_probe_and_instability_tables_fit_80_columns(n_layers):
+    from mechbiqa.analysis.instability import summarise_instability
+    from mechbiqa.analysis.probes import ProbeCurve
+
+    rng = np.random.default_rng(4)
+    curve = ProbeCurve(np.arange(n_layers), rng.random(n_layers) - 0.2, rng.random(n_layers), rng.random(n_layers),
+                       rng.random((n_layers, 5)), 10.0 ** rng.integers(-3, 4, (n_layers, 5)),
+                       rng.random((n_layers, 30)), rng.random(n_layers) * 0.1, 30, 6)
+    lines = check(reports.probe_table(curve, rng.random(n_layers), rng.random(n_layers)), n_layers)
+    assert f"{curve.srcc[0]:.3f}" in lines[next(i for i, x in enumerate(lines) if x.startswith("│ 0 "))]
+    levels = rng.integers(0, 6, (3, 20, 5))
+    check(reports.instability_table(summarise_instability(levels, rng.integers(0, 5, 20), (0, 1, 2))), 4)
