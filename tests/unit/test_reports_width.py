@@ -271,8 +271,8 @@ def test_probe_and_instability_tables_fit_80_columns(n_layers):
     from mechbiqa.analysis.probes import ProbeCurve
 
     rng = np.random.default_rng(4)
-    curve = ProbeCurve(np.arange(n_layers), rng.random(n_layers) - 0.2, rng.random(n_layers), rng.random(n_layers),
-                       rng.random((n_layers, 5)), 10.0 ** rng.integers(-3, 4, (n_layers, 5)),
+    curve = ProbeCurve(np.arange(n_layers), rng.random(n_layers) - 0.2, rng.random(n_layers),
+                       rng.random(n_layers), rng.random((n_layers, 5)), 10.0 ** rng.integers(-3, 4, (n_layers, 5)),
                        rng.random((n_layers, 30)), rng.random(n_layers) * 0.1, 30, 6)
     lines = check(reports.probe_table(curve, rng.random(n_layers), rng.random(n_layers)), n_layers)
     assert f"{curve.srcc[0]:.3f}" in lines[next(i for i, x in enumerate(lines) if x.startswith("│ 0 "))]
