@@ -226,12 +226,14 @@ def _why(big: SrccEntry, small: SrccEntry) -> str:
         if shared and big.scores is not None and small.scores is not None:
             a = dict(zip(big.ids, big.scores, strict=True))
             b = dict(zip(small.ids, small.scores, strict=True))
-            gap = max(abs(a[i] - b[i]) for i in shared)
-            reasons.append(
-                "rated alike on the shared images"
-                if gap < 1e-4
-                else f"the shared images were rated differently (max |Δscore| {gap:.3g})"
-            )
+            gaps = np.array([abs(a[i] - b[i]) for i in shared], dtype=np.float64)
+            gap = float(gaps[np.isfinite(gaps)].max()) if np.isfinite(gaps).any() else math.nan
+            if np.isfinite(gap):
+                reasons.append(
+                    "rated alike on the shared images"
+                    if gap < 1e-4
+                    else f"the shared images were rated differently (max |Δscore| {gap:.3g})"
+                )
     else:
         reasons.append("other images (which ones was not recorded)")
     if big.labels is not None and small.labels is not None:
