@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from mechbiqa.analysis.attribution import AttributionResult
     from mechbiqa.analysis.conversion import ConversionResult
     from mechbiqa.analysis.lens import LensResult
+    from mechbiqa.analysis.paper_figures import Fig3Data, Fig5Data, Fig6Data
     from mechbiqa.analysis.patching import SweepResult
 
 __all__ = [
@@ -35,6 +36,9 @@ __all__ = [
     "ROLE_COLOURS",
     "attention_heatmap",
     "conversion_staircase",
+    "fig3_candidates",
+    "fig5_attention",
+    "fig6_levels",
     "lens_trajectories",
     "patching_effects",
     "probe_lens_curves",
@@ -284,3 +288,105 @@ def conversion_staircase(
     ax.set(xlabel="MOS (0-1)", ylabel="restored score (0-1)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), title=title)
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the paper's figures
+# Drawn from `mechbiqa.analysis.paper_figures` (which computes them from a store).
+def fig3_candidates(data: Fig3Data, path: str | Path, title: str = "Fig. 3") -> Path:
+    """One image's logit lens: the top-k candidate tokens per layer, and its level-word probabilities.
+
+    Left: one row per layer, one cell per candidate (most probable first), shaded by its
+    full-vocabulary probability; level words are bold. Right: the five level words' softmax at
+    the same layers (stacked, excellent green .. bad red).
+    """
+    n_layers, k = data.top_probs.shape
+    fig = _figure(2.0 + 1.5 * k + 2.6, 1.2 + 0.28 * n_layers)
+    grid = fig.add_gridspec(1, 2, width_ratios=(1.5 * k, 2.6))
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(data.top_probs, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    for i in range(n_layers):
+        for j in range(k):
+            text = data.top_tokens[i][j].strip() or f"#{int(data.top_ids[i, j])}"
+            bold = text in LEVEL_WORDS
+            ax.text(j, i, f"{text} {data.top_probs[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    weight="bold" if bold else "normal",
+                    color="white" if data.top_probs[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), [f"top {j + 1}" for j in range(k)])
+    ax.set_yticks(range(n_layers), [str(int(x)) for x in data.layers])
+    ax.set_ylabel("layer")
+    label = "" if not np.isfinite(data.label) else f", label {data.label:.2f}"
+    ax.set_title(f"top-{k} candidates at the quality position ({data.sample_id}{label})", fontsize=9)
+    bars = fig.add_subplot(grid[0, 1], sharey=ax)
+    left = np.zeros(n_layers)
+    for level, word in enumerate(LEVEL_WORDS):
+        bars.barh(range(n_layers), data.level_probs[:, level], left=left, color=LEVEL_COLOURS[level],
+                  label=word)
+        left += data.level_probs[:, level]
+    bars.set(xlim=(0, 1), xlabel="p(level) (softmax over level words)")
+    bars.tick_params(labelleft=False)
+    bars.legend(fontsize=6, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.suptitle(title)
+    return write_figure(path, fig)
+
+
+def fig5_attention(data: Fig5Data, path: str | Path, title: str = "Fig. 5") -> Path:
+    """Layers x role-aligned key columns: the quality position's attention, with the role runs marked.
+
+    Columns follow `Fig5Data.segments` (image tokens by index, the description in relative bins);
+    a band beneath colours each column by role and a line separates the runs.
+    """
+    from matplotlib.colors import ListedColormap, PowerNorm
+
+    heat = data.heat
+    n_layers, width = heat.shape
+    fig = _figure(min(18.0, 6.0 + width * 0.07), 3.2 + 0.22 * n_layers)
+    grid = fig.add_gridspec(2, 2, height_ratios=(max(n_layers, 2), 0.6), width_ratios=(1, 0.02))
+    ax = fig.add_subplot(grid[0, 0])
+    # square-root colours: the attention sink (bos) would otherwise leave every other column black
+    image = ax.imshow(heat, aspect="auto", cmap="magma", interpolation="nearest", norm=PowerNorm(0.5, vmin=0),
+                      extent=(-0.5, width - 0.5, n_layers - 0.5, -0.5))
+    step = max(1, n_layers // 16)
+    ax.set_yticks(range(0, n_layers, step), [str(int(x)) for x in data.layers[::step]])
+    ax.set_xticks([])
+    ax.set_ylabel("layer")
+    for seg in data.segments[1:]:
+        ax.axvline(seg["start"] - 0.5, color="white", lw=0.6)
+    ax.set_title(f"attention of the quality position, aligned by role\n(mean over heads and "
+                 f"{len(data.sample_ids)} samples)", fontsize=8)
+    fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]), label="attention per key")
+    band = fig.add_subplot(grid[1, 0])
+    cmap = ListedColormap([ROLE_COLOURS[Role(v)] for v in range(len(Role))])
+    band.imshow(data.column_roles[None].astype(float), aspect="auto", cmap=cmap, vmin=-0.5,
+                vmax=len(Role) - 0.5, interpolation="nearest", extent=(-0.5, width - 0.5, 0, 1))
+    band.set(xlim=ax.get_xlim(), yticks=[])
+    # one label per run, slanted so that short runs (bos, a 1-token instruction) stay legible
+    band.set_xticks([(s["start"] + s["stop"] - 1) / 2 for s in data.segments],
+                    [s["role"] + (" (relative)" if "bins" in s["align"] else "") for s in data.segments],
+                    fontsize=6, rotation=35, ha="right")
+    band.set_xlabel("key positions aligned by role (image tokens by index)", fontsize=7)
+    fig.suptitle(title)
+    return write_figure(path, fig)
+
+
+def fig6_levels(data: Fig6Data, path: str | Path, title: str = "Fig. 6") -> Path:
+    """For the samples labelled ``data.label``: the frequency of each level as the argmax, per last layer.
+
+    One group of five bars per layer (excellent .. bad), heights = share of those samples.
+    """
+    n_layers = len(data.layers)
+    fig = _figure(max(5.0, 0.9 * n_layers + 1.5), 3.4)
+    ax = fig.add_subplot(1, 1, 1)
+    freq = np.nan_to_num(data.frequency)
+    width = 0.8 / len(LEVEL_WORDS)
+    x = np.arange(n_layers)
+    for level, word in enumerate(LEVEL_WORDS):
+        ax.bar(x - 0.4 + width * (level + 0.5), freq[:, level], width, color=LEVEL_COLOURS[level], label=word,
+               edgecolor="black", linewidth=0.3)
+    ax.set_xticks(x, [str(int(v)) for v in data.layers])
+    ax.set(xlabel="layer", ylabel="share of the samples (argmax level)", ylim=(0, 1.18),
+           title=f"samples labelled '{data.label}' (n={len(data.sample_ids)}): "
+                 "the level each layer would answer")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=5, loc="upper left")
+    fig.suptitle(title)
+    return write_figure(path, fig)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -53,6 +54,62 @@ def level_legend() -> Text:
     return out
 
 
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _buckets(values: Sequence[float] | Sequence[int] | np.ndarray, max_width: int) -> tuple[np.ndarray, int]:
+    """``values`` averaged in consecutive groups so at most ``max_width`` remain, and the group size."""
+    values = np.asarray(values, dtype=float)
+    size = max(1, int(np.ceil(len(values) / max(max_width, 1))))
+    if size == 1:
+        return values, 1
+    groups = [values[i : i + size] for i in range(0, len(values), size)]
+    return np.array([np.nanmean(g) if np.isfinite(g).any() else np.nan for g in groups]), size
+
+
+def sparkline(values: Sequence[float] | np.ndarray, lo: float = 0.0, hi: float = 1.0, max_width: int = 40,
+              style: str = "cyan") -> Text:
+    """One eighth-block character per value (per group of values beyond ``max_width``), ``lo``..``hi``.
+
+    A layer table of a 32-layer model stays one line per row: the curve over layers is a
+    sparkline instead of 32 numbers. NaN is a blank.
+    """
+    shown, _ = _buckets(values, max_width)
+    out = Text(no_wrap=True, overflow="crop")
+    span = hi - lo if hi > lo else 1.0
+    for v in shown:
+        if not np.isfinite(v):
+            out.append(" ")
+            continue
+        out.append(_SPARK[int(np.clip(round((v - lo) / span * 7), 0, 7))], style=style)
+    return out
+
+
+def signed_sparkline(
+    values: Sequence[float] | np.ndarray, scale: float, max_width: int = 40, dead: float = 0.01
+) -> Text:
+    """`sparkline` for signed values: height |value| / ``scale``; red below 0, green above, dim near 0."""
+    shown, _ = _buckets(values, max_width)
+    out = Text(no_wrap=True, overflow="crop")
+    scale = scale if scale > 0 else 1.0
+    for v in shown:
+        if not np.isfinite(v):
+            out.append(" ")
+            continue
+        style = "red" if v < -dead else "green" if v > dead else "dim"
+        out.append(_SPARK[int(np.clip(round(abs(v) / scale * 7), 0, 7))], style=style)
+    return out
+
+
+def _clip(text: str, style: str = "") -> Text:
+    """A cell that never wraps: cut with an ellipsis when its column is narrowed to fit the console."""
+    return Text(text, style=style, no_wrap=True, overflow="ellipsis")
+
+
+def _per(size: int) -> str:
+    return "one character per layer" if size == 1 else f"one character per {size} layers (their mean)"
+
+
 def ratings_table(names: Sequence[str], scores: np.ndarray, level_probs: np.ndarray, title: str = "") -> Table:
     """One row per image: score, predicted level and the level distribution."""
     table = Table(title=title or None, caption=level_legend())
@@ -80,11 +137,12 @@ def _num(x: float, digits: int = 3) -> str:
 def lens_table(
     result: LensResult, title: str = "Logit lens at the quality position", top_k: int = 3
 ) -> Table:
-    """One row per layer: level distribution bars, answer, agreement, settled share, top tokens.
+    """One row per layer: level distribution bar, answer, agreement, settled share, top tokens.
 
     The level distribution is the mean over samples; "agree" is the share of samples whose
     answer at the layer is their final one; "settled" the share whose answer never changes
-    after the layer (◀ marks the median settle layer).
+    after the layer (◀ marks the median settle layer). Every row is one line at any width: the
+    top tokens are cut with an ellipsis when the console is narrow (80 columns at 32 layers).
 
     Args:
         result: A `mechbiqa.analysis.lens.LensResult`.
@@ -96,55 +154,58 @@ def lens_table(
     median = result.median_settle
     caption = Text.assemble(
         level_legend(),
-        f"\n{len(result.sample_ids)} samples; level probabilities are the "
-        "softmax over the five level words; 'level mass' is their share of the full vocabulary",
+        f"\n{len(result.sample_ids)} samples; p(level): softmax over the five level words, mean over "
+        "samples; mass: the level words' share of the full vocabulary",
     )
     table = Table(title=title, caption=caption)
-    for name, justify in (
-        ("layer", "right"),
-        ("p(excellent..bad)", "left"),
-        ("answer", "left"),
-        ("agree", "right"),
-        ("settled", "right"),
-        ("lvl mass", "right"),
-        ("top tokens", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=name != "top tokens")
+    for name, justify in (("layer", "right"), ("p(level)", "left"), ("answer", "left"), ("agree", "right"),
+                          ("settled", "right"), ("mass", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("top tokens", justify="left", ratio=1)  # narrowed first; its cells cut, never wrap
     for i, layer in enumerate(result.layers):
         k = int(np.argmax(mean[i]))
         tokens = " ".join(
             f"{t.strip() or repr(t)}·{100 * p:.0f}%"
             for t, p in zip(result.top_tokens[i][:top_k], result.top_probs[i][:top_k], strict=True)
         )
-        marker = " ◀" if layer == int(np.ceil(median)) else ""
+        marker = "◀" if layer == int(np.ceil(median)) else " "
         table.add_row(
             str(int(layer)),
-            level_distribution(mean[i].tolist(), width=15),
+            level_distribution(mean[i].tolist(), width=10),
             Text(result.level_words[k], style=LEVEL_COLOURS[k]),
             _pct(result.agreement[i], 0),
             _pct(settled[i], 0) + marker,
             _pct(result.level_mass[i].mean(), 0),
-            tokens or "—",
+            _clip(tokens or "—"),
         )
     return table
 
 
 def lens_answers_table(result: LensResult, title: str = "Trajectories by final answer") -> Table:
-    """One row per final answer that occurs: how many samples, their mean settle layer and answer changes."""
-    table = Table(title=title)
-    for name in ("final answer", "samples", "median settle", "mean changes", "p(final) per layer"):
-        table.add_column(name, no_wrap=True)
+    """One row per final answer that occurs: samples, median settle layer, answer changes, P(final) by layer.
+
+    The probability of the final level along the layers is a sparkline (0 to 1), so a 32-layer
+    model keeps one line per row in 80 columns; ``last`` is its value at the last layer.
+    """
+    _, size = _buckets(result.layers, 32)
+    first, last = int(result.layers[0]), int(result.layers[-1])
+    table = Table(title=title, caption=f"p(final): mean probability of the final level (0 to 1), layers "
+                                       f"{first}..{last}, {_per(size)}")
+    for name, justify in (("answer", "left"), ("n", "right"), ("settle", "right"), ("flips", "right"),
+                          ("p(final) by layer", "left"), ("last", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
     for k, word in enumerate(result.level_words):
         chosen = result.final == k
         if not chosen.any():
             continue
-        path = " ".join(f"{p:.2f}" for p in result.by_answer[k][:, k])
+        path = result.by_answer[k][:, k]
         table.add_row(
             Text(word, style=LEVEL_COLOURS[k]),
             str(int(chosen.sum())),
             f"{np.median(result.settle[chosen]):g}",
             f"{result.n_changes[chosen].mean():.2f}",
-            path,
+            sparkline(path, max_width=32, style=LEVEL_COLOURS[k]),
+            f"{path[-1]:.2f}",
         )
     return table
 
@@ -171,20 +232,20 @@ def attribution_table(
     table = Table(
         title=title,
         caption="mass per role sums to 1 per layer and head; 'self' = the quality position; "
-        "'image head' = the head that attends most to the image",
+        "'head' = the head that attends most to the image, and its image mass",
     )
-    table.add_column("layer", justify="right")
+    table.add_column("layer", justify="right", no_wrap=True)
     for role in short.values():
-        table.add_column(role, justify="right")
-    table.add_column("", no_wrap=True, min_width=10)
-    table.add_column("image head", justify="right", no_wrap=True)
+        table.add_column(role, justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True, min_width=6)
+    table.add_column("head", justify="right", no_wrap=True)
     layer_mass = result.layer_mass()
     for i, layer in enumerate(result.layers):
         head = int(np.argmax(result.mass[i, :, Role.IMAGE]))
         table.add_row(
             str(int(layer)),
             *[_pct(layer_mass[i, r], 0) for r in short],
-            bar(layer_mass[i, Role.IMAGE], 10),
+            bar(layer_mass[i, Role.IMAGE], 6),
             f"h{head} {_pct(result.mass[i, head, Role.IMAGE], 0)}",
         )
     return table
@@ -214,9 +275,13 @@ def dominant_tokens_table(result: AttributionResult, title: str = "Dominant imag
 
 
 def patching_table(
-    result: SweepResult, title: str = "Patching the image tokens: score change / flip rate"
+    result: SweepResult, title: str = "Patching the image tokens: score change by layer"
 ) -> Table:
-    """One row per (site, setter, selection), one column per layer: mean score change and answer flip rate.
+    """One row per (site, setter, selection): mean score change along the layers, its largest value, flips.
+
+    The change per layer is a signed sparkline (height |Δscore| relative to the largest in the
+    table; red lowers the score, green raises it), so any number of layers fits 80 columns;
+    the numbers per layer are in the study's JSON.
 
     Args:
         result: A `mechbiqa.analysis.patching.SweepResult`.
@@ -225,25 +290,35 @@ def patching_table(
     keys, layers, effect = result.grid("score_effect", rows=("site", "setter", "selection"))
     _, _, diff = result.grid("logit_diff_effect", rows=("site", "setter", "selection"))
     _, _, flips = result.grid("flip_rate", rows=("site", "setter", "selection"))
+    scale = float(np.nanmax(np.abs(effect))) if np.isfinite(effect).any() else 1.0
+    _, size = _buckets(layers, 24)
     caption = (
         f"{result.score.shape[1]} image(s), {len(result.labels)} configurations in {result.n_forwards} "
-        f"forwards; clean score {result.clean_score.mean():.3f}; cell = Δscore / Δ(good−poor) / flips"
+        f"forwards; clean score {result.clean_score.mean():.3f}; Δ by layer: layers "
+        f"{layers[0]}..{layers[-1]}, "
+        f"{_per(size)}, full height = |Δscore| {scale:.3f}; largest: the change of largest size, its "
+        "Δ(good−poor) and layer; flips: the highest answer flip rate and its layer"
     )
     table = Table(title=title, caption=caption)
-    for name in ("site", "setter", "tokens"):
-        table.add_column(name)
-    for layer in layers:
-        table.add_column(f"L{layer}", justify="right", no_wrap=True)
+    for name, justify in (("site/setter", "left"), ("tokens", "left"), ("Δ by layer", "left"),
+                          ("largest", "right"), ("flips", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
     for row, key in enumerate(keys):
-        cells = []
-        for col in range(len(layers)):
-            e = effect[row, col]
-            if not np.isfinite(e):
-                cells.append(Text("—"))
-                continue
-            style = "red" if e < -0.01 else "green" if e > 0.01 else ""
-            cells.append(Text(f"{e:+.3f} / {diff[row, col]:+.2f} / {_pct(flips[row, col])}", style=style))
-        table.add_row(*(str(k) for k in key), *cells)
+        site, setter, selection = (str(k) for k in key)
+        e = effect[row]
+        if not np.isfinite(e).any():
+            table.add_row(_clip(f"{site}/{setter}"), _clip(selection), "", "—", "—")
+            continue
+        at = int(np.nanargmax(np.abs(e)))
+        worst = int(np.nanargmax(np.where(np.isfinite(flips[row]), flips[row], -1)))
+        style = "red" if e[at] < -0.01 else "green" if e[at] > 0.01 else ""
+        table.add_row(
+            _clip(f"{site}/{setter}"),
+            _clip(selection),
+            signed_sparkline(e, scale, max_width=24),
+            Text(f"{e[at]:+.3f} {diff[row, at]:+.1f} L{layers[at]}", style=style),
+            f"{_pct(flips[row, worst], 0)} L{layers[worst]}",
+        )
     return table
 
 
@@ -433,24 +508,26 @@ def probe_table(
         title: Table title.
     """
     caption = (
-        f"ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} photos, "
-        f"{curve.n_samples} samples), penalty by inner photo CV; SRCC within held-out folds; "
-        f"decodable = first layer at 90% of the best probe ({curve.decodable_layer()})"
+        f"probe: SRCC of ridge probes, {curve.config.n_splits}-fold CV by reference photo ({curve.n_groups} "
+        f"photos, {curve.n_samples} samples), within held-out folds; chance: the same with shuffled labels; "
+        "alpha: median penalty (inner photo CV); lens: SRCC of the lens's Q-Align score, same folds; final: "
+        f"lens answers equal to the final one; decodable = first layer at 90% of the best probe "
+        f"({curve.decodable_layer()})"
     )
     table = Table(title=title, caption=caption)
-    for name in ("layer", "probe SRCC", "", "shuffled", "alpha (median)", "lens SRCC", "", "lens = final"):
+    for name in ("layer", "probe", "", "chance", "alpha", "lens", "", "final"):
         table.add_column(name, justify="left" if name in ("layer", "") else "right", no_wrap=True)
     for i, layer in enumerate(curve.layers):
         lens = np.nan if lens_srcc is None else float(lens_srcc[i])
         table.add_row(
             str(layer),
             _num(curve.srcc[i]),
-            bar(max(float(curve.srcc[i]), 0.0), 12, "cyan"),
+            bar(max(float(curve.srcc[i]), 0.0), 8, "cyan"),
             "—" if curve.control_srcc is None else _num(curve.control_srcc[i]),
             f"{np.median(curve.alphas[i]):.3g}",
             _num(lens),
-            bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 12, "magenta"),
-            "—" if lens_agreement is None else _pct(lens_agreement[i]),
+            bar(max(lens, 0.0) if np.isfinite(lens) else 0.0, 8, "magenta"),
+            "—" if lens_agreement is None else _pct(lens_agreement[i], 0),
         )
     return table
 
@@ -498,51 +575,112 @@ def _value(v) -> str:
 
 
 def comparison_report(metrics: dict, findings: list[dict], seconds: dict[str, float]):
-    """One-stage vs two-stage side by side, then the paper's findings with held / did not hold."""
+    """One-stage vs two-stage side by side, the SRCCs per image set, then the findings (held or not).
+
+    Every table fits an 80-column terminal, at any number of layers.
+    """
     from rich.console import Group
 
     one, two = metrics["one-stage"], metrics["two-stage"]
     rows = [
-        ("SRCC, test split (Q-Align score vs label)", one.get("srcc"), two.get("srcc")),
-        ("PLCC, test split", one.get("plcc"), two.get("plcc")),
         ("instability ratio (5 answers x 3 seeds)", one.get("instability"), two.get("instability")),
         ("level accuracy of sampled answers", one.get("accuracy"), two.get("accuracy")),
-        ("quality-token attention on image tokens", one.get("image_mass"), two.get("image_mass")),
-        ("quality-token attention on the description", one.get("description_mass"), two.get("description_mass")),
-        ("description share of the non-image attention", one.get("description_share"),
+        ("attention on the image tokens", one.get("image_mass"), two.get("image_mass")),
+        ("attention on the description", one.get("description_mass"), two.get("description_mass")),
+        ("description share of non-image attention", one.get("description_share"),
          two.get("description_share")),
-        ("share of image attention on the top-5 tokens", one.get("top5_share"), two.get("top5_share")),
+        ("share of image attention on the top 5", one.get("top5_share"), two.get("top5_share")),
         ("logit lens: answer changes across layers", one.get("lens_changes"), two.get("lens_changes")),
         ("logit lens: layer where the answer settles", one.get("lens_settle"), two.get("lens_settle")),
     ]
+    if one.get("plcc") is not None or two.get("plcc") is not None:
+        rows.insert(0, ("PLCC, test split", one.get("plcc"), two.get("plcc")))
     for selection in ("dominant", "random", "least"):
         p = one.get("patching", {}).get(selection)
         if p:
             rows.append((f"|Δ score| ablating {selection} 5 image tokens", p["abs_score_effect"], None))
-            rows.append((f"answer flips ablating {selection} 5 image tokens", p["flip_rate"], None))
-    for key, label in (("contradiction_rate", "contradiction rate (image vs own description)"),
-                       ("agreement_srcc", "agreement SRCC (image vs own description)"),
-                       ("conflict_rate", "descriptions contradicting the final word"),
-                       ("rouge1_f1", "ROUGE-1 F1 of descriptions vs references")):
+            rows.append((f"answer flips ablating {selection} 5 tokens", p["flip_rate"], None))
+    for key, label in (("contradiction_rate", "contradiction rate (image vs own text)"),
+                       ("agreement_srcc", "agreement SRCC (image vs own text)"),
+                       ("conflict_rate", "descriptions contradicting the verdict"),
+                       ("rouge1_f1", "ROUGE-1 F1 of descriptions")):
         rows.append((label, one.get("grounding", {}).get(key), two.get("grounding", {}).get(key)))
     p1, p2 = one.get("probes") or {}, two.get("probes") or {}
-    for scorer, label in (("level_word", "level words (Q-Align)"), ("mlp_head", "MLP score head"),
-                          ("ridge", "ridge probe")):
-        rows.append((f"SRCC on held-out photos: {label}", _head_metric(p1, scorer), _head_metric(p2, scorer)))
     rows.append(("probes: best layer", p1.get("probe_best_layer"), p2.get("probe_best_layer")))
-    rows.append(("probes: quality linearly decodable from layer", p1.get("probe_decodable_layer"),
+    rows.append(("probes: quality decodable from layer", p1.get("probe_decodable_layer"),
                  p2.get("probe_decodable_layer")))
     table = Table(title="one-stage vs two-stage (mean ± std where a spread exists)")
     table.add_column("metric")
-    table.add_column("one-stage", justify="right")
-    table.add_column("two-stage", justify="right")
+    table.add_column("one-stage", justify="right", no_wrap=True)
+    table.add_column("two-stage", justify="right", no_wrap=True)
     for label, a, b in rows:
         table.add_row(label, _value(a), _value(b))
     verdicts = [Text("\nthe paper's findings on this run (paired tests over images, two-sided, 5%)",
                      style="bold")]
     verdicts += [_finding_text(f) for f in findings]
     timing = Text("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()), style="dim")
-    return Group(table, *probe_lens_curves_tables(metrics), *verdicts, timing)
+    return Group(table, *srcc_table(metrics), *paper_exhibits(metrics), *probe_lens_curves_tables(metrics),
+                 *verdicts, timing)
+
+
+def paper_exhibits(metrics: dict) -> list:
+    """The paper's Table 1 and Fig. 6 (as tables) and where the figures are, from the main job's metrics.
+
+    Reads ``metrics[mode]["table1"]`` (a `Table1Row.to_dict`) and ``metrics[mode]["paper_figures"]``
+    (`mechbiqa.analysis.paper_figures.paper_figures`'s return value); nothing when neither is there.
+    """
+    from mechbiqa.analysis.paper_figures import Fig6Data, Table1Row
+
+    out: list = []
+    rows = [Table1Row.from_dict(m["table1"]) for m in metrics.values() if m.get("table1")]
+    if rows:
+        out.append(table1(rows))
+    for mode, m in metrics.items():
+        paper = m.get("paper_figures") or {}
+        if paper.get("fig6"):
+            title = f"Fig. 6 ({mode}): the argmax level of the samples labelled"
+            out.append(fig6_table(Fig6Data.from_dict(paper["fig6"]), title=title))
+        for name, path in (paper.get("files") or {}).items():
+            out.append(Text(f"  {mode} {name}: {path}", style="dim", overflow="fold"))
+    return out
+
+
+def srcc_table(metrics: dict) -> list:
+    """One SRCC per image set and scorer, for each rater with its sample count; then why two differ.
+
+    Args:
+        metrics: ``studies/replicate.py``'s metrics (`mechbiqa.analysis.srcc_splits.srcc_entries`
+            reads what each rater recorded).
+
+    Returns:
+        The table and one line per difference (nothing when no SRCC was recorded).
+    """
+    from mechbiqa.analysis.srcc_splits import SCORERS, srcc_differences, srcc_entries
+
+    entries = srcc_entries(metrics)
+    if not entries:
+        return []
+    raters = list(dict.fromkeys(e.rater for e in entries))
+    table = Table(title="SRCC against the label, per image set (n = images)",
+                  caption="n: the images the SRCC is computed on; where two differ, the lines below "
+                          "say why (with the smaller set's 95% bootstrap interval)")
+    table.add_column("images", no_wrap=True)
+    table.add_column("scorer", no_wrap=True)
+    for rater in raters:
+        table.add_column(rater, justify="right", no_wrap=True)
+    for split, scorer in dict.fromkeys((e.split, e.scorer) for e in entries):
+        cells = []
+        for rater in raters:
+            found = [e for e in entries if (e.rater, e.split, e.scorer) == (rater, split, scorer)]
+            n = found[0].n if found and found[0].n else "?"
+            cells.append("—" if not found else f"{_num(found[0].srcc)} (n={n})")
+        table.add_row(split, SCORERS[scorer], *cells)
+    why = srcc_differences(entries)
+    lines: list = [table]
+    if why:
+        lines.append(Text("why the SRCCs differ:", style="bold"))
+        lines += [Padding(Text("• " + line), (0, 0, 0, 2)) for line in why]
+    return lines
 
 
 def _finding_text(f: dict) -> Text:
@@ -566,11 +704,6 @@ def _finding_text(f: dict) -> Text:
     elif f.get("evidence"):
         out.append(f"\n    {f['evidence']}")
     return out
-
-
-def _head_metric(probes: dict, scorer: str, key: str = "srcc") -> float | None:
-    value = ((probes.get("score_head") or {}).get("metrics") or {}).get(scorer, {}).get(key)
-    return None if value is None else float(value)
 
 
 def probe_lens_curves_tables(metrics: dict) -> list[Table]:
@@ -608,3 +741,66 @@ def probe_lens_curves_tables(metrics: dict) -> list[Table]:
                           _num(at(pr.get("lens_final_prob"), i), 2))
         tables.append(table)
     return tables
+
+
+# ----------------------------------------------------------------------------- the paper's exhibits
+# Terminal forms of `mechbiqa.analysis.paper_figures` (the PNGs: `mechbiqa.figures`).
+if TYPE_CHECKING:  # noqa: E402 (this section is appended; its types are only for annotations)
+    from mechbiqa.analysis.paper_figures import Fig3Data, Fig6Data, Table1Row
+
+
+def table1(rows: Sequence[Table1Row], title: str = "Table 1: instability of sampled answers") -> Table:
+    """The paper's Table 1: one row per tuning, the instability ratio of each session, mean ± std, accuracy.
+
+    Args:
+        rows: `mechbiqa.analysis.paper_figures.table1_rows`.
+        title: Table title.
+    """
+    n_sessions = max((len(r.sessions) for r in rows), default=0)
+    sizes = {(r.n_images, r.n_answers) for r in rows}
+    caption = "; ".join(f"{n} images x {a} answers per session" for n, a in sorted(sizes)) + (
+        "; unstable: an answer whose level differs from its image's most common one, or no level word; "
+        "std over sessions (ddof=1)")
+    table = Table(title=title, caption=caption)
+    table.add_column("method", no_wrap=True)
+    for s in range(n_sessions):
+        table.add_column(f"S{s + 1}", justify="right", no_wrap=True)
+    table.add_column("mean ± std", justify="right", no_wrap=True)
+    table.add_column("accuracy", justify="right", no_wrap=True)
+    for r in rows:
+        sessions = [_pct(x) for x in r.sessions] + [""] * (n_sessions - len(r.sessions))
+        table.add_row(r.method, *sessions, f"{_pct(r.mean)} ± {_pct(r.std)}", _pct(r.accuracy))
+    return table
+
+
+def fig3_table(data: Fig3Data, title: str = "Fig. 3: top candidates per layer") -> Table:
+    """One image's top-k candidate tokens per layer (full vocabulary) and its level-word answer.
+
+    Candidates are cut with an ellipsis rather than wrapped, so each layer stays one line.
+    """
+    label = "" if not np.isfinite(data.label) else f", label {data.label:.2f}"
+    table = Table(title=title, caption=f"sample {data.sample_id}{label} ({data.choice}); answer: the level "
+                                       "word argmax (softmax over the five level words)")
+    table.add_column("layer", justify="right", no_wrap=True)
+    for j in range(data.top_probs.shape[1]):
+        table.add_column(f"top {j + 1}", ratio=1)
+    table.add_column("answer", no_wrap=True)
+    for i, layer in enumerate(data.layers):
+        cells = [_clip(f"{(t.strip() or f'#{int(data.top_ids[i, j])}')}·{100 * data.top_probs[i, j]:.0f}%",
+                       "bold" if t.strip() in LEVEL_WORDS else "")
+                 for j, t in enumerate(data.top_tokens[i])]
+        k = LEVEL_WORDS.index(data.answer[i])
+        table.add_row(str(int(layer)), *cells, Text(data.answer[i], style=LEVEL_COLOURS[k]))
+    return table
+
+
+def fig6_table(data: Fig6Data, title: str = "Fig. 6: the argmax level of the samples labelled") -> Table:
+    """Per last layer, the share of the samples labelled ``data.label`` whose argmax is each level."""
+    table = Table(title=f"{title} '{data.label}' (n={len(data.sample_ids)})",
+                  caption="argmax over the five level words at each layer")
+    table.add_column("layer", justify="right", no_wrap=True)
+    for k, word in enumerate(LEVEL_WORDS):
+        table.add_column(Text(word, style=LEVEL_COLOURS[k]), justify="right", no_wrap=True)
+    for i, layer in enumerate(data.layers):
+        table.add_row(str(int(layer)), *[_pct(v, 0) for v in data.frequency[i]])
+    return table

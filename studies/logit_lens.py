@@ -17,7 +17,10 @@ last layer must reproduce the logits stored with the residuals.
 
 Output (in ``--out``, default ``<store dir>/<store stem>.logit_lens/``):
 ``config.json``, ``logit_lens.json``, ``logit_lens.png``; the table below when
-run as a script.
+run as a script. With ``--paper-figures``, also the paper's Figs. 3, 5 and 6 in
+``paper/`` (`mechbiqa.analysis.paper_figures`: one image's top-4 candidates per
+layer, the attention aligned by role, the argmax level of the samples labelled
+"poor" over the last layers).
 
 Example::
 
@@ -53,6 +56,7 @@ class Config:
         top_k: Top tokens per layer in the report.
         tuned_lens: A tuned lens folder (``studies/tuned_lens.py``) to read the layers with
             instead of the plain logit lens; None: the logit lens.
+        paper_figures: Also draw the paper's Figs. 3, 5 and 6 (``<out>/paper/``).
     """
 
     store: str = str(REPO / "cache" / "activations.h5")
@@ -60,6 +64,7 @@ class Config:
     out: str | None = None
     top_k: int = 5
     tuned_lens: str | None = None
+    paper_figures: bool = False
 
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is loaded (the message names the option)."""
@@ -92,6 +97,7 @@ class Result:
     lens: LensResult
     files: dict[str, Path] = field(default_factory=dict)
     model: str = ""
+    paper: dict[str, Any] | None = None
 
 
 def main(cfg: Config) -> Result:
@@ -112,13 +118,23 @@ def main(cfg: Config) -> Result:
         "json": outputs.write_json(out / f"{NAME}.json", summary),
     }
     files["figure"] = figures.lens_trajectories(result, out / f"{NAME}.png")
-    return Result(lens=result, files=files, model=source)
+    paper = None
+    if cfg.paper_figures:
+        from mechbiqa.analysis.paper_figures import paper_figures
+
+        paper = paper_figures(store_path, out / "paper", read_out=(lens, tokenizer))
+        files.update({f"paper {k}": Path(v) for k, v in paper["files"].items()})
+    return Result(lens=result, files=files, model=source, paper=paper)
 
 
 def render(result: Result, console: Any) -> None:
     """Print the lens table and the split by final answer."""
     console.print(reports.lens_table(result.lens))
     console.print(reports.lens_answers_table(result.lens))
+    if result.paper:
+        from mechbiqa.analysis.paper_figures import Fig6Data
+
+        console.print(reports.fig6_table(Fig6Data.from_dict(result.paper["fig6"])))
     lens = result.lens
     console.print(
         f"answers settle by layer {lens.settle_layer} (median {lens.median_settle:g}); "
