@@ -188,8 +188,8 @@ def attribution_patching(
             pattern; for a residual site (``hook_resid_pre``) the part of its gradient x difference
             through its own layer's keys and values is swapped for that layer's QK-fixed key and
             value terms (the reference's keys and values at the same index: the layer recomputes
-            them from the patched residual), the rest (the position's later layers) stays first
-            order. Research choice: a saturated softmax (a quality query fixed on one image token)
+            them from the patched residual, at the same rotary position), the rest (the position's
+            later layers) stays first order. Research choice: a saturated softmax (a quality query fixed on one image token)
             has a near-zero gradient however far a patched key moves the score; measured on the
             compact one-stage model (step 600) the correlation with activation patching went from
             0.58 / 0.36 (resid / kv) to 0.88 / 0.98. False: the plain gradient x difference at
@@ -504,7 +504,8 @@ def qk_fixed_kv_effect(
         others = pattern.scatter(-1, top, 0.0)  # [batch, head, query, key]
         is_top = index == top
         rest = torch.where(is_top, others.sum(-1, keepdim=True), (1.0 - a_p).clamp_min(0.0))
-        gz_z_rest_top = torch.einsum("bqhd,bhqj,bjhd->bhq", gz, others, v_all)[..., None]
+        z_rest_top = torch.einsum("bhqj,bjhd->bhqd", others, v_all)  # z - A_top v_top
+        gz_z_rest_top = torch.einsum("bqhd,bhqd->bhq", gz, z_rest_top)[..., None]
         gz_z_rest = torch.where(is_top, gz_z_rest_top, gz_z - a_p * gz_vp)  # grad_z . (z - A_p v_p)
         log_d = torch.logaddexp(rest.log(), a_p.log() + delta)  # log D, stable for any delta
         a_new = torch.exp(a_p.log() + delta - log_d)  # A'_p
