@@ -282,3 +282,15 @@ def test_qk_fix_is_exact_for_one_attention_layer_read_linearly():
         rtol=1e-9,
     )
     assert (none == 0).all()
+
+
+def test_qk_fix_does_not_depend_on_the_other_sites(setup):
+    """A residual site alone gets the same QK-fixed estimate (its layer's keys and values are read anyway)."""
+    model, batch, readout = setup
+    args = (model, batch.input_ids, batch.pixels, batch.image_positions, readout)
+    kwargs = dict(reference="source", source_of=SOURCE, attention_mask=batch.attention_mask)
+    both = attribution_patching(*args, **kwargs)
+    alone = attribution_patching(*args, sites=("resid",), chunk=3, **kwargs)
+    np.testing.assert_allclose(alone.site("resid"), both.site("resid"), rtol=1e-4, atol=1e-8)
+    plain = attribution_patching(*args, sites=("resid",), qk_fix=False, **kwargs)
+    assert np.abs(plain.site("resid") - both.site("resid")).max() > 1e-4
