@@ -107,6 +107,9 @@ class AttributionSettings:
         path_steps: Gradients averaged along the path from each image to its reference
             (`mechbiqa.analysis.attribution_patching.attribution_patching`'s ``steps``; 1: the plain
             first-order estimate at the clean run).
+        qk_fix: Recompute the attention pattern of each patched key (AtP*'s QK fix,
+            `mechbiqa.analysis.attribution_patching.attribution_patching`'s ``qk_fix``); False: the
+            plain gradient x difference.
         validate: Run the activation-patching grid as the check (one forward per site, layer and
             position; expensive for a 7B model: restrict ``validate_layers``).
         validate_layers: Layers of that check (None: every layer).
@@ -126,6 +129,7 @@ class AttributionSettings:
     metric: Metric = "logit_diff"
     sites: tuple[str, ...] = ("resid", "kv")
     path_steps: int = 1
+    qk_fix: bool = True
     validate: bool = True
     validate_layers: tuple[int, ...] | None = None
     chunk: int = 8
@@ -387,6 +391,7 @@ def patching_section(
         keep_pattern=True,
         chunk=settings.chunk,
         steps=settings.path_steps,
+        qk_fix=settings.qk_fix,
     )
     actual: dict[str, np.ndarray] = {}
     if settings.validate:
@@ -430,6 +435,7 @@ def patching_section(
         "metric": settings.metric,
         "reference": "source",
         "path_steps": settings.path_steps,
+        "qk_fix": settings.qk_fix,
         "n_images": len(picked),
         "sites": list(estimate.sites),
         "layers": estimate.layers.tolist(),

@@ -12,6 +12,7 @@ from mechbiqa.analysis.attribution_patching import (
     correlation,
     farthest_reference,
     metric_of,
+    qk_fixed_kv_effect,
     top_overlap,
 )
 from mechbiqa.analysis.patching import Readout
@@ -72,28 +73,56 @@ def test_exact_where_the_metric_is_linear_in_the_patched_activation(setup, refer
 
 
 @pytest.mark.parametrize(
-    ("reference", "metric", "bars"),
-    [  # measured on this model and these images: resid / kv correlations
-        ("source", "logit_diff", {"resid": 0.9, "kv": 0.95}),  # measured 0.974 / 0.996
-        ("source", "score", {"resid": 0.95, "kv": 0.95}),  # measured 0.992 / 0.997
-        (
-            "zero",
-            "logit_diff",
-            {"resid": 0.3, "kv": 0.9},
-        ),  # measured 0.447 / 0.964: zeroing a residual is far
-        ("zero", "score", {"resid": 0.6, "kv": 0.8}),  # measured 0.783 / 0.883
+    ("reference", "metric", "bars", "fixed_bars"),
+    [  # measured on this model and these images: resid / kv correlations, plain and with the QK fix
+        # measured 0.974 / 0.996 and 0.988 / 1.000
+        ("source", "logit_diff", {"resid": 0.9, "kv": 0.95}, {"resid": 0.97, "kv": 0.999}),
+        # measured 0.992 / 0.997 and 0.995 / 1.000
+        ("source", "score", {"resid": 0.95, "kv": 0.95}, {"resid": 0.99, "kv": 0.999}),
+        # measured 0.447 / 0.964 (zeroing a residual is far) and 0.805 / 1.000
+        ("zero", "logit_diff", {"resid": 0.3, "kv": 0.9}, {"resid": 0.75, "kv": 0.999}),
+        # measured 0.783 / 0.883 and 0.945 / 1.000
+        ("zero", "score", {"resid": 0.6, "kv": 0.8}, {"resid": 0.9, "kv": 0.999}),
     ],
 )
 def test_correlates_with_activation_patching_over_every_image_position_and_layer(
-    setup, reference, metric, bars
+    setup, reference, metric, bars, fixed_bars
 ):
     model, batch, readout = setup
     estimate, actual = _both(
-        model, batch, readout, batch.image_positions, reference=reference, metric=metric, source_of=SOURCE
+        model,
+        batch,
+        readout,
+        batch.image_positions,
+        reference=reference,
+        metric=metric,
+        source_of=SOURCE,
+        qk_fix=False,
     )
-    assert estimate.site("resid").shape == (4, 2, model.cfg.n_image_tokens)
+    fixed = attribution_patching(
+        model,
+        batch.input_ids,
+        batch.pixels,
+        batch.image_positions,
+        readout,
+        attention_mask=batch.attention_mask,
+        reference=reference,
+        metric=metric,
+        source_of=SOURCE,
+    )
+    assert estimate.site("resid").shape == fixed.site("resid").shape == (4, 2, model.cfg.n_image_tokens)
     for site, bar in bars.items():
-        assert correlation(estimate.site(site), actual[site]) > bar, site
+        plain_r, fixed_r = (
+            correlation(estimate.site(site), actual[site]),
+            correlation(fixed.site(site), actual[site]),
+        )
+        assert plain_r > bar and fixed_r > fixed_bars[site] and fixed_r > plain_r, site
+    # at the last layer a residual reaches the quality position only through that layer's keys and values:
+    # patching it is patching them, and the fixed estimates agree as the effects do
+    np.testing.assert_allclose(actual["resid"][:, -1], actual["kv"][:, -1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fixed.site("resid")[:, -1], fixed.site("kv")[:, -1], rtol=1e-5, atol=1e-7)
+    gap = np.abs(estimate.site("resid")[:, -1] - estimate.site("kv")[:, -1]).max()
+    assert gap > 0.05 * np.abs(actual["kv"][:, -1]).max()  # plain: they differ (the norm is linearised)
     # the clean metric is what the model reads
     with torch.no_grad():
         logits = model(batch.input_ids, images=batch.pixels, attention_mask=batch.attention_mask).logits[
@@ -196,3 +225,72 @@ def test_path_averaged_gradients_complete_the_whole_image_swap(setup):
     )
     with pytest.raises(ValueError, match="steps=2"):
         attribution_patching(*args, steps=2, reference="zero")
+
+
+def _attention(q, k, v, key_mask, W):
+    """A single causal attention layer (grouped keys, padded keys) read linearly: sum(W * z)."""
+    group = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) / q.shape[-1] ** 0.5
+    n = q.shape[1]
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()[None, None] & key_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    z = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vv)
+    return (W * z).sum((1, 2, 3)), scores
+
+
+def test_qk_fix_is_exact_for_one_attention_layer_read_linearly():
+    """Patching one key and value: the recomputed pattern gives the effect, where the gradient does not.
+
+    Large scores saturate the softmax (weights within 1e-12 of 1 and 0), the plain gradient x difference
+    misses most of the effect; the QK-fixed estimate equals the brute-force patched run.
+    """
+    g = torch.Generator().manual_seed(0)
+    batch, n, heads, kv_heads, d, k = 2, 7, 4, 2, 5, 3
+    rand = lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    q, key, value = (
+        rand(batch, n, heads, d, scale=3),
+        rand(batch, n, kv_heads, d, scale=3),
+        rand(batch, n, kv_heads, d),
+    )
+    W = rand(batch, n, heads, d)
+    key_mask = torch.ones(batch, n, dtype=torch.bool)
+    key_mask[1, :2] = False  # left padding
+    positions = torch.tensor([[2, 4, 6], [2, 3, 5]])
+    k_ref, v_ref = rand(batch, k, kv_heads, d, scale=3), rand(batch, k, kv_heads, d)
+    clean, scores = _attention(q, key, value, key_mask, W)
+    rows = torch.arange(batch)
+    actual = torch.zeros(batch, k, dtype=torch.float64)
+    for m in range(k):
+        k2, v2 = key.clone(), value.clone()
+        k2[rows, positions[:, m]], v2[rows, positions[:, m]] = k_ref[:, m], v_ref[:, m]
+        actual[:, m] = _attention(q, k2, v2, key_mask, W)[0] - clean
+    key_term, value_term = qk_fixed_kv_effect(q, key, value, scores, W, positions, k_ref, v_ref)
+    np.testing.assert_allclose(key_term + value_term, actual, rtol=1e-9, atol=1e-12)
+    # the plain estimate: gradient x difference at the keys and values
+    k_leaf, v_leaf = key.clone().requires_grad_(), value.clone().requires_grad_()
+    gk, gv = torch.autograd.grad(_attention(q, k_leaf, v_leaf, key_mask, W)[0].sum(), [k_leaf, v_leaf])
+    plain = ((k_ref - key[rows[:, None], positions]) * gk[rows[:, None], positions]).sum((2, 3)) + (
+        (v_ref - value[rows[:, None], positions]) * gv[rows[:, None], positions]
+    ).sum((2, 3))
+    assert (plain - actual).abs().max() > 1.0  # saturated: the linear estimate is far off
+    # values alone: the pattern is unchanged, the value term is the gradient x difference
+    none, alone = qk_fixed_kv_effect(q, key, value, scores, W, positions, None, v_ref)
+    np.testing.assert_allclose(
+        alone,
+        ((v_ref - value[rows[:, None], positions]) * gv[rows[:, None], positions]).sum((2, 3)),
+        rtol=1e-9,
+    )
+    assert (none == 0).all()
+
+
+def test_qk_fix_does_not_depend_on_the_other_sites(setup):
+    """A residual site alone gets the same QK-fixed estimate (its layer's keys and values are read anyway)."""
+    model, batch, readout = setup
+    args = (model, batch.input_ids, batch.pixels, batch.image_positions, readout)
+    kwargs = dict(reference="source", source_of=SOURCE, attention_mask=batch.attention_mask)
+    both = attribution_patching(*args, **kwargs)
+    alone = attribution_patching(*args, sites=("resid",), chunk=3, **kwargs)
+    np.testing.assert_allclose(alone.site("resid"), both.site("resid"), rtol=1e-4, atol=1e-8)
+    plain = attribution_patching(*args, sites=("resid",), qk_fix=False, **kwargs)
+    assert np.abs(plain.site("resid") - both.site("resid")).max() > 1e-4
