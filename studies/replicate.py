@@ -62,9 +62,11 @@ from mechbiqa.analysis.replication import (
     grounding_per_image,
     image_token_patching,
     instability_section,
+    lens_read_out,
     rated_store,
     rating_summary,
 )
+from mechbiqa.analysis.paper_figures import paper_figures
 from mechbiqa.analysis.replication_attribution import attribution_analysis
 from mechbiqa.sources import REPO, load_test_split, open_source, spread
 from mechbiqa.train import PairConfig, add_entries, train_or_reuse
@@ -212,13 +214,16 @@ def main(cfg: Config) -> Result:
         # 4. offline from the store: lens, attribution, probes
         m = analyse_store(store, checkpoint.rater, probes, out / f"probes-{mode}")
         m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated
+        m["test_split"] = pair.entry(mode) if pair else None  # its own SRCC on the whole test split
+        m["paper_figures"] = paper_figures(store, out / f"paper-{mode}", title=mode,
+                                           read_out=lens_read_out(checkpoint.rater))  # Figs. 3, 5, 6
         lap(f"lens, attribution, probes from the store ({mode})")
         # direct logit attribution by source role, tuned vs logit lens, attribution patching
         m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}")
         m["per_image"].update(extra)
         lap(f"logit attribution, tuned lens, attribution patching ({mode})")
         # 5. online: instability, grounding, and patching where image tokens reach the quality position
-        sampled, per_image = instability_section(checkpoint, spread(test, cfg.n_instability))
+        sampled, per_image = instability_section(checkpoint, spread(test, cfg.n_instability), mode)
         m.update(sampled)
         m["per_image"]["instability"] = per_image
         lap(f"instability ({mode})")

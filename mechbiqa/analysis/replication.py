@@ -44,7 +44,7 @@ from mechbiqa.store.spec import PRESETS
 
 __all__ = ["STORE_SPEC", "STORE_SPEC_HEADS", "ProbeSettings", "rated_store", "analyse_store", "probe_section",
            "patching_summary", "sampled_instability", "image_token_patching", "grounding_per_image",
-           "instability_section", "rating_summary"]
+           "instability_section", "rating_summary", "lens_read_out"]
 
 
 def _with_default(sites: str) -> str:
@@ -256,15 +256,24 @@ def grounding_per_image(rater: Any, records: list, references: Sequence[Sequence
     return summary, {"ids": ids, "contradiction": np.asarray(g.contradiction, dtype=float)}
 
 
-def instability_section(checkpoint: Checkpoint, records: list) -> tuple[dict[str, Any], dict[str, Any]]:
+def instability_section(checkpoint: Checkpoint, records: list, label: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Sampled instability (`sampled_instability`): summary (mean, std over sessions) and per-image values.
 
+    Args:
+        checkpoint: The opened checkpoint.
+        records: The images.
+        label: The checkpoint's name in the paper's Table 1 layout.
+
     Returns:
-        ``{"instability", "accuracy", "sessions"}`` and the per-image block ``{"ids", "instability",
-        "accuracy", ...}`` (`mechbiqa.analysis.per_image.instability_per_image`).
+        ``{"instability", "accuracy", "sessions", "table1"}`` (``table1``: its row of the paper's
+        Table 1, `mechbiqa.analysis.paper_figures.table1_rows`) and the per-image block ``{"ids",
+        "instability", "accuracy", ...}`` (`mechbiqa.analysis.per_image.instability_per_image`).
     """
+    from mechbiqa.analysis.paper_figures import table1_rows
+
     inst = sampled_instability(checkpoint, records)
-    summary = {"instability": inst.ratio_mean_std, "accuracy": inst.accuracy_mean_std, "sessions": len(inst.ratio)}
+    summary = {"instability": inst.ratio_mean_std, "accuracy": inst.accuracy_mean_std, "sessions": len(inst.ratio),
+               "table1": table1_rows({label: inst})[0].to_dict()}
     per_image = instability_per_image(inst.levels, inst.label_levels, inst.unstable)
     return summary, {"ids": [str(r.id) for r in records], **per_image}
 
@@ -286,3 +295,16 @@ def rating_summary(scores: Sequence[float], mos: Sequence[float], held_out: dict
     held_out = held_out or {}
     return {"srcc_subset": subset.srcc, "srcc": held_out.get("srcc", subset.srcc),
             "plcc": held_out.get("plcc", subset.plcc_raw), "level_acc": held_out.get("level_acc")}
+
+
+def lens_read_out(rater: Any) -> tuple[Any, Any]:
+    """``(logit lens, tokenizer)`` of the model whose forward reads the quality word (a pair: stage 2).
+
+    The lens shares the loaded model's final norm and unembedding, so figures drawn from a store need
+    no second copy of the weights (`mechbiqa.analysis.paper_figures.paper_figures`'s ``read_out``).
+    """
+    from mechbiqa.analysis.capture import scoring_components
+    from mechbiqa.analysis.lens import LogitLens
+
+    parts = scoring_components(rater)
+    return LogitLens.from_model(parts.model), parts.tokenizer
