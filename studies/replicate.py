@@ -67,7 +67,7 @@ from mechbiqa.analysis.replication import (
     rating_summary,
 )
 from mechbiqa.analysis.paper_figures import paper_figures
-from mechbiqa.analysis.replication_attribution import attribution_analysis
+from mechbiqa.analysis.replication_attribution import AttributionSettings, attribution_analysis
 from mechbiqa.sources import REPO, load_test_split, open_source, spread
 from mechbiqa.train import PairConfig, add_entries, train_or_reuse
 from mechbiqa.train.companions import COMPANION_MODES, CompanionSettings, train_companions, write_conversion_error
@@ -101,6 +101,8 @@ class Config:
         companions: Also train (from the one-stage checkpoint) and compare the companion papers'
             checkpoints: RL with annotation and self-consistency rewards, and Q-Scorer's score tokens.
         companion: Overrides of their `mechbiqa.train.companions.CompanionSettings` (tests shrink it).
+        attribution: Overrides of `mechbiqa.analysis.replication_attribution.AttributionSettings`; the
+            attribution patching is checked against activation patching on the pair, not the companions.
     """
 
     cache: str = str(REPO / "cache")
@@ -122,6 +124,7 @@ class Config:
     head_epochs: int = 200
     companions: bool = True
     companion: dict[str, Any] = field(default_factory=dict)
+    attribution: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is loaded (the message names the option)."""
@@ -145,7 +148,7 @@ class Config:
                   "eval_samples", "test_samples", "benchmark")
         return cls(cache=str(tmp), n_images=8, n_patch=2, n_instability=2, threads=1, probe_splits=2,
                    head_epochs=20, train={k: getattr(tp, k) for k in shrunk},
-                   companion=CompanionSettings.tiny().overrides())
+                   companion=CompanionSettings.tiny().overrides(), attribution={"n_patch": 2})
 
 
 @dataclass
@@ -219,7 +222,9 @@ def main(cfg: Config) -> Result:
                                            read_out=lens_read_out(checkpoint.rater))  # Figs. 3, 5, 6
         lap(f"lens, attribution, probes from the store ({mode})")
         # direct logit attribution by source role, tuned vs logit lens, attribution patching
-        m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}")
+        checked = AttributionSettings(**{"validate": mode not in COMPANION_MODES, **cfg.attribution})
+        m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}",
+                                                       checked)
         m["per_image"].update(extra)
         lap(f"logit attribution, tuned lens, attribution patching ({mode})")
         # 5. online: instability, grounding, and patching where image tokens reach the quality position

@@ -578,7 +578,9 @@ def add_entries(out_dir: Path, entries: dict[str, dict[str, Any]]) -> PairResult
     saved = read_results(out_dir)
     if saved is None:
         raise FileNotFoundError(f"no results.json in {out_dir}: train the pair there first")
+    before = outputs.dumps(saved.to_dict())
     saved.entries.update(entries)
     saved.paths.update({key.replace("_", "-"): e["path"] for key, e in entries.items() if e and "path" in e})
-    outputs.write_json(Path(out_dir) / "results.json", saved.to_dict(), indent=2)
+    if outputs.dumps(saved.to_dict()) != before:  # unchanged (a reused run): the file is left as it is
+        outputs.write_json(Path(out_dir) / "results.json", saved.to_dict(), indent=2)
     return saved
