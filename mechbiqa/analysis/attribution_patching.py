@@ -427,7 +427,7 @@ def _image_rows(
     def keep(x: Tensor, hook: Any) -> None:  # [image, image_pos, d_llm]
         kept.append(x.detach().cpu())
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[("hook_image_tokens", keep)]):
+    with torch.no_grad(), model.hooks(fwd_hooks=[(names.IMAGE_TOKENS, keep)]):
         for lo in range(0, input_ids.shape[0], size):
             model(
                 input_ids[lo : lo + size].to(model.device),
