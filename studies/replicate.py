@@ -70,7 +70,12 @@ from mechbiqa.analysis.paper_figures import paper_figures
 from mechbiqa.analysis.replication_attribution import AttributionSettings, attribution_analysis
 from mechbiqa.sources import REPO, load_test_split, open_source, spread
 from mechbiqa.train import PairConfig, add_entries, train_or_reuse
-from mechbiqa.train.companions import COMPANION_MODES, CompanionSettings, train_companions, write_conversion_error
+from mechbiqa.train.companions import (
+    COMPANION_MODES,
+    CompanionSettings,
+    train_companions,
+    write_conversion_error,
+)
 
 
 @dataclass(frozen=True)
@@ -195,12 +200,12 @@ def main(cfg: Config) -> Result:
     if cfg.one_stage is not None and cfg.two_stage is not None:
         paths, pair, conversion = {"one-stage": cfg.one_stage, "two-stage": cfg.two_stage}, None, {}
     else:
-        pair = train_or_reuse(replace(PairConfig(out_dir=Path(cfg.model) if cfg.model else cache / "compact",
-                                                 benchmark_dir=cache / "benchmark", threads=cfg.threads,
-                                                 retrain=cfg.retrain), **cfg.train))
         pair_dir, conversion = Path(cfg.model) if cfg.model else cache / "compact", {}
+        pair = train_or_reuse(replace(PairConfig(out_dir=pair_dir, benchmark_dir=cache / "benchmark",
+                                                 threads=cfg.threads, retrain=cfg.retrain), **cfg.train))
         if cfg.companions:  # the companion papers' checkpoints, from the one-stage one: RL and Q-Scorer
-            companions = train_companions(pair_dir, cache / "benchmark", CompanionSettings(**{"device": cfg.device, **cfg.companion}))
+            settings = CompanionSettings(**{"device": cfg.device, **cfg.companion})
+            companions = train_companions(pair_dir, cache / "benchmark", settings)
             pair = add_entries(pair_dir, companions)
             conversion = write_conversion_error(pair.to_dict(), out)
         paths = dict(pair.paths)

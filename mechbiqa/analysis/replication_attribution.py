@@ -57,6 +57,7 @@ from mechbiqa.analysis.lens import (
 from mechbiqa.analysis.patching import Readout
 from mechbiqa.model.roles import Role, batch_prompts
 from mechbiqa.scoring import level_ids
+from mechbiqa.sources import spread
 from mechbiqa.store import ActivationStore
 
 if TYPE_CHECKING:
@@ -335,13 +336,6 @@ def lens_section(
 
 
 # ----------------------------------------------------------------------------- attribution patching
-def _spread(records: Sequence[Any], n: int) -> list[Any]:
-    """``n`` records spread evenly over the list (the main job's test split is ordered by photo)."""
-    if n >= len(records):
-        return list(records)
-    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
-
-
 def patching_section(
     checkpoint: Checkpoint, records: Sequence[Any], settings: AttributionSettings, out_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -357,7 +351,7 @@ def patching_section(
         overlaps.
     """
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
-    picked = _spread(records, settings.n_patch)
+    picked = spread(records, settings.n_patch)  # the main job's test split is ordered by photo
     pixels = checkpoint.pixels([r.image_path for r in picked])
     n_image = model.cfg.n_image_tokens
     ratings = checkpoint.rate(pixels, batch_size=settings.batch_size)
