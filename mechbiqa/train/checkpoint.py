@@ -253,16 +253,17 @@ def recover(directory: str | Path) -> list[Path]:
     if directory.is_symlink() and not directory.exists():
         directory.unlink()  # dangling: its version was removed by hand
         removed.append(directory)
+    # Compared as resolved paths: a relative ``directory`` must not make its own live version look stale.
     current = directory.resolve() if directory.is_symlink() else None
     if not directory.exists() and versions:
-        current = versions[-1]
+        current = versions[-1].resolve()
         link = directory.parent / f".{directory.name}.link-{os.getpid()}"
         _remove(link)
         os.symlink(current.name, link)
         os.replace(link, directory)
         _fsync_dir(directory.parent)
     for v in versions:
-        if v != current:
+        if v.resolve() != current:
             _remove(v)
             removed.append(v)
     return removed

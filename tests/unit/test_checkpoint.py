@@ -66,6 +66,24 @@ def test_recover_removes_what_killed_writes_left(tmp_path):
     assert (target / "a.txt").read_text() == "one"
 
 
+@pytest.mark.parametrize("how", ["relative", "through a linked folder"])
+def test_recover_keeps_the_live_version_whatever_path_names_it(tmp_path, monkeypatch, how):
+    """A checkpoint named by a relative path (``--out cache/compact``) or through a linked parent is still
+    the live one: recover removes nothing, and the next run reuses it instead of retraining."""
+    (tmp_path / "real").mkdir()
+    live = publish(tmp_path / "real" / "ckpt", write("one"))
+    if how == "relative":
+        monkeypatch.chdir(tmp_path)
+        target = Path("real") / "ckpt"
+    else:
+        os.symlink(tmp_path / "real", tmp_path / "alias")
+        target = tmp_path / "alias" / "ckpt"
+    assert recover(target) == []
+    assert listing(tmp_path / "real") == sorted(["ckpt", live.name]) and (target / "a.txt").read_text() == "one"
+    second = publish(target, write("two"))  # a later write through the same path still swaps cleanly
+    assert listing(tmp_path / "real") == sorted(["ckpt", second.name]) and recover(target) == []
+
+
 def test_recover_relinks_the_newest_version_when_the_link_is_gone(tmp_path):
     target = tmp_path / "ckpt"
     old = publish(target, write("one"))
