@@ -139,7 +139,7 @@ class RLConfig:
         top_k: Sample from the ``k`` most likely tokens (None: all).
         max_new_tokens: Longest sampled answer.
         clip_norm: Gradient-norm clip (0: none).
-        template: Conversation template (the checkpoint's, ``v1`` for mechbiqa checkpoints).
+        template: Conversation template (`finetune_checkpoint` sets the checkpoint's own).
         autocast: ``"bfloat16"``/``"float16"`` to run forwards under autocast (GPU, LoRA on a bf16
             model); None: in the model's own dtype. Log-probs are always float32.
         weights: The reward weights.
@@ -720,9 +720,11 @@ def finetune_checkpoint(
             "checkpoint_every resumes full fine-tuning only; pass checkpoint_every=0 with lora_rank"
         )
     info = expect_checkpoint(init_from, "one-stage")
+    from dataclasses import asdict, replace
+
+    cfg = replace(cfg, template=info.template)  # the checkpoint's own prompts, whatever cfg's default says
     out_dir = Path(out_dir)
     recover(out_dir)
-    from dataclasses import asdict
 
     expected = {"parent": str(init_from), "rl_config": _as_json(asdict(cfg)),
                 **_as_json(extra_info or {})}  # fmt: skip

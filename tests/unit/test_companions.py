@@ -169,6 +169,21 @@ def test_a_killed_rl_run_resumes_on_its_trajectory_and_a_finished_one_is_reused(
     assert not (tmp_path / "cut" / RL_STATE_FILE).exists()
 
 
+def test_rl_prompts_with_the_checkpoints_own_template(tmp_path, bench):
+    """A checkpoint trained on another template (a released one's ``mplug_owl2``) is tuned on its own prompts."""
+    model, tok, proc = tiny_random_model(0)
+    one = write_checkpoint(tmp_path / "one-stage", model, tok, proc, {"mode": "one-stage", "template": "mplug_owl2"})
+    examples = examples_from_records(bench.split("train")[:2], "one-stage")
+
+    def reward(m, answers, example):
+        return [float(a.ids[0] % 7) for a in answers], {}
+
+    cfg = RLConfig(steps=1, images_per_step=1, group_size=2, max_new_tokens=2)  # its default template: v1
+    finetune_checkpoint(one, tmp_path / "rl", examples, cfg, reward_fn=reward)
+    info = read_info(tmp_path / "rl").data
+    assert info["template"] == "mplug_owl2" and info["rl_config"]["template"] == "mplug_owl2"
+
+
 def test_a_qscorer_opens_as_a_one_stage_rater_reporting_token_and_regression(tmp_path, bench, one_stage):
     spec = ScoreTokenSpec(n_bins=5, d_hidden=8)
     model, head, tok, proc = qscorer_from_checkpoint(one_stage, spec, seed=0)
