@@ -152,6 +152,7 @@ def attribution_patching(
     chunk: int | None = None,
     steps: int = 1,
     qk_fix: bool = True,
+    resid_path: Literal["kv_sum", "gradient"] = "kv_sum",
 ) -> AttributionPatchingResult:
     """Gradient x (reference - clean) at every (site, layer, position), one forward and one backward.
 
@@ -194,6 +195,19 @@ def attribution_patching(
             compact one-stage model (step 600) the correlation with activation patching went from
             0.58 / 0.36 (resid / kv) to 0.88 / 0.98. False: the plain gradient x difference at
             every site. With ``steps > 1`` the averaged gradients are used in both.
+        resid_path: How a patched residual reaches the readout (``source`` reference with ``qk_fix``).
+            ``kv_sum``: a position other than the readout's reaches it only through its keys and
+            values; patching its residual at layer ``l`` with the reference's makes its keys and
+            values at ``l`` exactly the reference's, and the position's later layers follow the
+            reference, so the estimate is the sum of the QK-fixed key-and-value terms of layers
+            ``l`` to the last (the readout position itself, or layers that do not reach the last
+            one, keep ``gradient``). ``gradient``: the QK-fixed terms of layer ``l`` and first order
+            through the later layers. Research choice, measured on the compact one-stage model
+            (8 layers, step 600, 8 images x 65 image tokens): activation patching's residual
+            effect equals the sum of its own key-and-value effects over layers ``>= l`` to
+            r = 0.991, and the estimate's correlation with activation patching went from 0.62
+            (``gradient``) to 0.95 (``kv_sum``); the first-order step through the later layers is
+            what fails there.
 
     Returns:
         An `AttributionPatchingResult`.
@@ -202,6 +216,8 @@ def attribution_patching(
         raise ValueError("reference='source' needs source_of: the image each one is patched from")
     if reference not in ("zero", "source"):
         raise ValueError(f"reference must be 'zero' or 'source'; got {reference!r}")
+    if resid_path not in ("kv_sum", "gradient"):
+        raise ValueError(f"resid_path must be 'kv_sum' or 'gradient'; got {resid_path!r}")
     if steps < 1 or (steps > 1 and reference != "source"):
         raise ValueError(
             f"steps={steps}: pass 1, or more with reference='source' (the path ends at the reference image)"
@@ -230,6 +246,7 @@ def attribution_patching(
     fix_resid = qk_fix and _RESID in templates
     joint = any(_K in ts and _V in ts for ts in site_map.values())  # values patched with their keys
     fixed = layers if (fix_keys or fix_resid) else []
+    summed_kv = fix_resid and resid_path == "kv_sum" and reference == "source"
     attn = {at: {part: names.attn(at, part) for part in ("q", "k", "v", "z", "attn_scores")} for at in fixed}
     kv_hooks = [attn[at][part] for at in fixed for part in ("k", "v")]
     gradded = list(dict.fromkeys([*order, *kv_hooks, *(attn[at]["z"] for at in fixed)]))
@@ -324,7 +341,13 @@ def attribution_patching(
                     g_kv = grads[name + _THROUGH_KV]
                     g_kv = torch.zeros_like(a) if g_kv is None else g_kv[rows, at]
                     linear_kv = ((ref - a).double() * g_kv.double()).flatten(2).sum(-1)
-                    per_layer.append(plain(name) - linear_kv + qk[layer][0] + qk[layer][1])
+                    estimate = plain(name) - linear_kv + qk[layer][0] + qk[layer][1]  # [chunk, k]
+                    later = range(layer, n_layers)
+                    if summed_kv and all(x in qk for x in later):  # through every later layer's keys and values
+                        kv_sum = sum(qk[x][0] + qk[x][1] for x in later)
+                        readout_at = readout.position % acts[name].shape[1]  # reaches the logits directly
+                        estimate = torch.where(at == readout_at, estimate, kv_sum)
+                    per_layer.append(estimate)
                 else:
                     per_layer.append(plain(name))
             effects[template].append(torch.stack(per_layer, 1).cpu())

@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -111,6 +111,9 @@ class AttributionSettings:
         qk_fix: Recompute the attention pattern of each patched key (AtP*'s QK fix,
             `mechbiqa.analysis.attribution_patching.attribution_patching`'s ``qk_fix``); False: the
             plain gradient x difference.
+        resid_path: How a patched residual is estimated to reach the quality position
+            (`mechbiqa.analysis.attribution_patching.attribution_patching`'s ``resid_path``: ``kv_sum``,
+            through its own and every later layer's keys and values; ``gradient``).
         validate: Run the activation-patching grid as the check (one forward per site, layer and
             position; expensive for a 7B model: restrict ``validate_layers``).
         validate_layers: Layers of that check (None: every layer).
@@ -131,6 +134,7 @@ class AttributionSettings:
     sites: tuple[str, ...] = ("resid", "kv")
     path_steps: int = 1
     qk_fix: bool = True
+    resid_path: Literal["kv_sum", "gradient"] = "kv_sum"
     validate: bool = True
     validate_layers: tuple[int, ...] | None = None
     chunk: int = 8
@@ -386,6 +390,7 @@ def patching_section(
         chunk=settings.chunk,
         steps=settings.path_steps,
         qk_fix=settings.qk_fix,
+        resid_path=settings.resid_path,
     )
     actual: dict[str, np.ndarray] = {}
     if settings.validate:
@@ -430,6 +435,7 @@ def patching_section(
         "reference": "source",
         "path_steps": settings.path_steps,
         "qk_fix": settings.qk_fix,
+        "resid_path": settings.resid_path,
         "n_images": len(picked),
         "sites": list(estimate.sites),
         "layers": estimate.layers.tolist(),

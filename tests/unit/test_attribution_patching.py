@@ -294,3 +294,28 @@ def test_qk_fix_does_not_depend_on_the_other_sites(setup):
     np.testing.assert_allclose(alone.site("resid"), both.site("resid"), rtol=1e-4, atol=1e-8)
     plain = attribution_patching(*args, sites=("resid",), qk_fix=False, **kwargs)
     assert np.abs(plain.site("resid") - both.site("resid")).max() > 1e-4
+
+
+def test_a_patched_residual_reaches_the_quality_position_through_its_later_keys_and_values(setup):
+    """``resid_path='kv_sum'``: the residual estimate at layer l is the sum of the key-and-value estimates of
+    layers l..last; its premise (activation patching's residual effect is the sum of its key-and-value effects
+    over those layers) is checked on the model, and it tracks activation patching at least as well as the
+    first-order path through the later layers."""
+    model, batch, readout = setup
+    summed, actual = _both(model, batch, readout, batch.image_positions, reference="source", source_of=SOURCE)
+    linear = attribution_patching(model, batch.input_ids, batch.pixels, batch.image_positions, readout,
+                                  attention_mask=batch.attention_mask, reference="source", source_of=SOURCE,
+                                  resid_path="gradient")  # fmt: skip
+    later_sum = lambda grid: np.flip(np.cumsum(np.flip(grid, 1), 1), 1)  # noqa: E731  [clean, layer, k]
+    np.testing.assert_allclose(summed.site("resid"), later_sum(summed.site("kv")), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(summed.site("kv"), linear.site("kv"))  # only the residual site changes
+    premise = correlation(later_sum(actual["kv"]), actual["resid"])
+    assert premise > 0.99, premise
+    r_sum, r_linear = correlation(summed.site("resid"), actual["resid"]), correlation(linear.site("resid"),
+                                                                                      actual["resid"])
+    assert r_sum > 0.97 and r_sum >= r_linear - 1e-3, (r_sum, r_linear)
+    # a zero reference is not a trajectory the position follows: the option leaves that estimate alone
+    zero = [attribution_patching(model, batch.input_ids, batch.pixels, batch.image_positions, readout,
+                                 attention_mask=batch.attention_mask, reference="zero", resid_path=path)
+            for path in ("kv_sum", "gradient")]  # fmt: skip
+    np.testing.assert_array_equal(zero[0].site("resid"), zero[1].site("resid"))
