@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mechbiqa.model.config import AbstractorConfig
+from mechbiqa.model.precision import matmul
 
 _TORCH_LAYERNORM_EPS = 1e-5  # what the original gets by building these norms without an eps
 
@@ -82,6 +83,7 @@ class AbstractorBlock(nn.Module):
         self.mlp = AbstractorMLP(cfg)
         self.hook_resid_pre = HookPoint()  # [batch, query, d_model]
         self.hook_pattern = HookPoint()  # [batch, head, query, query + image_token]
+        self.float32_products = False  # 16-bit weights on a slow-16-bit CPU: see mechbiqa.model.precision
         self.hook_resid_post = HookPoint()  # [batch, query, d_model]
 
     def forward(
@@ -96,9 +98,9 @@ class AbstractorBlock(nn.Module):
         q = split(self.query(qn + self.q_pos_embed.to(qn.dtype)))
         k = split(self.key(kv + pos))
         v = split(self.value(kv))  # no position term on the values
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
+        scores = matmul(q, k.transpose(-1, -2), self.float32_products) / math.sqrt(self.d_head)
         pattern = self.hook_pattern(F.softmax(scores, dim=-1))
-        ctx = rearrange(pattern @ v, "b h t d -> b t (h d)")
+        ctx = rearrange(matmul(pattern, v, self.float32_products), "b h t d -> b t (h d)")
         h = qn + self.out_proj(ctx)  # the residual starts from the normed queries
         return self.hook_resid_post(h + self.mlp(self.norm2(h)))
 

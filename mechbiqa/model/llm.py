@@ -28,6 +28,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mechbiqa.model.config import LLMConfig
 from mechbiqa.model.generation import KVCache
+from mechbiqa.model.precision import matmul
 
 
 class RMSNorm(nn.Module):
@@ -135,6 +136,7 @@ class Attention(nn.Module):
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]  new positions only
         self.hook_attn_scores = HookPoint()  # [batch, head, query_pos, key_pos]  masked, pre-softmax
         self.hook_pattern = HookPoint()  # [batch, head, query_pos, key_pos]
+        self.float32_products = False  # 16-bit weights on a slow-16-bit CPU: see mechbiqa.model.precision
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]  pattern-weighted values
 
     def forward(
@@ -163,12 +165,12 @@ class Attention(nn.Module):
             v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
 
         n_new, n_all = q.shape[2], k.shape[2]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
+        scores = matmul(q, k.transpose(-1, -2), self.float32_products) / math.sqrt(cfg.d_head)
         causal = torch.ones(n_new, n_all, dtype=torch.bool, device=x.device).tril(n_all - n_new)
         allowed = causal[None, None] & key_mask[:, None, None, :]
         scores = self.hook_attn_scores(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min))
         pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        z = self.hook_z(rearrange(pattern @ v, "b h p d -> b p h d"))
+        z = self.hook_z(rearrange(matmul(pattern, v, self.float32_products), "b h p d -> b p h d"))
         return self.o_proj(rearrange(z, "b p h d -> b p (h d)"))
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mechbiqa.model.config import VisionConfig
+from mechbiqa.model.precision import matmul
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -52,13 +53,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.hook_pattern = HookPoint()  # [batch, head, query_token, key_token]
+        self.float32_products = False  # 16-bit weights on a slow-16-bit CPU: see mechbiqa.model.precision
         self.hook_z = HookPoint()  # [batch, token, head, d_head]
 
     def forward(self, x: Float[Tensor, "batch token d_model"]) -> Float[Tensor, "batch token d_model"]:  # noqa: D102
         q, k, v = rearrange(self.qkv(x), "b t (h j d) -> j b h t d", h=self.n_heads, j=3)
-        scores = (q @ k.transpose(-1, -2)) * self.d_head**-0.5
+        scores = matmul(q, k.transpose(-1, -2), self.float32_products) * self.d_head**-0.5
         pattern = self.hook_pattern(F.softmax(scores, dim=-1))  # in the activation dtype, as the original
-        z = self.hook_z(rearrange(pattern @ v, "b h t d -> b t h d"))
+        z = self.hook_z(rearrange(matmul(pattern, v, self.float32_products), "b h t d -> b t h d"))
         return self.out(rearrange(z, "b t h d -> b t (h d)"))
 
 

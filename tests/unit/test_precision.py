@@ -27,6 +27,9 @@ def test_upcast_linear_layers_compute_each_product_in_float32_and_keep_16_bit_we
     n = upcast_matmuls(half)
     linears = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
     assert n == len(linears) > 10
+    attention = [m for m in half.modules() if hasattr(m, "float32_products")]
+    assert len(attention) == len(half.vision.blocks) + len(half.abstractor.blocks) + len(half.llm.blocks)
+    assert all(m.float32_products for m in attention)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # memory: the weights stay 16-bit
     assert half.state_dict().keys() == before.keys()
     assert all(torch.equal(half.state_dict()[k], before[k]) for k in before)
@@ -42,6 +45,7 @@ def test_upcast_linear_layers_compute_each_product_in_float32_and_keep_16_bit_we
         native = half(ids, images=pixels.to(torch.bfloat16)).logits.float()
         full = model(ids, images=pixels).logits
     assert not any("forward" in m.__dict__ for m in linears)  # switched back
+    assert not any(m.float32_products for m in attention)
     # the same model in 16 bits either way: both near float32, and near each other
     scale = full.abs().max()
     assert (upcast - full).abs().max() < 0.05 * scale and (native - full).abs().max() < 0.05 * scale
