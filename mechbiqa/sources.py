@@ -359,11 +359,16 @@ def load_test_split(dataset: str = "builtin", benchmark: str | Path | None = Non
     return test or records
 
 
+def spread_indices(count: int, n: int) -> list[int]:
+    """``n`` indices spread evenly over ``range(count)``, first and last included; all when ``n`` is larger."""
+    if n >= count:
+        return list(range(count))
+    return [int(i) for i in np.linspace(0, count - 1, n).round()]  # steps of at least 1: distinct
+
+
 def spread(records: Sequence[Any], n: int) -> list[Any]:
     """``n`` records spread evenly over the list (a test split is ordered by photo); all when ``n`` is larger."""
-    if n >= len(records):
-        return list(records)
-    return [records[i] for i in np.linspace(0, len(records) - 1, n).round().astype(int)]
+    return [records[i] for i in spread_indices(len(records), n)]
 
 
 def random_compact(seed: int = 0, wide: bool = False) -> tuple[MPLUGOwl2, Tokenizer, ImageProcessor]:

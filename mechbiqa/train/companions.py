@@ -42,6 +42,7 @@ import torch
 
 from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
 from mechbiqa.rl import RewardWeights, RLConfig
+from mechbiqa.sources import spread, spread_indices
 
 __all__ = [
     "COMPANION_MODES",
@@ -167,55 +168,27 @@ def _one_stage_scores(pair_dir: Path) -> dict[str, Any] | None:
     return entry if entry and entry.get("scores") else None
 
 
-def _spread(records: Sequence[Any], n: int) -> list[int]:
-    """``n`` indices spread evenly over the records (the test split is ordered by photo)."""
-    if n >= len(records):
-        return list(range(len(records)))
-    return sorted({int(i) for i in np.linspace(0, len(records) - 1, n).round()})
-
-
 # ----------------------------------------------------------------------------------------------- rating
 def rated_entry(ratings: Sequence[Any], records: Sequence[Any]) -> dict[str, Any]:
     """Test metrics of one checkpoint's ratings, keyed as the pair's entries in ``results.json``.
 
-    ``n``, ``srcc``, ``plcc`` (raw), ``plcc_fitted``, ``krcc`` (Q-Align score against the 0-1 label),
-    ``level_acc``, ``family_rate`` (descriptions naming the distortion's family, when records have
-    one), ``examples``, ``ids``, ``scores``, ``labels``, ``levels``, ``descriptions``. Q-Scorer ratings
-    add ``regressed`` / ``token_scores`` with their SRCC and PLCC and ``emitted_rate``.
+    The pair's own metrics (`mechbiqa.train.pair.rating_metrics`: ``n``, ``srcc``, ``plcc``, ``plcc_fitted``,
+    ``krcc``, ``level_acc``, ``family_rate``, ``examples``, ``ids``, ``scores``, ``labels``), plus
+    ``levels`` and ``descriptions``; Q-Scorer ratings add ``regressed`` / ``token_scores`` with their
+    SRCC and PLCC and ``emitted_rate``.
     """
-    from mechbiqa.data import DISTORTIONS
     from mechbiqa.metrics import iqa_metrics
-    from mechbiqa.model.prompts import LEVEL_WORDS
-    from mechbiqa.pipeline import match_description
+    from mechbiqa.train.pair import rating_metrics
 
-    scores = np.array([r.score for r in ratings], dtype=float)
-    labels = np.array([x.mos01 if x.mos01 is not None else 1 - LEVEL_WORDS.index(x.level_word) / 4
-                       for x in records])  # fmt: skip
-    m = iqa_metrics(scores, labels, on_invalid="flag")
-    out: dict[str, Any] = {
-        "n": len(records), "srcc": m.srcc, "plcc": m.plcc_raw, "plcc_fitted": m.plcc_fitted, "krcc": m.krcc,
-        "level_acc": float(np.mean([r.level == x.level_word for r, x in zip(ratings, records, strict=True)])),
-    }  # fmt: skip
     descriptions = [r.description for r in ratings]
-    if all(getattr(x, "distortion", None) for x in records):
-        fam = [match_description(d).family == ("pristine" if x.distortion == "pristine"
-                                               else DISTORTIONS[x.distortion].group)
-               for d, x in zip(descriptions, records, strict=True)]  # fmt: skip
-        distorted = [f for f, x in zip(fam, records, strict=True) if x.distortion != "pristine"]
-        out["family_rate"] = float(np.mean(fam))
-        out["family_rate_distorted"] = float(np.mean(distorted)) if distorted else float("nan")
+    out = rating_metrics(ratings, records, descriptions)
     if ratings and hasattr(ratings[0], "regressed"):
         for key, attr in (("regressed", "regressed"), ("token", "token_score")):
             values = np.array([getattr(r, attr) for r in ratings], dtype=float)
-            sub = iqa_metrics(values, labels, on_invalid="flag")
+            sub = iqa_metrics(values, np.asarray(out["labels"]), on_invalid="flag")
             out[f"srcc_{key}"], out[f"plcc_{key}"] = sub.srcc, sub.plcc_raw
             out["regressed" if key == "regressed" else "token_scores"] = values.tolist()
         out["emitted_rate"] = float(np.mean([r.emitted for r in ratings]))
-    out["examples"] = [{"id": x.id, "label": x.level_word, "description": d, "rated": r.level}
-                       for d, x, r in list(zip(descriptions, records, ratings, strict=True))[:6]]  # fmt: skip
-    out["ids"] = [x.id for x in records]
-    out["scores"] = scores.tolist()
-    out["labels"] = labels.tolist()
     out["levels"] = [r.level for r in ratings]
     out["descriptions"] = descriptions
     return out
@@ -357,7 +330,7 @@ def train_companions(
     train = [r for r in bench.split("train") if r.mos01 is not None]
     test = _test_records(pair_dir, bench)
     if settings.test_samples:
-        test = [test[i] for i in _spread(test, settings.test_samples)]
+        test = spread(test, settings.test_samples)
     extra = annotation_references(settings.annotations) if settings.annotations else None
     train_refs = dict(zip((r.id for r in train), references_with(train, extra), strict=True))
     test_refs = references_with(test, extra)
@@ -378,7 +351,7 @@ def train_companions(
         if cached.get("key") == key:
             return {c: cached["entries"][c] for c in settings.companions}
 
-    subset = _spread(test, settings.compare_samples) if settings.compare_samples else []
+    subset = spread_indices(len(test), settings.compare_samples) if settings.compare_samples else []
     baseline = None
     one_stage = _one_stage_scores(pair_dir)
     if subset:
