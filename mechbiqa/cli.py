@@ -50,7 +50,9 @@ import dataclasses
 import functools
 import inspect
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -541,6 +543,7 @@ def run(
     module = sys.modules.get(main.__module__)
     description = description if description is not None else (module.__doc__ if module else None)
     prog = Path(sys.argv[0]).name or None
+    _listen_for_interrupts()
     try:
         cfg = parse(config, args, description=description, prog=prog)
         check_paths(cfg)
@@ -556,12 +559,22 @@ def run(
     except KeyboardInterrupt:
         if debug:
             raise
-        _fail(prog, "interrupted", 130)
+        _fail(prog, "interrupted; rerun the same command to resume (or start again)", 130)
     except Exception as error:
         if debug or not is_expected(error):
             raise
         hint = "" if isinstance(error, UsageError) else " (--debug shows the traceback)"
         _fail(prog, one_line(error) + hint, 2 if isinstance(error, UsageError) else 1)
+
+
+def _listen_for_interrupts() -> None:
+    """Make SIGINT (Ctrl-C, ``kill -INT``) raise `KeyboardInterrupt` even when the process inherited it ignored.
+
+    A shell starts a script's background commands (``cmd &``) with SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored: an interrupt sent to such a run would be lost and the run go on.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _fail(prog: str | None, message: str, code: int) -> typing.NoReturn:
