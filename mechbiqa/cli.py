@@ -139,7 +139,8 @@ _FRACTION = Range(0, 1, high_open=True)
 
 RANGES: dict[str, Range] = {
     **dict.fromkeys(
-        ("--limit", "--batch-size", "--total-steps", "--grad-accum", "--n-images", "--n-answers", "--n-batches", "--n-bins", "--n-splits",
+        ("--limit", "--batch-size", "--total-steps", "--grad-accum", "--n-images", "--n-answers", "--n-batches",
+         "--n-bins", "--n-splits",
          "--inner-splits", "--n-patch", "--n-instability", "--probe-splits", "--k", "--top-k", "--chunk",
          "--rounds", "--repeats", "--images", "--tokens", "--prompt-len", "--memory-batches", "--scales",
          "--read-samples", "--read-layers", "--read-pos", "--read-d", "--batch-images", "--images-per-step",
@@ -652,9 +653,11 @@ def run(
         if code:
             raise SystemExit(int(code))
         return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if debug:
             raise
+        if interrupt.args:  # e.g. training: the step its checkpoint kept
+            _fail(prog, f"{one_line(interrupt)}; rerun the same command to resume", 130)
         _fail(prog, "interrupted; rerun the same command to resume (or start again)", 130)
     except Exception as error:
         if debug or not is_expected(error):
