@@ -154,3 +154,27 @@ def test_an_interrupt_ends_in_one_line_and_the_rerun_resumes_even_when_sigint_wa
     again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed at sample {committed}" in again.stdout and "40 valid" in again.stdout
+
+
+# ----------------------------------------------------------------------------- paths
+def test_a_file_where_a_folder_is_needed_is_said_in_words(tmp_path):
+    (tmp_path / "taken").write_text("")
+    images(tmp_path / "images", 1)
+    score = study("score_images", "--tiny-random", "images/img0.png", "--out", "taken", cwd=tmp_path)
+    assert_one_line(score, "'taken' exists and is not a folder; move it away or pass another path")
+    cache = study("cache_activations", "--tiny-random", "--dataset", "images", "--out", "taken/s.h5",
+                  "--no-progress", cwd=tmp_path)  # fmt: skip
+    assert_one_line(cache, "'taken' exists and is not a folder")
+
+
+def test_operating_system_errors_name_the_path_and_the_fix():
+    import errno
+
+    from mechbiqa.errors import one_line
+
+    said = one_line(PermissionError(errno.EACCES, "Permission denied", "/data/out"))
+    assert said == "permission denied on '/data/out'; pass a path you may write (or read), or fix its permissions"
+    assert one_line(OSError(errno.ENOSPC, "No space left on device")).startswith("no space left on the device of")
+    assert one_line(NotADirectoryError(errno.ENOTDIR, "Not a directory", "a/b")).startswith("a part of 'a/b' is a file")
+    # a library message that already says what to do is kept as it is
+    assert one_line(FileNotFoundError("no config.json at x; pass a checkpoint")) == "no config.json at x; pass a checkpoint"
