@@ -572,7 +572,9 @@ def check_range(option: Option, value: Any) -> None:
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"{option.flag} {v}: pass a finite number")
         if bounds is not None and not bounds.admits(v):
-            raise ValueError(f"{option.flag} {v}: pass a value {bounds}")
+            if option.flag == "--limit":
+                raise ValueError(f"--limit {v}: keep at least 1 sample, or leave --limit out to keep all")
+            raise ValueError(f"{option.flag} {v}: pass {'a value ' if bounds.low_open else ''}{bounds}")
 
 
 def check_paths(config: Any) -> None:

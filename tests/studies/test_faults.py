@@ -106,10 +106,10 @@ def test_every_numeric_option_refuses_values_outside_its_range_and_nan():
 def test_the_issues_nonsense_arguments_end_in_one_line_before_any_model_loads(tmp_path):
     cases = [
         ("train_pair", ["--lr", "nan"], "--lr nan: pass a finite number"),
-        ("train_pair", ["--image-size", "1000000000000"], "--image-size 1000000000000: pass a value at least 1"),
+        ("train_pair", ["--image-size", "1000000000000"], "--image-size 1000000000000: pass at least 1"),
         ("train_pair", ["--threads", "0"], "--threads 0"),
         ("train_pair", ["--checkpoint-seconds", "-1"], "--checkpoint-seconds -1.0"),
-        ("score_images", ["--seed", "-1", "--tiny-random", "x.png"], "--seed -1: pass a value at least 0"),
+        ("score_images", ["--seed", "-1", "--tiny-random", "x.png"], "--seed -1: pass at least 0"),
         ("cache_activations", ["--tiny-random", "--mode", "generate", "--max-new-tokens", "1000000000000"],
          "--max-new-tokens 1000000000000"),
         ("instability", ["--temperature", "-1"], "--temperature -1.0: pass a value above 0"),
