@@ -171,7 +171,8 @@ def test_legacy_bin_loads_and_a_pickle_payload_is_still_refused(tiny_model, tmp_
     tiny_model.cfg.to_json(tmp_path / "evil" / "config.json")
     torch.save({"x": Payload()}, tmp_path / "evil" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     # one sentence naming the call it would make, not torch's advice to load it with weights_only=False
-    with pytest.raises(CheckpointError, match=r"holds Python objects besides tensors \(it would call (builtins\.)?print when loaded\)") as info:
+    payload = r"holds Python objects besides tensors \(it would call (builtins\.)?print when loaded\)"
+    with pytest.raises(CheckpointError, match=payload) as info:
         mechbiqa.load_pretrained(tmp_path / "evil")
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
     # a truncated legacy file: corrupt, not blamed on mmap or pickles
