@@ -49,8 +49,11 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import math
 import re
+import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -92,6 +95,81 @@ COMMON: dict[str, Common] = {
     "--seed": Common("random seed"),
     "--batch-size": Common("samples per forward"),
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values an option with this name takes wherever it appears (`RANGES`).
+
+    Attributes:
+        low: Smallest allowed value, or None.
+        high: Largest allowed value, or None.
+        low_open: ``low`` itself is refused (``> low``).
+        high_open: ``high`` itself is refused (``< high``).
+    """
+
+    low: int | float | None = None
+    high: int | float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: int | float) -> bool:
+        """Whether ``value`` lies in the range."""
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (value < self.high or (not self.high_open and value == self.high))
+
+    def __str__(self) -> str:
+        def show(x: int | float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'above' if self.low_open else 'at least'} {show(self.low)}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {show(self.high)}")
+        return " and ".join(parts)
+
+
+_COUNT = Range(1)  # how many of something: at least one
+_NONNEG = Range(0)  # a count or period where 0 means none/all/off
+_POSITIVE = Range(0, low_open=True)
+_SEED = Range(0, 2**32 - 1)  # what numpy, torch and random all accept
+_FRACTION = Range(0, 1, high_open=True)
+
+RANGES: dict[str, Range] = {
+    **dict.fromkeys(
+        ("--limit", "--batch-size", "--total-steps", "--grad-accum", "--n-images", "--n-answers", "--n-batches",
+         "--n-bins", "--n-splits",
+         "--inner-splits", "--n-patch", "--n-instability", "--probe-splits", "--k", "--top-k", "--chunk",
+         "--rounds", "--repeats", "--images", "--tokens", "--prompt-len", "--memory-batches", "--scales",
+         "--read-samples", "--read-layers", "--read-pos", "--read-d", "--batch-images", "--images-per-step",
+         "--group-size", "--inner-steps", "--d-hidden", "--head-hidden", "--head-epochs", "--head-batch-size",
+         "--lora-rank", "--timeout"),
+        _COUNT,
+    ),
+    "--threads": Range(1, 4096),
+    # sizes that allocate: a huge value would end in an overflow or out of memory deep inside
+    "--image-size": Range(1, 4096),
+    "--crops-per-photo": Range(1, 1000),
+    "--vocab-size": Range(1, 1_000_000),
+    "--max-new-tokens": Range(1, 16384),
+    **dict.fromkeys(
+        ("--warmup-steps", "--eval-every", "--eval-samples", "--test-samples", "--checkpoint-every", "--steps",
+         "--bootstrap", "--examples", "--n-shuffles", "--probe-shuffles", "--checkpoint-seconds",
+         "--weight-decay", "--head-weight-decay", "--visual-lr-scale", "--clip-norm", "--kl-beta", "--lam",
+         "--w-level", "--w-mos", "--w-rouge", "--w-consistency-answer", "--w-consistency-label"),
+        _NONNEG,
+    ),
+    **dict.fromkeys(("--seed", "--seeds", "--head-seed"), _SEED),
+    **dict.fromkeys(("--lr", "--head-lr", "--temperature", "--clip-eps", "--adv-eps", "--forward-cost", "--alphas"),
+                    _POSITIVE),
+    **dict.fromkeys(("--label-smoothing", "--head-dropout"), _FRACTION),
+    "--top-p": Range(0, 1, low_open=True),
+}
+"""Option name -> its allowed values, in every study that has the option (`check_common` applies it;
+a ``None`` value, where the option takes one, is always allowed). Float options also refuse NaN and
+infinities."""
 
 
 def meta(
@@ -406,6 +484,7 @@ def parse(cls: type[C], argv: Sequence[str] | None = None, description: str | No
                 if None in value and value != [None]:  # the converter turned the none word into None
                     raise UsageError(f"{o.flag}: pass either {o.none!r} alone or values, not both")
                 value = None if value == [None] else o.container(value)
+            check_range(o, value)  # here, not only in __post_init__: a nested config's own check names no flag
             given[o.path] = value
     return _instance(cls, given)
 
@@ -461,7 +540,8 @@ def check_common(config: Any) -> None:
 
     Raises:
         ValueError: ``--limit`` below 1, ``--batch-size`` below 1, a ``--dtype`` or ``--split``
-            outside its choices (the message names the option and what to pass).
+            outside its choices, any numeric option outside its `RANGES` entry or (a float) not
+            finite (the message names the option and what to pass).
     """
     limit = value_of(config, "--limit")
     if limit not in (None, dataclasses.MISSING) and limit < 1:
@@ -474,6 +554,27 @@ def check_common(config: Any) -> None:
         choices = COMMON[flag].choices or ()
         if value not in (None, dataclasses.MISSING) and value not in choices:
             raise ValueError(f"{flag} {value}: choose one of {', '.join(choices)}")
+    for o in options(type(config)):
+        check_range(o, value_of(config, o.flag))
+
+
+def check_range(option: Option, value: Any) -> None:
+    """Refuse a value of a numeric option outside its `RANGES` entry, or a float that is not finite.
+
+    Raises:
+        ValueError: Naming the option, the value and what to pass.
+    """
+    if option.kind not in (int, float) or option.choices is not None:
+        return
+    values = value if isinstance(value, tuple | list) else () if value in (None, dataclasses.MISSING) else (value,)
+    bounds = RANGES.get(option.flag)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{option.flag} {v}: pass a finite number")
+        if bounds is not None and not bounds.admits(v):
+            if option.flag == "--limit":
+                raise ValueError(f"--limit {v}: keep at least 1 sample, or leave --limit out to keep all")
+            raise ValueError(f"{option.flag} {v}: pass {'a value ' if bounds.low_open else ''}{bounds}")
 
 
 def check_paths(config: Any) -> None:
@@ -541,6 +642,7 @@ def run(
     module = sys.modules.get(main.__module__)
     description = description if description is not None else (module.__doc__ if module else None)
     prog = Path(sys.argv[0]).name or None
+    _listen_for_interrupts()
     try:
         cfg = parse(config, args, description=description, prog=prog)
         check_paths(cfg)
@@ -553,15 +655,27 @@ def run(
         if code:
             raise SystemExit(int(code))
         return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if debug:
             raise
-        _fail(prog, "interrupted", 130)
+        if interrupt.args:  # e.g. training: the step its checkpoint kept
+            _fail(prog, f"{one_line(interrupt)}; rerun the same command to resume", 130)
+        _fail(prog, "interrupted; rerun the same command to resume (or start again)", 130)
     except Exception as error:
         if debug or not is_expected(error):
             raise
         hint = "" if isinstance(error, UsageError) else " (--debug shows the traceback)"
         _fail(prog, one_line(error) + hint, 2 if isinstance(error, UsageError) else 1)
+
+
+def _listen_for_interrupts() -> None:
+    """Make SIGINT (Ctrl-C, ``kill -INT``) raise `KeyboardInterrupt` even when the process inherited it ignored.
+
+    A shell starts a script's background commands (``cmd &``) with SIGINT ignored, and Python keeps
+    an ignored SIGINT ignored: an interrupt sent to such a run would be lost and the run go on.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _fail(prog: str | None, message: str, code: int) -> typing.NoReturn:

@@ -12,6 +12,7 @@ problems that fit none of them.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 
@@ -44,8 +45,29 @@ def is_expected(error: BaseException) -> bool:
     return False
 
 
+#: errno -> what a bare ``[Errno N] ...`` error from the operating system means for the user, and the fix.
+_OS_FIXES = {
+    errno.EEXIST: "{path} exists and is not a folder; move it away or pass another path",
+    errno.ENOTDIR: "a part of {path} is a file where a folder is needed; pass another path",
+    errno.EISDIR: "{path} is a folder where a file is needed; pass a file",
+    errno.ENOENT: "{path} does not exist; check the path",
+    errno.EACCES: "permission denied on {path}; pass a path you may write (or read), or fix its permissions",
+    errno.EPERM: "permission denied on {path}; pass a path you may write (or read), or fix its permissions",
+    errno.EROFS: "{path} is on a read-only file system; pass a writable path",
+    errno.ENOSPC: "no space left on the device of {path}; free some space or pass another path",
+    errno.ENAMETOOLONG: "the file name {path} is too long; pass a shorter path",
+}
+
+
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (a `KeyError` without its quotes)."""
+    """The message of ``error`` on one line (a `KeyError` without its quotes).
+
+    An `OSError` straight from the operating system (``[Errno 17] File exists: 'out'``) is
+    said in words, with the path and the fix.
+    """
+    if isinstance(error, OSError) and error.errno in _OS_FIXES and str(error).startswith("[Errno"):
+        path = error.filename if error.filename is not None else "the path"
+        return _OS_FIXES[error.errno].format(path=f"'{path}'" if error.filename is not None else path)
     text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     text = " ".join(str(text).split())
     return text or type(error).__name__

@@ -183,6 +183,9 @@ def cache_activations_report(result: Any) -> list[str]:
     out += [f"  [yellow]failed[/] {sample_id}: {reason}" for sample_id, reason in result.errors[:20]]
     if len(result.errors) > 20:
         out.append(f"  ... and {len(result.errors) - 20} more (ActivationStore.errors())")
+    if result.errors:
+        out.append(f"  {len(result.errors)} sample(s) failed: fix or replace them and rerun the same command to "
+                   "retry only those")
     return out
 
 

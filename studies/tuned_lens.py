@@ -39,7 +39,14 @@ import torch
 
 from mechbiqa import cli, outputs
 from mechbiqa import figures_attribution as fa
-from mechbiqa.analysis.lens import RESID, TunedLensTraining, analyse_lens, kl_to_final, train_tuned_lens
+from mechbiqa.analysis.lens import (
+    RESID,
+    TunedLensTraining,
+    analyse_lens,
+    check_lens,
+    kl_to_final,
+    train_tuned_lens,
+)
 from mechbiqa.scoring import level_ids
 from mechbiqa.sources import load_lens, stored_model
 from mechbiqa.store import ActivationStore
@@ -115,6 +122,7 @@ def main(cfg: Config) -> Result:
     with ActivationStore.open(cfg.store) as store:
         source = cfg.model or stored_model(store)
         base, tokenizer = load_lens(source)
+        check_lens(store, base)  # a lens of another model than the store's is refused
         try:
             spec = store.spec_of(RESID, "quality")
         except KeyError:

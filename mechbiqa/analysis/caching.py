@@ -43,6 +43,15 @@ class CacheRun:
     rank: int = 0
     world_size: int = 1
 
+    @property
+    def exit_code(self) -> int:
+        """1 when some sample failed (the others are recorded), else 0 (`mechbiqa.cli.run` exits with it).
+
+        Under torchrun only rank 0 (which reports the whole store, after the join) says so: a
+        worker that exits non-zero first would make torchrun stop rank 0 before it joins.
+        """
+        return 1 if self.errors and self.rank == 0 else 0
+
 
 def model_planner(
     model: Any, tokenizer: Any, processor: Any, spec: CacheSpec, run: RunConfig, model_name: str

@@ -532,6 +532,10 @@ class TunedLens(Lens):
             linear.requires_grad_(layer != self.last_layer)
             self.translators[str(layer)] = linear
 
+    def readout_fingerprint(self, dtype: torch.dtype) -> str:
+        """The read-out fingerprint of the base lens: the model the translators read out through."""
+        return self.base.readout_fingerprint(dtype)
+
     def translate(
         self, resid: Float[Tensor, "*batch d_model"], layer: int
     ) -> Float[Tensor, "*batch d_model"]:
@@ -565,6 +569,7 @@ class TunedLens(Lens):
             "vocab_size": int(weight.shape[0]),
             "layers": list(self.layers),
             "last_layer": self.last_layer,
+            "readout": self.base.readout_fingerprint(torch.float32),  # `load` checks the model by it
             **info,
         }
         state = {k: v.detach().cpu() for k, v in self.translators.state_dict().items()}
@@ -578,7 +583,8 @@ class TunedLens(Lens):
 
         Raises:
             FileNotFoundError: The folder lacks ``config.json`` or the parameters.
-            ValueError: The lens was trained for a model of other widths.
+            ValueError: The lens was trained for a model of other widths, or for another model
+                (its read-out fingerprint differs).
         """
         directory = Path(directory)
         if not (directory / "config.json").is_file() or not (directory / TUNED_LENS_PARAMS).is_file():
@@ -593,6 +599,13 @@ class TunedLens(Lens):
                 f"the tuned lens in {directory} was trained for d_model={config['d_model']}, vocab="
                 f"{config['vocab_size']}; this model has {weight.shape[1]}, {weight.shape[0]}: "
                 "pass the model it was trained with"
+            )
+        stored = config.get("readout")  # absent in lenses saved before the check
+        if stored and base.readout_fingerprint(torch.float32) != stored:
+            raise ValueError(
+                f"the tuned lens in {directory} was trained for another model ({config.get('model', '?')}, "
+                f"read-out fingerprint {stored}), not for {getattr(base, 'source', '') or 'the given one'}: "
+                "pass the model it was trained with (--model), or train a tuned lens for this model"
             )
         lens = cls(base, config["layers"], config["last_layer"])
         state = torch.load(directory / TUNED_LENS_PARAMS, map_location=weight.device, weights_only=True)

@@ -17,6 +17,7 @@ the checkpoint carries) and recomputed when absent.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,12 +159,32 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 mmap = zipfile.is_zipfile(path)
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
             except Exception as e:
-                raise CheckpointError(
-                    f"{path} is not a readable PyTorch state dict (loaded with weights_only=True): {e}"
-                ) from None
+                raise CheckpointError(_torch_load_error(path, e)) from None
             if not isinstance(state, dict):
                 raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
             yield from state.items()
+
+
+def _torch_load_error(path: Path, error: Exception) -> str:
+    """What a refused ``torch.load(weights_only=True)`` means, in one sentence with the fix.
+
+    torch's own message (several paragraphs) suggests ``weights_only=False``, which would run
+    whatever code the file carries; it is condensed to its cause here.
+    """
+    text = str(error)
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", text)
+    if found:
+        return (
+            f"{path} holds Python objects besides tensors (it would call {found.group(1)} when loaded), so it "
+            "is not loaded: its code would run. Use a copy from a trusted source in safetensors format, or "
+            "re-save only its tensors (torch.save of a dict of tensors) where you trust it"
+        )
+    found = re.search(r"WeightsUnpickler error: \s*(.+?)\s*(?:\n|$)", text)
+    detail = found.group(1).strip() if found else " ".join(text.split()) or type(error).__name__
+    return (
+        f"{path} is not a readable PyTorch state dict ({detail}): the file is corrupt or truncated, or not "
+        "written by torch.save; download or copy it again"
+    )
 
 
 def load_pretrained(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -243,58 +245,94 @@ def train(
     # ---------------------------------------------------------------- the loop
     emit(TrainEvent("start", step, cfg.steps, elapsed=elapsed(), label=task))
     last = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    while step < last:
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        t0 = time.perf_counter()
-        batches = [order.batch(step, micro) for micro in range(cfg.grad_accum)]
-        tokens = sum(answer_tokens[i] for index, _ in batches for i in index)  # over all processes
-        loss_sum = 0.0
-        for micro, (index, codes) in enumerate(batches):
-            mine, my_codes = procs.share(index), procs.share(codes)
-            ids, mask, labels = collate([encoded[i] for i in mine], tokenizer.pad_id, model.cfg.n_image_tokens)
-            pixels = None
-            if task != "stage2":
-                pixels = images.get([train_examples[i].image for i in mine])  # type: ignore[misc]
-                pixels = (dihedral(pixels, my_codes) if cfg.augment != "none" else pixels).to(procs.device,
-                                                                                               model.dtype)
-            with procs.accumulating(wrapped, sync=micro == cfg.grad_accum - 1):
-                with autocast():
-                    logits = wrapped(ids.to(procs.device), images=pixels, attention_mask=mask.to(procs.device)).logits
-                # Summed over answer tokens / the step's tokens on all processes (x count: DDP averages).
-                loss, _ = label_smoothed_nll(logits, labels.to(procs.device), cfg.label_smoothing, reduction="sum")
-                scaled = loss * (procs.count / tokens)
-                procs.backward(scaler.scale(scaled) if scaler is not None else scaled)
-            loss_sum += float(loss.detach())
-        loss_value = procs.sum(loss_sum) / tokens
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = procs.clip(wrapped, cfg.clip_norm if cfg.clip_norm > 0 else float("inf"))
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                        "seconds": time.perf_counter() - t0})
-        emit(TrainEvent("step", step, cfg.steps, loss=loss_value, lr=lr, grad_norm=grad_norm, elapsed=elapsed(),
-                        label=task))
-        if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            run_eval()
-        due = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or bool(
-            cfg.checkpoint_seconds and time.monotonic() - last_saved >= cfg.checkpoint_seconds)
-        if step < last and procs.agree(due):
-            checkpoint(finished=False)
-            last_saved = time.monotonic()
+    with _interrupt_between_steps(procs.count == 1) as interrupted:
+        while step < last:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            t0 = time.perf_counter()
+            batches = [order.batch(step, micro) for micro in range(cfg.grad_accum)]
+            tokens = sum(answer_tokens[i] for index, _ in batches for i in index)  # over all processes
+            loss_sum = 0.0
+            for micro, (index, codes) in enumerate(batches):
+                mine, my_codes = procs.share(index), procs.share(codes)
+                ids, mask, labels = collate([encoded[i] for i in mine], tokenizer.pad_id, model.cfg.n_image_tokens)
+                pixels = None
+                if task != "stage2":
+                    pixels = images.get([train_examples[i].image for i in mine])  # type: ignore[misc]
+                    pixels = (dihedral(pixels, my_codes) if cfg.augment != "none" else pixels).to(procs.device,
+                                                                                                   model.dtype)
+                with procs.accumulating(wrapped, sync=micro == cfg.grad_accum - 1):
+                    with autocast():
+                        logits = wrapped(ids.to(procs.device), images=pixels,
+                                         attention_mask=mask.to(procs.device)).logits
+                    # Summed over answer tokens / the step's tokens on all processes (x count: DDP averages).
+                    loss, _ = label_smoothed_nll(logits, labels.to(procs.device), cfg.label_smoothing, reduction="sum")
+                    scaled = loss * (procs.count / tokens)
+                    procs.backward(scaler.scale(scaled) if scaler is not None else scaled)
+                loss_sum += float(loss.detach())
+            loss_value = procs.sum(loss_sum) / tokens
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = procs.clip(wrapped, cfg.clip_norm if cfg.clip_norm > 0 else float("inf"))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                            "seconds": time.perf_counter() - t0})
+            emit(TrainEvent("step", step, cfg.steps, loss=loss_value, lr=lr, grad_norm=grad_norm, elapsed=elapsed(),
+                            label=task))
+            if held_out and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                run_eval()
+            due = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or bool(
+                cfg.checkpoint_seconds and time.monotonic() - last_saved >= cfg.checkpoint_seconds)
+            saved = step < last and procs.agree(due)
+            if saved:
+                checkpoint(finished=False)
+                last_saved = time.monotonic()
+            if interrupted() and step < last:  # Ctrl-C: keep the steps taken, then stop
+                if not saved:
+                    checkpoint(finished=False)
+                raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint written to {out_dir}")
     finished = step >= cfg.steps
     if held_out and finished and (not evals or evals[-1]["step"] != step):
         run_eval()
     checkpoint(finished=finished)
     emit(TrainEvent("done", step, cfg.steps, metrics=evals[-1] if evals else None, elapsed=elapsed(), label=task))
     return TrainResult(path=out_dir, config=cfg, history=history, evals=evals, elapsed=elapsed())
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps(enabled: bool):
+    """Turn Ctrl-C (SIGINT) during the loop into a flag the loop reads after each step.
+
+    The loop then writes a checkpoint of the steps taken and raises `KeyboardInterrupt`, so an
+    interrupted run resumes where it stopped, on the same curve (an interrupt inside a step would
+    leave the weights half-updated). A second Ctrl-C interrupts at once. Only in the main thread
+    of a single process (under torchrun every process would have to agree on the step).
+
+    Yields:
+        A function telling whether an interrupt came.
+    """
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came = []
+    before = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        came.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _saved_state(out_dir: Path, cfg: TrainConfig) -> State | None:

@@ -166,3 +166,28 @@ def test_kills_at_random_moments(qalign, reference, tmp_path):
         run(argv(out, qalign, every=1))
         check_resumed(out, reference, stopped_at)
     assert landed >= 2, "no kill landed mid-way; the run is too fast for these delays"
+
+
+@pytest.mark.slow
+def test_ctrl_c_without_periodic_checkpoints_keeps_the_steps_taken(qalign, reference, tmp_path):
+    """SIGINT mid-training (launched as a shell's background job: SIGINT inherited ignored): one line
+    naming the step its checkpoint kept, exit 130; the rerun starts there and ends on the same curve."""
+    for trial, delay in enumerate((2.0, 1.0, 4.0)):
+        out = tmp_path / f"pair{trial}"
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv(out, qalign, every=0)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+        wait_for(lambda out=out: (out / "tokenizer").exists(), proc, "the tokenizer")
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 130 and len(lines) == 1, err[-3000:]
+        if "interrupted at step" not in lines[0]:
+            continue  # landed before the first step: nothing to keep yet
+        stopped_at = committed(out)
+        assert 0 < stopped_at < TOTAL and f"interrupted at step {stopped_at}; checkpoint written" in lines[0]
+        run(argv(out, qalign, every=0))
+        check_resumed(out, reference, stopped_at)
+        return
+    raise AssertionError("no interrupt landed during training")

@@ -193,6 +193,27 @@ def test_resumed_run_equals_uninterrupted(tok, bench, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_keeps_the_steps_taken_and_the_run_resumes_on_the_same_curve(tok, bench, tmp_path):
+    """SIGINT at step 2 (no periodic checkpoints): step 2 is written, then the run stops; a rerun goes on."""
+    import os
+    import signal
+
+    ex = T.examples_from_records(bench.split("train"), "one-stage")
+    cfg = fast(steps=6, checkpoint_every=0, checkpoint_seconds=0)
+    whole = T.train(cfg, tmp_path / "whole", ex, model=tiny_model(tok), tokenizer=tok)
+
+    def interrupt(event):
+        if event.kind == "step" and event.step == 2:  # inside the loop, after step 2's update
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="interrupted at step 2; checkpoint written"):
+        T.train(cfg, tmp_path / "cut", ex, model=tiny_model(tok), tokenizer=tok, progress=interrupt)
+    assert read_info(tmp_path / "cut").step == 2 and not read_info(tmp_path / "cut").data["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    resumed = T.train(cfg, tmp_path / "cut", ex, model=tiny_model(tok, seed=9), tokenizer=tok)
+    assert resumed.losses == whole.losses
+
+
 def test_retrain_starts_again_and_a_finished_run_is_returned_as_it_is(tok, bench, tmp_path):
     ex = T.examples_from_records(bench.split("train"), "stage2")
     cfg = fast(mode="two-stage", stage=2, steps=3)

@@ -81,3 +81,18 @@ def test_given_held_out_samples_are_not_trained_on(base):
     for bad in ([], list(range(16)), [16]):
         with pytest.raises(ValueError, match="heldout must name"):
             train_tuned_lens(base, resid, [0, 1, 2], config, heldout=bad)
+
+
+def test_a_tuned_lens_is_refused_on_another_models_read_out(base, tmp_path):
+    """Same widths, other weights: loading the translators onto them would read the layers wrongly."""
+    lens = TunedLens(base, [0, 1, 2])
+    lens.save(tmp_path / "lens", model="tiny-random(seed=0)")
+    other_model, _, _ = tiny_random_model(1)
+    other = LogitLens.from_model(other_model, source="tiny-random(seed=1)")
+    assert other.unembed.weight.shape == base.unembed.weight.shape
+    with pytest.raises(ValueError, match=r"trained for another model \(tiny-random\(seed=0\).*seed=1"):
+        TunedLens.load(tmp_path / "lens", other)
+    # its read-out is its base's: a store check (`check_lens`) sees the model it reads out through
+    assert TunedLens.load(tmp_path / "lens", base).readout_fingerprint(torch.float32) == (
+        base.readout_fingerprint(torch.float32)
+    )
