@@ -57,6 +57,8 @@ __all__ = [
     "Annotations",
     "read_annotations",
     "split_verdict",
+    "verdict_level",
+    "VERDICT_SYNONYMS",
     "split_holdout",
     "TWO_STAGE_NEEDS",
 ]
@@ -70,15 +72,81 @@ TWO_STAGE_NEEDS = (
 """What two-stage needs, in the words of every refusal."""
 
 _PLACEHOLDERS = ("<|image|>", "<image>")
-_LEVEL = "|".join(LEVEL_WORDS)
-# The verdict: a sentence about the quality of the image that names a level word,
-# e.g. "Thus, the quality of the image is poor." or "Overall, this image's quality is fair."
-_VERDICT = re.compile(
-    rf"(?P<sentence>[^.!?]*\bquality\b[^.!?]*?\b(?P<level>{_LEVEL})\b[^.!?]*[.!?]?)\s*$",
-    re.IGNORECASE,
-)
-_ABOUT_QUALITY = re.compile(r"[^.!?]*\bquality of (?:the|this) (?:image|picture|photo)\b[^.!?]*[.!?]?\s*$",
-                            re.IGNORECASE)
+
+#: How annotators conclude, beyond the five level words: a phrase -> the level it states
+#: (Q-Pathway / Q-Instruct write "... the quality of this image is rather low.", "... is average").
+#: A level word is taken as written ("very poor" is poor).
+VERDICT_SYNONYMS: dict[str, str] = {
+    **{word: word for word in LEVEL_WORDS},
+    "very high": "excellent", "extremely high": "excellent", "outstanding": "excellent", "superb": "excellent",
+    "high": "good", "above average": "good",
+    "average": "fair", "medium": "fair", "moderate": "fair", "mediocre": "fair", "acceptable": "fair",
+    "low": "poor", "below average": "poor",
+    "very low": "bad", "extremely low": "bad", "terrible": "bad", "awful": "bad",
+}
+_PHRASE = "|".join(sorted((re.escape(k) for k in VERDICT_SYNONYMS), key=len, reverse=True))
+_LEVEL_PHRASE = re.compile(rf"(?<![\w-])(?P<phrase>{_PHRASE})(?!\w)", re.IGNORECASE)
+# "not good", "isn't very high", "hardly acceptable": the level is denied, not stated.
+_NEGATION = re.compile(r"(?:\bnot|n't|\bnever|\bhardly|\bno longer)\s+(?:\w+\s+)?$", re.IGNORECASE)
+_QUALITY = re.compile(r"\bquality\b", re.IGNORECASE)
+_LAST_SENTENCE = re.compile(r"[^.!?]*[.!?]*\s*$")
+_ABOUT_QUALITY = re.compile(r"\bquality of (?:the|this) (?:image|picture|photo)\b", re.IGNORECASE)
+
+
+def verdict_level(sentence: str) -> tuple[str | None, str | None]:
+    """The level a verdict sentence states, and why there is none.
+
+    The level phrase is the one that qualifies "quality": right before it ("a poor-quality image"),
+    else the first after it ("the quality of the image is rather low"), else the last before it.
+    Phrases are the level words and :data:`VERDICT_SYNONYMS`.
+
+    Args:
+        sentence: One sentence about the quality of the image.
+
+    Returns:
+        ``(level word, None)``, or ``(None, reason)`` when the sentence names no level or denies one
+        ("the quality of the image is not good": no level can be read from it).
+    """
+    quality = _QUALITY.search(sentence)
+    found = list(_LEVEL_PHRASE.finditer(sentence))
+    if quality is None or not found:
+        return None, "names no level (" + ", ".join(LEVEL_WORDS) + " or a synonym such as low, average, high)"
+    before = [m for m in found if m.end() <= quality.start()]
+    after = [m for m in found if m.start() >= quality.end()]
+    attached = [m for m in before if re.fullmatch(r"[\s-]+(?:image\s+|picture\s+|photo\s+)?",
+                                                  sentence[m.end():quality.start()], re.IGNORECASE)]
+    chosen = (attached or after[:1] or before[-1:])[0]
+    denied = _NEGATION.search(sentence[: chosen.start()])
+    if denied:
+        return None, f"denies a level ({sentence[denied.start(): chosen.end()].strip()!r}) rather than stating one"
+    return VERDICT_SYNONYMS[chosen.group("phrase").lower()], None
+
+
+def split_verdict(answer: str) -> tuple[str, str | None, str | None]:
+    """Split an answer into its reasoning and its final quality verdict.
+
+    Args:
+        answer: The assistant's answer.
+
+    Returns:
+        ``(reasoning, verdict sentence, level word)``: the answer without its last sentence when
+        that sentence is about the quality and states a level (a level word or one of
+        :data:`VERDICT_SYNONYMS`, in either order: "Thus, the quality of the image is poor.",
+        "Overall, this is a good quality image", "... quality of this image is rather low" ->
+        poor), else ``(answer, None, None)``. A verdict-only answer (Q-Align) has empty
+        reasoning. A last sentence about the quality of the image that states no level
+        ("... the quality of the image is unusual.", "... is not good.") is returned as the
+        verdict with level None (:func:`verdict_level` says why).
+    """
+    text = answer.strip()
+    last = _LAST_SENTENCE.search(text)
+    sentence = last.group(0).strip() if last else ""
+    if not sentence or _QUALITY.search(sentence) is None:
+        return text, None, None
+    level, _why = verdict_level(sentence)
+    if level is None and _LEVEL_PHRASE.search(sentence) is None and _ABOUT_QUALITY.search(sentence) is None:
+        return text, None, None  # a sentence that mentions quality in passing, not a verdict
+    return text[: last.start()].strip(), sentence, level
 
 
 class AnnotationError(ValueError):
@@ -101,31 +169,6 @@ class Rejected:
 
     def __str__(self) -> str:  # noqa: D105
         return f"{self.file.name}[{self.index}]: {self.reason}"
-
-
-def split_verdict(answer: str) -> tuple[str, str | None, str | None]:
-    """Split an answer into its reasoning and its final quality verdict.
-
-    Args:
-        answer: The assistant's answer.
-
-    Returns:
-        ``(reasoning, verdict sentence, level word)``: the answer without its last
-        sentence when that sentence states the quality with one of the level words
-        (lower-cased), else ``(answer, None, None)``. A verdict-only answer (Q-Align)
-        has empty reasoning. A last sentence about the quality with no level word
-        ("... the quality of the image is average.") is returned as the verdict with
-        level None.
-    """
-    text = answer.strip()
-    found = _VERDICT.search(text)
-    if found is None:
-        about = _ABOUT_QUALITY.search(text)
-        if about is None:
-            return text, None, None
-        return text[: about.start()].strip(), about.group(0).strip(), None
-    sentence = found.group("sentence").strip()
-    return text[: found.start("sentence")].strip(), sentence, found.group("level").lower()
 
 
 @dataclass(frozen=True)
@@ -287,8 +330,8 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
             score = None
         meta["level_source"] = "verdict"
     if level is None:
-        return Rejected(path, i, f"the verdict {verdict!r} names none of the level words {LEVEL_WORDS} "
-                                 "(and no rated dataset gives this image a MOS)")
+        why = verdict_level(verdict)[1] if verdict else "states no level"
+        return Rejected(path, i, f"the verdict {verdict!r} {why} (and no rated dataset gives this image a MOS)")
     return IQARecord(id=str(entry.get("id", image)).split("->")[0], image_path=image_path, score=score,
                      scale=scale, higher_is_better=higher, dataset=dataset, level_word=level,
                      description=reasoning or None, meta=meta)

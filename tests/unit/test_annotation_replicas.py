@@ -1,0 +1,84 @@
+"""Replicas of the public annotation layouts: how annotators conclude, and two-stage refusing before stage 1."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mechbiqa import train as T
+from mechbiqa.data.annotations import read_annotations, split_verdict, verdict_level
+from mechbiqa.model import ModelConfig, MPLUGOwl2
+
+REASONING = "The sky is covered by strong noise. The edges of the trees are soft."
+#: Last sentences seen in Q-Pathway / Q-Instruct answers, and the level each states (None: refused).
+ENDINGS = {
+    "Thus, the quality of the image is poor.": "poor",
+    "Overall, the image quality is fair": "fair",
+    "Therefore, the quality of this image is rather low.": "poor",
+    "In conclusion, this is a good quality image.": "good",
+    "All in all, this is a poor-quality image with good colours.": "poor",
+    "Despite the poor lighting, the overall quality is good.": "good",
+    "So the quality of the picture is very high!": "excellent",
+    "Thus, the quality of the image is not good.": None,
+    "Overall, the image isn't very good in quality.": None,
+}
+
+
+@pytest.fixture
+def pathway_file(tmp_path) -> tuple[Path, Path]:
+    """A LLaVA-layout Q-Pathway replica (``<image>`` first, nested folders) over small PNGs."""
+    root, entries = tmp_path / "images", []
+    for k, ending in enumerate(ENDINGS):
+        name = f"livefb_liveitw_aigc/sub/{k:05d}.png"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(k).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        entries.append({"id": f"qp{k}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nDescribe the quality of this image in detail."},
+            {"from": "gpt", "value": f"{REASONING} {ending}"}]})
+    path = tmp_path / "cleaned_labels.json"
+    path.write_text(json.dumps(entries))
+    return path, root
+
+
+def test_each_ending_states_its_level_and_a_denied_level_is_named(pathway_file):
+    found = read_annotations([pathway_file[0]], pathway_file[1])
+    levels = {r.id: r.level_word for r in found.records}
+    for k, (ending, level) in enumerate(ENDINGS.items()):
+        assert levels.get(f"qp{k}") == level, ending
+    rejected = {x.index: x.reason for x in found.rejected}
+    assert set(rejected) == {k for k, level in enumerate(ENDINGS.values()) if level is None}
+    assert "denies a level ('not good')" in rejected[7] and "denies a level" in rejected[8]
+    # Stage 1 learns the reasoning without the verdict, whatever its wording.
+    for r in found.records:
+        assert r.description == REASONING
+        assert split_verdict(r.meta["answer"])[0] == REASONING
+
+
+def test_verdict_level_reads_the_phrase_that_qualifies_quality():
+    assert verdict_level("The quality of the image is below average.") == ("poor", None)
+    assert verdict_level("The quality is acceptable.") == ("fair", None)
+    assert verdict_level("The image is not sharp, so the quality is poor.") == ("poor", None)
+    assert verdict_level("The quality of the image is pristine.")[0] is None
+
+
+def _tiny_model(tok) -> MPLUGOwl2:
+    cfg = ModelConfig.tiny()
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+    return T.init_weights(MPLUGOwl2(cfg), 0)
+
+
+def test_two_stage_refuses_a_record_stage_two_cannot_use_before_stage_one_trains(pathway_file, tmp_path):
+    records, _ = read_annotations([pathway_file[0]], pathway_file[1]).for_mode("two-stage")
+    broken = [*records, dataclasses.replace(records[0], id="no-level", level_word=None)]
+    tok = T.compact_tokenizer(records, vocab_size=300)
+    cfg = dict(steps=2, batch_size=2, warmup_steps=1, eval_every=0, eval_samples=2, max_new_tokens=2)
+    with pytest.raises(T.TrainingDataError, match="no-level"):
+        T.train_two_stage(T.TrainConfig(mode="two-stage", stage=1, **cfg), T.TrainConfig(mode="two-stage", stage=2, **cfg),
+                          tmp_path / "pair", broken, model=_tiny_model(tok), tokenizer=tok)
+    assert not (tmp_path / "pair" / "stage1").exists()  # nothing trained, nothing saved as finished
