@@ -24,9 +24,13 @@ The two shapes of answer (DESIGN.md, "Annotation files for training"):
 The level word comes from the verdict, or, when a rated dataset is given
 (``scores=``: records of :mod:`mechbiqa.data.loaders`), from that image's MOS
 (joined by file name; equal-width bins on the dataset's scale). Each entry's
-score scale is that of its own source: the dataset named by the image path
-(``koniq/...``, ``kadid10k/...``), else its id, else the file name, so a mixed
-KonIQ + SPAQ + KADID file maps KADID's 1.71 (1-5) to 0.18, not 0.017.
+score scale is that of its own source (the same rule as the Q-Align test files of
+:func:`~mechbiqa.data.loaders.load_qalign_json`): a folder of the image path
+(``koniq/...``, ``kadid10k/images/...``, ``LIVE_Challenge/...``), else the
+dataset's own file naming (``I01_01_05.png``, ``00001.jpg``), else the one
+dataset the file name names (a name that names several, ``train_koniq_spaq_kadid.json``,
+names none), so a mixed KonIQ + SPAQ + KADID file maps KADID's 1.71 (1-5) to 0.18,
+not 0.017. An entry with a score but no source keeps its level word and no score.
 
 Entries that cannot be used are not fatal one by one: each is named (file,
 index, reason) in :attr:`Annotations.rejected`, and :meth:`Annotations.for_mode`
@@ -36,6 +40,7 @@ adds those the mode cannot use, so a caller reports them all before training.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -44,11 +49,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mechbiqa.data.scales import DATASET_ALIASES, DATASET_SCALES
+from mechbiqa.data.loaders import entry_source, file_source
+from mechbiqa.data.scales import DATASET_SCALES
 
-#: A dataset token in an image path, id or file name -> the dataset whose scale it names
-#: (``koniq/``, ``kadid10k/``, ``agi-cgi/`` ...: the folders of Q-Align's JSON files).
-_SOURCE_TOKENS = {**{name: name for name in DATASET_SCALES}, **DATASET_ALIASES}
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
 
 __all__ = [
@@ -216,14 +219,13 @@ class Annotations:
         return usable, rejected
 
 
-def _source(texts: Iterable[str], default: str | None) -> str | None:
-    """The dataset that names an entry's source (its path, then its id), else the file's."""
-    for text in texts:
-        lowered = text.lower()
-        for token in sorted(_SOURCE_TOKENS, key=len, reverse=True):
-            if re.search(rf"(?<![a-z]){token}(?![a-z])", lowered):
-                return _SOURCE_TOKENS[token]
-    return default
+def _source(entry: Mapping[str, Any], image: str, extra: Mapping[str, Any], default: str | None) -> str | None:
+    """The dataset an entry comes from (:func:`~mechbiqa.data.loaders.entry_source`: its field, a
+    folder of its image path, its image's or id's file name), else the one the file name names."""
+    found = entry_source(entry, image, extra)
+    if found is None and "->" in str(entry.get("id", "")):
+        found = entry_source({}, str(entry["id"]).rsplit("->", 1)[0], extra)
+    return found or default
 
 
 def _score(entry: Mapping[str, Any]) -> float | None:
@@ -231,9 +233,10 @@ def _score(entry: Mapping[str, Any]) -> float | None:
     if raw is None and "->" in str(entry.get("id", "")):
         raw = str(entry["id"]).rsplit("->", 1)[1]
     try:
-        return None if raw is None else float(raw)
+        score = None if raw is None else float(raw)
     except (TypeError, ValueError):
         return None
+    return score if score is None or math.isfinite(score) else None  # "->nan" rates nothing
 
 
 def read_annotations(
@@ -276,14 +279,14 @@ def read_annotations(
             raise AnnotationError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(entries, list):
             raise AnnotationError(f"{path} should hold a JSON list of entries, got {type(entries).__name__}")
-        file_source = _source([path.stem], None)
+        from_file = file_source(path, table)
         for i, entry in enumerate(entries):
-            record = _record(entry, path, i, root, file_source, table, joined, check_images)
+            record = _record(entry, path, i, root, from_file, table, joined, check_images)
             (rejected if isinstance(record, Rejected) else records).append(record)
     return Annotations(records=tuple(records), rejected=tuple(rejected), files=files)
 
 
-def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
+def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
             table: Mapping[str, tuple[tuple[float, float], bool]], joined: Mapping[str, IQARecord],
             check_images: bool) -> IQARecord | Rejected:
     """One entry as a record, or the reason it cannot be one."""
@@ -323,7 +326,7 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
         meta["level_source"] = "mos"
     else:
         score = _score(entry)
-        source = _source([image, str(entry.get("id", ""))], file_source)
+        source = _source(entry, image, table, from_file)
         (scale, higher), dataset = table.get(source, ((0.0, 1.0), True)), source or path.stem
         if score is not None and source is None:
             meta["unscaled_score"] = score  # no known source: a 0-1 rating cannot be derived

@@ -82,3 +82,36 @@ def test_two_stage_refuses_a_record_stage_two_cannot_use_before_stage_one_trains
         T.train_two_stage(T.TrainConfig(mode="two-stage", stage=1, **cfg), T.TrainConfig(mode="two-stage", stage=2, **cfg),
                           tmp_path / "pair", broken, model=_tiny_model(tok), tokenizer=tok)
     assert not (tmp_path / "pair" / "stage1").exists()  # nothing trained, nothing saved as finished
+
+
+def test_a_mixed_qalign_file_rates_each_entry_on_its_own_scale(tmp_path):
+    """Bare image names in a file whose name names several datasets; folders that name none or two."""
+    root = tmp_path / "images"
+    entries = [  # (image, score, level, mos01 by hand on the source's own scale)
+        ("10004473376.jpg", 77.3836, "good", 0.773836),         # KonIQ 0-100, by its file naming
+        ("00001.jpg", 41.0, "fair", 0.41),                      # SPAQ 0-100
+        ("I01_01_05.png", 1.71, "bad", (1.71 - 1) / 4),         # KADID 1-5: 0.1775, not 0.0171
+        ("spaq_koniq/00002.jpg", 70.0, "good", 0.70),           # Q-Instruct's two-dataset folder
+        ("LIVE_Challenge/Images/10.bmp", 80.0, "good", 0.80),   # LIVE-C 0-100, higher is better (not LIVE's DMOS)
+        ("agi-cgi/AttnGAN_normal_000.jpg", 1.2, "poor", 1.2 / 5),  # AGIQA-3k 0-5
+        ("misc/photo.jpg", 55.0, "fair", None),                 # no source: the level word, no score
+        ("koniq/10004473377.jpg", float("nan"), "fair", None),  # "->nan" rates nothing
+    ]
+    data = []
+    for k, (image, score, level, _) in enumerate(entries):
+        (root / image).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 20 * k, dtype=np.uint8)).save(root / image)
+        data.append({"id": f"{Path(image).name}->{score}", "image": image, "conversations": [
+            {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
+            {"from": "gpt", "value": f"The quality of the image is {level}."}]})
+    path = tmp_path / "train_koniq_spaq_kadid.json"
+    path.write_text(json.dumps(data))
+    found = read_annotations([path], root)
+    assert not found.rejected
+    by_image = {r.image_path.relative_to(root).as_posix(): r for r in found.records}
+    for image, _, level, mos01 in entries:
+        record = by_image[image]
+        assert record.level_word == level
+        assert record.mos01 == (None if mos01 is None else pytest.approx(mos01)), image
+    records, _ = found.for_mode("one-stage")
+    assert len(T.examples_from_records(records, "one-stage")) == len(entries)
