@@ -293,6 +293,8 @@ def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
     if not isinstance(entry, dict):
         return Rejected(path, i, f"not an object ({type(entry).__name__})")
     image = entry.get("image", entry.get("img_path"))
+    if isinstance(image, list):
+        return Rejected(path, i, f"'image' lists {len(image)} images; an entry trains one image")
     if not isinstance(image, str) or not image:
         return Rejected(path, i, "no image (text-only entries cannot train an image rater)")
     turns = entry.get("conversations")
@@ -306,7 +308,9 @@ def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
     if not concluding:
         return Rejected(path, i, "no answer ends with a verdict on the quality of the image "
                                  "('... the quality of the image is <level>.')")
-    answer, (reasoning, verdict, level) = concluding[-1]
+    # The last answer that states a level; a later "No, it is not of good quality." states none.
+    stated = [c for c in concluding if c[1][2] is not None]
+    answer, (reasoning, verdict, level) = (stated or concluding)[-1]
     if any(ph in answer for ph in _PLACEHOLDERS):
         return Rejected(path, i, "the answer contains an image placeholder")
     image_path = root / image

@@ -115,3 +115,22 @@ def test_a_mixed_qalign_file_rates_each_entry_on_its_own_scale(tmp_path):
         assert record.mos01 == (None if mos01 is None else pytest.approx(mos01)), image
     records, _ = found.for_mode("one-stage")
     assert len(T.examples_from_records(records, "one-stage")) == len(entries)
+
+
+def test_a_q_instruct_conversation_takes_its_last_answer_that_states_a_level(tmp_path):
+    root = tmp_path / "images"
+    (root / "spaq_koniq").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "spaq_koniq" / "a.jpg")
+    turns = [{"from": "human", "value": "<image>\nHow is the quality of this image?"},
+             {"from": "gpt", "value": f"{REASONING} Thus, the quality of the image is poor."},
+             {"from": "human", "value": "Is it of good quality?"},
+             {"from": "gpt", "value": "No, the quality of this image is not good."},
+             {"from": "human", "value": "What is in it?"}, {"from": "gpt", "value": "A tree."}]
+    entries = [{"id": "qi", "image": "spaq_koniq/a.jpg", "conversations": turns},
+               {"id": "two", "image": ["spaq_koniq/a.jpg", "spaq_koniq/a.jpg"], "conversations": turns}]
+    path = tmp_path / "q_instruct.json"
+    path.write_text(json.dumps(entries))
+    found = read_annotations([path], root)
+    (record,) = found.records
+    assert record.level_word == "poor" and record.description == REASONING
+    assert [str(x) for x in found.rejected] == ["q_instruct.json[1]: 'image' lists 2 images; an entry trains one image"]
