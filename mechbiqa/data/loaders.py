@@ -609,9 +609,15 @@ def _read_json_list(path: Path, dataset: str) -> list[dict[str, Any]]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{dataset}: {path} is not valid JSON ({err})") from None
-    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+    if not isinstance(data, list):
         raise DatasetFormatError(
             f"{dataset}: {path} should hold a JSON list of objects, got {type(data).__name__}"
+        )
+    bad = [i for i, d in enumerate(data) if not isinstance(d, dict)]
+    if bad:
+        raise DatasetFormatError(
+            f"{dataset}: {path} should hold a JSON list of objects; {len(bad)} entries are not objects, "
+            f"e.g. entry {bad[0]} ({type(data[bad[0]]).__name__}): remove them"
         )
     return data
 
