@@ -274,7 +274,7 @@ def read_annotations(
         if not path.is_file():
             raise AnnotationError(f"annotation file {path} does not exist")
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
+            entries = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is common in Windows-saved files
         except json.JSONDecodeError as err:
             raise AnnotationError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(entries, list):
@@ -298,6 +298,9 @@ def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
     if not isinstance(image, str) or not image:
         return Rejected(path, i, "no image (text-only entries cannot train an image rater)")
     turns = entry.get("conversations")
+    if turns is None and "gt_score" in entry:
+        return Rejected(path, i, "a test entry (image and gt_score, no conversations): nothing to train on; "
+                                 "Q-Align test files are read by evaluate_quality")
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                               for t in turns):
         return Rejected(path, i, "no 'conversations' list of {'from', 'value'} turns")

@@ -606,7 +606,7 @@ _PLACEHOLDERS = ("<|image|>", "<image>")
 def _read_json_list(path: Path, dataset: str) -> list[dict[str, Any]]:
     path = _need_file(Path(path), dataset, "the JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is common in Windows-saved files
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{dataset}: {path} is not valid JSON ({err})") from None
     if not isinstance(data, list):

@@ -134,3 +134,24 @@ def test_a_q_instruct_conversation_takes_its_last_answer_that_states_a_level(tmp
     (record,) = found.records
     assert record.level_word == "poor" and record.description == REASONING
     assert [str(x) for x in found.rejected] == ["q_instruct.json[1]: 'image' lists 2 images; an entry trains one image"]
+
+
+def test_a_bom_a_test_file_and_too_few_images_are_named_before_training(pathway_file, tmp_path):
+    from mechbiqa.data.annotations import AnnotationError
+    from mechbiqa.train.pair import PairConfig, pair_data
+
+    path, root = pathway_file
+    entries = json.loads(path.read_text())
+    bom = tmp_path / "windows.json"
+    bom.write_text(json.dumps(entries), encoding="utf-8-sig")
+    assert len(read_annotations([bom], root).records) == len(read_annotations([path], root).records)
+    test_file = tmp_path / "test_mixed.json"
+    test_file.write_text(json.dumps([{"img_path": entries[0]["image"], "gt_score": "2.5"}]))
+    (bad,) = read_annotations([test_file], root).rejected
+    assert "a test entry (image and gt_score, no conversations)" in bad.reason
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps(entries[:2]))
+    cfg = PairConfig(out_dir=tmp_path / "out", annotations=(str(two),), image_root=root, modes=("one-stage",))
+    with pytest.raises(AnnotationError, match=r"2 image\(s\) usable .* too few to hold one out as the test set"):
+        pair_data(cfg)
+    assert not (tmp_path / "out").exists()  # refused before anything is written or trained
