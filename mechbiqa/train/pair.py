@@ -530,6 +530,12 @@ def train_pair(cfg: PairConfig, progress: Progress | None = None) -> PairResult:
         progress: Called with every `TrainEvent` of every training run.
     """
     torch.set_num_threads(cfg.threads)
+    # Every requested mode's training settings are built (and so checked) before anything trains: a
+    # two-stage budget too small to split is refused now, not after the one-stage run.
+    if "one-stage" in cfg.modes:
+        cfg.train_config("one-stage", None, cfg.total_steps)
+    if "two-stage" in cfg.modes:
+        _two_stage_configs(cfg)
     with main_process_first():
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         data = pair_data(cfg)

@@ -155,3 +155,14 @@ def test_a_bom_a_test_file_and_too_few_images_are_named_before_training(pathway_
     with pytest.raises(AnnotationError, match=r"2 image\(s\) usable .* too few to hold one out as the test set"):
         pair_data(cfg)
     assert not (tmp_path / "out").exists()  # refused before anything is written or trained
+
+
+def test_a_two_stage_budget_too_small_is_refused_before_the_one_stage_run(pathway_file, tmp_path):
+    from mechbiqa.train.pair import PairConfig, train_pair
+
+    path, root = pathway_file
+    cfg = PairConfig(out_dir=tmp_path / "out", annotations=(str(path),), image_root=root, total_steps=2,
+                     batch_size=2, image_size=28, vocab_size=300, eval_every=0, checkpoint_seconds=0.0)
+    with pytest.raises(ValueError, match="a two-stage budget needs at least 3 steps, got 2"):
+        train_pair(cfg)
+    assert not (tmp_path / "out" / "one-stage").exists()
