@@ -42,17 +42,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
 
 from mechbiqa.data.loaders import entry_source, file_source
-from mechbiqa.data.scales import DATASET_SCALES
-
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
+from mechbiqa.data.scales import DATASET_SCALES
 
 __all__ = [
     "AnnotationError",
@@ -79,14 +79,15 @@ _PLACEHOLDERS = ("<|image|>", "<image>")
 #: How annotators conclude, beyond the five level words: a phrase -> the level it states
 #: (Q-Pathway / Q-Instruct write "... the quality of this image is rather low.", "... is average").
 #: A level word is taken as written ("very poor" is poor).
-VERDICT_SYNONYMS: dict[str, str] = {
+VERDICT_SYNONYMS: Mapping[str, str] = MappingProxyType({
     **{word: word for word in LEVEL_WORDS},
-    "very high": "excellent", "extremely high": "excellent", "outstanding": "excellent", "superb": "excellent",
+    "very high": "excellent", "extremely high": "excellent", "outstanding": "excellent",
+    "superb": "excellent",
     "high": "good", "above average": "good",
     "average": "fair", "medium": "fair", "moderate": "fair", "mediocre": "fair", "acceptable": "fair",
     "low": "poor", "below average": "poor",
     "very low": "bad", "extremely low": "bad", "terrible": "bad", "awful": "bad",
-}
+})
 _PHRASE = "|".join(sorted((re.escape(k) for k in VERDICT_SYNONYMS), key=len, reverse=True))
 _LEVEL_PHRASE = re.compile(rf"(?<![\w-])(?P<phrase>{_PHRASE})(?!\w)", re.IGNORECASE)
 # "not good", "isn't very high", "hardly acceptable": the level is denied, not stated.
@@ -121,7 +122,8 @@ def verdict_level(sentence: str) -> tuple[str | None, str | None]:
     chosen = (attached or after[:1] or before[-1:])[0]
     denied = _NEGATION.search(sentence[: chosen.start()])
     if denied:
-        return None, f"denies a level ({sentence[denied.start(): chosen.end()].strip()!r}) rather than stating one"
+        phrase = sentence[denied.start() : chosen.end()].strip()
+        return None, f"denies a level ({phrase!r}) rather than stating one"
     return VERDICT_SYNONYMS[chosen.group("phrase").lower()], None
 
 
@@ -219,9 +221,13 @@ class Annotations:
         return usable, rejected
 
 
-def _source(entry: Mapping[str, Any], image: str, extra: Mapping[str, Any], default: str | None) -> str | None:
-    """The dataset an entry comes from (:func:`~mechbiqa.data.loaders.entry_source`: its field, a
-    folder of its image path, its image's or id's file name), else the one the file name names."""
+def _source(entry: Mapping[str, Any], image: str, extra: Mapping[str, Any],
+            default: str | None) -> str | None:
+    """The dataset an entry comes from, else ``default`` (the one its file's name names).
+
+    :func:`~mechbiqa.data.loaders.entry_source`: its field, a folder of its image path, its image's
+    file name, then its id's.
+    """
     found = entry_source(entry, image, extra)
     if found is None and "->" in str(entry.get("id", "")):
         found = entry_source({}, str(entry["id"]).rsplit("->", 1)[0], extra)
@@ -274,7 +280,8 @@ def read_annotations(
         if not path.is_file():
             raise AnnotationError(f"annotation file {path} does not exist")
         try:
-            entries = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is common in Windows-saved files
+            # utf-8-sig: a BOM is common in files saved on Windows
+            entries = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise AnnotationError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(entries, list):
@@ -341,7 +348,8 @@ def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
         meta["level_source"] = "verdict"
     if level is None:
         why = verdict_level(verdict)[1] if verdict else "states no level"
-        return Rejected(path, i, f"the verdict {verdict!r} {why} (and no rated dataset gives this image a MOS)")
+        return Rejected(path, i, f"the verdict {verdict!r} {why} "
+                                 "(and no rated dataset gives this image a MOS)")
     return IQARecord(id=str(entry.get("id", image)).split("->")[0], image_path=image_path, score=score,
                      scale=scale, higher_is_better=higher, dataset=dataset, level_word=level,
                      description=reasoning or None, meta=meta)

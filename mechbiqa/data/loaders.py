@@ -644,13 +644,15 @@ _NAME_PATTERNS = (
     (re.compile(r"i\d{2}_\d{2}_\d\.bmp", re.IGNORECASE), "tid2013"),
     (re.compile(r"\d{5}\.(?:jpe?g|png)", re.IGNORECASE), "spaq"),
     (re.compile(r"\d{6,}\.jpe?g", re.IGNORECASE), "koniq10k"),
-    (re.compile(r"(?:attngan|dalle2|glide|midjourney|sd1\.5|xl2\.2)_[a-z]+_\d+\.(?:jpe?g|png)", re.IGNORECASE),
-     "agiqa3k"),
+    (re.compile(r"(?:attngan|dalle2|glide|midjourney|sd1\.5|xl2\.2)_[a-z]+_\d+\.(?:jpe?g|png)",
+                re.IGNORECASE), "agiqa3k"),
     (re.compile(r".+\.(?:awgn|jpeg|jpeg2000|fnoise|blur|contrast)\.\d\.png", re.IGNORECASE), "csiq"),
 )
 
 
-def entry_source(entry: Mapping[str, Any], image: str, extra: Mapping[str, Any] = MappingProxyType({})) -> str | None:
+def entry_source(
+    entry: Mapping[str, Any], image: str, extra: Mapping[str, Any] = MappingProxyType({})
+) -> str | None:
     """The dataset an annotation or Q-Align entry comes from, or None when nothing names one.
 
     First found: an explicit ``dataset`` / ``source`` field; a folder of its image path, innermost

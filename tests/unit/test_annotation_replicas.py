@@ -1,4 +1,4 @@
-"""Replicas of the public annotation layouts: how annotators conclude, and two-stage refusing before stage 1."""
+"""Replicas of the public annotation layouts: how annotators conclude; two-stage refusing before stage 1."""
 
 from __future__ import annotations
 
@@ -38,9 +38,16 @@ def pathway_file(tmp_path) -> tuple[Path, Path]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         pixels = np.random.default_rng(k).integers(0, 255, (28, 28, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / name)
-        entries.append({"id": f"qp{k}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the quality of this image in detail."},
-            {"from": "gpt", "value": f"{REASONING} {ending}"}]})
+        entries.append(
+            {
+                "id": f"qp{k}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe the quality of this image in detail."},
+                    {"from": "gpt", "value": f"{REASONING} {ending}"},
+                ],
+            }
+        )
     path = tmp_path / "cleaned_labels.json"
     path.write_text(json.dumps(entries))
     return path, root
@@ -79,8 +86,14 @@ def test_two_stage_refuses_a_record_stage_two_cannot_use_before_stage_one_trains
     tok = T.compact_tokenizer(records, vocab_size=300)
     cfg = dict(steps=2, batch_size=2, warmup_steps=1, eval_every=0, eval_samples=2, max_new_tokens=2)
     with pytest.raises(T.TrainingDataError, match="no-level"):
-        T.train_two_stage(T.TrainConfig(mode="two-stage", stage=1, **cfg), T.TrainConfig(mode="two-stage", stage=2, **cfg),
-                          tmp_path / "pair", broken, model=_tiny_model(tok), tokenizer=tok)
+        T.train_two_stage(
+            T.TrainConfig(mode="two-stage", stage=1, **cfg),
+            T.TrainConfig(mode="two-stage", stage=2, **cfg),
+            tmp_path / "pair",
+            broken,
+            model=_tiny_model(tok),
+            tokenizer=tok,
+        )
     assert not (tmp_path / "pair" / "stage1").exists()  # nothing trained, nothing saved as finished
 
 
@@ -88,22 +101,34 @@ def test_a_mixed_qalign_file_rates_each_entry_on_its_own_scale(tmp_path):
     """Bare image names in a file whose name names several datasets; folders that name none or two."""
     root = tmp_path / "images"
     entries = [  # (image, score, level, mos01 by hand on the source's own scale)
-        ("10004473376.jpg", 77.3836, "good", 0.773836),         # KonIQ 0-100, by its file naming
-        ("00001.jpg", 41.0, "fair", 0.41),                      # SPAQ 0-100
-        ("I01_01_05.png", 1.71, "bad", (1.71 - 1) / 4),         # KADID 1-5: 0.1775, not 0.0171
-        ("spaq_koniq/00002.jpg", 70.0, "good", 0.70),           # Q-Instruct's two-dataset folder
-        ("LIVE_Challenge/Images/10.bmp", 80.0, "good", 0.80),   # LIVE-C 0-100, higher is better (not LIVE's DMOS)
+        ("10004473376.jpg", 77.3836, "good", 0.773836),  # KonIQ 0-100, by its file naming
+        ("00001.jpg", 41.0, "fair", 0.41),  # SPAQ 0-100
+        ("I01_01_05.png", 1.71, "bad", (1.71 - 1) / 4),  # KADID 1-5: 0.1775, not 0.0171
+        ("spaq_koniq/00002.jpg", 70.0, "good", 0.70),  # Q-Instruct's two-dataset folder
+        (
+            "LIVE_Challenge/Images/10.bmp",
+            80.0,
+            "good",
+            0.80,
+        ),  # LIVE-C 0-100, higher is better (not LIVE's DMOS)
         ("agi-cgi/AttnGAN_normal_000.jpg", 1.2, "poor", 1.2 / 5),  # AGIQA-3k 0-5
-        ("misc/photo.jpg", 55.0, "fair", None),                 # no source: the level word, no score
+        ("misc/photo.jpg", 55.0, "fair", None),  # no source: the level word, no score
         ("koniq/10004473377.jpg", float("nan"), "fair", None),  # "->nan" rates nothing
     ]
     data = []
     for k, (image, score, level, _) in enumerate(entries):
         (root / image).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((8, 8, 3), 20 * k, dtype=np.uint8)).save(root / image)
-        data.append({"id": f"{Path(image).name}->{score}", "image": image, "conversations": [
-            {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
-            {"from": "gpt", "value": f"The quality of the image is {level}."}]})
+        data.append(
+            {
+                "id": f"{Path(image).name}->{score}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
+                    {"from": "gpt", "value": f"The quality of the image is {level}."},
+                ],
+            }
+        )
     path = tmp_path / "train_koniq_spaq_kadid.json"
     path.write_text(json.dumps(data))
     found = read_annotations([path], root)
@@ -121,19 +146,26 @@ def test_a_q_instruct_conversation_takes_its_last_answer_that_states_a_level(tmp
     root = tmp_path / "images"
     (root / "spaq_koniq").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(root / "spaq_koniq" / "a.jpg")
-    turns = [{"from": "human", "value": "<image>\nHow is the quality of this image?"},
-             {"from": "gpt", "value": f"{REASONING} Thus, the quality of the image is poor."},
-             {"from": "human", "value": "Is it of good quality?"},
-             {"from": "gpt", "value": "No, the quality of this image is not good."},
-             {"from": "human", "value": "What is in it?"}, {"from": "gpt", "value": "A tree."}]
-    entries = [{"id": "qi", "image": "spaq_koniq/a.jpg", "conversations": turns},
-               {"id": "two", "image": ["spaq_koniq/a.jpg", "spaq_koniq/a.jpg"], "conversations": turns}]
+    turns = [
+        {"from": "human", "value": "<image>\nHow is the quality of this image?"},
+        {"from": "gpt", "value": f"{REASONING} Thus, the quality of the image is poor."},
+        {"from": "human", "value": "Is it of good quality?"},
+        {"from": "gpt", "value": "No, the quality of this image is not good."},
+        {"from": "human", "value": "What is in it?"},
+        {"from": "gpt", "value": "A tree."},
+    ]
+    entries = [
+        {"id": "qi", "image": "spaq_koniq/a.jpg", "conversations": turns},
+        {"id": "two", "image": ["spaq_koniq/a.jpg", "spaq_koniq/a.jpg"], "conversations": turns},
+    ]
     path = tmp_path / "q_instruct.json"
     path.write_text(json.dumps(entries))
     found = read_annotations([path], root)
     (record,) = found.records
     assert record.level_word == "poor" and record.description == REASONING
-    assert [str(x) for x in found.rejected] == ["q_instruct.json[1]: 'image' lists 2 images; an entry trains one image"]
+    assert [str(x) for x in found.rejected] == [
+        "q_instruct.json[1]: 'image' lists 2 images; an entry trains one image"
+    ]
 
 
 def test_a_bom_a_test_file_and_too_few_images_are_named_before_training(pathway_file, tmp_path):
@@ -152,7 +184,9 @@ def test_a_bom_a_test_file_and_too_few_images_are_named_before_training(pathway_
     two = tmp_path / "two.json"
     two.write_text(json.dumps(entries[:2]))
     cfg = PairConfig(out_dir=tmp_path / "out", annotations=(str(two),), image_root=root, modes=("one-stage",))
-    with pytest.raises(AnnotationError, match=r"2 image\(s\) usable .* too few to hold one out as the test set"):
+    with pytest.raises(
+        AnnotationError, match=r"2 image\(s\) usable .* too few to hold one out as the test set"
+    ):
         pair_data(cfg)
     assert not (tmp_path / "out").exists()  # refused before anything is written or trained
 
@@ -161,8 +195,17 @@ def test_a_two_stage_budget_too_small_is_refused_before_the_one_stage_run(pathwa
     from mechbiqa.train.pair import PairConfig, train_pair
 
     path, root = pathway_file
-    cfg = PairConfig(out_dir=tmp_path / "out", annotations=(str(path),), image_root=root, total_steps=2,
-                     batch_size=2, image_size=28, vocab_size=300, eval_every=0, checkpoint_seconds=0.0)
+    cfg = PairConfig(
+        out_dir=tmp_path / "out",
+        annotations=(str(path),),
+        image_root=root,
+        total_steps=2,
+        batch_size=2,
+        image_size=28,
+        vocab_size=300,
+        eval_every=0,
+        checkpoint_seconds=0.0,
+    )
     with pytest.raises(ValueError, match="a two-stage budget needs at least 3 steps, got 2"):
         train_pair(cfg)
     assert not (tmp_path / "out" / "one-stage").exists()
