@@ -275,10 +275,18 @@ def read_annotations(
     root = Path(image_root)
     records: list[IQARecord] = []
     rejected: list[Rejected] = []
-    files = tuple(Path(p) for p in paths)
+    # A file given twice (--annotations F --qalign-json F) is read once: its entries are not doubled.
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(Path(p).resolve(), Path(p))
+    files = tuple(unique.values())
+    if check_images and not root.is_dir():
+        raise AnnotationError(f"the image folder {root} is not a folder; give the folder the entries' "
+                              "'image' paths are relative to (--image-root)")
     for path in files:
         if not path.is_file():
-            raise AnnotationError(f"annotation file {path} does not exist")
+            what = "is a folder, not a JSON file" if path.is_dir() else "does not exist"
+            raise AnnotationError(f"annotation file {path} {what}")
         try:
             # utf-8-sig: a BOM is common in files saved on Windows
             entries = json.loads(path.read_text(encoding="utf-8-sig"))

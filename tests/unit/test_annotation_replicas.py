@@ -209,3 +209,16 @@ def test_a_two_stage_budget_too_small_is_refused_before_the_one_stage_run(pathwa
     with pytest.raises(ValueError, match="a two-stage budget needs at least 3 steps, got 2"):
         train_pair(cfg)
     assert not (tmp_path / "out" / "one-stage").exists()
+
+
+def test_a_file_given_twice_is_read_once_and_wrong_paths_are_named(pathway_file, tmp_path):
+    from mechbiqa.data.annotations import AnnotationError
+
+    path, root = pathway_file
+    once = read_annotations([path], root)
+    twice = read_annotations([path, tmp_path / ".." / tmp_path.name / path.name], root)
+    assert [r.id for r in twice.records] == [r.id for r in once.records] and twice.files == (path,)
+    with pytest.raises(AnnotationError, match="is a folder, not a JSON file"):
+        read_annotations([tmp_path], root)
+    with pytest.raises(AnnotationError, match=r"image folder .*nope is not a folder.*--image-root"):
+        read_annotations([path], tmp_path / "nope")
