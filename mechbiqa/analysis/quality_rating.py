@@ -77,7 +77,11 @@ def select_samples(spec: str, split: str | None, limit: int | None, scales: Sequ
         else:
             samples = load_samples(spec)
     except (FileNotFoundError, ValueError) as error:
-        raise UserError(f"--dataset {spec}: {error}") from None
+        hint = ""
+        if file.endswith(".json") and not root and "not found" in str(error):
+            hint = (f"; the images are looked for next to the file: give their folder, "
+                    f"--dataset {file}=IMAGE_ROOT")
+        raise UserError(f"--dataset {spec}: {error}{hint}") from None
     if split is not None:
         splits = sorted({s for s in (getattr(x, "split", None) for x in samples) if s is not None})
         if not splits:

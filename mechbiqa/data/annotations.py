@@ -24,9 +24,13 @@ The two shapes of answer (DESIGN.md, "Annotation files for training"):
 The level word comes from the verdict, or, when a rated dataset is given
 (``scores=``: records of :mod:`mechbiqa.data.loaders`), from that image's MOS
 (joined by file name; equal-width bins on the dataset's scale). Each entry's
-score scale is that of its own source: the dataset named by the image path
-(``koniq/...``, ``kadid10k/...``), else its id, else the file name, so a mixed
-KonIQ + SPAQ + KADID file maps KADID's 1.71 (1-5) to 0.18, not 0.017.
+score scale is that of its own source (the same rule as the Q-Align test files of
+:func:`~mechbiqa.data.loaders.load_qalign_json`): a folder of the image path
+(``koniq/...``, ``kadid10k/images/...``, ``LIVE_Challenge/...``), else the
+dataset's own file naming (``I01_01_05.png``, ``00001.jpg``), else the one
+dataset the file name names (a name that names several, ``train_koniq_spaq_kadid.json``,
+names none), so a mixed KonIQ + SPAQ + KADID file maps KADID's 1.71 (1-5) to 0.18,
+not 0.017. An entry with a score but no source keeps its level word and no score.
 
 Entries that cannot be used are not fatal one by one: each is named (file,
 index, reason) in :attr:`Annotations.rejected`, and :meth:`Annotations.for_mode`
@@ -36,20 +40,19 @@ adds those the mode cannot use, so a caller reports them all before training.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
 
-from mechbiqa.data.scales import DATASET_ALIASES, DATASET_SCALES
-
-#: A dataset token in an image path, id or file name -> the dataset whose scale it names
-#: (``koniq/``, ``kadid10k/``, ``agi-cgi/`` ...: the folders of Q-Align's JSON files).
-_SOURCE_TOKENS = {**{name: name for name in DATASET_SCALES}, **DATASET_ALIASES}
+from mechbiqa.data.loaders import entry_source, file_source
 from mechbiqa.data.records import LEVEL_WORDS, IQARecord, level_word, level_word_edges
+from mechbiqa.data.scales import DATASET_SCALES
 
 __all__ = [
     "AnnotationError",
@@ -57,6 +60,8 @@ __all__ = [
     "Annotations",
     "read_annotations",
     "split_verdict",
+    "verdict_level",
+    "VERDICT_SYNONYMS",
     "split_holdout",
     "TWO_STAGE_NEEDS",
 ]
@@ -70,15 +75,83 @@ TWO_STAGE_NEEDS = (
 """What two-stage needs, in the words of every refusal."""
 
 _PLACEHOLDERS = ("<|image|>", "<image>")
-_LEVEL = "|".join(LEVEL_WORDS)
-# The verdict: a sentence about the quality of the image that names a level word,
-# e.g. "Thus, the quality of the image is poor." or "Overall, this image's quality is fair."
-_VERDICT = re.compile(
-    rf"(?P<sentence>[^.!?]*\bquality\b[^.!?]*?\b(?P<level>{_LEVEL})\b[^.!?]*[.!?]?)\s*$",
-    re.IGNORECASE,
-)
-_ABOUT_QUALITY = re.compile(r"[^.!?]*\bquality of (?:the|this) (?:image|picture|photo)\b[^.!?]*[.!?]?\s*$",
-                            re.IGNORECASE)
+
+#: How annotators conclude, beyond the five level words: a phrase -> the level it states
+#: (Q-Pathway / Q-Instruct write "... the quality of this image is rather low.", "... is average").
+#: A level word is taken as written ("very poor" is poor).
+VERDICT_SYNONYMS: Mapping[str, str] = MappingProxyType({
+    **{word: word for word in LEVEL_WORDS},
+    "very high": "excellent", "extremely high": "excellent", "outstanding": "excellent",
+    "superb": "excellent",
+    "high": "good", "above average": "good",
+    "average": "fair", "medium": "fair", "moderate": "fair", "mediocre": "fair", "acceptable": "fair",
+    "low": "poor", "below average": "poor",
+    "very low": "bad", "extremely low": "bad", "terrible": "bad", "awful": "bad",
+})
+_PHRASE = "|".join(sorted((re.escape(k) for k in VERDICT_SYNONYMS), key=len, reverse=True))
+_LEVEL_PHRASE = re.compile(rf"(?<![\w-])(?P<phrase>{_PHRASE})(?!\w)", re.IGNORECASE)
+# "not good", "isn't very high", "hardly acceptable": the level is denied, not stated.
+_NEGATION = re.compile(r"(?:\bnot|n't|\bnever|\bhardly|\bno longer)\s+(?:\w+\s+)?$", re.IGNORECASE)
+_QUALITY = re.compile(r"\bquality\b", re.IGNORECASE)
+_LAST_SENTENCE = re.compile(r"[^.!?]*[.!?]*\s*$")
+_ABOUT_QUALITY = re.compile(r"\bquality of (?:the|this) (?:image|picture|photo)\b", re.IGNORECASE)
+
+
+def verdict_level(sentence: str) -> tuple[str | None, str | None]:
+    """The level a verdict sentence states, and why there is none.
+
+    The level phrase is the one that qualifies "quality": right before it ("a poor-quality image"),
+    else the first after it ("the quality of the image is rather low"), else the last before it.
+    Phrases are the level words and :data:`VERDICT_SYNONYMS`.
+
+    Args:
+        sentence: One sentence about the quality of the image.
+
+    Returns:
+        ``(level word, None)``, or ``(None, reason)`` when the sentence names no level or denies one
+        ("the quality of the image is not good": no level can be read from it).
+    """
+    quality = _QUALITY.search(sentence)
+    found = list(_LEVEL_PHRASE.finditer(sentence))
+    if quality is None or not found:
+        return None, "names no level (" + ", ".join(LEVEL_WORDS) + " or a synonym such as low, average, high)"
+    before = [m for m in found if m.end() <= quality.start()]
+    after = [m for m in found if m.start() >= quality.end()]
+    attached = [m for m in before if re.fullmatch(r"[\s-]+(?:image\s+|picture\s+|photo\s+)?",
+                                                  sentence[m.end():quality.start()], re.IGNORECASE)]
+    chosen = (attached or after[:1] or before[-1:])[0]
+    denied = _NEGATION.search(sentence[: chosen.start()])
+    if denied:
+        phrase = sentence[denied.start() : chosen.end()].strip()
+        return None, f"denies a level ({phrase!r}) rather than stating one"
+    return VERDICT_SYNONYMS[chosen.group("phrase").lower()], None
+
+
+def split_verdict(answer: str) -> tuple[str, str | None, str | None]:
+    """Split an answer into its reasoning and its final quality verdict.
+
+    Args:
+        answer: The assistant's answer.
+
+    Returns:
+        ``(reasoning, verdict sentence, level word)``: the answer without its last sentence when
+        that sentence is about the quality and states a level (a level word or one of
+        :data:`VERDICT_SYNONYMS`, in either order: "Thus, the quality of the image is poor.",
+        "Overall, this is a good quality image", "... quality of this image is rather low" ->
+        poor), else ``(answer, None, None)``. A verdict-only answer (Q-Align) has empty
+        reasoning. A last sentence about the quality of the image that states no level
+        ("... the quality of the image is unusual.", "... is not good.") is returned as the
+        verdict with level None (:func:`verdict_level` says why).
+    """
+    text = answer.strip()
+    last = _LAST_SENTENCE.search(text)
+    sentence = last.group(0).strip() if last else ""
+    if not sentence or _QUALITY.search(sentence) is None:
+        return text, None, None
+    level, _why = verdict_level(sentence)
+    if level is None and _LEVEL_PHRASE.search(sentence) is None and _ABOUT_QUALITY.search(sentence) is None:
+        return text, None, None  # a sentence that mentions quality in passing, not a verdict
+    return text[: last.start()].strip(), sentence, level
 
 
 class AnnotationError(ValueError):
@@ -101,31 +174,6 @@ class Rejected:
 
     def __str__(self) -> str:  # noqa: D105
         return f"{self.file.name}[{self.index}]: {self.reason}"
-
-
-def split_verdict(answer: str) -> tuple[str, str | None, str | None]:
-    """Split an answer into its reasoning and its final quality verdict.
-
-    Args:
-        answer: The assistant's answer.
-
-    Returns:
-        ``(reasoning, verdict sentence, level word)``: the answer without its last
-        sentence when that sentence states the quality with one of the level words
-        (lower-cased), else ``(answer, None, None)``. A verdict-only answer (Q-Align)
-        has empty reasoning. A last sentence about the quality with no level word
-        ("... the quality of the image is average.") is returned as the verdict with
-        level None.
-    """
-    text = answer.strip()
-    found = _VERDICT.search(text)
-    if found is None:
-        about = _ABOUT_QUALITY.search(text)
-        if about is None:
-            return text, None, None
-        return text[: about.start()].strip(), about.group(0).strip(), None
-    sentence = found.group("sentence").strip()
-    return text[: found.start("sentence")].strip(), sentence, found.group("level").lower()
 
 
 @dataclass(frozen=True)
@@ -173,14 +221,17 @@ class Annotations:
         return usable, rejected
 
 
-def _source(texts: Iterable[str], default: str | None) -> str | None:
-    """The dataset that names an entry's source (its path, then its id), else the file's."""
-    for text in texts:
-        lowered = text.lower()
-        for token in sorted(_SOURCE_TOKENS, key=len, reverse=True):
-            if re.search(rf"(?<![a-z]){token}(?![a-z])", lowered):
-                return _SOURCE_TOKENS[token]
-    return default
+def _source(entry: Mapping[str, Any], image: str, extra: Mapping[str, Any],
+            default: str | None) -> str | None:
+    """The dataset an entry comes from, else ``default`` (the one its file's name names).
+
+    :func:`~mechbiqa.data.loaders.entry_source`: its field, a folder of its image path, its image's
+    file name, then its id's.
+    """
+    found = entry_source(entry, image, extra)
+    if found is None and "->" in str(entry.get("id", "")):
+        found = entry_source({}, str(entry["id"]).rsplit("->", 1)[0], extra)
+    return found or default
 
 
 def _score(entry: Mapping[str, Any]) -> float | None:
@@ -188,9 +239,10 @@ def _score(entry: Mapping[str, Any]) -> float | None:
     if raw is None and "->" in str(entry.get("id", "")):
         raw = str(entry["id"]).rsplit("->", 1)[1]
     try:
-        return None if raw is None else float(raw)
+        score = None if raw is None else float(raw)
     except (TypeError, ValueError):
         return None
+    return score if score is None or math.isfinite(score) else None  # "->nan" rates nothing
 
 
 def read_annotations(
@@ -223,33 +275,47 @@ def read_annotations(
     root = Path(image_root)
     records: list[IQARecord] = []
     rejected: list[Rejected] = []
-    files = tuple(Path(p) for p in paths)
+    # A file given twice (--annotations F --qalign-json F) is read once: its entries are not doubled.
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(Path(p).resolve(), Path(p))
+    files = tuple(unique.values())
+    if check_images and not root.is_dir():
+        raise AnnotationError(f"the image folder {root} is not a folder; give the folder the entries' "
+                              "'image' paths are relative to (--image-root)")
     for path in files:
         if not path.is_file():
-            raise AnnotationError(f"annotation file {path} does not exist")
+            what = "is a folder, not a JSON file" if path.is_dir() else "does not exist"
+            raise AnnotationError(f"annotation file {path} {what}")
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
+            # utf-8-sig: a BOM is common in files saved on Windows
+            entries = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
             raise AnnotationError(f"{path} is not valid JSON ({err})") from None
         if not isinstance(entries, list):
             raise AnnotationError(f"{path} should hold a JSON list of entries, got {type(entries).__name__}")
-        file_source = _source([path.stem], None)
+        from_file = file_source(path, table)
         for i, entry in enumerate(entries):
-            record = _record(entry, path, i, root, file_source, table, joined, check_images)
+            record = _record(entry, path, i, root, from_file, table, joined, check_images)
             (rejected if isinstance(record, Rejected) else records).append(record)
     return Annotations(records=tuple(records), rejected=tuple(rejected), files=files)
 
 
-def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
+def _record(entry: Any, path: Path, i: int, root: Path, from_file: str | None,
             table: Mapping[str, tuple[tuple[float, float], bool]], joined: Mapping[str, IQARecord],
             check_images: bool) -> IQARecord | Rejected:
     """One entry as a record, or the reason it cannot be one."""
     if not isinstance(entry, dict):
         return Rejected(path, i, f"not an object ({type(entry).__name__})")
     image = entry.get("image", entry.get("img_path"))
+    if isinstance(image, list):
+        return Rejected(path, i, f"'image' lists {len(image)} images; an entry trains one image")
     if not isinstance(image, str) or not image:
         return Rejected(path, i, "no image (text-only entries cannot train an image rater)")
     turns = entry.get("conversations")
+    if turns is None and "gt_score" in entry:
+        return Rejected(path, i, "a test entry (image and gt_score, no conversations): nothing to train on; "
+                                 "Q-Align test files are read by evaluate_quality")
     if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
                                               for t in turns):
         return Rejected(path, i, "no 'conversations' list of {'from', 'value'} turns")
@@ -260,7 +326,9 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
     if not concluding:
         return Rejected(path, i, "no answer ends with a verdict on the quality of the image "
                                  "('... the quality of the image is <level>.')")
-    answer, (reasoning, verdict, level) = concluding[-1]
+    # The last answer that states a level; a later "No, it is not of good quality." states none.
+    stated = [c for c in concluding if c[1][2] is not None]
+    answer, (reasoning, verdict, level) = (stated or concluding)[-1]
     if any(ph in answer for ph in _PLACEHOLDERS):
         return Rejected(path, i, "the answer contains an image placeholder")
     image_path = root / image
@@ -280,14 +348,15 @@ def _record(entry: Any, path: Path, i: int, root: Path, file_source: str | None,
         meta["level_source"] = "mos"
     else:
         score = _score(entry)
-        source = _source([image, str(entry.get("id", ""))], file_source)
+        source = _source(entry, image, table, from_file)
         (scale, higher), dataset = table.get(source, ((0.0, 1.0), True)), source or path.stem
         if score is not None and source is None:
             meta["unscaled_score"] = score  # no known source: a 0-1 rating cannot be derived
             score = None
         meta["level_source"] = "verdict"
     if level is None:
-        return Rejected(path, i, f"the verdict {verdict!r} names none of the level words {LEVEL_WORDS} "
+        why = verdict_level(verdict)[1] if verdict else "states no level"
+        return Rejected(path, i, f"the verdict {verdict!r} {why} "
                                  "(and no rated dataset gives this image a MOS)")
     return IQARecord(id=str(entry.get("id", image)).split("->")[0], image_path=image_path, score=score,
                      scale=scale, higher_is_better=higher, dataset=dataset, level_word=level,

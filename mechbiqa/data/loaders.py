@@ -29,6 +29,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 from typing import Any
 from xml.etree import ElementTree
 
@@ -61,6 +62,8 @@ __all__ = [
     "load_agiqa3k",
     "load_qalign_json",
     "load_qinstruct_json",
+    "entry_source",
+    "file_source",
     "read_xlsx",
 ]
 
@@ -603,12 +606,18 @@ _PLACEHOLDERS = ("<|image|>", "<image>")
 def _read_json_list(path: Path, dataset: str) -> list[dict[str, Any]]:
     path = _need_file(Path(path), dataset, "the JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is common in Windows-saved files
     except json.JSONDecodeError as err:
         raise DatasetFormatError(f"{dataset}: {path} is not valid JSON ({err})") from None
-    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+    if not isinstance(data, list):
         raise DatasetFormatError(
             f"{dataset}: {path} should hold a JSON list of objects, got {type(data).__name__}"
+        )
+    bad = [i for i, d in enumerate(data) if not isinstance(d, dict)]
+    if bad:
+        raise DatasetFormatError(
+            f"{dataset}: {path} should hold a JSON list of objects; {len(bad)} entries are not objects, "
+            f"e.g. entry {bad[0]} ({type(data[bad[0]]).__name__}): remove them"
         )
     return data
 
@@ -628,21 +637,53 @@ def _gpt_turns(conversations: Any, path: Path, index: int, dataset: str) -> list
 _SPLIT_FOLDERS = {"test_jsons": "test", "training_sft": "train"}
 
 
-def _entry_source(entry: dict[str, Any], image: str, extra: Mapping[str, DatasetScale]) -> str | None:
-    """The dataset an entry comes from: an explicit field, else a folder of its image path."""
+#: Image file names that only one dataset uses (its release's naming), for entries whose path names no
+#: dataset folder (``"image": "I01_01_05.png"`` in a mixed file).
+_NAME_PATTERNS = (
+    (re.compile(r"I\d{2}_\d{2}_\d{2}\.png", re.IGNORECASE), "kadid10k"),
+    (re.compile(r"i\d{2}_\d{2}_\d\.bmp", re.IGNORECASE), "tid2013"),
+    (re.compile(r"\d{5}\.(?:jpe?g|png)", re.IGNORECASE), "spaq"),
+    (re.compile(r"\d{6,}\.jpe?g", re.IGNORECASE), "koniq10k"),
+    (re.compile(r"(?:attngan|dalle2|glide|midjourney|sd1\.5|xl2\.2)_[a-z]+_\d+\.(?:jpe?g|png)",
+                re.IGNORECASE), "agiqa3k"),
+    (re.compile(r".+\.(?:awgn|jpeg|jpeg2000|fnoise|blur|contrast)\.\d\.png", re.IGNORECASE), "csiq"),
+)
+
+
+def entry_source(
+    entry: Mapping[str, Any], image: str, extra: Mapping[str, Any] = MappingProxyType({})
+) -> str | None:
+    """The dataset an annotation or Q-Align entry comes from, or None when nothing names one.
+
+    First found: an explicit ``dataset`` / ``source`` field; a folder of its image path, innermost
+    first, that is a dataset name or alias (``koniq/``, ``kadid10k/images/``, ``LIVE_Challenge/``; a
+    folder naming several, like Q-Instruct's ``spaq_koniq/``, names none); the image's file name when
+    it follows one dataset's naming (KADID ``I01_01_05.png``, SPAQ ``00001.jpg``, KonIQ
+    ``10004473376.jpg``, AGIQA ``AttnGAN_normal_000.jpg``, CSIQ, TID2013).
+
+    Args:
+        entry: The JSON entry.
+        image: Its ``image`` / ``img_path`` value.
+        extra: Further dataset names to accept (user-given scales).
+    """
     for field in ("dataset", "source"):
         if isinstance(entry.get(field), str):
             found = resolve(entry[field], extra)
             if found is not None:
                 return found
-    for folder in PurePosixPath(str(image).replace("\\", "/")).parts[:-1]:
+    parts = PurePosixPath(str(image).replace("\\", "/")).parts
+    for folder in reversed(parts[:-1]):
         found = resolve(folder, extra)
         if found is not None:
             return found
+    name = parts[-1] if parts else ""
+    for pattern, dataset in _NAME_PATTERNS:
+        if pattern.fullmatch(name):
+            return dataset
     return None
 
 
-def _file_source(path: Path, extra: Mapping[str, DatasetScale]) -> str | None:
+def file_source(path: Path, extra: Mapping[str, Any] = MappingProxyType({})) -> str | None:
     """The one dataset a JSON file's name (or, failing that, its folder's name) names, else None.
 
     ``test_koniq.json`` and ``ft/agi/train_split_1.json`` name one; a mixed file
@@ -713,7 +754,7 @@ def load_qalign_json(
         for name, value in (scales or {}).items()
     }
     given = resolve(dataset, extra) if dataset is not None else None
-    fallback = given or _file_source(path, extra)
+    fallback = given or file_source(path, extra)
 
     def scale_for(source: str | None) -> DatasetScale | None:
         if source is None:
@@ -732,7 +773,7 @@ def load_qalign_json(
             raise DatasetFormatError(
                 f"{label}: entry {i} has neither 'image' nor 'img_path' (keys {sorted(entry)})"
             )
-        source = _entry_source(entry, image, extra) or fallback
+        source = entry_source(entry, image, extra) or fallback
         entry_scale = scale_for(source)
         if entry_scale is None:
             unresolved.append(str(image))

@@ -522,11 +522,13 @@ def train_two_stage(
     if (stage1.mode, stage1.stage, stage2.mode, stage2.stage) != ("two-stage", 1, "two-stage", 2):
         raise CheckpointModeError("train_two_stage needs a two-stage stage-1 config and a two-stage stage-2 config")
     parent = Path(parent)
-    first = train(stage1, parent / "stage1", examples_from_records(train_records, "stage1"),
-                  examples_from_records(eval_records, "stage1"), model=model, tokenizer=tokenizer,
+    # Both stages' examples are checked before stage 1 trains: a record stage 2 cannot use (no level
+    # word) is refused now, not after stage 1 has spent its budget and been saved as finished.
+    train1, eval1 = examples_from_records(train_records, "stage1"), examples_from_records(eval_records, "stage1")
+    train2, eval2 = examples_from_records(train_records, "stage2"), examples_from_records(eval_records, "stage2")
+    first = train(stage1, parent / "stage1", train1, eval1, model=model, tokenizer=tokenizer,
                   processor=processor, progress=progress, extra_info=extra_info, fresh=fresh)
     stage2 = stage2.replace(init_from=str(parent / "stage1"))
-    eval2 = examples_from_records(eval_records, "stage2")
     described = None
     done = not fresh and (parent / "stage2" / STATE_FILE).is_file() and State.load(parent / "stage2").finished
     if eval2 and not done:
@@ -540,7 +542,7 @@ def train_two_stage(
         described = generate_answers(comps.model, comps.tokenizer, [prompt] * len(held), pixels,
                                      max_new_tokens=stage2.max_new_tokens)
         eval2 = held
-    second = train(stage2, parent / "stage2", examples_from_records(train_records, "stage2"), eval2,
+    second = train(stage2, parent / "stage2", train2, eval2,
                    eval_descriptions=described, progress=progress, extra_info=extra_info, fresh=fresh)
     return first, second
 

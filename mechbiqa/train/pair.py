@@ -32,7 +32,7 @@ import torch
 
 from mechbiqa import cli, outputs
 from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark
-from mechbiqa.data.annotations import read_annotations, split_holdout
+from mechbiqa.data.annotations import AnnotationError, read_annotations, split_holdout
 from mechbiqa.data.loaders import load_dataset
 from mechbiqa.metrics import srcc_difference
 from mechbiqa.model.prompts import LEVEL_WORDS
@@ -245,6 +245,11 @@ def _records(cfg: PairConfig) -> tuple[dict[str, list[IQARecord]], dict[str, lis
         # The test images are drawn from those every mode can use, so both rate the same images.
         common = [r for r in everything if all(key(r) in ok[m] for m in cfg.modes)]
         test = split_holdout(common, seed=cfg.seed, val_fraction=0)[2]
+        if not test:  # refused now, not after training, when the rating finds nothing to rate
+            n = len({r.image_path for r in common})
+            raise AnnotationError(
+                f"{', '.join(str(f) for f in files)}: {n} image(s) usable by every requested mode "
+                f"({', '.join(cfg.modes)}), too few to hold one out as the test set: give at least 3")
         held = {r.image_path for r in test}
         train_, val, _ = split_holdout([r for r in everything if r.image_path not in held], seed=cfg.seed,
                                        test_fraction=0, max_val=cfg.eval_samples or None)
@@ -525,6 +530,12 @@ def train_pair(cfg: PairConfig, progress: Progress | None = None) -> PairResult:
         progress: Called with every `TrainEvent` of every training run.
     """
     torch.set_num_threads(cfg.threads)
+    # Every requested mode's training settings are built (and so checked) before anything trains: a
+    # two-stage budget too small to split is refused now, not after the one-stage run.
+    if "one-stage" in cfg.modes:
+        cfg.train_config("one-stage", None, cfg.total_steps)
+    if "two-stage" in cfg.modes:
+        _two_stage_configs(cfg)
     with main_process_first():
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         data = pair_data(cfg)

@@ -503,3 +503,45 @@ def test_errors_are_ordinary_exceptions_with_one_line_messages(tmp_path):
         study.main(
             study.Config(model=str(tmp_path), dataset=str(tmp_path / "images"), out=str(tmp_path / "m.h5"))
         )
+
+
+@pytest.mark.slow  # ~60 s on 2 shared cores
+def test_torchrun_rated_mode_of_a_two_stage_pair_trained_on_annotations_equals_one_process(tmp_path):
+    """A compact pair trained on a Q-Pathway-style file: stage 1 describes, stage 2 rates, under 2 ranks."""
+    import dataclasses
+
+    from mechbiqa import train as T
+    from mechbiqa.data.annotations import read_annotations
+    from mechbiqa.model import ModelConfig, MPLUGOwl2
+
+    images = make_images(tmp_path / "images" / "spaq_koniq", 7, bad=False)
+    levels = ["poor", "fair", "good"]
+    reasons = ["The sky is noisy.", "The edges are soft and blurred.", "Colours are vivid and sharp."]
+    entries = [{"id": p.stem, "image": f"spaq_koniq/{p.name}", "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the quality of this image."},
+        {"from": "gpt", "value": f"{reasons[i % 3]} Thus, the quality of the image is {levels[i % 3]}."}]}
+        for i, p in enumerate(sorted(images.glob("*.png")))]
+    (tmp_path / "cleaned_labels.json").write_text(json.dumps(entries))
+    found = read_annotations([tmp_path / "cleaned_labels.json"], tmp_path / "images")
+    records, _ = found.for_mode("two-stage")
+    tok = T.compact_tokenizer(records, vocab_size=300)
+    cfg = ModelConfig.tiny()
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
+    model = T.init_weights(MPLUGOwl2(cfg), 0)
+    base = dict(steps=2, batch_size=2, warmup_steps=1, eval_every=0, eval_samples=0, max_new_tokens=4)
+    T.train_two_stage(T.TrainConfig(mode="two-stage", stage=1, **base),
+                      T.TrainConfig(mode="two-stage", stage=2, **{**base, "steps": 1}), tmp_path / "pair",
+                      records, model=model, tokenizer=tok)
+    extra = ["--model", str(tmp_path / "pair"), "--mode", "rated", "--batch-size", "2",
+             "--max-new-tokens", "6", "--dtype", "float32"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT)]
+    common = ["--dataset", str(images), "--no-progress", *extra]
+    done = subprocess.run([*run, *common, "--out", str(tmp_path / "two.h5")], env=ENV, capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = subprocess.run([sys.executable, str(SCRIPT), *common, "--out", str(tmp_path / "one.h5")], env=ENV,
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_store(tmp_path / "two.h5", tmp_path / "one.h5", atol=1e-4)
+    with ActivationStore.open(tmp_path / "two.h5") as joined:
+        assert joined.n_samples == 7 and len(joined.info.shards) == 2

@@ -101,3 +101,19 @@ def test_study_refusals_are_one_line(tmp_path):
     )
     assert result.evaluation.rows[0].name == "cgi" and result.evaluation.rows[0].n == 3
     assert evaluate_quality.parse_args(["--scale", "cgi=0,5", "--split", "all"]).scales == ("cgi=0,5",)
+
+
+def test_qalign_json_refusals_name_the_fix(tmp_path):
+    """Images elsewhere than next to the file; a file with a non-object entry (a Q-Pathway replica)."""
+    from mechbiqa.analysis.quality_rating import select_samples
+
+    _images(tmp_path / "images", ["koniq/1.jpg"])
+    path = tmp_path / "test_koniq.json"
+    path.write_text(json.dumps([{"image": "koniq/1.jpg", "gt_score": 50.0}]))
+    with pytest.raises(UserError, match=rf"--dataset {path}=IMAGE_ROOT") as info:
+        select_samples(str(path), "test", None)
+    assert "\n" not in str(info.value)
+    assert len(select_samples(f"{path}={tmp_path / 'images'}", "test", None)) == 1
+    path.write_text(json.dumps([{"image": "koniq/1.jpg", "gt_score": 50.0}, "stray text"]))
+    with pytest.raises(UserError, match=r"1 entries are not objects, e.g. entry 1 \(str\)"):
+        select_samples(f"{path}={tmp_path / 'images'}", "test", None)

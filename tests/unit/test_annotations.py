@@ -54,7 +54,7 @@ def files(tmp_path) -> dict[str, Path]:
         {"id": "c-no-verdict", "image": "livefb_liveitw_aigc/c.jpg",
          "conversations": [HUMAN, {"from": "gpt", "value": "A dog runs on a beach."}]},
         {"id": "d-no-level", "image": "spaq_koniq/d.jpg",
-         "conversations": pathway("Slight blur.", "Thus, the quality of the image is average.")},
+         "conversations": pathway("Slight blur.", "Thus, the quality of the image is unusual.")},
         {"id": "e-missing", "image": "spaq_koniq/missing.jpg",
          "conversations": pathway("Sharp.", "Thus, the quality of the image is good.")},
         {"id": "f-text-only", "conversations": [{"from": "human", "value": "What is IQA?"},
@@ -78,8 +78,8 @@ def test_split_verdict_cuts_the_last_quality_sentence():
     assert split_verdict("The quality of the image is good.") == ("", "The quality of the image is good.", "good")
     assert split_verdict("The quality is poor due to blur. The sky is blue.") == (
         "The quality is poor due to blur. The sky is blue.", None, None)
-    assert split_verdict("Fine. Thus, the quality of the image is average.")[1:] == (
-        "Thus, the quality of the image is average.", None)
+    assert split_verdict("Fine. Thus, the quality of the image is unusual.")[1:] == (
+        "Thus, the quality of the image is unusual.", None)
 
 
 def test_entries_are_parsed_named_and_scaled_per_source(files):
@@ -99,7 +99,7 @@ def test_entries_are_parsed_named_and_scaled_per_source(files):
     reasons = {str(x) for x in found.rejected}
     assert len(found.rejected) == 5
     assert any(r.startswith("q_pathway.json[2]: no answer ends with a verdict") for r in reasons)
-    assert any(r.startswith("q_pathway.json[3]: the verdict 'Thus, the quality of the image is average.'")
+    assert any(r.startswith("q_pathway.json[3]: the verdict 'Thus, the quality of the image is unusual.'")
                for r in reasons)
     assert any(r.startswith("q_pathway.json[4]: image not found") for r in reasons)
     assert any(r.startswith("q_pathway.json[5]: no image") for r in reasons)
@@ -184,4 +184,4 @@ def test_split_answer_cuts_the_verdict_a_q_pathway_tuned_model_writes_itself():
     assert split_answer("Sharp picture. The quality of the image is good. Thus it is fair.") == ("Sharp picture.", "good")
     assert split_answer("Slight blur on the left") == ("Slight blur on the left", None)
     # a verdict without a level word is still not part of the description
-    assert split_answer("Blurry. Overall, the quality of this image is average.") == ("Blurry.", None)
+    assert split_answer("Blurry. Overall, the quality of this image is unusual.") == ("Blurry.", None)
