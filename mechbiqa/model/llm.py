@@ -28,7 +28,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mechbiqa.model.config import LLMConfig
 from mechbiqa.model.generation import KVCache
-from mechbiqa.model.precision import matmul
+from mechbiqa.model.precision import linear, matmul
 
 
 class RMSNorm(nn.Module):
@@ -222,9 +222,10 @@ class Unembed(nn.Linear):
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)
         self.hook_out = HookPoint()  # [batch, pos, vocab]
+        self.float32_products = False  # 16-bit weights on a slow-16-bit CPU: see mechbiqa.model.precision
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return self.hook_out(super().forward(x))
+        return self.hook_out(linear(x, self.weight, None, self.float32_products))
 
 
 class LLM(nn.Module):

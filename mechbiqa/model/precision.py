@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["half_matmuls_are_slow", "matmul", "upcast_matmuls"]
+__all__ = ["half_matmuls_are_slow", "linear", "matmul", "upcast_matmuls"]
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -42,9 +42,15 @@ def matmul(a: Tensor, b: Tensor, float32: bool = False) -> Tensor:
     return (a.float() @ b.float()).to(a.dtype) if float32 else a @ b
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, float32: bool = False) -> Tensor:
+    """``F.linear``; with ``float32``, multiplied in float32 and returned in ``x``'s dtype."""
+    if not float32:
+        return F.linear(x, weight, bias)
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
 def _float32_linear(self: nn.Linear, x: Tensor) -> Tensor:
-    bias = None if self.bias is None else self.bias.float()
-    return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+    return linear(x, self.weight, self.bias, True)
 
 
 def upcast_matmuls(model: nn.Module, enabled: bool = True) -> int:
@@ -56,10 +62,14 @@ def upcast_matmuls(model: nn.Module, enabled: bool = True) -> int:
     """
     switched = 0
     for module in model.modules():
-        if hasattr(module, "float32_products"):  # an attention layer: its scores and pattern x values
+        if hasattr(module, "float32_products"):  # a layer that asks: attention products, the unembedding
             half = any(p.dtype in _HALF for p in module.parameters())
             module.float32_products = enabled and half
+            switched += int(isinstance(module, nn.Linear) and half)
+            continue
         if not isinstance(module, nn.Linear) or module.weight.dtype not in _HALF:
+            continue
+        if type(module).forward is not nn.Linear.forward:  # a subclass with its own forward (and hooks) is kept
             continue
         if enabled:
             module.forward = MethodType(_float32_linear, module)  # type: ignore[method-assign]

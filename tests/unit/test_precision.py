@@ -27,7 +27,7 @@ def test_upcast_linear_layers_compute_each_product_in_float32_and_keep_16_bit_we
     n = upcast_matmuls(half)
     linears = [m for m in half.modules() if isinstance(m, torch.nn.Linear)]
     assert n == len(linears) > 10
-    attention = [m for m in half.modules() if hasattr(m, "float32_products")]
+    attention = [m for m in half.modules() if hasattr(m, "float32_products") and not isinstance(m, torch.nn.Linear)]
     assert len(attention) == len(half.vision.blocks) + len(half.abstractor.blocks) + len(half.llm.blocks)
     assert all(m.float32_products for m in attention)
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # memory: the weights stay 16-bit
@@ -45,6 +45,12 @@ def test_upcast_linear_layers_compute_each_product_in_float32_and_keep_16_bit_we
         native = half(ids, images=pixels.to(torch.bfloat16)).logits.float()
         full = model(ids, images=pixels).logits
     assert not any("forward" in m.__dict__ for m in linears)  # switched back
+    upcast_matmuls(half)
+    _, cache = half.run_with_cache(ids, images=pixels.to(torch.bfloat16))
+    _, reference = model.run_with_cache(ids, images=pixels)
+    assert set(cache) == set(reference)  # every hook still fires, the unembedding's included
+    assert torch.equal(cache["llm.unembed.hook_out"], half(ids, images=pixels.to(torch.bfloat16)).logits)
+    upcast_matmuls(half, False)
     assert not any(m.float32_products for m in attention)
     # the same model in 16 bits either way: both near float32, and near each other
     scale = full.abs().max()
