@@ -303,6 +303,9 @@ def train(
         run_eval()
     checkpoint(finished=finished)
     emit(TrainEvent("done", step, cfg.steps, metrics=evals[-1] if evals else None, elapsed=elapsed(), label=task))
+    if interrupted():  # Ctrl-C during the last step: the run is complete and saved, and then it stops
+        raise KeyboardInterrupt(f"interrupted during the last step; the finished checkpoint is written to {out_dir}; "
+                                "rerun the same command to go on")
     return TrainResult(path=out_dir, config=cfg, history=history, evals=evals, elapsed=elapsed())
 
 

@@ -214,6 +214,24 @@ def test_ctrl_c_keeps_the_steps_taken_and_the_run_resumes_on_the_same_curve(tok,
     assert resumed.losses == whole.losses
 
 
+def test_ctrl_c_during_the_last_step_saves_the_finished_run_and_still_stops(tok, bench, tmp_path):
+    """An interrupt that lands in the last step is not dropped: the finished checkpoint is written, then it stops."""
+    import os
+    import signal
+
+    ex = T.examples_from_records(bench.split("train"), "one-stage")
+    cfg = fast(steps=3, checkpoint_every=0, checkpoint_seconds=0)
+
+    def interrupt(event):
+        if event.kind == "step" and event.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="during the last step; the finished checkpoint is written"):
+        T.train(cfg, tmp_path / "end", ex, model=tiny_model(tok), tokenizer=tok, progress=interrupt)
+    assert read_info(tmp_path / "end").step == 3 and read_info(tmp_path / "end").data["finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_retrain_starts_again_and_a_finished_run_is_returned_as_it_is(tok, bench, tmp_path):
     ex = T.examples_from_records(bench.split("train"), "stage2")
     cfg = fast(mode="two-stage", stage=2, steps=3)
