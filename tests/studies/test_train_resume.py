@@ -172,7 +172,9 @@ def test_kills_at_random_moments(qalign, reference, tmp_path):
 def test_ctrl_c_without_periodic_checkpoints_keeps_the_steps_taken(qalign, reference, tmp_path):
     """SIGINT mid-training (launched as a shell's background job: SIGINT inherited ignored): one line
     naming the step its checkpoint kept, exit 130; the rerun starts there and ends on the same curve."""
-    for trial, delay in enumerate((2.0, 1.0, 4.0)):
+    early, late = 0.0, 8.0  # the delay after the tokenizer appears, searched until an interrupt lands mid-run
+    for trial in range(10):
+        delay = (early + late) / 2
         out = tmp_path / f"pair{trial}"
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv(out, qalign, every=0)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
@@ -183,8 +185,10 @@ def test_ctrl_c_without_periodic_checkpoints_keeps_the_steps_taken(qalign, refer
         _, err = proc.communicate(timeout=300)
         lines = err.strip().splitlines()
         assert proc.returncode == 130 and len(lines) == 1, err[-3000:]
-        if "interrupted at step" not in lines[0]:
-            continue  # landed before the first step: nothing to keep yet
+        if "interrupted at step" not in lines[0]:  # before the first step, or once the last one had begun
+            ended = (out / "one-stage").exists() and committed(out) == TOTAL
+            early, late = (early, delay) if ended else (delay, late)
+            continue
         stopped_at = committed(out)
         assert 0 < stopped_at < TOTAL and f"interrupted at step {stopped_at}; checkpoint written" in lines[0]
         run(argv(out, qalign, every=0))
