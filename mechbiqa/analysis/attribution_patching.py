@@ -328,6 +328,11 @@ def attribution_patching(
                 act_ref_grad(h["k"])[1],
                 act_ref_grad(h["v"])[1],
             )
+        kv_from: dict[int, Tensor] = {}  # layer -> [chunk, k] key-and-value terms of it and every later layer
+        for layer in range(n_layers - 1, -1, -1) if summed_kv else ():
+            if layer not in qk:
+                break
+            kv_from[layer] = qk[layer][0] + qk[layer][1] + kv_from.get(layer + 1, 0)
         for template, names_ in hook_names.items():
             per_layer = []
             for layer, name in zip(layers if "{l}" in template else [None], names_, strict=True):
@@ -342,11 +347,9 @@ def attribution_patching(
                     g_kv = torch.zeros_like(a) if g_kv is None else g_kv[rows, at]
                     linear_kv = ((ref - a).double() * g_kv.double()).flatten(2).sum(-1)
                     estimate = plain(name) - linear_kv + qk[layer][0] + qk[layer][1]  # [chunk, k]
-                    later = range(layer, n_layers)
-                    if summed_kv and all(x in qk for x in later):  # through every later layer's keys and values
-                        kv_sum = sum(qk[x][0] + qk[x][1] for x in later)
+                    if layer in kv_from:  # through its own and every later layer's keys and values
                         readout_at = readout.position % acts[name].shape[1]  # reaches the logits directly
-                        estimate = torch.where(at == readout_at, estimate, kv_sum)
+                        estimate = torch.where(at == readout_at, estimate, kv_from[layer])
                     per_layer.append(estimate)
                 else:
                     per_layer.append(plain(name))
