@@ -29,25 +29,23 @@ ENDINGS = {
 }
 
 
+def _entry(root: Path, image: str, pixels: np.ndarray, id_: str, question: str, answer: str) -> dict:
+    """Save ``pixels`` as ``root/image`` and return the release-layout entry of one question and its answer."""
+    (root / image).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(root / image)
+    return {"id": id_, "image": image, "conversations": [{"from": "human", "value": question},
+                                                         {"from": "gpt", "value": answer}]}  # fmt: skip
+
+
 @pytest.fixture
 def pathway_file(tmp_path) -> tuple[Path, Path]:
     """A LLaVA-layout Q-Pathway replica (``<image>`` first, nested folders) over small PNGs."""
     root, entries = tmp_path / "images", []
     for k, ending in enumerate(ENDINGS):
         name = f"livefb_liveitw_aigc/sub/{k:05d}.png"
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
         pixels = np.random.default_rng(k).integers(0, 255, (28, 28, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / name)
-        entries.append(
-            {
-                "id": f"qp{k}",
-                "image": name,
-                "conversations": [
-                    {"from": "human", "value": "<image>\nDescribe the quality of this image in detail."},
-                    {"from": "gpt", "value": f"{REASONING} {ending}"},
-                ],
-            }
-        )
+        entries.append(_entry(root, name, pixels, f"qp{k}", "<image>\nDescribe the quality of this image in detail.",
+                              f"{REASONING} {ending}"))  # fmt: skip
     path = tmp_path / "cleaned_labels.json"
     path.write_text(json.dumps(entries))
     return path, root
@@ -117,18 +115,9 @@ def test_a_mixed_qalign_file_rates_each_entry_on_its_own_scale(tmp_path):
     ]
     data = []
     for k, (image, score, level, _) in enumerate(entries):
-        (root / image).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8, 3), 20 * k, dtype=np.uint8)).save(root / image)
-        data.append(
-            {
-                "id": f"{Path(image).name}->{score}",
-                "image": image,
-                "conversations": [
-                    {"from": "human", "value": "How would you rate the quality of this image?\n<|image|>"},
-                    {"from": "gpt", "value": f"The quality of the image is {level}."},
-                ],
-            }
-        )
+        data.append(_entry(root, image, np.full((8, 8, 3), 20 * k, dtype=np.uint8), f"{Path(image).name}->{score}",
+                           "How would you rate the quality of this image?\n<|image|>",
+                           f"The quality of the image is {level}."))  # fmt: skip
     path = tmp_path / "train_koniq_spaq_kadid.json"
     path.write_text(json.dumps(data))
     found = read_annotations([path], root)
