@@ -124,9 +124,12 @@ def test_the_issues_nonsense_arguments_end_in_one_line_before_any_model_loads(tm
 
 
 # ----------------------------------------------------------------------------- interrupts
+TOTAL_IMAGES = 400  # enough that the interrupt lands mid-run on an idle machine too
+
+
 def test_an_interrupt_ends_in_one_line_and_the_rerun_resumes_even_when_sigint_was_inherited_ignored(tmp_path):
     """A shell starts ``cmd &`` with SIGINT ignored; ``kill -INT`` must still stop the run cleanly."""
-    images(tmp_path / "images", 40)
+    images(tmp_path / "images", TOTAL_IMAGES)
     command = [sys.executable, str(REPO / "studies" / "cache_activations.py"), "--tiny-random", "--dataset", "images",
                "--out", "s.h5", "--batch-size", "1", "--no-progress"]  # fmt: skip
 
@@ -150,10 +153,10 @@ def test_an_interrupt_ends_in_one_line_and_the_rerun_resumes_even_when_sigint_wa
     ]
     with ActivationStore.open(tmp_path / "s.h5") as store:
         committed = int((store.status != 0).sum())
-    assert 0 < committed < 40  # landed mid-way
+    assert 0 < committed < TOTAL_IMAGES  # landed mid-way
     again = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed at sample {committed}" in again.stdout and "40 valid" in again.stdout
+    assert f"resumed at sample {committed}" in again.stdout and f"{TOTAL_IMAGES} valid" in again.stdout
 
 
 # ----------------------------------------------------------------------------- paths
