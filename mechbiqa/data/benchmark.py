@@ -45,12 +45,14 @@ import dataclasses
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
 import warnings
 import zlib
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,48 +333,61 @@ def _photo_key(photo_id: str) -> int:
     return zlib.crc32(photo_id.encode())
 
 
-def _render(cfg: BenchmarkConfig, photos: list[PhotoInfo], split_of: dict[str, str], out: Path) -> list[dict]:
-    """Write every image under ``out/images``; one row (everything but the label) per image."""
+def _render(cfg: BenchmarkConfig, photos: list[PhotoInfo], split_of: dict[str, str], out: Path,
+            workers: int = 1) -> list[dict]:
+    """Write every image under ``out/images``; one row (everything but the label) per image.
+
+    Photos render independently (every draw is seeded by photo, crop, distortion and level), so
+    ``workers`` processes render one photo each at a time and the rows come back in photo order:
+    the files and rows are the same for any number of workers.
+    """
+    jobs = [(cfg, photo, split_of[photo.id], out) for photo in photos]
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        return [row for job in jobs for row in _render_photo(*job)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [row for rows in pool.map(_render_photo, *zip(*jobs, strict=True)) for row in rows]
+
+
+def _render_photo(cfg: BenchmarkConfig, photo: PhotoInfo, split: str, out: Path) -> list[dict]:
+    """One photo's crops, each pristine and under every distortion and level."""
     from mechbiqa.metrics import FR_MEASURES
 
     measure = FR_MEASURES[cfg.label_measure][0]
     cells: list[tuple[str, int]] = [("pristine", 0)] if cfg.include_pristine else []
     cells += [(name, level) for name in cfg.distortions for level in range(1, 6)]
     rows: list[dict[str, Any]] = []
-    for photo in photos:
-        pixels, pk = load_photo(photo), _photo_key(photo.id)
-        for k in range(cfg.crops_per_photo):
-            crop_rng = np.random.default_rng([cfg.seed, 1, pk, k])
-            ref, box = _crop(pixels, cfg.image_size, cfg.crop_fraction, crop_rng)
-            ref_id = f"{photo.id}-c{k}"
-            (out / "images" / ref_id).mkdir(parents=True)
-            for name, level in cells:
-                spec = DISTORTIONS.get(name)
-                kid = spec.kadid_id if spec else 0
-                if level == 0:
-                    image = ref
-                else:
-                    image = apply_distortion(
-                        ref, name, level, np.random.default_rng([cfg.seed, 2, pk, k, kid, level])
-                    )
-                rel = Path("images") / ref_id / f"{name}-{level}.png"
-                _save_png(image, out / rel)
-                text_rng = np.random.default_rng([cfg.seed, 3, pk, k, kid, level])
-                rows.append(
-                    {
-                        "id": f"{ref_id}-{name}-{level}",
-                        "path": rel,
-                        "split": split_of[photo.id],
-                        "ref_id": ref_id,
-                        "distortion": name,
-                        "level": level,
-                        "params": {spec.param: spec.levels[level - 1]} if level else {},
-                        "description": describe(None if level == 0 else name, level, text_rng),
-                        "q": float(measure(ref, image)) if level else None,
-                        "cell_mos": PRISTINE_MOS if level == 0 else spec.kadid_mos[level - 1],
-                        "meta": {"photo": photo.id, "crop": k, "crop_box": box},
-                    }
-                )
+    pixels, pk = load_photo(photo), _photo_key(photo.id)
+    for k in range(cfg.crops_per_photo):
+        crop_rng = np.random.default_rng([cfg.seed, 1, pk, k])
+        ref, box = _crop(pixels, cfg.image_size, cfg.crop_fraction, crop_rng)
+        ref_id = f"{photo.id}-c{k}"
+        (out / "images" / ref_id).mkdir(parents=True)
+        for name, level in cells:
+            spec = DISTORTIONS.get(name)
+            kid = spec.kadid_id if spec else 0
+            if level == 0:
+                image = ref
+            else:
+                image = apply_distortion(ref, name, level, np.random.default_rng([cfg.seed, 2, pk, k, kid, level]))
+            rel = Path("images") / ref_id / f"{name}-{level}.png"
+            _save_png(image, out / rel)
+            text_rng = np.random.default_rng([cfg.seed, 3, pk, k, kid, level])
+            rows.append(
+                {
+                    "id": f"{ref_id}-{name}-{level}",
+                    "path": rel,
+                    "split": split,
+                    "ref_id": ref_id,
+                    "distortion": name,
+                    "level": level,
+                    "params": {spec.param: spec.levels[level - 1]} if level else {},
+                    "description": describe(None if level == 0 else name, level, text_rng),
+                    "q": float(measure(ref, image)) if level else None,
+                    "cell_mos": PRISTINE_MOS if level == 0 else spec.kadid_mos[level - 1],
+                    "meta": {"photo": photo.id, "crop": k, "crop_box": box},
+                }
+            )
     return rows
 
 
@@ -401,10 +416,10 @@ def _label(rows: list[dict], cfg: BenchmarkConfig) -> float:
     return slope
 
 
-def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path) -> dict[str, Any]:
+def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path, workers: int = 1) -> dict[str, Any]:
     start = time.perf_counter()
     split_of = _assign_splits([p.id for p in photos], cfg.split_fractions, cfg.seed)
-    rows = _render(cfg, photos, split_of, out)
+    rows = _render(cfg, photos, split_of, out, workers)
     slope = _label(rows, cfg)
     train_mos = [r["mos"] for r in rows if r["split"] == "train"]
     edges = level_word_edges(min(train_mos), max(train_mos))
@@ -476,13 +491,14 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     )
 
 
-def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool = False) -> Benchmark:
+def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool = False, workers: int = 1) -> Benchmark:
     """Build the benchmark into ``root``, or load it if ``root`` already holds this build.
 
     Args:
         cfg: What to build.
         root: The benchmark directory (created; its parent must be writable).
         overwrite: Replace a benchmark built there from a different config.
+        workers: Processes that render photos side by side (the result is the same for any number).
 
     Returns:
         The `Benchmark`; ``reused`` says whether it was already there.
@@ -498,11 +514,11 @@ def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool =
     root.parent.mkdir(parents=True, exist_ok=True)
     # One builder per directory across processes; a second one waits, then finds the build and reuses it.
     with FileLock(root.parent / f".{root.name}.lock"):
-        return _build_or_reuse(cfg, root, photos, fp, overwrite)
+        return _build_or_reuse(cfg, root, photos, fp, overwrite, workers)
 
 
 def _build_or_reuse(
-    cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], fp: str, overwrite: bool
+    cfg: BenchmarkConfig, root: Path, photos: list[PhotoInfo], fp: str, overwrite: bool, workers: int = 1
 ) -> Benchmark:
     config_path = root / _CONFIG_FILE
     if config_path.is_file():
@@ -526,7 +542,7 @@ def _build_or_reuse(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        _build_into(cfg, photos, fp, tmp)
+        _build_into(cfg, photos, fp, tmp, workers)
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)

@@ -35,7 +35,7 @@ from mechbiqa.data import BenchmarkConfig, IQARecord, build_benchmark
 from mechbiqa.data.annotations import AnnotationError, read_annotations, split_holdout
 from mechbiqa.data.loaders import load_dataset
 from mechbiqa.metrics import srcc_difference
-from mechbiqa.model.prompts import LEVEL_WORDS
+from mechbiqa.model.prompts import LEVEL_WORDS, TEMPLATES
 from mechbiqa.pipeline import OneStageRater, TwoStageRater, match_description, read_info
 from mechbiqa.sources import COMPACT, DEFAULT_BENCHMARK
 from mechbiqa.train.checkpoint import read_or_write_tokenizer
@@ -93,6 +93,9 @@ class PairConfig:
         init_from: Start from this checkpoint (``--model``) instead of a compact model from scratch
             (real models).
         lora_rank: LoRA rank (real models; needs peft).
+        template: Conversation template of the training prompts; None: ``mplug_owl2`` for the compact
+            model (the inference template: no system sentence, so ~35 fewer tokens per example and ~25%
+            less compute per step), ``v1`` for a released checkpoint (its own training recipe).
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
         param_dtype: Weight dtype (``--dtype``; ``bfloat16`` for 7B).
@@ -128,13 +131,14 @@ class PairConfig:
     threads: int = 2
     eval_every: int = 600
     eval_samples: int = 160
-    test_samples: int = 960
+    test_samples: int = 480
     retrain: bool = False
     checkpoint_every: int = 100
     checkpoint_seconds: float = 600.0
     modes: tuple[Literal["one-stage", "two-stage"], ...] = ("one-stage", "two-stage")
     init_from: str | None = field(default=None, metadata=cli.meta(flag="--model", aliases=("--init-from",)))
     lora_rank: int | None = None
+    template: str | None = None
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     param_dtype: str = field(default="float32", metadata=cli.meta(flag="--dtype", aliases=("--param-dtype",)))
@@ -157,6 +161,8 @@ class PairConfig:
             )
         if (self.qalign_json or self.qinstruct_json) and self.image_root is None:
             raise ValueError("--image-root is needed with --qalign-json / --qinstruct-json")
+        if self.template is not None and self.template not in TEMPLATES:
+            raise ValueError(f"--template {self.template}: unknown; choose from {', '.join(sorted(TEMPLATES))}")
 
     @classmethod
     def tiny(cls, out_dir: Path) -> PairConfig:
@@ -179,6 +185,7 @@ class PairConfig:
             precision=self.precision, param_dtype=self.param_dtype, lora_rank=self.lora_rank,
             init_from=self.init_from if stage != 2 else None, max_new_tokens=48 if self.init_from is None else 128,
             augment="dihedral" if self.init_from is None else "none", cache_images=self.init_from is None,
+            template=self.template or ("mplug_owl2" if self.init_from is None else "v1"),
         )  # fmt: skip
 
 
@@ -274,7 +281,7 @@ def _records(cfg: PairConfig) -> tuple[dict[str, list[IQARecord]], dict[str, lis
         default = bench_cfg == BenchmarkConfig()
         root = DEFAULT_BENCHMARK if default else DEFAULT_BENCHMARK.with_name(
             f"benchmark-{bench_cfg.image_size}px-{bench_cfg.crops_per_photo}c")
-    bench = build_benchmark(bench_cfg, root)
+    bench = build_benchmark(bench_cfg, root, workers=cfg.threads)  # photos rendered side by side
     info = {"data": {"benchmark": str(root), "fingerprint": bench.fingerprint}}
     return ({m: bench.split("train") for m in cfg.modes}, {m: bench.split("val") for m in cfg.modes},
             bench.split("test"), info)

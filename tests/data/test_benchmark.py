@@ -125,6 +125,11 @@ def test_same_seed_gives_identical_files(tiny_dir, tmp_path):
     assert _digest(tiny_dir) != _digest(other.root)
 
 
+def test_photos_rendered_in_two_processes_give_the_same_files(tiny_dir, tmp_path):
+    parallel = build_benchmark(BenchmarkConfig.tiny(), tmp_path / "parallel", workers=2)
+    assert _digest(tiny_dir) == _digest(parallel.root)
+
+
 def test_reuse_mismatch_and_overwrite(tiny_dir):
     first = load_benchmark(tiny_dir)
     again = build_benchmark(BenchmarkConfig.tiny(), tiny_dir)
