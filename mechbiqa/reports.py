@@ -664,17 +664,17 @@ def srcc_table(metrics: dict) -> list:
     table = Table(title="SRCC against the label, per image set (n = images)",
                   caption="n: the images the SRCC is computed on; where two differ, the lines below "
                           "say why (with the smaller set's 95% bootstrap interval)")
-    table.add_column("images", no_wrap=True)
-    table.add_column("scorer", no_wrap=True)
+    table.add_column("images")
+    table.add_column("scorer")
     for rater in raters:
         table.add_column(rater, justify="right", no_wrap=True)
     for split, scorer in dict.fromkeys((e.split, e.scorer) for e in entries):
-        cells = []
-        for rater in raters:
-            found = [e for e in entries if (e.rater, e.split, e.scorer) == (rater, split, scorer)]
-            n = found[0].n if found and found[0].n else "?"
-            cells.append("—" if not found else f"{_num(found[0].srcc)} (n={n})")
-        table.add_row(split, SCORERS[scorer], *cells)
+        found = {e.rater: e for e in entries if (e.split, e.scorer) == (split, scorer)}
+        counts = {e.n or "?" for e in found.values()}
+        shared = len(counts) == 1  # the usual case: every rater on the same images; n goes with the set
+        cells = ["—" if rater not in found else _num(found[rater].srcc) if shared
+                 else f"{_num(found[rater].srcc)} (n={found[rater].n or '?'})" for rater in raters]
+        table.add_row(f"{split} (n={counts.pop()})" if shared else split, SCORERS[scorer], *cells)
     why = srcc_differences(entries)
     lines: list = [table]
     if why:

@@ -10,7 +10,10 @@ Method: a random tower with the released shapes (``--layers`` of its 24 blocks:
 every block costs the same), cast to bfloat16; the same images through it with
 the products in bfloat16 and in float32, alternating, best wall time of
 ``--repeats`` runs each; the largest difference of the outputs against a float32
-copy of the tower, for both.
+copy of the tower, for both. Then decoding's side: one linear layer of the
+released LLM's MLP shape (4,096 x 11,008, bfloat16) on ``--rows`` input rows, in
+bfloat16 vs through float32 copies, side by side: the crossover below which
+`mechbiqa.model.precision.FEW_ROWS` keeps the product in 16 bits.
 
 Example::
 
@@ -24,11 +27,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mechbiqa import cli
 from mechbiqa.benchmarking import interleaved_best
 from mechbiqa.model.config import VisionConfig
-from mechbiqa.model.precision import half_matmuls_are_slow, upcast_matmuls
+from mechbiqa.model.precision import FEW_ROWS, half_matmuls_are_slow, upcast_matmuls
 from mechbiqa.model.vision import VisionTower
 
 
@@ -42,6 +46,7 @@ class Config:
         repeats: Alternating runs of each; the best is kept.
         threads: torch CPU threads.
         seed: Seed of the weights and images.
+        rows: Input rows of the linear-layer comparison (a decoding step has one per sequence).
     """
 
     layers: int = 4
@@ -49,6 +54,7 @@ class Config:
     repeats: int = 3
     threads: int = 2
     seed: int = 0
+    rows: tuple[int, ...] = (1, 4, 16, 64)
 
     def __post_init__(self) -> None:
         """Refuse out-of-range options before anything is built."""
@@ -68,6 +74,7 @@ class Result:
     max_diff_bf16: float
     max_diff_upcast: float
     emulated: bool
+    linear_seconds: dict[int, tuple[float, float]]
 
 
 def main(cfg: Config) -> Result:
@@ -86,10 +93,17 @@ def main(cfg: Config) -> Result:
     with torch.no_grad():
         reference = full(pixels)[0]
     native_s, native, upcast_s, upcast = interleaved_best(lambda: run(False), lambda: run(True), cfg.repeats)
+    weight = (torch.randn(11008, 4096) * 0.02).to(torch.bfloat16)
+    linear_seconds = {}
+    for rows in cfg.rows:
+        x = torch.randn(rows, 4096).to(torch.bfloat16)
+        bf16_s, _, float32_s, _ = interleaved_best(
+            lambda x=x: F.linear(x, weight), lambda x=x: F.linear(x.float(), weight.float()).to(x.dtype), cfg.repeats)
+        linear_seconds[rows] = (bf16_s, float32_s)
     return Result(seconds_bf16=native_s, seconds_upcast=upcast_s, speedup=native_s / upcast_s,
                   max_diff_bf16=float((native - reference).abs().max()),
                   max_diff_upcast=float((upcast - reference).abs().max()),
-                  emulated=half_matmuls_are_slow("cpu"))  # fmt: skip
+                  emulated=half_matmuls_are_slow("cpu"), linear_seconds=linear_seconds)  # fmt: skip
 
 
 def render(result: Result, console: Any) -> None:
@@ -97,6 +111,9 @@ def render(result: Result, console: Any) -> None:
     console.print(f"bf16 products:    {result.seconds_bf16:.2f} s  max |diff| vs float32 {result.max_diff_bf16:.3g}")
     console.print(f"float32 products: {result.seconds_upcast:.2f} s  max |diff| vs float32 {result.max_diff_upcast:.3g}")
     console.print(f"speed-up {result.speedup:.1f}x (16-bit products emulated on this CPU: {result.emulated})")
+    console.print(f"one 4096 x 11008 linear layer (16 bits below {FEW_ROWS + 1} rows):")
+    for rows, (bf16_s, float32_s) in result.linear_seconds.items():
+        console.print(f"  {rows:>4} rows: bf16 {bf16_s * 1e3:7.1f} ms  through float32 {float32_s * 1e3:7.1f} ms")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -13,7 +13,9 @@ annotation file; then run each study as its own process with ``--model``, ``--dt
 and ``--device``, as a user would, and read its wall time and peak memory (the
 process's peak resident set from ``wait4``; on CUDA also the peak allocated by torch).
 The values are random, so the outputs mean nothing; a study that fails prints its
-last lines and the table marks it.
+last lines and the table marks it. The costly sweeps are cut to what shows that they
+run: patching and the activation-patching check at the last two layers (a patch at
+layer l recomputes layers l to 31 only), the tuned lens for 20 steps, 8 new tokens.
 
 Output: a table of study, status, seconds, peak RSS (GB), peak GPU (GB); ``smoke_7b.json``
 in ``--out``. This is what to run first on a new GPU machine::
@@ -117,15 +119,20 @@ def commands(cfg: Config, paths: dict[str, Path]) -> dict[str, list[str]]:
     store = out / "rated.h5"
     images = sorted(str(p) for p in (paths["koniq"] / "1024x768").iterdir())[: cfg.n_images]
     short = ["--max-new-tokens", "8"]  # descriptions: the pipeline is under test, not their length
+    from mechbiqa.model.config import ModelConfig
+
+    depth = ModelConfig.llama2_7b().llm.n_layers
+    late = [str(depth - 2), str(depth - 1)]
     args = {
         "score_images": [*model, *short],
         "cache_activations": [*model, *data, "--mode", "rated", *short, "--overwrite"],
         "logit_lens": ["--store", str(store), "--model", ckpt],
         "attention_attribution": ["--store", str(store)],
-        "tuned_lens": ["--store", str(store), "--model", ckpt],
-        "patch_image_tokens": [*model, *data],
+        "tuned_lens": ["--store", str(store), "--model", ckpt, "--steps", "20"],
+        # a patch at layer l recomputes layers l..31 only: the last layers keep the sweep to minutes on a CPU
+        "patch_image_tokens": [*model, *data, "--layers", *late, "--sites", "resid", "kv", "--setters", "zero"],
         "direct_logit_attribution": [*model, *data],
-        "attribution_patching": [*model, *data],
+        "attribution_patching": [*model, *data, "--validate-layers", *late],
         "instability": [*model, *data, "--n-answers", "2", "--seeds", "0", *short],
         "evaluate_quality": [*model, *data],
         "conversion_error": [*model, *data, *short],

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mechbiqa.model.load import load_pretrained, save_pretrained
-from mechbiqa.model.precision import half_matmuls_are_slow, upcast_matmuls
+from mechbiqa.model.precision import FEW_ROWS, half_matmuls_are_slow, upcast_matmuls
 from mechbiqa.sources import tiny_random_model
 
 
@@ -34,10 +34,12 @@ def test_upcast_linear_layers_compute_each_product_in_float32_and_keep_16_bit_we
     assert half.state_dict().keys() == before.keys()
     assert all(torch.equal(half.state_dict()[k], before[k]) for k in before)
     layer = linears[0]
-    x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+    x = torch.randn(FEW_ROWS + 1, layer.in_features).to(torch.bfloat16)
     bias = None if layer.bias is None else layer.bias.float()
     expected = F.linear(x.float(), layer.weight.float(), bias).to(torch.bfloat16)  # by hand
     assert layer(x).dtype == torch.bfloat16 and torch.equal(layer(x), expected)
+    few = x[:FEW_ROWS]  # a decoding step's few rows: in 16 bits, as the layer would without the switch
+    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
     ids, pixels = _inputs(half)
     with torch.no_grad():
         upcast = half(ids, images=pixels.to(torch.bfloat16)).logits.float()

@@ -125,7 +125,7 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
     stored = list(range(0, 60, 3))  # every third image, rated alike
     held = stored[:8]
     metrics = {}
-    for mode in ("one-stage", "two-stage"):
+    for mode in ("one-stage", "two-stage", "rl", "q-scorer"):  # the main job's four raters side by side
         probes = {
             "layers": list(range(n_layers)),
             "probe_srcc": list(rng.random(n_layers)),
@@ -167,7 +167,7 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
 
     entries = srcc_entries(metrics)
     by = {(e.rater, e.split, e.scorer): e for e in entries}
-    assert len(entries) == 2 * 5
+    assert len(entries) == 4 * 5
     assert by["one-stage", "test split", "level_word"].srcc == pytest.approx(spearmanr(scores, labels)[0])
     assert by["one-stage", "stored subset", "level_word"].n == 20
     assert by["two-stage", "held-out photos", "ridge"].n == 8
@@ -176,12 +176,15 @@ def test_comparison_report_fits_80_columns_and_explains_the_srccs(n_layers):
     assert max(map(len, lines)) <= 80, "\n".join(lines)
     text = "\n".join(lines)
     assert "(n=60)" in text and "(n=20)" in text and "(n=8)" in text and "why the SRCCs differ" in text
+    srcc_rows = [x for x in lines if x.startswith("│ test split")]  # one row, every rater whole
+    assert len(srcc_rows) == 1 and "…" not in srcc_rows[0], "\n".join(lines)
+    assert all(f"{by[m, 'test split', 'level_word'].srcc:.3f}" in srcc_rows[0] for m in metrics)
     assert "the 20 are a subset of the 60" in text.replace("\n  ", " ") or "subset of" in text
     assert "rated alike on the shared images" in " ".join(x.strip() for x in lines)
     for table in reports.probe_lens_curves_tables(metrics):
         check(table, n_layers)
     exhibits = reports.paper_exhibits(metrics)
-    check(exhibits[0], 2)  # Table 1: one row per tuning
+    check(exhibits[0], len(metrics))  # Table 1: one row per tuning
     assert "25.0% ± 5.0%" in text and "Table 1" in text and "paper-two-stage/fig3_candidates.png" in text
     check(exhibits[1], 3)  # Fig. 6 over the last 3 layers
     assert "50%" in "\n".join(render(exhibits[1]))
