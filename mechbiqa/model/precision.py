@@ -27,6 +27,7 @@ call ``upcast_matmuls(model, False)`` to compute in 16 bits instead.
 from __future__ import annotations
 
 from types import MethodType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, float32: bool 
     than `FEW_ROWS` rows: a few rows multiply faster in 16 bits)."""
     if not float32 or x.numel() <= FEW_ROWS * x.shape[-1]:
         return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _Float32Linear.apply(x, weight, bias)  # keeps the 16-bit tensors for backward, not float32 copies
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+class _Float32Linear(torch.autograd.Function):
+    """`linear` in float32 whose backward casts again instead of keeping float32 copies.
+
+    Through ``F.linear(x.float(), weight.float())`` autograd would keep every layer's float32
+    weight until backward: twice the 16-bit model (a 7B gradient ran out of 24 GB). Here the
+    16-bit input and weight are saved, and each gradient is one more float32 product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.with_bias = bias is not None
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        g = grad.float()
+        grad_x = (g @ weight.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1]).float()).to(weight.dtype)
+        if ctx.with_bias and ctx.needs_input_grad[2]:
+            grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b
 
 
 def _float32_linear(self: nn.Linear, x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mechbiqa.model.load import load_pretrained, save_pretrained
-from mechbiqa.model.precision import FEW_ROWS, half_matmuls_are_slow, upcast_matmuls
+from mechbiqa.model.precision import FEW_ROWS, half_matmuls_are_slow, linear, upcast_matmuls
 from mechbiqa.sources import tiny_random_model
 
 
@@ -67,3 +67,29 @@ def test_load_pretrained_upcasts_only_16_bit_models_on_a_cpu_without_16_bit_unit
     assert not switched(load_pretrained(tmp_path / "ck"))  # float32: nothing to do
     assert switched(load_pretrained(tmp_path / "ck", dtype=torch.float16)) == half_matmuls_are_slow("cpu")
     assert not half_matmuls_are_slow("meta") and not half_matmuls_are_slow("cuda")
+
+
+def test_float32_products_under_autograd_keep_only_16_bit_tensors_and_give_the_float32_gradients():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 40).to(torch.bfloat16).requires_grad_()
+    bias = torch.randn(48).to(torch.bfloat16).requires_grad_()
+    x = torch.randn(2, FEW_ROWS, 40).to(torch.bfloat16).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = linear(x, weight, bias, float32=True)
+    assert saved and all(dtype == torch.bfloat16 for dtype, _ in saved)  # no float32 copy of the weight waits
+    upstream = torch.randn(out.shape)
+    out.backward(upstream.to(out.dtype))
+    # by hand, in float32: d/dx = g W, d/dW = g^T x, d/db = sum g
+    g = upstream.to(torch.bfloat16).float().reshape(-1, 48)
+    flat = x.detach().float().reshape(-1, 40)
+    assert torch.equal(x.grad, (g @ weight.detach().float()).to(torch.bfloat16).reshape(x.shape))
+    assert torch.equal(weight.grad, (g.T @ flat).to(torch.bfloat16))
+    assert torch.equal(bias.grad, g.sum(0).to(torch.bfloat16))
+    expected = F.linear(x.detach().float(), weight.detach().float(), bias.detach().float()).to(torch.bfloat16)
+    assert torch.equal(out.detach(), expected)
