@@ -450,14 +450,20 @@ def run_measured(name: str, script: Path, args: Sequence[str], log_dir: Path, ti
 def shared_weights_pair(checkpoint: Path, pair: Path) -> Path:
     """A two-stage pair folder in `studies/train_pair.py`'s layout whose stages link to one checkpoint.
 
-    Its files are linked into both stages, which so share the weights: a pipeline check, not a trained
-    pair. Existing links are kept.
+    Its weight and tokenizer files are linked into both stages, which so share the weights (and the
+    page cache: one copy in memory): a pipeline check, not a trained pair. Each stage gets its own
+    ``mechbiqa.json`` (mode, stage, template). Existing links are kept.
     """
-    for stage in ("stage1", "stage2"):
+    from mechbiqa.pipeline import INFO_FILE
+
+    (pair / INFO_FILE).unlink(missing_ok=True)  # a pair is its two stages; an older smoke wrote one here
+    for number, stage in enumerate(("stage1", "stage2"), start=1):
         (pair / stage).mkdir(parents=True, exist_ok=True)
         for f in checkpoint.iterdir():
             link = pair / stage / f.name
-            if not link.exists():
+            if f.name != INFO_FILE and not link.exists():
                 link.symlink_to(f)
-    (pair / "mechbiqa.json").write_text(json.dumps({"mode": "two-stage", "template": "mplug_owl2"}) + "\n")
+        info = {"mode": "two-stage", "stage": number, "template": "mplug_owl2"}
+        (pair / stage / INFO_FILE).unlink(missing_ok=True)  # a link to the checkpoint's own, if any
+        (pair / stage / INFO_FILE).write_text(json.dumps(info) + "\n")
     return pair

@@ -67,6 +67,8 @@ def checkpoint_kind(path: str | Path) -> Kind:
     from mechbiqa.pipeline import INFO_FILE, CheckpointModeError, read_info
 
     path = Path(path)
+    if all(p.is_dir() for p in stage_paths(path)):  # before any info file of the folder itself
+        return "two-stage"
     if (path / INFO_FILE).is_file():
         info = read_info(path)
         if info.mode != "one-stage":
@@ -75,8 +77,6 @@ def checkpoint_kind(path: str | Path) -> Kind:
                 f"{STAGE_DIRS[0]}/ and {STAGE_DIRS[1]}/ (e.g. {path.parent})"
             )
         return "one-stage"
-    if all(p.is_dir() for p in stage_paths(path)):
-        return "two-stage"
     if (path / "config.json").is_file():
         return "released"
     raise FileNotFoundError(

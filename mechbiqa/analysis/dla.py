@@ -126,10 +126,12 @@ def direction_coefficients(
 
 @dataclass(frozen=True)
 class ReadoutWeights:
-    """The weights the decomposition needs (float64, CPU).
+    """The weights the decomposition needs (float64 on the CPU, but ``w_o``).
 
     Attributes:
-        w_o: ``[layer, d_model, head, d_head]`` each layer's ``o_proj`` split by head.
+        w_o: Per layer, ``[d_model, head, d_head]``: its ``o_proj`` split by head, views of the model's
+            weights (its dtype and device), cast to float64 one layer at a time where used: a float64
+            copy of every layer would take 4.3 GB at 7B.
         ln_final: ``[d_model]`` the final RMSNorm's gain.
         eps: Its epsilon (to recompute the scale from a stored residual).
         w_levels: ``[level, d_model]`` the unembedding rows of the five level words.
@@ -137,7 +139,7 @@ class ReadoutWeights:
         level_ids: Token ids of the five level words, best first.
     """
 
-    w_o: Tensor
+    w_o: Sequence[Tensor]
     ln_final: Tensor
     eps: float
     w_levels: Tensor
@@ -148,10 +150,10 @@ class ReadoutWeights:
     def from_model(cls, model: MPLUGOwl2, level_ids: Sequence[int]) -> ReadoutWeights:
         """Read them from a model (`mechbiqa.model.MPLUGOwl2`)."""
         cfg = model.llm.cfg
-        w_o = torch.stack([b.attn.o_proj.weight.detach().double().cpu() for b in model.llm.blocks])
         ids = torch.as_tensor(list(level_ids), dtype=torch.long)
         return cls(
-            w_o=w_o.reshape(cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head),
+            w_o=tuple(b.attn.o_proj.weight.detach().reshape(cfg.d_model, cfg.n_heads, cfg.d_head)
+                      for b in model.llm.blocks),
             ln_final=model.llm.ln_final.weight.detach().double().cpu(),
             eps=float(model.llm.ln_final.eps),
             w_levels=model.llm.unembed.weight.detach()[ids.to(model.llm.unembed.weight.device)]
@@ -281,7 +283,8 @@ def decompose(
     """
     f64 = lambda t: torch.as_tensor(t).detach().double().cpu()  # noqa: E731
     u = (f64(coefficients) @ weights.w_levels) * weights.ln_final * f64(scale)[:, None]  # [sample, d_model]
-    head_dir = torch.einsum("ldhe,sd->slhe", weights.w_o, u)  # [sample, layer, head, d_head]: W_O,lh^T u
+    head_dir = torch.stack([torch.einsum("dhe,sd->she", w.double().cpu(), u) for w in weights.w_o],
+                           1)  # [sample, layer, head, d_head]: W_O,lh^T u
     out: dict[str, Any] = {
         "embed": (f64(embed) * u).sum(-1).numpy(),
         "heads": (f64(z) * head_dir).sum(-1).numpy(),
@@ -423,7 +426,7 @@ def dla_from_store(
     z = as_t(store.get(_Z, "quality", samples=rows)[:, :, 0])  # [sample, layer, head, d_head]
     mlp = as_t(store.get(_MLP, "quality", samples=rows)[:, :, 0])
     layers = np.asarray(store.spec_of(_Z, "quality").layers)
-    if len(layers) != weights.w_o.shape[0] or list(store.spec_of(_MLP, "quality").layers) != list(layers):
+    if len(layers) != len(weights.w_o) or list(store.spec_of(_MLP, "quality").layers) != list(layers):
         raise LookupError(f"direct logit attribution needs {_Z} and {_MLP} at every layer; {fix}")
     embed = as_t(store.get(_EMBED, "quality", layers=0, samples=rows)[:, 0])
     resid = None
@@ -434,7 +437,8 @@ def dla_from_store(
     elif resid is not None:
         scale = torch.rsqrt(resid.pow(2).mean(-1) + weights.eps)
     else:  # the parts sum to the last residual: recompute its scale from them
-        total = embed + mlp.sum(1) + torch.einsum("slhe,ldhe->sd", z, weights.w_o)
+        total = embed + mlp.sum(1) + sum(
+            torch.einsum("she,dhe->sd", z[:, i], w.double().cpu()) for i, w in enumerate(weights.w_o))
         scale = torch.rsqrt(total.pow(2).mean(-1) + weights.eps)
     if f"{_LOGITS}@quality" in keys:
         level_logits = as_t(store.get(_LOGITS, "quality", samples=rows)[:, 0][:, list(weights.level_ids)])

@@ -104,6 +104,27 @@ def test_kinds_are_told_apart_and_single_stages_refused(folders):
     assert loaded["c"][0].template.name == get_template("mplug_owl2").name
 
 
+def test_a_pair_folder_with_its_own_info_file_is_still_the_pair(folders, tmp_path):
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    for stage in ("stage1", "stage2"):
+        (pair / stage).symlink_to(folders / "pair" / stage)
+    (pair / "mechbiqa.json").write_text(json.dumps({"mode": "two-stage", "template": "v1"}))  # no stage
+    assert checkpoint_kind(pair) == "two-stage"
+    assert isinstance(load_rater(pair), TwoStageRater)
+
+
+def test_the_smoke_pair_of_one_released_checkpoint_opens_as_a_two_stage_pair(folders, tmp_path):
+    from mechbiqa.benchmarking import shared_weights_pair
+
+    pair = shared_weights_pair(folders / "released", tmp_path / "pair")
+    checkpoint = open_checkpoint(pair)
+    assert checkpoint.kind == "two-stage" and not (pair / "mechbiqa.json").exists()
+    first, second = checkpoint.rater.stage1.model, checkpoint.rater.stage2.model
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert (folders / "released" / "model.safetensors").exists() and not (folders / "released" / "mechbiqa.json").exists()
+
+
 @torch.no_grad()
 def test_one_stage_rates_as_the_per_image_reference(folders, pixels):
     checkpoint = open_checkpoint(folders / "one", max_new_tokens=MAX_NEW)

@@ -115,7 +115,7 @@ def test_source_split_of_one_head_sums_to_that_heads_output(setup):
 def test_decompose_by_hand():
     """One layer, one head, d_model 2: every number checked by hand."""
     weights = ReadoutWeights(
-        w_o=torch.eye(2, dtype=torch.float64).reshape(1, 2, 1, 2),
+        w_o=(torch.eye(2, dtype=torch.float64).reshape(2, 1, 2),),  # one layer: [d_model, head, d_head]
         ln_final=torch.tensor([2.0, 1.0], dtype=torch.float64),
         eps=1e-6,
         w_levels=torch.tensor([[0, 0], [1, 0], [0, 0], [0, 1], [0, 0]], dtype=torch.float64),
