@@ -315,10 +315,15 @@ def open_checkpoint(
             else OneStageRater(load(path), template=template or info.template, max_new_tokens=max_new_tokens)
         )
     else:
+        from dataclasses import replace
+
+        from mechbiqa.model.load import find_weight_files
+
         first, second = stage_paths(path)
         info = expect_checkpoint(first, "two-stage", 1)
         expect_checkpoint(second, "two-stage", 2)
-        rater = TwoStageRater(
-            load(first), load(second), template=template or info.template, max_new_tokens=max_new_tokens
-        )
+        stage1 = load(first)
+        same = {p.resolve() for p in find_weight_files(first)} == {p.resolve() for p in find_weight_files(second)}
+        stage2 = replace(stage1, path=second) if same else load(second)  # one set of weights: loaded once
+        rater = TwoStageRater(stage1, stage2, template=template or info.template, max_new_tokens=max_new_tokens)
     return Checkpoint(kind=kind, rater=rater, name=str(path))

@@ -40,7 +40,8 @@ forward, the reference run (`mechbiqa.analysis.patching.gather_activations`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -403,7 +404,9 @@ def _forward_backward(
 
     fwd = [(names.IMAGE_TOKENS, leaf)] + [(h, keep) for h in dict.fromkeys([*hooks, *extra])]
     fwd += [(_PATTERN.format(l=layer), keep_row) for layer in range(n_pattern_layers)]
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+    # Gradients flow from the image rows only: with the weights frozen, the vision tower and the text
+    # build no graph (at 7B its activations held for a backward nobody runs took gigabytes).
+    with torch.enable_grad(), _frozen(model), model.hooks(fwd_hooks=fwd):
         out = model(
             input_ids.to(model.device),
             images=None if images is None else images.to(model.device, model.dtype),
@@ -441,6 +444,18 @@ def _forward_backward(
         value.detach().cpu().numpy(),
         pattern,
     )
+
+
+@contextmanager
+def _frozen(model: MPLUGOwl2) -> Iterator[None]:
+    """No parameter of ``model`` requires a gradient inside; each one's flag is restored after."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
 
 
 def _image_rows(

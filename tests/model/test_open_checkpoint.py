@@ -120,8 +120,10 @@ def test_the_smoke_pair_of_one_released_checkpoint_opens_as_a_two_stage_pair(fol
     pair = shared_weights_pair(folders / "released", tmp_path / "pair")
     checkpoint = open_checkpoint(pair)
     assert checkpoint.kind == "two-stage" and not (pair / "mechbiqa.json").exists()
-    first, second = checkpoint.rater.stage1.model, checkpoint.rater.stage2.model
-    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    assert checkpoint.rater.stage2.model is checkpoint.rater.stage1.model  # the same files: loaded once
+    assert checkpoint.rater.stage2.path == pair / "stage2"
+    other = open_checkpoint(folders / "pair").rater  # two sets of weights: two models
+    assert other.stage1.model is not other.stage2.model
     assert (folders / "released" / "model.safetensors").exists() and not (folders / "released" / "mechbiqa.json").exists()
 
 

@@ -319,3 +319,19 @@ def test_a_patched_residual_reaches_the_quality_position_through_its_later_keys_
                                  attention_mask=batch.attention_mask, reference="zero", resid_path=path)
             for path in ("kv_sum", "gradient")]  # fmt: skip
     np.testing.assert_array_equal(zero[0].site("resid"), zero[1].site("resid"))
+
+
+def test_only_the_image_rows_build_a_graph_and_the_weights_keep_their_flags(setup):
+    """The vision tower runs without a graph (at 7B its saved activations took gigabytes)."""
+    model, batch, readout = setup
+    seen = []
+    handle = model.vision.register_forward_hook(lambda module, args, out: seen.append(out[0].requires_grad))
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        estimate = attribution_patching(model, batch.input_ids, batch.pixels, batch.image_positions, readout,
+                                        attention_mask=batch.attention_mask)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+    assert [p.requires_grad for p in model.parameters()] == flags and all(p.grad is None for p in model.parameters())
+    assert all(np.isfinite(grid).all() for grid in estimate.effects.values())
