@@ -16,9 +16,9 @@ The state dict, parameter names and gradients are unchanged.
 A product of a few rows (a decoding step: one new token per sequence) is the
 exception: it is bound by reading the weight, and a float32 copy of the weight
 costs more than the emulated product, so up to `FEW_ROWS` rows multiply in 16 bits
-(measured on the AVX2 machine above, 2 threads, a 4096 x 11008 bf16 weight: 1 row
-13 ms in bf16 vs 195 ms through float32, 16 rows 136 vs 344 ms, 64 rows 559 vs
-420 ms; a 7B decoding step went from about 28 s to 2 s).
+(`studies/bench_precision.py` on the AVX2 machine above, 2 threads, a 4096 x 11008
+bf16 weight: 1 row 4.9 ms in bf16 vs 82 ms through float32, 16 rows 66 vs 119 ms,
+64 rows 275 vs 139 ms).
 
 :func:`load_pretrained` applies it on such a CPU (:func:`half_matmuls_are_slow`);
 call ``upcast_matmuls(model, False)`` to compute in 16 bits instead.
