@@ -24,7 +24,6 @@ for a spec that names nothing usable) whose message says what to pass instead;
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -312,7 +311,7 @@ def load_samples(dataset: str = "builtin", split: str | None = None, limit: int 
         if (DEFAULT_BENCHMARK / "manifest.jsonl").is_file():
             records = list(load_benchmark(DEFAULT_BENCHMARK))
         else:
-            records = list(build_benchmark(BenchmarkConfig(), DEFAULT_BENCHMARK, workers=len(os.sched_getaffinity(0))))
+            records = list(build_benchmark(BenchmarkConfig(), DEFAULT_BENCHMARK, workers=None))
     elif "=" in dataset and not Path(dataset).exists():
         from mechbiqa.data import load_dataset
 

@@ -15,7 +15,6 @@ summary in the terminal.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,8 +108,7 @@ class Config:
 def main(cfg: Config) -> BuildResult:
     """Build or load the benchmark, summarise it, check it, and write the summary and contact sheet."""
     start = time.perf_counter()
-    bench = build_benchmark(cfg.benchmark_config(), cfg.out_dir, overwrite=cfg.overwrite,
-                            workers=len(os.sched_getaffinity(0)))
+    bench = build_benchmark(cfg.benchmark_config(), cfg.out_dir, overwrite=cfg.overwrite, workers=None)
     seconds = time.perf_counter() - start
     stats = summarise_benchmark(bench, cfg.examples, cfg.seed)
     metrics = full_reference_agreement(bench, cfg.check_measure, cfg.check_split, bootstrap=cfg.bootstrap)

@@ -34,6 +34,7 @@ from typing import Any
 
 from mechbiqa import cli, outputs
 from mechbiqa.benchmarking import Step, run_measured, shared_weights_pair
+from mechbiqa.model.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "smoke_7b"
@@ -96,7 +97,6 @@ def _tokenizer(cfg: Config) -> Path:
 def prepare(cfg: Config) -> dict[str, Path]:
     """The checkpoint, a two-stage pair of it, a KonIQ-shaped data set, an annotation file (reused)."""
     from mechbiqa.data.synthetic import write_koniq_like, write_qpathway_like
-    from mechbiqa.model.config import ModelConfig
     from mechbiqa.model.synthetic import write_random_checkpoint
 
     out = Path(cfg.out)
@@ -119,8 +119,6 @@ def commands(cfg: Config, paths: dict[str, Path]) -> dict[str, list[str]]:
     store = out / "rated.h5"
     images = sorted(str(p) for p in (paths["koniq"] / "1024x768").iterdir())[: cfg.n_images]
     short = ["--max-new-tokens", "8"]  # descriptions: the pipeline is under test, not their length
-    from mechbiqa.model.config import ModelConfig
-
     depth = ModelConfig.llama2_7b().llm.n_layers
     late = [str(depth - 2), str(depth - 1)]
     args = {
@@ -130,7 +128,8 @@ def commands(cfg: Config, paths: dict[str, Path]) -> dict[str, list[str]]:
         "attention_attribution": ["--store", str(store)],
         "tuned_lens": ["--store", str(store), "--model", ckpt, "--steps", "20"],
         # a patch at layer l recomputes layers l..31 only: the last layers keep the sweep to minutes on a CPU
-        "patch_image_tokens": [*model, *data, "--layers", *late, "--sites", "resid", "kv", "--setters", "zero"],
+        "patch_image_tokens": [*model, *data, "--layers", *late, "--sites", "resid", "kv",
+                               "--setters", "zero"],
         "direct_logit_attribution": [*model, *data],
         "attribution_patching": [*model, *data, "--validate-layers", *late],
         "instability": [*model, *data, "--n-answers", "2", "--seeds", "0", *short],

@@ -52,8 +52,8 @@ import time
 import warnings
 import zlib
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,7 +369,8 @@ def _render_photo(cfg: BenchmarkConfig, photo: PhotoInfo, split: str, out: Path)
             if level == 0:
                 image = ref
             else:
-                image = apply_distortion(ref, name, level, np.random.default_rng([cfg.seed, 2, pk, k, kid, level]))
+                rng = np.random.default_rng([cfg.seed, 2, pk, k, kid, level])
+                image = apply_distortion(ref, name, level, rng)
             rel = Path("images") / ref_id / f"{name}-{level}.png"
             _save_png(image, out / rel)
             text_rng = np.random.default_rng([cfg.seed, 3, pk, k, kid, level])
@@ -416,7 +417,9 @@ def _label(rows: list[dict], cfg: BenchmarkConfig) -> float:
     return slope
 
 
-def _build_into(cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path, workers: int = 1) -> dict[str, Any]:
+def _build_into(
+    cfg: BenchmarkConfig, photos: list[PhotoInfo], fp: str, out: Path, workers: int = 1
+) -> dict[str, Any]:
     start = time.perf_counter()
     split_of = _assign_splits([p.id for p in photos], cfg.split_fractions, cfg.seed)
     rows = _render(cfg, photos, split_of, out, workers)
@@ -491,14 +494,17 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     )
 
 
-def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool = False, workers: int = 1) -> Benchmark:
+def build_benchmark(
+    cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool = False, workers: int | None = 1
+) -> Benchmark:
     """Build the benchmark into ``root``, or load it if ``root`` already holds this build.
 
     Args:
         cfg: What to build.
         root: The benchmark directory (created; its parent must be writable).
         overwrite: Replace a benchmark built there from a different config.
-        workers: Processes that render photos side by side (the result is the same for any number).
+        workers: Processes that render photos side by side (the result is the same for any number);
+            None: one per CPU this process may run on.
 
     Returns:
         The `Benchmark`; ``reused`` says whether it was already there.
@@ -509,6 +515,8 @@ def build_benchmark(cfg: BenchmarkConfig, root: Path | str, *, overwrite: bool =
         FileExistsError: ``root`` is a non-empty directory that is not a benchmark.
     """
     root = Path(root)
+    if workers is None:  # sched_getaffinity is Linux-only
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     photos = _photos(cfg)
     fp = fingerprint(cfg, photos)
     root.parent.mkdir(parents=True, exist_ok=True)
