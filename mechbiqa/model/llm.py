@@ -221,7 +221,7 @@ class Unembed(nn.Linear):
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)
-        self.hook_out = HookPoint()  # [batch, pos, vocab]
+        self.hook_out = HookPoint()  # [batch, pos, vocab]; [n, vocab] where the caller selects positions
         self.float32_products = False  # 16-bit weights on a slow-16-bit CPU: see mechbiqa.model.precision
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
@@ -250,8 +250,8 @@ class LLM(nn.Module):
         output_hidden_states: bool = False,
         *,
         start_layer: int = 0,
-        logits_at: int | None = None,
-    ) -> tuple[Float[Tensor, "batch out_pos vocab"], tuple[Tensor, ...] | None]:
+        logits_at: int | Tensor | None = None,
+    ) -> tuple[Float[Tensor, "batch out_pos vocab"] | Float[Tensor, "n vocab"], tuple[Tensor, ...] | None]:
         """Run the decoder on already-embedded (and image-spliced) inputs, or resume it from a layer.
 
         Args:
@@ -267,8 +267,9 @@ class LLM(nn.Module):
                 (index 0 = embeddings, i = output of layer i-1, last = after ``ln_final``);
                 resumed from layer ``l``, index 0 is the residual entering layer ``l``.
             start_layer: the first block to run (the blocks below are skipped, their hooks silent).
-            logits_at: unembed only this column of the new positions (logits ``[batch, 1, vocab]``);
-                None unembeds every position.
+            logits_at: unembed only this column of the new positions (logits ``[batch, 1, vocab]``),
+                or, a bool ``[batch, pos]`` mask, only the selected positions (logits ``[n, vocab]`` in
+                row-major order: training reads only the answer's); None unembeds every position.
 
         Returns:
             logits and, if asked, the hidden states.
@@ -286,7 +287,9 @@ class LLM(nn.Module):
         x = self.ln_final(x)  # every position: its hook (and the hidden states) keep the sequence's shape
         if logits_at is None:
             logits = self.unembed(x)
-        else:  # the vocabulary-wide product is the costly part: only the read column
+        elif isinstance(logits_at, Tensor):  # the vocabulary-wide product is the costly part: only the read rows
+            logits = self.unembed(x[logits_at])
+        else:
             at = logits_at % x.shape[1]
             logits = self.unembed(x[:, at : at + 1])
         if not output_hidden_states:

@@ -196,7 +196,7 @@ class MPLUGOwl2(HookedRootModule):
         output_hidden_states: bool = False,
         *,
         image_tokens: Float[Tensor, "image image_pos d_llm"] | None = None,
-        logits_at: int | None = None,
+        logits_at: int | Tensor | None = None,
     ) -> ModelOutput:
         """Logits for a batch of prompts with their images (``images=None`` for text only).
 
@@ -212,7 +212,8 @@ class MPLUGOwl2(HookedRootModule):
             image_tokens: instead of ``images``, rows of `image_rows` (encoded once elsewhere);
                 ``hook_image_tokens`` fires on them here.
             logits_at: unembed only this column (logits ``[batch, 1, vocab]``); -1 is every row's
-                last real token, where the quality word is read.
+                last real token, where the quality word is read. A bool ``[batch, pos]`` mask over the
+                spliced positions unembeds only those (logits ``[n, vocab]``; training's answer tokens).
         """
         cache = past_key_values
         if cache is not None and len(cache) > 0:

@@ -94,6 +94,7 @@ from mechbiqa.train.data import (
     encode_example,
     examples_from_records,
     label_smoothed_nll,
+    predicting_positions,
 )
 from mechbiqa.train.distributed import Processes, is_main_process, main_process_first
 from mechbiqa.train.evaluation import evaluate
@@ -135,6 +136,7 @@ __all__ = [
     "encode_example",
     "collate",
     "label_smoothed_nll",
+    "predicting_positions",
     "learning_rate",
     "split_budget",
     "compact_tokenizer",

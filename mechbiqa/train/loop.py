@@ -55,6 +55,7 @@ from mechbiqa.train.data import (
     encode_example,
     examples_from_records,
     label_smoothed_nll,
+    predicting_positions,
 )
 from mechbiqa.train.distributed import Processes
 from mechbiqa.train.evaluation import evaluate
@@ -262,12 +263,13 @@ def train(
                     pixels = images.get([train_examples[i].image for i in mine])  # type: ignore[misc]
                     pixels = (dihedral(pixels, my_codes) if cfg.augment != "none" else pixels).to(procs.device,
                                                                                                    model.dtype)
+                labels = labels.to(procs.device)
                 with procs.accumulating(wrapped, sync=micro == cfg.grad_accum - 1):
-                    with autocast():
-                        logits = wrapped(ids.to(procs.device), images=pixels,
-                                         attention_mask=mask.to(procs.device)).logits
+                    with autocast():  # logits only where an answer token is predicted
+                        logits = wrapped(ids.to(procs.device), images=pixels, attention_mask=mask.to(procs.device),
+                                         logits_at=predicting_positions(labels)).logits
                     # Summed over answer tokens / the step's tokens on all processes (x count: DDP averages).
-                    loss, _ = label_smoothed_nll(logits, labels.to(procs.device), cfg.label_smoothing, reduction="sum")
+                    loss, _ = label_smoothed_nll(logits, labels, cfg.label_smoothing, reduction="sum")
                     scaled = loss * (procs.count / tokens)
                     procs.backward(scaler.scale(scaled) if scaler is not None else scaled)
                 loss_sum += float(loss.detach())

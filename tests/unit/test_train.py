@@ -103,6 +103,32 @@ def test_a_padded_batch_has_the_loss_of_its_rows_alone(tok, bench):
     assert float(batch) == pytest.approx(alone, rel=1e-4)
 
 
+def test_answer_only_logits_give_the_full_logits_loss_and_gradients(tok, bench):
+    """Training unembeds only the rows that predict an answer token; loss and every gradient are unchanged."""
+    ex = T.examples_from_records(bench.split("train")[:3], "one-stage")
+    enc = [T.encode_example(tok, V1, "one-stage", e) for e in ex]
+    enc[2] = T.EncodedExample(enc[2].ids[:-2], enc[2].labels[:-2], enc[2].n_images)  # padding in the batch
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    grads, losses = [], []
+    for select in (False, True):
+        model = tiny_model(tok)
+        ids, mask, labels = T.collate(enc, tok.pad_id, model.cfg.n_image_tokens)
+        at = T.predicting_positions(labels) if select else None
+        logits = model(ids, images=pixels, attention_mask=mask, logits_at=at).logits
+        # by hand: the selected rows are those t with labels[:, t + 1] an answer token
+        assert logits.shape[0] == (int((labels[:, 1:] != T.IGNORE_INDEX).sum()) if select else len(enc))
+        loss, _ = T.label_smoothed_nll(logits, labels, 0.1, reduction="sum")
+        loss.backward()
+        losses.append(float(loss))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    with pytest.raises(ValueError, match="predicting_positions"):
+        T.label_smoothed_nll(torch.zeros(2, tok.vocab_size), labels)
+
+
 def test_only_answer_tokens_carry_loss(tok, bench):
     ex = T.examples_from_records(bench.split("train")[:2], "one-stage")
     enc = [T.encode_example(tok, V1, "one-stage", e) for e in ex]
