@@ -41,9 +41,10 @@ from mechbiqa.sources import COMPACT, DEFAULT_BENCHMARK
 from mechbiqa.train.checkpoint import read_or_write_tokenizer
 from mechbiqa.train.config import TrainConfig, split_budget
 from mechbiqa.train.data import examples_from_records
-from mechbiqa.train.distributed import is_main_process, main_process_first
+from mechbiqa.train.distributed import is_main_process, launched, main_process_first
 from mechbiqa.train.init import build_compact_model, compact_tokenizer
 from mechbiqa.train.loop import TrainEvent, train, train_two_stage
+from mechbiqa.train.side_by_side import Job, run_side_by_side
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -96,6 +97,10 @@ class PairConfig:
         template: Conversation template of the training prompts; None: ``mplug_owl2`` for the compact
             model (the inference template: no system sentence, so ~35 fewer tokens per example and ~25%
             less compute per step), ``v1`` for a released checkpoint (its own training recipe).
+        parallel: On a CPU, train the requested checkpoints side by side, one process each with an equal
+            share of ``threads`` (`mechbiqa.train.side_by_side`: a compact step uses two threads poorly, so the
+            pair ends sooner); ``--no-parallel``: one after the other with every thread. A GPU run or one
+            launched as several processes trains them one after the other.
         device: ``auto``, ``cpu``, ``cuda``.
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16``.
         param_dtype: Weight dtype (``--dtype``; ``bfloat16`` for 7B).
@@ -139,6 +144,7 @@ class PairConfig:
     init_from: str | None = field(default=None, metadata=cli.meta(flag="--model", aliases=("--init-from",)))
     lora_rank: int | None = None
     template: str | None = None
+    parallel: bool = True
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     param_dtype: str = field(default="float32", metadata=cli.meta(flag="--dtype", aliases=("--param-dtype",)))
@@ -525,6 +531,35 @@ def read_results(out_dir: Path) -> PairResult | None:
 
 
 # ------------------------------------------------------------------------------------------------ the run
+def side_by_side(cfg: PairConfig) -> bool:
+    """Whether `train_pair` trains the requested checkpoints side by side (``--parallel``, on a CPU, one process
+    launched, at least two threads and two checkpoints)."""
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return cfg.parallel and on_cpu and not launched() and cfg.threads >= 2 and len(set(cfg.modes)) >= 2
+
+
+def _train_and_rate(cfg: PairConfig, mode: str, data: PairData, test: list[IQARecord], rates: bool,
+                    progress: Progress | None = None) -> tuple[Trained, dict[str, Any] | None, float | None]:
+    """Train (or resume, or reuse) one checkpoint, then rate ``test`` with it (``rates``); its entry and seconds."""
+    trainer = TRAINERS[mode]
+    trained = trainer.train(cfg, data, progress)
+    if not rates:
+        return trained, None, None
+    start = time.perf_counter()
+    ratings, descriptions = trainer.rate(trained.path, test)
+    return trained, rating_metrics(ratings, test, descriptions), time.perf_counter() - start
+
+
+def _train_and_rate_apart(cfg: PairConfig, mode: str, rates: bool, progress: Progress | None = None
+                          ) -> tuple[Trained, dict[str, Any] | None, float | None]:
+    """`_train_and_rate` in a process of its own: the data read again (a second, built already; its warnings
+    were shown by the caller)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AnnotationWarning)
+        data = pair_data(cfg)
+    return _train_and_rate(cfg, mode, data, pick_test(data.test, cfg.test_samples), rates, progress)
+
+
 def train_pair(cfg: PairConfig, progress: Progress | None = None) -> PairResult:
     """Train (or resume, or reuse) each requested checkpoint, rate the test photos with it, write ``results.json``.
 
@@ -550,17 +585,18 @@ def train_pair(cfg: PairConfig, progress: Progress | None = None) -> PairResult:
     test = pick_test(data.test, cfg.test_samples)
     result = PairResult(entries={entry_key(m): None for m in TRAINERS}, train_seconds={}, eval_seconds={},
                         paths={}, config=outputs.jsonable(asdict(cfg)))
-    for mode, trainer in TRAINERS.items():
-        if mode not in cfg.modes:
-            continue
-        done = trainer.train(cfg, data, progress)
-        result.train_seconds.update(done.seconds)
-        result.paths[mode] = str(done.path)
+    modes = [mode for mode in TRAINERS if mode in cfg.modes]
+    if side_by_side(cfg):  # one process per checkpoint, the threads shared out
+        done = run_side_by_side([Job(mode, _train_and_rate_apart, (cfg, mode, rates)) for mode in modes],
+                                cfg.threads, progress)
+    else:
+        done = {mode: _train_and_rate(cfg, mode, data, test, rates, progress=progress) for mode in modes}
+    for mode in modes:
+        trained, entry, seconds = done[mode]
+        result.train_seconds.update(trained.seconds)
+        result.paths[mode] = str(trained.path)
         if rates:
-            start = time.perf_counter()
-            ratings, descriptions = trainer.rate(done.path, test)
-            result.entries[entry_key(mode)] = rating_metrics(ratings, test, descriptions)
-            result.eval_seconds[mode] = time.perf_counter() - start
+            result.entries[entry_key(mode)], result.eval_seconds[mode] = entry, seconds
     one, two = result.one_stage, result.two_stage
     if one is not None and two is not None:
         diff, low, high = srcc_difference(one["scores"], two["scores"], one["labels"])

@@ -79,6 +79,30 @@ def test_train_pair_tiny_end_to_end(tmp_path):
                 assert got == value, name
 
 
+def test_side_by_side_trains_the_pair_as_one_after_the_other_does(tmp_path):
+    """Both checkpoints in their own processes (one thread each) end as the sequential run (two threads) ends."""
+    from dataclasses import replace
+
+    base = T.PairConfig.tiny(tmp_path)
+    sequential = replace(base, out_dir=tmp_path / "sequential", threads=2, parallel=False)
+    parallel = replace(base, out_dir=tmp_path / "parallel", threads=2)
+    assert not T.pair.side_by_side(sequential) and T.pair.side_by_side(parallel)
+    assert not T.pair.side_by_side(replace(parallel, modes=("one-stage",)))
+    events = []
+    one_after = T.train_pair(sequential)
+    side = T.train_pair(parallel, progress=events.append)
+    for sub in ("one-stage", "two-stage/stage1", "two-stage/stage2"):
+        a, b = T.State.load(sequential.out_dir / sub), T.State.load(parallel.out_dir / sub)
+        assert b.finished and b.step == a.step
+        assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-4)
+    for mode in ("one-stage", "two-stage"):
+        a, b = one_after.entry(mode), side.entry(mode)
+        assert b["ids"] == a["ids"] and b["scores"] == pytest.approx(a["scores"], rel=1e-3, abs=1e-4)
+    # every step of every run reached the caller's callback, in order within each run
+    for label, steps in (("one-stage", 6), ("stage1", 4), ("stage2", 2)):
+        assert [e.step for e in events if e.label == label and e.kind == "step"] == list(range(1, steps + 1))
+
+
 def test_train_pair_help_and_flags():
     study = _study()
     cfg = study.parse_args(["--total-steps", "9", "--modes", "two-stage", "--lora-rank", "8"])

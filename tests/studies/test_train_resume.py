@@ -200,3 +200,52 @@ def test_ctrl_c_without_periodic_checkpoints_keeps_the_steps_taken(qalign, refer
         check_resumed(out, reference, stopped_at)
         return
     raise AssertionError("no interrupt landed during training")
+
+
+# ----------------------------------------------------------------------------- side by side (one process per mode)
+SIDE_BY_SIDE = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from mechbiqa import cli
+from mechbiqa.train import PairConfig, train_pair
+if __name__ == "__main__":  # the side-by-side processes are spawned: they import this file again
+    cfg = replace(PairConfig.tiny(Path(sys.argv[1])), threads=2, total_steps=60, checkpoint_every=10,
+                  checkpoint_seconds=0)
+    cli.run(lambda _: train_pair(cfg), PairConfig, None, argv=[])
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_side_by_side_stops_both_runs_at_a_checkpoint_and_the_rerun_resumes_both(tmp_path):
+    """SIGINT to the parent (its jobs lead their own process groups) reaches each run once: each writes its
+    checkpoint and stops, one line names both, exit 130; the rerun resumes each and ends on the reference curve."""
+    runner = tmp_path / "side_by_side.py"
+    runner.write_text(SIDE_BY_SIDE)
+    command = [sys.executable, str(runner)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([*command, str(tmp_path / "reference")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*command, str(out)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pair = out / "pair"
+    wait_for(lambda: (pair / "one-stage").exists() and (pair / "two-stage" / "stage1").exists(), proc,
+             "both runs' first checkpoints")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, err[-3000:]
+    one = T.State.load(pair / "one-stage")
+    assert 0 < one.step < 60 and f"one-stage: interrupted at step {one.step}; checkpoint written" in lines[0]
+    assert "two-stage: interrupted" in lines[0]
+    again = subprocess.run([*command, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    reference = tmp_path / "reference" / "pair"
+    for sub in ("one-stage", "two-stage/stage1", "two-stage/stage2"):
+        ref, got = T.State.load(reference / sub), T.State.load(pair / sub)
+        assert got.finished and got.step == ref.step
+        # the thread count changes when the other run ends, so rounding (not the curve) may differ
+        assert [h["loss"] for h in got.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
+    assert T.State.load(pair / "one-stage").segments[0][1] == one.step  # resumed where the interrupt left it
