@@ -10,9 +10,12 @@ Method, in order (each step reuses what an earlier run left in ``cache/``):
   1. build the built-in benchmark (``cache/benchmark``);
   2. train or reuse the compact one-stage checkpoint and the two-stage pair
      (``cache/compact``; equal step budgets, stage budgets 2:1) and rate the test split
-     (`mechbiqa.train.train_or_reuse`);
+     (`mechbiqa.train.train_or_reuse`; on a CPU the two train side by side, as then the
+     companions' RL and Q-Scorer checkpoints do: `mechbiqa.train.side_by_side`);
      with ``--one-stage DIR --two-stage DIR`` (any pair, released layouts too) nothing is
      trained, and ``--dataset NAME=ROOT`` (or a ``.jsonl``) replaces the benchmark's test split;
+  3-5. for each checkpoint (`mechbiqa.analysis.checkpoint_analysis.analyse_checkpoint`; on a CPU
+     two checkpoints side by side, one process each, the threads shared out):
   3. rate ``n_images`` test images with each and record every rating's own scoring
      prompt into one activation store per checkpoint, ``cache/replicate/<mode>.h5``
      (`mechbiqa.analysis.capture.record_rater`): the one-stage model's image + own
@@ -55,20 +58,10 @@ from typing import Any, Literal
 import torch
 
 from mechbiqa import cli, figures, outputs
+from mechbiqa.analysis.checkpoint_analysis import CheckpointAnalysis, analyse_checkpoint
 from mechbiqa.analysis.judge import judge, split_untested
-from mechbiqa.analysis.replication import (
-    ProbeSettings,
-    analyse_store,
-    grounding_per_image,
-    image_token_patching,
-    instability_section,
-    lens_read_out,
-    rated_store,
-    rating_summary,
-)
-from mechbiqa.analysis.paper_figures import paper_figures
-from mechbiqa.analysis.replication_attribution import AttributionSettings, attribution_analysis
-from mechbiqa.sources import REPO, load_test_split, open_source, spread
+from mechbiqa.analysis.replication import ProbeSettings, rating_summary
+from mechbiqa.sources import REPO, load_test_split, spread
 from mechbiqa.train import PairConfig, add_entries, train_or_reuse
 from mechbiqa.train.companions import (
     COMPANION_MODES,
@@ -76,6 +69,7 @@ from mechbiqa.train.companions import (
     train_companions,
     write_conversion_error,
 )
+from mechbiqa.train.side_by_side import Job, run_side_by_side, worth_it
 
 
 @dataclass(frozen=True)
@@ -105,6 +99,11 @@ class Config:
         head_epochs: Training epochs of the MLP score head.
         companions: Also train (from the one-stage checkpoint) and compare the companion papers'
             checkpoints: RL with annotation and self-consistency rewards, and Q-Scorer's score tokens.
+        parallel: On a CPU with two threads or more, run independent work side by side, one process
+            each, the threads shared out (`mechbiqa.train.side_by_side`): the pair's two trainings, the
+            companions' two, then the checkpoints' analyses two at a time. ``--no-parallel``: one after
+            the other with every thread (a training run's thread count then stays fixed, so its loss
+            curve is bitwise repeatable).
         companion: Overrides of their `mechbiqa.train.companions.CompanionSettings` (tests shrink it).
         attribution: Overrides of `mechbiqa.analysis.replication_attribution.AttributionSettings`; the
             attribution patching is checked against activation patching on the pair, not the companions.
@@ -128,6 +127,7 @@ class Config:
     probe_shuffles: int = 1
     head_epochs: int = 200
     companions: bool = True
+    parallel: bool = True
     companion: dict[str, Any] = field(default_factory=dict)
     attribution: dict[str, Any] = field(default_factory=dict)
 
@@ -201,49 +201,36 @@ def main(cfg: Config) -> Result:
         paths, pair, conversion = {"one-stage": cfg.one_stage, "two-stage": cfg.two_stage}, None, {}
     else:
         pair_dir, conversion = Path(cfg.model) if cfg.model else cache / "compact", {}
-        pair = train_or_reuse(replace(PairConfig(out_dir=pair_dir, benchmark_dir=cache / "benchmark",
-                                                 threads=cfg.threads, retrain=cfg.retrain), **cfg.train))
+        trains = PairConfig(out_dir=pair_dir, benchmark_dir=cache / "benchmark", threads=cfg.threads,
+                            retrain=cfg.retrain, parallel=cfg.parallel)
+        pair = train_or_reuse(replace(trains, **cfg.train))
         if cfg.companions:  # the companion papers' checkpoints, from the one-stage one: RL and Q-Scorer
             settings = CompanionSettings(**{"device": cfg.device, **cfg.companion})
-            companions = train_companions(pair_dir, cache / "benchmark", settings)
+            companions = train_companions(pair_dir, cache / "benchmark", settings,
+                                          threads=cfg.threads if cfg.parallel else 1)
             pair = add_entries(pair_dir, companions)
             conversion = write_conversion_error(pair.to_dict(), out)
         paths = dict(pair.paths)
     lap("benchmark + training")
     test = spread(load_test_split(cfg.dataset, cache / "benchmark"), cfg.n_images)
 
+    # 3-5. each checkpoint's analyses; on a CPU side by side, two at a time, the threads shared out
     probes = ProbeSettings(cfg.probe_splits, cfg.probe_shuffles, cfg.head_epochs, cfg.device)
+    how = {mode: CheckpointAnalysis(str(out), cfg.dtype, cfg.device, cfg.store_dtype, probes, cfg.n_instability,
+                                    cfg.n_patch, cfg.attribution, companion=mode in COMPANION_MODES)
+           for mode in paths}  # fmt: skip
+    jobs = [Job(mode, analyse_checkpoint, (mode, path, test, how[mode])) for mode, path in paths.items()]
+    if cfg.parallel and worth_it(cfg.device, cfg.threads, len(jobs)):
+        analysed = run_side_by_side(jobs, cfg.threads, at_once=cfg.threads)
+    else:
+        analysed = {job.name: job.fn(*job.args) for job in jobs}
     metrics: dict[str, dict[str, Any]] = {}
-    for mode, path in paths.items():
-        checkpoint = open_source(path, dtype=cfg.dtype, device=cfg.device)  # loaded once per mode
-        # 3. rate and record each rating's own scoring prompt
-        store = rated_store(checkpoint.rater, test, out / f"{mode}.h5", cfg.store_dtype)
-        lap(f"rate + record store ({mode})")
-        # 4. offline from the store: lens, attribution, probes
-        m = analyse_store(store, checkpoint.rater, probes, out / f"probes-{mode}")
+    for mode, (m, steps) in analysed.items():
         m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated
         m["test_split"] = pair.entry(mode) if pair else None  # its own SRCC on the whole test split
-        m["paper_figures"] = paper_figures(store, out / f"paper-{mode}", title=mode,
-                                           read_out=lens_read_out(checkpoint.rater))  # Figs. 3, 5, 6
-        lap(f"lens, attribution, probes from the store ({mode})")
-        # direct logit attribution by source role, tuned vs logit lens, attribution patching
-        checked = AttributionSettings(**{"validate": mode not in COMPANION_MODES, **cfg.attribution})
-        m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}",
-                                                       checked)
-        m["per_image"].update(extra)
-        lap(f"logit attribution, tuned lens, attribution patching ({mode})")
-        # 5. online: instability, grounding, and patching where image tokens reach the quality position
-        sampled, per_image = instability_section(checkpoint, spread(test, cfg.n_instability), mode)
-        m.update(sampled)
-        m["per_image"]["instability"] = per_image
-        lap(f"instability ({mode})")
-        m["grounding"], m["per_image"]["grounding"] = grounding_per_image(checkpoint.rater, test)
-        lap(f"grounding ({mode})")
-        if checkpoint.image_at_quality and mode not in COMPANION_MODES:  # a stage 2 reads text only
-            patched = image_token_patching(checkpoint, spread(test, cfg.n_patch), out)
-            m["patching"], m["per_image"]["patching"] = patched
-            lap("patching")
         metrics[mode] = m
+        seconds.update(steps)
+    lap(f"analyses of {len(jobs)} checkpoints (wall)")
 
     # 6-7. the findings, each by its paired test; the probe-vs-lens curves
     curves = {mode: m["probes"] for mode, m in metrics.items() if "layers" in (m.get("probes") or {})}

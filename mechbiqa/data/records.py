@@ -45,6 +45,11 @@ def _freeze(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
 
 
+def _record_from_fields(values: dict[str, Any]) -> IQARecord:
+    """An `IQARecord` back from pickling (`IQARecord.__reduce__`)."""
+    return IQARecord(**values)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class IQARecord:
     """One rated (or described) image.
@@ -110,6 +115,11 @@ class IQARecord:
     def __hash__(self) -> int:
         """Hash of identifying fields (the generated hash would fail on the read-only mappings)."""
         return hash((self.dataset, self.id, self.image_path, self.score))
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        """Pickled (to another process) as its fields, the read-only mappings as plain dicts."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _record_from_fields, ({k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()},)
 
     @property
     def mos01(self) -> float | None:

@@ -43,6 +43,7 @@ import torch
 from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
 from mechbiqa.rl import RewardWeights, RLConfig
 from mechbiqa.sources import spread, spread_indices
+from mechbiqa.train.side_by_side import Job, run_side_by_side, worth_it
 
 __all__ = [
     "COMPANION_MODES",
@@ -289,12 +290,55 @@ def _train_qscorer(one: Path, out: Path, examples: list[Any], settings: Companio
     return time.perf_counter() - start
 
 
+def _prepared(pair_dir: Path, benchmark_dir: str | Path, settings: CompanionSettings
+              ) -> tuple[list[Any], dict[str, tuple[str, ...]], list[Any], list[tuple[str, ...]]]:
+    """What the runs read: the training examples, their references by image id, the test records and theirs."""
+    from mechbiqa.analysis.rouge import annotation_references, references_with
+    from mechbiqa.data import load_benchmark
+    from mechbiqa.train import examples_from_records
+
+    bench = load_benchmark(benchmark_dir)
+    train = [r for r in bench.split("train") if r.mos01 is not None]
+    test = _test_records(pair_dir, bench)
+    if settings.test_samples:
+        test = spread(test, settings.test_samples)
+    extra = annotation_references(settings.annotations) if settings.annotations else None
+    train_refs = dict(zip((r.id for r in train), references_with(train, extra), strict=True))
+    return examples_from_records(train, "one-stage"), train_refs, test, references_with(test, extra)
+
+
+def _train_one(name: Companion, one: Path, out: Path, examples: list[Any], refs: dict[str, tuple[str, ...]],
+               settings: CompanionSettings, progress: Callable[[Any], None] | None = None) -> float:
+    """Train (or reuse, or resume) one companion into ``out``; seconds spent. Events go out as
+    ``progress((name, record))`` (one argument, as from a side-by-side job)."""
+    report = None if progress is None else (lambda n, r: progress((n, r)))
+    if name == "rl":
+        return _train_rl(one, out, examples, refs, settings, report)
+    return _train_qscorer(one, out, examples, settings, report)
+
+
+def _rate(name: str, path: Path, images: list[Any], settings: CompanionSettings,
+          progress: Callable[[Any], None] | None = None) -> tuple[list[Any], float]:
+    """Rate ``images`` with the checkpoint at ``path``: the ratings and the seconds taken (opening included)."""
+    from mechbiqa.checkpoint import open_checkpoint
+
+    if progress is not None:
+        progress((name, "rating"))
+    start = time.perf_counter()
+    rater = open_checkpoint(path, dtype=settings.dtype, device=settings.device,
+                            max_new_tokens=settings.max_new_tokens).rater  # fmt: skip
+    with torch.no_grad():
+        ratings = rater.rate(images, batch_size=settings.batch_size)
+    return ratings, time.perf_counter() - start
+
+
 def train_companions(
     pair_dir: str | Path,
     benchmark_dir: str | Path,
     settings: CompanionSettings | None = None,
     *,
     progress: Callable[[str, Any], None] | None = None,
+    threads: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Train (or reuse, or resume) ``pair_dir/rl`` and ``pair_dir/q-scorer``, rate the test images with each.
 
@@ -306,6 +350,9 @@ def train_companions(
         settings: The runs; None: :class:`CompanionSettings` ().
         progress: Called as ``progress(name, record)`` with each training step's record
             (`mechbiqa.rl.RLStep` or the Q-Scorer's step dict) and ``progress(name, "rating")``.
+        threads: With 2 or more on a CPU, the companions train (and then rate) side by side, one process
+            each with its share of these threads (`mechbiqa.train.side_by_side`); 1: one after the other
+            in this process, on its own threads.
 
     Returns:
         ``{"rl": entry, "q_scorer": entry}`` for ``results.json``: each :func:`rated_entry`'s metrics
@@ -315,33 +362,24 @@ def train_companions(
     Raises:
         FileNotFoundError: ``pair_dir/one-stage`` is not a checkpoint, or the benchmark is missing.
     """
-    from mechbiqa.analysis.rouge import annotation_references, references_with
-    from mechbiqa.checkpoint import open_checkpoint
-    from mechbiqa.data import load_benchmark
     from mechbiqa.outputs import write_json
-    from mechbiqa.train import examples_from_records
 
     settings = settings or CompanionSettings()
     pair_dir = Path(pair_dir)
     one = pair_dir / "one-stage"
     if not (one / "config.json").is_file():
         raise FileNotFoundError(f"no one-stage checkpoint at {one}: train the pair there first")
-    bench = load_benchmark(benchmark_dir)
-    train = [r for r in bench.split("train") if r.mos01 is not None]
-    test = _test_records(pair_dir, bench)
-    if settings.test_samples:
-        test = spread(test, settings.test_samples)
-    extra = annotation_references(settings.annotations) if settings.annotations else None
-    train_refs = dict(zip((r.id for r in train), references_with(train, extra), strict=True))
-    test_refs = references_with(test, extra)
-    examples = examples_from_records(train, "one-stage")
+    examples, train_refs, test, test_refs = _prepared(pair_dir, benchmark_dir, settings)
     paths = companion_paths(pair_dir)
+    emit = None if progress is None else (lambda event: progress(*event))
 
-    seconds = {}
-    if "rl" in settings.companions:
-        seconds["rl"] = _train_rl(one, paths["rl"], examples, train_refs, settings, progress)
-    if "q_scorer" in settings.companions:
-        seconds["q_scorer"] = _train_qscorer(one, paths["q_scorer"], examples, settings, progress)
+    def run(jobs: list[Job]) -> Mapping[str, Any]:
+        if worth_it(settings.device, threads, len(jobs)):
+            return run_side_by_side(jobs, threads, emit, at_once=threads)
+        return {job.name: job.fn(*job.args, progress=emit) for job in jobs}
+
+    seconds = run([Job(c, _train_one, (c, one, paths[c], examples, train_refs, settings))
+                   for c in settings.companions])  # fmt: skip
 
     cache_file = pair_dir / RESULTS_FILE
     key = {"settings": settings.to_dict(), "one_stage": _version(one), "ids": [r.id for r in test],
@@ -352,25 +390,18 @@ def train_companions(
             return {c: cached["entries"][c] for c in settings.companions}
 
     subset = spread_indices(len(test), settings.compare_samples) if settings.compare_samples else []
-    baseline = None
+    images = [r.image_path for r in test]
+    jobs = [Job(c, _rate, (c, paths[c], images, settings)) for c in settings.companions]
+    if subset:  # the one-stage checkpoint again on a few, for the paired ROUGE-1 and level-hit tests
+        jobs.insert(0, Job("one-stage", _rate, ("one-stage", one, [images[i] for i in subset], settings)))
+    rated = run(jobs)
+    baseline = rated["one-stage"][0] if subset else None
     one_stage = _one_stage_scores(pair_dir)
-    if subset:
-        if progress is not None:
-            progress("one-stage", "rating")
-        opened = open_checkpoint(one, dtype=settings.dtype, device=settings.device,
-                                 max_new_tokens=settings.max_new_tokens)  # fmt: skip
-        baseline = opened.rater.rate([test[i].image_path for i in subset], batch_size=settings.batch_size)
     entries: dict[str, dict[str, Any]] = {}
     for name in settings.companions:
-        if progress is not None:
-            progress(name, "rating")
-        start = time.perf_counter()
-        rater = open_checkpoint(paths[name], dtype=settings.dtype, device=settings.device,
-                                max_new_tokens=settings.max_new_tokens).rater  # fmt: skip
-        with torch.no_grad():
-            ratings = rater.rate([r.image_path for r in test], batch_size=settings.batch_size)
+        ratings, eval_seconds = rated[name]
         entry = rated_entry(ratings, test)
-        entry["eval_seconds"] = time.perf_counter() - start
+        entry["eval_seconds"] = eval_seconds
         entry["train_seconds"] = seconds[name]
         entry["path"] = str(paths[name])
         entry["vs_one_stage"] = _compare(entry, one_stage, baseline, subset, test, test_refs)

@@ -41,10 +41,10 @@ from mechbiqa.sources import COMPACT, DEFAULT_BENCHMARK
 from mechbiqa.train.checkpoint import read_or_write_tokenizer
 from mechbiqa.train.config import TrainConfig, split_budget
 from mechbiqa.train.data import examples_from_records
-from mechbiqa.train.distributed import is_main_process, launched, main_process_first
+from mechbiqa.train.distributed import is_main_process, main_process_first
 from mechbiqa.train.init import build_compact_model, compact_tokenizer
 from mechbiqa.train.loop import TrainEvent, train, train_two_stage
-from mechbiqa.train.side_by_side import Job, run_side_by_side
+from mechbiqa.train.side_by_side import Job, run_side_by_side, worth_it
 
 if TYPE_CHECKING:
     from mechbiqa.model.mplug_owl2 import MPLUGOwl2
@@ -534,8 +534,7 @@ def read_results(out_dir: Path) -> PairResult | None:
 def side_by_side(cfg: PairConfig) -> bool:
     """Whether `train_pair` trains the requested checkpoints side by side (``--parallel``, on a CPU, one process
     launched, at least two threads and two checkpoints)."""
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    return cfg.parallel and on_cpu and not launched() and cfg.threads >= 2 and len(set(cfg.modes)) >= 2
+    return cfg.parallel and worth_it(cfg.device, cfg.threads, len(set(cfg.modes)))
 
 
 def _train_and_rate(cfg: PairConfig, mode: str, data: PairData, test: list[IQARecord], rates: bool,
@@ -610,15 +609,20 @@ def train_or_reuse(cfg: PairConfig, progress: Progress | None = None) -> PairRes
     """`train_pair`'s results, read back when every requested checkpoint is finished with the same settings.
 
     Rating the whole test split takes minutes; a second call reuses ``results.json`` when it was written
-    with the same config, holds an entry for every requested mode, and each checkpoint is finished with
-    the settings ``cfg`` gives (``retrain`` redoes all).
+    with the same config (``parallel`` aside: it only schedules the runs), holds an entry for every
+    requested mode, and each checkpoint is finished with the settings ``cfg`` gives (``retrain`` redoes all).
     """
     if not cfg.retrain:
         saved = read_results(cfg.out_dir)
-        same = saved is not None and saved.config == outputs.jsonable(asdict(cfg))
+        same = saved is not None and _what_trains(saved.config) == _what_trains(outputs.jsonable(asdict(cfg)))
         if same and all(saved.entry(m) and TRAINERS[m].finished(cfg) for m in cfg.modes):
             return saved
     return train_pair(cfg, progress)
+
+
+def _what_trains(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config less what only schedules the runs (side by side or one after the other)."""
+    return {k: v for k, v in config.items() if k != "parallel"}
 
 
 def add_entries(out_dir: Path, entries: dict[str, dict[str, Any]]) -> PairResult:

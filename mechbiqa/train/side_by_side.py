@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Job", "run_side_by_side"]
+__all__ = ["Job", "run_side_by_side", "worth_it"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,18 @@ class Job:
     name: str
     fn: Callable[..., Any]
     args: tuple[Any, ...] = ()
+
+
+def worth_it(device: str, threads: int, jobs: int) -> bool:
+    """Whether ``jobs`` independent jobs are better run side by side: on a CPU (``cpu``, or ``auto`` without
+    CUDA), in a process not launched as one of several (``torchrun``), with two threads or more and two jobs
+    or more. A GPU runs one job at a time."""
+    import torch
+
+    from mechbiqa.train.distributed import launched
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return on_cpu and not launched() and threads >= 2 and jobs >= 2
 
 
 def _die_with_parent() -> None:
@@ -111,66 +123,87 @@ def _forward_interrupts(processes: list[Any]) -> Iterator[list[int]]:
         signal.signal(signal.SIGINT, before)
 
 
-def run_side_by_side(jobs: list[Job], threads: int, progress: Callable[[Any], None] | None = None
-                     ) -> Mapping[str, Any]:
-    """Run ``jobs`` at once, each in its own process with an equal share of ``threads`` torch threads (at least 1).
+def run_side_by_side(jobs: list[Job], threads: int, progress: Callable[[Any], None] | None = None,
+                     at_once: int | None = None) -> Mapping[str, Any]:
+    """Run ``jobs`` side by side, each in its own process with an equal share of ``threads`` (at least 1).
 
-    When a job ends, the others take its threads at their next progress event (a training step), so a
-    long job left alone runs on every thread.
+    At most ``at_once`` run together; the next job (in list order) starts when one ends. The running jobs
+    share the threads, taken again at each progress event, so a job left alone runs on every thread.
 
     Args:
         jobs: The jobs (distinct names).
         threads: The threads to share out.
         progress: Called here with every event a job reports, in arrival order.
+        at_once: The most jobs running together (None: all of them).
 
     Returns:
         Job name -> the job's return value.
 
     Raises:
-        KeyboardInterrupt: Ctrl-C came; the message joins each interrupted job's own.
-        BaseException: The first failed job's exception (in job order), once every job has ended.
+        KeyboardInterrupt: Ctrl-C came; no further job starts, and the message joins each interrupted job's
+            own and names the jobs not started.
+        BaseException: The first failed job's exception (in job order), once every running job has ended
+            (no further job starts after a failure).
         RuntimeError: A job process died without reporting (its name and exit code).
     """
+    names = [job.name for job in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"job names must differ: {names}")
+    at_once = len(jobs) if at_once is None else max(1, at_once)
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
-    running = ctx.Value("i", len(jobs))
-    processes = [ctx.Process(target=_worker, args=(job, threads, running, events), name=f"mechbiqa-{job.name}",
-                             daemon=True) for job in jobs]
+    running = ctx.Value("i", 0)
+    queued, started = list(jobs), {}  # job name -> (job, process)
+    processes: list[Any] = []  # what Ctrl-C is passed on to (the started ones)
     outcomes: dict[str, tuple[str, Any]] = {}
     silent: set[str] = set()  # found dead with the queue empty once; dead for good when found so again
+
+    def end(name: str, kind: str, payload: Any) -> None:
+        outcomes[name] = (kind, payload)
+        with running.get_lock():
+            running.value = len(started) - len(outcomes)
+
     with _forward_interrupts(processes) as interrupted:
-        for p in processes:
-            p.start()
-        while len(outcomes) < len(jobs):
+        while True:
+            halted = interrupted or any(kind == "error" for kind, _ in outcomes.values())
+            while queued and not halted and len(started) - len(outcomes) < at_once:
+                job = queued.pop(0)
+                with running.get_lock():  # before it starts, so it takes its share at once
+                    running.value = len(started) - len(outcomes) + 1
+                p = ctx.Process(target=_worker, args=(job, threads, running, events),
+                                name=f"mechbiqa-{job.name}", daemon=True)
+                started[job.name] = (job, p)
+                p.start()
+                processes.append(p)
+            if len(outcomes) == len(started) and (halted or not queued):
+                break
             try:
                 kind, name, payload = events.get(timeout=0.5)
             except queue.Empty:
-                for job, p in zip(jobs, processes, strict=True):
-                    if job.name not in outcomes and not p.is_alive():
-                        if job.name not in silent:  # its last words may still be in the pipe
-                            silent.add(job.name)
+                for name, (job, p) in started.items():
+                    if name not in outcomes and not p.is_alive():
+                        if name not in silent:  # its last words may still be in the pipe
+                            silent.add(name)
                             continue
                         p.join()
-                        outcomes[job.name] = ("error", RuntimeError(
-                            f"the {job.name} process ended without a result (exit code {p.exitcode}); "
+                        end(name, "error", RuntimeError(
+                            f"the {name} process ended without a result (exit code {p.exitcode}); "
                             "rerun the same command to resume it from its last checkpoint"))
-                with running.get_lock():
-                    running.value = len(jobs) - len(outcomes)
                 continue
             if kind == "event":
                 if progress is not None:
                     progress(payload)
             else:
-                outcomes[name] = (kind, payload)
-                with running.get_lock():
-                    running.value = len(jobs) - len(outcomes)
+                end(name, kind, payload)
         for p in processes:
             p.join()
-    errors = [(job.name, outcomes[job.name][1]) for job in jobs if outcomes[job.name][0] == "error"]
+    errors = [(name, outcomes[name][1]) for name in names if outcomes.get(name, ("",))[0] == "error"]
     stopped = [(name, e) for name, e in errors if isinstance(e, KeyboardInterrupt)]
-    if stopped or (interrupted and errors):
+    if stopped or (interrupted and errors) or (interrupted and queued):
         said = "; ".join(f"{name}: {e}" if str(e) else f"{name}: interrupted" for name, e in stopped)
+        if queued:
+            said += ("; " if said else "") + "not started: " + ", ".join(job.name for job in queued)
         raise KeyboardInterrupt(said or "interrupted")
     if errors:
         raise errors[0][1]
-    return {job.name: outcomes[job.name][1] for job in jobs}
+    return {name: outcomes[name][1] for name in names}

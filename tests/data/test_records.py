@@ -79,3 +79,15 @@ def test_records_are_hashable():
     a = IQARecord(id="a", image_path="a.png", score=1.0, scale=(1, 5), meta={"k": 1})
     b = IQARecord(id="a", image_path="a.png", score=1.0, scale=(1, 5), meta={"k": 1})
     assert a == b and len({a, b}) == 1
+
+
+def test_a_record_pickles_to_an_equal_read_only_record():
+    """Records travel to side-by-side processes: pickled and back they are equal and still read-only."""
+    import pickle
+    from types import MappingProxyType
+
+    record = IQARecord(dataset="koniq", id="826373.jpg", image_path="/data/826373.jpg", score=3.9, scale=(1, 5),
+                       split="test", params={"blur": 0.5}, meta={"ref": "photo3"})  # fmt: skip
+    back = pickle.loads(pickle.dumps(record))
+    assert back == record and back.mos01 == record.mos01
+    assert isinstance(back.params, MappingProxyType) and dict(back.meta) == {"ref": "photo3"}

@@ -141,3 +141,30 @@ def test_spread_picks_evenly_over_the_list():
     assert spread(list(range(10)), 3) == [0, 4, 9]  # positions 0, 4.5, 9 (half to even)
     assert spread(list("abcdefg"), 4) == ["a", "c", "e", "g"]  # 0, 2, 4, 6
     assert spread(list(range(4)), 9) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_analyses_side_by_side_equal_one_after_the_other(tmp_path):
+    """Two threads: the checkpoints are analysed two at a time in processes of their own, or (--no-parallel)
+    one after the other here; the metrics and the findings are the same."""
+    replicate = load("replicate")
+    cfg = replace(replicate.Config.tiny(tmp_path), threads=2)
+    apart = replicate.main(cfg)  # trains the pair and the companions side by side too
+    together = replicate.main(replace(cfg, parallel=False))  # reuses them; analyses one after the other
+    assert apart.paths == together.paths and set(apart.metrics) == {"one-stage", "two-stage", "rl", "q-scorer"}
+    same = lambda d: json.dumps(d, sort_keys=True)  # noqa: E731  (NaN where a metric is undefined)
+    assert same(apart.trained) == same(together.trained)  # reused, not trained again
+    for mode, m in apart.metrics.items():
+        other = together.metrics[mode]
+        assert m["per_image"]["lens"]["ids"] == other["per_image"]["lens"]["ids"]
+        for key in ("scores", "mos"):
+            assert m[key] == pytest.approx(other[key], abs=1e-5), (mode, key)
+        for key in ("instability", "image_mass", "description_mass", "lens_changes"):
+            assert m[key] == pytest.approx(other[key], abs=1e-5, nan_ok=True), (mode, key)
+        assert m["grounding"]["contradiction_rate"] == other["grounding"]["contradiction_rate"]
+    mine = [(f["finding"], f["verdict"], f["effect"], f["p_value"]) for f in apart.findings]
+    theirs = [(f["finding"], f["verdict"], f["effect"], f["p_value"]) for f in together.findings]
+    assert [f[:2] for f in mine] == [f[:2] for f in theirs]
+    for i in (2, 3):  # the effects, the p-values
+        assert [f[i] for f in mine] == pytest.approx([f[i] for f in theirs], abs=1e-6)
+    assert "analyses of 4 checkpoints (wall)" in apart.seconds

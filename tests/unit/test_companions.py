@@ -303,3 +303,33 @@ def test_train_companions_rates_the_pairs_test_images_and_reuses_its_work(tmp_pa
     columns = companion_columns(results)
     assert set(columns) == {"one-stage", "RL (GRPO)", "Q-Scorer"} and "scores" not in columns["Q-Scorer"]
     assert columns["Q-Scorer"]["srcc_regressed"] == q["srcc_regressed"]
+
+
+def test_companions_side_by_side_equal_one_after_the_other(tmp_path, bench, one_stage):
+    """Two processes of one thread each (threads=2) train and rate as this process does on one thread."""
+    settings = CompanionSettings.tiny()
+    entries = {}
+    for threads in (1, 2):
+        pair = tmp_path / f"pair{threads}"
+        pair.mkdir()
+        (pair / "one-stage").symlink_to(one_stage)
+        seen = []
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each side-by-side process has
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                entries[threads] = train_companions(pair, bench.root, settings, threads=threads,
+                                                    progress=lambda n, r: seen.append((n, r)))  # fmt: skip
+        finally:
+            torch.set_num_threads(before)
+        ratings = [n for n, r in seen if r == "rating"]
+        assert sorted(ratings) == ["one-stage", "q_scorer", "rl"]  # each rater announced, in this process
+        assert {n for n, r in seen if r != "rating"} == {"rl", "q_scorer"}  # the training steps came back
+    one, two = entries[1], entries[2]
+    for name in ("rl", "q_scorer"):
+        assert two[name]["ids"] == one[name]["ids"] and two[name]["levels"] == one[name]["levels"]
+        assert two[name]["scores"] == pytest.approx(one[name]["scores"], abs=1e-6)
+        assert two[name]["descriptions"] == one[name]["descriptions"]
+        assert two[name]["vs_one_stage"]["level_hit"]["n"] == one[name]["vs_one_stage"]["level_hit"]["n"] == 2
+    assert two["q_scorer"]["regressed"] == pytest.approx(one["q_scorer"]["regressed"], abs=1e-6)

@@ -78,3 +78,38 @@ def test_interrupted_jobs_give_one_interrupt_naming_each():
     with pytest.raises(KeyboardInterrupt) as caught:
         run_side_by_side([Job("one-stage", interrupted), Job("two-stage", quick, (2,))], threads=2)
     assert str(caught.value) == "one-stage: interrupted at step 4; checkpoint written to x"
+
+
+def timed(flag_out: str | None = None, flag_in: str | None = None, limit: float = 120.0, *, progress) -> dict:
+    """Create ``flag_out``, wait (up to ``limit`` s) for ``flag_in``; when it started and ended, and its threads."""
+    import torch
+
+    began = time.monotonic()
+    if flag_out is not None:
+        open(flag_out, "w").close()
+    deadline = began + limit
+    while flag_in is not None and not os.path.exists(flag_in) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    progress(("timed", torch.get_num_threads()))
+    return {"began": began, "ended": time.monotonic(), "saw": flag_in is None or os.path.exists(flag_in),
+            "threads": torch.get_num_threads()}
+
+
+def test_at_once_starts_the_next_job_when_one_ends_not_when_all_do(tmp_path):
+    c_started = str(tmp_path / "c started")
+    done = run_side_by_side([Job("a", timed), Job("b", timed, (None, c_started)), Job("c", timed, (c_started,))],
+                            threads=2, at_once=2)
+    a, b, c = done["a"], done["b"], done["c"]
+    assert c["began"] >= a["ended"]  # never three at once
+    assert b["saw"] and c["began"] < b["ended"]  # c began while b still ran: it took a's place
+
+
+def test_after_a_failure_or_an_interrupt_no_further_job_starts(tmp_path):
+    never = str(tmp_path / "never")
+    with pytest.raises(ValueError, match="record 7"):
+        run_side_by_side([Job("a", fails), Job("b", timed, (never,))], threads=2, at_once=1)
+    assert not os.path.exists(never)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        run_side_by_side([Job("one-stage", interrupted), Job("b", timed, (never,))], threads=2, at_once=1)
+    assert not os.path.exists(never)
+    assert str(caught.value) == "one-stage: interrupted at step 4; checkpoint written to x; not started: b"
