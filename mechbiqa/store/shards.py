@@ -33,6 +33,8 @@ ratings, batched on its own part) may round differently.
 
 from __future__ import annotations
 
+import atexit
+
 import datetime
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +54,14 @@ T = TypeVar("T")
 # A rank waits at each collective step for the slowest one (a 7B shard can take hours); a rank
 # that dies does not leave the others waiting this long, since torchrun stops them all.
 _TIMEOUT = datetime.timedelta(hours=24)
+
+
+def _leave_group() -> None:
+    """Destroy the process group `RankGroup.from_env` joined, if it is still there (at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class RankGroup:
 
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo", timeout=_TIMEOUT)
+            atexit.register(_leave_group)  # a group left to the interpreter's exit may abort the process
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
