@@ -13,6 +13,10 @@ analyses. :func:`write_conversion_error` turns the entries into
 ``conversion_error.json`` and its figure (:mod:`mechbiqa.analysis.conversion`);
 :mod:`mechbiqa.reports_companions` renders the columns. Nothing here prints.
 
+On a CPU given two threads or more, the two train side by side and then rate side by side
+(with the one-stage checkpoint's ratings for the paired tests), one process each
+(:mod:`mechbiqa.train.side_by_side`); on a GPU, one after the other.
+
 Reuse and resumption, as the pair's training: each checkpoint is written with
 :func:`mechbiqa.train.publish` (a link to its newest complete version); a finished
 one trained with the same settings from the same one-stage version is reused; an
