@@ -248,6 +248,7 @@ def test_ctrl_c_side_by_side_stops_both_runs_at_a_checkpoint_and_the_rerun_resum
     for sub in ("one-stage", "two-stage/stage1", "two-stage/stage2"):
         ref, got = T.State.load(reference / sub), T.State.load(pair / sub)
         assert got.finished and got.step == ref.step
-        # the thread count changes when the other run ends, so rounding (not the curve) may differ
-        assert [h["loss"] for h in got.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)
+        # the thread count changes when the other run ends, so rounding differs and grows over the steps (1e-4
+        # by step 55); a wrong resume (other batches, a fresh optimizer) moves a step's loss by far more than 1e-3
+        assert [h["loss"] for h in got.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-3)
     assert T.State.load(pair / "one-stage").segments[0][1] == one.step  # resumed where the interrupt left it
