@@ -69,7 +69,7 @@ from mechbiqa.train.companions import (
     train_companions,
     write_conversion_error,
 )
-from mechbiqa.train.side_by_side import Job, run_side_by_side, worth_it
+from mechbiqa.train.side_by_side import Job, run_jobs
 
 
 @dataclass(frozen=True)
@@ -216,14 +216,11 @@ def main(cfg: Config) -> Result:
 
     # 3-5. each checkpoint's analyses; on a CPU side by side, two at a time, the threads shared out
     probes = ProbeSettings(cfg.probe_splits, cfg.probe_shuffles, cfg.head_epochs, cfg.device)
-    how = {mode: CheckpointAnalysis(str(out), cfg.dtype, cfg.device, cfg.store_dtype, probes, cfg.n_instability,
-                                    cfg.n_patch, cfg.attribution, companion=mode in COMPANION_MODES)
-           for mode in paths}  # fmt: skip
-    jobs = [Job(mode, analyse_checkpoint, (mode, path, test, how[mode])) for mode, path in paths.items()]
-    if cfg.parallel and worth_it(cfg.device, cfg.threads, len(jobs)):
-        analysed = run_side_by_side(jobs, cfg.threads, at_once=cfg.threads)
-    else:
-        analysed = {job.name: job.fn(*job.args) for job in jobs}
+    how = CheckpointAnalysis(str(out), cfg.dtype, cfg.device, cfg.store_dtype, probes, cfg.n_instability,
+                             cfg.n_patch, cfg.attribution)
+    jobs = [Job(mode, analyse_checkpoint, (mode, path, test, replace(how, companion=mode in COMPANION_MODES)))
+            for mode, path in paths.items()]  # fmt: skip
+    analysed = run_jobs(jobs, cfg.threads, device=cfg.device, parallel=cfg.parallel)
     metrics: dict[str, dict[str, Any]] = {}
     for mode, (m, steps) in analysed.items():
         m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated

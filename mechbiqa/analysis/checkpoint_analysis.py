@@ -79,7 +79,7 @@ def analyse_checkpoint(mode: str, path: str | Path, test: Sequence[Any], setting
         The metrics (`analyse_store`'s, with ``paper_figures``, ``attribution``, the instability and
         grounding sections, ``patching`` where made, and their ``per_image`` values) and each step's seconds.
     """
-    out, seconds, clock = Path(settings.out), {}, time.perf_counter()
+    out, seconds, clock, test = Path(settings.out), {}, time.perf_counter(), list(test)
 
     def lap(name: str) -> None:
         nonlocal clock
@@ -88,14 +88,14 @@ def analyse_checkpoint(mode: str, path: str | Path, test: Sequence[Any], setting
             progress((mode, name))
 
     checkpoint = open_source(path, dtype=settings.dtype, device=settings.device)  # loaded once
-    store = rated_store(checkpoint.rater, list(test), out / f"{mode}.h5", settings.store_dtype)
+    store = rated_store(checkpoint.rater, test, out / f"{mode}.h5", settings.store_dtype)
     lap(f"rate + record store ({mode})")
     m = analyse_store(store, checkpoint.rater, settings.probes, out / f"probes-{mode}")
     m["paper_figures"] = paper_figures(store, out / f"paper-{mode}", title=mode,
                                        read_out=lens_read_out(checkpoint.rater))  # Figs. 3, 5, 6
     lap(f"lens, attribution, probes from the store ({mode})")
     checked = AttributionSettings(**{"validate": not settings.companion, **settings.attribution})
-    m["attribution"], extra = attribution_analysis(checkpoint, store, list(test), out / f"attribution-{mode}",
+    m["attribution"], extra = attribution_analysis(checkpoint, store, test, out / f"attribution-{mode}",
                                                    checked)  # fmt: skip
     m["per_image"].update(extra)
     lap(f"logit attribution, tuned lens, attribution patching ({mode})")
@@ -103,7 +103,7 @@ def analyse_checkpoint(mode: str, path: str | Path, test: Sequence[Any], setting
     m.update(sampled)
     m["per_image"]["instability"] = per_image
     lap(f"instability ({mode})")
-    m["grounding"], m["per_image"]["grounding"] = grounding_per_image(checkpoint.rater, list(test))
+    m["grounding"], m["per_image"]["grounding"] = grounding_per_image(checkpoint.rater, test)
     lap(f"grounding ({mode})")
     if checkpoint.image_at_quality and not settings.companion:  # a stage 2 reads text only
         m["patching"], m["per_image"]["patching"] = image_token_patching(

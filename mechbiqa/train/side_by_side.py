@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Job", "run_side_by_side", "worth_it"]
+__all__ = ["Job", "run_jobs", "run_side_by_side", "worth_it"]
 
 
 @dataclass(frozen=True)
@@ -207,3 +207,12 @@ def run_side_by_side(jobs: list[Job], threads: int, progress: Callable[[Any], No
     if errors:
         raise errors[0][1]
     return {name: outcomes[name][1] for name in names}
+
+
+def run_jobs(jobs: list[Job], threads: int, progress: Callable[[Any], None] | None = None, *, device: str = "cpu",
+             parallel: bool = True) -> Mapping[str, Any]:
+    """Run ``jobs`` side by side, one per thread at a time, where ``parallel`` and `worth_it`; else one after the
+    other in this process, on its own threads. Job name -> its return value either way."""
+    if parallel and worth_it(device, threads, len(jobs)):
+        return run_side_by_side(jobs, threads, progress, at_once=threads)
+    return {job.name: job.fn(*job.args, progress=progress) for job in jobs}
