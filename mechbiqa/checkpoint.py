@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from mechbiqa.model.tokenizer import Tokenizer
     from mechbiqa.pipeline import ImageInput, OneStageRater, Rating, TwoStageRater
 
-__all__ = ["STAGE_DIRS", "Checkpoint", "Kind", "checkpoint_kind", "open_checkpoint", "stage_paths"]
+__all__ = ["STAGE_DIRS", "Checkpoint", "Kind", "checkpoint_kind", "open_checkpoint", "stage_paths", "weight_bytes"]
 
 Kind = Literal["released", "one-stage", "two-stage"]
 
@@ -55,6 +55,16 @@ RELEASED_TEMPLATE = "mplug_owl2"
 def stage_paths(path: str | Path) -> tuple[Path, Path]:
     """``path/stage1`` and ``path/stage2`` of a two-stage pair."""
     return Path(path) / STAGE_DIRS[0], Path(path) / STAGE_DIRS[1]
+
+
+def weight_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) under a checkpoint of any kind (both stages of a
+    pair, linked versions followed): about what its model holds in memory at that dtype."""
+    import os
+
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path, followlinks=True)
+               for name in names if name.endswith((".safetensors", ".bin")))  # fmt: skip
 
 
 def checkpoint_kind(path: str | Path) -> Kind:

@@ -61,6 +61,7 @@ from mechbiqa import cli, figures, outputs
 from mechbiqa.analysis.checkpoint_analysis import CheckpointAnalysis, analyse_checkpoint
 from mechbiqa.analysis.judge import judge, split_untested
 from mechbiqa.analysis.replication import ProbeSettings, rating_summary
+from mechbiqa.checkpoint import weight_bytes
 from mechbiqa.sources import REPO, load_test_split, spread
 from mechbiqa.train import PairConfig, add_entries, train_or_reuse
 from mechbiqa.train.companions import (
@@ -220,7 +221,8 @@ def main(cfg: Config) -> Result:
                              cfg.n_patch, cfg.attribution)
     jobs = [Job(mode, analyse_checkpoint, (mode, path, test, replace(how, companion=mode in COMPANION_MODES)))
             for mode, path in paths.items()]  # fmt: skip
-    analysed = run_jobs(jobs, cfg.threads, device=cfg.device, parallel=cfg.parallel)
+    analysed = run_jobs(jobs, cfg.threads, device=cfg.device, parallel=cfg.parallel,
+                        each_bytes=max(weight_bytes(path) for path in paths.values()))  # 7B: one at a time
     metrics: dict[str, dict[str, Any]] = {}
     for mode, (m, steps) in analysed.items():
         m.update(rating_summary(m["scores"], m["mos"], pair and pair.entry(mode)))  # whole split if rated

@@ -46,6 +46,7 @@ import torch
 
 from mechbiqa.qscorer import QScorerTrainConfig, ScoreTokenSpec
 from mechbiqa.rl import RewardWeights, RLConfig
+from mechbiqa.checkpoint import weight_bytes
 from mechbiqa.sources import spread, spread_indices
 from mechbiqa.train.side_by_side import Job, run_jobs
 
@@ -376,8 +377,10 @@ def train_companions(
     examples, train_refs, test, test_refs = _prepared(pair_dir, benchmark_dir, settings)
     paths = companion_paths(pair_dir)
     emit = None if progress is None else (lambda event: progress(*event))
+    weights = weight_bytes(one)  # training holds 4x: weights, gradients, AdamW's two moments
     seconds = run_jobs([Job(c, _train_one, (c, one, paths[c], examples, train_refs, settings))
-                        for c in settings.companions], threads, emit, device=settings.device)  # fmt: skip
+                        for c in settings.companions], threads, emit, device=settings.device,
+                       each_bytes=4 * weights)  # fmt: skip
 
     cache_file = pair_dir / RESULTS_FILE
     key = {"settings": settings.to_dict(), "one_stage": _version(one), "ids": [r.id for r in test],
@@ -392,7 +395,7 @@ def train_companions(
     jobs = [Job(c, _rate, (c, paths[c], images, settings)) for c in settings.companions]
     if subset:  # the one-stage checkpoint again on a few, for the paired ROUGE-1 and level-hit tests
         jobs.insert(0, Job("one-stage", _rate, ("one-stage", one, [images[i] for i in subset], settings)))
-    rated = run_jobs(jobs, threads, emit, device=settings.device)
+    rated = run_jobs(jobs, threads, emit, device=settings.device, each_bytes=weights)
     baseline = rated["one-stage"][0] if subset else None
     one_stage = _one_stage_scores(pair_dir)
     entries: dict[str, dict[str, Any]] = {}

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Job", "run_jobs", "run_side_by_side", "worth_it"]
+__all__ = ["Job", "available_memory", "run_jobs", "run_side_by_side", "worth_it"]
 
 
 @dataclass(frozen=True)
@@ -54,16 +54,31 @@ class Job:
     args: tuple[Any, ...] = ()
 
 
-def worth_it(device: str, threads: int, jobs: int) -> bool:
+def available_memory() -> int:
+    """Bytes of memory a new process may take: ``MemAvailable`` where ``/proc/meminfo`` has it (Linux),
+    else the free physical pages."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def worth_it(device: str, threads: int, jobs: int, each_bytes: int = 0) -> bool:
     """Whether ``jobs`` independent jobs are better run side by side: on a CPU (``cpu``, or ``auto`` without
     CUDA), in a process not launched as one of several (``torchrun``), with two threads or more and two jobs
-    or more. A GPU runs one job at a time."""
+    or more, and when the jobs running together (one per thread), ``each_bytes`` each (e.g. a checkpoint's
+    weights), take at most half the available memory: two 7B checkpoints in bf16 (16 GB each) run one after
+    the other on a 24 GB machine. A GPU runs one job at a time."""
     import torch
 
     from mechbiqa.train.distributed import launched
 
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return on_cpu and not launched() and threads >= 2 and jobs >= 2
+    if not (on_cpu and not launched() and threads >= 2 and jobs >= 2):
+        return False
+    return each_bytes * min(jobs, threads) <= available_memory() // 2
 
 
 def _die_with_parent() -> None:
@@ -210,9 +225,10 @@ def run_side_by_side(jobs: list[Job], threads: int, progress: Callable[[Any], No
 
 
 def run_jobs(jobs: list[Job], threads: int, progress: Callable[[Any], None] | None = None, *, device: str = "cpu",
-             parallel: bool = True) -> Mapping[str, Any]:
-    """Run ``jobs`` side by side, one per thread at a time, where ``parallel`` and `worth_it`; else one after the
-    other in this process, on its own threads. Job name -> its return value either way."""
-    if parallel and worth_it(device, threads, len(jobs)):
+             parallel: bool = True, each_bytes: int = 0) -> Mapping[str, Any]:
+    """Run ``jobs`` side by side, one per thread at a time, where ``parallel`` and `worth_it` (``each_bytes``: the
+    memory each needs); else one after the other in this process, on its own threads. Job name -> its return
+    value either way."""
+    if parallel and worth_it(device, threads, len(jobs), each_bytes):
         return run_side_by_side(jobs, threads, progress, at_once=threads)
     return {job.name: job.fn(*job.args, progress=progress) for job in jobs}

@@ -181,3 +181,21 @@ def test_legacy_bin_loads_and_a_pickle_payload_is_still_refused(tiny_model, tmp_
     with pytest.raises(CheckpointError, match="corrupt or truncated") as info:
         mechbiqa.load_pretrained(tmp_path / "legacy")
     assert "mmap" not in str(info.value)
+
+
+def test_weight_bytes_counts_every_shard_of_every_stage_through_linked_versions(tiny_model, tmp_path):
+    """What decides whether checkpoints may be opened side by side: their weights' size on disk."""
+    from mechbiqa.checkpoint import weight_bytes
+
+    one = mechbiqa.save_pretrained(tiny_model, tmp_path / "one", max_shard_bytes=20_000)
+    shards = sorted(one.glob("*.safetensors"))
+    tensors = [t for s in shards for t in load_file(str(s)).values()]
+    held = sum(t.numel() * t.element_size() for t in tensors)  # the tensors themselves
+    single = weight_bytes(one)
+    assert len(shards) > 2 and held <= single < held + 1_000 * len(tensors)  # plus each shard's small header
+    pair = tmp_path / "pair"
+    for stage in ("stage1", "stage2"):  # each stage a link to its version directory, as training publishes
+        shutil.copytree(one, tmp_path / f".{stage}.v1")
+        pair.mkdir(exist_ok=True)
+        (pair / stage).symlink_to(tmp_path / f".{stage}.v1")
+    assert weight_bytes(pair) == 2 * single

@@ -113,3 +113,15 @@ def test_after_a_failure_or_an_interrupt_no_further_job_starts(tmp_path):
         run_side_by_side([Job("one-stage", interrupted), Job("b", timed, (never,))], threads=2, at_once=1)
     assert not os.path.exists(never)
     assert str(caught.value) == "one-stage: interrupted at step 4; checkpoint written to x; not started: b"
+
+
+def test_jobs_that_would_not_fit_in_memory_together_run_one_after_the_other():
+    from mechbiqa.train.side_by_side import available_memory, worth_it
+
+    free = available_memory()
+    assert 0 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # no more than the machine has
+    # (margins: the free memory moves between calls)
+    assert worth_it("cpu", 2, 2, each_bytes=free // 8)  # two of them: a quarter of the free memory
+    assert not worth_it("cpu", 2, 2, each_bytes=free)  # e.g. two 16 GB 7B checkpoints on 24 GB
+    assert worth_it("cpu", 2, 4, each_bytes=free // 8)  # one per thread at a time, not all four
+    assert not worth_it("cuda", 2, 2) and not worth_it("cpu", 1, 2) and not worth_it("cpu", 2, 1)
